@@ -1,0 +1,215 @@
+"""Turning per-run results into the comparison table: Δ_MTL, aggregation over seeds, Markdown and CSV.
+
+A run's result is a plain dict (one per method and seed)::
+
+    {"method": "MTSL", "seed": 0, "metrics": {"S": 0.41, "D": 0.62, ...}, "delta_mtl": 1.3, "delta_sd": 2.0,
+     "params_m": 31.2, "gmac": 18.4, "train_seconds": 812.0, "status": "ok", "error": None}
+
+:func:`aggregate` groups runs by method into mean and sample standard deviation over seeds; :func:`format_table`
+renders them as the paper-style table; :func:`write_csv` keeps every number at full precision.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+#: Numeric fields of a run other than the per-task metrics, in table order.
+SCALAR_FIELDS: tuple[str, ...] = ("delta_sd", "delta_mtl", "params_m", "gmac", "train_seconds")
+_HEADERS = {"delta_sd": "Δ_SD (%)", "delta_mtl": "Δ_MTL (%)", "params_m": "Params (M)", "gmac": "GMac",
+            "train_seconds": "Train (s)"}
+_MISSING = "—"
+
+
+def delta_mtl(
+    metrics: Mapping[str, float],
+    reference: Mapping[str, float],
+    higher_is_better: Mapping[str, bool],
+    tasks: Sequence[str] | None = None,
+) -> float:
+    """Δ_MTL in percent: the mean over ``tasks`` of ``±(M_multi − M_single) / M_single × 100``.
+
+    The sign is ``+`` for metrics where higher is better and ``−`` where lower is better, so a positive Δ means
+    the multi-task model beats the single-task ``reference`` on average. ``tasks`` defaults to the reference's
+    tasks; Δ_SD is ``tasks=("S", "D")``.
+    """
+    tasks = list(reference) if tasks is None else list(tasks)
+    if not tasks:
+        raise ValueError("delta_mtl needs at least one task")
+    total = 0.0
+    for task in tasks:
+        for name, mapping in (("metrics", metrics), ("reference", reference), ("higher_is_better", higher_is_better)):
+            if task not in mapping:
+                raise ValueError(f"task {task!r} is missing from {name} (it has {sorted(mapping)})")
+        if reference[task] == 0:
+            raise ValueError(f"task {task!r} has a zero single-task reference, so its relative change is undefined")
+        sign = 1.0 if higher_is_better[task] else -1.0
+        total += sign * (metrics[task] - reference[task]) / reference[task]
+    return 100.0 * total / len(tasks)
+
+
+# ----------------------------------------------------------------------------------------------- aggregation
+def _stat(values: Sequence[float]) -> dict[str, float] | None:
+    """``{"mean", "std", "n"}`` of ``values`` (sample std, 0 for a single value); ``None`` when empty."""
+    if not values:
+        return None
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Group ``runs`` by method (first-seen order) and average every numeric field over the successful seeds.
+
+    Returns ``{method: entry}`` with ``entry`` holding ``method``, ``runs``, ``ok``, ``failed`` (counts),
+    ``seeds`` and ``failed_seeds``, ``errors`` (the failed runs' messages), ``metrics`` (``{task: stat}``) and one
+    stat per field of :data:`SCALAR_FIELDS`. A stat is ``{"mean", "std", "n"}`` (sample standard deviation,
+    0 for one seed) over the successful runs that report the field, or ``None`` when none does. Failed runs are
+    counted, never averaged.
+    """
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for index, run in enumerate(runs):
+        if "method" not in run:
+            raise ValueError(f"run {index} has no 'method'")
+        if run.get("status") not in ("ok", "failed"):
+            raise ValueError(
+                f"run {index} ({run['method']}) has status {run.get('status')!r}; expected 'ok' or 'failed'"
+            )
+        grouped.setdefault(str(run["method"]), []).append(run)
+
+    aggregated: dict[str, dict[str, Any]] = {}
+    for method, group in grouped.items():
+        ok = [r for r in group if r["status"] == "ok"]
+        failed = [r for r in group if r["status"] == "failed"]
+        tasks: list[str] = []
+        for run in ok:
+            tasks += [t for t in run.get("metrics", {}) if t not in tasks]
+        entry: dict[str, Any] = {
+            "method": method,
+            "runs": len(group),
+            "ok": len(ok),
+            "failed": len(failed),
+            "seeds": [r.get("seed") for r in ok],
+            "failed_seeds": [r.get("seed") for r in failed],
+            "errors": [str(r.get("error") or "unknown error") for r in failed],
+            "metrics": {t: _stat([float(r["metrics"][t]) for r in ok if r["metrics"].get(t) is not None])
+                        for t in tasks},
+        }
+        for field in SCALAR_FIELDS:
+            entry[field] = _stat([float(r[field]) for r in ok if r.get(field) is not None])
+        aggregated[method] = entry
+    return aggregated
+
+
+# ----------------------------------------------------------------------------------------------- Markdown
+def _decimals(value: float, significant: int = 4) -> int:
+    """Decimals showing ``significant`` significant figures of ``value`` (at most 6)."""
+    if value == 0 or not math.isfinite(value):
+        return significant
+    return min(6, max(0, significant - 1 - math.floor(math.log10(abs(value)))))
+
+
+def _cell(stat: Mapping[str, float] | None, decimals: int | None = None, signed: bool = False) -> str:
+    """``"mean ± std"``, or just the mean for a single seed; ``decimals=None`` keeps 4 significant figures."""
+    if stat is None:
+        return _MISSING
+    places = _decimals(stat["mean"]) if decimals is None else decimals
+    mean = f"{stat['mean']:{'+' if signed else ''}.{places}f}"
+    return mean if stat["n"] <= 1 else f"{mean} ± {stat['std']:.{places}f}"
+
+
+def _escape(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _short(error: str, limit: int = 60) -> str:
+    first_line = (error.strip().splitlines() or ["unknown error"])[0]
+    return first_line if len(first_line) <= limit else first_line[: limit - 1] + "…"
+
+
+def format_table(
+    aggregated: Mapping[str, Mapping[str, Any]],
+    tasks: Sequence[str],
+    higher_is_better: Mapping[str, bool],
+    metric_names: Mapping[str, str] | None = None,
+) -> str:
+    """The comparison table in Markdown, one row per method of :func:`aggregate`'s output.
+
+    Columns: Method, one per task (``"S mIoU ↑"``: task, metric name, direction), Δ_SD (%), Δ_MTL (%),
+    Params (M), GMac, Train (s). Cells read ``mean ± std`` (just the mean for one seed); ``—`` marks a missing
+    value. ``metric_names`` defaults to the built-in tasks' names (a task without one shows its name only). A
+    method whose runs all failed shows ``failed: <first error>``; a partly failed one notes the count.
+    """
+    if metric_names is None:
+        from mtsl_plugin.tasks import METRIC_NAMES  # deferred: the tasks module pulls in torch
+
+        metric_names = METRIC_NAMES
+    for task in tasks:
+        if task not in higher_is_better:
+            raise ValueError(f"task {task!r} has no entry in higher_is_better")
+    headers = ["Method"]
+    for task in tasks:
+        name = f"{task} {metric_names[task]}" if task in metric_names else task
+        headers.append(f"{name} {'↑' if higher_is_better[task] else '↓'}")
+    headers += [_HEADERS[f] for f in SCALAR_FIELDS]
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    for method, entry in aggregated.items():
+        label = _escape(method)
+        if entry["ok"] == 0:
+            first_error = entry["errors"][0] if entry["errors"] else "unknown error"
+            cells = [f"failed: {_escape(_short(first_error))}"] + [_MISSING] * (len(headers) - 2)
+        else:
+            if entry["failed"]:
+                label += f" ({entry['failed']} of {entry['runs']} runs failed)"
+            cells = [_cell(entry["metrics"].get(task)) for task in tasks]
+            cells += [_cell(entry["delta_sd"], 2, signed=True), _cell(entry["delta_mtl"], 2, signed=True),
+                      _cell(entry["params_m"], 2), _cell(entry["gmac"], 2), _cell(entry["train_seconds"], 1)]
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- files
+def csv_rows(aggregated: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[dict[str, str]]]:
+    """Column names and one flat row per method: counts, seeds, ``<task>_mean``/``<task>_std`` per task, then
+    ``<field>_mean``/``<field>_std`` per scalar field, and the failed runs' errors. Floats keep full precision
+    (``repr``); missing values are empty strings."""
+    tasks: list[str] = []
+    for entry in aggregated.values():
+        tasks += [t for t in entry["metrics"] if t not in tasks]
+    stats = [(t, lambda e, t=t: e["metrics"].get(t)) for t in tasks]
+    stats += [(f, lambda e, f=f: e[f]) for f in SCALAR_FIELDS]
+    columns = ["method", "runs", "ok", "failed", "seeds", "failed_seeds"]
+    columns += [f"{name}_{part}" for name, _ in stats for part in ("mean", "std")] + ["errors"]
+    rows = []
+    for entry in aggregated.values():
+        row = {"method": entry["method"], "runs": str(entry["runs"]), "ok": str(entry["ok"]),
+               "failed": str(entry["failed"]), "seeds": ";".join(map(str, entry["seeds"])),
+               "failed_seeds": ";".join(map(str, entry["failed_seeds"])), "errors": " || ".join(entry["errors"])}
+        for name, get in stats:
+            stat = get(entry)
+            row[f"{name}_mean"] = "" if stat is None else repr(float(stat["mean"]))
+            row[f"{name}_std"] = "" if stat is None else repr(float(stat["std"]))
+        rows.append(row)
+    return columns, rows
+
+
+def write_csv(aggregated: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
+    """Write :func:`csv_rows` of ``aggregated`` to ``path`` (parent folders created) and return the path."""
+    columns, rows = csv_rows(aggregated)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_markdown(text: str, path: str | Path) -> Path:
+    """Write ``text`` (ending in a newline) to ``path`` (parent folders created) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,20 @@
+"""mtsl-plugin: Multi-Task Structural Learning (ICML 2023) as a LibMTL architecture on timm ResNets.
+
+Importing the package registers :class:`~mtsl_plugin.architecture.MTSL` as ``LibMTL.architecture.MTSL`` (so
+LibMTL's lookup of architectures by name finds it) and exposes the plugin lookups::
+
+    import mtsl_plugin
+    cka = mtsl_plugin.similarity("cka")              # (x (N, C), y (N, C)) -> 0-d tensor
+    solve = mtsl_plugin.grouping_solver("fewest_groups")  # (similarity (T, T), tasks, threshold) -> partition
+    att = mtsl_plugin.amalgamator("att")             # (channels, tasks) -> nn.Module | None
+"""
+from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.plugins import amalgamator, available, grouping_solver, load_plugin, similarity
+from mtsl_plugin.architecture import MTSL  # noqa: E402  (after the plugins: the learner imports them)
+
+import_libmtl().architecture.MTSL = MTSL
+
+__version__ = "0.1.0"
+__all__ = ["MTSL", "BranchingPlan", "similarity", "grouping_solver", "amalgamator", "available", "load_plugin",
+           "__version__"]

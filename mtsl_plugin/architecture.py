@@ -1,0 +1,59 @@
+"""MTSL as a LibMTL architecture (``LibMTL.architecture.AbsArchitecture`` subclass).
+
+LibMTL composes an architecture with a weighting method (``class MTLmodel(architecture, weighting)``) and calls
+``forward(inputs)`` for a dict of predictions. Here the "encoder" LibMTL expects is the whole branched trunk
+(encoder and decoder locations), built from a stage factory, and the "decoders" are the task heads:
+
+* ``encoder_class``: a zero-argument callable returning a :class:`~mtsl_plugin.network.stages.ResNetStages`;
+* ``decoders``: task name -> head module (e.g. ``stages.build_head(channels)``);
+* ``arch_args``: ``plan`` (a :class:`BranchingPlan`; default: the single-task plan MTSL starts from).
+
+``forward`` returns the predictions as LibMTL wants and keeps the task-node features of the same forward in
+``self.task_node_features`` for the alignment loss (they come from the network's own forward, not from hooks).
+"""
+from __future__ import annotations
+
+import torch
+
+from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.network.branched import BranchedNetwork
+from mtsl_plugin.plan import BranchingPlan
+
+AbsArchitecture = import_libmtl().architecture.AbsArchitecture
+
+
+class MTSL(AbsArchitecture):
+    """Multi-Task Structural Learning (Gurulingan et al., ICML 2023) on a branched timm ResNet."""
+
+    def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
+        decoders = dict(decoders)  # a plain dict: the heads are registered once, inside the branched network
+        super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
+        if rep_grad:
+            raise ValueError("MTSL does not support rep_grad=True: task nodes are not one shared representation")
+        if multi_input:
+            raise ValueError("MTSL needs one input shared by all tasks (multi_input=False)")
+        stages = encoder_class()
+        plan = kwargs.get("plan") or BranchingPlan.single_task(task_name, stages.num_locations)
+        if list(plan.tasks) != list(task_name):
+            raise ValueError(f"the plan's tasks {list(plan.tasks)} differ from the trainer's {list(task_name)}")
+        self.encoder = BranchedNetwork(plan, stages, decoders)
+        self.task_node_features: dict[str, torch.Tensor] = {}
+
+    @property
+    def network(self) -> BranchedNetwork:
+        return self.encoder
+
+    def forward(self, inputs: torch.Tensor, task_name: str | None = None) -> dict[str, torch.Tensor]:
+        preds, self.task_node_features = self.encoder(inputs)
+        if task_name is not None:
+            return {task_name: preds[task_name]}
+        return preds
+
+    def get_share_params(self):
+        return iter(self.encoder.shared_parameters())
+
+    def zero_grad_share_params(self) -> None:
+        # zeroed in place, not set to None: LibMTL's gradient-surgery methods write into ``param.grad.data``
+        for p in self.encoder.shared_parameters():
+            if p.grad is not None:
+                p.grad.zero_()

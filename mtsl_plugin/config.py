@@ -1,0 +1,100 @@
+"""Run configuration: presets (YAML files shipped with the package) and their overrides."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Mapping
+
+import yaml
+
+from mtsl_plugin.learner.schedule import MTSLConfig, scale_schedule
+
+PRESETS = ("smoke", "quick", "paper")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, at what resolution, and how many samples (``train`` excludes the ``holdout`` slice, which is
+    cut from the training split for MTSL's grouping decisions)."""
+
+    name: str = "synthetic"
+    root: str | None = None
+    height: int = 64
+    width: int = 64
+    train: int | None = 256
+    holdout: int = 64
+    test: int | None = 64
+
+    def __post_init__(self) -> None:
+        if self.holdout < 4:
+            raise ValueError(f"the held-out slice needs at least 4 samples for the unbiased CKA (got {self.holdout})")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run of one method on one seed."""
+
+    preset: str = "quick"
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: tuple[str, ...] = ("S", "D", "E", "N", "A")
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    weights: str | None = None
+    batch_size: int = 16
+    optimizer: dict = field(default_factory=lambda: {"optim": "adam", "lr": 1e-4, "weight_decay": 5e-5})
+    epochs: int = 80
+    lr_steps: tuple[int, ...] = (60, 70)
+    weighting: str = "EW"
+    mtsl: MTSLConfig = field(default_factory=MTSLConfig)
+    device: str = "cpu"
+    seed: int = 0
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["tasks"] = list(self.tasks)
+        data["lr_steps"] = list(self.lr_steps)
+        data["mtsl"]["task_epochs"] = list(self.mtsl.task_epochs)
+        data["mtsl"]["amalgamation_epochs"] = list(self.mtsl.amalgamation_epochs)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration key(s) {unknown}; known: {sorted(known)}")
+        data["data"] = DataConfig(**data.get("data", {}))
+        data["mtsl"] = MTSLConfig.from_dict(data.get("mtsl", {}))
+        data["tasks"] = tuple(data.get("tasks", cls.tasks))
+        data["lr_steps"] = tuple(data.get("lr_steps", cls.lr_steps))
+        return cls(**data)
+
+    def fingerprint(self, *, exclude: tuple[str, ...] = ("device",)) -> str:
+        """A short hash of everything that changes results (the device does not)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_preset(name: str) -> RunConfig:
+    """The configuration of a shipped preset (``smoke``, ``quick`` or ``paper``).
+
+    A preset names its epoch budget and number of structural phases; MTSL's schedule is the paper's, scaled to
+    that budget (:func:`~mtsl_plugin.learner.schedule.scale_schedule`), so ``paper`` is the paper's exactly.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    raw = yaml.safe_load((resources.files("mtsl_plugin") / "presets" / f"{name}.yaml").read_text())
+    mtsl_raw = dict(raw.pop("mtsl", {}))
+    phases = mtsl_raw.pop("phases", None)
+    data_raw = raw.pop("dataset")
+    config = RunConfig.from_dict({**raw, "preset": name, "data": data_raw,
+                                  "mtsl": {}, "lr_steps": tuple(raw.get("lr_steps", ()))})
+    schedule = scale_schedule(MTSLConfig(), config.epochs, phases)
+    return config.replace(mtsl=MTSLConfig.from_dict({**schedule.to_dict(), **mtsl_raw}))

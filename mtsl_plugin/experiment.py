@@ -1,0 +1,126 @@
+"""Run one method on one seed end to end: data, model, training (with structural phases), evaluation, files.
+
+Every run writes into its own folder::
+
+    run_dir/
+      config.json            the RunConfig and method
+      checkpoint.pt          after every epoch and structural phase (what --resume continues from)
+      phase_<k>.json         plan after structural phase k, with the similarity matrices it was decided on
+      plan.json              the final plan
+      result.json            metrics, Δs filled in by the harness, params, GMac, timings, history
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from mtsl_plugin.architecture import MTSL
+from mtsl_plugin.config import RunConfig
+from mtsl_plugin.data import build_dataset
+from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.methods import build_method
+from mtsl_plugin.network.stages import ResNetStages
+from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.tasks import Task, build_tasks, libmtl_task_dict
+from mtsl_plugin.trainer import MTLTrainer, RunData
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_data(config: RunConfig) -> tuple[RunData, Any]:
+    """The run's data; the held-out slice is cut from the end of the training split (never validation/test)."""
+    d = config.data
+    n_train = None if d.train is None else d.train + d.holdout
+    full = build_dataset(d.name, "train", root=d.root, height=d.height, width=d.width, n=n_train, seed=config.seed)
+    test = build_dataset(d.name, "test", root=d.root, height=d.height, width=d.width, n=d.test, seed=config.seed)
+    if len(full) <= d.holdout:
+        raise ValueError(f"the training split has {len(full)} samples, not more than the held-out slice "
+                         f"({d.holdout})")
+    split = len(full) - d.holdout
+    data = RunData(train=Subset(full, range(split)), holdout=Subset(full, range(split, len(full))), test=test,
+                   batch_size=config.batch_size, seed=config.seed)
+    return data, full
+
+
+def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan, stages: ResNetStages,
+                  learner=None) -> MTLTrainer:
+    """A :class:`MTLTrainer` for MTSL's architecture with ``plan``, LibMTL weighting ``config.weighting``."""
+    libmtl = import_libmtl()
+    if config.weighting not in libmtl.weighting.__all__:
+        raise ValueError(f"unknown LibMTL weighting {config.weighting!r}; choose from {libmtl.weighting.__all__}")
+    heads = {t: stages.build_head(task.out_channels) for t, task in tasks.items()}
+    scheduler = {"scheduler": "multistep", "milestones": list(config.lr_steps), "gamma": 0.1}
+    return MTLTrainer(libmtl_task_dict(tasks), getattr(libmtl.weighting, config.weighting), MTSL,
+                      lambda: stages, heads, optim_param=dict(config.optimizer), scheduler_param=scheduler,
+                      device=config.device, learner=learner, weight_args={}, arch_args={"plan": plan})
+
+
+def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: bool = False,
+               progress: bool = True, plan: BranchingPlan | None = None) -> dict[str, Any]:
+    """Train and evaluate ``method``; returns (and writes) its result record.
+
+    With ``resume`` a checkpoint in ``run_dir`` is continued; ``plan`` overrides the method's starting plan
+    (used by the "-R" retraining variants).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    data, dataset = build_data(config)
+    names = [t for t in config.tasks if t in dataset.tasks]
+    missing = [t for t in config.tasks if t not in dataset.tasks]
+    if missing:
+        raise ValueError(f"dataset {config.data.name!r} has no target for task(s) {missing}")
+    tasks = build_tasks(names, dataset.num_classes)
+    stages = ResNetStages(config.backbone, pretrained=config.pretrained, weights=config.weights,
+                          seed=config.seed)
+    spec = build_method(method, config.replace(tasks=tuple(names)), stages.num_locations)
+    start_plan = plan or spec.plan
+    checkpoint = run_dir / "checkpoint.pt"
+    if resume and checkpoint.exists():
+        start_plan = MTLTrainer.checkpoint_plan(checkpoint)
+    trainer = build_trainer(config, tasks, start_plan, stages, spec.learner)
+    if resume and checkpoint.exists():
+        trainer.load(checkpoint)
+    write_json(run_dir / "config.json", {"method": method, "config": config.to_dict()})
+
+    def on_phase(record: dict) -> None:
+        write_json(run_dir / f"phase_{record['phase']}.json", record)
+
+    started = time.perf_counter()
+    total_epochs = config.mtsl.total_epochs if spec.learner is not None else config.epochs
+    history = trainer.fit(data, total_epochs, checkpoint=checkpoint, on_phase=on_phase, progress=progress)
+    train_seconds = sum(h["seconds"] for h in history)
+    metrics = trainer.evaluate(data.batches(data.test))
+    cost = trainer.network.cost(config.data.height, config.data.width)
+    final_plan = trainer.network.plan
+    write_json(run_dir / "plan.json", final_plan.to_dict())
+    result = {
+        "method": method, "seed": config.seed, "status": "ok", "error": None,
+        "metrics": metrics,
+        "higher_is_better": {t: task.higher_is_better for t, task in tasks.items()},
+        "metric_names": {t: task.metric_name for t, task in tasks.items()},
+        "plan": final_plan.to_dict(), "plan_text": final_plan.describe(),
+        "params_m": cost.params / 1e6, "gmac": cost.gmac,
+        "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - started,
+        "history": history, "fingerprint": config.fingerprint(),
+    }
+    write_json(run_dir / "result.json", result)
+    return result

@@ -1,0 +1,54 @@
+"""One registry of methods: name -> builder. The CLI, the tests and the harness all build methods through it.
+
+A builder takes the run configuration and the number of merge locations and returns a :class:`MethodSpec`:
+the plan the network starts from, and the structural learner that edits it (``None`` for a fixed plan).
+``mtsl`` is registered here; ``baselines`` registers the others (``stn``, ``onenet``, ...) when imported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from mtsl_plugin.learner.structural import StructuralLearner
+from mtsl_plugin.plan import BranchingPlan
+
+
+@dataclass
+class MethodSpec:
+    plan: BranchingPlan
+    learner: StructuralLearner | None = None
+    needs_holdout: bool = False
+
+
+Builder = Callable[["RunConfig", int], MethodSpec]  # noqa: F821  (RunConfig: mtsl_plugin.config)
+_METHODS: dict[str, Builder] = {}
+
+
+def register_method(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder`` under ``name`` (a name may be registered once)."""
+
+    def decorate(builder: Builder) -> Builder:
+        if name in _METHODS and _METHODS[name] is not builder:
+            raise ValueError(f"method {name!r} is already registered")
+        _METHODS[name] = builder
+        return builder
+
+    return decorate
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def build_method(name: str, config, num_locations: int) -> MethodSpec:
+    """The :class:`MethodSpec` of method ``name`` for ``config``."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(method_names())}")
+    return _METHODS[name](config, num_locations)
+
+
+@register_method("mtsl")
+def _mtsl(config, num_locations: int) -> MethodSpec:
+    """MTSL: start from the single-task plan, learn the branching with the structural learner."""
+    return MethodSpec(BranchingPlan.single_task(config.tasks, num_locations), StructuralLearner(config.mtsl),
+                      needs_holdout=True)

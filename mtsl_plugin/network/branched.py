@@ -1,0 +1,142 @@
+"""A multi-task network built from a branching plan: one node per (location, group), one head per task."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mtsl_plugin.network.stages import ResNetStages
+from mtsl_plugin.plan import BranchingPlan, Group, PlanError, StageCost
+
+NodeKey = tuple[int, Group]
+
+
+def node_name(location: int, group: Group) -> str:
+    """The module name of a node, e.g. ``"3-S+E"`` (module names may not contain dots)."""
+    return f"{location}-{'+'.join(group)}"
+
+
+class BranchedNetwork(nn.Module):
+    """The network a :class:`BranchingPlan` describes.
+
+    ``forward(x (N, 3, H, W))`` returns ``(predictions, features)``: predictions maps each task to its head's
+    output at the input resolution; features maps each task that has a sibling task node (a task node that may
+    still merge, see :meth:`BranchingPlan.siblings`) to that task node's output ``(N, C, h, w)``.
+
+    Nodes are kept in canonical plan order, so two networks with the same plan have the same parameter order
+    (what checkpoints and optimizer state rely on).
+    """
+
+    def __init__(self, plan: BranchingPlan, stages: ResNetStages, heads: Mapping[str, nn.Module]):
+        super().__init__()
+        if plan.num_locations != stages.num_locations:
+            raise PlanError(f"the plan has {plan.num_locations} locations but the backbone stages have "
+                            f"{stages.num_locations}")
+        missing = [t for t in plan.tasks if t not in heads]
+        if missing:
+            raise ValueError(f"no head given for task(s) {missing}")
+        self.plan = plan
+        self.stages = stages
+        self.specs = stages.specs
+        self.nodes = nn.ModuleDict({node_name(l, g): stages.build(l) for l, p in enumerate(plan.partitions) for g in p})
+        self.heads = nn.ModuleDict({t: heads[t] for t in plan.tasks})
+
+    # ------------------------------------------------------------------ access
+    def node(self, location: int, group: Group) -> nn.Module:
+        return self.nodes[node_name(location, tuple(group))]
+
+    def node_keys(self) -> list[NodeKey]:
+        return [(l, g) for l, p in enumerate(self.plan.partitions) for g in p]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters of nodes used by more than one task (LibMTL's "shared parameters")."""
+        return [p for l, g in self.node_keys() if len(g) > 1 for p in self.node(l, g).parameters()]
+
+    # ------------------------------------------------------------------ forward
+    def run_node(self, location: int, group: Group, outputs: list[dict[Group, torch.Tensor]], x: torch.Tensor,
+                 module: nn.Module | None = None) -> torch.Tensor:
+        """Run the node for ``group`` at ``location`` (or ``module`` in its place) on the outputs of shallower
+        locations, ``outputs[l][group]``; ``x`` is the network input."""
+        module = self.node(location, group) if module is None else module
+        parent = self.plan.parent_of(location, group)
+        inputs = x if parent is None else outputs[location - 1][parent]
+        spec = self.specs[location]
+        if spec.skip_from is None:
+            return module(inputs)
+        skip = outputs[spec.skip_from][self.plan.group_of(spec.skip_from, group[0])]
+        return module(inputs, skip)
+
+    def run_locations(self, x: torch.Tensor, until: int | None = None) -> list[dict[Group, torch.Tensor]]:
+        """Outputs of every node at locations ``0..until`` (all locations by default), per location and group."""
+        last = self.plan.num_locations - 1 if until is None else until
+        outputs: list[dict[Group, torch.Tensor]] = []
+        for location in range(last + 1):
+            outputs.append({g: self.run_node(location, g, outputs, x) for g in self.plan.partitions[location]})
+        return outputs
+
+    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        outputs = self.run_locations(x)
+        last = outputs[-1]
+        size = (x.shape[-2], x.shape[-1])
+        preds = {t: self.heads[t](last[self.plan.group_of(self.plan.num_locations - 1, t)], size)
+                 for t in self.plan.tasks}
+        features = {t: outputs[loc][(t,)] for loc, tasks in self.plan.siblings() for t in tasks}
+        return preds, features
+
+    # ------------------------------------------------------------------ structural edits
+    def apply_plan(self, plan: BranchingPlan, created: Mapping[NodeKey, nn.Module]) -> list[nn.Module]:
+        """Switch to ``plan``: install the ``created`` nodes, drop the nodes the plan no longer has, and return
+        the dropped modules. Every node of the new plan must either exist already or be in ``created``."""
+        if plan.tasks != self.plan.tasks or plan.num_locations != self.plan.num_locations:
+            raise PlanError("a structural edit cannot change the tasks or the number of locations")
+        old = dict(self.nodes.items())
+        new: dict[str, nn.Module] = {}
+        for location, group in ((l, g) for l, p in enumerate(plan.partitions) for g in p):
+            name = node_name(location, group)
+            if (location, group) in created:
+                new[name] = created[(location, group)]
+            elif name in old:
+                new[name] = old[name]
+            else:
+                raise PlanError(f"the new plan needs node {name} but it was neither kept nor created")
+        removed = [m for name, m in old.items() if name not in new]
+        self.nodes = nn.ModuleDict(new)
+        self.plan = plan
+        return removed
+
+    # ------------------------------------------------------------------ cost
+    def stage_costs(self, height: int, width: int) -> tuple[list[StageCost], dict[str, StageCost]]:
+        """The cost of one node per location and of each head, counted with ``torch.utils.flop_counter`` on one
+        image of ``height`` x ``width`` (GMac = FLOPs / 2 / 1e9)."""
+        device = next(self.parameters()).device
+        x = torch.zeros(1, 3, height, width, device=device)
+        stages: list[StageCost] = []
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            outputs: list[dict[Group, torch.Tensor]] = []
+            for location in range(self.plan.num_locations):
+                group = self.plan.partitions[location][0]
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    out = {g: self.run_node(location, g, outputs, x) for g in [group]}
+                outputs.append({g: out[group] for g in self.plan.partitions[location]})
+                params = sum(p.numel() for p in self.node(location, group).parameters())
+                stages.append(StageCost(params, counter.get_total_flops() / 2e9))
+            heads = {}
+            for task in self.plan.tasks:
+                feats = outputs[-1][self.plan.group_of(self.plan.num_locations - 1, task)]
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    self.heads[task](feats, (height, width))
+                heads[task] = StageCost(sum(p.numel() for p in self.heads[task].parameters()),
+                                        counter.get_total_flops() / 2e9)
+        self.train(was_training)
+        return stages, heads
+
+    def cost(self, height: int, width: int) -> StageCost:
+        """Parameters and GMac of this network at ``height`` x ``width``, from the per-stage table."""
+        stages, heads = self.stage_costs(height, width)
+        return self.plan.cost(stages, heads)

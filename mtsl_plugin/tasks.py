@@ -1,0 +1,316 @@
+"""The five dense tasks: losses, metrics and the direction in which each metric improves.
+
+Letters follow the MTSL paper: ``S`` semantic segmentation, ``D`` depth, ``E`` edges, ``N`` surface normals,
+``A`` auto-encoding (reconstructing the image). Every prediction is a raw head output at full resolution:
+
+- ``S``: logits ``(N, C, H, W)``; target int64 ``(N, H, W)`` class index, ``-1`` = ignore.
+- ``D``: metres ``(N, 1, H, W)``; target metres ``(N, 1, H, W)``, ``0`` = no depth.
+- ``E``: logits ``(N, 1, H, W)``; target ``(N, 1, H, W)`` in ``{0, 1}``.
+- ``N``: unnormalised normals ``(N, 3, H, W)``; target unit normals ``(N, 3, H, W)``, zero vector = invalid.
+- ``A``: image ``(N, 3, H, W)``; target the input image in ``[0, 1]``.
+
+Metrics are :class:`torchmetrics.Metric` objects that accumulate sums across batches, so a dataset score is
+exact (pixel-weighted), never a mean of batch scores. Losses are means over valid pixels; a batch without any
+valid pixel gives a zero loss that still belongs to the graph (no NaN).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanSquaredError, Metric
+from torchmetrics.classification import MulticlassJaccardIndex
+
+TASKS: tuple[str, ...] = ("S", "D", "E", "N", "A")
+IGNORE_INDEX = -1
+#: Each built-in task's metric name (plain data, so that reports can label columns without building tasks).
+METRIC_NAMES: dict[str, str] = {"S": "mIoU", "D": "RMSE", "E": "BCE", "N": "cos", "A": "MSE"}
+#: Each built-in task's metric direction.
+HIGHER_IS_BETTER: dict[str, bool] = {"S": True, "D": False, "E": False, "N": True, "A": False}
+
+
+def _as_float(x: Tensor) -> Tensor:
+    """``x`` in at least float32, so sums over many pixels do not lose precision under bf16/fp16 autocast."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` is true; zero (with a graph) when nothing is valid. Same shapes."""
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy over pixels whose class is not ``-1``. pred ``(N, C, H, W)`` logits, target ``(N, H, W)``."""
+    summed = F.cross_entropy(_as_float(pred), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed / (target != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def depth_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """L1 in metres over pixels with a depth (``target > 0``). Both ``(N, 1, H, W)``."""
+    return _masked_mean((_as_float(pred) - target).abs(), target > 0)
+
+
+def edge_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Class-balanced BCE with logits (HED): edge pixels are weighted by the batch's fraction of non-edge
+    pixels and non-edge pixels by the fraction of edge pixels; mean over all pixels. Both ``(N, 1, H, W)``.
+
+    A batch with no edge (or only edges) therefore gives a zero loss, as in HED.
+    """
+    pred = _as_float(pred)
+    target = target.to(pred.dtype)
+    positive_fraction = target.mean()
+    weight = torch.where(target > 0.5, 1.0 - positive_fraction, positive_fraction).detach()
+    return F.binary_cross_entropy_with_logits(pred, target, weight=weight)
+
+
+def normal_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """``1 - cosine similarity`` over pixels with a normal (non-zero target). Both ``(N, 3, H, W)``."""
+    cosine = F.cosine_similarity(_as_float(pred), _as_float(target), dim=1, eps=1e-8)
+    return _masked_mean(1.0 - cosine, target.abs().sum(dim=1) > 0)
+
+
+def reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over all pixels and channels. Both ``(N, 3, H, W)``."""
+    return F.mse_loss(_as_float(pred), _as_float(target))
+
+
+def normalise_normals(pred: Tensor) -> Tensor:
+    """Unit-length normals from an unnormalised prediction ``(N, 3, H, W)`` (zero stays zero)."""
+    return F.normalize(pred, dim=1, eps=1e-8)
+
+
+def _identity(pred: Tensor) -> Tensor:
+    return pred
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+class _RatioMetric(Metric):
+    """Accumulates a float64 ``total`` and a pixel ``count``; subclasses say what one batch adds.
+
+    ``compute()`` returns NaN when no valid pixel was ever seen.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        if pred.shape[0] != target.shape[0] or pred.shape[2:] != target.shape[2:]:
+            raise ValueError(
+                f"{type(self).__name__} got prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
+                "with different batch or spatial sizes"
+            )
+        total, count = self._batch(pred.detach().double(), target.detach().double())
+        self.total += total
+        self.count += count
+
+    def _ratio(self) -> Tensor:
+        if self.count == 0:
+            return torch.tensor(math.nan, dtype=torch.float64, device=self.total.device)
+        return self.total / self.count
+
+
+class MaskedRMSE(_RatioMetric):
+    """Root mean squared error over all valid pixels (``target > 0``) of the dataset. ``(N, 1, H, W)`` each."""
+
+    higher_is_better = False
+
+    def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        valid = target > 0
+        return ((pred - target)[valid] ** 2).sum(), valid.sum()
+
+    def compute(self) -> Tensor:
+        return self._ratio().sqrt()
+
+
+class MeanCosine(_RatioMetric):
+    """Mean cosine similarity over all pixels with a non-zero target normal. ``(N, 3, H, W)`` each."""
+
+    higher_is_better = True
+
+    def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        valid = target.abs().sum(dim=1) > 0
+        cosine = F.cosine_similarity(pred, target, dim=1, eps=1e-12)
+        return cosine[valid].sum(), valid.sum()
+
+    def compute(self) -> Tensor:
+        return self._ratio()
+
+
+class MeanBCE(_RatioMetric):
+    """Unbalanced binary cross-entropy with logits, averaged over every pixel. ``(N, 1, H, W)`` each."""
+
+    higher_is_better = False
+
+    def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        return F.binary_cross_entropy_with_logits(pred, target, reduction="sum"), torch.tensor(target.numel(), device=target.device)
+
+    def compute(self) -> Tensor:
+        return self._ratio()
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class Task:
+    """One dense task: its head width, loss, metric and metric direction.
+
+    ``loss_fn(pred, target)`` returns a 0-d tensor; ``metric_factory()`` returns a fresh torchmetrics metric
+    whose ``update`` takes ``(postprocess(pred), target)``; ``postprocess_fn`` maps a raw head output to what
+    the metric reads (normalised normals; identity elsewhere).
+    """
+
+    name: str
+    title: str
+    out_channels: int
+    metric_name: str
+    higher_is_better: bool
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    metric_factory: Callable[[], Metric]
+    postprocess_fn: Callable[[Tensor], Tensor] = _identity
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The training loss (0-d tensor) of a raw prediction ``(N, out_channels, H, W)`` against ``target``."""
+        if pred.dim() != 4 or pred.shape[1] != self.out_channels:
+            raise ValueError(
+                f"task {self.name} expects predictions (N, {self.out_channels}, H, W), got {tuple(pred.shape)}"
+            )
+        if pred.shape[0] != target.shape[0] or pred.shape[-2:] != target.shape[-2:]:
+            raise ValueError(
+                f"task {self.name} got prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
+                "with different batch or spatial sizes"
+            )
+        return self.loss_fn(pred, target)
+
+    def make_metric(self) -> Metric:
+        """A fresh metric; ``update(postprocess(pred), target)`` per batch, ``compute()`` gives a 0-d tensor."""
+        return self.metric_factory()
+
+    def postprocess(self, pred: Tensor) -> Tensor:
+        """The raw prediction as the metric reads it (same shape)."""
+        return self.postprocess_fn(pred)
+
+
+def _segmentation(num_classes: int) -> Task:
+    # torchmetrics 1.9, average="macro": pixels labelled -1 are dropped before the confusion matrix, and classes
+    # with no pixel in either prediction or target get weight 0, so they do not enter the mean. (A partial of a
+    # class, unlike a closure, keeps the task picklable.)
+    make_metric = partial(MulticlassJaccardIndex, num_classes=num_classes, ignore_index=IGNORE_INDEX, average="macro")
+    return Task("S", "semantic segmentation", num_classes, METRIC_NAMES["S"], HIGHER_IS_BETTER["S"],
+                segmentation_loss, make_metric)
+
+
+def _reconstruction_metric() -> Metric:
+    return MeanSquaredError()  # sums squared errors and element counts across batches: pixel-weighted
+
+
+_FIXED: dict[str, Callable[[], Task]] = {
+    "D": lambda: Task("D", "depth estimation", 1, METRIC_NAMES["D"], HIGHER_IS_BETTER["D"], depth_loss, MaskedRMSE),
+    "E": lambda: Task("E", "edge detection", 1, METRIC_NAMES["E"], HIGHER_IS_BETTER["E"], edge_loss, MeanBCE),
+    "N": lambda: Task("N", "surface normal estimation", 3, METRIC_NAMES["N"], HIGHER_IS_BETTER["N"], normal_loss,
+                      MeanCosine, normalise_normals),
+    "A": lambda: Task("A", "auto-encoding", 3, METRIC_NAMES["A"], HIGHER_IS_BETTER["A"], reconstruction_loss,
+                      _reconstruction_metric),
+}
+
+
+def build_tasks(names: Sequence[str], num_classes: int) -> dict[str, Task]:
+    """The tasks named by ``names`` (letters from :data:`TASKS`), in that order.
+
+    ``num_classes`` is the number of semantic classes; it must be at least 2 when ``S`` is requested.
+    """
+    if isinstance(names, str):
+        names = list(names)
+    tasks: dict[str, Task] = {}
+    for name in names:
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r}; choose from {list(TASKS)}")
+        if name in tasks:
+            raise ValueError(f"task {name!r} is requested twice")
+        if name == "S":
+            if num_classes < 2:
+                raise ValueError(f"semantic segmentation needs num_classes >= 2, got {num_classes}")
+            tasks[name] = _segmentation(num_classes)
+        else:
+            tasks[name] = _FIXED[name]()
+    if not tasks:
+        raise ValueError("build_tasks needs at least one task name")
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------- LibMTL
+@lru_cache(maxsize=None)
+def _libmtl_adapters() -> tuple[type, type]:
+    """LibMTL ``AbsLoss``/``AbsMetric`` subclasses wrapping a :class:`Task` (built once, after the shim)."""
+    from mtsl_plugin.libmtl_compat import import_libmtl
+
+    libmtl = import_libmtl()
+
+    class LibMTLTaskLoss(libmtl.loss.AbsLoss):
+        """LibMTL loss record around ``task.loss``."""
+
+        def __init__(self, task: Task):
+            super().__init__()
+            self.task = task
+
+        def compute_loss(self, pred: Tensor, gt: Tensor) -> Tensor:
+            return self.task.loss(pred, gt)
+
+    class LibMTLTaskMetric(libmtl.metrics.AbsMetric):
+        """LibMTL metric around a torchmetrics metric of ``task``; ``score_fun`` gives ``[float]``."""
+
+        def __init__(self, task: Task):
+            super().__init__()
+            self.task = task
+            self.metric = task.make_metric()
+
+        def update_fun(self, pred: Tensor, gt: Tensor) -> None:
+            if self.metric.device != pred.device:
+                self.metric = self.metric.to(pred.device)
+            self.metric.update(self.task.postprocess(pred.detach()), gt)
+            self.bs.append(pred.shape[0])
+
+        def score_fun(self) -> list[float]:
+            return [float(self.metric.compute())]
+
+        def reinit(self) -> None:
+            super().reinit()
+            self.metric.reset()
+
+    for cls in (LibMTLTaskLoss, LibMTLTaskMetric):  # resolvable by pickle through the module __getattr__
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return LibMTLTaskLoss, LibMTLTaskMetric
+
+
+def __getattr__(name: str) -> type:
+    if name in ("LibMTLTaskLoss", "LibMTLTaskMetric"):
+        loss_cls, metric_cls = _libmtl_adapters()
+        return loss_cls if name == "LibMTLTaskLoss" else metric_cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def libmtl_task_dict(tasks: Mapping[str, Task]) -> dict[str, dict]:
+    """LibMTL's ``task_dict``: per task ``{'metrics': [name], 'metrics_fn': AbsMetric, 'loss_fn': AbsLoss,
+    'weight': [1 if higher is better else 0]}``, in the order of ``tasks``."""
+    loss_cls, metric_cls = _libmtl_adapters()
+    return {
+        name: {
+            "metrics": [task.metric_name],
+            "metrics_fn": metric_cls(task),
+            "loss_fn": loss_cls(task),
+            "weight": [1 if task.higher_is_better else 0],
+        }
+        for name, task in tasks.items()
+    }

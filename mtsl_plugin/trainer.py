@@ -1,0 +1,240 @@
+"""A LibMTL Trainer that runs on any device and drives MTSL's structural phases.
+
+:class:`MTLTrainer` subclasses ``LibMTL.Trainer``: it builds the model (``class MTLmodel(architecture,
+weighting)``), optimizer and scheduler the way LibMTL does, so any LibMTL weighting method (EW, UW, ...) combines
+with any architecture, but takes the device as an argument (LibMTL hard-codes ``cuda:0``), adds a ``multistep``
+scheduler (the paper's steps at epochs 60 and 70), and replaces LibMTL's epoch loop with :meth:`fit`, which
+
+* draws batches in an order fixed by (seed, epoch), so a resumed run sees the same data;
+* adds the structural learner's alignment loss and runs its phases at epoch boundaries;
+* writes an atomic checkpoint after every epoch and every structural phase, and resumes from one;
+* uses bf16 autocast on CUDA and shows tqdm progress bars.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from mtsl_plugin.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.learner.structural import StructuralLearner
+from mtsl_plugin.network.branched import BranchedNetwork
+from mtsl_plugin.plan import BranchingPlan
+
+LibMTL = import_libmtl()
+_PerformanceMeter = LibMTL._record._PerformanceMeter
+
+
+@dataclass
+class RunData:
+    """The data of one run: training set, held-out slice of the training data (for grouping decisions),
+    evaluation set, and how to batch them. Batch order depends only on ``seed`` and the key asked for."""
+
+    train: Dataset
+    holdout: Dataset | None
+    test: Dataset
+    batch_size: int
+    seed: int = 0
+
+    def batches(self, dataset: Dataset, key: Iterable[int] | None = None) -> DataLoader:
+        """A loader over ``dataset``; shuffled with a generator seeded by (seed, *key) when ``key`` is given."""
+        generator = None
+        if key is not None:
+            seed = np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=key is not None, generator=generator,
+                          drop_last=key is not None and len(dataset) >= 2 * self.batch_size)
+
+
+class MTLTrainer(LibMTL.Trainer):
+    """LibMTL's Trainer on any device, with MTSL's structural phases and checkpoints.
+
+    Arguments are LibMTL's (``task_dict``, ``weighting``, ``architecture``, ``encoder_class``, ``decoders``,
+    ``rep_grad``, ``multi_input``, ``optim_param``, ``scheduler_param``, ``weight_args``, ``arch_args``) plus
+    ``device`` and an optional ``learner`` (:class:`StructuralLearner`) that turns the run into MTSL.
+    """
+
+    def __init__(self, task_dict, weighting, architecture, encoder_class, decoders, rep_grad=False,
+                 multi_input=False, optim_param=None, scheduler_param=None, *, device="cpu",
+                 learner: StructuralLearner | None = None, **kwargs):
+        nn.Module.__init__(self)
+        self.device = torch.device(device)
+        self.kwargs = {"weight_args": {}, "arch_args": {}, **kwargs}
+        self.task_dict = task_dict
+        self.task_num = len(task_dict)
+        self.task_name = list(task_dict.keys())
+        self.rep_grad = rep_grad
+        self.multi_input = multi_input
+        self.learner = learner
+        self._prepare_model(weighting, architecture, encoder_class, decoders)
+        self._prepare_optimizer(optim_param or {"optim": "adam", "lr": 1e-4, "weight_decay": 5e-5},
+                                scheduler_param)
+        with contextlib.redirect_stdout(io.StringIO()):  # LibMTL's meter prints a log header on creation
+            self.meter = _PerformanceMeter(self.task_dict, self.multi_input)
+        self.epochs_done = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ LibMTL overrides
+    def _prepare_model(self, weighting, architecture, encoder_class, decoders):
+        class MTLmodel(architecture, weighting):
+            def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, kwargs):
+                super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
+                self.init_param()
+
+        self.model = MTLmodel(task_name=self.task_name, encoder_class=encoder_class, decoders=decoders,
+                              rep_grad=self.rep_grad, multi_input=self.multi_input, device=self.device,
+                              kwargs=self.kwargs["arch_args"]).to(self.device)
+
+    def _prepare_optimizer(self, optim_param, scheduler_param):
+        if scheduler_param is not None and scheduler_param.get("scheduler") == "multistep":
+            super()._prepare_optimizer(optim_param, None)
+            args = {k: v for k, v in scheduler_param.items() if k != "scheduler"}
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, **args)
+        else:
+            super()._prepare_optimizer(optim_param, scheduler_param)
+
+    def _process_data(self, loader):
+        # LibMTL calls ``iterator.next()``, which Python 3 iterators lack; its bare ``except`` then restarts the
+        # loader on every call. Same contract, working iteration.
+        try:
+            data, label = next(loader[1])
+        except StopIteration:
+            loader[1] = iter(loader[0])
+            data, label = next(loader[1])
+        data = data.to(self.device, non_blocking=True)
+        label = {task: label[task].to(self.device, non_blocking=True) for task in self.task_name}
+        return data, label
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def network(self) -> BranchedNetwork:
+        return self.model.encoder
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def task_losses(self, preds: dict[str, torch.Tensor], gts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The (T,) vector of task losses LibMTL's weighting methods take."""
+        return torch.stack([self.task_dict[t]["loss_fn"].compute_loss(preds[t].float(), gts[t])
+                            for t in self.task_name])
+
+    def train_step(self, images: torch.Tensor, gts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """One optimisation step: task losses through the weighting method, plus the alignment term."""
+        self.model.train()
+        with self._autocast():
+            preds = self.model(images)
+        losses = self.task_losses(preds, gts)
+        align = None
+        if self.learner is not None:
+            features = {t: f.float() for t, f in self.model.task_node_features.items()}
+            align = self.learner.alignment_loss(self.network.plan, features)
+        self.optimizer.zero_grad(set_to_none=True)
+        if align is not None:
+            align.backward(retain_graph=True)  # before the weighting, which may free the graph
+        self.model.backward(losses, **self.kwargs["weight_args"])
+        self.optimizer.step()
+        return losses.detach(), 0.0 if align is None else float(align)
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable) -> dict[str, float]:
+        """Each task's metric over ``loader`` (LibMTL metric objects of ``task_dict``)."""
+        self.model.eval()
+        for task in self.task_name:
+            self.task_dict[task]["metrics_fn"].reinit()
+        for images, gts in loader:
+            images = images.to(self.device)
+            with self._autocast():
+                preds = self.model(images)
+            for task in self.task_name:
+                self.task_dict[task]["metrics_fn"].update_fun(preds[task].float(), gts[task].to(self.device))
+        return {task: float(self.task_dict[task]["metrics_fn"].score_fun()[0]) for task in self.task_name}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, data: RunData, total_epochs: int, *, checkpoint: str | Path | None = None,
+            on_phase: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
+        """Train until ``total_epochs`` task-learning epochs are done, running structural phases when due.
+
+        Resumes from ``self.epochs_done`` (see :meth:`load`). ``on_phase`` receives each phase record as a dict.
+        Returns the per-epoch history (mean task losses, alignment loss, seconds).
+        """
+        disable = None if progress else True
+        holdout = (lambda: data.batches(data.holdout)) if data.holdout is not None else None
+        bar = tqdm(total=total_epochs, initial=self.epochs_done, desc="epochs", disable=disable)
+        while self.epochs_done < total_epochs:
+            start = time.perf_counter()
+            sums, align_sum, steps = torch.zeros(self.task_num), 0.0, 0
+            loader = data.batches(data.train, key=(0, self.epochs_done))
+            for images, gts in tqdm(loader, desc=f"epoch {self.epochs_done}", leave=False, disable=disable):
+                images = images.to(self.device, non_blocking=True)
+                gts = {t: gts[t].to(self.device, non_blocking=True) for t in self.task_name}
+                losses, align = self.train_step(images, gts)
+                sums += losses.float().cpu()
+                align_sum += align
+                steps += 1
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.epochs_done += 1
+            self.history.append({"epoch": self.epochs_done, "seconds": time.perf_counter() - start,
+                                 "align": align_sum / max(steps, 1),
+                                 **{t: float(v) / max(steps, 1) for t, v in zip(self.task_name, sums)}})
+            if self.learner is not None and self.learner.phase_due(self.epochs_done):
+                if holdout is None:
+                    raise ValueError("MTSL needs a held-out slice of the training data for grouping decisions")
+                phase = self.learner.phases_done
+                counter = iter(range(1 << 30))
+                record = self.learner.structural_phase(
+                    self.network, self.model, self.optimizer,
+                    lambda: data.batches(data.train, key=(1, phase, next(counter))), holdout, self.device,
+                    progress=progress)
+                if on_phase is not None:
+                    on_phase(record.to_dict())
+            if checkpoint is not None:
+                self.save(checkpoint)
+            bar.update(1)
+        bar.close()
+        return self.history
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | Path) -> Path:
+        return save_checkpoint(path, {
+            "plan": self.network.plan.to_json(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "epochs_done": self.epochs_done,
+            "history": json.dumps(self.history),
+            "learner": json.dumps(self.learner.state_dict()) if self.learner is not None else "",
+        })
+
+    @staticmethod
+    def checkpoint_plan(path: str | Path) -> BranchingPlan:
+        """The plan stored in a checkpoint (build the trainer with it, then :meth:`load`)."""
+        return BranchingPlan.from_json(load_checkpoint(path)["plan"])
+
+    def load(self, path: str | Path) -> None:
+        """Continue from a checkpoint; the trainer must have been built with the checkpoint's plan."""
+        state = load_checkpoint(path, map_location=self.device)
+        if BranchingPlan.from_json(state["plan"]) != self.network.plan:
+            raise ValueError(f"checkpoint {path} holds a different plan than this trainer was built with")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epochs_done = int(state["epochs_done"])
+        self.history = json.loads(state["history"])
+        if self.learner is not None and state["learner"]:
+            self.learner.load_state_dict(json.loads(state["learner"]))
+        set_rng_state(state["rng"])

@@ -1,0 +1,36 @@
+"""Packaging for mtsl-plugin: Multi-Task Structural Learning as a LibMTL architecture."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mtsl-plugin",
+    version="0.1.0",
+    description="Multi-Task Structural Learning (ICML 2023): learn a multi-task network's branching "
+    "architecture and weights together, as a LibMTL-compatible architecture on timm ResNets.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8")
+    if Path(__file__).with_name("README.md").exists()
+    else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mtsl_plugin", "mtsl_plugin.*", "baselines", "baselines.*", "benchmarks", "benchmarks.*"]),
+    package_data={"mtsl_plugin": ["presets/*.yaml"]},
+    install_requires=[
+        "torch>=2.3",
+        "torchvision>=0.18",
+        "libmtl==1.1.5",
+        "scipy>=1.10",  # LibMTL imports it (CAGrad) without declaring it
+        "timm>=1.0",
+        "segmentation-models-pytorch>=0.3",
+        "torchmetrics>=1.3",
+        "pluggy>=1.3",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "pyyaml>=6.0",
+    ],
+    extras_require={"test": ["pytest>=7.4"]},
+    entry_points={
+        "console_scripts": ["mtsl-compare=benchmarks.compare:main"],
+    },
+)

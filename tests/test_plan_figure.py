@@ -1,0 +1,129 @@
+"""Drawing branching plans: valid PNGs, distinct images for distinct plans, no global matplotlib state."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+
+from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.plan_figure import draw_plan, draw_plans, task_rows
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TASKS = ("S", "E", "D", "N", "A")
+
+
+def _mtsl_plan() -> BranchingPlan:
+    return BranchingPlan(TASKS, [[TASKS]] * 6 + [[("S", "E"), ("D", "N", "A")]] * 3 + [[("S", "E"), ("D",), ("N", "A")]])
+
+
+def _random_plan(rng: np.random.Generator, num_tasks: int, num_locations: int) -> BranchingPlan:
+    """A random valid plan: start from one group and split groups at random deeper down."""
+    tasks = [f"t{i}" for i in range(num_tasks)]
+    partition = [tasks]
+    partitions = []
+    for _ in range(num_locations):
+        refined = []
+        for group in partition:
+            if len(group) > 1 and rng.random() < 0.3:
+                cut = int(rng.integers(1, len(group)))
+                shuffled = list(rng.permutation(group))
+                refined += [shuffled[:cut], shuffled[cut:]]
+            else:
+                refined.append(group)
+        partition = refined
+        partitions.append(partition)
+    return BranchingPlan(tasks, partitions)
+
+
+def _pixels(path) -> np.ndarray:
+    return imread(path)
+
+
+def test_draw_plans_writes_a_valid_nontrivial_png(tmp_path):
+    plans = {"MTSL": _mtsl_plan(), "STN": BranchingPlan.single_task(TASKS, 10)}
+    path = draw_plans(plans, tmp_path / "sub" / "plans.png")
+    assert path == tmp_path / "sub" / "plans.png"
+    assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
+    pixels = _pixels(path)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 1000  # two wide panels side by side
+    assert pixels[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_different_plans_give_different_images(tmp_path):
+    a = draw_plans({"plan": BranchingPlan.one_net(TASKS, 10)}, tmp_path / "a.png")
+    b = draw_plans({"plan": BranchingPlan.single_task(TASKS, 10)}, tmp_path / "b.png")
+    c = draw_plans({"plan": _mtsl_plan()}, tmp_path / "c.png")
+    again = draw_plans({"plan": _mtsl_plan()}, tmp_path / "c_again.png")
+    images = [_pixels(p) for p in (a, b, c)]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert images[i].shape != images[j].shape or not np.array_equal(images[i], images[j])
+    assert np.array_equal(_pixels(c), _pixels(again))  # drawing is deterministic
+
+
+@pytest.mark.parametrize("num_tasks, num_locations", [(1, 1), (2, 12), (7, 1), (7, 12), (4, 5)])
+def test_draws_any_size_from_one_to_seven_tasks_and_twelve_locations(tmp_path, num_tasks, num_locations):
+    rng = np.random.default_rng(num_tasks * 100 + num_locations)
+    plans = {"random": _random_plan(rng, num_tasks, num_locations),
+             "stn": BranchingPlan.single_task([f"t{i}" for i in range(num_tasks)], num_locations)}
+    path = draw_plans(plans, tmp_path / "plan.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 3_000
+
+
+def test_draw_plan_draws_one_box_per_node_plus_input_and_heads():
+    plan = _mtsl_plan()
+    ax = draw_plan(plan, title="MTSL")
+    nodes = sum(len(p) for p in plan.partitions)
+    assert len(ax.patches) == nodes + 1 + len(plan.tasks)
+    edges = nodes + len(plan.tasks)  # one per node to its parent (or the input), one per head
+    assert len(ax.lines) == edges
+    assert ax.get_title() == "MTSL"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["in", *map(str, range(10)), "heads"]
+
+
+def test_shared_nodes_look_different_from_task_nodes():
+    ax = draw_plan(_mtsl_plan())
+    colours = {tuple(np.round(p.get_facecolor(), 3)) for p in ax.patches}
+    # input, heads, and nodes shared by 1, 2, 3 and 5 tasks all differ
+    assert len(colours) == 6
+
+
+def test_task_rows_keep_every_group_contiguous():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        plan = _random_plan(rng, int(rng.integers(1, 8)), int(rng.integers(1, 13)))
+        rows = task_rows(plan)
+        assert sorted(rows.values()) == list(range(len(plan.tasks)))
+        for partition in plan.partitions:
+            for group in partition:
+                occupied = sorted(rows[t] for t in group)
+                assert occupied == list(range(occupied[0], occupied[0] + len(group)))
+
+
+def test_location_labels_are_used_and_checked(tmp_path):
+    plan = _mtsl_plan()
+    labels = [f"enc{i}" for i in range(6)] + [f"dec{i}" for i in range(4)]
+    ax = draw_plan(plan, location_labels=labels)
+    assert [t.get_text() for t in ax.get_xticklabels()][1:-1] == labels
+    with pytest.raises(ValueError, match="plan 'MTSL' has 10 locations but location_labels has 3"):
+        draw_plans({"MTSL": plan}, tmp_path / "x.png", location_labels=["a", "b", "c"])
+    with pytest.raises(ValueError, match="at least one plan"):
+        draw_plans({}, tmp_path / "x.png")
+    with pytest.raises(TypeError, match="plan 'bad' is a dict"):
+        draw_plans({"bad": plan.to_dict()}, tmp_path / "x.png")
+
+
+def test_drawing_leaves_pyplot_alone(tmp_path):
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    ax = draw_plan(_mtsl_plan())
+    assert isinstance(ax.figure, Figure)
+    draw_plans({"p": _mtsl_plan()}, tmp_path / "p.png")
+    if not had_pyplot:
+        assert "matplotlib.pyplot" not in sys.modules
+    else:
+        import matplotlib.pyplot as plt
+
+        assert plt.get_fignums() == []

@@ -1,0 +1,248 @@
+"""The five dense tasks: losses, metrics, directions and the LibMTL adapters."""
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtsl_plugin.tasks import TASKS, build_tasks, libmtl_task_dict
+
+N, H, W = 2, 4, 5
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return build_tasks(TASKS, num_classes=4)
+
+
+def _one_hot_logits(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Logits (N, C, H, W) whose argmax is ``classes`` (N, H, W)."""
+    return F.one_hot(classes.clamp_min(0), num_classes).permute(0, 3, 1, 2).float() * 10.0
+
+
+def _random_batch(num_classes: int = 4, seed: int = 0) -> tuple[dict, dict]:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(N, 3, H, W, generator=g)
+    normals = F.normalize(torch.randn(N, 3, H, W, generator=g), dim=1)
+    targets = {
+        "S": torch.randint(-1, num_classes, (N, H, W), generator=g),
+        "D": torch.rand(N, 1, H, W, generator=g) * 5 * (torch.rand(N, 1, H, W, generator=g) > 0.3),
+        "E": (torch.rand(N, 1, H, W, generator=g) > 0.8).float(),
+        "N": normals * (torch.rand(N, 1, H, W, generator=g) > 0.3),
+        "A": image,
+    }
+    preds = {
+        "S": torch.randn(N, num_classes, H, W, generator=g),
+        "D": torch.rand(N, 1, H, W, generator=g) * 5,
+        "E": torch.randn(N, 1, H, W, generator=g),
+        "N": torch.randn(N, 3, H, W, generator=g),
+        "A": torch.rand(N, 3, H, W, generator=g),
+    }
+    return preds, targets
+
+
+# ------------------------------------------------------------------------------------------ building
+def test_build_tasks_keeps_order_and_describes_each_task(tasks):
+    assert list(build_tasks(["N", "S"], num_classes=3)) == ["N", "S"]
+    assert {t: (tasks[t].out_channels, tasks[t].metric_name, tasks[t].higher_is_better) for t in TASKS} == {
+        "S": (4, "mIoU", True), "D": (1, "RMSE", False), "E": (1, "BCE", False),
+        "N": (3, "cos", True), "A": (3, "MSE", False),
+    }
+    assert tasks["S"].title == "semantic segmentation"
+
+
+def test_build_tasks_rejects_unknown_duplicate_and_too_few_classes():
+    with pytest.raises(ValueError, match=r"'X'.*\['S', 'D', 'E', 'N', 'A'\]"):
+        build_tasks(["S", "X"], num_classes=3)
+    with pytest.raises(ValueError, match="'D' is requested twice"):
+        build_tasks(["D", "D"], num_classes=3)
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        build_tasks(["S"], num_classes=1)
+    assert list(build_tasks(["D"], num_classes=0)) == ["D"]  # num_classes only matters for S
+
+
+def test_loss_rejects_wrong_shapes_naming_the_task(tasks):
+    with pytest.raises(ValueError, match="task N expects predictions"):
+        tasks["N"].loss(torch.zeros(N, 1, H, W), torch.zeros(N, 3, H, W))
+    with pytest.raises(ValueError, match="task D got prediction"):
+        tasks["D"].loss(torch.zeros(N, 1, H, W), torch.zeros(N, 1, H, W + 1))
+
+
+def test_every_loss_is_differentiable_and_finite(tasks):
+    preds, targets = _random_batch()
+    for name, task in tasks.items():
+        pred = preds[name].clone().requires_grad_(True)
+        loss = task.loss(pred, targets[name])
+        assert loss.dim() == 0 and torch.isfinite(loss), name
+        loss.backward()
+        assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("name, target", [
+    ("S", torch.full((N, H, W), -1)),
+    ("D", torch.zeros(N, 1, H, W)),
+    ("N", torch.zeros(N, 3, H, W)),
+])
+def test_loss_without_valid_pixels_is_zero_with_a_graph(tasks, name, target):
+    pred = torch.randn(N, tasks[name].out_channels, H, W, requires_grad=True)
+    loss = tasks[name].loss(pred, target)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.all(pred.grad == 0)
+
+
+# ------------------------------------------------------------------------------------------ S
+def test_segmentation_miou_perfect_and_hand_example(tasks):
+    target = torch.tensor([[[0, 1], [1, -1]]])
+    metric = tasks["S"].make_metric()
+    metric.update(_one_hot_logits(target, 4), target)
+    assert metric.compute().item() == pytest.approx(1.0)
+
+    # pred [[0, 0], [1, 2]]: class 0 IoU 1/2, class 1 IoU 1/2; the 2 falls on an ignored pixel, and classes 2, 3
+    # appear in neither prediction nor target, so they are left out of the mean (not counted as 0 or 1).
+    metric = tasks["S"].make_metric()
+    metric.update(_one_hot_logits(torch.tensor([[[0, 0], [1, 2]]]), 4), target)
+    assert metric.compute().item() == pytest.approx(0.5)
+
+
+def test_segmentation_miou_counts_a_predicted_class_missing_from_the_target(tasks):
+    target = torch.tensor([[[0, 0], [0, 0]]])
+    metric = tasks["S"].make_metric()
+    metric.update(_one_hot_logits(torch.tensor([[[0, 0], [0, 3]]]), 4), target)
+    assert metric.compute().item() == pytest.approx((3 / 4 + 0.0) / 2)
+
+
+def test_segmentation_loss_is_cross_entropy_over_labelled_pixels(tasks):
+    preds, targets = _random_batch()
+    valid = targets["S"] != -1
+    expected = F.cross_entropy(preds["S"].permute(0, 2, 3, 1)[valid], targets["S"][valid])
+    assert tasks["S"].loss(preds["S"], targets["S"]).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ D
+def test_depth_rmse_ignores_invalid_pixels_and_accumulates_exactly(tasks):
+    metric = tasks["D"].make_metric()
+    target1 = torch.tensor([2.0, 0.0, 1.0]).view(1, 1, 1, 3)
+    pred1 = torch.tensor([3.0, 100.0, 1.0]).view(1, 1, 1, 3)  # errors 1, (invalid), 0
+    target2 = torch.tensor([4.0, 4.0]).view(1, 1, 1, 2)
+    pred2 = torch.tensor([1.0, 7.0]).view(1, 1, 1, 2)  # errors 3, 3
+    metric.update(pred1, target1)
+    metric.update(pred2, target2)
+    exact = math.sqrt((1 + 0 + 9 + 9) / 4)
+    mean_of_batches = (math.sqrt(1 / 2) + 3) / 2
+    assert metric.compute().item() == pytest.approx(exact)
+    assert abs(exact - mean_of_batches) > 0.1  # the two readings differ, so the test can tell them apart
+    metric.reset()
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        assert math.isnan(metric.compute().item())  # no valid pixel seen: undefined, not 0
+
+
+def test_depth_loss_is_l1_over_valid_pixels(tasks):
+    target = torch.tensor([2.0, 0.0, 1.0, 3.0]).view(1, 1, 2, 2)
+    pred = torch.tensor([3.0, 50.0, 1.5, 3.0]).view(1, 1, 2, 2)
+    assert tasks["D"].loss(pred, target).item() == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+
+
+# ------------------------------------------------------------------------------------------ E
+def test_edge_loss_balances_positives_by_the_negative_fraction(tasks):
+    target = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 2, 2)
+    logits = torch.tensor([0.3, -1.0, 2.0, 0.5]).view(1, 1, 2, 2)
+    log_p, log_not_p = F.logsigmoid(logits).flatten(), F.logsigmoid(-logits).flatten()
+    expected = -(0.75 * log_p[0] + 0.25 * (log_not_p[1] + log_not_p[2] + log_not_p[3])) / 4
+    assert tasks["E"].loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    # a batch of one class only gets weight 0 (HED): finite zero, not NaN
+    assert tasks["E"].loss(logits, torch.zeros_like(target)).item() == 0.0
+
+
+def test_edge_metric_is_plain_bce_over_all_pixels_of_all_batches(tasks):
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(b, 1, 3, 3, generator=g), (torch.rand(b, 1, 3, 3, generator=g) > 0.7).float())
+               for b in (1, 3)]
+    metric = tasks["E"].make_metric()
+    for pred, target in batches:
+        metric.update(pred, target)
+    expected = F.binary_cross_entropy_with_logits(torch.cat([p for p, _ in batches]),
+                                                  torch.cat([t for _, t in batches]))
+    assert metric.compute().item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ N
+def test_normal_metric_perfect_opposite_and_invalid(tasks):
+    task = tasks["N"]
+    target = F.normalize(torch.randn(N, 3, H, W), dim=1)
+    target[:, :, 0, 0] = 0.0  # invalid pixel
+    pred = target * 7.0
+    pred[:, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0]).view(1, 3)  # would be wrong if it counted
+    metric = task.make_metric()
+    metric.update(task.postprocess(pred), target)
+    assert metric.compute().item() == pytest.approx(1.0)
+    assert task.loss(pred, target).item() == pytest.approx(0.0, abs=1e-6)
+
+    metric = task.make_metric()
+    metric.update(task.postprocess(-pred), target)
+    metric.update(task.postprocess(pred[:1]), target[:1])  # pixel-weighted: 2 images at -1, 1 image at +1
+    assert metric.compute().item() == pytest.approx(-1 / 3)
+
+
+def test_normal_postprocess_gives_unit_vectors(tasks):
+    out = tasks["N"].postprocess(torch.randn(N, 3, H, W) * 5)
+    assert torch.allclose(out.norm(dim=1), torch.ones(N, H, W), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ A
+def test_reconstruction_metric_is_pixel_weighted_mse(tasks):
+    metric = tasks["A"].make_metric()
+    a_pred, a_tgt = torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)  # squared error 1 everywhere
+    b_pred, b_tgt = torch.zeros(3, 3, 2, 2), torch.zeros(3, 3, 2, 2)  # 0 everywhere, three times as many
+    metric.update(a_pred, a_tgt)
+    metric.update(b_pred, b_tgt)
+    assert metric.compute().item() == pytest.approx(0.25)
+    assert tasks["A"].loss(a_pred, a_tgt).item() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------ LibMTL
+def test_libmtl_task_dict_wraps_losses_and_metrics(tasks):
+    from mtsl_plugin.libmtl_compat import import_libmtl
+
+    libmtl = import_libmtl()
+    task_dict = libmtl_task_dict(tasks)
+    assert list(task_dict) == list(TASKS)
+    assert task_dict["S"]["metrics"] == ["mIoU"] and task_dict["S"]["weight"] == [1]
+    assert task_dict["D"]["metrics"] == ["RMSE"] and task_dict["D"]["weight"] == [0]
+    for name, entry in task_dict.items():
+        assert isinstance(entry["loss_fn"], libmtl.loss.AbsLoss), name
+        assert isinstance(entry["metrics_fn"], libmtl.metrics.AbsMetric), name
+
+    preds, targets = _random_batch()
+    for name, entry in task_dict.items():
+        loss = entry["loss_fn"]._update_loss(preds[name], targets[name])
+        assert loss.item() == pytest.approx(tasks[name].loss(preds[name], targets[name]).item())
+        assert entry["loss_fn"]._average_loss() == pytest.approx(loss.item())
+
+        direct = tasks[name].make_metric()
+        for seed in (0, 1):
+            p, t = _random_batch(seed=seed)
+            entry["metrics_fn"].update_fun(p[name], t[name])
+            direct.update(tasks[name].postprocess(p[name]), t[name])
+        score = entry["metrics_fn"].score_fun()
+        assert isinstance(score, list) and len(score) == 1 and isinstance(score[0], float)
+        assert score[0] == pytest.approx(direct.compute().item(), rel=1e-6), name
+
+        entry["metrics_fn"].reinit()
+        entry["metrics_fn"].update_fun(preds[name], targets[name])
+        fresh = tasks[name].make_metric()
+        fresh.update(tasks[name].postprocess(preds[name]), targets[name])
+        assert entry["metrics_fn"].score_fun()[0] == pytest.approx(fresh.compute().item(), rel=1e-6), name
+
+
+def test_tasks_and_libmtl_entries_survive_pickling(tasks):
+    task_dict = pickle.loads(pickle.dumps(libmtl_task_dict(tasks)))
+    preds, targets = _random_batch()
+    restored = pickle.loads(pickle.dumps(tasks))
+    for name in TASKS:
+        expected = tasks[name].loss(preds[name], targets[name]).item()
+        assert restored[name].loss(preds[name], targets[name]).item() == pytest.approx(expected)
+        assert task_dict[name]["loss_fn"].compute_loss(preds[name], targets[name]).item() == pytest.approx(expected)
