@@ -146,7 +146,7 @@ class MTLTrainer(LibMTL.Trainer):
             align.backward(retain_graph=True)  # before the weighting, which may free the graph
         self.model.backward(losses, **self.kwargs["weight_args"])
         self.optimizer.step()
-        return losses.detach(), 0.0 if align is None else float(align)
+        return losses.detach(), 0.0 if align is None else float(align.detach())
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> dict[str, float]:
@@ -190,7 +190,7 @@ class MTLTrainer(LibMTL.Trainer):
             self.history.append({"epoch": self.epochs_done, "seconds": time.perf_counter() - start,
                                  "align": align_sum / max(steps, 1),
                                  **{t: float(v) / max(steps, 1) for t, v in zip(self.task_name, sums)}})
-            if self.learner is not None and self.learner.phase_due(self.epochs_done):
+            while self.learner is not None and self.learner.phase_due(self.epochs_done):
                 if holdout is None:
                     raise ValueError("MTSL needs a held-out slice of the training data for grouping decisions")
                 phase = self.learner.phases_done
@@ -201,6 +201,8 @@ class MTLTrainer(LibMTL.Trainer):
                     progress=progress)
                 if on_phase is not None:
                     on_phase(record.to_dict())
+                if checkpoint is not None:
+                    self.save(checkpoint)
             if checkpoint is not None:
                 self.save(checkpoint)
             bar.update(1)

@@ -1,0 +1,207 @@
+"""NYUv2 and Cityscapes in the preprocessed ``.npy`` layouts of the MTAN / LibMTL examples.
+
+Layout (one ``.npy`` file per sample and task, integer file names, not necessarily contiguous)::
+
+    root/{train,val}/image/{i}.npy      (H, W, 3) float in [0, 1]
+    root/{train,val}/<label>/{i}.npy    (H, W) class index, -1 = ignore
+    root/{train,val}/depth/{i}.npy      (H, W, 1), 0 = invalid
+    root/{train,val}/normal/{i}.npy     (H, W, 3) in [-1, 1]       (NYUv2 only)
+
+These layouts ship only ``train`` and ``val``; the ``test`` split reads the ``val`` folder.
+Files are read lazily, one sample per ``__getitem__``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mtsl_plugin.data.common import (IGNORE_INDEX, normalize_normals, ordered_tasks, resize_depth, resize_image,
+                                     resize_labels, resize_normals, semantic_edges)
+
+SPLIT_FOLDERS: dict[str, str] = {"train": "train", "val": "val", "test": "val"}
+
+NYUV2_CLASSES: tuple[str, ...] = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture",
+                                  "sofa", "table", "tv", "wall", "window")
+"""The 13-class NYUv2 labelling (Couprie et al. 2013), in index order."""
+
+CITYSCAPES_CLASSES: dict[int, tuple[str, ...]] = {
+    7: ("flat", "construction", "object", "nature", "sky", "human", "vehicle"),
+    19: ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+         "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"),
+}
+"""Cityscapes class names: the 7 categories (void excluded) and the 19 evaluation (train-id) classes."""
+
+_INDEX_NAME = re.compile(r"^(\d+)\.npy$")
+
+
+class NpyLayoutDataset(Dataset):
+    """Shared reader of the one-file-per-sample-and-task ``.npy`` layout; subclasses name the folders.
+
+    Args:
+        root: dataset root holding ``train/`` and ``val/``.
+        split: "train", "val" or "test" (= the ``val`` folder).
+        folders: target letter → sub-folder name, for those of S, D, N the dataset has.
+        class_names: names of the classes of ``S``, in index order.
+        height, width: output size; both ``None`` keeps the stored size (all samples must then share it).
+        n: keep only the first ``n`` samples (in numeric file order); ``None`` keeps all.
+        edge_radius: neighbourhood radius of the ``E`` target derived from the labels.
+    """
+
+    def __init__(self, root: str | Path, split: str, folders: dict[str, str], class_names: tuple[str, ...],
+                 height: int | None = None, width: int | None = None, n: int | None = None,
+                 edge_radius: int = 1) -> None:
+        name = type(self).__name__
+        if split not in SPLIT_FOLDERS:
+            raise ValueError(f"Unknown {name} split {split!r}; choose from {tuple(SPLIT_FOLDERS)}.")
+        if (height is None) != (width is None):
+            raise ValueError(f"{name} needs both height and width to resize, or neither; got {height}x{width}.")
+        if height is not None and (height < 1 or width < 1):
+            raise ValueError(f"{name} needs positive height and width, got {height}x{width}.")
+        if n is not None and n < 0:
+            raise ValueError(f"{name} needs n >= 0, got {n}.")
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{name} root folder {root} does not exist.")
+        self.split, self.root = split, root
+        self.split_dir = root / SPLIT_FOLDERS[split]
+        if not self.split_dir.is_dir():
+            raise FileNotFoundError(f"{name} split folder {self.split_dir} does not exist.")
+        self.folders = {"image": "image", **folders}
+        self.indices = self._discover(self.split_dir / "image")
+        for folder in self.folders.values():
+            self._check_folder(self.split_dir / folder)
+        self.class_names = class_names
+        self.num_classes = len(class_names)
+        self.edge_radius = edge_radius
+        has = set(folders) | {"A"} | ({"E"} if "S" in folders else set())
+        self.tasks = ordered_tasks(has)
+        self.resize = height is not None
+        if self.resize:
+            self.height, self.width = height, width
+        else:
+            probe = self._path("image", self.indices[0])
+            shape = np.load(probe, mmap_mode="r").shape
+            self.height, self.width = int(shape[0]), int(shape[1])
+        if n is not None:
+            self.indices = self.indices[:n]
+
+    @staticmethod
+    def _discover(folder: Path) -> list[int]:
+        """Integer file names ``{i}.npy`` in ``folder``, sorted numerically."""
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Image folder {folder} does not exist.")
+        indices = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _INDEX_NAME.match(p.name)))
+        if not indices:
+            raise FileNotFoundError(f"Image folder {folder} holds no files named <integer>.npy.")
+        return indices
+
+    def _check_folder(self, folder: Path) -> None:
+        """Raise if ``folder`` is missing or lacks a file for one of the indexed samples."""
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{type(self).__name__} sub-folder {folder} does not exist.")
+        present = {int(m.group(1)) for p in folder.iterdir() if (m := _INDEX_NAME.match(p.name))}
+        missing = [i for i in self.indices if i not in present]
+        if missing:
+            raise FileNotFoundError(f"{type(self).__name__} file {folder / f'{missing[0]}.npy'} does not exist "
+                                    f"({len(missing)} sample(s) missing in that folder).")
+
+    def _path(self, key: str, index: int) -> Path:
+        return self.split_dir / self.folders[key] / f"{index}.npy"
+
+    def _load(self, key: str, index: int, channels: int | None, hw: tuple[int, int] | None) -> np.ndarray:
+        """Load one file as ``(H, W, C)`` (``channels`` given) or ``(H, W)``, checking its shape against ``hw``."""
+        path = self._path(key, index)
+        array = np.load(path)
+        if channels is None and array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if channels is not None and array.ndim == 2 and channels == 1:
+            array = array[..., None]
+        want = 2 if channels is None else 3
+        if array.ndim != want or (channels is not None and array.shape[-1] != channels):
+            layout = "(H, W)" if channels is None else f"(H, W, {channels})"
+            raise ValueError(f"File {path} has shape {array.shape}, expected {layout}.")
+        if hw is not None and array.shape[:2] != hw:
+            raise ValueError(f"File {path} has spatial size {array.shape[:2]}, but the sample's image is {hw}.")
+        return array
+
+    def _image(self, index: int) -> torch.Tensor:
+        path = self._path("image", index)
+        array = self._load("image", index, 3, None)
+        if array.dtype == np.uint8:
+            array = array.astype(np.float32) / 255.0
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all() or array.min() < -1e-3 or array.max() > 1.0 + 1e-3:
+            raise ValueError(f"Image file {path} has values outside [0, 1] (min {array.min()}, max {array.max()}).")
+        return torch.from_numpy(np.clip(array, 0.0, 1.0)).permute(2, 0, 1).contiguous()
+
+    def _labels(self, index: int, hw: tuple[int, int]) -> torch.Tensor:
+        path = self._path("S", index)
+        array = self._load("S", index, None, hw)
+        if np.issubdtype(array.dtype, np.floating):
+            array = np.where(np.isfinite(array), np.rint(array), IGNORE_INDEX)
+        labels = array.astype(np.int64)
+        labels[labels < 0] = IGNORE_INDEX
+        if labels.max() >= self.num_classes:
+            raise ValueError(f"Label file {path} holds class {labels.max()}, but {type(self).__name__} has "
+                             f"{self.num_classes} classes (use -1 for ignore).")
+        return torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(image (3, H, W), targets)`` with the targets of :attr:`tasks` (shapes as in the package docs)."""
+        index = self.indices[item]
+        image = self._image(index)
+        hw = tuple(image.shape[1:])
+        if not self.resize and hw != (self.height, self.width):
+            raise ValueError(f"File {self._path('image', index)} is {hw}, but this dataset's samples are "
+                             f"{(self.height, self.width)}; pass height and width to resize.")
+        h, w = self.height, self.width
+        targets: dict[str, torch.Tensor] = {}
+        if "S" in self.folders:
+            targets["S"] = resize_labels(self._labels(index, hw), h, w)
+            targets["E"] = semantic_edges(targets["S"], self.edge_radius)
+        if "D" in self.folders:
+            depth = self._load("D", index, 1, hw).astype(np.float32)
+            depth = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
+            targets["D"] = resize_depth(torch.from_numpy(depth).permute(2, 0, 1).contiguous(), h, w)
+        if "N" in self.folders:
+            normals = self._load("N", index, 3, hw).astype(np.float32)
+            normals = np.where(np.isfinite(normals), normals, 0.0).astype(np.float32)
+            targets["N"] = resize_normals(normalize_normals(torch.from_numpy(normals).permute(2, 0, 1)), h, w)
+        image = resize_image(image, h, w)
+        targets["A"] = image.clone()
+        return image, {t: targets[t] for t in self.tasks}
+
+
+class NYUv2(NpyLayoutDataset):
+    """NYUv2 (13 classes) in the LibMTL / MTAN layout with targets S, D (metres), E, N, A.
+
+    Normals are re-normalised to unit length on load; vectors of (near) zero length are invalid (0).
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", height: int | None = None, width: int | None = None,
+                 n: int | None = None, edge_radius: int = 1) -> None:
+        super().__init__(root, split, {"S": "label", "D": "depth", "N": "normal"}, NYUV2_CLASSES,
+                         height, width, n, edge_radius)
+
+
+class Cityscapes(NpyLayoutDataset):
+    """Cityscapes in the MTAN layout with targets S (``label_7`` or ``label_19``), D, E, A.
+
+    ``D`` is returned exactly as that layout stores it: an inverse-depth (disparity-derived) value,
+    larger for nearer points, 0 where invalid. It is *not* converted to metres, because the layout
+    does not carry the camera constants; depth metrics on it are therefore in the layout's units.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", height: int | None = None, width: int | None = None,
+                 num_classes: int = 7, n: int | None = None, edge_radius: int = 1) -> None:
+        if num_classes not in CITYSCAPES_CLASSES:
+            raise ValueError(f"Cityscapes num_classes must be one of {tuple(CITYSCAPES_CLASSES)}, got {num_classes}.")
+        super().__init__(root, split, {"S": f"label_{num_classes}", "D": "depth"}, CITYSCAPES_CLASSES[num_classes],
+                         height, width, n, edge_radius)

@@ -1,0 +1,192 @@
+"""NYUv2 and Cityscapes loaders on tiny fixture folders written in the MTAN / LibMTL ``.npy`` layouts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mtsl_plugin.data import Cityscapes, NYUv2, build_dataset, semantic_edges
+
+H, W = 12, 16
+INDICES = (3, 7, 10)  # non-contiguous; "10" sorts before "3" as text
+
+
+def _sample(rng: np.random.Generator, num_classes: int) -> dict[str, np.ndarray]:
+    label = rng.integers(0, num_classes, size=(H, W)).astype(np.float32)
+    label[:2, :3] = -1.0
+    depth = rng.uniform(1.0, 8.0, size=(H, W, 1)).astype(np.float32)
+    depth[-3:, -4:] = 0.0
+    normal = rng.normal(size=(H, W, 3)).astype(np.float32) * 0.7  # not unit length on purpose
+    normal[0, -1] = 0.0
+    return {"image": rng.uniform(0, 1, size=(H, W, 3)).astype(np.float32), "label": label, "depth": depth,
+            "normal": normal}
+
+
+def _write(root: Path, folders: dict[str, str], num_classes: int, seed: int) -> dict[str, dict[int, dict]]:
+    """Write train/ and val/ with ``INDICES`` samples; returns split -> index -> arrays by file key."""
+    rng = np.random.default_rng(seed)
+    written: dict[str, dict[int, dict]] = {}
+    for split in ("train", "val"):
+        written[split] = {}
+        for i in INDICES:
+            sample = _sample(rng, num_classes)
+            written[split][i] = sample
+            for key, folder in folders.items():
+                (root / split / folder).mkdir(parents=True, exist_ok=True)
+                np.save(root / split / folder / f"{i}.npy", sample[key])
+    return written
+
+
+@pytest.fixture()
+def nyu(tmp_path: Path) -> tuple[Path, dict]:
+    root = tmp_path / "nyuv2"
+    data = _write(root, {"image": "image", "label": "label", "depth": "depth", "normal": "normal"}, 13, 0)
+    return root, data
+
+
+@pytest.fixture()
+def city(tmp_path: Path) -> tuple[Path, dict]:
+    root = tmp_path / "cityscapes"
+    data = _write(root, {"image": "image", "label": "label_7", "depth": "depth"}, 7, 1)
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        (root / split / "label_19").mkdir()
+        for i in INDICES:
+            np.save(root / split / "label_19" / f"{i}.npy", rng.integers(-1, 19, size=(H, W)).astype(np.float32))
+    return root, data
+
+
+def test_nyuv2_reads_samples_in_numeric_order_with_all_targets(nyu: tuple[Path, dict]) -> None:
+    root, data = nyu
+    ds = NYUv2(root, "train")
+    assert len(ds) == 3 and ds.indices == [3, 7, 10]
+    assert ds.tasks == ("S", "D", "E", "N", "A") and ds.num_classes == 13 and len(ds.class_names) == 13
+    assert (ds.height, ds.width) == (H, W)
+    for item, index in enumerate(INDICES):
+        image, t = ds[item]
+        ref = data["train"][index]
+        assert image.shape == (3, H, W) and image.dtype == torch.float32
+        assert torch.equal(image, torch.from_numpy(ref["image"]).permute(2, 0, 1))
+        assert torch.equal(t["A"], image)
+        assert t["S"].dtype == torch.int64 and torch.equal(t["S"], torch.from_numpy(ref["label"]).long())
+        assert (t["S"][:2, :3] == -1).all()
+        assert torch.equal(t["E"], semantic_edges(t["S"]))
+        assert (t["E"][0][:2, :3] == 0).all()  # ignore pixels are never edges
+        assert t["D"].shape == (1, H, W) and torch.equal(t["D"][0], torch.from_numpy(ref["depth"][..., 0]))
+        norms = t["N"].norm(dim=0)
+        assert norms[0, -1] == 0  # invalid stays the zero vector
+        valid = torch.ones(H, W, dtype=torch.bool)
+        valid[0, -1] = False
+        assert torch.allclose(norms[valid], torch.ones(int(valid.sum())), atol=1e-5)
+        direction = torch.from_numpy(ref["normal"]).permute(2, 0, 1)
+        assert torch.allclose(t["N"], direction / direction.norm(dim=0).clamp_min(1e-12), atol=1e-5)
+
+
+def test_test_split_reads_the_val_folder(nyu: tuple[Path, dict]) -> None:
+    root, data = nyu
+    image, _ = NYUv2(root, "test")[0]
+    assert torch.equal(image, torch.from_numpy(data["val"][3]["image"]).permute(2, 0, 1))
+    assert torch.equal(image, NYUv2(root, "val")[0][0])
+
+
+@pytest.mark.parametrize("size", [(6, 8), (24, 40)])
+def test_resize_keeps_labels_depth_and_normals_valid(nyu: tuple[Path, dict], size: tuple[int, int]) -> None:
+    root, data = nyu
+    h, w = size
+    ds = NYUv2(root, "train", height=h, width=w)
+    assert (ds.height, ds.width) == (h, w)
+    image, t = ds[0]
+    ref = data["train"][3]
+    assert image.shape == (3, h, w) and 0 <= image.min() and image.max() <= 1
+    assert t["S"].shape == (h, w) and set(t["S"].unique().tolist()) <= set(np.unique(ref["label"]).astype(int).tolist())
+    assert torch.equal(t["E"], semantic_edges(t["S"]))
+    valid_ref = ref["depth"][ref["depth"] > 0]
+    depth = t["D"][t["D"] > 0]
+    assert t["D"].shape == (1, h, w) and (t["D"] == 0).any()
+    assert depth.min() >= valid_ref.min() - 1e-4 and depth.max() <= valid_ref.max() + 1e-4
+    norms = t["N"].norm(dim=0)
+    assert t["N"].shape == (3, h, w)
+    assert torch.all(((norms - 1).abs() < 1e-5) | (norms == 0))
+
+
+def test_depth_resize_does_not_blend_invalid_zeros(tmp_path: Path) -> None:
+    root = tmp_path / "nyu"
+    _write(root, {"image": "image", "label": "label", "depth": "depth", "normal": "normal"}, 13, 3)
+    depth = np.zeros((H, W, 1), dtype=np.float32)
+    depth[:, W // 2:] = 5.0
+    np.save(root / "train" / "depth" / "3.npy", depth)
+    _, t = NYUv2(root, "train", height=5, width=7)[0]
+    valid = t["D"] > 0
+    assert valid.any() and (~valid).any()
+    assert torch.allclose(t["D"][valid], torch.full_like(t["D"][valid], 5.0), atol=1e-5)
+
+
+def test_cityscapes_7_and_19_classes(city: tuple[Path, dict]) -> None:
+    root, data = city
+    ds = Cityscapes(root, "val")
+    assert ds.tasks == ("S", "D", "E", "A") and ds.num_classes == 7 and len(ds.class_names) == 7
+    image, t = ds[2]
+    ref = data["val"][10]
+    assert set(t) == {"S", "D", "E", "A"}
+    assert torch.equal(t["S"], torch.from_numpy(ref["label"]).long())
+    assert torch.equal(t["D"][0], torch.from_numpy(ref["depth"][..., 0]))
+    ds19 = Cityscapes(root, "train", num_classes=19, height=6, width=8)
+    assert ds19.num_classes == 19 and ds19[0][1]["S"].shape == (6, 8)
+    assert ds19[0][1]["S"].max() < 19 and ds19[0][1]["S"].min() >= -1
+    with pytest.raises(ValueError, match="num_classes"):
+        Cityscapes(root, "train", num_classes=8)
+
+
+def test_default_collate_and_build_dataset(nyu: tuple[Path, dict], city: tuple[Path, dict]) -> None:
+    image, t = next(iter(DataLoader(NYUv2(nyu[0], "train"), batch_size=2)))
+    assert image.shape == (2, 3, H, W) and t["N"].shape == (2, 3, H, W) and t["S"].shape == (2, H, W)
+    ds = build_dataset("nyuv2", "train", root=str(nyu[0]), n=2, height=6, width=8)
+    assert isinstance(ds, NYUv2) and len(ds) == 2 and ds.indices == [3, 7] and ds[1][0].shape == (3, 6, 8)
+    ds = build_dataset("cityscapes", "test", root=str(city[0]))
+    assert isinstance(ds, Cityscapes) and ds.split_dir.name == "val" and len(ds) == 3
+    for name in ("nyuv2", "cityscapes"):
+        with pytest.raises(ValueError, match=name):
+            build_dataset(name, "train")
+
+
+def test_missing_root_split_and_empty_folder_name_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        NYUv2(missing, "train")
+    (tmp_path / "empty" / "train" / "image").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="val"):
+        NYUv2(tmp_path / "empty", "val")
+    with pytest.raises(FileNotFoundError, match="image.*no files"):
+        NYUv2(tmp_path / "empty", "train")
+    with pytest.raises(ValueError, match="'dev'"):
+        NYUv2(tmp_path / "empty", "dev")
+
+
+def test_missing_subfolder_or_file_names_it(nyu: tuple[Path, dict]) -> None:
+    root, _ = nyu
+    (root / "train" / "depth" / "7.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"depth[/\\]7\.npy"):
+        NYUv2(root, "train")
+    for f in (root / "val" / "normal").iterdir():
+        f.unlink()
+    (root / "val" / "normal").rmdir()
+    with pytest.raises(FileNotFoundError, match=r"val[/\\]normal"):
+        NYUv2(root, "val")
+
+
+def test_shape_mismatch_and_bad_values_name_the_file(nyu: tuple[Path, dict]) -> None:
+    root, _ = nyu
+    np.save(root / "train" / "depth" / "10.npy", np.ones((H, W - 1, 1), dtype=np.float32))
+    ds = NYUv2(root, "train")
+    ds[0]  # other samples still load
+    with pytest.raises(ValueError, match=r"depth[/\\]10\.npy"):
+        ds[2]
+    np.save(root / "train" / "label" / "7.npy", np.full((H, W), 13.0, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"label[/\\]7\.npy"):
+        ds[1]
+    np.save(root / "train" / "image" / "3.npy", np.full((H, W, 3), 255.0, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"image[/\\]3\.npy"):
+        ds[0]
