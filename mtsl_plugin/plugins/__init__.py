@@ -1,0 +1,40 @@
+"""MTSL's plugin system: similarity metrics, grouping solvers and amalgamators contributed by name.
+
+Third-party plugins write ``from mtsl_plugin.plugins import hookimpl`` and implement the hooks declared in
+:mod:`mtsl_plugin.plugins.hookspecs`; they are found through the entry-point group ``"mtsl_plugin"`` or loaded
+with :func:`load_plugin`.
+"""
+from mtsl_plugin.plugins.hookspecs import PROJECT_NAME, hookimpl, hookspec
+
+from mtsl_plugin.plugins.manager import (
+    DuplicateNameError,
+    PluginContractError,
+    PluginError,
+    PluginLoadError,
+    UnknownNameError,
+    amalgamator,
+    available,
+    grouping_solver,
+    load_plugin,
+    plugin_manager,
+    reset_plugin_manager,
+    similarity,
+)
+
+__all__ = [
+    "PROJECT_NAME",
+    "hookimpl",
+    "hookspec",
+    "PluginError",
+    "PluginContractError",
+    "PluginLoadError",
+    "UnknownNameError",
+    "DuplicateNameError",
+    "similarity",
+    "grouping_solver",
+    "amalgamator",
+    "available",
+    "load_plugin",
+    "plugin_manager",
+    "reset_plugin_manager",
+]

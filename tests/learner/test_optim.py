@@ -1,0 +1,66 @@
+"""Group-node creation averages weights and optimizer state; removal leaves no state behind."""
+import torch
+
+from mtsl_plugin.experiment import build_data, build_trainer
+from mtsl_plugin.learner.optim import sync_parameters
+from mtsl_plugin.learner.structural import StructuralLearner
+from mtsl_plugin.network.stages import ResNetStages
+from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.tasks import build_tasks
+
+
+def trained_stn(config, steps=2):
+    data, dataset = build_data(config)
+    tasks = build_tasks(config.tasks, dataset.num_classes)
+    stages = ResNetStages(config.backbone)
+    trainer = build_trainer(config, tasks, BranchingPlan.single_task(config.tasks, 10), stages)
+    for step, (images, gts) in enumerate(data.batches(data.train, key=(0, 0))):
+        if step == steps:
+            break
+        trainer.train_step(images, gts)
+    return trainer
+
+
+def test_group_node_weights_and_adam_state_are_the_task_nodes_mean(smoke):
+    config = smoke(tasks="SDE")
+    trainer = trained_stn(config)
+    net, opt = trainer.network, trainer.optimizer
+    location = 2
+    task_nodes = [net.node(location, (t,)) for t in "SD"]
+    # the task nodes have diverged after training, so the mean is a real test
+    first = [p for p in task_nodes[0].parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(first, task_nodes[1].parameters()))
+    learner = StructuralLearner(config.mtsl)
+    created = learner._create(net, opt, location, [("S", "D")])
+    group = created[(location, ("S", "D"))]
+    for name, value in group.state_dict().items():
+        values = [n.state_dict()[name] for n in task_nodes]
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (values[0] + values[1]) / 2)
+    for p, pa, pb in zip(group.parameters(), *(n.parameters() for n in task_nodes)):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opt.state[p][key], (opt.state[pa][key] + opt.state[pb][key]) / 2)
+        assert any(p is q for q in opt.param_groups[0]["params"])
+
+
+def test_removal_drops_exactly_the_removed_state(smoke):
+    config = smoke(tasks="SDE")
+    trainer = trained_stn(config)
+    net, opt = trainer.network, trainer.optimizer
+    learner = StructuralLearner(config.mtsl)
+    before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in opt.state}
+    removed_params = {p for t in "SD" for p in net.node(0, (t,)).parameters()}
+    created = learner._create(net, opt, 0, [("S", "D")])
+    net.apply_plan(net.plan.merge(0, ["SD"]), created)
+    sync_parameters(opt, trainer.model.parameters())
+    held = opt.param_groups[0]["params"]
+    assert not removed_params & set(opt.state) and not removed_params & set(held)
+    assert held == list(trainer.model.parameters())
+    for p, state in before.items():
+        if p not in removed_params:
+            assert all(torch.equal(state[k], opt.state[p][k]) for k in state)
+    # the network still trains after the edit
+    data, _ = build_data(config)
+    images, gts = next(iter(data.batches(data.train)))
+    losses, _ = trainer.train_step(images, gts)
+    assert torch.isfinite(losses).all()

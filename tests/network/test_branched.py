@@ -1,0 +1,95 @@
+"""BranchedNetwork on timm ResNets: shapes, features, structural edits, cost, weights."""
+import pytest
+import timm
+import torch
+
+from mtsl_plugin.network.branched import BranchedNetwork
+from mtsl_plugin.network.stages import ResNetStages
+from mtsl_plugin.plan import BranchingPlan, PlanError
+
+OUT = {"S": 5, "D": 1, "E": 1, "N": 3, "A": 3}
+
+
+def build(plan, stages):
+    return BranchedNetwork(plan, stages, {t: stages.build_head(OUT[t]) for t in plan.tasks})
+
+
+@pytest.fixture(scope="module")
+def stages():
+    return ResNetStages("resnet18")
+
+
+def test_stage_table_is_the_papers_ten_locations(stages):
+    assert stages.num_locations == 10
+    assert [s.reduction for s in stages.specs] == [2, 4, 8, 16, 32, 32, 16, 8, 4, 2]
+    assert [s.skip_from for s in stages.specs[6:]] == [3, 2, 1, 0]
+    assert ResNetStages("resnet18", decoder=False).num_locations == 6
+
+
+def test_forward_shapes_and_sibling_features(stages):
+    plan = BranchingPlan.single_task("SDENA", 10).merge(0, ["SDENA"]).merge(1, ["SE", "DNA"])
+    net = build(plan, stages)
+    preds, feats = net(torch.randn(2, 3, 32, 48))
+    assert {t: tuple(p.shape) for t, p in preds.items()} == {t: (2, c, 32, 48) for t, c in OUT.items()}
+    # the task nodes with siblings sit at location 2 (under SE and under DNA), output 128 channels at 1/8
+    assert set(feats) == set("SDENA")
+    assert all(tuple(f.shape) == (2, 128, 4, 6) for f in feats.values())
+
+
+@pytest.mark.parametrize("backbone", ["resnet34", "resnet50"])
+def test_other_resnets_build_and_run(backbone):
+    stages = ResNetStages(backbone)
+    plan = BranchingPlan.single_task("SD", stages.num_locations).merge(0, ["SD"])
+    preds, feats = build(plan, stages)(torch.randn(2, 3, 32, 32))
+    assert preds["S"].shape == (2, 5, 32, 32) and preds["D"].shape == (2, 1, 32, 32)
+    assert feats["S"].shape[1] == stages.specs[1].out_channels
+
+
+def test_identical_starting_networks(stages):
+    """Every task's branch starts from the same weights (the identical STNs MTSL starts from)."""
+    net = build(BranchingPlan.single_task("SD", 10), stages)
+    for location in range(10):
+        a, b = net.node(location, ("S",)), net.node(location, ("D",))
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.equal(pa, pb) and pa is not pb
+
+
+def test_apply_plan_replaces_exactly_the_merged_nodes(stages):
+    net = build(BranchingPlan.single_task("SDE", 10), stages)
+    kept = net.node(1, ("S",))
+    group = stages.build(0)
+    removed = net.apply_plan(net.plan.merge(0, ["SD"]), {(0, ("S", "D")): group})
+    assert len(removed) == 2
+    assert net.node(0, ("S", "D")) is group and net.node(1, ("S",)) is kept
+    assert [name for name in net.nodes][:3] == ["0-S+D", "0-E", "1-S"]  # canonical order
+    with pytest.raises(PlanError, match="neither kept nor created"):
+        net.apply_plan(net.plan.merge(1, ["SD"]), {})
+
+
+def test_cost_matches_parameter_count_and_sharing(stages):
+    stn = build(BranchingPlan.single_task("SDENA", 10), stages)
+    one = build(BranchingPlan.one_net("SDENA", 10), stages)
+    for net in (stn, one):
+        assert net.cost(32, 32).params == sum(p.numel() for p in net.parameters())
+    c_stn, c_one = stn.cost(64, 64), one.cost(64, 64)
+    assert c_one.gmac < c_stn.gmac < 5 * c_one.gmac
+    assert stn.cost(128, 128).gmac == pytest.approx(4 * c_stn.gmac, rel=0.05)
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    reference = timm.create_model("resnet18", num_classes=0)
+    with torch.no_grad():
+        reference.conv1.weight.fill_(0.125)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    stages = ResNetStages("resnet18", weights=path)
+    assert torch.all(stages.build(0)[0].weight == 0.125)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ResNetStages("resnet18", weights=tmp_path / "missing.pth")
+
+
+def test_missing_head_and_wrong_depth_are_clear_errors(stages):
+    with pytest.raises(ValueError, match="no head"):
+        BranchedNetwork(BranchingPlan.single_task("SD", 10), stages, {"S": stages.build_head(2)})
+    with pytest.raises(PlanError, match="6 locations"):
+        build(BranchingPlan.single_task("SD", 6), stages)

@@ -1,0 +1,184 @@
+"""Tests of the built-in grouping solvers against an independently written brute force."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mtsl_plugin.plugins import grouping_solver
+from mtsl_plugin.plugins.builtin_grouping import exhaustive, fewest_groups, group_value, partition_value, set_partitions
+
+BELL = [1, 1, 2, 5, 15, 52, 203, 877, 4140]
+
+
+def _all_partitions(items: list[int]) -> list[list[list[int]]]:
+    """Every set partition of ``items``, built recursively: the first item joins no one, or one block of the rest."""
+    if not items:
+        return [[]]
+    first, rest = items[0], items[1:]
+    result = []
+    for partition in _all_partitions(rest):
+        result.append([[first]] + partition)
+        for index in range(len(partition)):
+            result.append(partition[:index] + [[first] + partition[index]] + partition[index + 1 :])
+    return result
+
+
+def _value(similarity: np.ndarray, partition: list[list[int]]) -> float:
+    """Algorithm 2 written with loops: mean over groups of (mean over tasks of mean similarity to mates)."""
+    group_values = []
+    for group in partition:
+        task_values = []
+        for task in group:
+            mates = [similarity[task][other] for other in group if other != task]
+            task_values.append(sum(mates) / len(mates) if mates else 0.0)
+        group_values.append(sum(task_values) / len(task_values))
+    return sum(group_values) / len(group_values)
+
+
+def _as_sets(partition) -> frozenset:
+    return frozenset(frozenset(group) for group in partition)
+
+
+def _indices(partition: list[list[str]], tasks: list[str]) -> list[list[int]]:
+    return [[tasks.index(task) for task in group] for group in partition]
+
+
+def _assert_canonical(partition: list[list[str]], tasks: list[str]) -> None:
+    positions = [[tasks.index(task) for task in group] for group in partition]
+    assert sorted(p for group in positions for p in group) == list(range(len(tasks)))
+    assert all(group == sorted(group) for group in positions)
+    assert [group[0] for group in positions] == sorted(group[0] for group in positions)
+
+
+def _random_similarity(generator: np.random.Generator, t: int) -> np.ndarray:
+    matrix = generator.uniform(0.0, 1.0, size=(t, t))
+    matrix = (matrix + matrix.T) / 2.0
+    np.fill_diagonal(matrix, 1.0)
+    return matrix
+
+
+@pytest.mark.parametrize("t", [3, 4, 5, 6, 7])
+def test_solvers_match_brute_force(t: int) -> None:
+    generator = np.random.default_rng(1000 + t)
+    tasks = [f"task{i}" for i in range(t)]
+    candidates = _all_partitions(list(range(t)))
+    assert len(candidates) == BELL[t]
+    for _ in range(30):
+        similarity = _random_similarity(generator, t)
+        threshold = float(generator.uniform(0.0, 0.9))
+        scored = [(_value(similarity, p), p) for p in candidates]
+
+        best_value = max(v for v, _ in scored)
+        chosen = exhaustive(similarity, tasks, threshold)
+        _assert_canonical(chosen, tasks)
+        assert _value(similarity, _indices(chosen, tasks)) == pytest.approx(best_value, abs=1e-9)
+        optima = [p for v, p in scored if v > best_value - 1e-7]
+        if len(optima) == 1:
+            assert _as_sets(_indices(chosen, tasks)) == _as_sets(optima[0])
+
+        reaching = [(v, p) for v, p in scored if v >= threshold]
+        pool = reaching if reaching else scored
+        fewest = min(len(p) for _, p in pool)
+        target_value = max(v for v, p in pool if len(p) == fewest) if reaching else best_value
+        chosen = fewest_groups(similarity, tasks, threshold)
+        _assert_canonical(chosen, tasks)
+        assert _value(similarity, _indices(chosen, tasks)) == pytest.approx(target_value, abs=1e-9)
+        if reaching:
+            assert len(chosen) == fewest
+        optima = [p for v, p in pool if v > target_value - 1e-7 and (not reaching or len(p) == fewest)]
+        if len(optima) == 1:
+            assert _as_sets(_indices(chosen, tasks)) == _as_sets(optima[0])
+
+
+def test_set_partitions_canonical_order() -> None:
+    for n in range(7):
+        partitions = list(set_partitions(n))
+        assert len(partitions) == BELL[n]
+        assert len(set(partitions)) == BELL[n]
+    partitions = list(set_partitions(3))
+    assert partitions == [((0, 1, 2),), ((0, 1), (2,)), ((0, 2), (1,)), ((0,), (1, 2)), ((0,), (1,), (2,))]
+
+
+def test_group_and_partition_values_by_hand() -> None:
+    similarity = np.array([[1.0, 0.8, 0.2], [0.6, 1.0, 0.4], [0.2, 0.4, 1.0]])
+    assert group_value(similarity, [2]) == 0.0
+    # Task 0 -> 0.8, task 1 -> 0.6: an asymmetric matrix acts as its symmetric part.
+    assert group_value(similarity, [0, 1]) == pytest.approx(0.7)
+    # Task values: 0 -> (0.8 + 0.2) / 2, 1 -> (0.6 + 0.4) / 2, 2 -> (0.2 + 0.4) / 2.
+    assert group_value(similarity, [0, 1, 2]) == pytest.approx((0.5 + 0.5 + 0.3) / 3)
+    assert partition_value(similarity, [[0, 1], [2]]) == pytest.approx(0.35)
+
+
+def test_identical_tasks_form_one_group() -> None:
+    tasks = ["S", "D", "N", "E", "A"]
+    similarity = np.ones((5, 5))
+    assert fewest_groups(similarity, tasks, 0.9) == [tasks]
+    assert grouping_solver("fewest_groups")(torch.ones(5, 5), tasks, 1.0) == [tasks]
+
+
+def test_unreachable_threshold_returns_highest_value_partition() -> None:
+    generator = np.random.default_rng(7)
+    tasks = list("abcde")
+    for _ in range(10):
+        similarity = _random_similarity(generator, 5)
+        assert fewest_groups(similarity, tasks, 1.5) == exhaustive(similarity, tasks, 1.5)
+
+
+def test_non_positive_threshold_merges_everything() -> None:
+    similarity = np.array([[1.0, -0.5, -0.9], [-0.5, 1.0, -0.2], [-0.9, -0.2, 1.0]])
+    assert fewest_groups(similarity, ["a", "b", "c"], 0.0) == [["a"], ["b"], ["c"]]
+    assert fewest_groups(similarity, ["a", "b", "c"], -0.6) == [["a", "b", "c"]]
+
+
+def test_output_follows_task_order() -> None:
+    # b-d and a-c are the similar pairs; groups come by first task, tasks in the given order.
+    similarity = np.array(
+        [[1.0, 0.0, 0.9, 0.0], [0.0, 1.0, 0.0, 0.8], [0.9, 0.0, 1.0, 0.0], [0.0, 0.8, 0.0, 1.0]]
+    )
+    assert exhaustive(similarity, ["a", "b", "c", "d"], 0.0) == [["a", "c"], ["b", "d"]]
+    order = [3, 2, 1, 0]
+    reordered = similarity[np.ix_(order, order)]
+    assert exhaustive(reordered, ["d", "c", "b", "a"], 0.0) == [["d", "b"], ["c", "a"]]
+
+
+def test_ties_are_broken_by_canonical_order_not_float_noise() -> None:
+    # {a,b},{c,d} and {a,c},{b,d} are equally good; 0.1 + 0.2 differs from 0.3 only by rounding error.
+    noisy = 0.1 + 0.2
+    assert noisy > 0.3
+    similarity = np.array(
+        [[1.0, 0.3, noisy, 0.0], [0.3, 1.0, 0.0, noisy], [noisy, 0.0, 1.0, 0.3], [0.0, noisy, 0.3, 1.0]]
+    )
+    tasks = ["a", "b", "c", "d"]
+    assert exhaustive(similarity, tasks, 0.0) == [["a", "b"], ["c", "d"]]
+    assert fewest_groups(similarity, tasks, 0.3) == [["a", "b"], ["c", "d"]]
+    # All values equal: the first partition in canonical order (one group) wins.
+    assert exhaustive(np.zeros((4, 4)), tasks, 0.0) == [tasks]
+
+
+def test_numpy_and_torch_inputs_agree_and_diagonal_is_ignored() -> None:
+    generator = np.random.default_rng(3)
+    similarity = _random_similarity(generator, 6)
+    tasks = list("uvwxyz")
+    expected = fewest_groups(similarity, tasks, 0.55)
+    assert fewest_groups(torch.tensor(similarity, dtype=torch.float32), tasks, 0.55) == expected
+    np.fill_diagonal(similarity, np.nan)
+    assert fewest_groups(similarity, tasks, 0.55) == expected
+
+
+@pytest.mark.parametrize("solver", [exhaustive, fewest_groups])
+def test_input_validation(solver) -> None:
+    with pytest.raises(ValueError, match="shape"):
+        solver(np.ones((3, 3)), ["a", "b"], 0.5)
+    with pytest.raises(ValueError, match="distinct"):
+        solver(np.ones((2, 2)), ["a", "a"], 0.5)
+    bad = np.ones((3, 3))
+    bad[0, 2] = np.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        solver(bad, ["a", "b", "c"], 0.5)
+    with pytest.raises(ValueError, match="at most 12 tasks"):
+        solver(np.ones((13, 13)), [str(i) for i in range(13)], 0.5)
+    with pytest.raises(ValueError, match="at least one task"):
+        solver(np.ones((0, 0)), [], 0.5)
+    with pytest.raises(ValueError, match="threshold"):
+        solver(np.ones((2, 2)), ["a", "b"], float("nan"))
