@@ -26,7 +26,7 @@ from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.plan import BranchingPlan, Group
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
-from mtsl_plugin.plugins.grouping import group_value
+from mtsl_plugin.plugins.builtin_grouping import group_value
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, dict[str, torch.Tensor]]]]
 
