@@ -27,7 +27,7 @@ from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.methods import method_names
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
-from mtsl_plugin.plugins import PluginError, load_plugin
+from mtsl_plugin.plugins import PluginError, amalgamator, grouping_solver, load_plugin, similarity
 
 REFERENCES = ("stn", "onenet")
 
@@ -86,7 +86,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             changes[key] = getattr(args, key)
     if args.pretrained:
         changes["pretrained"] = True
-    return config.replace(**changes)
+    config = config.replace(**changes)
+    similarity(config.mtsl.similarity), grouping_solver(config.mtsl.grouping), amalgamator(config.mtsl.amalgamator)
+    return config
 
 
 def parse_list(text: str, what: str) -> list[str]:

@@ -107,7 +107,8 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     started = time.perf_counter()
     total_epochs = config.mtsl.total_epochs if spec.learner is not None else config.epochs
     history = trainer.fit(data, total_epochs, checkpoint=checkpoint, on_phase=on_phase, progress=progress)
-    train_seconds = sum(h["seconds"] for h in history)
+    phase_seconds = sum(r.seconds for r in spec.learner.records) if spec.learner is not None else 0.0
+    train_seconds = sum(h["seconds"] for h in history) + phase_seconds  # structural phases included
     metrics = trainer.evaluate(data.batches(data.test))
     cost = trainer.network.cost(config.data.height, config.data.width)
     final_plan = trainer.network.plan

@@ -13,6 +13,7 @@ One :class:`StructuralLearner` drives a :class:`BranchedNetwork` through the pha
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -41,10 +42,12 @@ class PhaseRecord:
     merged: list[list[str]] = field(default_factory=list)
     amalgamation_losses: list[float] = field(default_factory=list)
     plan: dict | None = None
+    seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return {"phase": self.phase, "location": self.location, "similarities": self.similarities,
-                "merged": self.merged, "amalgamation_losses": self.amalgamation_losses, "plan": self.plan}
+                "merged": self.merged, "amalgamation_losses": self.amalgamation_losses, "plan": self.plan,
+                "seconds": self.seconds}
 
 
 def pooled(features: torch.Tensor) -> torch.Tensor:
@@ -130,6 +133,7 @@ class StructuralLearner:
         """Run structural phase ``self.phases_done`` and advance; ``model`` is the module whose parameters the
         optimizer holds (the network plus e.g. a weighting method's parameters)."""
         phase = self.phases_done
+        started = time.perf_counter()
         location, measured = self.measure(network, holdout, device)
         record = PhaseRecord(phase=phase, location=location)
         groups: list[Group] = []
@@ -150,6 +154,7 @@ class StructuralLearner:
             sync_parameters(optimizer, model.parameters())
         record.merged = [list(g) for g in groups]
         record.plan = network.plan.to_dict()
+        record.seconds = time.perf_counter() - started
         self.records.append(record)
         self.phases_done += 1
         return record
@@ -207,7 +212,7 @@ class StructuralLearner:
                            for key in losses)
                 loss.backward()
                 optimizer.step()
-                total, count = total + float(loss), count + 1
+                total, count = total + float(loss.detach()), count + 1
             history.append(total / max(count, 1))
         network.train(was_training)
         optimizer.zero_grad(set_to_none=True)

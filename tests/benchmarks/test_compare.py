@@ -1,0 +1,92 @@
+"""The harness from the command line: one smoke run end to end, resume, failures and bad input."""
+import csv
+import json
+
+import pytest
+
+from benchmarks import compare
+from mtsl_plugin import methods
+from mtsl_plugin.plan import BranchingPlan
+
+ARGS = ["--preset", "smoke", "--tasks", "S,D,E", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results") / "run"
+    code = compare.main(["--methods", "mtsl", "--out", str(out), *ARGS])
+    return code, out
+
+
+def test_one_command_trains_references_and_mtsl_and_writes_everything(finished, capsys):
+    code, out = finished
+    assert code == 0
+    for name in ("config.json", "results.json", "results.csv", "table.md", "architecture.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results] == ["stn", "onenet", "mtsl"]
+    stn, onenet, mtsl = results
+    assert stn["delta_mtl"] == 0 and stn["delta_sd"] == 0
+    assert onenet["params_m"] < mtsl["params_m"] <= stn["params_m"]
+    assert sorted(p.name for p in (out / "mtsl" / "seed0").glob("phase_*.json")) == ["phase_0.json",
+                                                                                       "phase_1.json"]
+    BranchingPlan.from_dict(json.loads((out / "mtsl" / "seed0" / "plan.json").read_text()))
+    table = (out / "table.md").read_text()
+    assert "| mtsl |" in table and "Δ_MTL" in table and "GMac" in table
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["method"] for r in rows] == ["stn", "onenet", "mtsl"]
+
+
+def test_table_delta_equals_a_hand_computation_from_the_run_json(finished):
+    _, out = finished
+    stn = json.loads((out / "stn" / "seed0" / "result.json").read_text())
+    mtsl = json.loads((out / "mtsl" / "seed0" / "result.json").read_text())
+    signs = {t: 1 if h else -1 for t, h in mtsl["higher_is_better"].items()}
+    hand = 100 * sum(signs[t] * (mtsl["metrics"][t] - stn["metrics"][t]) / stn["metrics"][t]
+                     for t in signs) / len(signs)
+    reported = {r["method"]: r for r in json.loads((out / "results.json").read_text())}["mtsl"]["delta_mtl"]
+    assert reported == pytest.approx(hand)
+
+
+def test_resume_reuses_finished_runs(finished, capsys):
+    code, out = finished
+    assert compare.main(["--resume", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 3
+
+
+def test_existing_results_are_never_overwritten(finished, capsys):
+    _, out = finished
+    before = (out / "results.json").read_text()
+    assert compare.main(["--methods", "mtsl", "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--resume" in err and len(err.splitlines()) == 1
+    assert (out / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--methods", "nope"], "nope"),
+    (["--seeds", "a,b"], "--seeds"),
+    (["--similarity", "cca"], "cca"),
+    (["--plugin", "no_such_module_xyz"], "no_such_module_xyz"),
+    (["--resume", "/nonexistent/dir"], "config.json"),
+])
+def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, argv, culprit):
+    assert compare.main([*argv, "--out", str(tmp_path / "x"), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert culprit in err and len(err.splitlines()) == 1
+
+
+def test_a_failing_method_is_reported_and_the_others_still_run(tmp_path, capsys, monkeypatch):
+    def broken(config, num_locations):
+        raise RuntimeError("this method is broken on purpose")
+
+    monkeypatch.setitem(methods._METHODS, "broken_for_test", broken)
+
+    out = tmp_path / "run"
+    code = compare.main(["--methods", "broken_for_test", "--out", str(out), *ARGS])
+    assert code == 1
+    results = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert results["broken_for_test"]["status"] == "failed"
+    assert results["stn"]["status"] == results["onenet"]["status"] == "ok"
+    assert "broken on purpose" in (out / "table.md").read_text()
+    assert (out / "broken_for_test" / "seed0" / "error.txt").exists()
