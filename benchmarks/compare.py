@@ -19,6 +19,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+import timm
+
 import baselines  # noqa: F401  (registers the baseline methods)
 from benchmarks.report import aggregate, delta_mtl, format_table, write_csv, write_markdown
 from mtsl_plugin.config import PRESETS, RunConfig, load_preset
@@ -87,6 +89,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.pretrained:
         changes["pretrained"] = True
     config = config.replace(**changes)
+    if not timm.is_model(config.backbone) or not config.backbone.startswith(("resnet", "resnext", "seresnet")):
+        raise UsageError(f"--backbone {config.backbone!r} is not a timm ResNet (e.g. resnet18, resnet34, resnet50)")
     similarity(config.mtsl.similarity), grouping_solver(config.mtsl.grouping), amalgamator(config.mtsl.amalgamator)
     return config
 

@@ -202,7 +202,7 @@ class StructuralLearner:
             total, count = 0.0, 0
             batches = train_batches()
             for images, _ in tqdm(batches, desc=f"amalgamate phase {phase} ep {epoch}", leave=False,
-                                  disable=not progress):
+                                  disable=None if progress else True):
                 images = images.to(device)
                 with torch.no_grad():
                     outputs = network.run_locations(images, until=location)

@@ -111,8 +111,15 @@ class ResNetStages:
             try:
                 model = timm.create_model(backbone, pretrained=pretrained or weights is not None, num_classes=0,
                                           **kwargs)
-            except RuntimeError as exc:
-                raise ValueError(f"timm could not build backbone {backbone!r}: {exc}") from None
+            except Exception as exc:  # unknown name, unreadable weights file, hub unreachable
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if weights is not None:
+                    raise ValueError(f"backbone weights file {str(weights)!r} could not be loaded into "
+                                     f"{backbone!r}: {reason}") from None
+                if isinstance(exc, OSError):
+                    raise ValueError(f"timm could not fetch pretrained weights for {backbone!r} ({reason}); "
+                                     "pass a local weights file with --weights when offline") from None
+                raise ValueError(f"timm could not build backbone {backbone!r}: {reason}") from None
             if not all(hasattr(model, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer4")):
                 raise ValueError(f"backbone {backbone!r} is not a ResNet with conv1/bn1/act1/maxpool/layer1-4")
             channels = [info["num_chs"] for info in model.feature_info]  # stem, layer1..4

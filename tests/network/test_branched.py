@@ -86,6 +86,9 @@ def test_local_weights_file_is_loaded(tmp_path):
     assert torch.all(stages.build(0)[0].weight == 0.125)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ResNetStages("resnet18", weights=tmp_path / "missing.pth")
+    (tmp_path / "broken.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="broken.pth"):
+        ResNetStages("resnet18", weights=tmp_path / "broken.pth")
 
 
 def test_missing_head_and_wrong_depth_are_clear_errors(stages):
