@@ -90,3 +90,17 @@ def test_a_failing_method_is_reported_and_the_others_still_run(tmp_path, capsys,
     assert results["stn"]["status"] == results["onenet"]["status"] == "ok"
     assert "broken on purpose" in (out / "table.md").read_text()
     assert (out / "broken_for_test" / "seed0" / "error.txt").exists()
+
+
+def test_resume_continues_an_interrupted_run_from_its_checkpoint(finished, capsys):
+    """A run killed after its last checkpoint but before its result: --resume finishes it with the same result."""
+    _, out = finished
+    run = out / "mtsl" / "seed0"
+    before = json.loads((run / "result.json").read_text())
+    (run / "result.json").unlink()
+    (run / "plan.json").unlink()
+    assert compare.main(["--resume", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 2  # stn and onenet
+    after = json.loads((run / "result.json").read_text())
+    assert after["plan"] == before["plan"] and after["history"] == before["history"]
+    assert after["metrics"] == pytest.approx(before["metrics"])
