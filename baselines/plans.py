@@ -1,4 +1,5 @@
-"""The two extreme fixed plans: STN (every task its own network) and One-Net (everything shared)."""
+"""Fixed plans: STN (every task its own network), One-Net (everything shared) and One-Net-L (One-Net trained
+longer by as many epochs as MTSL spends on amalgamation in the same preset)."""
 from __future__ import annotations
 
 from mtsl_plugin.methods import MethodSpec, register_method
@@ -15,3 +16,10 @@ def stn(config, num_locations: int) -> MethodSpec:
 def onenet(config, num_locations: int) -> MethodSpec:
     """One network shared by all tasks up to the task heads."""
     return MethodSpec(BranchingPlan.one_net(config.tasks, num_locations))
+
+
+@register_method("onenet_l")
+def onenet_l(config, num_locations: int) -> MethodSpec:
+    """One-Net with MTSL's amalgamation epochs added to its budget."""
+    return MethodSpec(BranchingPlan.one_net(config.tasks, num_locations),
+                      extra_epochs=sum(config.mtsl.amalgamation_epochs))

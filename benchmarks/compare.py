@@ -23,10 +23,10 @@ import timm
 
 import baselines  # noqa: F401  (registers the baseline methods)
 from benchmarks.report import aggregate, delta_mtl, format_table, write_csv, write_markdown
-from mtsl_plugin.config import PRESETS, RunConfig, load_preset
+from mtsl_plugin.config import NUM_LOCATIONS, PRESETS, SETTINGS, RunConfig, load_preset
 from mtsl_plugin.experiment import run_method, write_json
 from mtsl_plugin.learner.schedule import MTSLConfig
-from mtsl_plugin.methods import method_names
+from mtsl_plugin.methods import build_method, method_names
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
 from mtsl_plugin.plugins import PluginError, amalgamator, grouping_solver, load_plugin, similarity
@@ -42,6 +42,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="mtsl", help="comma-separated method names, or 'all'")
     p.add_argument("--preset", default="quick", choices=PRESETS)
+    p.add_argument("--setting", default="encoder-decoder", choices=SETTINGS,
+                   help="encoder-decoder: 10 merge locations (paper Table 2); encoder: 6, DeepLab heads (Table 1)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--dataset", default=None, help="synthetic (default), nyuv2 or cityscapes")
     p.add_argument("--data-root", default=None, help="folder of a preprocessed real data set")
@@ -80,7 +82,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             mtsl[key] = value
     mtsl.update({k: False for k, flag in (("align", args.no_align), ("average_init", args.no_average_init),
                                           ("amalgamate", args.no_amalgamation)) if flag})
-    changes: dict[str, Any] = {"data": data, "mtsl": MTSLConfig.from_dict(mtsl), "device": args.device}
+    changes: dict[str, Any] = {"data": data, "mtsl": MTSLConfig.from_dict(mtsl), "device": args.device,
+                               "setting": args.setting}
     if args.tasks:
         changes["tasks"] = tuple(t.strip() for t in args.tasks.split(","))
     for key in ("backbone", "weights", "weighting"):
@@ -119,7 +122,9 @@ def run_all(config: RunConfig, methods: list[str], seeds: list[int], out: Path, 
                     continue
             print(f"[{method} seed {seed}] training", flush=True)
             try:
-                results.append(run_method(run_config, method, run_dir, resume=resume, progress=progress))
+                plan = retrained_plan(method, run_config, results)
+                results.append(run_method(run_config, method, run_dir, resume=resume, progress=progress,
+                                          plan=plan))
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # keep going with the other methods; the table shows the failure
@@ -128,6 +133,29 @@ def run_all(config: RunConfig, methods: list[str], seeds: list[int], out: Path, 
                 print(f"[{method} seed {seed}] failed: {exc}", file=sys.stderr, flush=True)
                 results.append({"method": method, "seed": seed, "status": "failed", "error": str(exc)})
     return results
+
+
+def retrained_plan(method: str, config: RunConfig, results: list[dict[str, Any]]) -> BranchingPlan | None:
+    """For a "-R" method, the final plan of the method it retrains (same seed, trained earlier in this run)."""
+    source = build_method(method, config, NUM_LOCATIONS[config.setting]).retrains
+    if source is None:
+        return None
+    for r in results:
+        if r["method"] == source and r["seed"] == config.seed and r["status"] == "ok" and r.get("plan"):
+            return BranchingPlan.from_dict(r["plan"])
+    raise ValueError(f"{method} retrains the plan of {source}, whose run (seed {config.seed}) did not finish")
+
+
+def with_sources(methods: list[str], config: RunConfig) -> list[str]:
+    """``methods`` with every "-R" method's source method inserted before it (if not already earlier)."""
+    ordered: list[str] = []
+    for method in methods:
+        source = build_method(method, config, NUM_LOCATIONS[config.setting]).retrains
+        if source is not None and source not in ordered:
+            ordered.append(source)
+        if method not in ordered:
+            ordered.append(method)
+    return ordered
 
 
 def add_deltas(results: list[dict[str, Any]]) -> None:
@@ -181,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             unknown = [m for m in requested if m not in method_names()]
             if unknown:
                 raise UsageError(f"unknown method(s) {unknown}; registered: {', '.join(method_names())}")
-            methods = list(dict.fromkeys([*REFERENCES, *requested]))
+            methods = with_sources(list(dict.fromkeys([*REFERENCES, *requested])), config)
             try:
                 seeds = [int(s) for s in parse_list(args.seeds, "seeds")]
             except ValueError:

@@ -43,6 +43,10 @@ class MTSL(AbsArchitecture):
     def network(self) -> BranchedNetwork:
         return self.encoder
 
+    @property
+    def plan(self) -> BranchingPlan:
+        return self.encoder.plan
+
     def forward(self, inputs: torch.Tensor, task_name: str | None = None) -> dict[str, torch.Tensor]:
         preds, self.task_node_features = self.encoder(inputs)
         if task_name is not None:

@@ -13,6 +13,8 @@ import yaml
 from mtsl_plugin.learner.schedule import MTSLConfig, scale_schedule
 
 PRESETS = ("smoke", "quick", "paper")
+SETTINGS = ("encoder-decoder", "encoder")  # the paper's Table 2 (10 merge locations) and Table 1 (6, DeepLab heads)
+NUM_LOCATIONS = {"encoder-decoder": 10, "encoder": 6}
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class RunConfig:
     """One training run of one method on one seed."""
 
     preset: str = "quick"
+    setting: str = "encoder-decoder"
     data: DataConfig = field(default_factory=DataConfig)
     tasks: tuple[str, ...] = ("S", "D", "E", "N", "A")
     backbone: str = "resnet18"
@@ -51,6 +54,10 @@ class RunConfig:
     mtsl: MTSLConfig = field(default_factory=MTSLConfig)
     device: str = "cpu"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.setting not in SETTINGS:
+            raise ValueError(f"unknown setting {self.setting!r}; choose one of {', '.join(SETTINGS)}")
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)

@@ -26,6 +26,7 @@ from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data import build_dataset
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import build_method
+from mtsl_plugin.network.cost import model_cost
 from mtsl_plugin.network.stages import ResNetStages
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.tasks import Task, build_tasks, libmtl_task_dict
@@ -60,25 +61,33 @@ def build_data(config: RunConfig) -> tuple[RunData, Any]:
     return data, full
 
 
-def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan, stages: ResNetStages,
-                  learner=None) -> MTLTrainer:
-    """A :class:`MTLTrainer` for MTSL's architecture with ``plan``, LibMTL weighting ``config.weighting``."""
+def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan | None, stages: ResNetStages,
+                  learner=None, architecture: type | None = None, arch_args: dict | None = None) -> MTLTrainer:
+    """A :class:`MTLTrainer` for ``architecture`` (default MTSL's branched network with ``plan``) and the LibMTL
+    weighting ``config.weighting``; the heads come from ``stages`` (one per task)."""
     libmtl = import_libmtl()
     if config.weighting not in libmtl.weighting.__all__:
         raise ValueError(f"unknown LibMTL weighting {config.weighting!r}; choose from {libmtl.weighting.__all__}")
     heads = {t: stages.build_head(task.out_channels) for t, task in tasks.items()}
     scheduler = {"scheduler": "multistep", "milestones": list(config.lr_steps), "gamma": 0.1}
-    return MTLTrainer(libmtl_task_dict(tasks), getattr(libmtl.weighting, config.weighting), MTSL,
+    return MTLTrainer(libmtl_task_dict(tasks), getattr(libmtl.weighting, config.weighting), architecture or MTSL,
                       lambda: stages, heads, optim_param=dict(config.optimizer), scheduler_param=scheduler,
-                      device=config.device, learner=learner, weight_args={}, arch_args={"plan": plan})
+                      device=config.device, learner=learner, weight_args={},
+                      arch_args={**(arch_args or {}), "plan": plan})
+
+
+def build_stages(config: RunConfig) -> ResNetStages:
+    """The backbone stages of ``config``'s setting (10 locations with the decoder, 6 encoder-only)."""
+    return ResNetStages(config.backbone, pretrained=config.pretrained, weights=config.weights,
+                        decoder=config.setting == "encoder-decoder", seed=config.seed)
 
 
 def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: bool = False,
                progress: bool = True, plan: BranchingPlan | None = None) -> dict[str, Any]:
     """Train and evaluate ``method``; returns (and writes) its result record.
 
-    With ``resume`` a checkpoint in ``run_dir`` is continued; ``plan`` overrides the method's starting plan
-    (used by the "-R" retraining variants).
+    With ``resume`` a checkpoint in ``run_dir`` is continued; ``plan`` is the plan a retraining ("-R") method
+    retrains.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,14 +98,15 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     if missing:
         raise ValueError(f"dataset {config.data.name!r} has no target for task(s) {missing}")
     tasks = build_tasks(names, dataset.num_classes)
-    stages = ResNetStages(config.backbone, pretrained=config.pretrained, weights=config.weights,
-                          seed=config.seed)
+    stages = build_stages(config)
     spec = build_method(method, config.replace(tasks=tuple(names)), stages.num_locations)
+    if spec.retrains is not None and plan is None:
+        raise ValueError(f"method {method!r} retrains the final plan of {spec.retrains!r}: pass that plan")
     start_plan = plan or spec.plan
     checkpoint = run_dir / "checkpoint.pt"
-    if resume and checkpoint.exists():
+    if resume and checkpoint.exists() and start_plan is not None:
         start_plan = MTLTrainer.checkpoint_plan(checkpoint)
-    trainer = build_trainer(config, tasks, start_plan, stages, spec.learner)
+    trainer = build_trainer(config, tasks, start_plan, stages, spec.learner, spec.architecture, spec.arch_args)
     if resume and checkpoint.exists():
         trainer.load(checkpoint)
     write_json(run_dir / "config.json", {"method": method, "config": config.to_dict()})
@@ -105,20 +115,26 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         write_json(run_dir / f"phase_{record['phase']}.json", record)
 
     started = time.perf_counter()
-    total_epochs = config.mtsl.total_epochs if spec.learner is not None else config.epochs
+    total_epochs = (config.mtsl.total_epochs if spec.learner is not None else config.epochs) + spec.extra_epochs
     history = trainer.fit(data, total_epochs, checkpoint=checkpoint, on_phase=on_phase, progress=progress)
     phase_seconds = sum(r.seconds for r in spec.learner.records) if spec.learner is not None else 0.0
     train_seconds = sum(h["seconds"] for h in history) + phase_seconds  # structural phases included
     metrics = trainer.evaluate(data.batches(data.test))
-    cost = trainer.network.cost(config.data.height, config.data.width)
-    final_plan = trainer.network.plan
-    write_json(run_dir / "plan.json", final_plan.to_dict())
+    final_plan = spec.final_plan(trainer.model) if spec.final_plan else getattr(trainer.model, "plan", None)
+    if spec.final_plan is not None:  # a searched plan: its cost is that of the derived branched network
+        derived = build_trainer(config, tasks, final_plan, stages)
+        cost = model_cost(derived.model, config.data.height, config.data.width)
+    else:
+        cost = model_cost(trainer.model, config.data.height, config.data.width)
+    if final_plan is not None:
+        write_json(run_dir / "plan.json", final_plan.to_dict())
     result = {
         "method": method, "seed": config.seed, "status": "ok", "error": None,
         "metrics": metrics,
         "higher_is_better": {t: task.higher_is_better for t, task in tasks.items()},
         "metric_names": {t: task.metric_name for t, task in tasks.items()},
-        "plan": final_plan.to_dict(), "plan_text": final_plan.describe(),
+        "plan": final_plan.to_dict() if final_plan is not None else None,
+        "plan_text": final_plan.describe() if final_plan is not None else None,
         "params_m": cost.params / 1e6, "gmac": cost.gmac,
         "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - started,
         "history": history, "fingerprint": config.fingerprint(),

@@ -6,8 +6,8 @@ the plan the network starts from, and the structural learner that edits it (``No
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.plan import BranchingPlan
@@ -15,9 +15,26 @@ from mtsl_plugin.plan import BranchingPlan
 
 @dataclass
 class MethodSpec:
-    plan: BranchingPlan
+    """How to train one method.
+
+    Attributes:
+        plan: the plan a branched network starts from (``None`` for architectures that are not plan-based).
+        learner: the structural learner that edits the plan during training (MTSL), or ``None``.
+        architecture: the LibMTL architecture class (default :class:`~mtsl_plugin.architecture.MTSL`, the
+            branched network; baselines bring their own, e.g. cross-stitch).
+        arch_args: extra keyword arguments for the architecture (LibMTL's ``arch_args``).
+        extra_epochs: epochs added to the preset's budget (One-Net-L).
+        retrains: name of a method whose final plan (same seed) this method retrains from scratch ("-R").
+        final_plan: for architectures that search a plan (LTB, BMTAS): ``model -> BranchingPlan``.
+    """
+
+    plan: BranchingPlan | None = None
     learner: StructuralLearner | None = None
-    needs_holdout: bool = False
+    architecture: type | None = None
+    arch_args: dict = field(default_factory=dict)
+    extra_epochs: int = 0
+    retrains: str | None = None
+    final_plan: Callable[[Any], BranchingPlan] | None = None
 
 
 Builder = Callable[["RunConfig", int], MethodSpec]  # noqa: F821  (RunConfig: mtsl_plugin.config)
@@ -50,5 +67,10 @@ def build_method(name: str, config, num_locations: int) -> MethodSpec:
 @register_method("mtsl")
 def _mtsl(config, num_locations: int) -> MethodSpec:
     """MTSL: start from the single-task plan, learn the branching with the structural learner."""
-    return MethodSpec(BranchingPlan.single_task(config.tasks, num_locations), StructuralLearner(config.mtsl),
-                      needs_holdout=True)
+    return MethodSpec(BranchingPlan.single_task(config.tasks, num_locations), StructuralLearner(config.mtsl))
+
+
+@register_method("mtsl_r")
+def _mtsl_r(config, num_locations: int) -> MethodSpec:
+    """MTSL-R: the plan MTSL converged to (same seed), retrained from a fresh initialisation."""
+    return MethodSpec(retrains="mtsl")

@@ -141,9 +141,12 @@ class MTLTrainer(LibMTL.Trainer):
         if self.learner is not None:
             features = {t: f.float() for t, f in self.model.task_node_features.items()}
             align = self.learner.alignment_loss(self.network.plan, features)
+        # an architecture may add a loss of its own (e.g. BMTAS's resource loss) through ``auxiliary_loss()``
+        auxiliary = self.model.auxiliary_loss() if hasattr(self.model, "auxiliary_loss") else None
+        extra = [term for term in (align, auxiliary) if term is not None]
         self.optimizer.zero_grad(set_to_none=True)
-        if align is not None:
-            align.backward(retain_graph=True)  # before the weighting, which may free the graph
+        if extra:
+            torch.stack(extra).sum().backward(retain_graph=True)  # before the weighting, which may free the graph
         self.model.backward(losses, **self.kwargs["weight_args"])
         self.optimizer.step()
         return losses.detach(), 0.0 if align is None else float(align.detach())
@@ -173,7 +176,9 @@ class MTLTrainer(LibMTL.Trainer):
         disable = None if progress else True
         holdout = (lambda: data.batches(data.holdout)) if data.holdout is not None else None
         bar = tqdm(total=total_epochs, initial=self.epochs_done, desc="epochs", disable=disable)
+        self.model.total_epochs = total_epochs
         while self.epochs_done < total_epochs:
+            self.model.epoch = self.epochs_done  # LibMTL's convention: architectures may read the epoch
             start = time.perf_counter()
             sums, align_sum, steps = torch.zeros(self.task_num), 0.0, 0
             loader = data.batches(data.train, key=(0, self.epochs_done))
@@ -212,7 +217,7 @@ class MTLTrainer(LibMTL.Trainer):
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(path, {
-            "plan": self.network.plan.to_json(),
+            "plan": self.model.plan.to_json() if hasattr(self.model, "plan") else "",
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
@@ -222,14 +227,17 @@ class MTLTrainer(LibMTL.Trainer):
         })
 
     @staticmethod
-    def checkpoint_plan(path: str | Path) -> BranchingPlan:
-        """The plan stored in a checkpoint (build the trainer with it, then :meth:`load`)."""
-        return BranchingPlan.from_json(load_checkpoint(path)["plan"])
+    def checkpoint_plan(path: str | Path) -> BranchingPlan | None:
+        """The plan stored in a checkpoint (build the trainer with it, then :meth:`load`); ``None`` for
+        architectures that are not plan-based."""
+        text = load_checkpoint(path)["plan"]
+        return BranchingPlan.from_json(text) if text else None
 
     def load(self, path: str | Path) -> None:
         """Continue from a checkpoint; the trainer must have been built with the checkpoint's plan."""
         state = load_checkpoint(path, map_location=self.device)
-        if BranchingPlan.from_json(state["plan"]) != self.network.plan:
+        saved = BranchingPlan.from_json(state["plan"]) if state["plan"] else None
+        if saved != getattr(self.model, "plan", None):
             raise ValueError(f"checkpoint {path} holds a different plan than this trainer was built with")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

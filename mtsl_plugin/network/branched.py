@@ -5,8 +5,8 @@ from typing import Mapping
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from mtsl_plugin.network.cost import count_gmac
 from mtsl_plugin.network.stages import ResNetStages
 from mtsl_plugin.plan import BranchingPlan, Group, PlanError, StageCost
 
@@ -119,20 +119,16 @@ class BranchedNetwork(nn.Module):
             outputs: list[dict[Group, torch.Tensor]] = []
             for location in range(self.plan.num_locations):
                 group = self.plan.partitions[location][0]
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    out = {g: self.run_node(location, g, outputs, x) for g in [group]}
+                out: dict[Group, torch.Tensor] = {}
+                gmac = count_gmac(lambda: out.setdefault(group, self.run_node(location, group, outputs, x)))
                 outputs.append({g: out[group] for g in self.plan.partitions[location]})
                 params = sum(p.numel() for p in self.node(location, group).parameters())
-                stages.append(StageCost(params, counter.get_total_flops() / 2e9))
+                stages.append(StageCost(params, gmac))
             heads = {}
             for task in self.plan.tasks:
                 feats = outputs[-1][self.plan.group_of(self.plan.num_locations - 1, task)]
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    self.heads[task](feats, (height, width))
-                heads[task] = StageCost(sum(p.numel() for p in self.heads[task].parameters()),
-                                        counter.get_total_flops() / 2e9)
+                gmac = count_gmac(lambda: self.heads[task](feats, (height, width)))
+                heads[task] = StageCost(sum(p.numel() for p in self.heads[task].parameters()), gmac)
         self.train(was_training)
         return stages, heads
 

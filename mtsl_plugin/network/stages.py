@@ -79,6 +79,22 @@ class Head(nn.Module):
         return F.interpolate(self.body(x), size=size, mode="bilinear", align_corners=False)
 
 
+class DeepLabHead(nn.Module):
+    """Task head of the encoder-only setting: DeepLabV3's ASPP decoder (segmentation-models-pytorch) on the last
+    encoder location, a 1x1 classifier, then bilinear upsampling to the input resolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, width: int = 256):
+        super().__init__()
+        from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3Decoder
+
+        self.aspp = DeepLabV3Decoder(in_channels, width, atrous_rates=(12, 24, 36), aspp_separable=False,
+                                     aspp_dropout=0.5)
+        self.classifier = nn.Conv2d(width, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(self.classifier(self.aspp([x])), size=size, mode="bilinear", align_corners=False)
+
+
 def _residual_block(block_type: type[nn.Module], in_channels: int, out_channels: int) -> nn.Module:
     """A block of the backbone's kind (BasicBlock or Bottleneck) mapping in_channels to out_channels."""
     expansion = getattr(block_type, "expansion", 1)
@@ -125,6 +141,7 @@ class ResNetStages:
             channels = [info["num_chs"] for info in model.feature_info]  # stem, layer1..4
             templates, specs = self._templates_and_specs(model, channels, decoder)
         self.backbone = backbone
+        self.decoder = decoder
         self._head_seed = seed
         self.specs: tuple[StageSpec, ...] = tuple(specs)
         self._templates = templates
@@ -168,8 +185,12 @@ class ResNetStages:
             raise IndexError(f"location {location} is outside 0..{self.num_locations - 1}")
         return copy.deepcopy(self._templates[location])
 
-    def build_head(self, out_channels: int) -> Head:
-        """A task head reading the last location's output; seeded so every build with one width is identical."""
+    def build_head(self, out_channels: int) -> nn.Module:
+        """A task head reading the last location's output (:class:`Head` after the decoder, :class:`DeepLabHead`
+        in the encoder-only setting); seeded so that every build with one width is identical.
+        ``forward(x (N, C, h, w), size (H, W)) -> (N, out_channels, H, W)``."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._head_seed + out_channels)
-            return Head(self.out_channels, out_channels)
+            if self.decoder:
+                return Head(self.out_channels, out_channels)
+            return DeepLabHead(self.out_channels, out_channels)
