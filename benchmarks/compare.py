@@ -135,9 +135,18 @@ def run_all(config: RunConfig, methods: list[str], seeds: list[int], out: Path, 
     return results
 
 
+def source_of(method: str, config: RunConfig) -> str | None:
+    """The method whose final plan ``method`` retrains ("-R" methods), else ``None``. A builder that fails
+    here fails again, reported, when its run starts."""
+    try:
+        return build_method(method, config, NUM_LOCATIONS[config.setting]).retrains
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def retrained_plan(method: str, config: RunConfig, results: list[dict[str, Any]]) -> BranchingPlan | None:
     """For a "-R" method, the final plan of the method it retrains (same seed, trained earlier in this run)."""
-    source = build_method(method, config, NUM_LOCATIONS[config.setting]).retrains
+    source = source_of(method, config)
     if source is None:
         return None
     for r in results:
@@ -150,7 +159,7 @@ def with_sources(methods: list[str], config: RunConfig) -> list[str]:
     """``methods`` with every "-R" method's source method inserted before it (if not already earlier)."""
     ordered: list[str] = []
     for method in methods:
-        source = build_method(method, config, NUM_LOCATIONS[config.setting]).retrains
+        source = source_of(method, config)
         if source is not None and source not in ordered:
             ordered.append(source)
         if method not in ordered:
