@@ -18,7 +18,7 @@ def onenet(config, num_locations: int) -> MethodSpec:
     return MethodSpec(BranchingPlan.one_net(config.tasks, num_locations))
 
 
-@register_method("onenet_l")
+@register_method("onenet_l", settings=("encoder-decoder",))
 def onenet_l(config, num_locations: int) -> MethodSpec:
     """One-Net with MTSL's amalgamation epochs added to its budget."""
     return MethodSpec(BranchingPlan.one_net(config.tasks, num_locations),

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import timm
 
 import baselines  # noqa: F401  (registers the baseline methods)
+from benchmarks.figures import alignment_figure
 from benchmarks.report import aggregate, delta_mtl, format_table, write_csv, write_markdown
 from mtsl_plugin.config import NUM_LOCATIONS, PRESETS, SETTINGS, RunConfig, load_preset
 from mtsl_plugin.experiment import run_method, write_json
@@ -193,10 +194,20 @@ def report(results: list[dict[str, Any]], out: Path) -> str:
     write_json(out / "results.json", [{k: v for k, v in r.items() if k != "history"} for r in results])
     plans = {}
     for r in ok:
-        plans.setdefault(r["method"], BranchingPlan.from_dict(r["plan"]))
+        if r.get("plan"):
+            plans.setdefault(r["method"], BranchingPlan.from_dict(r["plan"]))
     if plans:
         draw_plans(plans, out / "architecture.png")
+    with_align, without_align = first_similarities(out, "mtsl"), first_similarities(out, "mtsl_noalign")
+    if with_align and without_align:
+        alignment_figure(with_align, without_align, out / "alignment.png")
     return table
+
+
+def first_similarities(out: Path, method: str) -> list[dict]:
+    """The similarity record of the first structural phase of every seed of ``method`` (paper Fig. 4)."""
+    records = [json.loads(p.read_text()) for p in sorted(out.glob(f"{method}/seed*/phase_0.json"))]
+    return [r["similarities"][0] for r in records if r["similarities"]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,10 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = config.replace(device=args.device)
         else:
             config = config_from_args(args)
-            requested = method_names() if args.methods == "all" else parse_list(args.methods, "methods")
+            requested = (method_names(config.setting) if args.methods == "all"
+                         else parse_list(args.methods, "methods"))
             unknown = [m for m in requested if m not in method_names()]
             if unknown:
-                raise UsageError(f"unknown method(s) {unknown}; registered: {', '.join(method_names())}")
+                raise UsageError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(method_names()))}")
             methods = with_sources(list(dict.fromkeys([*REFERENCES, *requested])), config)
             try:
                 seeds = [int(s) for s in parse_list(args.seeds, "seeds")]

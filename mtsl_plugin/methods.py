@@ -38,29 +38,33 @@ class MethodSpec:
 
 
 Builder = Callable[["RunConfig", int], MethodSpec]  # noqa: F821  (RunConfig: mtsl_plugin.config)
+SETTINGS = ("encoder-decoder", "encoder")
 _METHODS: dict[str, Builder] = {}
+_SETTINGS: dict[str, tuple[str, ...]] = {}
 
 
-def register_method(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register ``builder`` under ``name`` (a name may be registered once)."""
+def register_method(name: str, settings: tuple[str, ...] = SETTINGS) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder`` under ``name`` for the given settings (a name may be registered once)."""
 
     def decorate(builder: Builder) -> Builder:
         if name in _METHODS and _METHODS[name] is not builder:
             raise ValueError(f"method {name!r} is already registered")
         _METHODS[name] = builder
+        _SETTINGS[name] = tuple(settings)
         return builder
 
     return decorate
 
 
-def method_names() -> list[str]:
-    return sorted(_METHODS)
+def method_names(setting: str | None = None) -> list[str]:
+    """Registered method names (in registration order), optionally only those meant for ``setting``."""
+    return [m for m in _METHODS if setting is None or setting in _SETTINGS.get(m, SETTINGS)]
 
 
 def build_method(name: str, config, num_locations: int) -> MethodSpec:
     """The :class:`MethodSpec` of method ``name`` for ``config``."""
     if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; registered: {', '.join(method_names())}")
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(sorted(_METHODS))}")
     return _METHODS[name](config, num_locations)
 
 
@@ -74,3 +78,10 @@ def _mtsl(config, num_locations: int) -> MethodSpec:
 def _mtsl_r(config, num_locations: int) -> MethodSpec:
     """MTSL-R: the plan MTSL converged to (same seed), retrained from a fresh initialisation."""
     return MethodSpec(retrains="mtsl")
+
+
+@register_method("mtsl_noalign")
+def _mtsl_noalign(config, num_locations: int) -> MethodSpec:
+    """MTSL without the alignment loss (the paper's ablation; the harness draws Fig. 4 from it and ``mtsl``)."""
+    mtsl = config.mtsl.from_dict({**config.mtsl.to_dict(), "align": False})
+    return MethodSpec(BranchingPlan.single_task(config.tasks, num_locations), StructuralLearner(mtsl))

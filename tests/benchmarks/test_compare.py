@@ -104,3 +104,20 @@ def test_resume_continues_an_interrupted_run_from_its_checkpoint(finished, capsy
     after = json.loads((run / "result.json").read_text())
     assert after["plan"] == before["plan"] and after["history"] == before["history"]
     assert after["metrics"] == pytest.approx(before["metrics"])
+
+
+def test_retrained_longer_and_encoder_setting_variants(tmp_path):
+    out = tmp_path / "variants"
+    argv = ["--methods", "mtsl_r,onenet_l,mtsl_noalign", "--setting", "encoder", "--out", str(out),
+            "--preset", "smoke", "--tasks", "S,D", "--no-progress"]
+    # onenet_l belongs to the encoder-decoder setting only, but asking for it by name still runs it
+    assert compare.main(argv) == 0
+    results = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert list(results) == ["stn", "onenet", "mtsl", "mtsl_r", "onenet_l", "mtsl_noalign"]
+    assert results["mtsl_r"]["plan"] == results["mtsl"]["plan"]
+    assert BranchingPlan.from_dict(results["mtsl"]["plan"]).num_locations == 6
+    smoke_epochs = 3
+    onenet_l = json.loads((out / "onenet_l" / "seed0" / "result.json").read_text())
+    assert len(onenet_l["history"]) == smoke_epochs + 2  # + the smoke preset's amalgamation epochs
+    assert (out / "alignment.png").stat().st_size > 0
+    assert "onenet_l" not in methods.method_names("encoder") and "onenet_l" in methods.method_names()

@@ -1,0 +1,44 @@
+"""Figures of the comparison beyond the architectures: the effect of alignment on similarity (paper Fig. 4)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def summed_similarity(record: Mapping) -> dict[str, float]:
+    """Each task's summed similarity with the other tasks, from a sibling set's ``{"tasks", "matrix"}``."""
+    matrix = np.asarray(record["matrix"], dtype=float)
+    return {t: float(matrix[i].sum() - matrix[i, i]) for i, t in enumerate(record["tasks"])}
+
+
+def alignment_figure(with_align: Sequence[Mapping], without_align: Sequence[Mapping], path: str | Path,
+                     location: int = 0) -> Path:
+    """Bar chart: each task's summed CKA with the other tasks at ``location``, with and without alignment,
+    mean ± std over seeds. Each argument is one sibling-set record (``{"tasks", "matrix"}``) per seed."""
+    if not with_align or not without_align:
+        raise ValueError("the alignment figure needs at least one run with and one without alignment")
+    tasks = list(with_align[0]["tasks"])
+    fig = Figure(figsize=(1.2 * len(tasks) + 2, 3.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(tasks))
+    lowest = np.inf
+    for offset, (label, records) in zip((-0.2, 0.2), (("with alignment", with_align),
+                                                       ("without alignment", without_align))):
+        values = np.array([[summed_similarity(r)[t] for t in tasks] for r in records])
+        ax.bar(x + offset, values.mean(0), 0.4, yerr=values.std(0) if len(values) > 1 else None, label=label,
+               capsize=3)
+        lowest = min(lowest, float(values.min()))
+    ax.set_ylim(bottom=max(0.0, lowest - 0.1 * (len(tasks) - 1 - lowest) - 0.01))  # zoom on the differences
+    ax.set_xticks(x, tasks)
+    ax.set_ylabel("summed CKA with other tasks")
+    ax.set_title(f"Task similarity at location {location} before the first grouping")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
