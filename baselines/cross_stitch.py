@@ -1,0 +1,141 @@
+"""Cross-stitch networks (Misra et al., CVPR 2016) on the timm stages, as a LibMTL architecture.
+
+One network per task, every node built with ``stages.build(location)`` (so the task networks start identical,
+like STN's), and a channel-wise cross-stitch unit after **every** location: after each of the 6 encoder
+locations and, in the encoder-decoder setting, after each of the 4 decoder locations too (10 units), the last
+one mixing the features the task heads read. A unit mixes the tasks' outputs at its location, per channel c::
+
+    x̃_i[:, c] = Σ_j α_ij^c · x_j[:, c]          α of shape (T, T, C)
+
+initialised to α_ii = 0.9 and α_ij = 0.1 / (T − 1) for j ≠ i (the identity when T = 1). A decoder location's
+skip is the task's own stitched output of the skip location. With every unit at the identity the task networks
+are independent STNs.
+
+Registered as ``cross_stitch``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.methods import MethodSpec, register_method
+from mtsl_plugin.network.stages import ResNetStages
+
+AbsArchitecture = import_libmtl().architecture.AbsArchitecture
+
+
+class CrossStitchUnit(nn.Module):
+    """Channel-wise linear mixing of the tasks' activations at one location.
+
+    ``forward(xs)``: ``xs`` is a list of T tensors ``(N, C, H, W)`` in task order; returns T tensors of the same
+    shape, the i-th being ``Σ_j α[i, j, c] · xs[j][:, c]`` per channel c.
+
+    Args:
+        num_tasks: T.
+        channels: C, the channels of the location's output.
+        self_weight: the initial α_ii; the rest of each row, 1 − self_weight, is spread evenly over the other
+            tasks, so every row starts summing to one.
+    """
+
+    def __init__(self, num_tasks: int, channels: int, self_weight: float = 0.9):
+        super().__init__()
+        if num_tasks < 1:
+            raise ValueError(f"a cross-stitch unit needs at least one task, got {num_tasks}")
+        if num_tasks == 1:
+            alpha = torch.ones(1, 1, channels)
+        else:
+            alpha = torch.full((num_tasks, num_tasks, channels), (1.0 - self_weight) / (num_tasks - 1))
+            alpha[range(num_tasks), range(num_tasks)] = self_weight
+        self.alpha = nn.Parameter(alpha)
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(xs) != self.alpha.shape[0]:
+            raise ValueError(f"cross-stitch unit for {self.alpha.shape[0]} tasks got {len(xs)} inputs")
+        stacked = torch.stack(list(xs))  # (T, N, C, H, W)
+        mixed = torch.einsum("ijc,jnchw->inchw", self.alpha.to(stacked.dtype), stacked)
+        return list(mixed.unbind(0))
+
+
+class CrossStitchNetwork(nn.Module):
+    """The T task networks of ``stages`` with a :class:`CrossStitchUnit` after every location.
+
+    ``forward(x (N, 3, H, W))`` returns, per task, the stitched output of the last location ``(N, C, h, w)``.
+    Attributes: ``nodes[location][task]`` (the task networks' nodes), ``units[location]``.
+    """
+
+    def __init__(self, stages: ResNetStages, tasks: Sequence[str], self_weight: float = 0.9):
+        super().__init__()
+        self.tasks = tuple(tasks)
+        self.specs = stages.specs
+        self.nodes = nn.ModuleList(nn.ModuleDict({t: stages.build(location) for t in self.tasks})
+                                   for location in range(stages.num_locations))
+        self.units = nn.ModuleList(CrossStitchUnit(len(self.tasks), spec.out_channels, self_weight)
+                                   for spec in self.specs)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs: list[list[torch.Tensor]] = []  # per location, per task (task order)
+        for location, spec in enumerate(self.specs):
+            inputs = [x] * len(self.tasks) if location == 0 else outputs[-1]
+            nodes = self.nodes[location]
+            if spec.skip_from is None:
+                ys = [nodes[t](inp) for t, inp in zip(self.tasks, inputs)]
+            else:
+                ys = [nodes[t](inp, skip) for t, inp, skip in zip(self.tasks, inputs, outputs[spec.skip_from])]
+            outputs.append(self.units[location](ys))
+        return dict(zip(self.tasks, outputs[-1]))
+
+
+class CrossStitch(AbsArchitecture):
+    """Cross-stitch networks on a timm ResNet, as a LibMTL architecture.
+
+    Subclasses ``AbsArchitecture`` rather than ``LibMTL.architecture.Cross_stitch``: that class's only own code
+    is its ``__init__``, which calls ``encoder_class()`` once per task expecting a torchvision ResNet (``relu``,
+    ``layer1``..``layer4``) and wraps it in a module with one scalar per (layer, source task) that is shared by
+    all target tasks; none of it applies to a stage table with decoder skips and channel-wise units.
+
+    LibMTL interface: ``encoder_class()`` returns the :class:`ResNetStages`; ``decoders`` maps task -> head
+    (``head(x, size)``, e.g. ``stages.build_head``); ``forward(inputs)`` returns task -> prediction
+    ``(N, K_t, H, W)``; the shared parameters (``get_share_params``) are the cross-stitch units, the only
+    parameters that belong to no single task. ``arch_args``: ``self_weight`` (initial α_ii, default 0.9);
+    ``plan`` must be ``None`` (the harness passes it to every architecture; cross-stitch is not plan-based).
+    ``rep_grad`` and ``multi_input`` are not supported.
+    """
+
+    def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
+        super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
+        if rep_grad:
+            raise ValueError("cross-stitch does not support rep_grad=True: every task has its own representation "
+                             "path, not one shared representation")
+        if multi_input:
+            raise ValueError("cross-stitch needs one input shared by all tasks (multi_input=False)")
+        if kwargs.get("plan") is not None:
+            raise ValueError("cross-stitch is not plan-based: pass plan=None")
+        missing = [t for t in task_name if t not in decoders]
+        if missing:
+            raise ValueError(f"no head given for task(s) {missing}")
+        self.encoder = CrossStitchNetwork(encoder_class(), task_name, kwargs.get("self_weight", 0.9))
+        self.decoders = nn.ModuleDict({t: decoders[t] for t in task_name})
+
+    def forward(self, inputs: torch.Tensor, task_name: str | None = None) -> dict[str, torch.Tensor]:
+        features = self.encoder(inputs)
+        size = (inputs.shape[-2], inputs.shape[-1])
+        tasks = self.task_name if task_name is None else [task_name]
+        return {t: self.decoders[t](features[t], size) for t in tasks}
+
+    def get_share_params(self):
+        return self.encoder.units.parameters()
+
+    def zero_grad_share_params(self) -> None:
+        # in place, not set to None: LibMTL's gradient-surgery methods write into ``param.grad.data``
+        for p in self.encoder.units.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+
+
+@register_method("cross_stitch")
+def cross_stitch(config, num_locations: int) -> MethodSpec:
+    """Cross-stitch networks: one network per task, channel-wise units after every location."""
+    return MethodSpec(architecture=CrossStitch, arch_args={"self_weight": 0.9})
