@@ -1,2 +1,3 @@
 """Baseline methods, registered in :mod:`mtsl_plugin.methods` on import."""
-from baselines import cross_stitch, mtan, plans  # noqa: F401  (register stn, onenet, onenet_l, cross_stitch, mtan)
+# registers stn, onenet, onenet_l, cross_stitch, mtan, ltb, ltb_r, bmtas, bmtas_r
+from baselines import bmtas, cross_stitch, ltb, mtan, plans  # noqa: F401
