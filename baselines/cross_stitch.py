@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from mtsl_plugin.architecture import check_architecture_args
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, register_method
 from mtsl_plugin.network.stages import ResNetStages
@@ -106,16 +107,7 @@ class CrossStitch(AbsArchitecture):
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
-        if rep_grad:
-            raise ValueError("cross-stitch does not support rep_grad=True: every task has its own representation "
-                             "path, not one shared representation")
-        if multi_input:
-            raise ValueError("cross-stitch needs one input shared by all tasks (multi_input=False)")
-        if kwargs.get("plan") is not None:
-            raise ValueError("cross-stitch is not plan-based: pass plan=None")
-        missing = [t for t in task_name if t not in decoders]
-        if missing:
-            raise ValueError(f"no head given for task(s) {missing}")
+        check_architecture_args("cross-stitch", task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
         self.encoder = CrossStitchNetwork(encoder_class(), task_name, kwargs.get("self_weight", 0.9))
         self.decoders = nn.ModuleDict({t: decoders[t] for t in task_name})
 

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from baselines import gates
+from mtsl_plugin.architecture import check_architecture_args
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, register_method
 from mtsl_plugin.network.cost import count_gmac
@@ -77,15 +78,7 @@ class LTB(AbsArchitecture):
         if unknown:
             known = sorted(LTB_ARGS | self.extra_args)
             raise ValueError(f"{self.label} got unknown arch_args {unknown}; known: {known}")
-        if rep_grad:
-            raise ValueError(f"{self.label} does not support rep_grad=True: tasks read different nodes")
-        if multi_input:
-            raise ValueError(f"{self.label} needs one input shared by all tasks (multi_input=False)")
-        if kwargs.get("plan") is not None:
-            raise ValueError(f"{self.label} searches its plan and takes no starting plan")
-        missing = [t for t in task_name if t not in decoders]
-        if missing:
-            raise ValueError(f"no head given for task(s) {missing}")
+        check_architecture_args(self.label, task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
         stages = encoder_class()
         self.specs = stages.specs
         self.tasks: tuple[str, ...] = tuple(task_name)

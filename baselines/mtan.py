@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtsl_plugin.architecture import check_architecture_args
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, register_method
 from mtsl_plugin.network.stages import ResNetStages
@@ -138,16 +139,7 @@ class MTAN(AbsArchitecture):
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
-        if rep_grad:
-            raise ValueError("MTAN does not support rep_grad=True here: every task has its own attended "
-                             "representation; use a weighting method that works on parameter gradients")
-        if multi_input:
-            raise ValueError("MTAN needs one input shared by all tasks (multi_input=False)")
-        if kwargs.get("plan") is not None:
-            raise ValueError("MTAN is not plan-based: pass plan=None")
-        missing = [t for t in task_name if t not in decoders]
-        if missing:
-            raise ValueError(f"no head given for task(s) {missing}")
+        check_architecture_args("MTAN", task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
         self.encoder = AttentionNetwork(encoder_class(), task_name, kwargs.get("attention_reduction", 4))
         self.decoders = nn.ModuleDict({t: decoders[t] for t in task_name})
 

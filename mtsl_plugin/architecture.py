@@ -22,16 +22,28 @@ from mtsl_plugin.plan import BranchingPlan
 AbsArchitecture = import_libmtl().architecture.AbsArchitecture
 
 
+def check_architecture_args(name: str, task_name, decoders, rep_grad: bool, multi_input: bool,
+                            plan_based: bool = False, plan=None) -> None:
+    """The checks every architecture of this project makes on LibMTL's constructor arguments: one input shared
+    by all tasks, no representation gradients, a head per task, and a plan only for plan-based architectures."""
+    if rep_grad:
+        raise ValueError(f"{name} does not support rep_grad=True: tasks do not share one representation")
+    if multi_input:
+        raise ValueError(f"{name} needs one input shared by all tasks (multi_input=False)")
+    if not plan_based and plan is not None:
+        raise ValueError(f"{name} is not plan-based (it takes no starting plan): pass plan=None")
+    missing = [t for t in task_name if t not in decoders]
+    if missing:
+        raise ValueError(f"no head given for task(s) {missing}")
+
+
 class MTSL(AbsArchitecture):
     """Multi-Task Structural Learning (Gurulingan et al., ICML 2023) on a branched timm ResNet."""
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         decoders = dict(decoders)  # a plain dict: the heads are registered once, inside the branched network
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
-        if rep_grad:
-            raise ValueError("MTSL does not support rep_grad=True: task nodes are not one shared representation")
-        if multi_input:
-            raise ValueError("MTSL needs one input shared by all tasks (multi_input=False)")
+        check_architecture_args("MTSL", task_name, decoders, rep_grad, multi_input, plan_based=True)
         stages = encoder_class()
         plan = kwargs.get("plan") or BranchingPlan.single_task(task_name, stages.num_locations)
         if list(plan.tasks) != list(task_name):
