@@ -7,7 +7,8 @@ scheduler (the paper's steps at epochs 60 and 70), and replaces LibMTL's epoch l
 
 * draws batches in an order fixed by (seed, epoch), so a resumed run sees the same data;
 * adds the structural learner's alignment loss and runs its phases at epoch boundaries;
-* writes an atomic checkpoint after every epoch and every structural phase, and resumes from one;
+* writes an atomic checkpoint after structural phases, every minute or so at epoch ends, and at the end,
+  and resumes from one;
 * uses bf16 autocast on CUDA and shows tqdm progress bars.
 """
 from __future__ import annotations
@@ -121,7 +122,8 @@ class MTLTrainer(LibMTL.Trainer):
     def network(self) -> BranchedNetwork:
         return self.model.encoder
 
-    def _autocast(self):
+    def autocast(self):
+        """The precision context of this trainer's forward passes: bf16 autocast on CUDA, full precision else."""
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -134,7 +136,7 @@ class MTLTrainer(LibMTL.Trainer):
     def train_step(self, images: torch.Tensor, gts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
         """One optimisation step: task losses through the weighting method, plus the alignment term."""
         self.model.train()
-        with self._autocast():
+        with self.autocast():
             preds = self.model(images)
         losses = self.task_losses(preds, gts)
         align = None
@@ -159,7 +161,7 @@ class MTLTrainer(LibMTL.Trainer):
             self.task_dict[task]["metrics_fn"].reinit()
         for images, gts in loader:
             images = images.to(self.device)
-            with self._autocast():
+            with self.autocast():
                 preds = self.model(images)
             for task in self.task_name:
                 self.task_dict[task]["metrics_fn"].update_fun(preds[task].float(), gts[task].to(self.device))
@@ -167,16 +169,21 @@ class MTLTrainer(LibMTL.Trainer):
 
     # ------------------------------------------------------------------ the loop
     def fit(self, data: RunData, total_epochs: int, *, checkpoint: str | Path | None = None,
-            on_phase: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
+            on_phase: Callable[[dict], None] | None = None, progress: bool = True,
+            checkpoint_every: float = 60.0) -> list[dict]:
         """Train until ``total_epochs`` task-learning epochs are done, running structural phases when due.
 
         Resumes from ``self.epochs_done`` (see :meth:`load`). ``on_phase`` receives each phase record as a dict.
+        ``checkpoint`` is written at the end of an epoch when ``checkpoint_every`` seconds have passed since the
+        last write, after every structural phase, and at the end (a killed run loses at most about that much
+        training; writing a ResNet18 STN's weights and Adam state every epoch would cost seconds per epoch).
         Returns the per-epoch history (mean task losses, alignment loss, seconds).
         """
         disable = None if progress else True
         holdout = (lambda: data.batches(data.holdout)) if data.holdout is not None else None
         bar = tqdm(total=total_epochs, initial=self.epochs_done, desc="epochs", disable=disable)
         self.model.total_epochs = total_epochs
+        last_save = time.perf_counter()
         while self.epochs_done < total_epochs:
             self.model.epoch = self.epochs_done  # LibMTL's convention: architectures may read the epoch
             start = time.perf_counter()
@@ -195,6 +202,7 @@ class MTLTrainer(LibMTL.Trainer):
             self.history.append({"epoch": self.epochs_done, "seconds": time.perf_counter() - start,
                                  "align": align_sum / max(steps, 1),
                                  **{t: float(v) / max(steps, 1) for t, v in zip(self.task_name, sums)}})
+            changed = False
             while self.learner is not None and self.learner.phase_due(self.epochs_done):
                 if holdout is None:
                     raise ValueError("MTSL needs a held-out slice of the training data for grouping decisions")
@@ -206,10 +214,11 @@ class MTLTrainer(LibMTL.Trainer):
                     progress=progress)
                 if on_phase is not None:
                     on_phase(record.to_dict())
-                if checkpoint is not None:
-                    self.save(checkpoint)
-            if checkpoint is not None:
+                changed = True
+            due = changed or self.epochs_done == total_epochs or time.perf_counter() - last_save >= checkpoint_every
+            if checkpoint is not None and due:
                 self.save(checkpoint)
+                last_save = time.perf_counter()
             bar.update(1)
         bar.close()
         return self.history
