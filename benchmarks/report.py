@@ -61,8 +61,9 @@ def _stat(values: Sequence[float]) -> dict[str, float] | None:
 
 def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Group ``runs`` by method (first-seen order) and average every numeric field over the successful seeds.
+    A run's ``label`` (a variant of a method, e.g. ``mtsl_threshold0.5``), when present, names its row instead.
 
-    Returns ``{method: entry}`` with ``entry`` holding ``method``, ``runs``, ``ok``, ``failed`` (counts),
+    Returns ``{method: entry}`` with ``entry`` holding ``method`` (the row name), ``runs``, ``ok``, ``failed`` (counts),
     ``seeds`` and ``failed_seeds``, ``errors`` (the failed runs' messages), ``metrics`` (``{task: stat}``) and one
     stat per field of :data:`SCALAR_FIELDS`. A stat is ``{"mean", "std", "n"}`` (sample standard deviation,
     0 for one seed) over the successful runs that report the field, or ``None`` when none does. Failed runs are
@@ -76,7 +77,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
             raise ValueError(
                 f"run {index} ({run['method']}) has status {run.get('status')!r}; expected 'ok' or 'failed'"
             )
-        grouped.setdefault(str(run["method"]), []).append(run)
+        grouped.setdefault(str(run.get("label") or run["method"]), []).append(run)
 
     aggregated: dict[str, dict[str, Any]] = {}
     for method, group in grouped.items():

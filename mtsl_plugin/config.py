@@ -83,9 +83,10 @@ class RunConfig:
         data["lr_steps"] = tuple(data.get("lr_steps", cls.lr_steps))
         return cls(**data)
 
-    def fingerprint(self, *, exclude: tuple[str, ...] = ("device",)) -> str:
-        """A short hash of everything that changes results (the device does not)."""
+    def fingerprint(self, *, exclude: tuple[str, ...] = ("device",), extra: Mapping[str, Any] | None = None) -> str:
+        """A short hash of everything that changes results (the device does not), plus ``extra`` values."""
         data = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        data.update(extra or {})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -4,7 +4,7 @@ Every run writes into its own folder::
 
     run_dir/
       config.json            the RunConfig and method
-      checkpoint.pt          after every epoch and structural phase (what --resume continues from)
+      checkpoint.pt          after structural phases, about every minute, and at the end (what resume continues)
       phase_<k>.json         plan after structural phase k, with the similarity matrices it was decided on
       plan.json              the final plan
       result.json            metrics, Δs filled in by the harness, params, GMac, timings, history
@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import Subset
 
 from mtsl_plugin.architecture import MTSL
-from mtsl_plugin.config import RunConfig
+from mtsl_plugin.config import NUM_LOCATIONS, RunConfig
 from mtsl_plugin.data import build_dataset
 from mtsl_plugin.libmtl_compat import import_libmtl
-from mtsl_plugin.methods import build_method
+from mtsl_plugin.methods import MethodSpec, build_method
 from mtsl_plugin.network.cost import model_cost
 from mtsl_plugin.network.stages import ResNetStages
 from mtsl_plugin.plan import BranchingPlan
@@ -82,26 +82,40 @@ def build_stages(config: RunConfig) -> ResNetStages:
                         decoder=config.setting == "encoder-decoder", seed=config.seed)
 
 
+def run_fingerprint(method: str, config: RunConfig, spec: MethodSpec, plan: BranchingPlan | None = None) -> str:
+    """A short hash of everything a run's results depend on: the method, the configuration (not the device),
+    MTSL's options only for methods with a structural learner, the epochs a method adds, and the plan a "-R"
+    method retrains. Runs with equal fingerprints are interchangeable, so STN and One-Net runs are shared by
+    every MTSL variant of a sweep."""
+    exclude = ("device",) if spec.learner is not None else ("device", "mtsl")
+    retrained = plan.to_json() if plan is not None and spec.retrains is not None else None
+    return config.fingerprint(exclude=exclude, extra={"method": method, "extra_epochs": spec.extra_epochs,
+                                                      "retrained_plan": retrained})
+
+
 def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: bool = False,
                progress: bool = True, plan: BranchingPlan | None = None) -> dict[str, Any]:
     """Train and evaluate ``method``; returns (and writes) its result record.
 
     With ``resume`` a checkpoint in ``run_dir`` is continued; ``plan`` is the plan a retraining ("-R") method
-    retrains.
+    retrains. A ``run_dir`` that holds a run of another fingerprint (:func:`run_fingerprint`) is never touched.
     """
     run_dir = Path(run_dir)
+    spec = build_method(method, config, NUM_LOCATIONS[config.setting])
+    if spec.retrains is not None and plan is None:
+        raise ValueError(f"method {method!r} retrains the final plan of {spec.retrains!r}: pass that plan")
+    fingerprint = run_fingerprint(method, config, spec, plan)
+    saved = run_dir / "config.json"
+    if saved.exists() and json.loads(saved.read_text()).get("fingerprint") != fingerprint:
+        raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     data, dataset = build_data(config)
-    names = [t for t in config.tasks if t in dataset.tasks]
     missing = [t for t in config.tasks if t not in dataset.tasks]
     if missing:
         raise ValueError(f"dataset {config.data.name!r} has no target for task(s) {missing}")
-    tasks = build_tasks(names, dataset.num_classes)
+    tasks = build_tasks(list(config.tasks), dataset.num_classes)
     stages = build_stages(config)
-    spec = build_method(method, config.replace(tasks=tuple(names)), stages.num_locations)
-    if spec.retrains is not None and plan is None:
-        raise ValueError(f"method {method!r} retrains the final plan of {spec.retrains!r}: pass that plan")
     start_plan = plan or spec.plan
     checkpoint = run_dir / "checkpoint.pt"
     if resume and checkpoint.exists() and start_plan is not None:
@@ -109,7 +123,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     trainer = build_trainer(config, tasks, start_plan, stages, spec.learner, spec.architecture, spec.arch_args)
     if resume and checkpoint.exists():
         trainer.load(checkpoint)
-    write_json(run_dir / "config.json", {"method": method, "config": config.to_dict()})
+    write_json(saved, {"method": method, "config": config.to_dict(), "fingerprint": fingerprint})
 
     def on_phase(record: dict) -> None:
         write_json(run_dir / f"phase_{record['phase']}.json", record)
@@ -137,7 +151,31 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         "plan_text": final_plan.describe() if final_plan is not None else None,
         "params_m": cost.params / 1e6, "gmac": cost.gmac,
         "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - started,
-        "history": history, "fingerprint": config.fingerprint(),
+        "history": history, "fingerprint": fingerprint,
+        "config_fingerprint": config.fingerprint(),  # to find the source run of a "-R" method
+        "reference_key": config.fingerprint(exclude=("device", "mtsl")),  # runs with one STN reference
     }
     write_json(run_dir / "result.json", result)
     return result
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> tuple[MTLTrainer, RunData, RunConfig]:
+    """The trained model of the finished run in ``run_dir`` (rebuilt from its ``config.json`` and checkpoint),
+    with the run's data, ready for evaluation (``trainer.evaluate``, ``trainer.model``, ``trainer.task_dict``)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "result.json").is_file():
+        raise FileNotFoundError(f"{run_dir} holds no finished run (no result.json)")
+    meta = json.loads((run_dir / "config.json").read_text())
+    config = RunConfig.from_dict(meta["config"])
+    if device is not None:
+        config = config.replace(device=device)
+    spec = build_method(meta["method"], config, NUM_LOCATIONS[config.setting])
+    seed_everything(config.seed)
+    data, dataset = build_data(config)
+    tasks = build_tasks(list(config.tasks), dataset.num_classes)
+    checkpoint = run_dir / "checkpoint.pt"
+    trainer = build_trainer(config, tasks, MTLTrainer.checkpoint_plan(checkpoint), build_stages(config),
+                            spec.learner, spec.architecture, spec.arch_args)
+    trainer.load(checkpoint)
+    trainer.model.eval()
+    return trainer, data, config

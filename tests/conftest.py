@@ -14,3 +14,25 @@ def smoke_config(tasks=("S", "D", "E"), **mtsl_changes):
 @pytest.fixture
 def smoke():
     return smoke_config
+
+
+@pytest.fixture
+def nyuv2_root(tmp_path):
+    """A tiny NYUv2 folder in the LibMTL/MTAN ``.npy`` layout (13 classes), big enough for the smoke preset."""
+    return write_nyuv2(tmp_path / "nyuv2")
+
+
+def write_nyuv2(root, n_train=40, n_val=8, size=(32, 32), seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for split, n in (("train", n_train), ("val", n_val)):
+        for folder in ("image", "label", "depth", "normal"):
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            np.save(root / split / "image" / f"{i}.npy", rng.uniform(0, 1, (h, w, 3)).astype(np.float32))
+            np.save(root / split / "label" / f"{i}.npy", rng.integers(-1, 13, (h, w)).astype(np.float32))
+            np.save(root / split / "depth" / f"{i}.npy", rng.uniform(0.5, 8, (h, w, 1)).astype(np.float32))
+            np.save(root / split / "normal" / f"{i}.npy", rng.normal(size=(h, w, 3)).astype(np.float32))
+    return root

@@ -1,0 +1,266 @@
+"""What every benchmark command shares: the run options, the jobs they train (reusing finished runs), and Δs.
+
+A **job** is one training run: a registry method on one configuration and seed, stored in
+``<out>/<label>/seed<k>/``. ``label`` names the row of a table; it is the method's name unless a command trains
+a variant (``ablation.py``'s ``mtsl_noalign_avg``, ``sensitivity.py``'s ``mtsl_threshold0.5``...). A job whose
+folder already holds a finished run of the same fingerprint (see :func:`~mtsl_plugin.experiment.run_fingerprint`)
+is reused, one with a checkpoint of the same fingerprint is continued, and a folder holding a *different* run is
+never overwritten: that job fails with a message naming the folder. So every command can point ``--out`` at the
+folder of an earlier ``compare.py`` run and train only what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import timm
+
+import baselines  # noqa: F401  (registers the baseline methods)
+from benchmarks.report import aggregate, delta_mtl, format_table, write_csv, write_markdown
+from mtsl_plugin.config import NUM_LOCATIONS, PRESETS, SETTINGS, RunConfig, load_preset
+from mtsl_plugin.experiment import run_fingerprint, run_method, write_json
+from mtsl_plugin.learner.schedule import MTSLConfig
+from mtsl_plugin.methods import build_method
+from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.plan_figure import draw_plans
+from mtsl_plugin.plugins import PluginError, amalgamator, grouping_solver, load_plugin, similarity
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed as one line, exit code 2."""
+
+
+#: The exceptions a command turns into ``error: <message>`` and exit code 2.
+USER_ERRORS = (UsageError, PluginError, ValueError, FileNotFoundError)
+
+
+def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
+    """The options that define the runs (data, backbone, budget, MTSL's plugins); shared by every command."""
+    p.add_argument("--preset", default="quick", choices=PRESETS)
+    p.add_argument("--setting", default="encoder-decoder", choices=SETTINGS,
+                   help="encoder-decoder: 10 merge locations (paper Table 2); encoder: 6, DeepLab heads (Table 1)")
+    p.add_argument("--seeds", default=default_seeds, help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--dataset", default=None, help="synthetic (default), nyuv2 or cityscapes")
+    p.add_argument("--data-root", default=None, help="folder of a preprocessed real data set")
+    p.add_argument("--tasks", default=None, help="comma-separated task letters (default: all the data has)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--backbone", default=None, help="timm ResNet name (default resnet18)")
+    p.add_argument("--pretrained", action="store_true", help="timm's pretrained backbone weights")
+    p.add_argument("--weights", default=None, help="local backbone weights file")
+    p.add_argument("--weighting", default=None, help="LibMTL weighting method, e.g. EW (default) or UW")
+    p.add_argument("--similarity", default=None, help="similarity plugin: cka (default) or rsa")
+    p.add_argument("--grouping", default=None, help="grouping-solver plugin (default fewest_groups)")
+    p.add_argument("--amalgamator", default=None, help="amalgamator plugin (default att)")
+    p.add_argument("--threshold", type=float, default=None, help="grouping threshold γ (default 0.8)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import a plugin module")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The :class:`RunConfig` of :func:`add_run_args`' options (plugins named there must be loaded already)."""
+    config = load_preset(args.preset)
+    data = config.data
+    if args.dataset is not None:
+        data = type(data)(**{**data.__dict__, "name": args.dataset, "root": args.data_root})
+        if args.dataset != "synthetic":  # real data: use the whole split unless the preset is a smoke test
+            data = type(data)(**{**data.__dict__, "train": data.train if args.preset == "smoke" else None,
+                                 "test": data.test if args.preset == "smoke" else None})
+    mtsl = config.mtsl.to_dict()
+    for key, value in (("similarity", args.similarity), ("grouping", args.grouping),
+                       ("amalgamator", args.amalgamator), ("threshold", args.threshold)):
+        if value is not None:
+            mtsl[key] = value
+    mtsl.update({k: False for k, flag in (("align", getattr(args, "no_align", False)),
+                                          ("average_init", getattr(args, "no_average_init", False)),
+                                          ("amalgamate", getattr(args, "no_amalgamation", False))) if flag})
+    changes: dict[str, Any] = {"data": data, "mtsl": MTSLConfig.from_dict(mtsl), "device": args.device,
+                               "setting": args.setting}
+    if args.tasks:
+        changes["tasks"] = tuple(t.strip() for t in args.tasks.split(","))
+    for key in ("backbone", "weights", "weighting"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    if args.pretrained:
+        changes["pretrained"] = True
+    config = config.replace(**changes)
+    if not timm.is_model(config.backbone) or not config.backbone.startswith(("resnet", "resnext", "seresnet")):
+        raise UsageError(f"--backbone {config.backbone!r} is not a timm ResNet (e.g. resnet18, resnet34, resnet50)")
+    if config.weights is not None and not Path(config.weights).is_file():
+        raise UsageError(f"--weights {config.weights}: no such file")
+    similarity(config.mtsl.similarity), grouping_solver(config.mtsl.grouping), amalgamator(config.mtsl.amalgamator)
+    return config
+
+
+def load_plugins(args: argparse.Namespace) -> None:
+    for module in args.plugin:
+        load_plugin(module)
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UsageError(f"--{what} is empty")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in parse_list(text, "seeds")]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, got {text!r}") from None
+
+
+def run_main(main_body, args: argparse.Namespace) -> int:
+    """Run a command's body; user errors become one line on stderr and exit code 2."""
+    try:
+        load_plugins(args)
+        return main_body()
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+@dataclass(frozen=True)
+class Job:
+    """One run to train: ``method`` on ``config`` (seed included), stored under ``<out>/<label>/seed<k>``.
+
+    ``plan`` is the plan a retraining ("-R") method retrains; when ``None`` it is the final plan of the
+    method's source trained earlier in the same job list (same seed and configuration).
+    """
+
+    label: str
+    method: str
+    config: RunConfig
+    plan: BranchingPlan | None = None
+
+    def run_dir(self, out: Path) -> Path:
+        return out / self.label / f"seed{self.config.seed}"
+
+
+def source_of(method: str, config: RunConfig) -> str | None:
+    """The method whose final plan ``method`` retrains ("-R" methods), else ``None``. A builder that fails
+    here fails again, reported, when its run starts."""
+    try:
+        return build_method(method, config, NUM_LOCATIONS[config.setting]).retrains
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def with_sources(methods: list[str], config: RunConfig) -> list[str]:
+    """``methods`` with every "-R" method's source method inserted before it (if not already earlier)."""
+    ordered: list[str] = []
+    for method in methods:
+        source = source_of(method, config)
+        if source is not None and source not in ordered:
+            ordered.append(source)
+        if method not in ordered:
+            ordered.append(method)
+    return ordered
+
+
+def method_jobs(methods: Sequence[str], config: RunConfig, seeds: Sequence[int]) -> list[Job]:
+    """One job per method and seed, labelled by the method's name (method-major order)."""
+    return [Job(m, m, config.replace(seed=s)) for m in methods for s in seeds]
+
+
+def retrained_plan(job: Job, results: list[dict[str, Any]]) -> BranchingPlan | None:
+    """For a "-R" job, the plan it retrains: its own ``plan``, else the final plan of its source's run of the
+    same seed and configuration trained earlier in this job list."""
+    source = source_of(job.method, job.config)
+    if source is None or job.plan is not None:
+        return job.plan
+    for r in results:
+        if (r["method"] == source and r["seed"] == job.config.seed and r["status"] == "ok" and r.get("plan")
+                and r.get("config_fingerprint") == job.config.fingerprint()):
+            return BranchingPlan.from_dict(r["plan"])
+    raise ValueError(f"{job.method} retrains the plan of {source}, whose run (seed {job.config.seed}) did not finish")
+
+
+def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
+    """Train ``job`` (or reuse / continue its folder); raises on failure."""
+    run_dir = job.run_dir(out)
+    plan = retrained_plan(job, results)
+    spec = build_method(job.method, job.config, NUM_LOCATIONS[job.config.setting])
+    fingerprint = run_fingerprint(job.method, job.config, spec, plan)
+    tag = f"[{job.label} seed {job.config.seed}]"
+    done, started = run_dir / "result.json", run_dir / "config.json"
+    if done.exists() or started.exists():
+        previous = json.loads((done if done.exists() else started).read_text())
+        if previous.get("fingerprint") != fingerprint:
+            raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another --out")
+        if done.exists() and previous.get("status") == "ok":
+            print(f"{tag} reusing the finished run in {run_dir}", flush=True)
+            return {**previous, "label": job.label}
+    print(f"{tag} training", flush=True)
+    result = run_method(job.config, job.method, run_dir, resume=True, progress=progress, plan=plan)
+    return {**result, "label": job.label}
+
+
+def run_jobs(jobs: Sequence[Job], out: Path, progress: bool) -> list[dict[str, Any]]:
+    """Run every job in order; a failing job is recorded (``status: failed``, ``error.txt`` in its folder) and the
+    others still run. Returns one result record per job, ``label`` added."""
+    results: list[dict[str, Any]] = []
+    for job in jobs:
+        try:
+            results.append(run_job(job, out, results, progress))
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # keep going with the other jobs; the table shows the failure
+            run_dir = job.run_dir(out)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.txt").write_text(traceback.format_exc())
+            print(f"[{job.label} seed {job.config.seed}] failed: {exc}", file=sys.stderr, flush=True)
+            results.append({"method": job.method, "label": job.label, "seed": job.config.seed, "status": "failed",
+                            "error": str(exc)})
+    return results
+
+
+def add_deltas(results: list[dict[str, Any]]) -> None:
+    """Δ_MTL and Δ_SD (percent) of every run against the STN run of the same configuration (seed, tasks, data,
+    budget...; MTSL's options aside): the runs' ``reference_key``."""
+    reference = {r["reference_key"]: r for r in results if r["method"] == "stn" and r["status"] == "ok"}
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        ref = reference.get(r["reference_key"])
+        if ref is None:
+            r["delta_mtl"] = r["delta_sd"] = None
+            continue
+        r["delta_mtl"] = delta_mtl(r["metrics"], ref["metrics"], r["higher_is_better"])
+        sd = [t for t in ("S", "D") if t in r["metrics"]]
+        r["delta_sd"] = delta_mtl(r["metrics"], ref["metrics"], r["higher_is_better"], sd) if len(sd) == 2 else None
+
+
+def final_plans(results: Sequence[dict[str, Any]]) -> dict[str, BranchingPlan]:
+    """The final plan of each row (label) of ``results``, from its first successful seed."""
+    plans: dict[str, BranchingPlan] = {}
+    for r in results:
+        if r["status"] == "ok" and r.get("plan"):
+            plans.setdefault(r.get("label") or r["method"], BranchingPlan.from_dict(r["plan"]))
+    return plans
+
+
+def write_results(results: list[dict[str, Any]], folder: Path) -> str:
+    """Write the comparison table (``table.md``, ``results.csv``), every run's record (``results.json``) and the
+    final architectures side by side (``architecture.png``) into ``folder``; return the table."""
+    ok = [r for r in results if r["status"] == "ok"]
+    tasks: list[str] = []
+    higher: dict[str, bool] = {}
+    for r in ok:  # a task sweep has runs of different task sets
+        tasks += [t for t in r["metrics"] if t not in tasks]
+        higher.update(r["higher_is_better"])
+    aggregated = aggregate(results)
+    table = format_table(aggregated, tasks, higher)
+    write_markdown(table, folder / "table.md")
+    write_csv(aggregated, folder / "results.csv")
+    write_json(folder / "results.json", [{k: v for k, v in r.items() if k != "history"} for r in results])
+    plans = final_plans(results)
+    if plans:
+        draw_plans(plans, folder / "architecture.png")
+    return table
