@@ -85,3 +85,10 @@ def _mtsl_noalign(config, num_locations: int) -> MethodSpec:
     """MTSL without the alignment loss (the paper's ablation; the harness draws Fig. 4 from it and ``mtsl``)."""
     mtsl = config.mtsl.from_dict({**config.mtsl.to_dict(), "align": False})
     return MethodSpec(BranchingPlan.single_task(config.tasks, num_locations), StructuralLearner(mtsl))
+
+
+@register_method("mtsl_rsa")
+def _mtsl_rsa(config, num_locations: int) -> MethodSpec:
+    """MTSL-RSA: grouping decisions on RSA instead of CKA (the alignment loss stays CKA: RSA has no gradient)."""
+    mtsl = config.mtsl.from_dict({**config.mtsl.to_dict(), "similarity": "rsa"})
+    return MethodSpec(BranchingPlan.single_task(config.tasks, num_locations), StructuralLearner(mtsl))

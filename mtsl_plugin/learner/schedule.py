@@ -21,7 +21,8 @@ class MTSLConfig:
     total_epochs: int = 80
     threshold: float = 0.8
     align_weight: float = 0.2
-    similarity: str = "cka"
+    similarity: str = "cka"  # the measure grouping decisions are made on (paper: CKA; MTSL-RSA: rsa)
+    align_similarity: str = "cka"  # the measure the alignment loss raises; must be differentiable
     grouping: str = "fewest_groups"
     amalgamator: str = "att"
     align: bool = True

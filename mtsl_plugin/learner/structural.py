@@ -4,11 +4,12 @@ One :class:`StructuralLearner` drives a :class:`BranchedNetwork` through the pha
 
 * during task learning, :meth:`alignment_loss` adds ``λ · mean(1 − CKA)`` over pairs of sibling task nodes at the
   current location (features spatially averaged to (N, C));
-* at the end of phase k, :meth:`structural_phase` measures the pairwise similarity of the sibling task nodes on a
-  held-out slice of the *training* data, lets the grouping solver choose a partition, and for every group whose
-  value reaches the threshold creates a group node (weights and optimizer state averaged over the task nodes),
-  distils it with the amalgamator against the frozen task nodes, then removes the task nodes so their branches
-  hang off the group node.
+* at the end of phase k, :meth:`structural_phase` measures the pairwise similarity (the ``similarity`` plugin:
+  CKA, or RSA for MTSL-RSA, which is not differentiable and so never drives the alignment) of the sibling task
+  nodes on a held-out slice of the *training* data, lets the grouping solver choose a partition, and for every
+  group whose value reaches the threshold creates a group node (weights and optimizer state averaged over the
+  task nodes), distils it with the amalgamator against the frozen task nodes, then removes the task nodes so
+  their branches hang off the group node.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ class StructuralLearner:
     def __init__(self, config: MTSLConfig):
         self.config = config
         self.similarity = similarity(config.similarity)
+        self.align_similarity = similarity(config.align_similarity)
         self.solver = grouping_solver(config.grouping)
         self.amalgamator = amalgamator(config.amalgamator)
         self.phases_done = 0
@@ -88,15 +90,19 @@ class StructuralLearner:
     # ------------------------------------------------------------------ task learning
     def alignment_loss(self, plan: BranchingPlan, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """``λ · Σ_sets mean_pairs (1 − sim(F_i, F_j))`` over sibling task nodes at the current location, or
-        ``None`` when alignment is off, the phases are over, or no task node has a sibling."""
+        ``None`` when alignment is off, the phases are over, or no task node has a sibling. ``sim`` is the
+        ``align_similarity`` plugin (CKA), independent of the ``similarity`` that grouping decisions use."""
         if not self.config.align or self.finished or self.config.align_weight == 0:
             return None
         _, sets = self.current_siblings(plan)
         terms = []
         for tasks in sets:
-            pairs = [1 - self.similarity(pooled(features[a]), pooled(features[b]))
+            pairs = [1 - self.align_similarity(pooled(features[a]), pooled(features[b]))
                      for a, b in itertools.combinations(tasks, 2)]
             terms.append(torch.stack(pairs).mean())
+            if torch.is_grad_enabled() and features[tasks[0]].requires_grad and not terms[-1].requires_grad:
+                raise ValueError(f"similarity {self.config.align_similarity!r} returns no gradient, so it cannot "
+                                 "drive the alignment loss (align_similarity); use a differentiable one such as cka")
         return self.config.align_weight * torch.stack(terms).sum() if terms else None
 
     # ------------------------------------------------------------------ structural phase

@@ -50,6 +50,16 @@ def test_threshold_above_one_merges_nothing(smoke, tmp_path):
     assert BranchingPlan.from_dict(result["plan"]) == BranchingPlan.single_task(("S", "D", "E"), 10)
 
 
+def test_threshold_zero_with_fewest_groups_shares_every_location(smoke, tmp_path):
+    """Trained (not frozen) branches whose similarities are below one still all merge at γ = 0."""
+    config = smoke(task_epochs=(1,) + (0,) * 9, amalgamation_epochs=(0,) * 10, threshold=0.0)
+    assert config.mtsl.grouping == "fewest_groups"
+    result = run_method(config, "mtsl", tmp_path, progress=False)
+    assert BranchingPlan.from_dict(result["plan"]) == BranchingPlan.one_net(("S", "D", "E"), 10)
+    first = json.loads((tmp_path / "phase_0.json").read_text())
+    assert min(min(row) for row in first["similarities"][0]["matrix"]) < 0.999
+
+
 @pytest.mark.parametrize("flag", ["align", "amalgamate"])
 def test_ablation_switches_change_the_algorithm(smoke, flag, tmp_path):
     config = smoke(**{flag: False})
@@ -71,3 +81,13 @@ def test_alignment_loss_is_lambda_times_mean_dissimilarity(smoke):
     expected = 0.2 * torch.stack([1 - cka(pooled[a], pooled[b]) for a, b in ("SD", "SE", "DE")]).mean()
     torch.testing.assert_close(learner.alignment_loss(plan, feats), expected)
     assert learner.alignment_loss(BranchingPlan.one_net("SDE", 10), {}) is None
+
+
+def test_a_similarity_without_gradient_cannot_drive_the_alignment(smoke):
+    """RSA decides groupings (MTSL-RSA) but has no gradient: as the alignment measure it is refused clearly."""
+    plan = BranchingPlan.single_task("SD", 10)
+    feats = {t: torch.randn(8, 16, 2, 2, requires_grad=True) for t in "SD"}
+    grouping_only = StructuralLearner(smoke(tasks="SD", similarity="rsa").mtsl)
+    assert grouping_only.alignment_loss(plan, feats).requires_grad  # alignment stays CKA
+    with pytest.raises(ValueError, match="'rsa' returns no gradient"):
+        StructuralLearner(smoke(tasks="SD", align_similarity="rsa").mtsl).alignment_loss(plan, feats)
