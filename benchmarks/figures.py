@@ -42,3 +42,29 @@ def alignment_figure(with_align: Sequence[Mapping], without_align: Sequence[Mapp
     path = Path(path)
     fig.savefig(path, dpi=120)
     return path
+
+
+def sweep_figure(xs: Sequence[float], panels: Mapping[str, Sequence[float | None]], path: str | Path,
+                 xlabel: str, kind: str = "line") -> Path:
+    """One subplot per entry of ``panels`` (y label → one value per x, ``None`` where a run failed), as lines
+    over numeric ``xs`` (``kind="line"``) or bars over categorical ``xs`` (``kind="bar"``)."""
+    if kind not in ("line", "bar"):
+        raise ValueError(f"kind must be 'line' or 'bar', got {kind!r}")
+    fig = Figure(figsize=(3.6 * len(panels), 3.0))
+    FigureCanvasAgg(fig)
+    for index, (ylabel, values) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), index + 1)
+        ys = np.array([np.nan if v is None else v for v in values], dtype=float)
+        if kind == "line":
+            ax.plot(np.asarray(xs, dtype=float), ys, marker="o")
+        else:
+            ax.bar(np.arange(len(xs)), np.nan_to_num(ys))
+            ax.set_xticks(np.arange(len(xs)), [str(x) for x in xs], rotation=30, fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

@@ -12,6 +12,7 @@ from baselines import gates
 from baselines.bmtas import BMTAS
 from baselines.ltb import LTB
 from benchmarks import compare
+from mtsl_plugin.config import load_preset
 from mtsl_plugin.experiment import build_data, build_stages, build_trainer, run_method, seed_everything
 from mtsl_plugin.methods import build_method
 from mtsl_plugin.network.branched import BranchedNetwork
@@ -270,12 +271,49 @@ def test_run_method_reports_the_derived_plan(smoke, stages, tmp_path, method):
     assert result["params_m"] == pytest.approx(sum(p.numel() for p in derived.parameters()) / 1e6)
 
 
-def test_ltb_r_retrains_the_ltb_plan(tmp_path):
+def test_retrained_variants_start_from_fresh_weights_with_the_searched_plan(tmp_path, monkeypatch):
+    """LTB-R and MTSL-R retrain their source's final plan from the initialisation every method starts from,
+    not from the source's trained weights."""
+    from mtsl_plugin.trainer import MTLTrainer
+    initial = {}
+    fit = MTLTrainer.fit
+
+    def recording_fit(self, data, total_epochs, **kwargs):
+        initial.setdefault(len(initial), {k: v.clone() for k, v in self.model.state_dict().items()})
+        return fit(self, data, total_epochs, **kwargs)
+
+    monkeypatch.setattr(MTLTrainer, "fit", recording_fit)
     out = tmp_path / "r"
-    code = compare.main(["--methods", "ltb_r", "--preset", "smoke", "--tasks", "S,D", "--out", str(out),
+    code = compare.main(["--methods", "ltb_r,mtsl_r", "--preset", "smoke", "--tasks", "S,D", "--out", str(out),
                          "--no-progress"])
     assert code == 0
     runs = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
-    assert list(runs) == ["stn", "onenet", "ltb", "ltb_r"]
-    assert runs["ltb_r"]["plan"] == runs["ltb"]["plan"]
-    assert runs["ltb_r"]["status"] == "ok"
+    assert list(runs) == ["stn", "onenet", "ltb", "ltb_r", "mtsl", "mtsl_r"]
+    assert all(r["status"] == "ok" for r in runs.values())
+    starts = dict(zip(runs, initial.values()))
+
+    config = load_preset("smoke").replace(tasks=("S", "D"))
+    stages = build_stages(config)
+    tasks = build_tasks(["S", "D"], build_data(config)[1].num_classes)
+    for retrained, source in (("ltb_r", "ltb"), ("mtsl_r", "mtsl")):
+        assert runs[retrained]["plan"] == runs[source]["plan"]
+        plan = BranchingPlan.from_dict(runs[source]["plan"])
+        fresh = build_trainer(config, tasks, plan, stages).model.state_dict()
+        start = starts[retrained]
+        assert start.keys() == fresh.keys()
+        assert all(torch.equal(start[k], fresh[k]) for k in fresh)
+        trained = torch.load(out / source / "seed0" / "checkpoint.pt", weights_only=True)["model"]
+        start_nodes, trained_nodes = node_weights(start), node_weights(trained)
+        assert start_nodes.keys() == trained_nodes.keys()
+        assert not any(torch.equal(start_nodes[k], trained_nodes[k]) for k in start_nodes)
+
+
+def node_weights(state):
+    """``{(location, parameter name): tensor}`` of the first node at each location of a state dict (LTB's
+    supernet and the branched network name their nodes differently)."""
+    nodes = {}
+    for key, value in state.items():
+        if ".nodes." in f".{key}" and key.endswith("weight"):
+            node, rest = key.split("nodes.", 1)[1].split(".", 1)
+            nodes.setdefault((node.split("-")[0], rest), value)
+    return nodes

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import compare
+from benchmarks import ablation, compare
 from mtsl_plugin import methods
 from mtsl_plugin.plan import BranchingPlan
 
@@ -121,3 +121,48 @@ def test_retrained_longer_and_encoder_setting_variants(tmp_path):
     assert len(onenet_l["history"]) == smoke_epochs + 2  # + the smoke preset's amalgamation epochs
     assert (out / "alignment.png").stat().st_size > 0
     assert "onenet_l" not in methods.method_names("encoder") and "onenet_l" in methods.method_names()
+
+
+def test_plan_from_retrains_a_plan_learned_on_another_data_set(finished, tmp_path, nyuv2_root):
+    """MTSL-R-Switch: the plan MTSL converged to on the synthetic data, retrained on (a tiny) NYUv2."""
+    _, source = finished
+    root = nyuv2_root
+    out = tmp_path / "switch"
+    argv = ["--methods", "mtsl_r", "--plan-from", str(source), "--dataset", "nyuv2", "--data-root", str(root),
+            "--out", str(out), *ARGS]
+    assert compare.main(argv) == 0
+    runs = {r["label"]: r for r in json.loads((out / "results.json").read_text())}
+    assert list(runs) == ["stn", "onenet", "mtsl_r-from-run"]  # no MTSL trained here
+    source_plan = json.loads((source / "mtsl" / "seed0" / "result.json").read_text())["plan"]
+    assert runs["mtsl_r-from-run"]["plan"] == source_plan
+    assert runs["mtsl_r-from-run"]["delta_mtl"] is not None  # against this run's NYUv2 STN
+    config = json.loads((out / "mtsl_r-from-run" / "seed0" / "config.json").read_text())["config"]
+    assert config["data"]["name"] == "nyuv2"
+    assert "mtsl_r-from-run" in (out / "table.md").read_text()
+    # a folder without the source's runs, and a method that retrains nothing, are refused in one line
+    assert compare.main(["--methods", "mtsl_r", "--plan-from", str(root), "--out", str(tmp_path / "x"), *ARGS]) == 2
+    assert compare.main(["--methods", "mtsl", "--plan-from", str(source), "--out", str(tmp_path / "y"), *ARGS]) == 2
+
+
+def test_a_folder_holding_another_configuration_is_never_overwritten(finished, tmp_path, capsys):
+    """Pointing a command at a folder whose run has other settings fails that run and keeps the files."""
+    _, out = finished
+    before = (out / "mtsl" / "seed0" / "result.json").read_text()
+    capsys.readouterr()
+    code = ablation.main(["--out", str(out), "--threshold", "0.5", *ARGS])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "holds a run of another configuration" in err and str(out / "mtsl" / "seed0") in err
+    assert (out / "mtsl" / "seed0" / "result.json").read_text() == before
+    assert "reusing the finished run" not in err
+
+
+def test_mtsl_rsa_decides_groupings_with_rsa(tmp_path):
+    out = tmp_path / "rsa"
+    assert compare.main(["--methods", "mtsl_rsa", "--out", str(out), *ARGS]) == 0
+    phase = json.loads((out / "mtsl_rsa" / "seed0" / "phase_0.json").read_text())
+    run = json.loads((out / "mtsl_rsa" / "seed0" / "result.json").read_text())
+    assert run["history"][0]["align"] > 0  # alignment still on (CKA)
+    assert phase["similarities"][0]["matrix"]  # decided on RSA similarities
+    from mtsl_plugin.methods import build_method
+    assert build_method("mtsl_rsa", compare.RunConfig(), 10).learner.config.similarity == "rsa"

@@ -1,0 +1,212 @@
+"""How MTSL's result depends on the grouping threshold, the set of tasks, and the seed / initialisation
+(paper Tables 6, 7 and 5).
+
+    python benchmarks/sensitivity.py --sweep threshold --values 0.5,0.6,0.7,0.8,0.9,0.95
+    python benchmarks/sensitivity.py --sweep tasks                      # every subset leaving one task out
+    python benchmarks/sensitivity.py --sweep tasks --values S,E,D,N     # one named subset
+    python benchmarks/sensitivity.py --sweep seeds --seeds 0,1,2 --inits random,resnet18.pth
+
+``threshold`` trains MTSL once per γ (and STN, the Δ reference, once); ``tasks`` trains STN and MTSL on each
+subset; ``seeds`` trains MTSL per seed and per initialisation (``random``, ``pretrained`` for timm's weights, or
+a local weights file) and prints the converged plan layer by layer. Runs already in ``--out`` (e.g. an earlier
+``compare.py`` folder) are reused. Writes ``<out>/sensitivity-<sweep>/``: ``sensitivity.md`` (the sweep's
+table), ``table.md``, ``results.csv``, ``results.json``, ``architecture.png`` and ``sensitivity.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from benchmarks.figures import sweep_figure
+from benchmarks.harness import (Job, UsageError, add_deltas, add_run_args, config_from_args, parse_list,
+                                parse_seeds, run_jobs, run_main, write_results)
+from benchmarks.report import aggregate, write_markdown
+from mtsl_plugin.config import RunConfig
+from mtsl_plugin.data.common import ordered_tasks
+from mtsl_plugin.learner.schedule import MTSLConfig
+from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.plan_figure import draw_plans
+
+SWEEPS = ("threshold", "tasks", "seeds")
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+def threshold_jobs(config: RunConfig, seeds: Sequence[int], values: Sequence[float]) -> list[Job]:
+    """STN, then MTSL at every threshold γ in ``values``, for every seed."""
+    jobs = [Job("stn", "stn", config.replace(seed=s)) for s in seeds]
+    for value in values:
+        mtsl = MTSLConfig.from_dict({**config.mtsl.to_dict(), "threshold": value})
+        jobs += [Job(f"mtsl_threshold{value:g}", "mtsl", config.replace(seed=s, mtsl=mtsl)) for s in seeds]
+    return jobs
+
+
+def task_subsets(tasks: Sequence[str], value: str) -> list[tuple[str, ...]]:
+    """``all``: every subset of ``tasks`` that leaves one task out; else the named subset, e.g. ``S,E,D,N``."""
+    if value == "all":
+        if len(tasks) < 3:
+            raise UsageError(f"--sweep tasks needs at least 3 tasks to leave one out, the run has {list(tasks)}")
+        return [ordered_tasks(c) for c in itertools.combinations(tasks, len(tasks) - 1)]
+    subset = parse_list(value, "values")
+    unknown = [t for t in subset if t not in tasks]
+    if unknown or len(set(subset)) != len(subset) or len(subset) < 2:
+        raise UsageError(f"--values {value!r} must name at least 2 distinct tasks of {list(tasks)}")
+    return [ordered_tasks(subset)]
+
+
+def tasks_jobs(config: RunConfig, seeds: Sequence[int], subsets: Sequence[tuple[str, ...]]) -> list[Job]:
+    """STN and MTSL on every task subset, for every seed."""
+    jobs = []
+    for subset in subsets:
+        name = "".join(subset)
+        jobs += [Job(f"{method}_{name}", method, config.replace(seed=s, tasks=subset))
+                 for method in ("stn", "mtsl") for s in seeds]
+    return jobs
+
+
+def init_config(config: RunConfig, init: str) -> RunConfig:
+    """``config`` with the backbone initialised by ``init``: random, pretrained (timm) or a weights file."""
+    if init == "random":
+        return config.replace(pretrained=False, weights=None)
+    if init == "pretrained":
+        return config.replace(pretrained=True, weights=None)
+    if not Path(init).is_file():
+        raise UsageError(f"--inits {init!r} is neither 'random', 'pretrained' nor a weights file")
+    return config.replace(pretrained=False, weights=str(init))
+
+
+def init_label(init: str) -> str:
+    return f"mtsl_{init if init in ('random', 'pretrained') else Path(init).stem}"
+
+
+def seeds_jobs(config: RunConfig, seeds: Sequence[int], inits: Sequence[str]) -> list[Job]:
+    """MTSL for every initialisation and seed (no reference: this sweep is about the converged plans)."""
+    return [Job(init_label(init), "mtsl", init_config(config, init).replace(seed=s)) for init in inits for s in seeds]
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _mean(stat: dict | None, places: int = 2, signed: bool = False) -> str:
+    if stat is None:
+        return "—"
+    text = f"{stat['mean']:{'+' if signed else ''}.{places}f}"
+    return text if stat["n"] <= 1 else f"{text} ± {stat['std']:.{places}f}"
+
+
+def summary_table(results: list[dict[str, Any]], first_header: str, rows: Sequence[tuple[str, str]]) -> str:
+    """Rows ``(shown name, label)``: Δ_SD, Δ_MTL, params, GMac and the first seed's converged plan."""
+    entries = aggregate(results)
+    plans: dict[str, str] = {}
+    for r in results:
+        if r["status"] == "ok" and r.get("plan_text"):
+            plans.setdefault(r["label"], r["plan_text"])
+    lines = [f"| {first_header} | Δ_SD (%) | Δ_MTL (%) | Params (M) | GMac | Converged plan |",
+             "|:---|---:|---:|---:|---:|:---|"]
+    for shown, label in rows:
+        entry = entries.get(label)
+        if entry is None or entry["ok"] == 0:
+            error = entry["errors"][0].splitlines()[0][:60] if entry and entry["errors"] else "not run"
+            lines.append(f"| {shown} | failed: {error} | — | — | — | — |")
+            continue
+        cells = [_mean(entry["delta_sd"], signed=True), _mean(entry["delta_mtl"], signed=True),
+                 _mean(entry["params_m"]), _mean(entry["gmac"]), plans.get(label, "—")]
+        lines.append("| " + " | ".join([shown, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def grouping_table(results: list[dict[str, Any]]) -> str:
+    """The converged plan of every run, one column per location (paper Table 5): a cell lists the groups,
+    e.g. ``SE DNA``."""
+    ok = [r for r in results if r["status"] == "ok" and r.get("plan")]
+    failed = [r for r in results if r["status"] != "ok"]
+    if not ok:
+        return "no run finished\n" + "".join(f"- {r['label']} seed {r['seed']}: {r['error']}\n" for r in failed)
+    locations = BranchingPlan.from_dict(ok[0]["plan"]).num_locations
+    lines = ["| Init | Seed | " + " | ".join(str(l) for l in range(locations)) + " |",
+             "|:---|---:|" + ":---:|" * locations]
+    for r in ok:
+        plan = BranchingPlan.from_dict(r["plan"])
+        cells = [" ".join("".join(g) for g in partition) for partition in plan.partitions]
+        lines.append(f"| {r['label'].removeprefix('mtsl_')} | {r['seed']} | " + " | ".join(cells) + " |")
+    lines += [f"| {r['label'].removeprefix('mtsl_')} | {r['seed']} | failed: {str(r['error'])[:60]} |"
+              for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _series(results: list[dict[str, Any]], labels: Sequence[str], field: str) -> list[float | None]:
+    entries = aggregate(results)
+    values = []
+    for label in labels:
+        stat = entries[label][field] if label in entries and entries[label]["ok"] else None
+        values.append(None if stat is None else stat["mean"])
+    return values
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", required=True, choices=SWEEPS)
+    p.add_argument("--values", default=None,
+                   help="threshold: comma-separated γ (default 0.5,0.6,0.7,0.8,0.9,0.95); tasks: 'all' (default) "
+                        "or one subset, e.g. S,E,D,N")
+    p.add_argument("--inits", default="random",
+                   help="seeds sweep: comma-separated initialisations: random, pretrained, or weights files")
+    add_run_args(p, default_seeds=None)
+    p.add_argument("--out", default=None, help="results folder (default results/sensitivity-<preset>); may hold "
+                                               "earlier runs, which are reused")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        config = config_from_args(args)
+        seeds = parse_seeds(args.seeds or ("0,1,2" if args.sweep == "seeds" else "0"))
+        out = Path(args.out or f"results/sensitivity-{config.preset}")
+        folder = out / f"sensitivity-{args.sweep}"
+        if args.sweep == "threshold":
+            text = args.values or "0.5,0.6,0.7,0.8,0.9,0.95"
+            try:
+                values = [float(v) for v in parse_list(text, "values")]
+            except ValueError:
+                raise UsageError(f"--values must be comma-separated numbers for the threshold sweep, got {text!r}") \
+                    from None
+            jobs = threshold_jobs(config, seeds, values)
+            rows = [(f"{v:g}", f"mtsl_threshold{v:g}") for v in values]
+        elif args.sweep == "tasks":
+            subsets = task_subsets(config.tasks, args.values or "all")
+            jobs = tasks_jobs(config, seeds, subsets)
+            rows = [(",".join(s), f"mtsl_{''.join(s)}") for s in subsets]
+        else:
+            inits = parse_list(args.inits, "inits")
+            jobs = seeds_jobs(config, seeds, inits)
+            rows = []
+        results = run_jobs(jobs, out, not args.no_progress)
+        add_deltas(results)
+        write_results(results, folder)
+        if args.sweep == "seeds":
+            table = grouping_table(results)
+            plans = {f"{r['label'].removeprefix('mtsl_')} seed {r['seed']}": BranchingPlan.from_dict(r["plan"])
+                     for r in results if r["status"] == "ok" and r.get("plan")}
+            if plans:
+                draw_plans(plans, folder / "sensitivity.png")
+        else:
+            table = summary_table(results, "γ" if args.sweep == "threshold" else "Tasks", rows)
+            labels = [label for _, label in rows]
+            xs = values if args.sweep == "threshold" else [shown for shown, _ in rows]
+            sweep_figure(xs, {"Δ_MTL (%)": _series(results, labels, "delta_mtl"),
+                              "Params (M)": _series(results, labels, "params_m")}, folder / "sensitivity.png",
+                         "threshold γ" if args.sweep == "threshold" else "tasks",
+                         kind="line" if args.sweep == "threshold" else "bar")
+        write_markdown(table, folder / "sensitivity.md")
+        print(table)
+        print(f"results in {folder}")
+        return 1 if any(r["status"] != "ok" for r in results) else 0
+
+    return run_main(body, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

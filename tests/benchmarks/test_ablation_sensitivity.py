@@ -1,0 +1,115 @@
+"""ablation.py and sensitivity.py from the command line on the smoke preset: rows, reuse, tables, figures."""
+import json
+
+import pytest
+import timm
+import torch
+
+from benchmarks import ablation, compare, sensitivity
+from benchmarks.harness import UsageError
+from mtsl_plugin.plan import BranchingPlan
+
+ARGS = ["--preset", "smoke", "--tasks", "S,D", "--no-progress"]
+
+
+def results_of(folder):
+    return {(r["label"], r["seed"]): r for r in json.loads((folder / "results.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One results folder used by compare.py first, then by ablation.py (which must reuse its runs)."""
+    out = tmp_path_factory.mktemp("shared") / "out"
+    assert compare.main(["--methods", "mtsl,mtsl_noalign", "--out", str(out), *ARGS]) == 0
+    return out
+
+
+def test_ablation_trains_the_six_rows_and_reuses_the_comparison(shared, capsys):
+    capsys.readouterr()
+    assert ablation.main(["--out", str(shared), *ARGS]) == 0
+    printed = capsys.readouterr().out
+    for label in ("stn", "mtsl", "mtsl_noalign"):  # trained by compare.py already
+        assert f"[{label} seed 0] reusing the finished run" in printed
+    runs = results_of(shared / "ablation")
+    assert [label for label, _ in runs] == ["stn", *[row[0] for row in ablation.ROWS]]
+    assert all(r["status"] == "ok" and r["delta_mtl"] is not None for r in runs.values())
+    # the switches reached the runs: no alignment term without alignment, no amalgamation without ATT
+    for label, _, align, avg, att in ablation.ROWS:
+        run = shared / label / "seed0"
+        history = json.loads((run / "result.json").read_text())["history"]
+        assert (max(h["align"] for h in history) > 0) == align, label
+        phases = [json.loads(p.read_text()) for p in sorted(run.glob("phase_*.json"))]
+        amalgamated = any(p["amalgamation_losses"] for p in phases)
+        assert amalgamated == (att and any(p["merged"] for p in phases)), label
+    table = (shared / "ablation" / "ablation.md").read_text()
+    assert table.count("\n") == 2 + len(ablation.ROWS) and "✓ | ✓ | ✓" in table
+    for name in ("table.md", "results.csv", "architecture.png"):
+        assert (shared / "ablation" / name).stat().st_size > 0
+
+
+def test_threshold_sweep_extremes_give_the_single_task_and_shared_plans(tmp_path):
+    out = tmp_path / "sens"
+    assert sensitivity.main(["--sweep", "threshold", "--values", "0,1.01", "--out", str(out), *ARGS]) == 0
+    runs = results_of(out / "sensitivity-threshold")
+    stn_plan = BranchingPlan.from_dict(runs[("stn", 0)]["plan"])
+    assert BranchingPlan.from_dict(runs[("mtsl_threshold1.01", 0)]["plan"]) == stn_plan  # above every similarity
+    merged = BranchingPlan.from_dict(runs[("mtsl_threshold0", 0)]["plan"])  # fewest_groups at γ = 0: all merge
+    phases = 2  # the smoke preset's structural phases, one location each
+    assert all(len(merged.partitions[l]) == 1 for l in range(phases))
+    assert all(len(merged.partitions[l]) == 2 for l in range(phases, merged.num_locations))
+    table = (out / "sensitivity-threshold" / "sensitivity.md").read_text()
+    assert "| 0 |" in table and "| 1.01 |" in table
+    assert (out / "sensitivity-threshold" / "sensitivity.png").stat().st_size > 0
+
+
+def test_task_sweep_trains_stn_and_mtsl_per_subset_with_their_own_reference(tmp_path):
+    out = tmp_path / "tasks"
+    argv = ["--sweep", "tasks", "--values", "D,S", "--out", str(out), "--preset", "smoke", "--tasks", "S,D,E",
+            "--no-progress"]
+    assert sensitivity.main(argv) == 0
+    runs = results_of(out / "sensitivity-tasks")
+    assert set(runs) == {("stn_SD", 0), ("mtsl_SD", 0)}
+    assert set(runs[("mtsl_SD", 0)]["metrics"]) == {"S", "D"}
+    assert runs[("stn_SD", 0)]["delta_mtl"] == 0 and runs[("mtsl_SD", 0)]["delta_mtl"] is not None
+    assert "| S,D |" in (out / "sensitivity-tasks" / "sensitivity.md").read_text()
+
+
+def test_task_subsets_leave_one_out_in_canonical_order():
+    assert sensitivity.task_subsets(("S", "D", "E", "N", "A"), "all") == [
+        ("S", "D", "E", "N"), ("S", "D", "E", "A"), ("S", "D", "N", "A"), ("S", "E", "N", "A"), ("D", "E", "N", "A")]
+    assert sensitivity.task_subsets(("S", "D", "E", "N", "A"), "N,E,D,S") == [("S", "D", "E", "N")]
+    for bad in ("S,X", "S", "S,S"):
+        with pytest.raises(UsageError, match="--values"):
+            sensitivity.task_subsets(("S", "D", "E"), bad)
+
+
+def test_seed_sweep_prints_the_grouping_table_per_init(tmp_path, capsys):
+    weights = tmp_path / "other_init.pth"
+    torch.manual_seed(123)
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), weights)
+    out = tmp_path / "seeds"
+    argv = ["--sweep", "seeds", "--seeds", "0,1", "--inits", f"random,{weights}", "--out", str(out),
+            "--similarity", "rsa", *ARGS]
+    assert sensitivity.main(argv) == 0
+    printed = capsys.readouterr().out
+    runs = results_of(out / "sensitivity-seeds")
+    assert set(runs) == {(f"mtsl_{init}", s) for init in ("random", "other_init") for s in (0, 1)}
+    for (label, seed), run in runs.items():
+        config = json.loads((out / label / f"seed{seed}" / "config.json").read_text())["config"]
+        assert config["mtsl"]["similarity"] == "rsa"
+        assert (config["weights"] is not None) == (label == "mtsl_other_init")
+    table = (out / "sensitivity-seeds" / "sensitivity.md").read_text()
+    assert table in printed and "| other_init | 1 |" in table
+    assert table.splitlines()[0].endswith("| 9 |")  # one column per location
+    assert (out / "sensitivity-seeds" / "sensitivity.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--sweep", "threshold", "--values", "0.5,high"], "--values"),
+    (["--sweep", "tasks", "--values", "S,Q"], "S,Q"),
+    (["--sweep", "seeds", "--inits", "nowhere.pth"], "nowhere.pth"),
+])
+def test_sensitivity_bad_input_is_one_line(tmp_path, capsys, argv, culprit):
+    assert sensitivity.main([*argv, "--out", str(tmp_path / "x"), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert culprit in err and len(err.splitlines()) == 1
