@@ -28,9 +28,11 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "pyyaml>=6.0",
+        "imagecorruptions-imaug>=1.1.5",  # the natural corruptions of benchmarks/robustness.py
     ],
     extras_require={"test": ["pytest>=7.4"]},
     entry_points={
-        "console_scripts": ["mtsl-compare=benchmarks.compare:main"],
+        "console_scripts": ["mtsl-compare=benchmarks.compare:main", "mtsl-robustness=benchmarks.robustness:main",
+                            "mtsl-ablation=benchmarks.ablation:main", "mtsl-sensitivity=benchmarks.sensitivity:main"],
     },
 )

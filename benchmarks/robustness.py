@@ -1,0 +1,413 @@
+"""Robustness of trained multi-task models to natural corruptions and PGD attacks (paper MTSL, robustness tables).
+
+    python benchmarks/robustness.py --methods onenet,mtsl                  # quick preset, seed 0
+    python benchmarks/robustness.py --methods mtsl --out results/demo      # reuse the runs of a compare.py folder
+    python benchmarks/robustness.py --methods onenet,mtsl --corruptions noise,blur --epsilons 1,2 --attack-tasks S
+
+The requested methods are trained (or reused: finished runs in ``--out`` of the same configuration, e.g. those of
+an earlier ``compare.py``; "-R" methods train their source method first). Then every finished run is evaluated on
+
+* the clean test set;
+* the test set under each natural corruption of the chosen categories (noise, blur, weather, digital) at
+  severities 1-5; a category's score is the mean over its corruptions and severities. Only the input images are
+  corrupted (targets, the auto-encoder's included, stay clean); every model sees the same corrupted images;
+* PGD attacks (L∞, no random start, the 0-255 pixel scale) on each attacked task's own loss at each ε, scoring
+  every task under each attack.
+
+Results go to ``<out>/robustness/``: ``robustness.json`` (every number), ``robustness.csv``, ``robustness.md``
+(the two tables, mean ± std over seeds), ``corruptions.png`` and ``pgd.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from benchmarks.harness import (UsageError, add_run_args, config_from_args, method_jobs, parse_list, parse_seeds,
+                                run_jobs, run_main, with_sources)
+from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, MIN_SIZE, SEVERITIES, corrupt_images,
+                                      pgd_attack)
+from mtsl_plugin.experiment import load_run, write_json
+from mtsl_plugin.methods import method_names
+from mtsl_plugin.tasks import HIGHER_IS_BETTER, METRIC_NAMES, TASKS
+from mtsl_plugin.trainer import MTLTrainer
+
+DEFAULT_ATTACK_TASKS = ("S", "D")
+Batches = Iterable[tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
+Perturb = Callable[[MTLTrainer, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="onenet,mtsl", help="comma-separated method names")
+    add_run_args(p)
+    p.add_argument("--out", default=None, help="results folder, may hold earlier runs (default "
+                                               "results/robustness-<preset>)")
+    p.add_argument("--corruptions", default="all", help="'all', 'none' or categories: " + ",".join(CATEGORIES))
+    p.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS),
+                   help="PGD budgets on the 0-255 pixel scale, or 'none'")
+    p.add_argument("--attack-tasks", default=",".join(DEFAULT_ATTACK_TASKS),
+                   help="tasks whose loss PGD attacks (those the runs have)")
+    return p.parse_args(argv)
+
+
+def parse_categories(text: str) -> list[str]:
+    """``all``, ``none`` or a comma-separated list of :data:`CATEGORIES` names."""
+    if text.strip() == "all":
+        return list(CATEGORIES)
+    if text.strip() == "none":
+        return []
+    categories = parse_list(text, "corruptions")
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown:
+        raise UsageError(f"unknown corruption categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
+                         f"choose from all, none, {', '.join(CATEGORIES)}")
+    return list(dict.fromkeys(categories))
+
+
+def parse_epsilons(text: str) -> list[float]:
+    """``none`` or comma-separated positive budgets on the 0-255 scale."""
+    if text.strip() == "none":
+        return []
+    epsilons = []
+    for item in parse_list(text, "epsilons"):
+        try:
+            eps = float(item)
+        except ValueError:
+            raise UsageError(f"--epsilons must be comma-separated numbers, got {item!r}") from None
+        if not np.isfinite(eps) or eps <= 0:
+            raise UsageError(f"--epsilons must be positive numbers (0-255 scale), got {item!r}")
+        epsilons.append(eps)
+    return sorted(set(epsilons))
+
+
+def parse_attack_tasks(text: str, tasks: Sequence[str]) -> list[str]:
+    """The attacked tasks among ``tasks`` (the runs' tasks); an unknown task letter is a usage error."""
+    requested = parse_list(text, "attack-tasks")
+    unknown = [t for t in requested if t not in TASKS]
+    if unknown:
+        raise UsageError(f"--attack-tasks: unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    return [t for t in dict.fromkeys(requested) if t in tasks]
+
+
+def eps_key(eps: float) -> str:
+    """The JSON/CSV key of a budget: ``0.25``, ``0.5``, ``1``, ``2``."""
+    return f"{eps:g}"
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def evaluate_models(trainers: Sequence[MTLTrainer], batches: Batches, perturb: Perturb | None = None,
+                    tick: Callable[[], None] = lambda: None) -> list[dict[str, float]]:
+    """Each trainer's task metrics over ``batches`` of ``(images (N, 3, H, W), targets)``, in one pass.
+
+    Every batch is read once and fed to all models; ``perturb(trainer, images, targets)`` (e.g. a PGD attack)
+    replaces a model's input images. Metrics accumulate over batches exactly as ``trainer.evaluate`` does.
+    """
+    for trainer in trainers:
+        trainer.model.eval()
+        for task in trainer.task_name:
+            trainer.task_dict[task]["metrics_fn"].reinit()
+    for images, gts in batches:
+        for trainer in trainers:
+            x = images.to(trainer.device)
+            if perturb is not None:
+                x = perturb(trainer, x, gts)
+            with torch.no_grad(), trainer.autocast():
+                preds = trainer.model(x)
+            for task in trainer.task_name:
+                trainer.task_dict[task]["metrics_fn"].update_fun(preds[task].float(), gts[task].to(trainer.device))
+            tick()
+    return [{t: float(tr.task_dict[t]["metrics_fn"].score_fun()[0]) for t in tr.task_name} for tr in trainers]
+
+
+def batch_seed(corruption: str, severity: int, batch: int) -> int:
+    """The corruption seed of one test batch: derived from (corruption index, severity, batch index)."""
+    return int(np.random.SeedSequence([CORRUPTIONS.index(corruption), severity, batch]).generate_state(1)[0])
+
+
+def corrupted(batches: Batches, corruption: str, severity: int) -> Batches:
+    """``batches`` with their images corrupted (targets untouched), made one batch at a time."""
+    for index, (images, gts) in enumerate(batches):
+        yield corrupt_images(images, corruption, severity, batch_seed(corruption, severity, index)), gts
+
+
+def pgd_perturbation(task: str, eps: float) -> Perturb:
+    """A :data:`Perturb` that attacks ``task``'s own loss with PGD at budget ``eps`` (0-255 scale)."""
+    def perturb(trainer: MTLTrainer, images: torch.Tensor, gts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        def model_fn(x: torch.Tensor) -> torch.Tensor:
+            with trainer.autocast():
+                return trainer.model(x)[task].float()
+
+        return pgd_attack(model_fn, trainer.task_dict[task]["loss_fn"].compute_loss, images,
+                          gts[task].to(trainer.device), eps)
+
+    return perturb
+
+
+def evaluate_runs(trainers: Sequence[MTLTrainer], batches: Callable[[], Batches], categories: Sequence[str],
+                  epsilons: Sequence[float], attack_tasks: Sequence[str], progress: bool) -> list[dict[str, Any]]:
+    """Clean, corrupted and attacked metrics of models that share one test set (``batches()`` iterates it).
+
+    Returns per trainer ``{"clean": {task: m}, "corruptions": {name: {severity: {task: m}}},
+    "categories": {category: {task: mean over its corruptions and severities}},
+    "pgd": {attacked task: {eps: {task: m}}}}`` (severity and ε keys are strings).
+    """
+    n_batches = sum(1 for _ in batches())
+    names = [n for c in categories for n in CATEGORIES[c]]
+    attacks = [(t, e) for t in attack_tasks for e in epsilons]
+    total = n_batches * len(trainers) * (1 + len(names) * len(SEVERITIES) + len(attacks))
+    records: list[dict[str, Any]] = [{"clean": {}, "corruptions": {}, "categories": {}, "pgd": {}} for _ in trainers]
+    with tqdm(total=total, desc="robustness", disable=None if progress else True) as bar:
+        def run(label: str, data: Batches, perturb: Perturb | None = None) -> list[dict[str, float]]:
+            bar.set_postfix_str(label)
+            return evaluate_models(trainers, data, perturb, tick=bar.update)
+
+        for record, scores in zip(records, run("clean", batches())):
+            record["clean"] = scores
+        for name in names:
+            for severity in SEVERITIES:
+                for record, scores in zip(records, run(f"{name} {severity}", corrupted(batches(), name, severity))):
+                    record["corruptions"].setdefault(name, {})[str(severity)] = scores
+        for task, eps in attacks:
+            for record, scores in zip(records, run(f"PGD {task} ε={eps:g}", batches(), pgd_perturbation(task, eps))):
+                record["pgd"].setdefault(task, {})[eps_key(eps)] = scores
+    for record in records:
+        for category in categories:
+            per_level = [s for n in CATEGORIES[category] for s in record["corruptions"][n].values()]
+            record["categories"][category] = {t: statistics.fmean(s[t] for s in per_level) for t in record["clean"]}
+    return records
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per label (first-seen order): ``{"ok", "errors", "clean", "categories", "pgd"}`` with every number of the
+    runs' records replaced by ``[mean, std, n]`` over the label's successful seeds (sample std, 0 for one)."""
+    def stat(values: list[float]) -> list[float]:
+        return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)]
+
+    def merge(items: list[Any]) -> Any:
+        if isinstance(items[0], Mapping):
+            return {k: merge([i[k] for i in items]) for k in items[0]}
+        return stat([float(i) for i in items])
+
+    summary: dict[str, dict[str, Any]] = {}
+    for label in dict.fromkeys(r["label"] for r in runs):
+        group = [r for r in runs if r["label"] == label]
+        ok = [r for r in group if r["status"] == "ok"]
+        entry: dict[str, Any] = {"ok": len(ok), "runs": len(group),
+                                 "errors": [r.get("error") or "unknown error" for r in group if r["status"] != "ok"]}
+        if ok:
+            entry.update({k: merge([r[k] for r in ok]) for k in ("clean", "categories", "pgd")})
+        summary[label] = entry
+    return summary
+
+
+def _cell(stat: Sequence[float] | None) -> str:
+    if stat is None:
+        return "—"
+    mean, std, n = stat
+    places = 4 if mean == 0 or not np.isfinite(mean) else min(6, max(0, 3 - int(np.floor(np.log10(abs(mean))))))
+    return f"{mean:.{places}f}" if n <= 1 else f"{mean:.{places}f} ± {std:.{places}f}"
+
+
+def _header(task: str) -> str:
+    return f"{task} {METRIC_NAMES.get(task, '')} {'↑' if HIGHER_IS_BETTER.get(task, True) else '↓'}".replace("  ", " ")
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _failed_row(label: str, entry: Mapping[str, Any], width: int) -> str:
+    first = " ".join(str(entry["errors"][0] if entry["errors"] else "unknown error").split()).replace("|", "\\|")
+    return _row([label, f"failed: {first[:60]}"] + ["—"] * (width - 2))
+
+
+def corruption_table(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[str],
+                     categories: Sequence[str]) -> str:
+    """Markdown: one row per label; per task a clean column and one per corruption category."""
+    columns = ["clean", *categories]
+    headers = ["Method"] + [f"{_header(t)} {c}" if c == "clean" else f"{t} {c}" for t in tasks for c in columns]
+    lines = [_row(headers), "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    for label, entry in summary.items():
+        if not entry["ok"]:
+            lines.append(_failed_row(label, entry, len(headers)))
+            continue
+        cells = [_cell(entry["clean"].get(t) if c == "clean" else entry["categories"][c].get(t))
+                 for t in tasks for c in columns]
+        lines.append(_row([label, *cells]))
+    return "\n".join(lines) + "\n"
+
+
+def pgd_table(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], attack_tasks: Sequence[str],
+              epsilons: Sequence[float]) -> str:
+    """Markdown: one row per label and attacked task; per task one column per ε."""
+    headers = ["Method", "Attacked"] + [f"{_header(t)} ε={e:g}" if i == 0 else f"{t} ε={e:g}"
+                                        for t in tasks for i, e in enumerate(epsilons)]
+    lines = [_row(headers), "|" + "|".join([":---", ":---"] + ["---:"] * (len(headers) - 2)) + "|"]
+    for label, entry in summary.items():
+        if not entry["ok"]:
+            lines.append(_failed_row(label, entry, len(headers)))
+            continue
+        for attacked in attack_tasks:
+            cells = [_cell(entry["pgd"][attacked][eps_key(e)].get(t)) for t in tasks for e in epsilons]
+            lines.append(_row([label, attacked, *cells]))
+    return "\n".join(lines) + "\n"
+
+
+def csv_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per number of every successful run: label, method, seed, kind (clean, corruption, category, pgd),
+    perturbation (corruption, category or attacked task), level (severity or ε), task, metric, value."""
+    rows = []
+
+    def add(run: Mapping[str, Any], kind: str, perturbation: str, level: str, scores: Mapping[str, float]) -> None:
+        for task, value in scores.items():
+            rows.append({"label": run["label"], "method": run["method"], "seed": run["seed"], "kind": kind,
+                         "perturbation": perturbation, "level": level, "task": task,
+                         "metric": run["metric_names"].get(task, ""), "value": repr(float(value))})
+
+    for run in (r for r in runs if r["status"] == "ok"):
+        add(run, "clean", "", "", run["clean"])
+        for name, levels in run["corruptions"].items():
+            for severity, scores in levels.items():
+                add(run, "corruption", name, severity, scores)
+        for category, scores in run["categories"].items():
+            add(run, "category", category, "", scores)
+        for attacked, levels in run["pgd"].items():
+            for eps, scores in levels.items():
+                add(run, "pgd", attacked, eps, scores)
+    return rows
+
+
+def _plot(ax, x: Sequence[float], stats: Sequence[Sequence[float]], label: str) -> None:
+    means, stds = [s[0] for s in stats], [s[1] for s in stats]
+    ax.errorbar(x, means, yerr=stds if any(stds) else None, marker="o", capsize=3, label=label)
+
+
+def corruption_figure(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], categories: Sequence[str],
+                      path: Path) -> Path:
+    """Per task a subplot: its metric on the clean and on each category's corrupted test set, one line per label."""
+    fig = Figure(figsize=(3.2 * len(tasks) + 0.6, 3.2))
+    FigureCanvasAgg(fig)
+    columns = ["clean", *categories]
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(1, len(tasks), i + 1)
+        for label, entry in summary.items():
+            if entry["ok"]:
+                _plot(ax, range(len(columns)), [entry["clean"][task]] + [entry["categories"][c][task]
+                                                                           for c in categories], label)
+        ax.set_xticks(range(len(columns)), columns)
+        ax.set_title(_header(task))
+        ax.legend(fontsize=7)
+    fig.suptitle("Natural corruptions (mean over corruptions and severities 1-5)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def pgd_figure(summary: Mapping[str, Mapping[str, Any]], attack_tasks: Sequence[str], epsilons: Sequence[float],
+               path: Path) -> Path:
+    """Per attacked task a subplot: that task's metric against ε (0 = clean), one line per label."""
+    fig = Figure(figsize=(3.6 * len(attack_tasks) + 0.6, 3.2))
+    FigureCanvasAgg(fig)
+    for i, task in enumerate(attack_tasks):
+        ax = fig.add_subplot(1, len(attack_tasks), i + 1)
+        for label, entry in summary.items():
+            if entry["ok"]:
+                _plot(ax, [0.0, *epsilons], [entry["clean"][task]] + [entry["pgd"][task][eps_key(e)][task]
+                                                                        for e in epsilons], label)
+        ax.set_xlabel("ε (0-255 scale)")
+        ax.set_title(f"PGD on {task}: {_header(task)}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_report(folder: Path, meta: Mapping[str, Any], runs: list[dict[str, Any]], tasks: Sequence[str],
+                 categories: Sequence[str], epsilons: Sequence[float], attack_tasks: Sequence[str]) -> str:
+    """Write robustness.json/.csv/.md and the figures into ``folder``; return the Markdown."""
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = summarise(runs)
+    write_json(folder / "robustness.json", {**meta, "runs": runs, "summary": summary})
+    with (folder / "robustness.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["label", "method", "seed", "kind", "perturbation", "level",
+                                                    "task", "metric", "value"])
+        writer.writeheader()
+        writer.writerows(csv_rows(runs))
+    parts = []
+    if categories:
+        parts.append("## Natural corruptions\n\nEach category: the mean over its corruptions and severities 1-5.\n\n"
+                     + corruption_table(summary, tasks, categories))
+        corruption_figure(summary, tasks, categories, folder / "corruptions.png")
+    if epsilons and attack_tasks:
+        parts.append("## PGD attacks\n\nL∞ PGD on the attacked task's loss; ε on the 0-255 scale; every task's "
+                     "metric under the attack.\n\n" + pgd_table(summary, tasks, attack_tasks, epsilons))
+        pgd_figure(summary, attack_tasks, epsilons, folder / "pgd.png")
+    text = "\n".join(parts) or "Nothing to evaluate: no corruption category and no PGD attack was asked for.\n"
+    (folder / "robustness.md").write_text(text, encoding="utf-8")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        config = config_from_args(args)
+        requested = parse_list(args.methods, "methods")
+        unknown = [m for m in requested if m not in method_names()]
+        if unknown:
+            raise UsageError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(method_names()))}")
+        seeds, categories = parse_seeds(args.seeds), parse_categories(args.corruptions)
+        epsilons, attack_tasks = parse_epsilons(args.epsilons), parse_attack_tasks(args.attack_tasks, config.tasks)
+        height, width = config.data.height, config.data.width
+        if categories and height is not None and width is not None and min(height, width) < MIN_SIZE:
+            raise UsageError(f"corruptions need images of at least {MIN_SIZE}x{MIN_SIZE} pixels, the runs have "
+                             f"{height}x{width}; pass --corruptions none")
+        methods = with_sources(requested, config)
+        out = Path(args.out or f"results/robustness-{config.preset}")
+        out.mkdir(parents=True, exist_ok=True)
+        jobs = method_jobs(methods, config, seeds)
+        results = run_jobs(jobs, out, not args.no_progress)
+
+        runs: list[dict[str, Any]] = []
+        for seed in seeds:  # the runs of one seed share a test set: load them together, each batch made once
+            pairs = [(job, r) for job, r in zip(jobs, results) if job.config.seed == seed]
+            loaded = [(job, r, load_run(job.run_dir(out), config.device)) for job, r in pairs if r["status"] == "ok"]
+            trainers = [trainer for _, _, (trainer, _, _) in loaded]
+            scores: list[dict[str, Any]] = []
+            if loaded:
+                data = loaded[0][2][1]
+                scores = evaluate_runs(trainers, lambda: data.batches(data.test), categories, epsilons,
+                                       attack_tasks, not args.no_progress)
+            by_label = {job.label: s for (job, _, _), s in zip(loaded, scores)}
+            for job, r in pairs:
+                record = {"label": job.label, "method": job.method, "seed": seed, "status": r["status"],
+                          "error": r.get("error"), "metric_names": r.get("metric_names", {}),
+                          "higher_is_better": r.get("higher_is_better", {})}
+                runs.append({**record, **by_label.get(job.label, {})})
+            del loaded, trainers
+
+        meta = {"config": config.to_dict(), "methods": methods, "seeds": seeds,
+                "categories": {c: list(CATEGORIES[c]) for c in categories}, "severities": list(SEVERITIES),
+                "epsilons": epsilons, "attack_tasks": attack_tasks}
+        text = write_report(out / "robustness", meta, runs, list(config.tasks), categories, epsilons, attack_tasks)
+        print(text)
+        print(f"robustness results in {out / 'robustness'}")
+        return 1 if any(r["status"] != "ok" for r in results) else 0
+
+    return run_main(body, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Robustness benchmark: corruptions, PGD on a trained smoke model, and the command end to end."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import robustness
+from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, corrupt_images, pgd_attack,
+                                      pgd_iterations)
+from mtsl_plugin.config import load_preset
+from mtsl_plugin.data import build_dataset
+from mtsl_plugin.experiment import load_run, run_method
+
+CLI_ARGS = ["--methods", "onenet", "--preset", "smoke", "--tasks", "S,D", "--seeds", "0", "--no-progress",
+            "--corruptions", "noise", "--epsilons", "2"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    data = build_dataset("synthetic", "test", height=32, width=32, n=2, seed=0)
+    return torch.stack([data[i][0] for i in range(len(data))])
+
+
+# ----------------------------------------------------------------------------------------------- corruptions
+def test_categories_are_the_fifteen_common_corruptions():
+    assert list(CATEGORIES) == ["noise", "blur", "weather", "digital"]
+    assert len(CORRUPTIONS) == len(set(CORRUPTIONS)) == 15
+
+
+def test_every_corruption_changes_the_images_within_range_and_severity_5_changes_more(images):
+    change = {}
+    for name in CORRUPTIONS:
+        for severity in (1, 2, 3, 4, 5):
+            out = corrupt_images(images, name, severity, seed=3)
+            assert out.shape == images.shape and out.dtype == images.dtype, (name, severity)
+            assert 0 <= out.min() and out.max() <= 1, (name, severity)
+            change[name, severity] = float((out - images).abs().mean())
+            assert change[name, severity] > 1 / 255, (name, severity)  # more than 8-bit rounding
+    for name in CORRUPTIONS:  # holds for each corruption on these 32x32 scenes with this seed
+        assert change[name, 5] > change[name, 1], name
+    assert np.mean([change[n, 5] for n in CORRUPTIONS]) > 2 * np.mean([change[n, 1] for n in CORRUPTIONS])
+
+
+def test_corruption_is_deterministic_per_seed_and_leaves_numpys_rng_alone(images):
+    np.random.seed(123)
+    state = np.random.get_state()
+    for name in ("gaussian_noise", "impulse_noise", "glass_blur", "frost"):  # global RNG, own seed, numba, files
+        first = corrupt_images(images, name, 3, seed=7)
+        assert torch.equal(first, corrupt_images(images, name, 3, seed=7)), name
+        assert not torch.equal(first, corrupt_images(images, name, 3, seed=8)), name
+    after = np.random.get_state()
+    assert after[0] == state[0] and np.array_equal(after[1], state[1]) and after[2:] == state[2:]
+
+
+def test_an_image_corruption_does_not_depend_on_the_rest_of_the_batch(images):
+    whole = corrupt_images(images, "shot_noise", 2, seed=5)
+    assert torch.equal(whole[:1], corrupt_images(images[:1], "shot_noise", 2, seed=5))
+
+
+@pytest.mark.parametrize("name, severity, culprit", [
+    ("rain", 1, "rain"), ("fog", 0, "0"), ("fog", 6, "6"), ("fog", 2.0, "2.0"),
+])
+def test_bad_corruption_arguments_are_one_sentence_naming_them(images, name, severity, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        corrupt_images(images, name, severity, seed=0)
+
+
+def test_images_smaller_than_32_pixels_are_refused_not_upsampled():
+    with pytest.raises(ValueError, match="31x32"):
+        corrupt_images(torch.rand(1, 3, 31, 32), "fog", 1, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------- PGD
+def test_pgd_iterations_follow_the_formula():
+    assert [pgd_iterations(e) for e in EPSILONS] == [1, 1, 2, 3]
+    assert pgd_iterations(8) == 10 and pgd_iterations(16) == 20  # where eps + 4 is the smaller term
+
+
+def test_pgd_on_a_linear_loss_moves_every_pixel_by_eps_and_clips():
+    calls = []
+
+    def model_fn(x):
+        calls.append(1)
+        return x
+
+    clean = torch.tensor([0.0, 0.5, 0.999, 1.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2).contiguous()
+    adv = pgd_attack(model_fn, lambda pred, _: pred.sum(), clean, None, eps=2.0)
+    assert len(calls) == pgd_iterations(2.0)
+    assert torch.allclose(adv, (clean + 2 / 255).clamp(0, 1))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pgd") / "onenet"
+    run_method(load_preset("smoke").replace(tasks=("S", "D")), "onenet", run_dir, progress=False)
+    trainer, data, _ = load_run(run_dir)
+    return trainer, next(iter(data.batches(data.test)))
+
+
+@pytest.mark.parametrize("task", ["S", "D"])
+def test_pgd_raises_the_attacked_loss_within_the_budget(trained, task):
+    trainer, (images, gts) = trained
+    loss_fn = trainer.task_dict[task]["loss_fn"].compute_loss
+
+    def model_fn(x):
+        return trainer.model(x)[task]
+
+    eps = 2.0
+    with torch.no_grad():  # the attack takes its own gradients even inside an evaluation loop
+        adv = pgd_attack(model_fn, loss_fn, images, gts[task], eps)
+        clean_loss, adv_loss = loss_fn(model_fn(images), gts[task]), loss_fn(model_fn(adv), gts[task])
+    assert adv_loss > clean_loss
+    assert (adv - images).abs().max() <= eps / 255 + 1e-6
+    assert adv.min() >= 0 and adv.max() <= 1 and adv.shape == images.shape
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- the command
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("robustness") / "run"
+    return robustness.main([*CLI_ARGS, "--out", str(out)]), out
+
+
+def test_command_writes_every_number_table_and_figure(cli_run):
+    code, out = cli_run
+    assert code == 0
+    folder = out / "robustness"
+    for name in ("robustness.json", "robustness.csv", "robustness.md", "corruptions.png", "pgd.png"):
+        assert (folder / name).stat().st_size > 0, name
+    report = json.loads((folder / "robustness.json").read_text())
+    (run,) = report["runs"]
+    assert run["label"] == "onenet" and run["status"] == "ok"
+    for scores in [run["clean"], run["categories"]["noise"], run["pgd"]["S"]["2"], run["pgd"]["D"]["2"]]:
+        assert set(scores) == {"S", "D"} and all(np.isfinite(v) for v in scores.values())
+    assert set(run["corruptions"]) == set(CATEGORIES["noise"])
+    assert all(set(levels) == {"1", "2", "3", "4", "5"} for levels in run["corruptions"].values())
+    # the clean scores are the run's own evaluation; the category score is the mean of its 15 corrupted sets
+    trained = json.loads((out / "onenet" / "seed0" / "result.json").read_text())
+    assert run["clean"] == pytest.approx(trained["metrics"], rel=1e-5)
+    levels = [s["D"] for n in CATEGORIES["noise"] for s in run["corruptions"][n].values()]
+    assert run["categories"]["noise"]["D"] == pytest.approx(np.mean(levels))
+    assert run["pgd"]["D"]["2"]["D"] > run["clean"]["D"]  # RMSE rises under an attack on depth
+    table = (folder / "robustness.md").read_text()
+    assert "| onenet |" in table and "| onenet | S |" in table and "D RMSE ↓ ε=2" in table and "S noise" in table
+    rows = list(csv.DictReader((folder / "robustness.csv").open()))
+    assert len(rows) == 2 * (1 + 15 + 1 + 2)  # tasks x (clean, corrupted sets, category, attacks)
+
+
+def test_a_second_invocation_reuses_the_trained_run(cli_run, capsys):
+    _, out = cli_run
+    before = json.loads((out / "robustness" / "robustness.json").read_text())["runs"]
+    assert robustness.main([*CLI_ARGS, "--out", str(out)]) == 0
+    assert "reusing the finished run" in capsys.readouterr().out
+    after = json.loads((out / "robustness" / "robustness.json").read_text())["runs"]
+    assert after == before  # same corrupted images and attacks: the same numbers
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--corruptions", "noise,rain"], "rain"),
+    (["--epsilons", "1,abc"], "abc"),
+    (["--epsilons", "-1"], "-1"),
+    (["--attack-tasks", "S,X"], "X"),
+    (["--methods", "nope"], "nope"),
+])
+def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, argv, culprit):
+    assert robustness.main([*CLI_ARGS, *argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and culprit in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()  # nothing trained
