@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from benchmarks.harness import (Job, add_deltas, add_run_args, config_from_args, parse_seeds, run_jobs, run_main,
                                 write_results)
-from benchmarks.report import aggregate, write_markdown
+from benchmarks.report import summary_table, write_markdown
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.learner.schedule import MTSLConfig
 
@@ -49,31 +49,9 @@ def ablation_jobs(config: RunConfig, seeds: Sequence[int]) -> list[Job]:
 
 def ablation_table(results: list[dict[str, Any]]) -> str:
     """The paper's Table 4 layout in Markdown, mean over seeds (the first seed's plan)."""
-    rows = aggregate(results)
-    plans = {}
-    for r in results:
-        if r["status"] == "ok" and r.get("plan_text"):
-            plans.setdefault(r["label"], r["plan_text"])
-    lines = ["| Alignment | avg | ATT | Δ_SD (%) | Δ_MTL (%) | Params (M) | GMac | Converged plan |",
-             "|:---:|:---:|:---:|---:|---:|---:|---:|:---|"]
     mark = {True: "✓", False: "✗"}
-    for label, _, align, avg, att in ROWS:
-        entry = rows.get(label)
-        if entry is None or entry["ok"] == 0:
-            cells = ["failed"] + ["—"] * 4
-        else:
-            cells = [_mean(entry[f], 2, signed=f.startswith("delta")) for f in ("delta_sd", "delta_mtl", "params_m",
-                                                                                "gmac")]
-            cells.append(plans.get(label, "—"))
-        lines.append("| " + " | ".join([mark[align], mark[avg], mark[att], *cells]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _mean(stat: dict | None, places: int, signed: bool = False) -> str:
-    if stat is None:
-        return "—"
-    text = f"{stat['mean']:{'+' if signed else ''}.{places}f}"
-    return text if stat["n"] <= 1 else f"{text} ± {stat['std']:.{places}f}"
+    rows = [([mark[align], mark[avg], mark[att]], label) for label, _, align, avg, att in ROWS]
+    return summary_table(results, ["Alignment", "avg", "ATT"], rows)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -7,7 +7,9 @@
 STN and One-Net are always trained too: STN is the reference of Δ_MTL and Δ_SD, One-Net the other extreme.
 Results go to ``--out`` (default ``results/<preset>-<time>``): per run ``<method>/seed<k>/`` (config, checkpoint,
 plan after each structural phase with its similarity matrices, final plan, result JSON), and at the top
-``config.json``, ``results.json``, ``results.csv``, ``table.md`` and ``architecture.png``.
+``config.json``, ``results.json``, ``results.csv``, ``table.md`` and ``architecture.png``. An ``--out`` that holds
+a comparison of the same settings is extended: its finished runs (STN's included) are reused and the new table
+covers the old and the new methods and seeds; one of other settings is refused.
 """
 from __future__ import annotations
 
@@ -94,6 +96,21 @@ def first_similarities(out: Path, method: str) -> list[dict]:
     return [r["similarities"][0] for r in records if r["similarities"]]
 
 
+def extend_comparison(out: Path, config: RunConfig, methods: list[str], seeds: list[int],
+                      plan_from: str | None) -> tuple[list[str], list[int]]:
+    """Methods and seeds of the comparison in the existing folder ``out`` extended by the requested ones; only a
+    comparison of the same settings can be extended (its finished runs are reused, its table covers all)."""
+    saved = out / "config.json"
+    if not saved.is_file():
+        raise UsageError(f"--out {out} already holds files but no config.json, so it is not a compare.py results "
+                         "folder; choose a new folder")
+    meta = json.loads(saved.read_text())
+    if RunConfig.from_dict(meta["config"]).fingerprint() != config.fingerprint() or meta.get("plan_from") != plan_from:
+        raise UsageError(f"--out {out} holds a comparison with other settings; pass --resume {out} to continue it, "
+                         "or choose a new folder")
+    return list(dict.fromkeys([*meta["methods"], *methods])), sorted({*meta["seeds"], *seeds})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -117,8 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.plan_from
             out = Path(args.out or f"results/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
             if out.exists() and any(out.iterdir()):
-                raise UsageError(f"--out {out} already holds files; pass --resume {out} to continue it, or "
-                                 "choose a new folder")
+                methods, seeds = extend_comparison(out, config, methods, seeds, plan_from)
         jobs = build_jobs(methods, config, seeds, plan_from)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"config": config.to_dict(), "methods": methods, "seeds": seeds,

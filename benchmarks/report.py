@@ -171,6 +171,30 @@ def format_table(
     return "\n".join(lines) + "\n"
 
 
+def summary_table(results: Sequence[Mapping[str, Any]], lead: Sequence[str],
+                  rows: Sequence[tuple[Sequence[str], str]]) -> str:
+    """A sweep's or an ablation's table in Markdown: per row its ``lead`` cells (e.g. the threshold), then Δ_SD,
+    Δ_MTL, params, GMac (mean ± std over seeds) and the first seed's converged plan of the runs labelled
+    ``label``. ``rows`` holds ``(lead cells, label)`` pairs; a row whose runs all failed says so."""
+    entries = aggregate(results)
+    plans: dict[str, str] = {}
+    for r in results:
+        if r.get("status") == "ok" and r.get("plan_text"):
+            plans.setdefault(str(r.get("label") or r["method"]), r["plan_text"])
+    headers = [*lead, "Δ_SD (%)", "Δ_MTL (%)", "Params (M)", "GMac", "Converged plan"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] * len(lead) + ["---:"] * 4 + [":---"]) + "|"]
+    for cells, label in rows:
+        entry = entries.get(label)
+        if entry is None or entry["ok"] == 0:
+            error = _short(entry["errors"][0]) if entry and entry["errors"] else "not run"
+            values = [f"failed: {_escape(error)}"] + [_MISSING] * 4
+        else:
+            values = [_cell(entry["delta_sd"], 2, signed=True), _cell(entry["delta_mtl"], 2, signed=True),
+                      _cell(entry["params_m"], 2), _cell(entry["gmac"], 2), plans.get(label, _MISSING)]
+        lines.append("| " + " | ".join([*cells, *values]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------- files
 def csv_rows(aggregated: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[dict[str, str]]]:
     """Column names and one flat row per method: counts, seeds, ``<task>_mean``/``<task>_std`` per task, then

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from benchmarks.figures import sweep_figure
 from benchmarks.harness import (Job, UsageError, add_deltas, add_run_args, config_from_args, parse_list,
                                 parse_seeds, run_jobs, run_main, write_results)
-from benchmarks.report import aggregate, write_markdown
+from benchmarks.report import aggregate, summary_table, write_markdown
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data.common import ordered_tasks
 from mtsl_plugin.learner.schedule import MTSLConfig
@@ -38,9 +38,14 @@ def threshold_jobs(config: RunConfig, seeds: Sequence[int], values: Sequence[flo
     """STN, then MTSL at every threshold γ in ``values``, for every seed."""
     jobs = [Job("stn", "stn", config.replace(seed=s)) for s in seeds]
     for value in values:
-        mtsl = MTSLConfig.from_dict({**config.mtsl.to_dict(), "threshold": value})
-        jobs += [Job(f"mtsl_threshold{value:g}", "mtsl", config.replace(seed=s, mtsl=mtsl)) for s in seeds]
+        variant = config.replace(mtsl=MTSLConfig.from_dict({**config.mtsl.to_dict(), "threshold": value}))
+        jobs += [Job(threshold_label(config, value), "mtsl", variant.replace(seed=s)) for s in seeds]
     return jobs
+
+
+def threshold_label(config: RunConfig, value: float) -> str:
+    """``mtsl`` for the configuration's own threshold (so compare.py's run is reused), else ``mtsl_threshold<γ>``."""
+    return "mtsl" if value == config.mtsl.threshold else f"mtsl_threshold{value:g}"
 
 
 def task_subsets(tasks: Sequence[str], value: str) -> list[tuple[str, ...]]:
@@ -77,47 +82,24 @@ def init_config(config: RunConfig, init: str) -> RunConfig:
     return config.replace(pretrained=False, weights=str(init))
 
 
-def init_label(init: str) -> str:
+def init_label(config: RunConfig, init: str) -> str:
+    """``mtsl`` when ``init`` is the configuration's own initialisation (so compare.py's runs are reused), else
+    ``mtsl_<init>`` (a weights file by its stem)."""
+    if init_config(config, init) == config:
+        return "mtsl"
     return f"mtsl_{init if init in ('random', 'pretrained') else Path(init).stem}"
 
 
 def seeds_jobs(config: RunConfig, seeds: Sequence[int], inits: Sequence[str]) -> list[Job]:
     """MTSL for every initialisation and seed (no reference: this sweep is about the converged plans)."""
-    return [Job(init_label(init), "mtsl", init_config(config, init).replace(seed=s)) for init in inits for s in seeds]
+    return [Job(init_label(config, init), "mtsl", init_config(config, init).replace(seed=s))
+            for init in inits for s in seeds]
 
 
 # ------------------------------------------------------------------------------------------------ tables
-def _mean(stat: dict | None, places: int = 2, signed: bool = False) -> str:
-    if stat is None:
-        return "—"
-    text = f"{stat['mean']:{'+' if signed else ''}.{places}f}"
-    return text if stat["n"] <= 1 else f"{text} ± {stat['std']:.{places}f}"
-
-
-def summary_table(results: list[dict[str, Any]], first_header: str, rows: Sequence[tuple[str, str]]) -> str:
-    """Rows ``(shown name, label)``: Δ_SD, Δ_MTL, params, GMac and the first seed's converged plan."""
-    entries = aggregate(results)
-    plans: dict[str, str] = {}
-    for r in results:
-        if r["status"] == "ok" and r.get("plan_text"):
-            plans.setdefault(r["label"], r["plan_text"])
-    lines = [f"| {first_header} | Δ_SD (%) | Δ_MTL (%) | Params (M) | GMac | Converged plan |",
-             "|:---|---:|---:|---:|---:|:---|"]
-    for shown, label in rows:
-        entry = entries.get(label)
-        if entry is None or entry["ok"] == 0:
-            error = entry["errors"][0].splitlines()[0][:60] if entry and entry["errors"] else "not run"
-            lines.append(f"| {shown} | failed: {error} | — | — | — | — |")
-            continue
-        cells = [_mean(entry["delta_sd"], signed=True), _mean(entry["delta_mtl"], signed=True),
-                 _mean(entry["params_m"]), _mean(entry["gmac"]), plans.get(label, "—")]
-        lines.append("| " + " | ".join([shown, *cells]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def grouping_table(results: list[dict[str, Any]]) -> str:
+def grouping_table(results: list[dict[str, Any]], inits: dict[str, str]) -> str:
     """The converged plan of every run, one column per location (paper Table 5): a cell lists the groups,
-    e.g. ``SE DNA``."""
+    e.g. ``SE DNA``; ``inits`` maps a run's label to the initialisation shown."""
     ok = [r for r in results if r["status"] == "ok" and r.get("plan")]
     failed = [r for r in results if r["status"] != "ok"]
     if not ok:
@@ -128,9 +110,8 @@ def grouping_table(results: list[dict[str, Any]]) -> str:
     for r in ok:
         plan = BranchingPlan.from_dict(r["plan"])
         cells = [" ".join("".join(g) for g in partition) for partition in plan.partitions]
-        lines.append(f"| {r['label'].removeprefix('mtsl_')} | {r['seed']} | " + " | ".join(cells) + " |")
-    lines += [f"| {r['label'].removeprefix('mtsl_')} | {r['seed']} | failed: {str(r['error'])[:60]} |"
-              for r in failed]
+        lines.append(f"| {inits[r['label']]} | {r['seed']} | " + " | ".join(cells) + " |")
+    lines += [f"| {inits[r['label']]} | {r['seed']} | failed: {str(r['error'])[:60]} |" for r in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -174,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--values must be comma-separated numbers for the threshold sweep, got {text!r}") \
                     from None
             jobs = threshold_jobs(config, seeds, values)
-            rows = [(f"{v:g}", f"mtsl_threshold{v:g}") for v in values]
+            rows = [(f"{v:g}", threshold_label(config, v)) for v in values]
         elif args.sweep == "tasks":
             subsets = task_subsets(config.tasks, args.values or "all")
             jobs = tasks_jobs(config, seeds, subsets)
@@ -182,18 +163,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             inits = parse_list(args.inits, "inits")
             jobs = seeds_jobs(config, seeds, inits)
+            shown = {init_label(config, i): i if i in ("random", "pretrained") else Path(i).stem for i in inits}
             rows = []
         results = run_jobs(jobs, out, not args.no_progress)
         add_deltas(results)
         write_results(results, folder)
         if args.sweep == "seeds":
-            table = grouping_table(results)
-            plans = {f"{r['label'].removeprefix('mtsl_')} seed {r['seed']}": BranchingPlan.from_dict(r["plan"])
+            table = grouping_table(results, shown)
+            plans = {f"{shown[r['label']]} seed {r['seed']}": BranchingPlan.from_dict(r["plan"])
                      for r in results if r["status"] == "ok" and r.get("plan")}
             if plans:
                 draw_plans(plans, folder / "sensitivity.png")
         else:
-            table = summary_table(results, "γ" if args.sweep == "threshold" else "Tasks", rows)
+            table = summary_table(results, ["γ" if args.sweep == "threshold" else "Tasks"],
+                                  [([shown], label) for shown, label in rows])
             labels = [label for _, label in rows]
             xs = values if args.sweep == "threshold" else [shown for shown, _ in rows]
             sweep_figure(xs, {"Δ_MTL (%)": _series(results, labels, "delta_mtl"),

@@ -7,6 +7,7 @@ import torch
 
 from benchmarks import ablation, compare, sensitivity
 from benchmarks.harness import UsageError
+from mtsl_plugin.config import load_preset
 from mtsl_plugin.plan import BranchingPlan
 
 ARGS = ["--preset", "smoke", "--tasks", "S,D", "--no-progress"]
@@ -53,6 +54,7 @@ def test_threshold_sweep_extremes_give_the_single_task_and_shared_plans(tmp_path
     runs = results_of(out / "sensitivity-threshold")
     stn_plan = BranchingPlan.from_dict(runs[("stn", 0)]["plan"])
     assert BranchingPlan.from_dict(runs[("mtsl_threshold1.01", 0)]["plan"]) == stn_plan  # above every similarity
+    assert sensitivity.threshold_label(load_preset("smoke"), 0.8) == "mtsl"  # the default γ: compare's run
     merged = BranchingPlan.from_dict(runs[("mtsl_threshold0", 0)]["plan"])  # fewest_groups at γ = 0: all merge
     phases = 2  # the smoke preset's structural phases, one location each
     assert all(len(merged.partitions[l]) == 1 for l in range(phases))
@@ -93,13 +95,14 @@ def test_seed_sweep_prints_the_grouping_table_per_init(tmp_path, capsys):
     assert sensitivity.main(argv) == 0
     printed = capsys.readouterr().out
     runs = results_of(out / "sensitivity-seeds")
-    assert set(runs) == {(f"mtsl_{init}", s) for init in ("random", "other_init") for s in (0, 1)}
+    # the configuration's own (random) initialisation keeps the label "mtsl", so compare.py's runs are reused
+    assert set(runs) == {(label, s) for label in ("mtsl", "mtsl_other_init") for s in (0, 1)}
     for (label, seed), run in runs.items():
         config = json.loads((out / label / f"seed{seed}" / "config.json").read_text())["config"]
         assert config["mtsl"]["similarity"] == "rsa"
         assert (config["weights"] is not None) == (label == "mtsl_other_init")
     table = (out / "sensitivity-seeds" / "sensitivity.md").read_text()
-    assert table in printed and "| other_init | 1 |" in table
+    assert table in printed and "| other_init | 1 |" in table and "| random | 0 |" in table
     assert table.splitlines()[0].endswith("| 9 |")  # one column per location
     assert (out / "sensitivity-seeds" / "sensitivity.png").stat().st_size > 0
 

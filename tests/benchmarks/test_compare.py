@@ -1,6 +1,7 @@
 """The harness from the command line: one smoke run end to end, resume, failures and bad input."""
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -57,10 +58,23 @@ def test_resume_reuses_finished_runs(finished, capsys):
 def test_existing_results_are_never_overwritten(finished, capsys):
     _, out = finished
     before = (out / "results.json").read_text()
-    assert compare.main(["--methods", "mtsl", "--out", str(out), *ARGS]) == 2
+    assert compare.main(["--methods", "mtsl", "--out", str(out), "--threshold", "0.5", *ARGS]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "--resume" in err and len(err.splitlines()) == 1
+    assert err.startswith("error:") and "other settings" in err and len(err.splitlines()) == 1
     assert (out / "results.json").read_text() == before
+
+
+def test_a_comparison_is_extended_reusing_its_runs(finished, tmp_path, capsys):
+    """Asking a finished folder of the same settings for another method trains only that method."""
+    out = tmp_path / "copy"  # a copy (finished runs need no checkpoint to be reused), so other tests keep theirs
+    shutil.copytree(finished[1], out, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    capsys.readouterr()
+    assert compare.main(["--methods", "onenet_l", "--out", str(out), *ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reusing the finished run") == 3 and "[onenet_l seed 0] training" in printed
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())] == ["stn", "onenet", "mtsl",
+                                                                                      "onenet_l"]
+    assert json.loads((out / "config.json").read_text())["methods"] == ["stn", "onenet", "mtsl", "onenet_l"]
 
 
 @pytest.mark.parametrize("argv, culprit", [
