@@ -190,7 +190,7 @@ def summary_table(results: Sequence[Mapping[str, Any]], lead: Sequence[str],
             values = [f"failed: {_escape(error)}"] + [_MISSING] * 4
         else:
             values = [_cell(entry["delta_sd"], 2, signed=True), _cell(entry["delta_mtl"], 2, signed=True),
-                      _cell(entry["params_m"], 2), _cell(entry["gmac"], 2), plans.get(label, _MISSING)]
+                      _cell(entry["params_m"], 2), _cell(entry["gmac"], 2), _escape(plans.get(label, _MISSING))]
         lines.append("| " + " | ".join([*cells, *values]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -61,6 +61,8 @@ def test_threshold_sweep_extremes_give_the_single_task_and_shared_plans(tmp_path
     assert all(len(merged.partitions[l]) == 2 for l in range(phases, merged.num_locations))
     table = (out / "sensitivity-threshold" / "sensitivity.md").read_text()
     assert "| 0 |" in table and "| 1.01 |" in table
+    # every row has the header's number of cells: the plan's own "|" separators are escaped
+    assert {line.replace("\\|", "").count("|") for line in table.splitlines()} == {7}
     assert (out / "sensitivity-threshold" / "sensitivity.png").stat().st_size > 0
 
 
