@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.harness import (Job, add_deltas, add_run_args, config_from_args, parse_seeds, run_jobs, run_main,
-                                write_results)
+from benchmarks.harness import (Job, add_deltas, add_out_arg, add_run_args, config_from_args, out_folder,
+                                parse_seeds, run_jobs, run_main, write_results)
 from benchmarks.report import summary_table, write_markdown
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.learner.schedule import MTSLConfig
@@ -57,8 +56,7 @@ def ablation_table(results: list[dict[str, Any]]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(p)
-    p.add_argument("--out", default=None, help="results folder (default results/ablation-<preset>); may hold "
-                                               "earlier runs, which are reused")
+    add_out_arg(p, "ablation")
     return p.parse_args(argv)
 
 
@@ -68,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         config = config_from_args(args)
         seeds = parse_seeds(args.seeds)
-        out = Path(args.out or f"results/ablation-{config.preset}")
+        out = out_folder(args, "ablation", config)
         results = run_jobs(ablation_jobs(config, seeds), out, not args.no_progress)
         add_deltas(results)
         folder = out / "ablation"

@@ -36,7 +36,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="mtsl", help="comma-separated method names, or 'all'")
     add_run_args(p)
-    p.add_argument("--out", default=None, help="results folder (must not hold results already)")
+    p.add_argument("--out", default=None,
+                   help="results folder; one holding a comparison of the same settings is extended")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose results are in DIR")
     p.add_argument("--plan-from", default=None, metavar="DIR",
                    help="retrain ('-R' methods) the final plans of the compare.py results in DIR, e.g. the plan "

@@ -61,6 +61,17 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_out_arg(p: argparse.ArgumentParser, command: str) -> None:
+    """``--out`` of an evaluation command: a folder that may hold earlier runs (default
+    ``results/<command>-<preset>``, see :func:`out_folder`)."""
+    p.add_argument("--out", default=None, help=f"results folder (default results/{command}-<preset>); may hold "
+                                               "earlier runs, which are reused")
+
+
+def out_folder(args: argparse.Namespace, command: str, config: RunConfig) -> Path:
+    return Path(args.out or f"results/{command}-{config.preset}")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The :class:`RunConfig` of :func:`add_run_args`' options (plugins named there must be loaded already)."""
     config = load_preset(args.preset)

@@ -32,8 +32,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from benchmarks.harness import (UsageError, add_run_args, config_from_args, method_jobs, parse_list, parse_seeds,
-                                run_jobs, run_main, with_sources)
+from benchmarks.harness import (UsageError, add_out_arg, add_run_args, config_from_args, method_jobs, out_folder,
+                                parse_list, parse_seeds, run_jobs, run_main, with_sources)
 from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, MIN_SIZE, SEVERITIES, corrupt_images,
                                       pgd_attack)
 from mtsl_plugin.experiment import load_run, write_json
@@ -50,8 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="onenet,mtsl", help="comma-separated method names")
     add_run_args(p)
-    p.add_argument("--out", default=None, help="results folder, may hold earlier runs (default "
-                                               "results/robustness-<preset>)")
+    add_out_arg(p, "robustness")
     p.add_argument("--corruptions", default="all", help="'all', 'none' or categories: " + ",".join(CATEGORIES))
     p.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS),
                    help="PGD budgets on the 0-255 pixel scale, or 'none'")
@@ -375,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"corruptions need images of at least {MIN_SIZE}x{MIN_SIZE} pixels, the runs have "
                              f"{height}x{width}; pass --corruptions none")
         methods = with_sources(requested, config)
-        out = Path(args.out or f"results/robustness-{config.preset}")
+        out = out_folder(args, "robustness", config)
         out.mkdir(parents=True, exist_ok=True)
         jobs = method_jobs(methods, config, seeds)
         results = run_jobs(jobs, out, not args.no_progress)

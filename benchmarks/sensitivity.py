@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.figures import sweep_figure
-from benchmarks.harness import (Job, UsageError, add_deltas, add_run_args, config_from_args, parse_list,
-                                parse_seeds, run_jobs, run_main, write_results)
+from benchmarks.harness import (Job, UsageError, add_deltas, add_out_arg, add_run_args, config_from_args,
+                                out_folder, parse_list, parse_seeds, run_jobs, run_main, write_results)
 from benchmarks.report import aggregate, summary_table, write_markdown
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data.common import ordered_tasks
@@ -134,8 +134,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--inits", default="random",
                    help="seeds sweep: comma-separated initialisations: random, pretrained, or weights files")
     add_run_args(p, default_seeds=None)
-    p.add_argument("--out", default=None, help="results folder (default results/sensitivity-<preset>); may hold "
-                                               "earlier runs, which are reused")
+    add_out_arg(p, "sensitivity")
     return p.parse_args(argv)
 
 
@@ -145,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         config = config_from_args(args)
         seeds = parse_seeds(args.seeds or ("0,1,2" if args.sweep == "seeds" else "0"))
-        out = Path(args.out or f"results/sensitivity-{config.preset}")
+        out = out_folder(args, "sensitivity", config)
         folder = out / f"sensitivity-{args.sweep}"
         if args.sweep == "threshold":
             text = args.values or "0.5,0.6,0.7,0.8,0.9,0.95"
