@@ -44,6 +44,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tasks: tuple[str, ...] = ("S", "D", "E", "N", "A")
     backbone: str = "resnet18"
+    backbone_args: dict = field(default_factory=dict)  # keyword arguments of timm.create_model, e.g. channels
     pretrained: bool = False
     weights: str | None = None
     batch_size: int = 16
@@ -64,6 +65,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        data["backbone_args"] = json.loads(json.dumps(self.backbone_args))  # tuples as lists, as YAML gives
         data["tasks"] = list(self.tasks)
         data["lr_steps"] = list(self.lr_steps)
         data["mtsl"]["task_epochs"] = list(self.mtsl.task_epochs)
@@ -86,6 +88,8 @@ class RunConfig:
     def fingerprint(self, *, exclude: tuple[str, ...] = ("device",), extra: Mapping[str, Any] | None = None) -> str:
         """A short hash of everything that changes results (the device does not), plus ``extra`` values."""
         data = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        if not data.get("backbone_args", True):  # runs from before the field existed keep their fingerprint
+            del data["backbone_args"]
         data.update(extra or {})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 

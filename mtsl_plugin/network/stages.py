@@ -115,13 +115,19 @@ class ResNetStages:
         weights: a local weights file for the backbone (timm's ``pretrained_cfg_overlay=dict(file=...)``).
         decoder: build the 4 decoder locations (encoder-decoder setting); without it there are 6 locations.
         seed: seed for the random initialisation of everything the backbone does not provide.
+        backbone_args: further keyword arguments of ``timm.create_model``, e.g. ``{"channels": (16, 32, 64, 128)}``
+            for a ResNet of a quarter of the usual width (the ``smoke`` and ``quick`` presets use narrow ResNets).
     """
 
     def __init__(self, backbone: str = "resnet18", *, pretrained: bool = False, weights: str | Path | None = None,
-                 decoder: bool = True, seed: int = 0):
+                 decoder: bool = True, seed: int = 0, backbone_args: dict | None = None):
         if weights is not None and not Path(weights).is_file():
             raise FileNotFoundError(f"backbone weights file {str(weights)!r} does not exist")
-        kwargs = {"pretrained_cfg_overlay": {"file": str(weights)}} if weights is not None else {}
+        kwargs = {**(backbone_args or {})}
+        if "channels" in kwargs:
+            kwargs["channels"] = tuple(kwargs["channels"])
+        if weights is not None:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:

@@ -90,7 +90,8 @@ def test_task_subsets_leave_one_out_in_canonical_order():
 def test_seed_sweep_prints_the_grouping_table_per_init(tmp_path, capsys):
     weights = tmp_path / "other_init.pth"
     torch.manual_seed(123)
-    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), weights)
+    channels = tuple(load_preset("smoke").backbone_args["channels"])  # the smoke preset's narrow ResNet18
+    torch.save(timm.create_model("resnet18", num_classes=0, channels=channels).state_dict(), weights)
     out = tmp_path / "seeds"
     argv = ["--sweep", "seeds", "--seeds", "0,1", "--inits", f"random,{weights}", "--out", str(out),
             "--similarity", "rsa", *ARGS]
