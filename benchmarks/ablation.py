@@ -17,8 +17,8 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from benchmarks.harness import (Job, add_deltas, add_out_arg, add_run_args, config_from_args, out_folder,
-                                parse_seeds, run_jobs, run_main, write_results)
+from benchmarks.harness import (Job, add_deltas, add_out_arg, add_run_args, check_jobs, config_from_args,
+                                out_folder, parse_seeds, run_jobs, run_main, write_results)
 from benchmarks.report import summary_table, write_markdown
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.learner.schedule import MTSLConfig
@@ -67,7 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         seeds = parse_seeds(args.seeds)
         out = out_folder(args, "ablation", config)
-        results = run_jobs(ablation_jobs(config, seeds), out, not args.no_progress)
+        jobs = ablation_jobs(config, seeds)
+        check_jobs(jobs, not args.no_progress)
+        results = run_jobs(jobs, out, not args.no_progress, args.keep_checkpoints)
         add_deltas(results)
         folder = out / "ablation"
         write_results(results, folder)

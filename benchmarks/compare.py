@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.figures import alignment_figure
-from benchmarks.harness import (Job, UsageError, add_deltas, add_run_args, config_from_args, method_jobs,
-                                parse_list, parse_seeds, run_jobs, run_main, source_of, with_sources,
+from benchmarks.harness import (Job, UsageError, add_deltas, add_run_args, check_jobs, check_out, config_from_args,
+                                method_jobs, parse_list, parse_seeds, run_jobs, run_main, source_of, with_sources,
                                 write_results)
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.experiment import write_json
@@ -133,14 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(method_names()))}")
             methods, seeds, plan_from = list(dict.fromkeys([*REFERENCES, *requested])), parse_seeds(args.seeds), \
                 args.plan_from
-            out = Path(args.out or f"results/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+            out = check_out(Path(args.out or f"results/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
             if out.exists() and any(out.iterdir()):
                 methods, seeds = extend_comparison(out, config, methods, seeds, plan_from)
         jobs = build_jobs(methods, config, seeds, plan_from)
+        check_jobs(jobs, not args.no_progress)  # before any training and before the results folder is made
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"config": config.to_dict(), "methods": methods, "seeds": seeds,
                                          "plan_from": plan_from})
-        results = run_jobs(jobs, out, not args.no_progress)
+        results = run_jobs(jobs, out, not args.no_progress, args.keep_checkpoints)
         add_deltas(results)
         table = report(results, out)
         print(table)

@@ -29,6 +29,7 @@ from mtsl_plugin.methods import build_method
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
 from mtsl_plugin.plugins import PluginError, amalgamator, grouping_solver, load_plugin, similarity
+from mtsl_plugin.preflight import check_config
 
 
 class UsageError(Exception):
@@ -59,6 +60,9 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--threshold", type=float, default=None, help="grouping threshold γ (default 0.8)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import a plugin module")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished run's resume checkpoint (optimizer and RNG state, about 3x the size of "
+                        "its weights); by default a finished run keeps its weights (model.pt) only")
 
 
 def add_out_arg(p: argparse.ArgumentParser, command: str) -> None:
@@ -69,7 +73,28 @@ def add_out_arg(p: argparse.ArgumentParser, command: str) -> None:
 
 
 def out_folder(args: argparse.Namespace, command: str, config: RunConfig) -> Path:
-    return Path(args.out or f"results/{command}-{config.preset}")
+    return check_out(Path(args.out or f"results/{command}-{config.preset}"))
+
+
+def check_out(out: Path) -> Path:
+    """``out`` if it can be a results folder (missing, or a folder); a file there is refused."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; name a folder for the results")
+    return out
+
+
+def check_jobs(jobs: Sequence["Job"], progress: bool = True) -> None:
+    """Check every configuration of ``jobs`` (:func:`~mtsl_plugin.preflight.check_config`) before any training;
+    the seed only changes which synthetic scenes are drawn, so each configuration is checked once, and each real
+    data set is read through once."""
+    checked, scanned = set(), set()
+    for job in jobs:
+        key = json.dumps(job.config.replace(seed=0).to_dict(), sort_keys=True)
+        if key in checked:
+            continue
+        check_config(job.config, scan=job.config.data not in scanned, progress=progress)
+        checked.add(key)
+        scanned.add(job.config.data)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -193,7 +218,8 @@ def retrained_plan(job: Job, results: list[dict[str, Any]]) -> BranchingPlan | N
     raise ValueError(f"{job.method} retrains the plan of {source}, whose run (seed {job.config.seed}) did not finish")
 
 
-def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
+def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
+            keep_checkpoints: bool = False) -> dict[str, Any]:
     """Train ``job`` (or reuse / continue its folder); raises on failure."""
     run_dir = job.run_dir(out)
     plan = retrained_plan(job, results)
@@ -209,17 +235,19 @@ def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool) 
             print(f"{tag} reusing the finished run in {run_dir}", flush=True)
             return {**previous, "label": job.label}
     print(f"{tag} training", flush=True)
-    result = run_method(job.config, job.method, run_dir, resume=True, progress=progress, plan=plan)
+    result = run_method(job.config, job.method, run_dir, resume=True, progress=progress, plan=plan,
+                        keep_checkpoint=keep_checkpoints)
     return {**result, "label": job.label}
 
 
-def run_jobs(jobs: Sequence[Job], out: Path, progress: bool) -> list[dict[str, Any]]:
+def run_jobs(jobs: Sequence[Job], out: Path, progress: bool, keep_checkpoints: bool = False) -> list[dict[str, Any]]:
     """Run every job in order; a failing job is recorded (``status: failed``, ``error.txt`` in its folder) and the
-    others still run. Returns one result record per job, ``label`` added."""
+    others still run. Returns one result record per job, ``label`` added. A finished run keeps its weights and
+    records; its resume checkpoint is removed unless ``keep_checkpoints``."""
     results: list[dict[str, Any]] = []
     for job in jobs:
         try:
-            results.append(run_job(job, out, results, progress))
+            results.append(run_job(job, out, results, progress, keep_checkpoints))
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # keep going with the other jobs; the table shows the failure

@@ -32,8 +32,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from benchmarks.harness import (UsageError, add_out_arg, add_run_args, config_from_args, method_jobs, out_folder,
-                                parse_list, parse_seeds, run_jobs, run_main, with_sources)
+from benchmarks.harness import (UsageError, add_out_arg, add_run_args, check_jobs, config_from_args, method_jobs,
+                                out_folder, parse_list, parse_seeds, run_jobs, run_main, with_sources)
 from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, MIN_SIZE, SEVERITIES, corrupt_images,
                                       pgd_attack)
 from mtsl_plugin.experiment import load_run, write_json
@@ -375,9 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"{height}x{width}; pass --corruptions none")
         methods = with_sources(requested, config)
         out = out_folder(args, "robustness", config)
-        out.mkdir(parents=True, exist_ok=True)
         jobs = method_jobs(methods, config, seeds)
-        results = run_jobs(jobs, out, not args.no_progress)
+        check_jobs(jobs, not args.no_progress)
+        out.mkdir(parents=True, exist_ok=True)
+        results = run_jobs(jobs, out, not args.no_progress, args.keep_checkpoints)
 
         runs: list[dict[str, Any]] = []
         for seed in seeds:  # the runs of one seed share a test set: load them together, each batch made once

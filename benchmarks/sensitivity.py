@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.figures import sweep_figure
-from benchmarks.harness import (Job, UsageError, add_deltas, add_out_arg, add_run_args, config_from_args,
-                                out_folder, parse_list, parse_seeds, run_jobs, run_main, write_results)
+from benchmarks.harness import (Job, UsageError, add_deltas, add_out_arg, add_run_args, check_jobs,
+                                config_from_args, out_folder, parse_list, parse_seeds, run_jobs, run_main,
+                                write_results)
 from benchmarks.report import aggregate, summary_table, write_markdown
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data.common import ordered_tasks
@@ -164,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs = seeds_jobs(config, seeds, inits)
             shown = {init_label(config, i): i if i in ("random", "pretrained") else Path(i).stem for i in inits}
             rows = []
-        results = run_jobs(jobs, out, not args.no_progress)
+        check_jobs(jobs, not args.no_progress)
+        results = run_jobs(jobs, out, not args.no_progress, args.keep_checkpoints)
         add_deltas(results)
         write_results(results, folder)
         if args.sweep == "seeds":

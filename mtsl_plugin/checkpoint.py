@@ -1,18 +1,27 @@
-"""Atomic checkpoints that hold everything a run needs to continue.
+"""Atomic checkpoints: what an unfinished run needs to continue, and what a finished run keeps.
 
-A checkpoint is one ``torch.save`` file of plain containers and tensors (loadable with ``weights_only=True``):
-the plan (JSON), model, optimizer and scheduler state, RNG states, the epoch position and the structural
-learner's position. It is written to a temporary file in the same folder and renamed over the old one, so an
-interrupted write never destroys the previous checkpoint.
+Two kinds of ``torch.save`` file of plain containers and tensors (loadable with ``weights_only=True``):
+
+* a **checkpoint** (:func:`save_checkpoint`): the plan (JSON), model, optimizer and scheduler state, RNG states,
+  the epoch position and the structural learner's position; it exists while a run is unfinished;
+* the **trained weights** (:func:`save_weights`): the plan and the model's state only, about a third of a
+  checkpoint with Adam (no moments, no RNG); it is what a finished run keeps.
+
+Both are written to a temporary file in the same folder and renamed over the old one, so an interrupted or
+failed write (a kill, a full disk) never destroys the previous file; a failed write raises
+:class:`CheckpointError` naming the path.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -45,26 +54,60 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (plus format and RNG states) to ``path`` atomically."""
+def write_failure(path: Path, exc: BaseException) -> str:
+    """One sentence on why writing ``path`` failed; a full disk is named as such (``torch.save`` reports it as
+    an "unexpected pos" enforce failure, not as ``ENOSPC``)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        reason = "no space left on the device"
+    else:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(path.parent).free < 64 << 20:
+                reason = f"the device is (nearly) full: {reason}"
+    return f"could not write {path}: {reason}"
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync it and rename it
+    over ``path``. On any failure the temporary file is removed, ``path`` keeps its previous content, and an
+    ``OSError`` (a full disk, a read-only folder...) becomes a :class:`CheckpointError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": FORMAT, "rng": rng_state(), **payload}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CheckpointError(write_failure(path, exc)) from None
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(data, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError when the disk fills up
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"{write_failure(path, exc)}; the previous file is kept") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (plus format and RNG states) to ``path`` atomically."""
+    data = {"format": FORMAT, "kind": "checkpoint", "rng": rng_state(), **payload}
+    return atomic_write(path, lambda handle: torch.save(data, handle))
+
+
+def save_weights(path: str | Path, plan: str, model: dict[str, torch.Tensor]) -> Path:
+    """Write a finished run's trained weights (its plan as JSON, "" when not plan-based, and the model's state
+    dict) to ``path`` atomically; :func:`load_checkpoint` reads it."""
+    return atomic_write(path, lambda handle: torch.save({"format": FORMAT, "kind": "weights", "plan": plan,
+                                                         "model": model}, handle))
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    """Read a file written by :func:`save_checkpoint` or :func:`save_weights` (``weights_only=True``); its
+    ``"kind"`` says which ("checkpoint" or "weights")."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -74,4 +117,5 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a mtsl-plugin checkpoint of format {FORMAT}")
+    data.setdefault("kind", "checkpoint")  # files written before weights files existed
     return data

@@ -4,7 +4,10 @@ Every run writes into its own folder::
 
     run_dir/
       config.json            the RunConfig and method
-      checkpoint.pt          after structural phases, about every minute, and at the end (what resume continues)
+      checkpoint.pt          while the run is unfinished: written after structural phases, about every minute,
+                             and at the end (what resume continues); removed once result.json is written
+                             unless ``keep_checkpoint``
+      model.pt               the trained weights (plan and model state only), what :func:`load_run` reads
       phase_<k>.json         plan after structural phase k, with the similarity matrices it was decided on
       plan.json              the final plan
       result.json            metrics, Δs filled in by the harness, params, GMac, timings, history
@@ -22,6 +25,7 @@ import torch
 from torch.utils.data import Subset
 
 from mtsl_plugin.architecture import MTSL
+from mtsl_plugin.checkpoint import atomic_write
 from mtsl_plugin.config import NUM_LOCATIONS, RunConfig
 from mtsl_plugin.data import build_dataset
 from mtsl_plugin.libmtl_compat import import_libmtl
@@ -33,11 +37,14 @@ from mtsl_plugin.tasks import Task, build_tasks, libmtl_task_dict
 from mtsl_plugin.trainer import MTLTrainer, RunData
 
 
+CHECKPOINT = "checkpoint.pt"  # an unfinished run's resume state
+WEIGHTS = "model.pt"  # a finished run's trained weights
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    """Write JSON atomically (temporary file, then rename); a failed write names ``path`` and keeps the old file."""
+    text = json.dumps(data, indent=1).encode()
+    atomic_write(path, lambda handle: handle.write(text))
 
 
 def seed_everything(seed: int) -> None:
@@ -53,8 +60,8 @@ def build_data(config: RunConfig) -> tuple[RunData, Any]:
     full = build_dataset(d.name, "train", root=d.root, height=d.height, width=d.width, n=n_train, seed=config.seed)
     test = build_dataset(d.name, "test", root=d.root, height=d.height, width=d.width, n=d.test, seed=config.seed)
     if len(full) <= d.holdout:
-        raise ValueError(f"the training split has {len(full)} samples, not more than the held-out slice "
-                         f"({d.holdout})")
+        raise ValueError(f"the training split of {d.name!r} has {len(full)} samples, not more than the held-out "
+                         f"slice ({d.holdout})")
     split = len(full) - d.holdout
     data = RunData(train=Subset(full, range(split)), holdout=Subset(full, range(split, len(full))), test=test,
                    batch_size=config.batch_size, seed=config.seed)
@@ -95,11 +102,14 @@ def run_fingerprint(method: str, config: RunConfig, spec: MethodSpec, plan: Bran
 
 
 def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: bool = False,
-               progress: bool = True, plan: BranchingPlan | None = None) -> dict[str, Any]:
+               progress: bool = True, plan: BranchingPlan | None = None,
+               keep_checkpoint: bool = False) -> dict[str, Any]:
     """Train and evaluate ``method``; returns (and writes) its result record.
 
     With ``resume`` a checkpoint in ``run_dir`` is continued; ``plan`` is the plan a retraining ("-R") method
     retrains. A ``run_dir`` that holds a run of another fingerprint (:func:`run_fingerprint`) is never touched.
+    A finished run keeps its trained weights (``model.pt``); its resume checkpoint is removed once
+    ``result.json`` is written, unless ``keep_checkpoint``.
     """
     run_dir = Path(run_dir)
     spec = build_method(method, config, NUM_LOCATIONS[config.setting])
@@ -118,7 +128,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     tasks = build_tasks(list(config.tasks), dataset.num_classes)
     stages = build_stages(config)
     start_plan = plan or spec.plan
-    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint = run_dir / CHECKPOINT
     if resume and checkpoint.exists() and start_plan is not None:
         start_plan = MTLTrainer.checkpoint_plan(checkpoint)
     trainer = build_trainer(config, tasks, start_plan, stages, spec.learner, spec.architecture, spec.arch_args)
@@ -143,6 +153,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         cost = model_cost(trainer.model, config.data.height, config.data.width)
     if final_plan is not None:
         write_json(run_dir / "plan.json", final_plan.to_dict())
+    trainer.save_weights(run_dir / WEIGHTS)
     result = {
         "method": method, "seed": config.seed, "status": "ok", "error": None,
         "metrics": metrics,
@@ -157,6 +168,8 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         "reference_key": config.fingerprint(exclude=("device", "mtsl")),  # runs with one STN reference
     }
     write_json(run_dir / "result.json", result)
+    if not keep_checkpoint:
+        checkpoint.unlink(missing_ok=True)
     return result
 
 
@@ -174,9 +187,11 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[MTLTrainer
     seed_everything(config.seed)
     data, dataset = build_data(config)
     tasks = build_tasks(list(config.tasks), dataset.num_classes)
-    checkpoint = run_dir / "checkpoint.pt"
-    trainer = build_trainer(config, tasks, MTLTrainer.checkpoint_plan(checkpoint), build_stages(config),
+    weights = run_dir / WEIGHTS
+    if not weights.is_file():  # a run finished before weights files existed keeps its checkpoint
+        weights = run_dir / CHECKPOINT
+    trainer = build_trainer(config, tasks, MTLTrainer.checkpoint_plan(weights), build_stages(config),
                             spec.learner, spec.architecture, spec.arch_args)
-    trainer.load(checkpoint)
+    trainer.load(weights)
     trainer.model.eval()
     return trainer, data, config

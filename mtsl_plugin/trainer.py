@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mtsl_plugin.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from mtsl_plugin.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.network.branched import BranchedNetwork
@@ -35,6 +35,10 @@ from mtsl_plugin.plan import BranchingPlan
 
 LibMTL = import_libmtl()
 _PerformanceMeter = LibMTL._record._PerformanceMeter
+
+
+class NonFiniteLossError(ArithmeticError):
+    """A task loss (or the alignment loss) became NaN or infinite; the run stops before writing a checkpoint."""
 
 
 @dataclass
@@ -189,11 +193,13 @@ class MTLTrainer(LibMTL.Trainer):
             start = time.perf_counter()
             sums, align_sum, steps = torch.zeros(self.task_num), 0.0, 0
             loader = data.batches(data.train, key=(0, self.epochs_done))
-            for images, gts in tqdm(loader, desc=f"epoch {self.epochs_done}", leave=False, disable=disable):
+            for images, gts in tqdm(loader, desc=f"epoch {self.epochs_done + 1}", leave=False, disable=disable):
                 images = images.to(self.device, non_blocking=True)
                 gts = {t: gts[t].to(self.device, non_blocking=True) for t in self.task_name}
                 losses, align = self.train_step(images, gts)
-                sums += losses.float().cpu()
+                losses = losses.float().cpu()
+                self._check_finite(losses, align, steps, checkpoint)
+                sums += losses
                 align_sum += align
                 steps += 1
             if self.scheduler is not None:
@@ -223,7 +229,25 @@ class MTLTrainer(LibMTL.Trainer):
         bar.close()
         return self.history
 
+    def _check_finite(self, losses: torch.Tensor, align: float, step: int, checkpoint: str | Path | None) -> None:
+        """Stop the run when a loss is NaN or infinite: the weights are already spoilt by this step, so nothing
+        is saved and the last good checkpoint stays as it is."""
+        bad = [f"task {t} loss is {float(v)}" for t, v in zip(self.task_name, losses) if not torch.isfinite(v)]
+        if not np.isfinite(align):
+            bad.append(f"alignment loss is {align}")
+        if bad:
+            kept = f"; the last good checkpoint {checkpoint} is kept" if checkpoint and Path(checkpoint).exists() \
+                else ""
+            raise NonFiniteLossError(f"{', '.join(bad)} at epoch {self.epochs_done + 1} (step {step + 1}; epochs "
+                                     f"count from 1, as in the run's history){kept}")
+
     # ------------------------------------------------------------------ checkpoints
+    def save_weights(self, path: str | Path) -> Path:
+        """Write the trained weights only (plan and model state; no optimizer, scheduler or RNG state): what a
+        finished run keeps, about a third of a checkpoint's size with Adam."""
+        return save_weights(path, self.model.plan.to_json() if hasattr(self.model, "plan") else "",
+                            self.model.state_dict())
+
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(path, {
             "plan": self.model.plan.to_json() if hasattr(self.model, "plan") else "",
@@ -237,18 +261,21 @@ class MTLTrainer(LibMTL.Trainer):
 
     @staticmethod
     def checkpoint_plan(path: str | Path) -> BranchingPlan | None:
-        """The plan stored in a checkpoint (build the trainer with it, then :meth:`load`); ``None`` for
-        architectures that are not plan-based."""
+        """The plan stored in a checkpoint or weights file (build the trainer with it, then :meth:`load`);
+        ``None`` for architectures that are not plan-based."""
         text = load_checkpoint(path)["plan"]
         return BranchingPlan.from_json(text) if text else None
 
     def load(self, path: str | Path) -> None:
-        """Continue from a checkpoint; the trainer must have been built with the checkpoint's plan."""
+        """Continue from a checkpoint, or take the trained weights of a weights file (:meth:`save_weights`) for
+        evaluation; the trainer must have been built with the file's plan."""
         state = load_checkpoint(path, map_location=self.device)
         saved = BranchingPlan.from_json(state["plan"]) if state["plan"] else None
         if saved != getattr(self.model, "plan", None):
             raise ValueError(f"checkpoint {path} holds a different plan than this trainer was built with")
         self.model.load_state_dict(state["model"])
+        if state["kind"] == "weights":
+            return
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])

@@ -1,15 +1,18 @@
 """MTSL inside LibMTL: name lookup, weighting methods, device-agnostic trainer, checkpoints and resume."""
+import errno
+import shutil
+
 import pytest
 import torch
 
 import mtsl_plugin
 from mtsl_plugin.checkpoint import CheckpointError, load_checkpoint
-from mtsl_plugin.experiment import build_data, build_trainer, seed_everything
+from mtsl_plugin.experiment import build_data, build_stages, build_trainer, load_run, run_method, seed_everything
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.learner.structural import StructuralLearner
-from mtsl_plugin.network.stages import ResNetStages
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.tasks import build_tasks
+from mtsl_plugin.trainer import MTLTrainer, NonFiniteLossError
 
 
 def make(config, learner=False, plan=None):
@@ -17,7 +20,7 @@ def make(config, learner=False, plan=None):
     data, dataset = build_data(config)
     tasks = build_tasks(config.tasks, dataset.num_classes)
     plan = plan or BranchingPlan.single_task(config.tasks, 10)
-    trainer = build_trainer(config, tasks, plan, ResNetStages(config.backbone),
+    trainer = build_trainer(config, tasks, plan, build_stages(config),
                             StructuralLearner(config.mtsl) if learner else None)
     return trainer, data
 
@@ -60,11 +63,12 @@ def test_libmtl_gradient_surgery_sees_shared_parameters(smoke):
 
 
 def test_resume_continues_exactly(smoke, tmp_path):
-    """Two epochs in one go equal one epoch, a checkpoint, a fresh process state, and one more epoch,
-    across a structural phase."""
+    """Three epochs in one go equal one epoch, a checkpoint, a fresh process state, and two more epochs,
+    across a structural phase and the learning-rate step (smoke: after epoch 2)."""
     config = smoke()
     straight, data = make(config, learner=True)
-    straight.fit(data, 2, progress=False)
+    straight.fit(data, 3, progress=False)
+    assert straight.optimizer.param_groups[0]["lr"] == pytest.approx(config.optimizer["lr"] * 0.1)
 
     first, data = make(config, learner=True)
     first.fit(data, 1, checkpoint=tmp_path / "ckpt.pt", progress=False)
@@ -74,8 +78,9 @@ def test_resume_continues_exactly(smoke, tmp_path):
     resumed, data = make(config, learner=True, plan=plan)
     resumed.load(tmp_path / "ckpt.pt")
     assert resumed.learner.phases_done == 1 and resumed.epochs_done == 1
-    resumed.fit(data, 2, progress=False)
+    resumed.fit(data, 3, progress=False)
     assert resumed.network.plan == straight.network.plan
+    assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -93,3 +98,67 @@ def test_bad_checkpoints_are_refused_and_never_overwritten(smoke, tmp_path):
     with pytest.raises(ValueError, match="different plan"):
         other.load(tmp_path / "good.pt")
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")])
+def test_a_write_failing_midway_names_the_path_and_keeps_the_previous_checkpoint(smoke, tmp_path, monkeypatch,
+                                                                                failure):
+    """A full disk while a checkpoint is written: one sentence naming the file; the old checkpoint stays whole."""
+    trainer, data = make(smoke(), learner=True)
+    path = tmp_path / "ckpt.pt"
+    trainer.save(path)
+    before = path.read_bytes()
+    trainer.fit(data, 1, progress=False)
+    save = torch.save
+
+    def save_half_then_fail(obj, handle, *args, **kwargs):
+        save(obj, handle, *args, **kwargs)
+        handle.truncate(100)  # what was written before the disk filled up
+        raise failure
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(CheckpointError) as info:
+        trainer.save(path)
+    message = str(info.value)
+    assert str(path) in message and "previous file is kept" in message and len(message.splitlines()) == 1
+    assert ("no space left" in message) if isinstance(failure, OSError) else ("full" in message)
+    assert path.read_bytes() == before and load_checkpoint(path)["epochs_done"] == 0
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_non_finite_loss_stops_the_run_naming_task_and_epoch_and_keeps_the_last_checkpoint(smoke, tmp_path,
+                                                                                              monkeypatch):
+    config = smoke()
+    task_losses = MTLTrainer.task_losses
+
+    def nan_depth_from_epoch_2(self, preds, gts):
+        losses = task_losses(self, preds, gts)
+        return losses * torch.tensor([1.0, float("nan") if self.epochs_done >= 2 else 1.0, 1.0])
+
+    monkeypatch.setattr(MTLTrainer, "task_losses", nan_depth_from_epoch_2)
+    with pytest.raises(NonFiniteLossError) as info:
+        run_method(config, "mtsl", tmp_path / "run", progress=False)
+    message = str(info.value)
+    assert "task D loss is nan at epoch 3 (step 1" in message and str(tmp_path / "run" / "checkpoint.pt") in message
+    kept = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert kept["epochs_done"] == 2 and all(torch.isfinite(v).all() for v in kept["model"].values()
+                                            if v.is_floating_point())
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_a_finished_run_keeps_its_weights_not_its_resume_checkpoint(smoke, tmp_path):
+    config = smoke(tasks=("S", "D"))
+    result = run_method(config, "mtsl", tmp_path / "lean", progress=False)
+    assert not (tmp_path / "lean" / "checkpoint.pt").exists()
+    weights = load_checkpoint(tmp_path / "lean" / "model.pt")
+    assert weights["kind"] == "weights" and "optimizer" not in weights and "rng" not in weights
+    assert BranchingPlan.from_json(weights["plan"]).to_dict() == result["plan"]
+    trainer, data, _ = load_run(tmp_path / "lean")
+    assert trainer.evaluate(data.batches(data.test)) == result["metrics"]
+
+    run_method(config, "mtsl", tmp_path / "kept", progress=False, keep_checkpoint=True)
+    kept = tmp_path / "kept" / "checkpoint.pt"
+    assert load_checkpoint(kept)["kind"] == "checkpoint"
+    assert kept.stat().st_size > 2 * (tmp_path / "kept" / "model.pt").stat().st_size  # Adam's two moments

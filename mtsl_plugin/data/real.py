@@ -38,6 +38,15 @@ CITYSCAPES_CLASSES: dict[int, tuple[str, ...]] = {
 _INDEX_NAME = re.compile(r"^(\d+)\.npy$")
 
 
+def read_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load(path)``; a file that is not a readable ``.npy`` array raises ``ValueError`` naming it."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"File {path} cannot be read as a .npy array: {reason}") from None
+
+
 class NpyLayoutDataset(Dataset):
     """Shared reader of the one-file-per-sample-and-task ``.npy`` layout; subclasses name the folders.
 
@@ -83,8 +92,7 @@ class NpyLayoutDataset(Dataset):
         if self.resize:
             self.height, self.width = height, width
         else:
-            probe = self._path("image", self.indices[0])
-            shape = np.load(probe, mmap_mode="r").shape
+            shape = read_npy(self._path("image", self.indices[0]), mmap_mode="r").shape
             self.height, self.width = int(shape[0]), int(shape[1])
         if n is not None:
             self.indices = self.indices[:n]
@@ -115,7 +123,7 @@ class NpyLayoutDataset(Dataset):
     def _load(self, key: str, index: int, channels: int | None, hw: tuple[int, int] | None) -> np.ndarray:
         """Load one file as ``(H, W, C)`` (``channels`` given) or ``(H, W)``, checking its shape against ``hw``."""
         path = self._path(key, index)
-        array = np.load(path)
+        array = read_npy(path)
         if channels is None and array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if channels is not None and array.ndim == 2 and channels == 1:

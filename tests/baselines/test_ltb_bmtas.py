@@ -302,7 +302,7 @@ def test_retrained_variants_start_from_fresh_weights_with_the_searched_plan(tmp_
         start = starts[retrained]
         assert start.keys() == fresh.keys()
         assert all(torch.equal(start[k], fresh[k]) for k in fresh)
-        trained = torch.load(out / source / "seed0" / "checkpoint.pt", weights_only=True)["model"]
+        trained = torch.load(out / source / "seed0" / "model.pt", weights_only=True)["model"]
         start_nodes, trained_nodes = node_weights(start), node_weights(trained)
         assert start_nodes.keys() == trained_nodes.keys()
         assert not any(torch.equal(start_nodes[k], trained_nodes[k]) for k in start_nodes)

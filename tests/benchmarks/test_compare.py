@@ -4,9 +4,12 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from benchmarks import ablation, compare
 from mtsl_plugin import methods
+from mtsl_plugin.checkpoint import load_checkpoint
+from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.plan import BranchingPlan
 
 ARGS = ["--preset", "smoke", "--tasks", "S,D,E", "--no-progress"]
@@ -106,18 +109,35 @@ def test_a_failing_method_is_reported_and_the_others_still_run(tmp_path, capsys,
     assert (out / "broken_for_test" / "seed0" / "error.txt").exists()
 
 
-def test_resume_continues_an_interrupted_run_from_its_checkpoint(finished, capsys):
-    """A run killed after its last checkpoint but before its result: --resume finishes it with the same result."""
-    _, out = finished
+def test_resume_continues_an_interrupted_run_from_its_checkpoint(finished, tmp_path, capsys, monkeypatch):
+    """A run interrupted in its second structural phase: --resume continues it from the checkpoint written after
+    the first, and ends with the uninterrupted run's plan, metrics and losses, exactly."""
+    out = tmp_path / "interrupted"
+    shutil.copytree(finished[1], out, ignore=shutil.ignore_patterns("mtsl"))  # STN and One-Net are reused
+    phase = StructuralLearner.structural_phase
+
+    def interrupted_phase(self, *args, **kwargs):
+        if self.phases_done == 1:
+            raise KeyboardInterrupt
+        return phase(self, *args, **kwargs)
+
+    monkeypatch.setattr(StructuralLearner, "structural_phase", interrupted_phase)
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(["--resume", str(out), "--no-progress"])
     run = out / "mtsl" / "seed0"
-    before = json.loads((run / "result.json").read_text())
-    (run / "result.json").unlink()
-    (run / "plan.json").unlink()
+    assert (run / "checkpoint.pt").exists() and not (run / "result.json").exists()
+    assert load_checkpoint(run / "checkpoint.pt")["epochs_done"] < json.loads(
+        (finished[1] / "mtsl" / "seed0" / "result.json").read_text())["history"][-1]["epoch"]
+    monkeypatch.setattr(StructuralLearner, "structural_phase", phase)
+    capsys.readouterr()
     assert compare.main(["--resume", str(out), "--no-progress"]) == 0
     assert capsys.readouterr().out.count("reusing the finished run") == 2  # stn and onenet
+    before = json.loads((finished[1] / "mtsl" / "seed0" / "result.json").read_text())
     after = json.loads((run / "result.json").read_text())
-    assert after["plan"] == before["plan"] and after["history"] == before["history"]
-    assert after["metrics"] == pytest.approx(before["metrics"])
+    assert after["plan"] == before["plan"] and after["metrics"] == before["metrics"]
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in after["history"]] == \
+        [{k: v for k, v in h.items() if k != "seconds"} for h in before["history"]]
+    assert not (run / "checkpoint.pt").exists() and (run / "model.pt").exists()
 
 
 def test_retrained_longer_and_encoder_setting_variants(tmp_path):
@@ -165,18 +185,39 @@ def test_a_folder_holding_another_configuration_is_never_overwritten(finished, t
     capsys.readouterr()
     code = ablation.main(["--out", str(out), "--threshold", "0.5", *ARGS])
     assert code == 1
-    err = capsys.readouterr().err
-    assert "holds a run of another configuration" in err and str(out / "mtsl" / "seed0") in err
+    printed = capsys.readouterr()
+    assert "holds a run of another configuration" in printed.err and str(out / "mtsl" / "seed0") in printed.err
     assert (out / "mtsl" / "seed0" / "result.json").read_text() == before
-    assert "reusing the finished run" not in err
+    assert "[stn seed 0] reusing the finished run" in printed.out  # STN does not depend on MTSL's threshold
+    assert "[mtsl seed 0] reusing" not in printed.out
 
 
-def test_mtsl_rsa_decides_groupings_with_rsa(tmp_path):
+def test_mtsl_rsa_decides_groupings_with_rsa(finished, tmp_path):
     out = tmp_path / "rsa"
     assert compare.main(["--methods", "mtsl_rsa", "--out", str(out), *ARGS]) == 0
     phase = json.loads((out / "mtsl_rsa" / "seed0" / "phase_0.json").read_text())
+    cka_phase = json.loads((finished[1] / "mtsl" / "seed0" / "phase_0.json").read_text())
     run = json.loads((out / "mtsl_rsa" / "seed0" / "result.json").read_text())
-    assert run["history"][0]["align"] > 0  # alignment still on (CKA)
-    assert phase["similarities"][0]["matrix"]  # decided on RSA similarities
+    cka_run = json.loads((finished[1] / "mtsl" / "seed0" / "result.json").read_text())
+    # alignment is still CKA, so training up to the first phase is MTSL's own, loss for loss...
+    assert run["history"][0]["align"] > 0
+    assert [h["S"] for h in run["history"][:1]] == [h["S"] for h in cka_run["history"][:1]]
+    # ...but the first grouping is decided on other numbers: RSA's, on the same features
+    rsa_matrix, cka_matrix = phase["similarities"][0]["matrix"], cka_phase["similarities"][0]["matrix"]
+    assert len(rsa_matrix) == len(cka_matrix) == 3 and rsa_matrix != cka_matrix
     from mtsl_plugin.methods import build_method
     assert build_method("mtsl_rsa", compare.RunConfig(), 10).learner.config.similarity == "rsa"
+
+
+def test_a_run_whose_loss_turns_nan_is_a_failed_row_naming_task_and_epoch(tmp_path, capsys, monkeypatch):
+    from mtsl_plugin.trainer import MTLTrainer
+
+    task_losses = MTLTrainer.task_losses
+    monkeypatch.setattr(MTLTrainer, "task_losses",
+                        lambda self, p, g: task_losses(self, p, g) * torch.tensor([1.0, float("inf")]))
+    out = tmp_path / "nan"
+    assert compare.main(["--methods", "stn", "--preset", "smoke", "--tasks", "S,D", "--no-progress",
+                         "--out", str(out)]) == 1
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert rows["stn"]["status"] == "failed" and "task D loss is inf at epoch 1 (step 1" in rows["stn"]["error"]
+    assert "[stn seed 0] failed: task D loss is inf" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""Check a run configuration before any training: everything that would make every run of it fail.
+
+:func:`check_config` is called by every benchmark command before it creates a results folder, so a mistake costs
+one line (``error: <sentence naming the culprit>``, exit code 2) instead of a folder of failed runs. It checks
+
+* the tasks (known letters, none twice) and that the data set has a target for each;
+* the data set: its name, its root, and for real data **every sample** of the training and test splits (each file
+  readable, shapes consistent, images finite and in [0, 1]; non-finite labels, depths or normals are allowed and
+  mean "invalid pixel", see :mod:`mtsl_plugin.data`), and that the training split is larger than the held-out slice;
+* the backbone (built once, so a bad name or weights file is found here) and the device;
+* the LibMTL weighting method;
+* MTSL's plugins, each called once on a tiny random input (a plugin returning NaN or a mis-shaped value fails
+  here), and that γ and λ are finite.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mtsl_plugin.config import RunConfig
+from mtsl_plugin.data import build_dataset
+from mtsl_plugin.learner.schedule import MTSLConfig
+from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
+from mtsl_plugin.tasks import TASKS
+
+
+def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True) -> None:
+    """Raise ``ValueError`` (one sentence naming the culprit) if ``config`` cannot train; see the module doc.
+    ``scan=False`` skips reading every sample of real data (when the same data was checked already)."""
+    from mtsl_plugin.experiment import build_data, build_stages  # experiment builds on this module's checks
+
+    check_tasks(config.tasks)
+    check_device(config.device)
+    check_weighting(config.weighting)
+    check_mtsl(config.mtsl)
+    _, dataset = build_data(config)
+    missing = [t for t in config.tasks if t not in dataset.tasks]
+    if missing:
+        raise ValueError(f"dataset {config.data.name!r} has no target for task(s) {missing}; it has "
+                         f"{list(dataset.tasks)}")
+    if scan and config.data.name != "synthetic":  # generated scenes are valid by construction
+        d = config.data
+        read_every_sample(dataset, f"{d.name} train split", progress)
+        read_every_sample(build_dataset(d.name, "test", root=d.root, height=d.height, width=d.width, n=d.test),
+             f"{d.name} test split", progress)
+    build_stages(config)
+
+
+def check_tasks(tasks: tuple[str, ...]) -> None:
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:
+        raise ValueError(f"task(s) {repeated} requested more than once")
+    if not tasks:
+        raise ValueError("no task requested")
+
+
+def check_device(device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name torch knows (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA GPU on this machine (use --device cpu)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use cpu or cuda")
+
+
+def check_weighting(weighting: str) -> None:
+    names = [n for n in import_libmtl().weighting.__all__ if n != "AbsWeighting"]
+    if weighting not in names:
+        raise ValueError(f"unknown LibMTL weighting {weighting!r}; choose from {', '.join(names)}")
+
+
+def check_mtsl(config: MTSLConfig) -> None:
+    """γ and λ finite; every plugin the configuration names is called once on a tiny random input, so a plugin
+    that returns NaN or a mis-shaped value is stopped here, naming the plugin (``PluginContractError``)."""
+    for name, value in (("threshold (gamma)", config.threshold), ("alignment weight (lambda)", config.align_weight)):
+        if not math.isfinite(value):
+            raise ValueError(f"MTSL {name} must be a finite number, got {value}")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, generator=generator, requires_grad=True)
+    y = torch.randn(8, 6, generator=generator)
+    for name in dict.fromkeys((config.similarity, config.align_similarity)):
+        value = similarity(name)(x, y)
+        if config.align and name == config.align_similarity and not value.requires_grad:
+            raise ValueError(f"similarity {name!r} returns no gradient, so it cannot drive the alignment loss "
+                             "(align_similarity); use a differentiable one such as cka")
+    tasks = ["S", "D", "E"]
+    matrix = np.array([[1.0, 0.9, 0.2], [0.9, 1.0, 0.3], [0.2, 0.3, 1.0]])
+    grouping_solver(config.grouping)(matrix, tasks, config.threshold)
+    loss = amalgamator(config.amalgamator)(4, tasks[:2])
+    if loss is not None:
+        features = {t: torch.randn(2, 4, 3, 3, generator=generator) for t in tasks[:2]}
+        loss(torch.randn(2, 4, 3, 3, generator=generator), features)
+
+
+def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bool = True) -> None:
+    """Read every sample of ``dataset`` once; its loader names the file of the first bad one."""
+    for index in tqdm(range(len(dataset)), desc=f"checking {what}", leave=False, disable=None if progress else True):
+        dataset[index]
