@@ -120,6 +120,8 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     if saved.exists() and json.loads(saved.read_text()).get("fingerprint") != fingerprint:
         raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another folder")
     run_dir.mkdir(parents=True, exist_ok=True)
+    for partial in run_dir.glob("*.tmp"):  # a write cut short by a kill (the file it was replacing is intact)
+        partial.unlink()
     seed_everything(config.seed)
     data, dataset = build_data(config)
     missing = [t for t in config.tasks if t not in dataset.tasks]

@@ -1,0 +1,91 @@
+"""Run ``benchmarks/compare.py`` in this process and SIGKILL it at a chosen moment of the MTSL run.
+
+    python tests/benchmarks/kill_driver.py MOMENT -- <compare.py arguments>
+
+MOMENT is one of
+
+* ``epoch``: at the second training step of MTSL's second task-learning epoch (after the first structural
+  phase, so a checkpoint exists);
+* ``amalgamation``: at the second amalgamation step (the ATT loss's second forward);
+* ``checkpoint``: while a checkpoint of the MTSL run is being written over an existing one (half of it written);
+* ``none``: no kill (the uninterrupted reference run, with the same process set-up).
+
+Nothing here changes what compare.py computes: the patches only decide when the process dies.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+
+from benchmarks import compare
+from mtsl_plugin.learner.structural import StructuralLearner
+from mtsl_plugin.plugins.builtin_amalgamation import AttentionAmalgamation
+from mtsl_plugin.trainer import MTLTrainer
+
+
+def die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_in_epoch() -> None:
+    step = MTLTrainer.train_step
+    calls = {"n": 0}
+
+    def train_step(self, *args, **kwargs):
+        if self.learner is not None and self.epochs_done == 1:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                die()
+        return step(self, *args, **kwargs)
+
+    MTLTrainer.train_step = train_step
+
+
+def kill_in_amalgamation() -> None:
+    forward = AttentionAmalgamation.forward
+    calls = {"n": 0}
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            die()
+        return forward(self, *args, **kwargs)
+
+    AttentionAmalgamation.forward = counted
+
+
+def kill_in_checkpoint_write() -> None:
+    save = torch.save
+    phase = StructuralLearner.structural_phase
+    state = {"phase_ran": False}
+
+    def structural_phase(self, *args, **kwargs):
+        state["phase_ran"] = True
+        return phase(self, *args, **kwargs)
+
+    def half_written(obj, handle, *args, **kwargs):
+        if state["phase_ran"] and isinstance(obj, dict) and obj.get("kind") == "checkpoint":
+            save(obj, handle, *args, **kwargs)
+            handle.flush()
+            handle.truncate(handle.tell() // 2)
+            handle.flush()
+            os.fsync(handle.fileno())
+            die()
+        return save(obj, handle, *args, **kwargs)
+
+    StructuralLearner.structural_phase = structural_phase
+    torch.save = half_written
+
+
+MOMENTS = {"epoch": kill_in_epoch, "amalgamation": kill_in_amalgamation, "checkpoint": kill_in_checkpoint_write,
+           "none": lambda: None}
+
+if __name__ == "__main__":
+    moment, separator, *argv = sys.argv[1:]
+    assert separator == "--", "usage: kill_driver.py MOMENT -- <compare.py arguments>"
+    MOMENTS[moment]()
+    sys.exit(compare.main(argv))
