@@ -36,3 +36,23 @@ def write_nyuv2(root, n_train=40, n_val=8, size=(32, 32), seed=0):
             np.save(root / split / "depth" / f"{i}.npy", rng.uniform(0.5, 8, (h, w, 1)).astype(np.float32))
             np.save(root / split / "normal" / f"{i}.npy", rng.normal(size=(h, w, 3)).astype(np.float32))
     return root
+
+
+def hand_delta(run, reference, tasks=None):
+    """Δ (%) of a run record against its STN record, computed here from the metrics: the mean over ``tasks``
+    (default all) of ±(M − M_STN)/M_STN, + where higher is better."""
+    tasks = tasks or list(run["metrics"])
+    signs = {t: 1 if run["higher_is_better"][t] else -1 for t in tasks}
+    return 100 * sum(signs[t] * (run["metrics"][t] - reference["metrics"][t]) / reference["metrics"][t]
+                     for t in tasks) / len(tasks)
+
+
+def table_row(table, label):
+    """The cells of row ``label`` of a Markdown table, by column header."""
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == label:
+            return dict(zip(header, cells))
+    raise KeyError(f"no row {label!r} in the table")

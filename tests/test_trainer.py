@@ -51,15 +51,40 @@ def test_train_step_with_libmtl_weighting(smoke, weighting):
         assert not torch.equal(trainer.model.loss_scale.detach(), torch.full((3,), -0.5))
 
 
+def gradients_of_one_step(trainer, images, gts):
+    """The gradients a train step leaves (the optimizer step itself is skipped), by parameter name."""
+    trainer.optimizer.step = lambda: None
+    trainer.train_step(images, gts)
+    return {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+
+
 def test_libmtl_gradient_surgery_sees_shared_parameters(smoke):
-    config = smoke().replace(weighting="PCGrad")
-    trainer, data = make(config, plan=BranchingPlan.single_task("SDE", 10).merge(0, ["SDE"]))
+    """PCGrad changes exactly the shared node's gradients (projecting conflicting task gradients); every
+    task-specific parameter gets the same gradient as with EW."""
+    plan = BranchingPlan.single_task("SDE", 10).merge(0, ["SDE"])
+    trainer, data = make(smoke().replace(weighting="PCGrad"), plan=plan)
+    shared_node = list(trainer.network.node(0, ("S", "D", "E")).parameters())
     shared = list(trainer.model.get_share_params())
-    assert shared and all(any(p is q for q in trainer.network.node(0, ("S", "D", "E")).parameters())
-                          for p in shared)
+    assert len(shared) == len(shared_node) and all(any(p is q for q in shared_node) for p in shared)
     images, gts = next(iter(data.batches(data.train)))
-    losses, _ = trainer.train_step(images, gts)
-    assert torch.isfinite(losses).all()
+    surgery = gradients_of_one_step(trainer, images, gts)
+    plain = gradients_of_one_step(make(smoke(), plan=plan)[0], images, gts)
+    shared_names = {name for name, p in trainer.model.named_parameters() if any(p is q for q in shared)}
+    assert surgery.keys() == plain.keys() and shared_names < surgery.keys()
+    assert any(not torch.allclose(surgery[n], plain[n]) for n in shared_names)
+    for name in surgery.keys() - shared_names:
+        torch.testing.assert_close(surgery[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoints_are_written_after_each_phase_and_at_the_end(smoke, tmp_path, monkeypatch):
+    """Phases end after epochs 1 and 2 (smoke); a 4-epoch run writes then and at the end, not after epoch 3,
+    unless a checkpoint is due by time (``checkpoint_every``)."""
+    for every, expected in ((1e9, [1, 2, 4]), (0.0, [1, 2, 3, 4])):
+        trainer, data = make(smoke(), learner=True)
+        written = []
+        monkeypatch.setattr(trainer, "save", lambda path: written.append(trainer.epochs_done))
+        trainer.fit(data, 4, checkpoint=tmp_path / "ckpt.pt", progress=False, checkpoint_every=every)
+        assert written == expected
 
 
 def test_resume_continues_exactly(smoke, tmp_path):

@@ -9,7 +9,7 @@ from baselines.cross_stitch import CrossStitch, CrossStitchUnit  # importing reg
 from baselines.mtan import MTAN  # importing registers "mtan"
 from benchmarks import compare, harness
 from mtsl_plugin.config import load_preset
-from mtsl_plugin.experiment import build_data, build_stages, build_trainer, seed_everything
+from mtsl_plugin.experiment import build_data, build_stages, build_trainer, load_run, run_method, seed_everything
 from mtsl_plugin.methods import build_method
 from mtsl_plugin.network.cost import model_cost
 from mtsl_plugin.plan import BranchingPlan
@@ -106,10 +106,28 @@ def assert_zero_grad_share_params_zeroes_only_shared_gradients_in_place(model):
         assert torch.equal(p.grad, expected), name
 
 
-def test_libmtl_gradient_surgery_runs_on_mtan_shared_parameters(setup):
-    trainer, _, _, images, gts = trainer_for(setup, MTAN, weighting="PCGrad")
-    losses, _ = trainer.train_step(images, gts)
-    assert torch.isfinite(losses).all()
+def test_libmtl_gradient_surgery_acts_on_mtan_shared_parameters(setup):
+    """PCGrad changes the shared trunk's gradients and leaves the attention modules' and heads' as EW's."""
+    grads = {}
+    for weighting in ("PCGrad", "EW"):
+        trainer, _, _, images, gts = trainer_for(setup, MTAN, weighting=weighting)
+        trainer.optimizer.step = lambda: None
+        losses, _ = trainer.train_step(images, gts)
+        assert torch.isfinite(losses).all()
+        grads[weighting] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        share = list(trainer.model.get_share_params())
+        shared = {n for n, p in trainer.model.named_parameters() if any(p is q for q in share)}
+    assert shared and any(not torch.allclose(grads["PCGrad"][n], grads["EW"][n]) for n in shared)
+    for name in grads["EW"].keys() - shared:
+        torch.testing.assert_close(grads["PCGrad"][name], grads["EW"][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["cross_stitch", "mtan"])
+def test_a_finished_run_of_an_architecture_without_plan_loads_for_evaluation(smoke, tmp_path, method):
+    result = run_method(smoke(tasks=("S", "D")), method, tmp_path / method, progress=False)
+    assert result["plan"] is None and not (tmp_path / method / "checkpoint.pt").exists()
+    trainer, data, _ = load_run(tmp_path / method)
+    assert trainer.evaluate(data.batches(data.test)) == result["metrics"]
 
 
 @pytest.mark.parametrize("architecture", [CrossStitch, MTAN])

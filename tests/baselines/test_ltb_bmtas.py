@@ -284,18 +284,18 @@ def test_retrained_variants_start_from_fresh_weights_with_the_searched_plan(tmp_
 
     monkeypatch.setattr(MTLTrainer, "fit", recording_fit)
     out = tmp_path / "r"
-    code = compare.main(["--methods", "ltb_r,mtsl_r", "--preset", "smoke", "--tasks", "S,D", "--out", str(out),
-                         "--no-progress"])
+    code = compare.main(["--methods", "ltb_r,mtsl_r,bmtas_r", "--preset", "smoke", "--tasks", "S,D", "--out",
+                         str(out), "--no-progress"])
     assert code == 0
     runs = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
-    assert list(runs) == ["stn", "onenet", "ltb", "ltb_r", "mtsl", "mtsl_r"]
+    assert list(runs) == ["stn", "onenet", "ltb", "ltb_r", "mtsl", "mtsl_r", "bmtas", "bmtas_r"]
     assert all(r["status"] == "ok" for r in runs.values())
     starts = dict(zip(runs, initial.values()))
 
     config = load_preset("smoke").replace(tasks=("S", "D"))
     stages = build_stages(config)
     tasks = build_tasks(["S", "D"], build_data(config)[1].num_classes)
-    for retrained, source in (("ltb_r", "ltb"), ("mtsl_r", "mtsl")):
+    for retrained, source in (("ltb_r", "ltb"), ("mtsl_r", "mtsl"), ("bmtas_r", "bmtas")):
         assert runs[retrained]["plan"] == runs[source]["plan"]
         plan = BranchingPlan.from_dict(runs[source]["plan"])
         fresh = build_trainer(config, tasks, plan, stages).model.state_dict()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks import ablation, compare
+from conftest import hand_delta, table_row
 from mtsl_plugin import methods
 from mtsl_plugin.checkpoint import load_checkpoint
 from mtsl_plugin.learner.structural import StructuralLearner
@@ -44,12 +45,15 @@ def test_one_command_trains_references_and_mtsl_and_writes_everything(finished, 
 def test_table_delta_equals_a_hand_computation_from_the_run_json(finished):
     _, out = finished
     stn = json.loads((out / "stn" / "seed0" / "result.json").read_text())
-    mtsl = json.loads((out / "mtsl" / "seed0" / "result.json").read_text())
-    signs = {t: 1 if h else -1 for t, h in mtsl["higher_is_better"].items()}
-    hand = 100 * sum(signs[t] * (mtsl["metrics"][t] - stn["metrics"][t]) / stn["metrics"][t]
-                     for t in signs) / len(signs)
-    reported = {r["method"]: r for r in json.loads((out / "results.json").read_text())}["mtsl"]["delta_mtl"]
-    assert reported == pytest.approx(hand)
+    table = (out / "table.md").read_text()
+    reported = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    for method in ("onenet", "mtsl"):
+        run = json.loads((out / method / "seed0" / "result.json").read_text())
+        hand, hand_sd = hand_delta(run, stn), hand_delta(run, stn, ["S", "D"])
+        assert reported[method]["delta_mtl"] == pytest.approx(hand)
+        row = table_row(table, method)
+        assert row["Δ_MTL (%)"] == f"{hand:+.2f}" and row["Δ_SD (%)"] == f"{hand_sd:+.2f}"
+        assert row["S mIoU ↑"] == f"{run['metrics']['S']:.4g}"
 
 
 def test_resume_reuses_finished_runs(finished, capsys):
@@ -169,7 +173,8 @@ def test_plan_from_retrains_a_plan_learned_on_another_data_set(finished, tmp_pat
     assert list(runs) == ["stn", "onenet", "mtsl_r-from-run"]  # no MTSL trained here
     source_plan = json.loads((source / "mtsl" / "seed0" / "result.json").read_text())["plan"]
     assert runs["mtsl_r-from-run"]["plan"] == source_plan
-    assert runs["mtsl_r-from-run"]["delta_mtl"] is not None  # against this run's NYUv2 STN
+    assert runs["mtsl_r-from-run"]["delta_mtl"] == pytest.approx(hand_delta(runs["mtsl_r-from-run"], runs["stn"]))
+    assert runs["stn"]["metrics"] != json.loads((source / "stn" / "seed0" / "result.json").read_text())["metrics"]
     config = json.loads((out / "mtsl_r-from-run" / "seed0" / "config.json").read_text())["config"]
     assert config["data"]["name"] == "nyuv2"
     assert "mtsl_r-from-run" in (out / "table.md").read_text()

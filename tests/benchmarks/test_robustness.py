@@ -75,7 +75,8 @@ def test_images_smaller_than_32_pixels_are_refused_not_upsampled():
 # ----------------------------------------------------------------------------------------------- PGD
 def test_pgd_iterations_follow_the_formula():
     assert [pgd_iterations(e) for e in EPSILONS] == [1, 1, 2, 3]
-    assert pgd_iterations(8) == 10 and pgd_iterations(16) == 20  # where eps + 4 is the smaller term
+    assert pgd_iterations(8) == 10 and pgd_iterations(16) == 20  # ceil(1.25 eps) is the smaller term or a tie
+    assert pgd_iterations(20) == 24 and pgd_iterations(40) == 44  # eps + 4 is the smaller term
 
 
 def test_pgd_on_a_linear_loss_moves_every_pixel_by_eps_and_clips():

@@ -1,10 +1,9 @@
 """Group-node creation averages weights and optimizer state; removal leaves no state behind."""
 import torch
 
-from mtsl_plugin.experiment import build_data, build_trainer
+from mtsl_plugin.experiment import build_data, build_stages, build_trainer
 from mtsl_plugin.learner.optim import sync_parameters
 from mtsl_plugin.learner.structural import StructuralLearner
-from mtsl_plugin.network.stages import ResNetStages
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.tasks import build_tasks
 
@@ -12,7 +11,7 @@ from mtsl_plugin.tasks import build_tasks
 def trained_stn(config, steps=2):
     data, dataset = build_data(config)
     tasks = build_tasks(config.tasks, dataset.num_classes)
-    stages = ResNetStages(config.backbone)
+    stages = build_stages(config)
     trainer = build_trainer(config, tasks, BranchingPlan.single_task(config.tasks, 10), stages)
     for step, (images, gts) in enumerate(data.batches(data.train, key=(0, 0))):
         if step == steps:
@@ -64,3 +63,19 @@ def test_removal_drops_exactly_the_removed_state(smoke):
     images, gts = next(iter(data.batches(data.train)))
     losses, _ = trainer.train_step(images, gts)
     assert torch.isfinite(losses).all()
+
+
+def test_without_average_initialisation_a_group_node_starts_fresh(smoke):
+    """``average_init=False`` (paper Table 4): the group node gets the initialisation every node of its location
+    starts from, and no optimizer state; the task nodes' trained weights are not used."""
+    config = smoke(tasks="SDE", average_init=False)
+    trainer = trained_stn(config)
+    net, opt = trainer.network, trainer.optimizer
+    created = StructuralLearner(config.mtsl)._create(net, opt, 2, [("S", "D")])
+    group = created[(2, ("S", "D"))]
+    fresh = net.stages.build(2).state_dict()
+    trained = net.node(2, ("S",)).state_dict()
+    assert any(not torch.equal(fresh[k], trained[k]) for k in fresh)  # training moved the task nodes
+    assert all(torch.equal(v, fresh[k]) for k, v in group.state_dict().items())
+    assert all(p not in opt.state or not opt.state[p] for p in group.parameters())
+    assert all(any(p is q for q in opt.param_groups[0]["params"]) for p in group.parameters())

@@ -1,13 +1,15 @@
 """The MTSL algorithm end to end on the smoke preset: every phase runs, and the decisions follow similarity."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from mtsl_plugin.experiment import run_method
+from mtsl_plugin.experiment import build_data, build_stages, build_trainer, run_method, seed_everything
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plugins import similarity
+from mtsl_plugin.tasks import build_tasks
 
 
 def test_smoke_run_goes_through_every_phase(smoke, tmp_path):
@@ -68,6 +70,7 @@ def test_ablation_switches_change_the_algorithm(smoke, flag, tmp_path):
     if flag == "align":
         assert all(h["align"] == 0 for h in result["history"])
     else:
+        assert any(r["merged"] for r in records)  # group nodes were created, and none was distilled
         assert all(r["amalgamation_losses"] == [] for r in records)
 
 
@@ -91,3 +94,81 @@ def test_a_similarity_without_gradient_cannot_drive_the_alignment(smoke):
     assert grouping_only.alignment_loss(plan, feats).requires_grad  # alignment stays CKA
     with pytest.raises(ValueError, match="'rsa' returns no gradient"):
         StructuralLearner(smoke(tasks="SD", align_similarity="rsa").mtsl).alignment_loss(plan, feats)
+
+
+def trainer_for(config, plan):
+    seed_everything(config.seed)
+    data, dataset = build_data(config)
+    tasks = build_tasks(config.tasks, dataset.num_classes)
+    return build_trainer(config, tasks, plan, build_stages(config), StructuralLearner(config.mtsl)), data
+
+
+def test_alignment_gradients_pull_sibling_task_nodes_together(smoke):
+    """Sibling task nodes that differ: the alignment term has a gradient on those nodes and the shared node they
+    read (nothing deeper, no head), and descending it alone raises their CKA."""
+    config = smoke(tasks=("S", "D"))
+    plan = BranchingPlan.single_task("SD", 10).merge(0, ["SD"])  # task nodes at location 1
+    trainer, data = trainer_for(config, plan)
+    net, learner = trainer.network, trainer.learner
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for p in net.node(1, ("D",)).parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    images, _ = next(iter(data.batches(data.train)))
+    cka = similarity("cka")
+
+    def aligned():
+        trainer.model(images)
+        feats = trainer.model.task_node_features
+        pooled = {t: f.detach().mean((2, 3)) for t, f in feats.items()}
+        return learner.alignment_loss(net.plan, feats), float(cka(pooled["S"], pooled["D"]))
+
+    loss, before = aligned()
+    assert loss > 1e-3
+    trainer.model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {key: [p.grad for p in net.node(*key).parameters()] for key in net.node_keys()}
+    for key, node_grads in grads.items():
+        moved = any(g is not None and g.abs().sum() > 0 for g in node_grads)
+        assert moved == (key in ((0, ("S", "D")), (1, ("S",)), (1, ("D",)))), key
+    assert all(p.grad is None for head in net.heads.values() for p in head.parameters())
+    optimizer = torch.optim.SGD([p for t in "SD" for p in net.node(1, (t,)).parameters()], lr=0.05)
+    for _ in range(5):
+        optimizer.zero_grad()
+        aligned()[0].backward()
+        optimizer.step()
+    assert aligned()[1] > before
+
+
+def test_a_phase_merges_each_sibling_set_by_its_own_similarities_and_amalgamation_touches_nothing_else(smoke):
+    """Two sibling sets at one location: (S, D) similar enough is merged; (E, N), whose group the solver forms but
+    whose own similarity is below γ, is kept apart. Amalgamation (ATT) trains only the new group node: every
+    other node, head, BN statistic and optimizer state is as before the phase."""
+    config = smoke(tasks=("S", "D", "E", "N"), amalgamation_epochs=(2, 2))
+    plan = BranchingPlan.single_task("SDEN", 10).merge(0, ["SD", "EN"])
+    trainer, data = trainer_for(config, plan)
+    images, gts = next(iter(data.batches(data.train, key=(0, 0))))
+    trainer.train_step(images, gts)  # Adam state and BN statistics to guard
+    net, learner, opt = trainer.network, trainer.learner, trainer.optimizer
+    matrices = [(("S", "D"), np.array([[1.0, 0.95], [0.95, 1.0]])), (("E", "N"), np.array([[1.0, 0.7], [0.7, 1.0]]))]
+    learner.measure = lambda *args: (1, matrices)
+    replaced = [net.node(1, (t,)) for t in "SD"]
+    average = {k: (replaced[0].state_dict()[k] + replaced[1].state_dict()[k]) / 2
+               for k in replaced[0].state_dict() if replaced[0].state_dict()[k].is_floating_point()}
+    kept = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in
+            [*((n, m) for n, m in net.nodes.items() if m not in replaced), *net.heads.items()]}
+    kept_state = {p: {k: v.clone() for k, v in opt.state[p].items()} for m in net.nodes.values() if m not in replaced
+                  for p in m.parameters()}
+    record = learner.structural_phase(net, trainer.model, opt, lambda: data.batches(data.train, key=(1, 0)),
+                                      lambda: data.batches(data.holdout), torch.device("cpu"))
+    assert record.merged == [["S", "D"]]
+    assert [s["partition"] for s in record.similarities] == [[["S", "D"]], [["E", "N"]]]
+    assert net.plan.partitions[1] == (("S", "D"), ("E",), ("N",))
+    assert len(record.amalgamation_losses) == 2 and record.amalgamation_losses[-1] < record.amalgamation_losses[0]
+    group = net.node(1, ("S", "D"))
+    assert any(not torch.equal(group.state_dict()[k], v) for k, v in average.items())  # distilled, not just averaged
+    nodes_and_heads = {**dict(net.nodes.items()), **dict(net.heads.items())}
+    for name, state in kept.items():
+        assert all(torch.equal(v, nodes_and_heads[name].state_dict()[k]) for k, v in state.items()), name
+    for p, state in kept_state.items():
+        assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())

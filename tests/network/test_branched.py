@@ -4,6 +4,7 @@ import timm
 import torch
 
 from mtsl_plugin.network.branched import BranchedNetwork
+from mtsl_plugin.network.cost import model_cost
 from mtsl_plugin.network.stages import ResNetStages
 from mtsl_plugin.plan import BranchingPlan, PlanError
 
@@ -74,6 +75,18 @@ def test_cost_matches_parameter_count_and_sharing(stages):
     c_stn, c_one = stn.cost(64, 64), one.cost(64, 64)
     assert c_one.gmac < c_stn.gmac < 5 * c_one.gmac
     assert stn.cost(128, 128).gmac == pytest.approx(4 * c_stn.gmac, rel=0.05)
+
+
+@pytest.mark.parametrize("plan", [BranchingPlan.single_task("SDENA", 10), BranchingPlan.one_net("SDENA", 10),
+                                  BranchingPlan.single_task("SDENA", 10).merge(0, ["SDENA"]).merge(1, ["SE", "DNA"])
+                                  .merge(2, ["SE", "DN", "A"])])
+def test_cost_table_equals_counting_the_whole_network(stages, plan):
+    """The per-stage table (nodes x groups + heads) against flop-counting one forward of the built network, so a
+    wrong head or node cost shows."""
+    net = build(plan, stages)
+    table, counted = net.cost(64, 96), model_cost(net, 64, 96)
+    assert table.params == counted.params == sum(p.numel() for p in net.parameters())
+    assert table.gmac == pytest.approx(counted.gmac, rel=1e-9)
 
 
 def test_local_weights_file_is_loaded(tmp_path):

@@ -1,0 +1,25 @@
+"""benchmarks/speed.py: step time and peak memory of plans, measured in one run, as ratios to the first."""
+import json
+
+from benchmarks import speed
+from mtsl_plugin.plan import BranchingPlan
+
+
+def test_speed_prints_one_row_per_plan_with_ratios_to_the_first(tmp_path, capsys):
+    plan = tmp_path / "partial.json"
+    plan.write_text(BranchingPlan.single_task(speed.TASKS, 10).merge(0, ["SDENA"]).to_json())
+    assert speed.main(["--plans", f"stn,onenet,{plan}", "--batch", "2", "--height", "32", "--width", "32",
+                       "--steps", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    rows = json.loads(printed[-1])
+    assert list(rows) == ["stn", "onenet", str(plan)]
+    assert all(r["seconds"] > 0 and r["peak_gib"] == 0 for r in rows.values())  # CPU: no CUDA peak
+    table = {line.split()[0]: line.split() for line in printed[2:-1]}
+    assert float(table["stn"][2]) == 1.0
+    assert float(table["onenet"][2]) == round(rows["onenet"]["seconds"] / rows["stn"]["seconds"], 2)
+
+
+def test_speed_refuses_an_unknown_plan_in_one_line(capsys):
+    assert speed.main(["--plans", "stn,nowhere.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nowhere.json" in err and len(err.splitlines()) == 1
