@@ -11,6 +11,7 @@ folder of an earlier ``compare.py`` run and train only what is missing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
@@ -28,7 +29,8 @@ from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.methods import build_method
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
-from mtsl_plugin.plugins import PluginError, amalgamator, grouping_solver, load_plugin, similarity
+from mtsl_plugin.checkpoint import CheckpointError
+from mtsl_plugin.plugins import PluginError, load_plugin
 from mtsl_plugin.preflight import check_config
 
 
@@ -36,8 +38,9 @@ class UsageError(Exception):
     """Bad command-line input; printed as one line, exit code 2."""
 
 
-#: The exceptions a command turns into ``error: <message>`` and exit code 2.
-USER_ERRORS = (UsageError, PluginError, ValueError, FileNotFoundError)
+#: The exceptions a command turns into ``error: <message>`` and exit code 2 (OSError and CheckpointError: a file
+#: that could not be read or written, e.g. on a full disk; their messages name it).
+USER_ERRORS = (UsageError, PluginError, ValueError, OSError, CheckpointError)
 
 
 def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
@@ -126,10 +129,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     config = config.replace(**changes)
     if not timm.is_model(config.backbone) or not config.backbone.startswith(("resnet", "resnext", "seresnet")):
         raise UsageError(f"--backbone {config.backbone!r} is not a timm ResNet (e.g. resnet18, resnet34, resnet50)")
-    if config.weights is not None and not Path(config.weights).is_file():
-        raise UsageError(f"--weights {config.weights}: no such file")
-    similarity(config.mtsl.similarity), grouping_solver(config.mtsl.grouping), amalgamator(config.mtsl.amalgamator)
-    return config
+    return config  # the rest is checked with every job's configuration: check_jobs
 
 
 def load_plugins(args: argparse.Namespace) -> None:
@@ -251,9 +251,9 @@ def run_jobs(jobs: Sequence[Job], out: Path, progress: bool, keep_checkpoints: b
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # keep going with the other jobs; the table shows the failure
-            run_dir = job.run_dir(out)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.txt").write_text(traceback.format_exc())
+            with contextlib.suppress(OSError):  # the traceback is a courtesy; a full disk must not lose the row
+                job.run_dir(out).mkdir(parents=True, exist_ok=True)
+                (job.run_dir(out) / "error.txt").write_text(traceback.format_exc())
             print(f"[{job.label} seed {job.config.seed}] failed: {exc}", file=sys.stderr, flush=True)
             results.append({"method": job.method, "label": job.label, "seed": job.config.seed, "status": "failed",
                             "error": str(exc)})

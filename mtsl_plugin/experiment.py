@@ -33,6 +33,7 @@ from mtsl_plugin.methods import MethodSpec, build_method
 from mtsl_plugin.network.cost import model_cost
 from mtsl_plugin.network.stages import ResNetStages
 from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.preflight import check_weighting
 from mtsl_plugin.tasks import Task, build_tasks, libmtl_task_dict
 from mtsl_plugin.trainer import MTLTrainer, RunData
 
@@ -73,8 +74,7 @@ def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan
     """A :class:`MTLTrainer` for ``architecture`` (default MTSL's branched network with ``plan``) and the LibMTL
     weighting ``config.weighting``; the heads come from ``stages`` (one per task)."""
     libmtl = import_libmtl()
-    if config.weighting not in libmtl.weighting.__all__:
-        raise ValueError(f"unknown LibMTL weighting {config.weighting!r}; choose from {libmtl.weighting.__all__}")
+    check_weighting(config.weighting)
     heads = {t: stages.build_head(task.out_channels) for t, task in tasks.items()}
     scheduler = {"scheduler": "multistep", "milestones": list(config.lr_steps), "gamma": 0.1}
     return MTLTrainer(libmtl_task_dict(tasks), getattr(libmtl.weighting, config.weighting), architecture or MTSL,

@@ -31,22 +31,26 @@ from mtsl_plugin.tasks import TASKS
 def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True) -> None:
     """Raise ``ValueError`` (one sentence naming the culprit) if ``config`` cannot train; see the module doc.
     ``scan=False`` skips reading every sample of real data (when the same data was checked already)."""
-    from mtsl_plugin.experiment import build_data, build_stages  # experiment builds on this module's checks
+    from mtsl_plugin.experiment import build_data, build_stages  # here, since experiment imports this module
 
     check_tasks(config.tasks)
     check_device(config.device)
     check_weighting(config.weighting)
     check_mtsl(config.mtsl)
-    _, dataset = build_data(config)
+    d = config.data
+    if d.name == "synthetic":  # generated scenes are valid by construction: render none of them here
+        if d.train is not None and d.train < 1:
+            raise ValueError(f"the synthetic training split needs samples besides the held-out slice, got {d.train}")
+        dataset = build_dataset(d.name, "train", height=d.height, width=d.width, n=0)
+    else:
+        _, dataset = build_data(config)
+        if scan:
+            read_every_sample(dataset, f"{d.name} train split", progress)
+            read_every_sample(build_dataset(d.name, "test", root=d.root, height=d.height, width=d.width, n=d.test),
+                              f"{d.name} test split", progress)
     missing = [t for t in config.tasks if t not in dataset.tasks]
     if missing:
-        raise ValueError(f"dataset {config.data.name!r} has no target for task(s) {missing}; it has "
-                         f"{list(dataset.tasks)}")
-    if scan and config.data.name != "synthetic":  # generated scenes are valid by construction
-        d = config.data
-        read_every_sample(dataset, f"{d.name} train split", progress)
-        read_every_sample(build_dataset(d.name, "test", root=d.root, height=d.height, width=d.width, n=d.test),
-             f"{d.name} test split", progress)
+        raise ValueError(f"dataset {d.name!r} has no target for task(s) {missing}; it has {list(dataset.tasks)}")
     build_stages(config)
 
 
