@@ -58,7 +58,8 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--weights", default=None, help="local backbone weights file")
     p.add_argument("--weighting", default=None, help="LibMTL weighting method, e.g. EW (default) or UW")
     p.add_argument("--similarity", default=None, help="similarity plugin: cka (default) or rsa")
-    p.add_argument("--grouping", default=None, help="grouping-solver plugin (default fewest_groups)")
+    p.add_argument("--grouping", default=None, help="grouping-solver plugin: authors (default, the authors' code), fewest_groups or exhaustive "
+                        "(the paper's text's score)")
     p.add_argument("--amalgamator", default=None, help="amalgamator plugin (default att)")
     p.add_argument("--threshold", type=float, default=None, help="grouping threshold γ (default 0.8)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import a plugin module")

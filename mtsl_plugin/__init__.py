@@ -5,7 +5,7 @@ LibMTL's lookup of architectures by name finds it) and exposes the plugin lookup
 
     import mtsl_plugin
     cka = mtsl_plugin.similarity("cka")              # (x (N, C), y (N, C)) -> 0-d tensor
-    solve = mtsl_plugin.grouping_solver("fewest_groups")  # (similarity (T, T), tasks, threshold) -> partition
+    solve = mtsl_plugin.grouping_solver("authors")  # (similarity (T, T), tasks, threshold) -> partition
     att = mtsl_plugin.amalgamator("att")             # (channels, tasks) -> nn.Module | None
 """
 from mtsl_plugin.libmtl_compat import import_libmtl

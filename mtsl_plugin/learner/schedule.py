@@ -23,7 +23,7 @@ class MTSLConfig:
     align_weight: float = 0.2
     similarity: str = "cka"  # the measure grouping decisions are made on (paper: CKA; MTSL-RSA: rsa)
     align_similarity: str = "cka"  # the measure the alignment loss raises; must be differentiable
-    grouping: str = "fewest_groups"
+    grouping: str = "authors"  # the authors' code; fewest_groups and exhaustive score as the paper's text
     amalgamator: str = "att"
     align: bool = True
     average_init: bool = True

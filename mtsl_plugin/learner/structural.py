@@ -2,14 +2,18 @@
 
 One :class:`StructuralLearner` drives a :class:`BranchedNetwork` through the phases of an :class:`MTSLConfig`:
 
-* during task learning, :meth:`alignment_loss` adds ``λ · mean(1 − CKA)`` over pairs of sibling task nodes at the
-  current location (features spatially averaged to (N, C));
-* at the end of phase k, :meth:`structural_phase` measures the pairwise similarity (the ``similarity`` plugin:
-  CKA, or RSA for MTSL-RSA, which is not differentiable and so never drives the alignment) of the sibling task
-  nodes on a held-out slice of the *training* data, lets the grouping solver choose a partition, and for every
-  group whose value reaches the threshold creates a group node (weights and optimizer state averaged over the
-  task nodes), distils it with the amalgamator against the frozen task nodes, then removes the task nodes so
-  their branches hang off the group node.
+* during task learning, :meth:`alignment_loss` adds ``λ · Σ_sets mean(1 − CKA)`` over pairs of sibling task nodes
+  of **every** sibling set of the plan, each at its own location (features spatially averaged to (N, C));
+* at the end of phase k, :meth:`structural_phase` measures, for every sibling set at its own location, the pairwise
+  similarity (the ``similarity`` plugin: CKA, or RSA for MTSL-RSA, which is not differentiable and so never
+  drives the alignment) of its task nodes on a held-out slice of the *training* data, lets the grouping solver
+  choose a partition of each set, and for every group whose value reaches the threshold creates a group node
+  (weights and optimizer state averaged over the task nodes), distils the new group nodes with the amalgamator
+  against the frozen task nodes, then removes the task nodes so their branches hang off the group nodes.
+
+Sets are processed independently, as in the authors' code (``train_stubs.py``, ``fusion_phase``): a set that does
+not merge is measured again at the same location in the next phase, and a new group node's tasks form a new set
+one location deeper.
 """
 from __future__ import annotations
 
@@ -35,11 +39,13 @@ Batches = Callable[[], Iterable[tuple[torch.Tensor, dict[str, torch.Tensor]]]]
 
 @dataclass
 class PhaseRecord:
-    """What one structural phase saw and did (written to the results directory as JSON)."""
+    """What one structural phase saw and did (written to the results directory as JSON). ``location`` is the
+    shallowest location measured (``None`` when no task node had a sibling); each entry of ``similarities`` names
+    its own."""
 
     phase: int
     location: int | None
-    similarities: list[dict] = field(default_factory=list)  # one per sibling set: tasks, matrix, partition
+    similarities: list[dict] = field(default_factory=list)  # per sibling set: location, tasks, matrix, partition
     merged: list[list[str]] = field(default_factory=list)
     amalgamation_losses: list[float] = field(default_factory=list)
     plan: dict | None = None
@@ -79,24 +85,19 @@ class StructuralLearner:
         return self.phases_done >= self.config.num_phases
 
     @staticmethod
-    def current_siblings(plan: BranchingPlan) -> tuple[int | None, list[Group]]:
-        """The shallowest location with sibling task nodes, and the sibling sets there."""
-        siblings = plan.siblings()
-        if not siblings:
-            return None, []
-        location = siblings[0][0]
-        return location, [tasks for loc, tasks in siblings if loc == location]
+    def sibling_sets(plan: BranchingPlan) -> list[tuple[int, Group]]:
+        """Every set of sibling task nodes of ``plan`` as ``(location, tasks)``, shallowest first."""
+        return plan.siblings()
 
     # ------------------------------------------------------------------ task learning
     def alignment_loss(self, plan: BranchingPlan, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """``λ · Σ_sets mean_pairs (1 − sim(F_i, F_j))`` over sibling task nodes at the current location, or
-        ``None`` when alignment is off, the phases are over, or no task node has a sibling. ``sim`` is the
-        ``align_similarity`` plugin (CKA), independent of the ``similarity`` that grouping decisions use."""
+        """``λ · Σ_sets mean_pairs (1 − sim(F_i, F_j))`` over every set of sibling task nodes, or ``None`` when
+        alignment is off, the phases are over, or no task node has a sibling. ``sim`` is the ``align_similarity``
+        plugin (CKA), independent of the ``similarity`` that grouping decisions use."""
         if not self.config.align or self.finished or self.config.align_weight == 0:
             return None
-        _, sets = self.current_siblings(plan)
         terms = []
-        for tasks in sets:
+        for _, tasks in self.sibling_sets(plan):
             pairs = [1 - self.align_similarity(pooled(features[a]), pooled(features[b]))
                      for a, b in itertools.combinations(tasks, 2)]
             terms.append(torch.stack(pairs).mean())
@@ -108,57 +109,62 @@ class StructuralLearner:
     # ------------------------------------------------------------------ structural phase
     @torch.no_grad()
     def measure(self, network: BranchedNetwork, holdout: Batches, device: torch.device
-                ) -> tuple[int | None, list[tuple[Group, np.ndarray]]]:
-        """Pairwise similarity of the sibling task nodes at the current location on the held-out batches.
-
-        Returns the location and, per sibling set, its tasks and a (T, T) similarity matrix (diagonal 1).
-        """
-        location, sets = self.current_siblings(network.plan)
-        if location is None:
-            return None, []
+                ) -> list[tuple[int, Group, np.ndarray]]:
+        """Pairwise similarity of the task nodes of every sibling set, each at its own location, on the held-out
+        batches. Returns ``(location, tasks, (T, T) matrix with diagonal 1)`` per set, shallowest first."""
+        sets = self.sibling_sets(network.plan)
+        if not sets:
+            return []
         was_training = network.training
         network.eval()
-        collected: dict[str, list[torch.Tensor]] = {t: [] for tasks in sets for t in tasks}
+        collected: dict[str, list[torch.Tensor]] = {t: [] for _, tasks in sets for t in tasks}
         for images, _ in holdout():
-            outputs = network.run_locations(images.to(device), until=location)
-            for task in collected:
-                collected[task].append(pooled(outputs[location][(task,)]).float().cpu())
+            outputs = network.run_locations(images.to(device), until=max(location for location, _ in sets))
+            for location, tasks in sets:
+                for task in tasks:
+                    collected[task].append(pooled(outputs[location][(task,)]).float().cpu())
         network.train(was_training)
         feats = {t: torch.cat(v) for t, v in collected.items()}
         result = []
-        for tasks in sets:
+        for location, tasks in sets:
             matrix = np.eye(len(tasks))
             for (i, a), (j, b) in itertools.combinations(enumerate(tasks), 2):
                 matrix[i, j] = matrix[j, i] = float(self.similarity(feats[a], feats[b]))
-            result.append((tasks, matrix))
-        return location, result
+            result.append((location, tasks, matrix))
+        return result
 
     def structural_phase(self, network: BranchedNetwork, model: nn.Module, optimizer: torch.optim.Optimizer,
                          train_batches: Batches, holdout: Batches, device: torch.device,
                          progress: bool = False) -> PhaseRecord:
-        """Run structural phase ``self.phases_done`` and advance; ``model`` is the module whose parameters the
-        optimizer holds (the network plus e.g. a weighting method's parameters)."""
+        """Run structural phase ``self.phases_done`` over every sibling set and advance; ``model`` is the module
+        whose parameters the optimizer holds (the network plus e.g. a weighting method's parameters)."""
         phase = self.phases_done
         started = time.perf_counter()
-        location, measured = self.measure(network, holdout, device)
-        record = PhaseRecord(phase=phase, location=location)
-        groups: list[Group] = []
-        for tasks, matrix in measured:
+        measured = self.measure(network, holdout, device)
+        record = PhaseRecord(phase=phase, location=measured[0][0] if measured else None)
+        merges: dict[int, list[Group]] = {}
+        for location, tasks, matrix in measured:
             partition = self.solver(matrix, list(tasks), self.config.threshold)
             chosen = [tuple(g) for g in partition
                       if len(g) > 1 and group_value(matrix, [tasks.index(t) for t in g]) >= self.config.threshold]
-            groups.extend(chosen)
-            record.similarities.append({"tasks": list(tasks), "matrix": matrix.tolist(),
+            if chosen:
+                merges.setdefault(location, []).extend(chosen)
+            record.similarities.append({"location": location, "tasks": list(tasks), "matrix": matrix.tolist(),
                                         "partition": [list(g) for g in partition],
                                         "merged": [list(g) for g in chosen]})
-        if groups:
-            created = self._create(network, optimizer, location, groups)
+        if merges:
+            created: dict[tuple[int, Group], nn.Module] = {}
+            for location, groups in merges.items():
+                created.update(self._create(network, optimizer, location, groups))
             if self.config.amalgamate:
-                record.amalgamation_losses = self._amalgamate(
-                    network, model, optimizer, location, created, train_batches, device, phase, progress)
-            network.apply_plan(network.plan.merge(location, groups), created)
+                record.amalgamation_losses = self._amalgamate(network, optimizer, created, train_batches, device,
+                                                              phase, progress)
+            plan = network.plan
+            for location, groups in merges.items():
+                plan = plan.merge(location, groups)
+            network.apply_plan(plan, created)
             sync_parameters(optimizer, model.parameters())
-        record.merged = [list(g) for g in groups]
+        record.merged = [list(g) for groups in merges.values() for g in groups]
         record.plan = network.plan.to_dict()
         record.seconds = time.perf_counter() - started
         self.records.append(record)
@@ -183,22 +189,31 @@ class StructuralLearner:
         sync_parameters(optimizer, current + [p for n in created.values() for p in n.parameters()], new_state)
         return created
 
-    def _amalgamate(self, network: BranchedNetwork, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    location: int, created: dict[tuple[int, Group], nn.Module], train_batches: Batches,
+    def _amalgamate(self, network: BranchedNetwork, optimizer: torch.optim.Optimizer,
+                    created: dict[tuple[int, Group], nn.Module], train_batches: Batches,
                     device: torch.device, phase: int, progress: bool) -> list[float]:
-        """Distil each group node from its frozen task nodes; only group nodes and amalgamator modules learn.
+        """Distil each group node (``created``, keyed by location and group) from its frozen task nodes, all in
+        one loop over the data; only group nodes and amalgamator modules learn, with an Adam of their own at the
+        learning rate and weight decay of ``optimizer`` (the run's), as in the authors' code
+        (``KnowledgeAmalgamation.fuse``). The group nodes' state in ``optimizer`` (the averaged task-node state)
+        is what task learning continues from; amalgamation does not touch it.
 
-        Returns the mean amalgamation loss of every epoch.
+        The k-th phase that merges amalgamates for ``amalgamation_epochs[k]`` epochs (the last entry once the list
+        is used up): the authors' code consumes the list by merging phases, not by phases.
+
+        Returns the mean amalgamation loss (summed over the group nodes) of every epoch.
         """
-        epochs = self.config.amalgamation_epochs[phase]
-        channels = network.specs[location].out_channels
-        losses = {key: self.amalgamator(channels, list(key[1])) for key in created}
+        merging_phases_before = sum(1 for r in self.records if r.merged)
+        schedule = self.config.amalgamation_epochs
+        epochs = schedule[min(merging_phases_before, len(schedule) - 1)] if schedule else 0
+        losses = {key: self.amalgamator(network.specs[key[0]].out_channels, list(key[1])) for key in created}
         losses = {key: module.to(device) for key, module in losses.items() if module is not None}
         if not losses or epochs == 0:
             return []
-        helper_params = [p for m in losses.values() for p in m.parameters()]
-        group_params = list(optimizer.param_groups[0]["params"])
-        sync_parameters(optimizer, group_params + helper_params)
+        settings = optimizer.param_groups[0]
+        own = torch.optim.Adam([*(p for key in losses for p in created[key].parameters()),
+                                *(p for m in losses.values() for p in m.parameters())],
+                               lr=settings["lr"], weight_decay=settings.get("weight_decay", 0.0))
         was_training = network.training
         network.eval()
         for key in losses:
@@ -211,18 +226,18 @@ class StructuralLearner:
                                   disable=None if progress else True):
                 images = images.to(device)
                 with torch.no_grad():
-                    outputs = network.run_locations(images, until=location)
-                optimizer.zero_grad(set_to_none=True)
-                loss = sum(losses[key](network.run_node(location, key[1], outputs, images, module=created[key]),
-                                       {t: outputs[location][(t,)] for t in key[1]})
-                           for key in losses)
+                    outputs = network.run_locations(images, until=max(location for location, _ in losses))
+                own.zero_grad(set_to_none=True)
+                loss = sum(losses[(loc, group)](network.run_node(loc, group, outputs, images,
+                                                                 module=created[(loc, group)]),
+                                                {t: outputs[loc][(t,)] for t in group})
+                           for loc, group in losses)
                 loss.backward()
-                optimizer.step()
+                own.step()
                 total, count = total + float(loss.detach()), count + 1
             history.append(total / max(count, 1))
         network.train(was_training)
-        optimizer.zero_grad(set_to_none=True)
-        sync_parameters(optimizer, group_params)
+        own.zero_grad(set_to_none=True)
         return history
 
     # ------------------------------------------------------------------ checkpoint state

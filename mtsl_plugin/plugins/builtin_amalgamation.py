@@ -19,14 +19,15 @@ class AttentionAmalgamation(nn.Module):
     """Attention-based amalgamation loss: ``sum_i mean((F_i - a_i[..., None, None] * F_bar) ** 2)``.
 
     ``a_i = ATT_i(F_bar)`` of shape (N, C), where ATT_i is global average pooling -> Linear(C, hidden) -> ReLU
-    -> Linear(hidden, C) -> Sigmoid. The task outputs F_i are fixed targets (detached inside the loss); the
+    -> Linear(hidden, C) -> Sigmoid, with hidden = C as in the authors' code (``ChannelCoding`` in
+    ``encoding_custom/nn/model_fusion.py``). The task outputs F_i are fixed targets (detached inside the loss); the
     gradient reaches the group node's output F_bar (through both the product and the attention input) and the
     ATT_i parameters.
 
     Args:
         channels: C, the number of channels of the group node's output.
         tasks: names of the tasks merged into the group node (valid ``nn.ModuleDict`` keys: no ".").
-        hidden: width of the attention bottleneck; default ``max(C // 4, 8)``. Subclasses or
+        hidden: width of the attention's hidden layer; default ``C``. Subclasses or
             ``functools.partial(AttentionAmalgamation, hidden=...)`` can change it and still serve as a factory.
     """
 
@@ -36,7 +37,7 @@ class AttentionAmalgamation(nn.Module):
             raise ValueError(f"AttentionAmalgamation needs a positive int number of channels, got {channels!r}.")
         if isinstance(tasks, str) or not tasks or len(set(tasks)) != len(tasks):
             raise ValueError(f"AttentionAmalgamation needs a non-empty sequence of distinct task names, got {tasks!r}.")
-        self.hidden = max(channels // 4, 8) if hidden is None else hidden
+        self.hidden = channels if hidden is None else hidden
         if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
             raise ValueError(f"AttentionAmalgamation needs a positive int hidden width, got {hidden!r}.")
         self.channels = channels

@@ -61,7 +61,7 @@ def test_threshold_sweep_extremes_give_the_single_task_and_shared_plans(tmp_path
     stn_plan = BranchingPlan.from_dict(runs[("stn", 0)]["plan"])
     assert BranchingPlan.from_dict(runs[("mtsl_threshold1.01", 0)]["plan"]) == stn_plan  # above every similarity
     assert sensitivity.threshold_label(load_preset("smoke"), 0.8) == "mtsl"  # the default γ: compare's run
-    merged = BranchingPlan.from_dict(runs[("mtsl_threshold0", 0)]["plan"])  # fewest_groups at γ = 0: all merge
+    merged = BranchingPlan.from_dict(runs[("mtsl_threshold0", 0)]["plan"])  # γ = 0: all merge
     phases = 2  # the smoke preset's structural phases, one location each
     assert all(len(merged.partitions[l]) == 1 for l in range(phases))
     assert all(len(merged.partitions[l]) == 2 for l in range(phases, merged.num_locations))

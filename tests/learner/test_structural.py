@@ -52,10 +52,10 @@ def test_threshold_above_one_merges_nothing(smoke, tmp_path):
     assert BranchingPlan.from_dict(result["plan"]) == BranchingPlan.single_task(("S", "D", "E"), 10)
 
 
-def test_threshold_zero_with_fewest_groups_shares_every_location(smoke, tmp_path):
+@pytest.mark.parametrize("grouping", ["authors", "fewest_groups"])
+def test_threshold_zero_shares_every_location(smoke, tmp_path, grouping):
     """Trained (not frozen) branches whose similarities are below one still all merge at γ = 0."""
-    config = smoke(task_epochs=(1,) + (0,) * 9, amalgamation_epochs=(0,) * 10, threshold=0.0)
-    assert config.mtsl.grouping == "fewest_groups"
+    config = smoke(task_epochs=(1,) + (0,) * 9, amalgamation_epochs=(0,) * 10, threshold=0.0, grouping=grouping)
     result = run_method(config, "mtsl", tmp_path, progress=False)
     assert BranchingPlan.from_dict(result["plan"]) == BranchingPlan.one_net(("S", "D", "E"), 10)
     first = json.loads((tmp_path / "phase_0.json").read_text())
@@ -144,14 +144,15 @@ def test_a_phase_merges_each_sibling_set_by_its_own_similarities_and_amalgamatio
     """Two sibling sets at one location: (S, D) similar enough is merged; (E, N), whose group the solver forms but
     whose own similarity is below γ, is kept apart. Amalgamation (ATT) trains only the new group node: every
     other node, head, BN statistic and optimizer state is as before the phase."""
-    config = smoke(tasks=("S", "D", "E", "N"), amalgamation_epochs=(2, 2))
+    config = smoke(tasks=("S", "D", "E", "N"), amalgamation_epochs=(2, 2), grouping="fewest_groups")
     plan = BranchingPlan.single_task("SDEN", 10).merge(0, ["SD", "EN"])
     trainer, data = trainer_for(config, plan)
     images, gts = next(iter(data.batches(data.train, key=(0, 0))))
     trainer.train_step(images, gts)  # Adam state and BN statistics to guard
     net, learner, opt = trainer.network, trainer.learner, trainer.optimizer
-    matrices = [(("S", "D"), np.array([[1.0, 0.95], [0.95, 1.0]])), (("E", "N"), np.array([[1.0, 0.7], [0.7, 1.0]]))]
-    learner.measure = lambda *args: (1, matrices)
+    matrices = [(1, ("S", "D"), np.array([[1.0, 0.95], [0.95, 1.0]])),
+                (1, ("E", "N"), np.array([[1.0, 0.7], [0.7, 1.0]]))]
+    learner.measure = lambda *args: matrices
     replaced = [net.node(1, (t,)) for t in "SD"]
     average = {k: (replaced[0].state_dict()[k] + replaced[1].state_dict()[k]) / 2
                for k in replaced[0].state_dict() if replaced[0].state_dict()[k].is_floating_point()}
@@ -159,6 +160,8 @@ def test_a_phase_merges_each_sibling_set_by_its_own_similarities_and_amalgamatio
             [*((n, m) for n, m in net.nodes.items() if m not in replaced), *net.heads.items()]}
     kept_state = {p: {k: v.clone() for k, v in opt.state[p].items()} for m in net.nodes.values() if m not in replaced
                   for p in m.parameters()}
+    averaged_state = [{k: (opt.state[a][k] + opt.state[b][k]) / 2 for k in opt.state[a]}
+                      for a, b in zip(*(m.parameters() for m in replaced))]
     record = learner.structural_phase(net, trainer.model, opt, lambda: data.batches(data.train, key=(1, 0)),
                                       lambda: data.batches(data.holdout), torch.device("cpu"))
     assert record.merged == [["S", "D"]]
@@ -172,3 +175,47 @@ def test_a_phase_merges_each_sibling_set_by_its_own_similarities_and_amalgamatio
         assert all(torch.equal(v, nodes_and_heads[name].state_dict()[k]) for k, v in state.items()), name
     for p, state in kept_state.items():
         assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())
+    # amalgamation has an Adam of its own: task learning continues from the task nodes' averaged state
+    for p, state in zip(group.parameters(), averaged_state):
+        assert all(torch.allclose(opt.state[p][k], v) for k, v in state.items())
+
+
+def test_sibling_sets_at_two_locations_are_measured_aligned_and_merged_in_one_phase(smoke):
+    """(E, N) are siblings at location 1 and (S, D) at location 2: one phase measures each set at its own location,
+    the alignment loss covers both, and both merge (their nodes start identical), as in the authors' code."""
+    config = smoke(tasks=("S", "D", "E", "N"))
+    plan = BranchingPlan.single_task("SDEN", 10).merge(0, ["SDEN"]).merge(1, ["SD"])
+    assert plan.siblings() == [(1, ("E", "N")), (2, ("S", "D"))]
+    trainer, data = trainer_for(config, plan)
+    net, learner = trainer.network, trainer.learner
+    images, _ = next(iter(data.batches(data.train)))
+    trainer.model(images)
+    feats = trainer.model.task_node_features
+    assert set(feats) == set("SDEN")
+    assert tuple(feats["E"].shape[1:]) == tuple(net.run_locations(images, until=1)[1][("E",)].shape[1:])
+    cka = similarity("cka")
+    expected = 0.2 * sum(1 - cka(feats[a].mean((2, 3)), feats[b].mean((2, 3))) for a, b in ("EN", "SD"))
+    torch.testing.assert_close(learner.alignment_loss(net.plan, feats), expected)
+    record = learner.structural_phase(net, trainer.model, trainer.optimizer,
+                                      lambda: data.batches(data.train, key=(1, 0)), lambda: data.batches(data.holdout),
+                                      torch.device("cpu"))
+    assert [(s["location"], s["tasks"]) for s in record.similarities] == [(1, ["E", "N"]), (2, ["S", "D"])]
+    assert record.location == 1 and record.merged == [["E", "N"], ["S", "D"]]
+    assert net.plan == plan.merge(1, ["EN"]).merge(2, ["SD"])
+    assert net.plan.siblings() == [(2, ("E", "N")), (3, ("S", "D"))]  # the next phase measures one deeper each
+    assert len(record.amalgamation_losses) == config.mtsl.amalgamation_epochs[0]
+
+
+def test_amalgamation_epochs_are_consumed_by_the_phases_that_merge(smoke):
+    """Phase 0 merges nothing, phase 1 merges: phase 1 amalgamates for amalgamation_epochs[0] (the first merge's),
+    not amalgamation_epochs[1], as in the authors' code."""
+    config = smoke(tasks=("S", "D"), amalgamation_epochs=(1, 3), grouping="fewest_groups")
+    trainer, data = trainer_for(config, BranchingPlan.single_task("SD", 10))
+    net, learner = trainer.network, trainer.learner
+    phase_args = (net, trainer.model, trainer.optimizer, lambda: data.batches(data.train, key=(1, 0)),
+                  lambda: data.batches(data.holdout), torch.device("cpu"))
+    learner.measure = lambda *args: [(0, ("S", "D"), np.array([[1.0, 0.5], [0.5, 1.0]]))]
+    assert learner.structural_phase(*phase_args).merged == []
+    learner.measure = lambda *args: [(0, ("S", "D"), np.array([[1.0, 0.9], [0.9, 1.0]]))]
+    record = learner.structural_phase(*phase_args)
+    assert record.merged == [["S", "D"]] and len(record.amalgamation_losses) == 1

@@ -70,8 +70,10 @@ def test_att_loss_matches_its_definition() -> None:
 
 
 def test_att_hidden_width_default_and_override() -> None:
-    assert AttentionAmalgamation(64, TASKS).hidden == 16
+    assert AttentionAmalgamation(64, TASKS).hidden == 64  # the authors' ChannelCoding: Linear(C, C) twice
     assert AttentionAmalgamation(8, TASKS).hidden == 8
+    assert [m.out_features for m in AttentionAmalgamation(64, TASKS).attention[TASKS[0]] if hasattr(m, "out_features")] \
+        == [64, 64]
     wide = functools.partial(AttentionAmalgamation, hidden=32)(64, TASKS)
     assert wide.attention["seg"][0].out_features == 32
 

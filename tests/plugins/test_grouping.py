@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mtsl_plugin.plugins import grouping_solver
-from mtsl_plugin.plugins.builtin_grouping import exhaustive, fewest_groups, group_value, partition_value, set_partitions
+from mtsl_plugin.plugins.builtin_grouping import (authors, exhaustive, fewest_groups, group_value, partition_value,
+                                                  set_partitions, task_mean_value)
 
 BELL = [1, 1, 2, 5, 15, 52, 203, 877, 4140]
 
@@ -91,6 +92,62 @@ def test_solvers_match_brute_force(t: int) -> None:
             assert _as_sets(_indices(chosen, tasks)) == _as_sets(optima[0])
 
 
+def _task_mean(similarity: np.ndarray, partition: list[list[int]]) -> float:
+    """The authors' score written with loops: mean over every task of its mean similarity to its group mates."""
+    values = []
+    for group in partition:
+        for task in group:
+            mates = [similarity[task][other] for other in group if other != task]
+            values.append(sum(mates) / len(mates) if mates else 0.0)
+    return sum(values) / len(values)
+
+
+def _mean_pairwise(similarity: np.ndarray, group: list[int]) -> float:
+    pairs = [similarity[a][b] for a in group for b in group if a != b]
+    return sum(pairs) / len(pairs)
+
+
+@pytest.mark.parametrize("t", [3, 4, 5, 6, 7, 8])
+def test_authors_rule_matches_brute_force(t: int) -> None:
+    """For k = 1, 2, ...: the best partition of at most k groups by the mean over tasks; the first k whose best
+    reaches γ (else k = T - 1); then only its groups whose own mean exceeds γ merge."""
+    generator = np.random.default_rng(2000 + t)
+    tasks = [f"task{i}" for i in range(t)]
+    candidates = _all_partitions(list(range(t)))
+    merged_somewhere = kept_apart = 0
+    for _ in range(12 if t == 8 else 30):
+        similarity = _random_similarity(generator, t)
+        threshold = float(generator.uniform(0.3, 0.9))
+        scored = [(_task_mean(similarity, p), p) for p in candidates]
+        for k in range(1, t):
+            best_value, best = max(((v, p) for v, p in scored if len(p) <= k), key=lambda vp: vp[0])
+            if best_value >= threshold:
+                break
+        expected = {frozenset(g) for g in best if len(g) > 1 and _mean_pairwise(similarity, g) > threshold}
+        chosen = authors(similarity, tasks, threshold)
+        _assert_canonical(chosen, tasks)
+        assert {frozenset(g) for g in _indices(chosen, tasks) if len(g) > 1} == expected
+        assert task_mean_value(similarity, _indices(chosen, tasks)) == pytest.approx(_task_mean(
+            similarity, _indices(chosen, tasks)))
+        merged_somewhere += bool(expected)
+        kept_apart += any(len(g) > 1 for g in best) and len(expected) < sum(len(g) > 1 for g in best)
+    assert merged_somewhere and kept_apart  # both branches of the rule were exercised
+
+
+def test_authors_and_paper_scores_differ_where_large_groups_weigh_more() -> None:
+    """{a, b, c} at 0.7 and d at 0.1 from them: with two groups the authors' mean over tasks (0.525) reaches
+    γ = 0.5 and {a, b, c} merges; by the paper's mean over groups no partition reaches 0.5 (that one scores 0.35),
+    so fewest_groups falls back to the best value, 0.4, first reached by the single group."""
+    similarity = np.full((4, 4), 0.7)
+    similarity[3, :] = similarity[:, 3] = 0.1
+    np.fill_diagonal(similarity, 1.0)
+    tasks = list("abcd")
+    assert authors(similarity, tasks, 0.5) == [["a", "b", "c"], ["d"]]
+    assert task_mean_value(similarity, [[0, 1, 2], [3]]) == pytest.approx(0.525)
+    assert partition_value(similarity, [[0, 1, 2], [3]]) == pytest.approx(0.35)
+    assert fewest_groups(similarity, tasks, 0.5) == [["a", "b", "c", "d"]]
+
+
 def test_set_partitions_canonical_order() -> None:
     for n in range(7):
         partitions = list(set_partitions(n))
@@ -166,7 +223,7 @@ def test_numpy_and_torch_inputs_agree_and_diagonal_is_ignored() -> None:
     assert fewest_groups(similarity, tasks, 0.55) == expected
 
 
-@pytest.mark.parametrize("solver", [exhaustive, fewest_groups])
+@pytest.mark.parametrize("solver", [exhaustive, fewest_groups, authors])
 def test_input_validation(solver) -> None:
     with pytest.raises(ValueError, match="shape"):
         solver(np.ones((3, 3)), ["a", "b"], 0.5)

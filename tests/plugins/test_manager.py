@@ -66,7 +66,7 @@ def _write_module(directory: Path, name: str, source: str, monkeypatch, forget_m
 
 def test_builtins_are_listed_and_registered_like_any_plugin() -> None:
     assert available("similarity") == ["cka", "rsa"]
-    assert available("grouping") == ["exhaustive", "fewest_groups"]
+    assert available("grouping") == ["authors", "exhaustive", "fewest_groups"]
     assert available("amalgamator") == ["att", "average"]
     pm = plugin_manager()
     assert plugin_manager() is pm
@@ -81,7 +81,7 @@ def test_unknown_name_lists_the_choices() -> None:
     with pytest.raises(UnknownNameError, match="Unknown similarity metric 'cca'; available: cka, rsa") as info:
         similarity("cca")
     assert isinstance(info.value, KeyError) and isinstance(info.value, PluginError)
-    with pytest.raises(UnknownNameError, match="exhaustive, fewest_groups"):
+    with pytest.raises(UnknownNameError, match="authors, exhaustive, fewest_groups"):
         grouping_solver("greedy")
     with pytest.raises(UnknownNameError, match="att, average"):
         amalgamator("kd")
