@@ -31,31 +31,28 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kill_in_epoch() -> None:
-    step = MTLTrainer.train_step
-    calls = {"n": 0}
+def die_at_call(method, number, counts=lambda self: True):
+    """``method`` wrapped to SIGKILL the process at its ``number``-th call among those where ``counts(self)``."""
+    calls = 0
 
-    def train_step(self, *args, **kwargs):
-        if self.learner is not None and self.epochs_done == 1:
-            calls["n"] += 1
-            if calls["n"] == 2:
+    def wrapper(self, *args, **kwargs):
+        nonlocal calls
+        if counts(self):
+            calls += 1
+            if calls == number:
                 die()
-        return step(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
 
-    MTLTrainer.train_step = train_step
+    return wrapper
+
+
+def kill_in_epoch() -> None:
+    MTLTrainer.train_step = die_at_call(MTLTrainer.train_step, 2,
+                                        lambda trainer: trainer.learner is not None and trainer.epochs_done == 1)
 
 
 def kill_in_amalgamation() -> None:
-    forward = AttentionAmalgamation.forward
-    calls = {"n": 0}
-
-    def counted(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            die()
-        return forward(self, *args, **kwargs)
-
-    AttentionAmalgamation.forward = counted
+    AttentionAmalgamation.forward = die_at_call(AttentionAmalgamation.forward, 2)
 
 
 def kill_in_checkpoint_write() -> None:
