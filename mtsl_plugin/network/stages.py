@@ -95,6 +95,25 @@ class DeepLabHead(nn.Module):
         return F.interpolate(self.classifier(self.aspp([x])), size=size, mode="bilinear", align_corners=False)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class NormalizedStem(nn.Sequential):
+    """The stem of a backbone with pretrained (or file) weights: it normalises its input images, (N, 3, H, W) in
+    [0, 1], with the mean and standard deviation of the weights' training data (timm's ``pretrained_cfg``,
+    ImageNet's by default) before its modules run. The two are constants (non-persistent buffers), so the stem's
+    state dict is that of the plain ``nn.Sequential`` of the same modules."""
+
+    def __init__(self, *modules: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__(*modules)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+
+
 def _residual_block(block_type: type[nn.Module], in_channels: int, out_channels: int) -> nn.Module:
     """A block of the backbone's kind (BasicBlock or Bottleneck) mapping in_channels to out_channels."""
     expansion = getattr(block_type, "expansion", 1)
@@ -146,6 +165,10 @@ class ResNetStages:
                 raise ValueError(f"backbone {backbone!r} is not a ResNet with conv1/bn1/act1/maxpool/layer1-4")
             channels = [info["num_chs"] for info in model.feature_info]  # stem, layer1..4
             templates, specs = self._templates_and_specs(model, channels, decoder)
+            if pretrained or weights is not None:  # the weights expect the inputs they were trained on
+                cfg = model.pretrained_cfg
+                templates[0] = NormalizedStem(*templates[0], mean=cfg.get("mean", IMAGENET_MEAN),
+                                              std=cfg.get("std", IMAGENET_STD))
         self.backbone = backbone
         self.decoder = decoder
         self._head_seed = seed

@@ -5,7 +5,7 @@ import torch
 
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.cost import model_cost
-from mtsl_plugin.network.stages import ResNetStages
+from mtsl_plugin.network.stages import NormalizedStem, ResNetStages
 from mtsl_plugin.plan import BranchingPlan, PlanError
 
 OUT = {"S": 5, "D": 1, "E": 1, "N": 3, "A": 3}
@@ -97,6 +97,14 @@ def test_local_weights_file_is_loaded(tmp_path):
     torch.save(reference.state_dict(), path)
     stages = ResNetStages("resnet18", weights=path)
     assert torch.all(stages.build(0)[0].weight == 0.125)
+    # pretrained weights see their training data's statistics: the stem normalises images (ImageNet mean/std)
+    image = torch.rand(2, 3, 16, 16)
+    stem = stages.build(0).eval()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    plain = torch.nn.Sequential(*stem).eval()
+    torch.testing.assert_close(stem(image), plain((image - mean) / std))
+    assert stem.state_dict().keys() == plain.state_dict().keys()  # checkpoints keep their keys
+    assert not isinstance(ResNetStages("resnet18").build(0), NormalizedStem)  # random init: images as they are
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ResNetStages("resnet18", weights=tmp_path / "missing.pth")
     (tmp_path / "broken.pth").write_bytes(b"")
