@@ -84,11 +84,6 @@ class StructuralLearner:
     def finished(self) -> bool:
         return self.phases_done >= self.config.num_phases
 
-    @staticmethod
-    def sibling_sets(plan: BranchingPlan) -> list[tuple[int, Group]]:
-        """Every set of sibling task nodes of ``plan`` as ``(location, tasks)``, shallowest first."""
-        return plan.siblings()
-
     # ------------------------------------------------------------------ task learning
     def alignment_loss(self, plan: BranchingPlan, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """``λ · Σ_sets mean_pairs (1 − sim(F_i, F_j))`` over every set of sibling task nodes, or ``None`` when
@@ -97,7 +92,7 @@ class StructuralLearner:
         if not self.config.align or self.finished or self.config.align_weight == 0:
             return None
         terms = []
-        for _, tasks in self.sibling_sets(plan):
+        for _, tasks in plan.siblings():
             pairs = [1 - self.align_similarity(pooled(features[a]), pooled(features[b]))
                      for a, b in itertools.combinations(tasks, 2)]
             terms.append(torch.stack(pairs).mean())
@@ -112,7 +107,7 @@ class StructuralLearner:
                 ) -> list[tuple[int, Group, np.ndarray]]:
         """Pairwise similarity of the task nodes of every sibling set, each at its own location, on the held-out
         batches. Returns ``(location, tasks, (T, T) matrix with diagonal 1)`` per set, shallowest first."""
-        sets = self.sibling_sets(network.plan)
+        sets = network.plan.siblings()  # (location, tasks) per set of sibling task nodes, shallowest first
         if not sets:
             return []
         was_training = network.training
