@@ -28,6 +28,19 @@ def test_scale_schedule_keeps_every_phase_at_least_one_epoch():
     assert all(e >= 1 for e in scale_schedule(MTSLConfig(), 3, 2).task_epochs)
 
 
+def test_scale_schedule_keeps_the_papers_share_of_task_learning():
+    """The phases end after 48/80 of the epochs (or one epoch per phase when that is more), not later because
+    every short phase was rounded up; later phases stay at least as long as earlier ones."""
+    assert scale_schedule(MTSLConfig(), 20, 10).task_epochs == (1, 1, 1, 1, 1, 1, 1, 1, 2, 2)
+    assert scale_schedule(MTSLConfig(), 80, 10).task_epochs == MTSLConfig().task_epochs
+    for total in range(3, 201):
+        for phases in (2, 4, 6, 10):
+            task = scale_schedule(MTSLConfig(), total, phases).task_epochs
+            share = sum(MTSLConfig().task_epochs[:phases]) * total / 80
+            assert sum(task) == max(phases, round(share)), (total, phases)
+            assert min(task) >= 1 and list(task) == sorted(task), (total, phases)
+
+
 def test_round_trip_and_errors():
     config = load_preset("quick")
     assert RunConfig.from_dict(config.to_dict()) == config
