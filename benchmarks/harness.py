@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import traceback
@@ -51,6 +52,8 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--seeds", default=default_seeds, help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--dataset", default=None, help="synthetic (default), nyuv2 or cityscapes")
     p.add_argument("--data-root", default=None, help="folder of a preprocessed real data set")
+    p.add_argument("--no-augment", action="store_true",
+                   help="real data: no random zoom and flip of the training samples (on by default)")
     p.add_argument("--tasks", default=None, help="comma-separated task letters (default: all the data has)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--backbone", default=None, help="timm ResNet name (default resnet18)")
@@ -105,6 +108,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The :class:`RunConfig` of :func:`add_run_args`' options (plugins named there must be loaded already)."""
     config = load_preset(args.preset)
     data = config.data
+    if getattr(args, "no_augment", False):
+        data = dataclasses.replace(data, augment=False)
     if args.dataset is not None:
         data = type(data)(**{**data.__dict__, "name": args.dataset, "root": args.data_root})
         if args.dataset != "synthetic":  # real data: use the whole split unless the preset is a smoke test

@@ -29,6 +29,12 @@ class DataConfig:
     train: int | None = 256
     holdout: int = 64
     test: int | None = 64
+    augment: bool | None = None  # random zoom and flip of real training data; None: on for real data (as the authors)
+
+    @property
+    def augments(self) -> bool:
+        """Whether the training samples (not the held-out slice, not the test split) are augmented."""
+        return self.name != "synthetic" if self.augment is None else self.augment and self.name != "synthetic"
 
     def __post_init__(self) -> None:
         if self.holdout < 4:
@@ -88,8 +94,10 @@ class RunConfig:
     def fingerprint(self, *, exclude: tuple[str, ...] = ("device",), extra: Mapping[str, Any] | None = None) -> str:
         """A short hash of everything that changes results (the device does not), plus ``extra`` values."""
         data = {k: v for k, v in self.to_dict().items() if k not in exclude}
-        if not data.get("backbone_args", True):  # runs from before the field existed keep their fingerprint
+        if not data.get("backbone_args", True):  # runs from before these fields existed keep their fingerprint
             del data["backbone_args"]
+        if "data" in data and data["data"].get("augment", False) is None:
+            del data["data"]["augment"]
         data.update(extra or {})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -55,16 +55,20 @@ def seed_everything(seed: int) -> None:
 
 
 def build_data(config: RunConfig) -> tuple[RunData, Any]:
-    """The run's data; the held-out slice is cut from the end of the training split (never validation/test)."""
+    """The run's data and its whole (not augmented) training split; the held-out slice is cut from the end of the
+    training split (never validation/test). Only the samples trained on are augmented (``config.data.augments``):
+    grouping decisions see the held-out slice as it is, like the authors' similarity data."""
     d = config.data
     n_train = None if d.train is None else d.train + d.holdout
     full = build_dataset(d.name, "train", root=d.root, height=d.height, width=d.width, n=n_train, seed=config.seed)
+    trained = full if not d.augments else build_dataset(d.name, "train", root=d.root, height=d.height, width=d.width,
+                                                         n=n_train, seed=config.seed, augment=True)
     test = build_dataset(d.name, "test", root=d.root, height=d.height, width=d.width, n=d.test, seed=config.seed)
     if len(full) <= d.holdout:
         raise ValueError(f"the training split of {d.name!r} has {len(full)} samples, not more than the held-out "
                          f"slice ({d.holdout})")
     split = len(full) - d.holdout
-    data = RunData(train=Subset(full, range(split)), holdout=Subset(full, range(split, len(full))), test=test,
+    data = RunData(train=Subset(trained, range(split)), holdout=Subset(full, range(split, len(full))), test=test,
                    batch_size=config.batch_size, seed=config.seed)
     return data, full
 

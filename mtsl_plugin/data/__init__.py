@@ -28,7 +28,7 @@ __all__ = ["DATASETS", "SPLITS", "TASK_ORDER", "Cityscapes", "NYUv2", "Synthetic
 
 
 def build_dataset(name: str, split: str, *, root: str | None = None, height: int | None = None,
-                  width: int | None = None, n: int | None = None, seed: int = 0) -> Dataset:
+                  width: int | None = None, n: int | None = None, seed: int = 0, augment: bool = False) -> Dataset:
     """Build dataset ``name`` (one of :data:`DATASETS`) for ``split`` (one of :data:`SPLITS`).
 
     Args:
@@ -40,6 +40,8 @@ def build_dataset(name: str, split: str, *, root: str | None = None, height: int
             size unless both are given.
         n: number of samples: required for "synthetic"; for real datasets, keep only the first ``n``.
         seed: base seed of the synthetic scenes (real datasets are fixed files and ignore it).
+        augment: real datasets only: random zoom and flip of every sample (training data); the synthetic scenes
+            are drawn anew for every sample and are not augmented.
 
     Returns:
         A ``torch.utils.data.Dataset`` of ``(image, targets)`` samples.
@@ -55,5 +57,5 @@ def build_dataset(name: str, split: str, *, root: str | None = None, height: int
     if root is None:
         raise ValueError(f"Dataset {name!r} needs root, the folder holding its train/ and val/ folders.")
     if name == "nyuv2":
-        return NYUv2(root, split, height, width, n=n)
-    return Cityscapes(root, split, height, width, n=n)
+        return NYUv2(root, split, height, width, n=n, augment=augment)
+    return Cityscapes(root, split, height, width, n=n, augment=augment)

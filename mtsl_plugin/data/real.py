@@ -8,7 +8,8 @@ Layout (one ``.npy`` file per sample and task, integer file names, not necessari
     root/{train,val}/normal/{i}.npy     (H, W, 3) in [-1, 1]       (NYUv2 only)
 
 These layouts ship only ``train`` and ``val``; the ``test`` split reads the ``val`` folder.
-Files are read lazily, one sample per ``__getitem__``.
+Files are read lazily, one sample per ``__getitem__``. With ``augment=True`` (the training data MTSL learns from,
+never the held-out slice or the test split) every sample is randomly zoomed and flipped (:func:`augment_sample`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,36 @@ CITYSCAPES_CLASSES: dict[int, tuple[str, ...]] = {
 _INDEX_NAME = re.compile(r"^(\d+)\.npy$")
 
 
+ZOOMS: tuple[float, ...] = (1.0, 1.2, 1.5)
+"""Zoom factors of the training augmentation (those of LibMTL's NYUv2 example)."""
+
+
+def augment_sample(image: torch.Tensor, targets: dict[str, torch.Tensor], zoom: float, top: int, left: int,
+                   flip: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Zoom into the window of ``1/zoom`` of the height and width at (``top``, ``left``), resize it back to the
+    full size, and mirror it left-right when ``flip``: image ``(3, H, W)``, labels ``S`` ``(H, W)``, depth ``D``
+    ``(1, H, W)``, normals ``N`` ``(3, H, W)`` (any subset). Zooming in brings the scene closer, so depth is divided
+    by ``zoom``; mirroring negates the normals' x component (a mirrored surface faces the other way; copying the
+    mirrored map alone would not)."""
+    h, w = image.shape[-2:]
+    ch, cw = int(h / zoom), int(w / zoom)
+    window = (slice(top, top + ch), slice(left, left + cw))
+    image = resize_image(image[:, window[0], window[1]], h, w)
+    out = dict(targets)
+    if "S" in out:
+        out["S"] = resize_labels(out["S"][window[0], window[1]], h, w)
+    if "D" in out:
+        out["D"] = resize_depth(out["D"][:, window[0], window[1]], h, w) / zoom
+    if "N" in out:
+        out["N"] = resize_normals(out["N"][:, window[0], window[1]], h, w)
+    if flip:
+        image = image.flip(-1)
+        out = {t: v.flip(-1) for t, v in out.items()}
+        if "N" in out:
+            out["N"] = out["N"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+    return image, out
+
+
 def read_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
     """``np.load(path)``; a file that is not a readable ``.npy`` array raises ``ValueError`` naming it."""
     try:
@@ -58,11 +89,13 @@ class NpyLayoutDataset(Dataset):
         height, width: output size; both ``None`` keeps the stored size (all samples must then share it).
         n: keep only the first ``n`` samples (in numeric file order); ``None`` keeps all.
         edge_radius: neighbourhood radius of the ``E`` target derived from the labels.
+        augment: zoom and flip every sample at random (:func:`augment_sample`; draws from torch's global RNG,
+            so a run's checkpoints, which carry it, resume the same draws).
     """
 
     def __init__(self, root: str | Path, split: str, folders: dict[str, str], class_names: tuple[str, ...],
                  height: int | None = None, width: int | None = None, n: int | None = None,
-                 edge_radius: int = 1) -> None:
+                 edge_radius: int = 1, augment: bool = False) -> None:
         name = type(self).__name__
         if split not in SPLIT_FOLDERS:
             raise ValueError(f"Unknown {name} split {split!r}; choose from {tuple(SPLIT_FOLDERS)}.")
@@ -86,6 +119,7 @@ class NpyLayoutDataset(Dataset):
         self.class_names = class_names
         self.num_classes = len(class_names)
         self.edge_radius = edge_radius
+        self.augment = augment
         has = set(folders) | {"A"} | ({"E"} if "S" in folders else set())
         self.tasks = ordered_tasks(has)
         self.resize = height is not None
@@ -170,18 +204,26 @@ class NpyLayoutDataset(Dataset):
             raise ValueError(f"File {self._path('image', index)} is {hw}, but this dataset's samples are "
                              f"{(self.height, self.width)}; pass height and width to resize.")
         h, w = self.height, self.width
-        targets: dict[str, torch.Tensor] = {}
+        targets: dict[str, torch.Tensor] = {}  # at the stored size first
         if "S" in self.folders:
-            targets["S"] = resize_labels(self._labels(index, hw), h, w)
-            targets["E"] = semantic_edges(targets["S"], self.edge_radius)
+            targets["S"] = self._labels(index, hw)
         if "D" in self.folders:
             depth = self._load("D", index, 1, hw).astype(np.float32)
             depth = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
-            targets["D"] = resize_depth(torch.from_numpy(depth).permute(2, 0, 1).contiguous(), h, w)
+            targets["D"] = torch.from_numpy(depth).permute(2, 0, 1).contiguous()
         if "N" in self.folders:
             normals = self._load("N", index, 3, hw).astype(np.float32)
             normals = np.where(np.isfinite(normals), normals, 0.0).astype(np.float32)
-            targets["N"] = resize_normals(normalize_normals(torch.from_numpy(normals).permute(2, 0, 1)), h, w)
+            targets["N"] = normalize_normals(torch.from_numpy(normals).permute(2, 0, 1))
+        if self.augment:
+            zoom = ZOOMS[int(torch.randint(len(ZOOMS), ()))]
+            top = int(torch.randint(hw[0] - int(hw[0] / zoom) + 1, ()))
+            left = int(torch.randint(hw[1] - int(hw[1] / zoom) + 1, ()))
+            image, targets = augment_sample(image, targets, zoom, top, left, bool(torch.rand(()) < 0.5))
+        resize = {"S": resize_labels, "D": resize_depth, "N": resize_normals}
+        targets = {t: resize[t](v, h, w) for t, v in targets.items()}
+        if "S" in targets:
+            targets["E"] = semantic_edges(targets["S"], self.edge_radius)
         image = resize_image(image, h, w)
         targets["A"] = image.clone()
         return image, {t: targets[t] for t in self.tasks}
@@ -194,9 +236,9 @@ class NYUv2(NpyLayoutDataset):
     """
 
     def __init__(self, root: str | Path, split: str = "train", height: int | None = None, width: int | None = None,
-                 n: int | None = None, edge_radius: int = 1) -> None:
+                 n: int | None = None, edge_radius: int = 1, augment: bool = False) -> None:
         super().__init__(root, split, {"S": "label", "D": "depth", "N": "normal"}, NYUV2_CLASSES,
-                         height, width, n, edge_radius)
+                         height, width, n, edge_radius, augment)
 
 
 class Cityscapes(NpyLayoutDataset):
@@ -208,8 +250,8 @@ class Cityscapes(NpyLayoutDataset):
     """
 
     def __init__(self, root: str | Path, split: str = "train", height: int | None = None, width: int | None = None,
-                 num_classes: int = 7, n: int | None = None, edge_radius: int = 1) -> None:
+                 num_classes: int = 7, n: int | None = None, edge_radius: int = 1, augment: bool = False) -> None:
         if num_classes not in CITYSCAPES_CLASSES:
             raise ValueError(f"Cityscapes num_classes must be one of {tuple(CITYSCAPES_CLASSES)}, got {num_classes}.")
         super().__init__(root, split, {"S": f"label_{num_classes}", "D": "depth"}, CITYSCAPES_CLASSES[num_classes],
-                         height, width, n, edge_radius)
+                         height, width, n, edge_radius, augment)

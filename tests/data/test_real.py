@@ -1,6 +1,7 @@
 """NYUv2 and Cityscapes loaders on tiny fixture folders written in the MTAN / LibMTL ``.npy`` layouts."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from mtsl_plugin.data import Cityscapes, NYUv2, build_dataset, semantic_edges
+from mtsl_plugin.data.common import resize_depth
+from mtsl_plugin.data.real import augment_sample
+from mtsl_plugin.experiment import build_data
 
 H, W = 12, 16
 INDICES = (3, 7, 10)  # non-contiguous; "10" sorts before "3" as text
@@ -190,3 +194,41 @@ def test_shape_mismatch_and_bad_values_name_the_file(nyu: tuple[Path, dict]) -> 
     np.save(root / "train" / "image" / "3.npy", np.full((H, W, 3), 255.0, dtype=np.float32))
     with pytest.raises(ValueError, match=r"image[/\\]3\.npy"):
         ds[0]
+
+
+def test_augmentation_zooms_flips_and_keeps_targets_consistent(nyu: tuple[Path, dict]) -> None:
+    root, _ = nyu
+    plain = NYUv2(root, "train")
+    image, targets = plain[0]
+    maps = {t: targets[t] for t in ("S", "D", "N")}
+    same_image, same = augment_sample(image, maps, 1.0, 0, 0, flip=False)
+    assert torch.equal(same_image, image) and all(torch.equal(same[t], maps[t]) for t in maps)
+    flipped_image, flipped = augment_sample(image, maps, 1.0, 0, 0, flip=True)
+    assert torch.equal(flipped_image, image.flip(-1)) and torch.equal(flipped["S"], maps["S"].flip(-1))
+    assert torch.equal(flipped["D"], maps["D"].flip(-1))
+    # a mirrored surface faces the other way: x of the normal changes sign, y and z are only mirrored
+    assert torch.equal(flipped["N"][0], -maps["N"][0].flip(-1)) and torch.equal(flipped["N"][1:], maps["N"][1:].flip(-1))
+    zoomed_image, zoomed = augment_sample(image, maps, 1.5, 2, 3, flip=False)
+    assert zoomed_image.shape == image.shape and all(zoomed[t].shape == maps[t].shape for t in maps)
+    window = maps["D"][:, 2:2 + int(H / 1.5), 3:3 + int(W / 1.5)]
+    torch.testing.assert_close(zoomed["D"], resize_depth(window, H, W) / 1.5)  # zooming in brings things closer
+    assert set(zoomed["S"].unique().tolist()) <= set(maps["S"][2:10, 3:13].unique().tolist())
+
+
+def test_augmented_training_data_varies_while_held_out_and_test_data_do_not(nyuv2_root: Path, smoke) -> None:
+    config = smoke(tasks=("S", "D", "N")).replace(
+        data=dataclasses.replace(smoke().data, name="nyuv2", root=str(nyuv2_root), train=None, test=None))
+    assert config.data.augments
+    torch.manual_seed(0)
+    data, full = build_data(config)
+    draws = [data.train[0] for _ in range(8)]
+    assert any(not torch.equal(draws[0][0], d[0]) for d in draws)  # zoom and flip drawn anew
+    for image, targets in draws:
+        assert image.shape == full[0][0].shape and targets["S"].max() < full.num_classes
+        norms = targets["N"].norm(dim=0)
+        assert torch.all(((norms - 1).abs() < 1e-4) | (norms == 0))
+    for index in range(len(data.holdout)):  # grouping decisions see the held-out images as they are
+        assert torch.equal(data.holdout[index][0], full[len(data.train) + index][0])
+    assert all(torch.equal(data.test[0][0], data.test[0][0]) for _ in range(6))  # never augmented
+    plain, _ = build_data(config.replace(data=dataclasses.replace(config.data, augment=False)))
+    assert torch.equal(plain.train[0][0], full[0][0]) and not smoke().data.augments  # synthetic: never
