@@ -108,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The :class:`RunConfig` of :func:`add_run_args`' options (plugins named there must be loaded already)."""
     config = load_preset(args.preset)
     data = config.data
-    if getattr(args, "no_augment", False):
+    if args.no_augment:
         data = dataclasses.replace(data, augment=False)
     if args.dataset is not None:
         data = type(data)(**{**data.__dict__, "name": args.dataset, "root": args.data_root})

@@ -34,7 +34,7 @@ class DataConfig:
     @property
     def augments(self) -> bool:
         """Whether the training samples (not the held-out slice, not the test split) are augmented."""
-        return self.name != "synthetic" if self.augment is None else self.augment and self.name != "synthetic"
+        return self.name != "synthetic" and self.augment is not False
 
     def __post_init__(self) -> None:
         if self.holdout < 4:
