@@ -25,7 +25,7 @@ from mtsl_plugin.data import build_dataset
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
-from mtsl_plugin.tasks import TASKS
+from mtsl_plugin.tasks import build_tasks
 
 
 def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True) -> None:
@@ -33,7 +33,6 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True)
     ``scan=False`` skips reading every sample of real data (when the same data was checked already)."""
     from mtsl_plugin.experiment import build_data, build_stages  # here, since experiment imports this module
 
-    check_tasks(config.tasks)
     check_device(config.device)
     check_weighting(config.weighting)
     check_mtsl(config.mtsl)
@@ -48,21 +47,11 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True)
             read_every_sample(dataset, f"{d.name} train split", progress)
             read_every_sample(build_dataset(d.name, "test", root=d.root, height=d.height, width=d.width, n=d.test),
                               f"{d.name} test split", progress)
+    build_tasks(list(config.tasks), dataset.num_classes)  # unknown or repeated tasks, too few classes for S
     missing = [t for t in config.tasks if t not in dataset.tasks]
     if missing:
         raise ValueError(f"dataset {d.name!r} has no target for task(s) {missing}; it has {list(dataset.tasks)}")
     build_stages(config)
-
-
-def check_tasks(tasks: tuple[str, ...]) -> None:
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
-    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
-    if repeated:
-        raise ValueError(f"task(s) {repeated} requested more than once")
-    if not tasks:
-        raise ValueError("no task requested")
 
 
 def check_device(device: str) -> None:
