@@ -63,7 +63,8 @@ class CrossStitchUnit(nn.Module):
 class CrossStitchNetwork(nn.Module):
     """The T task networks of ``stages`` with a :class:`CrossStitchUnit` after every location.
 
-    ``forward(x (N, 3, H, W))`` returns, per task, the stitched output of the last location ``(N, C, h, w)``.
+    ``forward(x (N, 3, H, W))`` returns, per task, the stitched outputs of the stages' head locations (what the
+    task's head reads: ``[(N, C_l, h_l, w_l)]``).
     Attributes: ``nodes[location][task]`` (the task networks' nodes), ``units[location]``.
     """
 
@@ -71,12 +72,13 @@ class CrossStitchNetwork(nn.Module):
         super().__init__()
         self.tasks = tuple(tasks)
         self.specs = stages.specs
+        self.head_locations = stages.head_locations
         self.nodes = nn.ModuleList(nn.ModuleDict({t: stages.build(location) for t in self.tasks})
                                    for location in range(stages.num_locations))
         self.units = nn.ModuleList(CrossStitchUnit(len(self.tasks), spec.out_channels, self_weight)
                                    for spec in self.specs)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         outputs: list[list[torch.Tensor]] = []  # per location, per task (task order)
         for location, spec in enumerate(self.specs):
             inputs = [x] * len(self.tasks) if location == 0 else outputs[-1]
@@ -86,7 +88,7 @@ class CrossStitchNetwork(nn.Module):
             else:
                 ys = [nodes[t](inp, skip) for t, inp, skip in zip(self.tasks, inputs, outputs[spec.skip_from])]
             outputs.append(self.units[location](ys))
-        return dict(zip(self.tasks, outputs[-1]))
+        return {t: [outputs[l][i] for l in self.head_locations] for i, t in enumerate(self.tasks)}
 
 
 class CrossStitch(AbsArchitecture):

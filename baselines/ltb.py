@@ -81,6 +81,7 @@ class LTB(AbsArchitecture):
         check_architecture_args(self.label, task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
         stages = encoder_class()
         self.specs = stages.specs
+        self.head_locations = stages.head_locations
         self.tasks: tuple[str, ...] = tuple(task_name)
         self.num_locations = stages.num_locations
         self.nodes = nn.ModuleDict({f"{l}-{t}": stages.build(l) for l in range(self.num_locations)
@@ -150,8 +151,9 @@ class LTB(AbsArchitecture):
         return {t: self.heads[t](features[t], size) for t in self.tasks if task_name in (None, t)}
 
     def run_trunk(self, x: Tensor, parents: Sequence[Sequence[int]], selections: Sequence[Tensor] | None = None
-                  ) -> dict[str, Tensor]:
-        """The head input of every task, ``(N, C, h, w)``, for the parent slots ``parents`` (one list per gate
+                  ) -> dict[str, list[Tensor]]:
+        """The head inputs of every task (the outputs of the stages' head locations on its chain,
+        ``[(N, C_l, h_l, w_l)]``), for the parent slots ``parents`` (one list per gate
         level). With ``selections`` (the straight-through ``(T, T)`` matrices ``parents`` were read from) every
         node runs on its row's mixture of the parents' outputs, which equals the chosen parent's output;
         without, only the nodes on the tasks' chains run."""
@@ -180,9 +182,12 @@ class LTB(AbsArchitecture):
                     skip = outputs[spec.skip_from][paths[location][j][spec.skip_from]]
                     out[j] = self.node(location, j)(inputs[j], skip)
             outputs.append(out)
-        heads = self._children_inputs(outputs[-1], parents[-1], range(num),
-                                      None if selections is None else selections[-1])
-        return {t: heads[i] for i, t in enumerate(self.tasks)}
+        # a head reads, at each head location, the ancestor there of the last-location node it chose as parent
+        last = self.num_locations - 1
+        heads = [self._children_inputs({k: outputs[l][path[l]] for k, path in paths[last].items()}, parents[-1],
+                                       range(num), None if selections is None else selections[-1])
+                 for l in self.head_locations]
+        return {t: [at_location[i] for at_location in heads] for i, t in enumerate(self.tasks)}
 
     @staticmethod
     def _children_inputs(parent_outputs: dict[int, Tensor], parents: Sequence[int], children: Sequence[int],

@@ -73,8 +73,8 @@ def _carry(attended: torch.Tensor, projection: nn.Module, size: torch.Size) -> t
 class AttentionNetwork(nn.Module):
     """The shared network of ``stages`` with per-task attention modules at every location.
 
-    ``forward(x (N, 3, H, W), tasks=None)`` returns ``(attended, masks)``: ``attended[t]`` is task t's attended
-    output of the last location ``(N, C, h, w)``; ``masks[t][ℓ]`` its mask at location ℓ, shaped like the shared
+    ``forward(x (N, 3, H, W), tasks=None)`` returns ``(attended, masks)``: ``attended[t]`` lists task t's attended
+    outputs of the stages' head locations (what its head reads, ``[(N, C_l, h_l, w_l)]``); ``masks[t][ℓ]`` its mask at location ℓ, shaped like the shared
     output there, in (0, 1). ``tasks`` restricts the attention branches computed (default: all).
     Attributes: ``nodes[ℓ]`` (shared), ``attention[ℓ][task]``, ``projections[ℓ - 1]`` (shared, ℓ ≥ 1).
     """
@@ -85,6 +85,7 @@ class AttentionNetwork(nn.Module):
             raise ValueError(f"attention_reduction must be a positive integer, got {attention_reduction}")
         self.tasks = tuple(tasks)
         self.specs = stages.specs
+        self.head_locations = stages.head_locations
         self.nodes = nn.ModuleList(stages.build(location) for location in range(stages.num_locations))
         self.attention = nn.ModuleList()
         for location, spec in enumerate(self.specs):
@@ -100,11 +101,12 @@ class AttentionNetwork(nn.Module):
         return [self.nodes, self.projections]
 
     def forward(self, x: torch.Tensor, tasks: Sequence[str] | None = None
-                ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+                ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
         tasks = self.tasks if tasks is None else tuple(tasks)
         shared: list[torch.Tensor] = []
         attended: dict[str, torch.Tensor] = {}
         masks: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
+        head_inputs: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
         for location, spec in enumerate(self.specs):
             inputs = x if location == 0 else shared[-1]
             node = self.nodes[location]
@@ -118,7 +120,9 @@ class AttentionNetwork(nn.Module):
                     mask = self.attention[location][t](torch.cat([s, previous], dim=1))
                 masks[t].append(mask)
                 attended[t] = mask * s
-        return attended, masks
+                if location in self.head_locations:
+                    head_inputs[t].append(attended[t])
+        return head_inputs, masks
 
 
 class MTAN(AbsArchitecture):

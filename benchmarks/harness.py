@@ -24,7 +24,7 @@ import timm
 
 import baselines  # noqa: F401  (registers the baseline methods)
 from benchmarks.report import aggregate, delta_mtl, format_table, write_csv, write_markdown
-from mtsl_plugin.config import NUM_LOCATIONS, PRESETS, SETTINGS, RunConfig, load_preset
+from mtsl_plugin.config import NETWORKS, NUM_LOCATIONS, PRESETS, SETTINGS, RunConfig, load_preset
 from mtsl_plugin.experiment import run_fingerprint, run_method, write_json
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.methods import build_method
@@ -57,6 +57,8 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--tasks", default=None, help="comma-separated task letters (default: all the data has)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--backbone", default=None, help="timm ResNet name (default resnet18)")
+    p.add_argument("--network", default=None, choices=NETWORKS,
+                   help="stage table: compact (the CPU presets') or authors (the paper preset's, the authors' code)")
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained backbone weights")
     p.add_argument("--weights", default=None, help="local backbone weights file")
     p.add_argument("--weighting", default=None, help="LibMTL weighting method, e.g. EW (default) or UW")
@@ -127,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                                "setting": args.setting}
     if args.tasks:
         changes["tasks"] = tuple(t.strip() for t in args.tasks.split(","))
-    for key in ("backbone", "weights", "weighting"):
+    for key in ("backbone", "network", "weights", "weighting"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     if args.pretrained:

@@ -5,7 +5,8 @@ LibMTL composes an architecture with a weighting method (``class MTLmodel(archit
 (encoder and decoder locations), built from a stage factory, and the "decoders" are the task heads:
 
 * ``encoder_class``: a zero-argument callable returning a :class:`~mtsl_plugin.network.stages.ResNetStages`;
-* ``decoders``: task name -> head module (e.g. ``stages.build_head(channels)``);
+* ``decoders``: task name -> head module, called ``head(features, size)`` with the outputs of the stages'
+  ``head_locations`` (e.g. ``stages.build_head(channels)``);
 * ``arch_args``: ``plan`` (a :class:`BranchingPlan`; default: the single-task plan MTSL starts from).
 
 ``forward`` returns the predictions as LibMTL wants and keeps the task-node features of the same forward in

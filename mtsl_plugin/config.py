@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import yaml
 
 from mtsl_plugin.learner.schedule import MTSLConfig, scale_schedule
+from mtsl_plugin.network.stages import NETWORKS
 
 PRESETS = ("smoke", "quick", "paper")
 SETTINGS = ("encoder-decoder", "encoder")  # the paper's Table 2 (10 merge locations) and Table 1 (6, DeepLab heads)
@@ -51,6 +52,7 @@ class RunConfig:
     tasks: tuple[str, ...] = ("S", "D", "E", "N", "A")
     backbone: str = "resnet18"
     backbone_args: dict = field(default_factory=dict)  # keyword arguments of timm.create_model, e.g. channels
+    network: str = "compact"  # the stage table: compact or authors (mtsl_plugin.network.stages)
     pretrained: bool = False
     weights: str | None = None
     batch_size: int = 16
@@ -65,6 +67,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
             raise ValueError(f"unknown setting {self.setting!r}; choose one of {', '.join(SETTINGS)}")
+        if self.network not in NETWORKS:
+            raise ValueError(f"unknown network {self.network!r}; choose one of {', '.join(NETWORKS)}")
+        if self.network == "authors" and self.setting != "encoder-decoder":
+            raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -96,6 +102,8 @@ class RunConfig:
         data = {k: v for k, v in self.to_dict().items() if k not in exclude}
         if not data.get("backbone_args", True):  # runs from before these fields existed keep their fingerprint
             del data["backbone_args"]
+        if data.get("network") == "compact":
+            del data["network"]
         if "data" in data and data["data"].get("augment", False) is None:
             del data["data"]["augment"]
         data.update(extra or {})

@@ -88,10 +88,10 @@ def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan
 
 
 def build_stages(config: RunConfig) -> ResNetStages:
-    """The backbone stages of ``config``'s setting (10 locations with the decoder, 6 encoder-only)."""
+    """The backbone stages of ``config``'s setting (10 locations with the decoder, 6 encoder-only) and network."""
     return ResNetStages(config.backbone, pretrained=config.pretrained, weights=config.weights,
                         decoder=config.setting == "encoder-decoder", seed=config.seed,
-                        backbone_args=config.backbone_args)
+                        backbone_args=config.backbone_args, network=config.network)
 
 
 def run_fingerprint(method: str, config: RunConfig, spec: MethodSpec, plan: BranchingPlan | None = None) -> str:

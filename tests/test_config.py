@@ -13,6 +13,18 @@ def test_paper_preset_is_the_papers_schedule():
     assert (config.data.height, config.data.width, config.batch_size) == (256, 512, 16)
     assert config.optimizer == {"optim": "adam", "lr": 1e-4, "weight_decay": 5e-5}
     assert (config.mtsl.threshold, config.mtsl.align_weight) == (0.8, 0.2)
+    assert config.network == "authors"  # the authors' network; the CPU presets use the compact one
+
+
+def test_network_choice():
+    quick = load_preset("quick")
+    assert quick.network == "compact"
+    assert quick.fingerprint() == "b0cba13823ef"  # as before the field existed: earlier results stay reusable
+    assert quick.replace(network="authors").fingerprint() != quick.fingerprint()
+    with pytest.raises(ValueError, match="unknown network 'unet'; choose one of compact, authors"):
+        quick.replace(network="unet")
+    with pytest.raises(ValueError, match="encoder setting uses network 'compact'"):
+        quick.replace(network="authors", setting="encoder")
 
 
 @pytest.mark.parametrize("name, phases", [("smoke", 2), ("quick", 4)])

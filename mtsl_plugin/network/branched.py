@@ -76,12 +76,14 @@ class BranchedNetwork(nn.Module):
             outputs.append({g: self.run_node(location, g, outputs, x) for g in self.plan.partitions[location]})
         return outputs
 
+    def head_inputs(self, outputs: list[dict[Group, torch.Tensor]], task: str) -> list[torch.Tensor]:
+        """What ``task``'s head reads: the outputs of its nodes at the stages' head locations."""
+        return [outputs[l][self.plan.group_of(l, task)] for l in self.stages.head_locations]
+
     def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         outputs = self.run_locations(x)
-        last = outputs[-1]
         size = (x.shape[-2], x.shape[-1])
-        preds = {t: self.heads[t](last[self.plan.group_of(self.plan.num_locations - 1, t)], size)
-                 for t in self.plan.tasks}
+        preds = {t: self.heads[t](self.head_inputs(outputs, t), size) for t in self.plan.tasks}
         features = {t: outputs[loc][(t,)] for loc, tasks in self.plan.siblings() for t in tasks}
         return preds, features
 
@@ -126,7 +128,7 @@ class BranchedNetwork(nn.Module):
                 stages.append(StageCost(params, gmac))
             heads = {}
             for task in self.plan.tasks:
-                feats = outputs[-1][self.plan.group_of(self.plan.num_locations - 1, task)]
+                feats = self.head_inputs(outputs, task)
                 gmac = count_gmac(lambda: self.heads[task](feats, (height, width)))
                 heads[task] = StageCost(sum(p.numel() for p in self.heads[task].parameters()), gmac)
         self.train(was_training)

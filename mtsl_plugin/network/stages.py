@@ -1,9 +1,10 @@
 """The stage table of a timm ResNet encoder-decoder: what lives at each merge location.
 
-Ten locations by default, as in the MTSL paper:
+Ten locations in the encoder-decoder setting, as in the MTSL paper, in one of two networks. ``compact`` (the CPU
+presets' network): a decoder as wide as the skips it reads, output stride 2, heads on the last location.
 
 ====  =========  ===========================================  =========
-loc   name       module                                        reduction
+loc   name       module (``compact``)                          reduction
 ====  =========  ===========================================  =========
 0     stem       conv1, bn1, act1                              2
 1     layer1     maxpool, layer1                               4
@@ -17,15 +18,37 @@ loc   name       module                                        reduction
 9     dec4       upsample x2, concat skip from loc 0, one block 2
 ====  =========  ===========================================  =========
 
+``authors`` (the ``paper`` preset's network): the network of the authors' released code (``NeurAI-Lab/MTSL``,
+``encoding_custom/models/mtsl.py``, ``encoders_decoders/uninet_encoder.py`` and ``decoder.py``, heads in
+``heads/``), with its widths taken from the backbone (the numbers below are ResNet18's):
+
+====  =========  =====================================================================  =========
+loc   name       module (``authors``)                                                    reduction
+====  =========  =====================================================================  =========
+0     stem       conv1, bn1, act1, maxpool                                               4
+1-4   layer1-4   layer1 .. layer4                                                        4 .. 32
+5     extra      two Bottleneck blocks, planes = layer4's (512 -> 2048), stride 2       64
+6     dec1       :class:`BottleneckDecoderStage` to 4 x 64 = 256 channels, skip loc 4   32
+7     dec2       the same, skip from loc 3                                               16
+8     dec3       the same, skip from loc 2                                               8
+9     dec4       the same, skip from loc 1                                               4
+====  =========  =====================================================================  =========
+
+Its heads (:class:`MultiScaleHead`) read all four decoder locations; location 5 and the decoder start from He
+initialisation (the authors' ``initialize_weights``). The encoder-only setting (6 locations, DeepLab heads) exists
+for ``compact`` only.
+
 The table (:class:`StageSpec` rows) is plain data read by the network, the cost model and the figures.
 :class:`ResNetStages` builds fresh modules for any location; every build of a location starts from the same
 weights (the backbone's, random or pretrained), so the single-task networks MTSL starts from are identical.
+Heads are called ``head(features, size)`` with the outputs of :attr:`ResNetStages.head_locations`, in order.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import timm
 import torch
@@ -34,6 +57,7 @@ from torch import nn
 
 ENCODER_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4", "extra")
 DECODER_NAMES = ("dec1", "dec2", "dec3", "dec4")
+NETWORKS = ("compact", "authors")
 
 
 @dataclass(frozen=True)
@@ -63,8 +87,41 @@ class DecoderStage(nn.Module):
         return self.block(torch.cat([x, skip], dim=1))
 
 
+class BottleneckDecoderStage(nn.Module):
+    """The authors' decoder block: upsample the input to the skip's size, concatenate the skip, then a Bottleneck
+    (1x1 to ``planes``, 3x3, 1x1 to ``4 * planes``, BN after each) added to the upsampled input (through a 1x1
+    projection where its width differs from ``4 * planes``), then ReLU.
+
+    ``forward(x (N, C_in, h, w), skip (N, C_skip, H, W)) -> (N, 4 * planes, H, W)``.
+    """
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, skip_channels: int, planes: int):
+        super().__init__()
+        out = planes * self.expansion
+        self.projection = nn.Conv2d(in_channels, out, 1, bias=False) if in_channels != out else nn.Identity()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels + skip_channels, planes, 1, bias=False), nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+            nn.Conv2d(planes, out, 1, bias=False), nn.BatchNorm2d(out),
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return F.relu(self.body(torch.cat([x, skip], dim=1)) + self.projection(x))
+
+
+def _single(features: Sequence[torch.Tensor], head: str) -> torch.Tensor:
+    if len(features) != 1:
+        raise ValueError(f"{head} reads one location's output, got {len(features)}")
+    return features[0]
+
+
 class Head(nn.Module):
-    """Task head: conv3x3-BN-ReLU-conv1x1, then bilinear upsampling to the input resolution."""
+    """Task head of the ``compact`` network: conv3x3-BN-ReLU-conv1x1 on the last location's output, then bilinear
+    upsampling to the input resolution. ``forward([x (N, C, h, w)], size (H, W)) -> (N, out_channels, H, W)``."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -75,8 +132,30 @@ class Head(nn.Module):
             nn.Conv2d(in_channels, out_channels, 1),
         )
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(self.body(x), size=size, mode="bilinear", align_corners=False)
+    def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(self.body(_single(features, "Head")), size=size, mode="bilinear", align_corners=False)
+
+
+class MultiScaleHead(nn.Module):
+    """Task head of the ``authors`` network (their ``SegHead``; every task's head has this form): a 1x1 conv of
+    each decoder output to ``width`` channels, each upsampled to a quarter of the input resolution, concatenated,
+    a 1x1 conv to the task's channels, then bilinear upsampling to the input resolution.
+
+    ``forward([x_6, .., x_9] (N, C, h_l, w_l), size (H, W)) -> (N, out_channels, H, W)``.
+    """
+
+    def __init__(self, in_channels: Sequence[int], width: int, out_channels: int):
+        super().__init__()
+        self.reduce = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
+        self.classifier = nn.Conv2d(width * len(in_channels), out_channels, 1)
+
+    def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        if len(features) != len(self.reduce):
+            raise ValueError(f"MultiScaleHead reads {len(self.reduce)} locations' outputs, got {len(features)}")
+        quarter = (max(size[0] // 4, 1), max(size[1] // 4, 1))
+        x = torch.cat([F.interpolate(conv(f), size=quarter, mode="bilinear", align_corners=False)
+                       for conv, f in zip(self.reduce, features)], dim=1)
+        return F.interpolate(self.classifier(x), size=size, mode="bilinear", align_corners=False)
 
 
 class DeepLabHead(nn.Module):
@@ -91,8 +170,9 @@ class DeepLabHead(nn.Module):
                                      aspp_dropout=0.5)
         self.classifier = nn.Conv2d(width, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(self.classifier(self.aspp([x])), size=size, mode="bilinear", align_corners=False)
+    def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        x = self.aspp([_single(features, "DeepLabHead")])
+        return F.interpolate(self.classifier(x), size=size, mode="bilinear", align_corners=False)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -125,6 +205,17 @@ def _residual_block(block_type: type[nn.Module], in_channels: int, out_channels:
     return block_type(in_channels, out_channels // expansion, downsample=downsample)
 
 
+def _he_init(module: nn.Module) -> nn.Module:
+    """The authors' ``initialize_weights``: convolutions N(0, 2 / (k*k*C_out)), BN weight 1 and bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
 class ResNetStages:
     """Stage factory over a timm ResNet (``resnet18`` default; any timm ResNet with layer1-4 works).
 
@@ -136,10 +227,15 @@ class ResNetStages:
         seed: seed for the random initialisation of everything the backbone does not provide.
         backbone_args: further keyword arguments of ``timm.create_model``, e.g. ``{"channels": (16, 32, 64, 128)}``
             for a ResNet of a quarter of the usual width (the ``smoke`` and ``quick`` presets use narrow ResNets).
+        network: ``compact`` or ``authors`` (see the module docstring); ``authors`` needs the decoder.
     """
 
     def __init__(self, backbone: str = "resnet18", *, pretrained: bool = False, weights: str | Path | None = None,
-                 decoder: bool = True, seed: int = 0, backbone_args: dict | None = None):
+                 decoder: bool = True, seed: int = 0, backbone_args: dict | None = None, network: str = "compact"):
+        if network not in NETWORKS:
+            raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+        if network == "authors" and not decoder:
+            raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
         if weights is not None and not Path(weights).is_file():
             raise FileNotFoundError(f"backbone weights file {str(weights)!r} does not exist")
         kwargs = {**(backbone_args or {})}
@@ -164,13 +260,17 @@ class ResNetStages:
             if not all(hasattr(model, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer4")):
                 raise ValueError(f"backbone {backbone!r} is not a ResNet with conv1/bn1/act1/maxpool/layer1-4")
             channels = [info["num_chs"] for info in model.feature_info]  # stem, layer1..4
-            templates, specs = self._templates_and_specs(model, channels, decoder)
+            if network == "authors":
+                templates, specs = self._authors_templates_and_specs(model, channels)
+            else:
+                templates, specs = self._templates_and_specs(model, channels, decoder)
             if pretrained or weights is not None:  # the weights expect the inputs they were trained on
                 cfg = model.pretrained_cfg
                 templates[0] = NormalizedStem(*templates[0], mean=cfg.get("mean", IMAGENET_MEAN),
                                               std=cfg.get("std", IMAGENET_STD))
         self.backbone = backbone
         self.decoder = decoder
+        self.network = network
         self._head_seed = seed
         self.specs: tuple[StageSpec, ...] = tuple(specs)
         self._templates = templates
@@ -199,14 +299,44 @@ class ResNetStages:
                 c_in = c_out
         return templates, specs
 
+    @staticmethod
+    def _authors_templates_and_specs(model: nn.Module, channels: list[int]
+                                     ) -> tuple[list[nn.Module], list[StageSpec]]:
+        from timm.models.resnet import Bottleneck
+
+        expansion = getattr(type(model.layer4[-1]), "expansion", 1)
+        extra_planes = channels[4] // expansion  # layer4's planes: 512 -> 2048 on ResNet18
+        extra_out = extra_planes * Bottleneck.expansion
+        downsample = nn.Sequential(nn.Conv2d(channels[4], extra_out, 1, stride=2, bias=False),
+                                   nn.BatchNorm2d(extra_out))
+        extra = _he_init(nn.Sequential(Bottleneck(channels[4], extra_planes, stride=2, downsample=downsample),
+                                       Bottleneck(extra_out, extra_planes)))
+        templates: list[nn.Module] = [nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool),
+                                      model.layer1, model.layer2, model.layer3, model.layer4, extra]
+        reductions = [4, 4, 8, 16, 32, 64]
+        specs = [StageSpec(name, cin, cout, red) for name, cin, cout, red in zip(
+            ENCODER_NAMES, [3] + channels, channels + [extra_out], reductions)]
+        planes = channels[1] // expansion  # layer1's planes: 64 on ResNet18, a 256-channel decoder
+        c_in = extra_out
+        for i, name in enumerate(DECODER_NAMES):
+            skip = 4 - i
+            stage = _he_init(BottleneckDecoderStage(c_in, channels[skip], planes))
+            templates.append(stage)
+            c_out = planes * BottleneckDecoderStage.expansion
+            specs.append(StageSpec(name, c_in, c_out, reductions[skip], skip_from=skip, skip_channels=channels[skip]))
+            c_in = c_out
+        return templates, specs
+
     @property
     def num_locations(self) -> int:
         return len(self.specs)
 
     @property
-    def out_channels(self) -> int:
-        """Channels of the last location's output, which the task heads read."""
-        return self.specs[-1].out_channels
+    def head_locations(self) -> tuple[int, ...]:
+        """The locations whose outputs every task head reads, in the order the head takes them."""
+        if self.network == "authors":
+            return tuple(range(self.num_locations - len(DECODER_NAMES), self.num_locations))
+        return (self.num_locations - 1,)
 
     def build(self, location: int) -> nn.Module:
         """A fresh node for ``location``, initialised like every other node built there."""
@@ -215,11 +345,15 @@ class ResNetStages:
         return copy.deepcopy(self._templates[location])
 
     def build_head(self, out_channels: int) -> nn.Module:
-        """A task head reading the last location's output (:class:`Head` after the decoder, :class:`DeepLabHead`
-        in the encoder-only setting); seeded so that every build with one width is identical.
-        ``forward(x (N, C, h, w), size (H, W)) -> (N, out_channels, H, W)``."""
+        """A task head reading the outputs of :attr:`head_locations` (:class:`MultiScaleHead` in the ``authors``
+        network, :class:`Head` after the compact decoder, :class:`DeepLabHead` in the encoder-only setting); seeded
+        so that every build with one width is identical.
+        ``forward([x_l (N, C_l, h_l, w_l) for l in head_locations], size (H, W)) -> (N, out_channels, H, W)``."""
+        in_channels = [self.specs[l].out_channels for l in self.head_locations]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._head_seed + out_channels)
+            if self.network == "authors":  # the authors' head width is their decoder's planes (64 on ResNet18)
+                return MultiScaleHead(in_channels, in_channels[0] // BottleneckDecoderStage.expansion, out_channels)
             if self.decoder:
-                return Head(self.out_channels, out_channels)
-            return DeepLabHead(self.out_channels, out_channels)
+                return Head(in_channels[0], out_channels)
+            return DeepLabHead(in_channels[0], out_channels)

@@ -15,7 +15,7 @@ from mtsl_plugin.network.cost import model_cost
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.tasks import build_tasks
 
-SETTINGS = ("encoder-decoder", "encoder")
+SETTINGS = ("encoder-decoder", "encoder", "authors")  # "authors": encoder-decoder on the authors' network
 METHOD_NAME = {CrossStitch: "cross_stitch", MTAN: "mtan"}
 
 
@@ -31,7 +31,8 @@ def setup(built, smoke):
 
     def get(setting):
         if setting not in built:
-            config = smoke(tasks=("S", "D", "E")).replace(setting=setting)
+            config = smoke(tasks=("S", "D", "E"))
+            config = (config.replace(network="authors") if setting == "authors" else config.replace(setting=setting))
             seed_everything(0)
             data, dataset = build_data(config)
             images, gts = next(iter(data.batches(data.train)))
@@ -72,7 +73,8 @@ def parameter_groups(model):
 def test_predictions_and_a_training_step_with_libmtl_weighting(setup, architecture, setting, weighting):
     trainer, tasks, stages, images, gts = trainer_for(setup, architecture, setting, weighting)
     model = trainer.model
-    assert stages.num_locations == (10 if setting == "encoder-decoder" else 6)
+    assert stages.num_locations == (6 if setting == "encoder" else 10)
+    assert len(stages.head_locations) == (4 if setting == "authors" else 1)
     with torch.no_grad():
         preds = model(images)
     assert {t: tuple(p.shape) for t, p in preds.items()} == {t: (2, task.out_channels, 32, 32)
@@ -217,7 +219,7 @@ def test_mtan_masks_lie_in_the_open_unit_interval_and_gate_the_shared_features(s
             assert mask.shape[:2] == (2, spec.out_channels)
             assert bool((mask > 0).all()) and bool((mask < 1).all())
         torch.testing.assert_close(preds[t], model.decoders[t](attended[t], (32, 32)))
-    assert masks["S"][-1].shape == attended["S"].shape
+    assert [a.shape for a in attended["S"]] == [masks["S"][l].shape for l in stages.head_locations]
     assert not torch.equal(masks["S"][-1], masks["D"][-1])  # each task has its own attention
     assert list(only_d) == ["D"]
     torch.testing.assert_close(only_d["D"], preds["D"])

@@ -44,9 +44,10 @@ def set_gates(model, parents):
 
 # ------------------------------------------------------------------------------------ training in both settings
 @pytest.mark.parametrize("architecture", [LTB, BMTAS])
-@pytest.mark.parametrize("setting", ["encoder-decoder", "encoder"])
+@pytest.mark.parametrize("setting", ["encoder-decoder", "encoder", "authors"])
 def test_search_trains_gates_and_yields_a_valid_plan(smoke, architecture, setting):
-    config = smoke(tasks="SDE").replace(setting=setting)
+    config = smoke(tasks="SDE")  # "authors": the encoder-decoder setting on the authors' network
+    config = config.replace(network="authors") if setting == "authors" else config.replace(setting=setting)
     seed_everything(0)
     data, dataset = build_data(config)
     tasks = build_tasks(config.tasks, dataset.num_classes)
@@ -118,9 +119,13 @@ def test_ties_keep_the_own_slot(stages):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_evaluation_runs_exactly_the_derived_branched_network(stages, seed):
+@pytest.mark.parametrize("network", ["compact", "authors"])
+def test_evaluation_runs_exactly_the_derived_branched_network(stages, seed, network):
     """With random gates, the supernet in eval mode runs one node per group of its derived plan, and computes
-    what a BranchedNetwork of that plan computes with those nodes' weights (decoder skips included)."""
+    what a BranchedNetwork of that plan computes with those nodes' weights (decoder skips included; on the
+    authors' network every head reads four locations of its chain)."""
+    if network == "authors":
+        stages = build_stages(load_preset("smoke").replace(network="authors"))
     torch.manual_seed(seed)
     model = make(LTB, stages)
     with torch.no_grad():
@@ -147,12 +152,37 @@ def test_evaluation_runs_exactly_the_derived_branched_network(stages, seed):
         torch.testing.assert_close(preds[task], expected[task])
 
 
+@pytest.mark.parametrize("network", ["compact", "authors"])
+def test_sampled_parents_run_the_same_chains_as_hard_parents(stages, network):
+    """During the search every node runs on its straight-through mixture of parents; the values (every head
+    location's, for the authors' four-location heads) are those of running the sampled chains alone, and the
+    gates get a gradient."""
+    if network == "authors":
+        stages = build_stages(load_preset("smoke").replace(network="authors"))
+    torch.manual_seed(0)
+    model = make(LTB, stages)
+    sampled = [gates.sample_parents(logits, 1.0) for logits in model.gate_logits()]
+    selections, parents = [s for s, _ in sampled], [p for _, p in sampled]
+    assert any(p != list(range(3)) for p in parents)  # some task reads another's node
+    x = torch.randn(2, 3, 32, 32)
+    mixed = model.run_trunk(x, parents, selections)
+    with torch.no_grad():
+        hard = model.run_trunk(x, parents)
+    for task in "SDE":
+        assert len(mixed[task]) == len(stages.head_locations)
+        for a, b in zip(mixed[task], hard[task]):
+            torch.testing.assert_close(a, b)
+    sum(f.sum() for feats in mixed.values() for f in feats).backward()
+    assert model.gates["heads"].grad is not None and model.gates["heads"].grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------ BMTAS resource loss
 class TinyStages:
     """Two locations of 1x1 convolutions: enough to enumerate every gate outcome."""
 
     specs = (StageSpec("a", 3, 4, 1), StageSpec("b", 4, 4, 1))
     num_locations = 2
+    head_locations = (1,)
 
     def build(self, location):
         with torch.random.fork_rng(devices=[]):
@@ -165,8 +195,8 @@ class TinyHead(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(4, 1, 1)
 
-    def forward(self, x, size):
-        return self.conv(x)
+    def forward(self, features, size):
+        return self.conv(features[-1])
 
 
 def brute_force_gmac(model, costs, temperature):

@@ -1,7 +1,11 @@
 """benchmarks/speed.py: step time and peak memory of plans, measured in one run, as ratios to the first."""
 import json
 
+import pytest
+
 from benchmarks import speed
+from mtsl_plugin.network.branched import BranchedNetwork
+from mtsl_plugin.network.stages import ResNetStages
 from mtsl_plugin.plan import BranchingPlan
 
 
@@ -23,3 +27,17 @@ def test_speed_refuses_an_unknown_plan_in_one_line(capsys):
     assert speed.main(["--plans", "stn,nowhere.json"]) == 2
     err = capsys.readouterr().err.strip()
     assert "nowhere.json" in err and len(err.splitlines()) == 1
+
+
+def test_speed_reports_each_plans_size_and_gmac_without_timing(capsys):
+    """``--steps 0``: the parameters and GMac of each plan on one image (the README's table of both networks),
+    equal to the branched network's own cost count."""
+    assert speed.main(["--network", "authors", "--height", "64", "--width", "128", "--steps", "0"]) == 0
+    rows = json.loads(capsys.readouterr().out.splitlines()[-1])
+    stages = ResNetStages("resnet18", network="authors")
+    for name, plan in (("stn", BranchingPlan.single_task(speed.TASKS, 10)),
+                       ("onenet", BranchingPlan.one_net(speed.TASKS, 10))):
+        heads = {t: stages.build_head(c) for t, c in zip(speed.TASKS, (10, 1, 1, 3, 3))}
+        cost = BranchedNetwork(plan, stages, heads).cost(64, 128)
+        assert rows[name]["params"] == cost.params and rows[name]["gmac"] == pytest.approx(cost.gmac)
+    assert rows["onenet"]["params"] < rows["stn"]["params"] / 4

@@ -27,6 +27,52 @@ def test_stage_table_is_the_papers_ten_locations(stages):
     assert ResNetStages("resnet18", decoder=False).num_locations == 6
 
 
+def test_authors_network_is_their_stage_table():
+    """The authors' code's network on ResNet18: max-pool in location 0, two Bottleneck blocks 512 -> 2048 at
+    stride 2, four 256-channel Bottleneck decoder blocks with skips from layer4 .. layer1 (output stride 4)."""
+    stages = ResNetStages("resnet18", network="authors")
+    assert [s.reduction for s in stages.specs] == [4, 4, 8, 16, 32, 64, 32, 16, 8, 4]
+    assert [s.out_channels for s in stages.specs] == [64, 64, 128, 256, 512, 2048, 256, 256, 256, 256]
+    assert [s.skip_from for s in stages.specs[6:]] == [4, 3, 2, 1]
+    assert [s.skip_channels for s in stages.specs[6:]] == [512, 256, 128, 64]
+    assert stages.head_locations == (6, 7, 8, 9)
+    # parameters by hand: Bottleneck(512, planes 512, stride 2) + Bottleneck(2048, 512), convs and BN affine
+    conv = 512 * 512 + 9 * 512 * 512 + 512 * 2048
+    bn = 2 * (512 + 512 + 2048)
+    extra = (conv + bn + 512 * 2048 + 2 * 2048) + (2048 * 512 + 9 * 512 * 512 + 512 * 2048 + bn)
+    assert sum(p.numel() for p in stages.build(5).parameters()) == extra
+    # the first decoder block: concat 2048 + 512 -> 64 -> 64 -> 256, and its 1x1 residual projection 2048 -> 256
+    dec1 = 2560 * 64 + 9 * 64 * 64 + 64 * 256 + 2 * (64 + 64 + 256) + 2048 * 256
+    assert sum(p.numel() for p in stages.build(6).parameters()) == dec1
+    # He initialisation (the authors' initialize_weights): std sqrt(2 / (k * k * C_out)), BN weight 1
+    conv3x3 = stages.build(7).body[3]
+    assert float(conv3x3.weight.detach().std()) == pytest.approx((2 / (9 * 64)) ** 0.5, rel=0.05)
+    with pytest.raises(ValueError, match="encoder setting uses network 'compact'"):
+        ResNetStages("resnet18", network="authors", decoder=False)
+
+
+def test_authors_heads_read_their_tasks_four_decoder_outputs():
+    """Each head reads the four decoder locations of its own branch: a change to S's node at location 8 (S and D
+    split there, shared at 9) moves S's prediction only, and D's head gets gradients from all four locations."""
+    stages = ResNetStages("resnet18", network="authors", backbone_args={"channels": (16, 32, 64, 128)})
+    plan = BranchingPlan.single_task("SD", 10).merge(0, ["SD"]).merge(1, ["SD"]).merge(2, ["SD"]).merge(
+        3, ["SD"]).merge(4, ["SD"]).merge(5, ["SD"]).merge(6, ["SD"]).merge(7, ["SD"])
+    net = build(plan, stages).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        before, _ = net(x)
+        for p in net.node(8, ("S",)).parameters():
+            p.add_(0.1)
+        after, _ = net(x)
+    assert before["S"].shape == (2, 5, 64, 96)
+    assert not torch.allclose(before["S"], after["S"]) and torch.equal(before["D"], after["D"])
+    outputs = net.run_locations(x)
+    inputs = net.head_inputs(outputs, "D")
+    assert [tuple(f.shape[1:]) for f in inputs] == [(64, 2, 3), (64, 4, 6), (64, 8, 12), (64, 16, 24)]  # 4 x 16
+    net.heads["D"](inputs, (64, 96)).sum().backward()
+    assert all(net.heads["D"].reduce[i].weight.grad.abs().sum() > 0 for i in range(4))
+
+
 def test_forward_shapes_and_sibling_features(stages):
     plan = BranchingPlan.single_task("SDENA", 10).merge(0, ["SDENA"]).merge(1, ["SE", "DNA"])
     net = build(plan, stages)
