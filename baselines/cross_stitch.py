@@ -103,6 +103,9 @@ class CrossStitch(AbsArchitecture):
     (``head(x, size)``, e.g. ``stages.build_head``); ``forward(inputs)`` returns task -> prediction
     ``(N, K_t, H, W)``; the shared parameters (``get_share_params``) are the cross-stitch units, the only
     parameters that belong to no single task. ``arch_args``: ``self_weight`` (initial α_ii, default 0.9);
+    ``unit_lr_multiplier`` (the units learn at this multiple of the run's learning rate, in a parameter group of
+    their own: default 100, as the reference implementation, ``SimonVandenhende/Multi-Task-Learning-PyTorch``
+    ``get_optimizer``, trains them; 1 = the weights' rate);
     ``plan`` must be ``None`` (the harness passes it to every architecture; cross-stitch is not plan-based).
     ``rep_grad`` and ``multi_input`` are not supported.
     """
@@ -112,6 +115,13 @@ class CrossStitch(AbsArchitecture):
         check_architecture_args("cross-stitch", task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
         self.encoder = CrossStitchNetwork(encoder_class(), task_name, kwargs.get("self_weight", 0.9))
         self.decoders = nn.ModuleDict({t: decoders[t] for t in task_name})
+        self.unit_lr_multiplier = float(kwargs.get("unit_lr_multiplier", 100.0))
+        if not self.unit_lr_multiplier > 0:
+            raise ValueError(f"unit_lr_multiplier must be positive, got {self.unit_lr_multiplier}")
+
+    def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The cross-stitch units' parameter group and its learning-rate multiple (read by the trainer)."""
+        return [(list(self.encoder.units.parameters()), self.unit_lr_multiplier)]
 
     def forward(self, inputs: torch.Tensor, task_name: str | None = None) -> dict[str, torch.Tensor]:
         features = self.encoder(inputs)
@@ -132,4 +142,4 @@ class CrossStitch(AbsArchitecture):
 @register_method("cross_stitch")
 def cross_stitch(config, num_locations: int) -> MethodSpec:
     """Cross-stitch networks: one network per task, channel-wise units after every location."""
-    return MethodSpec(architecture=CrossStitch, arch_args={"self_weight": 0.9})
+    return MethodSpec(architecture=CrossStitch, arch_args={"self_weight": 0.9, "unit_lr_multiplier": 100.0})

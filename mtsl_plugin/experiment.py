@@ -96,13 +96,15 @@ def build_stages(config: RunConfig) -> ResNetStages:
 
 def run_fingerprint(method: str, config: RunConfig, spec: MethodSpec, plan: BranchingPlan | None = None) -> str:
     """A short hash of everything a run's results depend on: the method, the configuration (not the device),
-    MTSL's options only for methods with a structural learner, the epochs a method adds, and the plan a "-R"
-    method retrains. Runs with equal fingerprints are interchangeable, so STN and One-Net runs are shared by
-    every MTSL variant of a sweep."""
+    MTSL's options only for methods with a structural learner, the epochs a method adds, its architecture
+    options, and the plan a "-R" method retrains. Runs with equal fingerprints are interchangeable, so STN and
+    One-Net runs are shared by every MTSL variant of a sweep."""
     exclude = ("device",) if spec.learner is not None else ("device", "mtsl")
     retrained = plan.to_json() if plan is not None and spec.retrains is not None else None
-    return config.fingerprint(exclude=exclude, extra={"method": method, "extra_epochs": spec.extra_epochs,
-                                                      "retrained_plan": retrained})
+    extra = {"method": method, "extra_epochs": spec.extra_epochs, "retrained_plan": retrained}
+    if spec.arch_args:  # a method's architecture options (e.g. cross-stitch's unit learning rate) change results
+        extra["arch_args"] = spec.arch_args
+    return config.fingerprint(exclude=exclude, extra=extra)
 
 
 def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: bool = False,

@@ -102,12 +102,24 @@ class MTLTrainer(LibMTL.Trainer):
                               kwargs=self.kwargs["arch_args"]).to(self.device)
 
     def _prepare_optimizer(self, optim_param, scheduler_param):
-        if scheduler_param is not None and scheduler_param.get("scheduler") == "multistep":
-            super()._prepare_optimizer(optim_param, None)
+        """LibMTL's optimizer and scheduler, plus a ``multistep`` scheduler, and parameter groups at other learning
+        rates for architectures that name them: ``model.lr_multipliers()`` lists (parameters, multiple of the
+        run's learning rate), e.g. cross-stitch units at 100x."""
+        multistep = scheduler_param is not None and scheduler_param.get("scheduler") == "multistep"
+        super()._prepare_optimizer(optim_param, None if multistep else scheduler_param)
+        groups = self.model.lr_multipliers() if hasattr(self.model, "lr_multipliers") else []
+        if groups:  # LibMTL puts every parameter in one group: move these into groups of their own
+            special = {id(p) for params, _ in groups for p in params}
+            base = self.optimizer.param_groups[0]
+            base["params"] = [p for p in base["params"] if id(p) not in special]
+            for params, factor in groups:
+                self.optimizer.add_param_group({"params": list(params), "lr": base["lr"] * factor})
+            if self.scheduler is not None:  # LibMTL's scheduler, built again (the same way) over every group
+                args = {k: v for k, v in scheduler_param.items() if k != "scheduler"}
+                self.scheduler = type(self.scheduler)(self.optimizer, **args)
+        if multistep:
             args = {k: v for k, v in scheduler_param.items() if k != "scheduler"}
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, **args)
-        else:
-            super()._prepare_optimizer(optim_param, scheduler_param)
 
     def _process_data(self, loader):
         # LibMTL calls ``iterator.next()``, which Python 3 iterators lack; its bare ``except`` then restarts the

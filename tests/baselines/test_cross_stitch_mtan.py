@@ -9,7 +9,8 @@ from baselines.cross_stitch import CrossStitch, CrossStitchUnit  # importing reg
 from baselines.mtan import MTAN  # importing registers "mtan"
 from benchmarks import compare, harness
 from mtsl_plugin.config import load_preset
-from mtsl_plugin.experiment import build_data, build_stages, build_trainer, load_run, run_method, seed_everything
+from mtsl_plugin.experiment import (build_data, build_stages, build_trainer, load_run, run_fingerprint, run_method,
+                                   seed_everything)
 from mtsl_plugin.methods import build_method
 from mtsl_plugin.network.cost import model_cost
 from mtsl_plugin.plan import BranchingPlan
@@ -153,6 +154,16 @@ def test_registered_as_non_plan_methods(smoke, architecture):
 
 
 # ---------------------------------------------------------------------------------------------- cross-stitch
+def test_architecture_options_are_part_of_a_runs_fingerprint(smoke):
+    """A finished run is reused only by a run of the same architecture options (here the units' learning rate)."""
+    config = smoke()
+    spec = build_method("cross_stitch", config, 10)
+    default = run_fingerprint("cross_stitch", config, spec)
+    slow = dataclasses.replace(spec, arch_args={**spec.arch_args, "unit_lr_multiplier": 1.0})
+    assert run_fingerprint("cross_stitch", config, slow) != default
+    assert run_fingerprint("cross_stitch", config, build_method("cross_stitch", config, 10)) == default
+
+
 @pytest.mark.parametrize("num_tasks", [1, 2, 3, 5])
 def test_cross_stitch_units_start_at_point_nine_and_share_the_rest(num_tasks):
     alpha = CrossStitchUnit(num_tasks, 7).alpha.detach()
@@ -161,6 +172,32 @@ def test_cross_stitch_units_start_at_point_nine_and_share_the_rest(num_tasks):
         for j in range(num_tasks):
             expected = 1.0 if num_tasks == 1 else 0.9 if i == j else 0.1 / (num_tasks - 1)
             assert torch.equal(alpha[i, j], torch.full((7,), expected)), (i, j)
+
+
+@pytest.mark.parametrize("multiplier", [100.0, 1.0])
+def test_cross_stitch_units_learn_at_their_own_multiple_of_the_learning_rate(setup, multiplier):
+    """The units form a parameter group at ``unit_lr_multiplier`` x the run's rate (the reference trains them at
+    100x); everything else stays in LibMTL's group, the LR steps scale both, and the first Adam step moves each
+    unit weight by its group's rate (Adam's first step is lr x sign of the gradient)."""
+    config, tasks, stages, images, gts = setup("encoder-decoder")
+    seed_everything(0)
+    trainer = build_trainer(config, tasks, None, stages, architecture=CrossStitch,
+                            arch_args={"self_weight": 0.9, "unit_lr_multiplier": multiplier})
+    lr = config.optimizer["lr"]
+    base, units = trainer.optimizer.param_groups
+    unit_params = list(trainer.model.encoder.units.parameters())
+    assert units["lr"] == pytest.approx(lr * multiplier) and base["lr"] == pytest.approx(lr)
+    assert {id(p) for p in units["params"]} == {id(p) for p in unit_params}
+    assert len(base["params"]) + len(unit_params) == len(list(trainer.model.parameters()))
+    before = [p.detach().clone() for p in unit_params]
+    trainer.model.train()
+    trainer.train_step(images, gts)
+    moved = torch.cat([(new.detach() - old).abs().flatten() for old, new in zip(before, unit_params)])
+    step = lr * multiplier  # |g| / (|g| + eps): a hair less for the tiniest gradients
+    assert float(moved.max()) <= step * 1.0001 and float(moved.median()) == pytest.approx(step, rel=1e-3)
+    while trainer.scheduler.last_epoch < config.lr_steps[0]:
+        trainer.scheduler.step()
+    assert units["lr"] == pytest.approx(lr * multiplier * 0.1) and base["lr"] == pytest.approx(lr * 0.1)
 
 
 def test_cross_stitch_unit_mixes_each_channel_with_its_own_weights():
