@@ -7,7 +7,10 @@ one mixing the features the task heads read. A unit mixes the tasks' outputs at 
 
     x̃_i[:, c] = Σ_j α_ij^c · x_j[:, c]          α of shape (T, T, C)
 
-initialised to α_ii = 0.9 and α_ij = 0.1 / (T − 1) for j ≠ i (the identity when T = 1). A decoder location's
+initialised as the reference implementation (``SimonVandenhende/Multi-Task-Learning-PyTorch``) configures it:
+α_ii = 0.9 and α_ij = 0.1 for two tasks (its NYUD setting), α_ii = 0.8 and α_ij = 0.05 for five (its PASCAL
+setting); in general α_ii = 0.9 for two tasks and 0.8 for more, the rest of each row spread evenly over the other
+tasks so that rows sum to one (:func:`default_self_weight`; the identity when T = 1). A decoder location's
 skip is the task's own stitched output of the skip location. With every unit at the identity the task networks
 are independent STNs.
 
@@ -28,6 +31,11 @@ from mtsl_plugin.network.stages import ResNetStages
 AbsArchitecture = import_libmtl().architecture.AbsArchitecture
 
 
+def default_self_weight(num_tasks: int) -> float:
+    """The initial α_ii for ``num_tasks`` tasks: 0.9 for two (or one), 0.8 for more (see the module docstring)."""
+    return 0.9 if num_tasks <= 2 else 0.8
+
+
 class CrossStitchUnit(nn.Module):
     """Channel-wise linear mixing of the tasks' activations at one location.
 
@@ -37,14 +45,15 @@ class CrossStitchUnit(nn.Module):
     Args:
         num_tasks: T.
         channels: C, the channels of the location's output.
-        self_weight: the initial α_ii; the rest of each row, 1 − self_weight, is spread evenly over the other
-            tasks, so every row starts summing to one.
+        self_weight: the initial α_ii (default :func:`default_self_weight`); the rest of each row,
+            1 − self_weight, is spread evenly over the other tasks, so every row starts summing to one.
     """
 
-    def __init__(self, num_tasks: int, channels: int, self_weight: float = 0.9):
+    def __init__(self, num_tasks: int, channels: int, self_weight: float | None = None):
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"a cross-stitch unit needs at least one task, got {num_tasks}")
+        self_weight = default_self_weight(num_tasks) if self_weight is None else self_weight
         if num_tasks == 1:
             alpha = torch.ones(1, 1, channels)
         else:
@@ -68,7 +77,7 @@ class CrossStitchNetwork(nn.Module):
     Attributes: ``nodes[location][task]`` (the task networks' nodes), ``units[location]``.
     """
 
-    def __init__(self, stages: ResNetStages, tasks: Sequence[str], self_weight: float = 0.9):
+    def __init__(self, stages: ResNetStages, tasks: Sequence[str], self_weight: float | None = None):
         super().__init__()
         self.tasks = tuple(tasks)
         self.specs = stages.specs
@@ -102,7 +111,8 @@ class CrossStitch(AbsArchitecture):
     LibMTL interface: ``encoder_class()`` returns the :class:`ResNetStages`; ``decoders`` maps task -> head
     (``head(x, size)``, e.g. ``stages.build_head``); ``forward(inputs)`` returns task -> prediction
     ``(N, K_t, H, W)``; the shared parameters (``get_share_params``) are the cross-stitch units, the only
-    parameters that belong to no single task. ``arch_args``: ``self_weight`` (initial α_ii, default 0.9);
+    parameters that belong to no single task. ``arch_args``: ``self_weight`` (initial α_ii, default by the number of
+    tasks, :func:`default_self_weight`);
     ``unit_lr_multiplier`` (the units learn at this multiple of the run's learning rate, in a parameter group of
     their own: default 100, as the reference implementation, ``SimonVandenhende/Multi-Task-Learning-PyTorch``
     ``get_optimizer``, trains them; 1 = the weights' rate);
@@ -113,7 +123,7 @@ class CrossStitch(AbsArchitecture):
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
         check_architecture_args("cross-stitch", task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
-        self.encoder = CrossStitchNetwork(encoder_class(), task_name, kwargs.get("self_weight", 0.9))
+        self.encoder = CrossStitchNetwork(encoder_class(), task_name, kwargs.get("self_weight"))
         self.decoders = nn.ModuleDict({t: decoders[t] for t in task_name})
         self.unit_lr_multiplier = float(kwargs.get("unit_lr_multiplier", 100.0))
         if not self.unit_lr_multiplier > 0:
@@ -142,4 +152,4 @@ class CrossStitch(AbsArchitecture):
 @register_method("cross_stitch")
 def cross_stitch(config, num_locations: int) -> MethodSpec:
     """Cross-stitch networks: one network per task, channel-wise units after every location."""
-    return MethodSpec(architecture=CrossStitch, arch_args={"self_weight": 0.9, "unit_lr_multiplier": 100.0})
+    return MethodSpec(architecture=CrossStitch, arch_args={"unit_lr_multiplier": 100.0})

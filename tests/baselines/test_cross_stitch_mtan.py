@@ -164,14 +164,18 @@ def test_architecture_options_are_part_of_a_runs_fingerprint(smoke):
     assert run_fingerprint("cross_stitch", config, build_method("cross_stitch", config, 10)) == default
 
 
-@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5])
-def test_cross_stitch_units_start_at_point_nine_and_share_the_rest(num_tasks):
+@pytest.mark.parametrize("num_tasks, same, other", [(1, 1.0, None), (2, 0.9, 0.1), (3, 0.8, 0.1),
+                                                     (5, 0.8, 0.05)])
+def test_cross_stitch_units_start_as_the_reference_configures_them(num_tasks, same, other):
+    """Two tasks 0.9 / 0.1 and five 0.8 / 0.05, the reference's NYUD and PASCAL settings; rows sum to one."""
     alpha = CrossStitchUnit(num_tasks, 7).alpha.detach()
     assert alpha.shape == (num_tasks, num_tasks, 7)
     for i in range(num_tasks):
         for j in range(num_tasks):
-            expected = 1.0 if num_tasks == 1 else 0.9 if i == j else 0.1 / (num_tasks - 1)
-            assert torch.equal(alpha[i, j], torch.full((7,), expected)), (i, j)
+            expected = same if i == j else other
+            torch.testing.assert_close(alpha[i, j], torch.full((7,), expected), rtol=0, atol=1e-7)
+    torch.testing.assert_close(alpha.sum(dim=1), torch.ones(num_tasks, 7))
+    assert torch.equal(CrossStitchUnit(3, 2, self_weight=0.6).alpha.detach()[0, :, 0], torch.tensor([0.6, 0.2, 0.2]))
 
 
 @pytest.mark.parametrize("multiplier", [100.0, 1.0])
@@ -182,7 +186,7 @@ def test_cross_stitch_units_learn_at_their_own_multiple_of_the_learning_rate(set
     config, tasks, stages, images, gts = setup("encoder-decoder")
     seed_everything(0)
     trainer = build_trainer(config, tasks, None, stages, architecture=CrossStitch,
-                            arch_args={"self_weight": 0.9, "unit_lr_multiplier": multiplier})
+                            arch_args={"unit_lr_multiplier": multiplier})
     lr = config.optimizer["lr"]
     base, units = trainer.optimizer.param_groups
     unit_params = list(trainer.model.encoder.units.parameters())
