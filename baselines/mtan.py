@@ -74,8 +74,9 @@ class AttentionNetwork(nn.Module):
     """The shared network of ``stages`` with per-task attention modules at every location.
 
     ``forward(x (N, 3, H, W), tasks=None)`` returns ``(attended, masks)``: ``attended[t]`` lists task t's attended
-    outputs of the stages' head locations (what its head reads, ``[(N, C_l, h_l, w_l)]``); ``masks[t][ℓ]`` its mask at location ℓ, shaped like the shared
-    output there, in (0, 1). ``tasks`` restricts the attention branches computed (default: all).
+    outputs of the stages' head locations (what its head reads, ``[(N, C_l, h_l, w_l)]``); ``masks[t][ℓ]`` its
+    mask at location ℓ, shaped like the shared output there, in (0, 1). ``tasks`` restricts the attention branches
+    computed (default: all).
     Attributes: ``nodes[ℓ]`` (shared), ``attention[ℓ][task]``, ``projections[ℓ - 1]`` (shared, ℓ ≥ 1).
     """
 
