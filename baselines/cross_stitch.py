@@ -31,6 +31,10 @@ from mtsl_plugin.network.stages import ResNetStages
 AbsArchitecture = import_libmtl().architecture.AbsArchitecture
 
 
+UNIT_LR_MULTIPLIER = 100.0
+"""The units' learning rate as a multiple of the run's (the reference's ``get_optimizer``)."""
+
+
 def default_self_weight(num_tasks: int) -> float:
     """The initial α_ii for ``num_tasks`` tasks: 0.9 for two (or one), 0.8 for more (see the module docstring)."""
     return 0.9 if num_tasks <= 2 else 0.8
@@ -109,7 +113,7 @@ class CrossStitch(AbsArchitecture):
     all target tasks; none of it applies to a stage table with decoder skips and channel-wise units.
 
     LibMTL interface: ``encoder_class()`` returns the :class:`ResNetStages`; ``decoders`` maps task -> head
-    (``head(x, size)``, e.g. ``stages.build_head``); ``forward(inputs)`` returns task -> prediction
+    (``head(features, size)``, e.g. ``stages.build_head``); ``forward(inputs)`` returns task -> prediction
     ``(N, K_t, H, W)``; the shared parameters (``get_share_params``) are the cross-stitch units, the only
     parameters that belong to no single task. ``arch_args``: ``self_weight`` (initial α_ii, default by the number of
     tasks, :func:`default_self_weight`);
@@ -125,7 +129,7 @@ class CrossStitch(AbsArchitecture):
         check_architecture_args("cross-stitch", task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
         self.encoder = CrossStitchNetwork(encoder_class(), task_name, kwargs.get("self_weight"))
         self.decoders = nn.ModuleDict({t: decoders[t] for t in task_name})
-        self.unit_lr_multiplier = float(kwargs.get("unit_lr_multiplier", 100.0))
+        self.unit_lr_multiplier = float(kwargs.get("unit_lr_multiplier", UNIT_LR_MULTIPLIER))
         if not self.unit_lr_multiplier > 0:
             raise ValueError(f"unit_lr_multiplier must be positive, got {self.unit_lr_multiplier}")
 
@@ -152,4 +156,4 @@ class CrossStitch(AbsArchitecture):
 @register_method("cross_stitch")
 def cross_stitch(config, num_locations: int) -> MethodSpec:
     """Cross-stitch networks: one network per task, channel-wise units after every location."""
-    return MethodSpec(architecture=CrossStitch, arch_args={"unit_lr_multiplier": 100.0})
+    return MethodSpec(architecture=CrossStitch, arch_args={"unit_lr_multiplier": UNIT_LR_MULTIPLIER})

@@ -58,7 +58,7 @@ class LTB(AbsArchitecture):
     """The LTB supernet as a LibMTL architecture.
 
     Args (LibMTL's): ``task_name`` (list of tasks), ``encoder_class`` (zero-argument callable returning a
-    :class:`~mtsl_plugin.network.stages.ResNetStages`), ``decoders`` (task -> head, ``head(x, size)``),
+    :class:`~mtsl_plugin.network.stages.ResNetStages`), ``decoders`` (task -> head, ``head(features, size)``),
     ``rep_grad`` (must be False), ``multi_input`` (must be False), ``device``; ``arch_args``:
 
     * ``warmup_epochs``: epochs with fixed single-task parents (default ``round(warmup_fraction * total)``);

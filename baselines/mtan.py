@@ -135,8 +135,9 @@ class MTAN(AbsArchitecture):
     attention layer, is reused (see the module docstring).
 
     LibMTL interface: ``encoder_class()`` returns the :class:`ResNetStages`; ``decoders`` maps task -> head
-    (``head(x, size)``); ``forward(inputs)`` returns task -> prediction ``(N, K_t, H, W)`` (``task_name`` computes
-    one task's branch only); the shared parameters are those of the shared nodes and projections.
+    (``head(features, size)``, the attended outputs of the head locations); ``forward(inputs)`` returns task ->
+    prediction ``(N, K_t, H, W)`` (``task_name`` computes one task's branch only); the shared parameters are those
+    of the shared nodes and projections.
     ``arch_args``: ``attention_reduction`` (the attention layers' bottleneck is ``C_ℓ / attention_reduction``,
     default 4; LibMTL uses ``C_ℓ`` on ResNet-18); ``plan`` must be ``None`` (MTAN is not plan-based).
     ``rep_grad`` and ``multi_input`` are not supported.
