@@ -106,6 +106,7 @@ class MTLTrainer(LibMTL.Trainer):
         rates for architectures that name them: ``model.lr_multipliers()`` lists (parameters, multiple of the
         run's learning rate), e.g. cross-stitch units at 100x."""
         multistep = scheduler_param is not None and scheduler_param.get("scheduler") == "multistep"
+        scheduler_args = {k: v for k, v in (scheduler_param or {}).items() if k != "scheduler"}
         super()._prepare_optimizer(optim_param, None if multistep else scheduler_param)
         groups = self.model.lr_multipliers() if hasattr(self.model, "lr_multipliers") else []
         if groups:  # LibMTL puts every parameter in one group: move these into groups of their own
@@ -115,11 +116,9 @@ class MTLTrainer(LibMTL.Trainer):
             for params, factor in groups:
                 self.optimizer.add_param_group({"params": list(params), "lr": base["lr"] * factor})
             if self.scheduler is not None:  # LibMTL's scheduler, built again (the same way) over every group
-                args = {k: v for k, v in scheduler_param.items() if k != "scheduler"}
-                self.scheduler = type(self.scheduler)(self.optimizer, **args)
+                self.scheduler = type(self.scheduler)(self.optimizer, **scheduler_args)
         if multistep:
-            args = {k: v for k, v in scheduler_param.items() if k != "scheduler"}
-            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, **args)
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, **scheduler_args)
 
     def _process_data(self, loader):
         # LibMTL calls ``iterator.next()``, which Python 3 iterators lack; its bare ``except`` then restarts the
