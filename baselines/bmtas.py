@@ -1,82 +1,142 @@
-"""BMTAS (Bruggemann, Kanakis, Georgoulis & Van Gool, BMVC 2020): LTB's gated supernet plus a resource loss.
+"""BMTAS (Bruggemann, Kanakis, Georgoulis & Van Gool, BMVC 2020) as ``brdav/bmtas`` searches, on the supernet
+of :mod:`baselines.supernet`.
 
-The resource loss is the expected inference cost of the sampled architecture, which pushes the gates towards
-sharing. Exactly (see :func:`baselines.gates.expected_node_counts`)::
-
-    resource = sum_l c_l * E[#nodes in use at l] / (T * sum_l c_l)
-    auxiliary_loss = resource_weight * resource            (0-d tensor; None while the gates are fixed)
-
-* ``c_l``: GMac of one node at location ``l`` on one image (``stage_gmac`` arch arg, or counted with
-  ``torch.utils.flop_counter`` at the size of the first training batch);
-* the expectation is over the independent gate choices of one training step, each row distributed as
-  ``softmax(logits / tau)`` at the step's temperature ``tau`` (the law of the sampled parents);
-* a node is in use iff it feeds a task head or a node in use one location deeper (nodes no task reaches are
-  dropped from the derived network, so they cost nothing);
-* normalised by the single-task networks' trunk cost ``T * sum_l c_l``, so the resource is a fraction in
-  ``(0, 1]`` (1: nothing shared) and ``resource_weight`` means the same at every image size. The heads cost
-  the same in every architecture and are left out.
+* choices: at every location ``l`` each task ``t`` has a row of logits ``alpha_l[t]`` (zeros at the start) over
+  the ``T`` candidate operations (nodes) of ``l``; tasks share ``l`` in the derived network iff they pick the
+  same operation at every location up to ``l`` (``SuperMobileNetV2``, ``_get_branch_mappings``);
+* search forward: each task runs its own path; at every location its features are the **soft** Gumbel-softmax
+  mixture ``sum_k w_k op_k(features)`` with ``w = gumbel_softmax(alpha_l[t], tau, hard=False)`` (every step runs
+  all ``T`` operations for every task, ``T^2`` node calls); decoder skips come from the task's own path;
+* warm-up: the first ``epochs // 20`` epochs, every task runs its own operations only (one-hot weights);
+* temperature: linear from 5.0 in the first search epoch to 0.1 in the last (``tools.train_search``);
+* resource loss: ``sum_l GFLOPs_l * E[#nodes at l]`` under ``softmax(alpha)`` (no temperature), in GFLOPs
+  (two per multiply-add) of one node on one image of ``cost_size`` (default 512x512, the size of the
+  reference's look-up table ``get_flops``), **not normalised**, weighted by λ = 0.05, the value tuned for those
+  units; the expectation is exact (:func:`baselines.gates.expected_group_counts`, which also says how the
+  reference's approximation differs);
+* bilevel search (the trainer drives it, :meth:`mtsl_plugin.trainer.MTLTrainer.fit`): 20 % of the training
+  data is held for the architecture. Every search epoch first runs an architecture pass over that split
+  (Adam lr 0.01, weight decay 5e-5, state reset every epoch; loss = task losses + λ·resource; batch-norm
+  running statistics frozen) and then resets the weights optimizer's state, as the reference does, before the
+  weights pass over the other 80 % with the task losses only. Departures: one weights step per batch with
+  all tasks' losses through the run's weighting (the reference steps once per task), and the batch-norm running
+  statistics are not reset after the architecture pass (the reference resets them; with the ~10 weight steps
+  per epoch of our CPU presets, momentum-0.1 statistics would not recover before evaluation);
+* evaluation: every task takes its most likely operations; only the derived network runs.
 """
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from baselines import gates
-from baselines.ltb import LTB, search_args
+from baselines.supernet import GatedSupernet
 from mtsl_plugin.methods import MethodSpec, register_method
 
 DEFAULT_RESOURCE_WEIGHT = 0.05
+REFERENCE_COST_SIZE = (512, 512)
+ARCH_OPTIMIZER = {"lr": 0.01, "weight_decay": 5e-5}  # brdav's main_search.py
+ARCH_FRACTION = 0.2  # of the training data, for the architecture steps
 
 
-class BMTAS(LTB):
-    """LTB with a resource loss (:meth:`auxiliary_loss`, which the trainer adds to the task losses).
+class BMTAS(GatedSupernet):
+    """The BMTAS supernet as a LibMTL architecture (arguments: :class:`~baselines.supernet.GatedSupernet`).
 
-    Extra ``arch_args``: ``resource_weight`` (λ, default 0.05) and ``stage_gmac`` (``L`` per-node GMac; default
-    counted at the first training batch's image size).
+    ``arch_args``: ``resource_weight`` (λ, default 0.05), ``cost_size`` (``(H, W)`` the node costs are counted
+    at, default 512x512), ``stage_gflops`` (``L`` per-node GFLOPs, instead of counting), ``warmup_epochs``
+    (default ``epochs // 20``), ``plan`` (must be ``None``).
+    The trainer's interface for the bilevel search: :meth:`architecture_parameters`, :attr:`arch_optimizer`,
+    :attr:`arch_fraction`, :meth:`architecture_loss`.
     """
 
     label = "BMTAS"
-    extra_args = frozenset({"resource_weight", "stage_gmac"})
+    known_args = frozenset({"plan", "resource_weight", "cost_size", "stage_gflops", "warmup_epochs"})
+    arch_optimizer = ARCH_OPTIMIZER
+    arch_fraction = ARCH_FRACTION
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
         self.resource_weight = float(kwargs.get("resource_weight", DEFAULT_RESOURCE_WEIGHT))
-        costs = kwargs.get("stage_gmac")
+        self.cost_size = tuple(kwargs.get("cost_size", REFERENCE_COST_SIZE))
+        self.warmup_epochs: int | None = kwargs.get("warmup_epochs")
+        costs = kwargs.get("stage_gflops")
         if costs is not None and len(costs) != self.num_locations:
-            raise ValueError(f"stage_gmac has {len(costs)} entries but there are {self.num_locations} locations")
-        self._stage_gmac: list[float] | None = None if costs is None else [float(c) for c in costs]
+            raise ValueError(f"stage_gflops has {len(costs)} entries but there are {self.num_locations} locations")
+        self._stage_gflops = None if costs is None else [float(c) for c in costs]
+        num = len(self.tasks)
+        for location in range(self.num_locations):
+            self.gates[f"loc{location}"] = nn.Parameter(torch.zeros(num, num))
 
-    def node_gmac(self) -> Tensor:
-        """``(L,)`` GMac of one node per location (counted once, at the first forward's image size)."""
-        if self._stage_gmac is None:
-            if self.input_size is None:
-                raise ValueError("BMTAS counts node costs at the input size of its first forward; run one "
-                                 "forward first or pass arch_args stage_gmac")
-            self._stage_gmac = self.stage_gmac(*self.input_size)
-        return torch.tensor(self._stage_gmac, device=self.gates["heads"].device)
+    # ------------------------------------------------------------------ schedule
+    @property
+    def warmup(self) -> int:
+        return gates.bmtas_warmup_epochs(self.total_epochs) if self.warmup_epochs is None else int(self.warmup_epochs)
 
-    def expected_gmac(self, temperature: float = 1.0) -> Tensor:
-        """Expected trunk GMac per image of the architecture sampled from the gates at ``temperature``
-        (0-d tensor)."""
-        counts = gates.expected_node_counts(self.parent_probabilities(temperature))
-        return (counts * self.node_gmac().to(counts.dtype)).sum()
+    @property
+    def temperature(self) -> float | None:
+        """This epoch's Gumbel-softmax temperature, ``None`` during the warm-up."""
+        return gates.bmtas_temperature(self.epoch, self.total_epochs, self.warmup)
 
-    def resource_loss(self, temperature: float = 1.0) -> Tensor:
-        """:meth:`expected_gmac` as a fraction of the single-task networks' trunk GMac."""
-        return self.expected_gmac(temperature) / (len(self.tasks) * self.node_gmac().sum())
+    @property
+    def searching(self) -> bool:
+        return self.training and self.temperature is not None
 
-    def auxiliary_loss(self) -> Tensor | None:
-        """``resource_weight * resource_loss(tau)`` at this epoch's temperature while the gates are searched;
-        ``None`` during the warm-up and in evaluation (the architecture is fixed then)."""
-        if not self.searching:
-            return None
-        return self.resource_weight * self.resource_loss(self.temperature)
+    def choice_logits(self) -> list[Tensor]:
+        """The ``L`` matrices ``alpha_l`` ``(T tasks, T operations)``, in location order."""
+        return [self.gates[f"loc{l}"] for l in range(self.num_locations)]
+
+    def derived_chains(self) -> list[list[int]]:
+        picks = [gates.argmax_parents(logits) for logits in self.choice_logits()]  # per location, per task
+        return [[picks[l][t] for l in range(self.num_locations)] for t in range(len(self.tasks))]
+
+    # ------------------------------------------------------------------ training forward
+    def search_forward(self, x: Tensor) -> dict[str, list[Tensor]]:
+        if not self.searching:  # warm-up: the single-task networks
+            return self.run_chains(x, [[t] * self.num_locations for t in range(len(self.tasks))])
+        self._chains = None  # every operation reaches every task
+        weights = [F.gumbel_softmax(logits, tau=self.temperature, hard=False, dim=-1) for logits in self.choice_logits()]
+        features = {}
+        for t, task in enumerate(self.tasks):
+            path: list[Tensor] = []
+            for location, spec in enumerate(self.specs):
+                inputs = x if location == 0 else path[-1]
+                args = (inputs,) if spec.skip_from is None else (inputs, path[spec.skip_from])
+                path.append(sum(weights[location][t, k] * self.node(location, k)(*args)
+                                for k in range(len(self.tasks))))
+            features[task] = [path[l] for l in self.head_locations]
+        return features
+
+    # ------------------------------------------------------------------ the resource loss
+    def stage_gflops(self) -> Tensor:
+        """``(L,)`` GFLOPs (2 per multiply-add) of one node per location on one image of ``cost_size``."""
+        if self._stage_gflops is None:
+            self._stage_gflops = [2 * c for c in self.stage_gmac(*self.cost_size)]
+        return torch.tensor(self._stage_gflops, device=self.gates["loc0"].device)
+
+    def expected_gflops(self) -> Tensor:
+        """Expected trunk GFLOPs per image of the derived network under ``softmax(alpha)`` (0-d tensor)."""
+        counts = gates.expected_group_counts([logits.softmax(dim=-1) for logits in self.choice_logits()])
+        return (counts * self.stage_gflops().to(counts.dtype)).sum()
+
+    def architecture_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the architecture step (the choice logits), kept out of the weights optimizer."""
+        return list(self.gates.values())
+
+    def architecture_loss(self) -> Tensor:
+        """λ · :meth:`expected_gflops`: what the architecture step adds to the task losses."""
+        return self.resource_weight * self.expected_gflops()
+
+    def search_record(self) -> dict[str, float]:
+        record = super().search_record()
+        record["expected_gflops"] = float(self.expected_gflops().detach())
+        return record
 
 
 @register_method("bmtas")
 def bmtas(config, num_locations: int) -> MethodSpec:
-    """BMTAS: LTB's search with the resource loss; reported cost is that of the derived network."""
-    return MethodSpec(architecture=BMTAS, arch_args={**search_args(config), "resource_weight": DEFAULT_RESOURCE_WEIGHT},
+    """BMTAS: brdav's bilevel search with the resource loss; reported cost is that of the derived network."""
+    return MethodSpec(architecture=BMTAS, arch_args={"resource_weight": DEFAULT_RESOURCE_WEIGHT},
                       final_plan=lambda model: model.derived_plan())
 
 

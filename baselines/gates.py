@@ -1,16 +1,11 @@
-"""Gate machinery shared by LTB and BMTAS: parent choices, task chains, the plan they describe, the Gumbel
-temperature schedule, and the exact expected number of nodes in use.
+"""Plain-value machinery shared by LTB and BMTAS: choices, task chains, the plan they describe, the two
+references' warm-up and temperature schedules, and BMTAS's exact expected number of nodes.
 
-Gates are numbered by the *child* level they feed. With ``T`` tasks and ``L`` merge locations there are ``L``
-gate levels, each a ``(T, T)`` matrix of logits whose row ``j`` scores the candidate parents of the child in
-task slot ``j``:
-
-* level ``i`` for ``i = 1 .. L-1``: the node in slot ``j`` at location ``i`` picks a node (slot ``k``) at
-  location ``i-1`` as its input;
-* level ``L`` (the heads): task ``j``'s head picks the node (slot ``k``) at location ``L-1`` it reads.
-
-Location 0 has no gate: every node there reads the image. A list ``parents`` holds, at index ``i-1``, the
-``T`` parent slots chosen at level ``i``. Everything here is plain values or small tensors; no network.
+A *chain* lists, for one task, the slot of the supernet node it passes through at each location ``0 .. L-1``
+(every location holds ``T`` candidate nodes, one per task slot). Two tasks share location ``l`` iff their
+chains agree on locations ``0 .. l``: in LTB a node has one parent, so agreeing at ``l`` implies agreeing
+before; in BMTAS each task picks an operation per location, and two tasks that pick the same operation after
+parting each get a copy of it (brdav/bmtas ``BranchMobileNetV2._get_branch_mappings``).
 """
 from __future__ import annotations
 
@@ -23,27 +18,26 @@ from torch import Tensor
 
 from mtsl_plugin.plan import BranchingPlan
 
-# the exact expectation walks distributions over subsets of slots: 2^T states; beyond this it is too slow
-MAX_EXACT_TASKS = 8
+# BMTAS's exact expectation sums over the 2^T subsets of tasks; beyond this it is slow and cancels badly
+MAX_EXACT_TASKS = 12
 
 
 def sample_parents(logits: Tensor, temperature: float) -> tuple[Tensor, list[int]]:
-    """One straight-through Gumbel-softmax sample of each row of ``logits`` ``(T, T)`` at ``temperature``.
+    """One straight-through Gumbel-softmax sample of each row of ``logits`` ``(T, T)``, as LibMTL's LTB draws
+    it (``F.gumbel_softmax(logits, tau=temperature, hard=True)``).
 
-    Row ``j`` picks parent ``k`` with probability ``softmax(logits[j] / temperature)[k]`` (Gumbel-max on the
-    sharpened logits), so annealing the temperature concentrates the sampled architectures on the most likely
-    one. Returns the ``(T, T)`` selection matrix (one-hot rows in the forward pass; in the backward pass the
-    gradients of the relaxation ``softmax(logits / temperature + g)``, ``g`` the same Gumbel noise) and the
-    chosen parent slot of every row. The noise comes from torch's global generator (seeded by the run, saved in
-    checkpoints).
+    Row ``j`` picks parent ``k`` with probability ``softmax(logits[j])[k]`` at *every* temperature (the argmax
+    of ``logits + g`` does not depend on the temperature); the temperature only shapes the gradient of the
+    relaxation ``softmax((logits + g) / temperature)``. Returns the ``(T, T)`` selection matrix (one-hot rows
+    forward) and the chosen parent slot of every row. The noise comes from torch's global generator.
     """
-    selection = F.gumbel_softmax(logits / temperature, tau=1.0, hard=True, dim=-1)
+    selection = F.gumbel_softmax(logits, tau=temperature, hard=True, dim=-1)
     return selection, selection.detach().argmax(dim=-1).tolist()
 
 
 def argmax_parents(logits: Tensor) -> list[int]:
-    """The most likely parent slot of each row of ``logits`` ``(T, T)``; a tie goes to the child's own slot
-    (the warm-up structure), otherwise to the lowest slot."""
+    """The most likely choice of each row of ``logits`` ``(T, T)``; a tie goes to the row's own slot (the
+    single-task networks), otherwise to the lowest slot."""
     logits = logits.detach()
     own = torch.arange(logits.shape[0], device=logits.device)
     best = logits.argmax(dim=-1)
@@ -52,17 +46,20 @@ def argmax_parents(logits: Tensor) -> list[int]:
 
 
 def identity_parents(num_tasks: int, num_levels: int) -> list[list[int]]:
-    """Every child reads the node of its own slot (the single-task networks of the warm-up)."""
+    """Every child reads the node of its own slot (the single-task networks)."""
     return [list(range(num_tasks)) for _ in range(num_levels)]
 
 
 def task_chains(parents: Sequence[Sequence[int]]) -> list[list[int]]:
-    """For every task, the slot of the node it passes through at each location ``0 .. L-1``, found by
-    following the chosen parents from its head back to the input."""
+    """LTB: each task's chain, found by following the chosen parents from its head back to the input.
+
+    ``parents[i - 1]`` holds the parent slot chosen by every child at gate level ``i``: levels ``1 .. L-1``
+    are the nodes of locations ``1 .. L-1``, level ``L`` the heads (which node of location ``L-1`` task ``j``
+    reads)."""
     num_locations = len(parents)
     chains = []
     for task in range(len(parents[-1])):
-        slot = parents[-1][task]  # the node at L-1 the head reads
+        slot = parents[-1][task]
         chain = [slot]
         for location in range(num_locations - 1, 0, -1):
             slot = parents[location - 1][slot]
@@ -71,77 +68,81 @@ def task_chains(parents: Sequence[Sequence[int]]) -> list[list[int]]:
     return chains
 
 
-def plan_from_parents(tasks: Sequence[str], parents: Sequence[Sequence[int]]
-                      ) -> tuple[BranchingPlan, dict[tuple[int, tuple[str, ...]], int]]:
-    """The branching plan the parent choices describe, and the slot of the node behind each of its groups.
+def plan_from_chains(tasks: Sequence[str], chains: Sequence[Sequence[int]]
+                     ) -> tuple[BranchingPlan, dict[tuple[int, tuple[str, ...]], int]]:
+    """The branching plan the chains describe, and the slot of the supernet node behind each of its groups.
 
-    Two tasks share location ``l`` iff their chains pass through the same node there; chains that meet stay
-    together towards the input (one parent per node), so the plan is always a valid refinement. Nodes on no
-    task's chain are dropped.
-    """
-    chains = task_chains(parents)
+    Tasks share location ``l`` iff their chains agree on ``0 .. l``, so the plan is always a valid refinement;
+    nodes on no task's chain are dropped. Two groups may stand on the same slot (BMTAS's copies)."""
     partitions, slots = [], {}
-    for location in range(len(parents)):
-        groups: dict[int, list[str]] = {}
+    for location in range(len(chains[0])):
+        groups: dict[tuple[int, ...], list[str]] = {}
         for task, chain in zip(tasks, chains):
-            groups.setdefault(chain[location], []).append(task)
+            groups.setdefault(tuple(chain[:location + 1]), []).append(task)
         partitions.append(list(groups.values()))
-        for slot, group in groups.items():
-            slots[(location, tuple(group))] = slot
+        for prefix, group in groups.items():
+            slots[(location, tuple(group))] = prefix[-1]
     # groups list their tasks in ``tasks`` order, the plan's canonical order, so they key ``slots`` as they are
     return BranchingPlan(tasks, partitions), slots
 
 
-def warmup_epochs(total_epochs: int, fraction: float = 0.2) -> int:
-    """Epochs in which the gates are not trained: ``round(fraction * total_epochs)``."""
-    return int(round(fraction * total_epochs))
+# ---------------------------------------------------------------------------------------------- schedules
+def ltb_warmup(epoch: int, total_epochs: int) -> bool:
+    """LibMTL's LTB warm-up: ``epoch < total_epochs / 100`` (0-based epochs; the first epoch of any run)."""
+    return epoch < total_epochs / 100
 
 
-def temperature(epoch: int, total_epochs: int, warmup: int, start: float = 1.0, end: float = 0.1) -> float | None:
-    """The Gumbel-softmax temperature of ``epoch`` (0-based): ``None`` during the ``warmup`` epochs (gates
-    fixed), then exponential decay from ``start`` in the first search epoch to ``end`` in the last one."""
+def ltb_temperature(epoch: int, total_epochs: int) -> float:
+    """LibMTL's LTB temperature: ``(total_epochs / 20) / sqrt(epoch + 1)`` (0-based epochs)."""
+    return total_epochs / 20 / math.sqrt(epoch + 1)
+
+
+def bmtas_warmup_epochs(total_epochs: int) -> int:
+    """brdav/bmtas's warm-up: ``total_epochs // 20`` epochs with fixed single-task paths."""
+    return total_epochs // 20
+
+
+def bmtas_temperature(epoch: int, total_epochs: int, warmup: int, start: float = 5.0, end: float = 0.1
+                      ) -> float | None:
+    """brdav/bmtas's temperature of 0-based ``epoch``: ``None`` in the warm-up, then linear from ``start`` in
+    the first search epoch to ``end`` in the last (``tools.train_search``)."""
     if epoch < warmup:
         return None
     span = max(total_epochs - warmup - 1, 1)
-    progress = min(max((epoch - warmup) / span, 0.0), 1.0)
-    return start * math.exp(progress * math.log(end / start))
+    return min(start - (epoch - warmup) / span * (start - end), start)
 
 
-def expected_node_counts(probabilities: Sequence[Tensor]) -> Tensor:
-    """The expected number of distinct nodes in use at each location, exactly, shape ``(L,)``.
+# ---------------------------------------------------------------------------------------------- BMTAS's cost
+def expected_group_counts(probabilities: Sequence[Tensor]) -> Tensor:
+    """BMTAS: the expected number of nodes of the derived network at each location, exactly, shape ``(L,)``.
 
-    ``probabilities[i-1]`` is the ``(T, T)`` row-stochastic matrix of gate level ``i`` (``[j, k]``: the
-    probability that child ``j`` picks parent ``k``; level ``L`` are the heads). All gates are independent.
-    A node is in use iff it feeds a head or a node in use one location deeper. Because the set of nodes in use
-    at location ``l`` depends only on the gates deeper than ``l``, the sets form a Markov chain from the heads
-    (all ``T`` in use) to the input; it is propagated as a distribution over the ``2^T`` subsets of slots:
-    given the set ``S`` in use at ``l+1``, the set at ``l`` is the union of the independent choices of the
-    children in ``S``. (The per-node product ``1 - prod_c (1 - u_c p_cj)`` would treat the children's use as
-    independent, which it is not.) Differentiable in the probabilities.
+    ``probabilities[l]`` is the ``(T, T)`` row-stochastic matrix of location ``l`` (``[t, k]``: the
+    probability that task ``t`` uses operation ``k`` there), all rows independent. Tasks share location ``l``
+    iff they picked the same operation at every location up to ``l``, so with ``agree_l(A) = prod_{m <= l}
+    sum_k prod_{t in A} p_m[t, k]`` the probability that all tasks of ``A`` are still together at ``l``, the
+    number of groups has the inclusion-exclusion expectation ``E[#groups_l] = sum_{A != {}} (-1)^(|A|+1)
+    agree_l(A)`` (each group ``G`` is counted once: ``sum_{{} != A <= G} (-1)^(|A|+1) = 1``). Differentiable.
+
+    brdav's ``BranchingLoss`` instead gives a partition at ``l`` the probability that the operations at ``l``
+    form exactly that partition times the probability that the partition at ``l-1`` is coarser, and gives the
+    rest to the fully split partition; it misses the outcomes in which a coarser choice at ``l`` meets a finer
+    partition at ``l-1``, so it overstates the expected cost (5 tasks, uniform choices: 4.88 instead of 4.62
+    nodes at the second location, 4.99 instead of 4.92 at the third). We keep the exact value.
     """
-    num_tasks = probabilities[-1].shape[0]
+    num_tasks = probabilities[0].shape[0]
     if num_tasks > MAX_EXACT_TASKS:
-        raise ValueError(f"the exact expected cost enumerates 2^T subsets of nodes; {num_tasks} tasks is more "
-                         f"than the {MAX_EXACT_TASKS} it supports")
-    device, dtype = probabilities[-1].device, probabilities[-1].dtype
-    states = 1 << num_tasks
-    subsets = torch.arange(states, device=device)
-    slot_bits = 1 << torch.arange(num_tasks, device=device)
-    member = (subsets[:, None] & slot_bits) != 0  # (2^T, T): slot k in subset s
-    size = member.sum(dim=1).to(dtype)
-    # adds[k, a, b] = 1 iff b = a with slot k added: a child picking parent k moves a picked set a to b
-    adds = torch.zeros(num_tasks, states, states, device=device, dtype=dtype)
-    adds[torch.arange(num_tasks, device=device)[:, None], subsets[None, :], subsets[None, :] | slot_bits[:, None]] = 1
-    in_use = torch.zeros(states, device=device, dtype=dtype)
-    in_use[states - 1] = 1.0  # every head is in use
+        raise ValueError(f"the exact expected cost sums over 2^T subsets of tasks; {num_tasks} tasks is more than "
+                         f"the {MAX_EXACT_TASKS} it supports")
+    device = probabilities[0].device
+    dtype = torch.float64  # the alternating sum cancels: keep it exact in double precision
+    subsets = torch.arange(1, 1 << num_tasks, device=device)
+    member = ((subsets[:, None] >> torch.arange(num_tasks, device=device)) & 1).bool()  # (2^T - 1, T)
+    sign = torch.where(member.sum(dim=1) % 2 == 1, 1.0, -1.0).to(dtype)
+    agree = torch.ones(len(subsets), device=device, dtype=dtype)
     counts = []
-    for probs in reversed(probabilities):
-        steps = torch.einsum("ck,kab->cab", probs, adds)  # child c's choice as a transition between picked sets
-        # joint[s, a]: probability that s is in use one location deeper and its children handled so far
-        # picked the set a of parents
-        joint = in_use[:, None] * (subsets == 0).to(dtype)  # nothing picked yet: column 0
-        for child in range(num_tasks):
-            joint = torch.where(member[:, child, None], joint @ steps[child], joint)
-        in_use = joint.sum(dim=0)
-        counts.append((in_use * size).sum())
-    return torch.stack(counts[::-1])
+    for probs in probabilities:
+        # prod over the tasks of A of p[t, k], for every subset A and operation k: (2^T - 1, T)
+        per_op = torch.where(member[:, :, None], probs.to(dtype)[None], torch.ones((), dtype=dtype, device=device))
+        agree = agree * per_op.prod(dim=1).sum(dim=1)
+        counts.append((sign * agree).sum())
+    return torch.stack(counts).to(probabilities[0].dtype)

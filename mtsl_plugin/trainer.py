@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from mtsl_plugin.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
@@ -104,17 +104,25 @@ class MTLTrainer(LibMTL.Trainer):
     def _prepare_optimizer(self, optim_param, scheduler_param):
         """LibMTL's optimizer and scheduler, plus a ``multistep`` scheduler, and parameter groups at other learning
         rates for architectures that name them: ``model.lr_multipliers()`` lists (parameters, multiple of the
-        run's learning rate), e.g. cross-stitch units at 100x."""
+        run's learning rate), e.g. cross-stitch units at 100x. An architecture searched by bilevel optimisation
+        (BMTAS) names its ``architecture_parameters()``: they get an optimizer of their own,
+        ``self.arch_optimizer`` (Adam with ``model.arch_optimizer``'s arguments), and :meth:`fit` runs the
+        architecture steps."""
         multistep = scheduler_param is not None and scheduler_param.get("scheduler") == "multistep"
         scheduler_args = {k: v for k, v in (scheduler_param or {}).items() if k != "scheduler"}
         super()._prepare_optimizer(optim_param, None if multistep else scheduler_param)
         groups = self.model.lr_multipliers() if hasattr(self.model, "lr_multipliers") else []
-        if groups:  # LibMTL puts every parameter in one group: move these into groups of their own
-            special = {id(p) for params, _ in groups for p in params}
-            base = self.optimizer.param_groups[0]
-            base["params"] = [p for p in base["params"] if id(p) not in special]
-            for params, factor in groups:
-                self.optimizer.add_param_group({"params": list(params), "lr": base["lr"] * factor})
+        architecture = (list(self.model.architecture_parameters())
+                        if hasattr(self.model, "architecture_parameters") else [])
+        # LibMTL puts every parameter in one group: move these into groups of their own, or out of it
+        special = {id(p) for params, _ in groups for p in params} | {id(p) for p in architecture}
+        base = self.optimizer.param_groups[0]
+        base["params"] = [p for p in base["params"] if id(p) not in special]
+        for params, factor in groups:
+            self.optimizer.add_param_group({"params": list(params), "lr": base["lr"] * factor})
+        self.arch_optimizer = (torch.optim.Adam(architecture, **self.model.arch_optimizer) if architecture
+                               else None)
+        if groups:
             if self.scheduler is not None:  # LibMTL's scheduler, built again (the same way) over every group
                 self.scheduler = type(self.scheduler)(self.optimizer, **scheduler_args)
         if multistep:
@@ -158,12 +166,9 @@ class MTLTrainer(LibMTL.Trainer):
         if self.learner is not None:
             features = {t: f.float() for t, f in self.model.task_node_features.items()}
             align = self.learner.alignment_loss(self.network.plan, features)
-        # an architecture may add a loss of its own (e.g. BMTAS's resource loss) through ``auxiliary_loss()``
-        auxiliary = self.model.auxiliary_loss() if hasattr(self.model, "auxiliary_loss") else None
-        extra = [term for term in (align, auxiliary) if term is not None]
         self.optimizer.zero_grad(set_to_none=True)
-        if extra:
-            torch.stack(extra).sum().backward(retain_graph=True)  # before the weighting, which may free the graph
+        if align is not None:
+            align.backward(retain_graph=True)  # before the weighting, which may free the graph
         self.model.backward(losses, **self.kwargs["weight_args"])
         self.optimizer.step()
         return losses.detach(), 0.0 if align is None else float(align.detach())
@@ -198,12 +203,15 @@ class MTLTrainer(LibMTL.Trainer):
         holdout = (lambda: data.batches(data.holdout)) if data.holdout is not None else None
         bar = tqdm(total=total_epochs, initial=self.epochs_done, desc="epochs", disable=disable)
         self.model.total_epochs = total_epochs
+        train, architecture = self.search_split(data)
         last_save = time.perf_counter()
         while self.epochs_done < total_epochs:
             self.model.epoch = self.epochs_done  # LibMTL's convention: architectures may read the epoch
             start = time.perf_counter()
+            if architecture is not None and self.model.train().searching:
+                self.architecture_epoch(data.batches(architecture, key=(2, self.epochs_done)), progress)
             sums, align_sum, steps = torch.zeros(self.task_num), 0.0, 0
-            loader = data.batches(data.train, key=(0, self.epochs_done))
+            loader = data.batches(train, key=(0, self.epochs_done))
             for images, gts in tqdm(loader, desc=f"epoch {self.epochs_done + 1}", leave=False, disable=disable):
                 images = images.to(self.device, non_blocking=True)
                 gts = {t: gts[t].to(self.device, non_blocking=True) for t in self.task_name}
@@ -218,7 +226,8 @@ class MTLTrainer(LibMTL.Trainer):
             self.epochs_done += 1
             self.history.append({"epoch": self.epochs_done, "seconds": time.perf_counter() - start,
                                  "align": align_sum / max(steps, 1),
-                                 **{t: float(v) / max(steps, 1) for t, v in zip(self.task_name, sums)}})
+                                 **{t: float(v) / max(steps, 1) for t, v in zip(self.task_name, sums)},
+                                 **(self.model.search_record() if hasattr(self.model, "search_record") else {})})
             changed = False
             while self.learner is not None and self.learner.phase_due(self.epochs_done):
                 if holdout is None:
@@ -239,6 +248,46 @@ class MTLTrainer(LibMTL.Trainer):
             bar.update(1)
         bar.close()
         return self.history
+
+    def search_split(self, data: RunData) -> tuple[Dataset, Dataset | None]:
+        """The training data of the weights steps and, for a bilevel search, of the architecture steps: a
+        fixed random ``model.arch_fraction`` of ``data.train`` (drawn from the run's seed) goes to the
+        architecture, the rest to the weights."""
+        if self.arch_optimizer is None:
+            return data.train, None
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(data.seed)).tolist()
+        cut = int(round(len(order) * (1 - self.model.arch_fraction)))
+        if cut == 0 or cut == len(order):
+            raise ValueError(f"{len(order)} training samples cannot be split {1 - self.model.arch_fraction:.0%}"
+                             f"/{self.model.arch_fraction:.0%} between weights and architecture")
+        return Subset(data.train, sorted(order[:cut])), Subset(data.train, sorted(order[cut:]))
+
+    def architecture_epoch(self, loader: Iterable, progress: bool = True) -> None:
+        """One pass of architecture steps (bilevel search): per batch, the sum of the task losses (brdav sums
+        its fixed-weighted task losses) plus ``model.architecture_loss()``, a step of
+        ``arch_optimizer`` only; batch-norm layers normalise with the batch but keep their running statistics.
+        The architecture optimizer's state starts afresh every epoch and the weights optimizer's state is
+        cleared afterwards (the architecture changed), as brdav/bmtas does."""
+        self.arch_optimizer.state.clear()
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.track_running_stats = False  # training mode normalises with the batch and leaves running stats
+        try:
+            for images, gts in tqdm(loader, desc="architecture", leave=False, disable=None if progress else True):
+                images = images.to(self.device, non_blocking=True)
+                gts = {t: gts[t].to(self.device, non_blocking=True) for t in self.task_name}
+                with self.autocast():
+                    preds = self.model(images)
+                loss = self.task_losses(preds, gts).sum() + self.model.architecture_loss()
+                self.arch_optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.arch_optimizer.step()
+        finally:
+            for m in norms:
+                m.track_running_stats = True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
 
     def _check_finite(self, losses: torch.Tensor, align: float, step: int, checkpoint: str | Path | None) -> None:
         """Stop the run when a loss is NaN or infinite: the weights are already spoilt by this step, so nothing

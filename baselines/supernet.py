@@ -1,0 +1,164 @@
+"""The supernet LTB and BMTAS search in, as a LibMTL architecture: ``T`` candidate nodes per merge location.
+
+Every location ``l`` holds one node per task slot (``stages.build(l)``, so all start identical, like the
+single-task networks). A subclass decides how tasks pick nodes while searching (:meth:`search_forward`) and
+which node each task keeps (:meth:`derived_chains`: for every task its *chain*, the slot it uses at every
+location; see :mod:`baselines.gates`). In evaluation every task runs on its derived chain, one node per group
+of the derived plan, which is exactly the derived branched network (tested).
+
+Skips: a decoder node at ``l`` of a chain concatenates the output of the same chain at ``spec.skip_from``, as
+the derived branched network does (a group reads the skip of the group holding its tasks there).
+
+The trainer sets ``model.epoch`` (0-based) and ``model.total_epochs`` before every epoch (LibMTL's convention).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from baselines import gates
+from mtsl_plugin.architecture import check_architecture_args
+from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.network.cost import count_gmac
+from mtsl_plugin.plan import BranchingPlan, Group
+
+AbsArchitecture = import_libmtl().architecture.AbsArchitecture
+
+
+class GatedSupernet(AbsArchitecture):
+    """Candidate nodes, heads and gate logits; the search itself is the subclass's.
+
+    LibMTL's arguments: ``task_name``, ``encoder_class`` (zero-argument callable returning the
+    :class:`~mtsl_plugin.network.stages.ResNetStages`), ``decoders`` (task -> head, ``head(features, size)``),
+    ``rep_grad`` and ``multi_input`` (both False), ``device``, and ``arch_args`` from :attr:`known_args`.
+    ``forward(x (N, 3, H, W))`` returns task -> prediction ``(N, C_t, H, W)``.
+    """
+
+    label = "supernet"  # for messages (LibMTL subclasses the architecture, so the class name is not ours)
+    known_args: frozenset[str] = frozenset({"plan"})
+
+    def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
+        decoders = dict(decoders)  # a plain dict: the heads are registered once, as ``self.heads``
+        super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
+        unknown = sorted(set(kwargs) - self.known_args)
+        if unknown:
+            raise ValueError(f"{self.label} got unknown arch_args {unknown}; known: {sorted(self.known_args)}")
+        check_architecture_args(self.label, task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
+        stages = encoder_class()
+        self.specs = stages.specs
+        self.head_locations = stages.head_locations
+        self.tasks: tuple[str, ...] = tuple(task_name)
+        self.num_locations = stages.num_locations
+        self.nodes = nn.ModuleDict({f"{l}-{t}": stages.build(l) for l in range(self.num_locations)
+                                    for t in self.tasks})
+        self.heads = nn.ModuleDict({t: decoders[t] for t in self.tasks})
+        self.gates = nn.ParameterDict()  # the subclass's logits, one ``(T, T)`` matrix per key
+        self.epoch, self.total_epochs = 0, 1
+        self.input_size: tuple[int, int] | None = None
+        self._chains: list[list[int]] | None = []  # the last forward's chains; None: every node reached every task
+
+    def node(self, location: int, slot: int) -> nn.Module:
+        return self.nodes[f"{location}-{self.tasks[slot]}"]
+
+    # ------------------------------------------------------------------ subclass interface
+    @property
+    def searching(self) -> bool:
+        """Training with the gates in play (after the warm-up)."""
+        raise NotImplementedError
+
+    def search_forward(self, x: Tensor) -> dict[str, list[Tensor]]:
+        """Training forward: every task's head inputs (the outputs at the stages' head locations)."""
+        raise NotImplementedError
+
+    def derived_chains(self) -> list[list[int]]:
+        """The chain every task keeps (the most likely choices)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs: Tensor, task_name: str | None = None) -> dict[str, Tensor]:
+        size = (inputs.shape[-2], inputs.shape[-1])
+        self.input_size = size
+        features = self.search_forward(inputs) if self.training else self.run_chains(inputs, self.derived_chains())
+        return {t: self.heads[t](features[t], size) for t in self.tasks if task_name in (None, t)}
+
+    def run_chains(self, x: Tensor, chains: Sequence[Sequence[int]]) -> dict[str, list[Tensor]]:
+        """Every task's head inputs when it runs on its chain; tasks whose chains agree up to a location share
+        the computation there (one node call per group of the plan the chains describe)."""
+        self._chains = [list(c) for c in chains]
+        outputs: dict[tuple[int, ...], Tensor] = {}  # chain prefix -> output of its last node
+        for chain in chains:
+            for location, spec in enumerate(self.specs):
+                prefix = tuple(chain[:location + 1])
+                if prefix in outputs:
+                    continue
+                inputs = x if location == 0 else outputs[prefix[:-1]]
+                node = self.node(location, chain[location])
+                outputs[prefix] = (node(inputs) if spec.skip_from is None
+                                   else node(inputs, outputs[prefix[:spec.skip_from + 1]]))
+        return {t: [outputs[tuple(chain[:l + 1])] for l in self.head_locations] for t, chain in zip(self.tasks, chains)}
+
+    # ------------------------------------------------------------------ LibMTL's shared parameters
+    def shared_nodes(self) -> list[nn.Module]:
+        """Nodes that more than one task's loss reached in the last forward (LibMTL's "shared parameters")."""
+        if self._chains is None:
+            return list(self.nodes.values())
+        slots = {(l, chain[l]) for chain in self._chains for l in range(self.num_locations)}
+        return [self.node(l, j) for l, j in sorted(slots) if sum(chain[l] == j for chain in self._chains) > 1]
+
+    def get_share_params(self):
+        return iter([p for node in self.shared_nodes() for p in node.parameters()])
+
+    def zero_grad_share_params(self) -> None:
+        # zeroed in place, not set to None: LibMTL's gradient-surgery methods write into ``param.grad.data``
+        for p in self.get_share_params():
+            if p.grad is not None:
+                p.grad.zero_()
+
+    # ------------------------------------------------------------------ the searched plan
+    def derived_nodes(self) -> dict[tuple[int, Group], int]:
+        """(location, group) of the derived plan -> slot of the supernet node behind it."""
+        return gates.plan_from_chains(self.tasks, self.derived_chains())[1]
+
+    def derived_plan(self) -> BranchingPlan:
+        """The plan of the most likely choices."""
+        return gates.plan_from_chains(self.tasks, self.derived_chains())[0]
+
+    def gate_entropy(self) -> float:
+        """Mean entropy (nats) of the gate rows' distributions ``softmax(logits)``: ``log T`` when uniform."""
+        rows = torch.cat([g.detach().float().reshape(-1, g.shape[-1]) for g in self.gates.values()])
+        return float(-(rows.softmax(-1) * rows.log_softmax(-1)).sum(-1).mean())
+
+    def search_record(self) -> dict[str, float]:
+        """What the trainer logs after every epoch: gate entropy and the derived network's trunk GMac per image
+        (at the last input size)."""
+        record = {"gate_entropy": self.gate_entropy(), "max_entropy": math.log(len(self.tasks))}
+        if self.input_size is not None:
+            costs = self.stage_gmac(*self.input_size)
+            record["derived_gmac"] = sum(len(p) * c for p, c in zip(self.derived_plan().partitions, costs))
+        return record
+
+    # ------------------------------------------------------------------ cost
+    def stage_gmac(self, height: int, width: int) -> list[float]:
+        """GMac of one node per location on one ``height`` x ``width`` image (all slots cost the same);
+        counted once per size."""
+        cache = self.__dict__.setdefault("_stage_gmac_cache", {})
+        if (height, width) in cache:
+            return cache[(height, width)]
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        costs, outputs = [], []
+        with torch.no_grad():
+            x = torch.zeros(1, 3, height, width, device=device)
+            for location, spec in enumerate(self.specs):
+                node = self.node(location, 0)
+                args = (x if location == 0 else outputs[-1],)
+                if spec.skip_from is not None:
+                    args += (outputs[spec.skip_from],)
+                costs.append(count_gmac(lambda: outputs.append(node(*args))))
+        self.train(was_training)
+        cache[(height, width)] = costs
+        return costs
