@@ -1,29 +1,29 @@
 """Multi-Task Attention Network, MTAN (Liu, Johns & Davison, CVPR 2019), on the timm stages, as a LibMTL
-architecture.
+architecture, after ``SimonVandenhende/Multi-Task-Learning-PyTorch`` (``models/mtan.py``).
 
 One shared network (one node per location, ``stages.build``) and, for every task, a soft-attention module at
-every location ℓ. With ``s_ℓ`` the shared output at ℓ and ``a_ℓ`` the task's attended features::
+every location ℓ. With ``b_ℓ`` the shared features *before the last block* of location ℓ, ``s_ℓ`` the shared
+output of ℓ, and ``a_ℓ`` the task's attended features::
 
-    m_0 = att_0(s_0)                                   a_0 = m_0 ⊙ s_0
-    m_ℓ = att_ℓ([s_ℓ, carry_ℓ(a_{ℓ-1})])               a_ℓ = m_ℓ ⊙ s_ℓ        (ℓ ≥ 1)
+    m_0 = att_0(b_0)                                   a_0 = m_0 ⊙ s_0
+    m_ℓ = att_ℓ([b_ℓ, carry_ℓ(a_{ℓ-1})])               a_ℓ = m_ℓ ⊙ s_ℓ        (ℓ ≥ 1)
 
-* ``att_ℓ`` (one per task): LibMTL's attention layer, conv1x1-BN-ReLU-conv1x1-BN-sigmoid, from ``C_ℓ`` (ℓ = 0)
-  or ``2 C_ℓ`` channels through ``C_ℓ / attention_reduction`` to ``C_ℓ``, so the mask lies in (0, 1);
-* ``carry_ℓ`` brings the task's previous attended features to ℓ's resolution and channels with ``proj_ℓ``
-  (conv1x1-BN-ReLU from ``C_{ℓ-1}`` to ``C_ℓ``), always at the coarser of the two resolutions: where ℓ is
-  coarser, 2x2 max-pooling (LibMTL's choice; adaptive for odd sizes) then ``proj_ℓ``; where ℓ is finer (decoder),
-  ``proj_ℓ`` then bilinear upsampling; where sizes agree, ``proj_ℓ`` alone;
-* ``proj_ℓ`` is one module per location shared by the tasks, like the block LibMTL applies after each attention
-  module (LibMTL uses a residual block there; a 1x1 projection keeps the attention branch light).
+* ``b_ℓ``: the input of the node's last residual block (of a ResNet layer, of the extra block(s), of a decoder
+  block: the upsampled input concatenated with the skip); a location without residual blocks (the stem) uses
+  its output, ``b_0 = s_0``;
+* ``att_ℓ`` (one per task): conv1x1-BN-ReLU-conv1x1-BN-sigmoid (the reference's and LibMTL's attention layer)
+  from ``b_ℓ``'s channels (plus ``C_ℓ`` for ℓ ≥ 1) through ``C_ℓ / attention_reduction`` (default 4, as the
+  reference) to ``C_ℓ``, so the mask lies in (0, 1);
+* ``carry_ℓ``: the shared refinement block ``refine_ℓ`` (one timm Bottleneck from ``C_{ℓ-1}`` to ``C_ℓ`` with a
+  1x1 conv-BN projection, the reference's ``RefinementBlock``) at ℓ−1's resolution, then to ℓ's resolution:
+  2x2 max-pooling where ℓ is twice as coarse (the reference), adaptive max-pooling for other coarser sizes,
+  bilinear upsampling where ℓ is finer (decoder).
 
-Our nodes are opaque stages, so the mask is computed from the node's output and gates that same output (LibMTL,
-like the paper, computes it from the features before a stage's last block and gates the block's output).
-
-The task's head reads its attended output of the last location. Decoder locations (encoder-decoder setting) run
-on the shared features only: the node's input is the shared output of ℓ−1 and its skip the shared encoder
-output of the skip location; attention applies to the shared decoder output as at any other location. The
-attention chain thus runs through all 10 locations (6 in the encoder-only setting, where the heads are DeepLab
-heads).
+The reference attends layer1-4 of an encoder; here every merge location is attended, so the chain runs through
+all 10 locations (6 in the encoder-only setting, where the heads are DeepLab heads). Decoder locations
+(encoder-decoder setting) run on the shared features: the node's input is the shared output of ℓ−1 and its skip
+the shared output of the skip location; attention applies to the shared decoder output as at any other location.
+The task's heads read its attended outputs at the head locations.
 
 Registered as ``mtan``.
 """
@@ -34,12 +34,13 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from mtsl_plugin.architecture import check_architecture_args
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, register_method
-from mtsl_plugin.network.stages import ResNetStages
+from mtsl_plugin.network.stages import BottleneckDecoderStage, DecoderStage, ResNetStages
 
 AbsArchitecture = import_libmtl().architecture.AbsArchitecture
 # LibMTL builds MTAN's attention layers with this method of its ResNet wrapper; it does not use its instance.
@@ -51,23 +52,39 @@ def _attention_layer(in_channels: int, mid_channels: int, out_channels: int) -> 
     return _libmtl_attention_layer(None, in_channels, mid_channels, out_channels)
 
 
-def _projection(in_channels: int, out_channels: int) -> nn.Sequential:
-    """conv1x1-BN-ReLU: ``(N, in, H, W) -> (N, out, H, W)``."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
-                         nn.ReLU(inplace=True))
+def _refinement_block(in_channels: int, out_channels: int) -> nn.Module:
+    """One Bottleneck ``(N, in, H, W) -> (N, out, H, W)`` (planes ``out / 4``) with a 1x1 conv-BN projection."""
+    if out_channels % Bottleneck.expansion:
+        raise ValueError(f"MTAN's refinement Bottleneck needs a width divisible by {Bottleneck.expansion}, "
+                         f"got {out_channels}")
+    projection = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+    return Bottleneck(in_channels, out_channels // Bottleneck.expansion, downsample=projection)
 
 
-def _carry(attended: torch.Tensor, projection: nn.Module, size: torch.Size) -> torch.Tensor:
-    """``carry_ℓ`` of the module docstring: ``attended (N, C_{ℓ-1}, h, w)`` -> ``(N, C_ℓ, *size)``, projected at
-    the coarser of the two resolutions."""
-    h, w = attended.shape[-2:]
+def last_block(node: nn.Module) -> nn.Module | None:
+    """The module whose input is the node's "features before the last block": a decoder stage's block, a
+    residual block itself, or (recursively) the last residual block of a sequence; ``None`` if there is none."""
+    if isinstance(node, DecoderStage):
+        return node.block
+    if isinstance(node, BottleneckDecoderStage):
+        return node.body
+    if isinstance(node, (BasicBlock, Bottleneck)):
+        return node
+    if isinstance(node, nn.Sequential) and len(node):
+        return last_block(node[-1])
+    return None
+
+
+def _carry(attended: torch.Tensor, refine: nn.Module, size: torch.Size) -> torch.Tensor:
+    """``carry_ℓ`` of the module docstring: ``attended (N, C_{ℓ-1}, h, w)`` -> ``(N, C_ℓ, *size)``."""
+    refined = refine(attended)
+    h, w = refined.shape[-2:]
     if (h, w) == tuple(size):
-        return projection(attended)
+        return refined
     if h >= size[0] and w >= size[1]:
-        pooled = (F.max_pool2d(attended, 2) if (h, w) == (2 * size[0], 2 * size[1])
-                  else F.adaptive_max_pool2d(attended, size))
-        return projection(pooled)
-    return F.interpolate(projection(attended), size=size, mode="bilinear", align_corners=False)
+        return (F.max_pool2d(refined, 2) if (h, w) == (2 * size[0], 2 * size[1])
+                else F.adaptive_max_pool2d(refined, size))
+    return F.interpolate(refined, size=size, mode="bilinear", align_corners=False)
 
 
 class AttentionNetwork(nn.Module):
@@ -77,7 +94,7 @@ class AttentionNetwork(nn.Module):
     outputs of the stages' head locations (what its head reads, ``[(N, C_l, h_l, w_l)]``); ``masks[t][ℓ]`` its
     mask at location ℓ, shaped like the shared output there, in (0, 1). ``tasks`` restricts the attention branches
     computed (default: all).
-    Attributes: ``nodes[ℓ]`` (shared), ``attention[ℓ][task]``, ``projections[ℓ - 1]`` (shared, ℓ ≥ 1).
+    Attributes: ``nodes[ℓ]`` (shared), ``attention[ℓ][task]``, ``refinements[ℓ - 1]`` (shared, ℓ ≥ 1).
     """
 
     def __init__(self, stages: ResNetStages, tasks: Sequence[str], attention_reduction: int = 4):
@@ -88,37 +105,65 @@ class AttentionNetwork(nn.Module):
         self.specs = stages.specs
         self.head_locations = stages.head_locations
         self.nodes = nn.ModuleList(stages.build(location) for location in range(stages.num_locations))
+        self._before: dict[int, torch.Tensor] = {}
+        before_channels = self._find_last_blocks()
         self.attention = nn.ModuleList()
         for location, spec in enumerate(self.specs):
             c = spec.out_channels
-            c_in = c if location == 0 else 2 * c
+            c_in = before_channels[location] + (0 if location == 0 else c)
             mid = max(c // attention_reduction, 1)
             self.attention.append(nn.ModuleDict({t: _attention_layer(c_in, mid, c) for t in self.tasks}))
-        self.projections = nn.ModuleList(_projection(self.specs[l - 1].out_channels, self.specs[l].out_channels)
+        self.refinements = nn.ModuleList(_refinement_block(self.specs[l - 1].out_channels, self.specs[l].out_channels)
                                          for l in range(1, len(self.specs)))
 
+    def _find_last_blocks(self) -> list[int]:
+        """Hook each node's last block to keep its input (``b_ℓ``) in ``self._before``; returns the channels
+        of every ``b_ℓ``, measured on a tiny forward (a node without blocks: its output's)."""
+        channels = []
+        for location, node in enumerate(self.nodes):
+            block = last_block(node)
+            if block is not None:
+                block.register_forward_pre_hook(lambda _, inputs, l=location: self._before.__setitem__(l, inputs[0]))
+            channels.append(None if block is not None else self.specs[location].out_channels)
+        if any(c is None for c in channels):
+            was_training = self.training
+            self.eval()
+            with torch.no_grad():
+                self._shared(torch.zeros(1, 3, 64, 64))
+            self.train(was_training)
+            channels = [self._before[l].shape[1] if c is None else c for l, c in enumerate(channels)]
+        self._before.clear()
+        return channels
+
+    def _shared(self, x: torch.Tensor) -> list[torch.Tensor]:
+        shared: list[torch.Tensor] = []
+        for location, spec in enumerate(self.specs):
+            inputs = x if location == 0 else shared[-1]
+            node = self.nodes[location]
+            shared.append(node(inputs) if spec.skip_from is None else node(inputs, shared[spec.skip_from]))
+        return shared
+
     def shared_modules(self) -> list[nn.Module]:
-        """The modules every task uses: the nodes and the projections."""
-        return [self.nodes, self.projections]
+        """The modules every task uses: the nodes and the refinement blocks."""
+        return [self.nodes, self.refinements]
 
     def forward(self, x: torch.Tensor, tasks: Sequence[str] | None = None
                 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
         tasks = self.tasks if tasks is None else tuple(tasks)
-        shared: list[torch.Tensor] = []
+        self._before.clear()
+        shared = self._shared(x)
+        before = [self._before.get(location, s) for location, s in enumerate(shared)]
+        self._before.clear()
         attended: dict[str, torch.Tensor] = {}
         masks: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
         head_inputs: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
-        for location, spec in enumerate(self.specs):
-            inputs = x if location == 0 else shared[-1]
-            node = self.nodes[location]
-            s = node(inputs) if spec.skip_from is None else node(inputs, shared[spec.skip_from])
-            shared.append(s)
+        for location, s in enumerate(shared):
             for t in tasks:
                 if location == 0:
-                    mask = self.attention[0][t](s)
+                    mask = self.attention[0][t](before[0])
                 else:
-                    previous = _carry(attended[t], self.projections[location - 1], s.shape[-2:])
-                    mask = self.attention[location][t](torch.cat([s, previous], dim=1))
+                    previous = _carry(attended[t], self.refinements[location - 1], before[location].shape[-2:])
+                    mask = self.attention[location][t](torch.cat([before[location], previous], dim=1))
                 masks[t].append(mask)
                 attended[t] = mask * s
                 if location in self.head_locations:
@@ -137,9 +182,9 @@ class MTAN(AbsArchitecture):
     LibMTL interface: ``encoder_class()`` returns the :class:`ResNetStages`; ``decoders`` maps task -> head
     (``head(features, size)``, the attended outputs of the head locations); ``forward(inputs)`` returns task ->
     prediction ``(N, K_t, H, W)`` (``task_name`` computes one task's branch only); the shared parameters are those
-    of the shared nodes and projections.
+    of the shared nodes and refinement blocks.
     ``arch_args``: ``attention_reduction`` (the attention layers' bottleneck is ``C_ℓ / attention_reduction``,
-    default 4; LibMTL uses ``C_ℓ`` on ResNet-18); ``plan`` must be ``None`` (MTAN is not plan-based).
+    default 4 as the reference; LibMTL uses ``C_ℓ`` on ResNet-18); ``plan`` must be ``None`` (MTAN is not plan-based).
     ``rep_grad`` and ``multi_input`` are not supported.
     """
 

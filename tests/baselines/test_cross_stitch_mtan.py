@@ -4,9 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
+from timm.models.resnet import Bottleneck
 
 from baselines.cross_stitch import CrossStitch, CrossStitchUnit  # importing registers "cross_stitch"
-from baselines.mtan import MTAN  # importing registers "mtan"
+from baselines.mtan import MTAN, last_block  # importing registers "mtan"
 from benchmarks import compare, harness
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.experiment import (build_data, build_stages, build_trainer, load_run, run_fingerprint, run_method,
@@ -63,7 +65,7 @@ def parameter_groups(model):
     else:
         groups.update({f"node {l}": n for l, n in enumerate(net.nodes)})
         groups.update({f"attention {l} {t}": a for l, att in enumerate(net.attention) for t, a in att.items()})
-        groups.update({f"projection {l + 1}": p for l, p in enumerate(net.projections)})
+        groups.update({f"refinement {l + 1}": r for l, r in enumerate(net.refinements)})
     return groups
 
 
@@ -266,6 +268,40 @@ def test_mtan_masks_lie_in_the_open_unit_interval_and_gate_the_shared_features(s
     torch.testing.assert_close(only_d["D"], preds["D"])
 
 
+@pytest.mark.parametrize("setting", ["encoder-decoder", "authors"])
+def test_mtan_masks_read_the_features_before_each_stage_last_block(setup, setting):
+    """As the reference: the mask of location ℓ comes from the input of the node's last residual block and the
+    task's previous attended features carried through the shared refinement Bottleneck; it gates the node's
+    output. Checked at a ResNet layer, the extra location and a decoder location."""
+    trainer, _, stages, images, _ = trainer_for(setup, MTAN, setting)
+    net = trainer.model.encoder.eval()
+    before, outputs = {}, {}
+    hooks = []
+    for location in range(stages.num_locations):
+        block = last_block(net.nodes[location])
+        if block is not None:
+            hooks.append(block.register_forward_pre_hook(lambda _, i, l=location: before.__setitem__(l, i[0])))
+        hooks.append(net.nodes[location].register_forward_hook(lambda _, i, o, l=location: outputs.__setitem__(l, o)))
+    with torch.no_grad():
+        _, masks = net(images)
+    for hook in hooks:
+        hook.remove()
+    assert last_block(net.nodes[0]) is None and set(before) == set(range(1, stages.num_locations))
+    assert all(isinstance(r, Bottleneck) and r.downsample is not None for r in net.refinements)
+    for location in (2, 5, 7):
+        if location == 7:  # a decoder block's input: the upsampled input and the skip
+            assert before[7].shape[1] == stages.specs[7].in_channels + stages.specs[7].skip_channels
+        attended = masks["S"][location - 1] * outputs[location - 1]
+        carried = net.refinements[location - 1](attended)
+        size = before[location].shape[-2:]
+        if carried.shape[-2:] != size:
+            carried = (F.max_pool2d(carried, 2) if carried.shape[-1] > size[-1]
+                       else F.interpolate(carried, size=size, mode="bilinear", align_corners=False))
+        with torch.no_grad():
+            expected = net.attention[location]["S"](torch.cat([before[location], carried], dim=1))
+        torch.testing.assert_close(masks["S"][location], expected)
+
+
 @pytest.mark.parametrize("architecture", [CrossStitch, MTAN])
 def test_odd_input_sizes_keep_their_size(setup, architecture):
     trainer, tasks, *_ = trainer_for(setup, architecture)  # 36x44: 18x22, 9x11, 5x6, 3x3 along the encoder
@@ -281,7 +317,7 @@ def test_mtan_is_one_shared_network_plus_attention(setup):
     onenet = build_trainer(config, tasks, BranchingPlan.one_net(config.tasks, 10), stages)
     stn = build_trainer(config, tasks, BranchingPlan.single_task(config.tasks, 10), stages)
     net = mtan.model.encoder
-    attention = sum(p.numel() for m in (net.attention, net.projections) for p in m.parameters())
+    attention = sum(p.numel() for m in (net.attention, net.refinements) for p in m.parameters())
     costs = {name: model_cost(t.model, 32, 32) for name, t in (("mtan", mtan), ("onenet", onenet), ("stn", stn))}
     assert costs["mtan"].params == costs["onenet"].params + attention
     # light attention: MTAN sits far closer to One-Net than to the single-task networks
