@@ -257,17 +257,36 @@ class ResNetStages:
                     raise ValueError(f"timm could not fetch pretrained weights for {backbone!r} ({reason}); "
                                      "pass a local weights file with --weights when offline") from None
                 raise ValueError(f"timm could not build backbone {backbone!r}: {reason}") from None
-            if not all(hasattr(model, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer4")):
-                raise ValueError(f"backbone {backbone!r} is not a ResNet with conv1/bn1/act1/maxpool/layer1-4")
-            channels = [info["num_chs"] for info in model.feature_info]  # stem, layer1..4
-            if network == "authors":
-                templates, specs = self._authors_templates_and_specs(model, channels)
-            else:
-                templates, specs = self._templates_and_specs(model, channels, decoder)
-            if pretrained or weights is not None:  # the weights expect the inputs they were trained on
-                cfg = model.pretrained_cfg
-                templates[0] = NormalizedStem(*templates[0], mean=cfg.get("mean", IMAGENET_MEAN),
-                                              std=cfg.get("std", IMAGENET_STD))
+            self._build(model, backbone, decoder, network, seed, normalise=pretrained or weights is not None)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, *, decoder: bool = True, network: str = "compact", seed: int = 0
+                   ) -> "ResNetStages":
+        """Stages over a timm ResNet the caller built (e.g. LibMTL's ``encoder_class()``), used as it is: its
+        weights, and no input normalisation added (the caller's data feeds it as it expects)."""
+        if network not in NETWORKS:
+            raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+        stages = cls.__new__(cls)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            stages._build(model, type(model).__name__, decoder, network, seed, normalise=False)
+        return stages
+
+    def _build(self, model: nn.Module, backbone: str, decoder: bool, network: str, seed: int, normalise: bool
+               ) -> None:
+        if not all(hasattr(model, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer4", "feature_info")):
+            raise ValueError(f"backbone {backbone!r} is not a timm ResNet with conv1/bn1/act1/maxpool/layer1-4")
+        if network == "authors" and not decoder:
+            raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
+        channels = [info["num_chs"] for info in model.feature_info]  # stem, layer1..4
+        if network == "authors":
+            templates, specs = self._authors_templates_and_specs(model, channels)
+        else:
+            templates, specs = self._templates_and_specs(model, channels, decoder)
+        if normalise:  # the weights expect the inputs they were trained on
+            cfg = model.pretrained_cfg
+            templates[0] = NormalizedStem(*templates[0], mean=cfg.get("mean", IMAGENET_MEAN),
+                                          std=cfg.get("std", IMAGENET_STD))
         self.backbone = backbone
         self.decoder = decoder
         self.network = network
