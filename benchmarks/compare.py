@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.figures import alignment_figure
+from benchmarks.figures import alignment_figure, search_figure
 from benchmarks.harness import (Job, UsageError, add_deltas, add_run_args, check_jobs, check_out, config_from_args,
                                 method_jobs, parse_list, parse_seeds, run_jobs, run_main, source_of, with_sources,
                                 write_results)
@@ -88,6 +88,8 @@ def report(results: list[dict[str, Any]], out: Path) -> str:
     with_align, without_align = first_similarities(out, "mtsl"), first_similarities(out, "mtsl_noalign")
     if with_align and without_align:
         alignment_figure(with_align, without_align, out / "alignment.png")
+    if any(r.get("history") and "gate_entropy" in r["history"][0] for r in results):
+        search_figure(results, out / "search.png")
     return table
 
 

@@ -68,3 +68,37 @@ def sweep_figure(xs: Sequence[float], panels: Mapping[str, Sequence[float | None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+SEARCH_PANELS = {"gate_entropy": "gate entropy (nats)", "derived_gmac": "derived network's trunk GMac",
+                 "expected_gflops": "BMTAS expected trunk GFLOPs (512x512)"}
+
+
+def search_figure(results: Sequence[Mapping], path: str | Path) -> Path:
+    """The searches of LTB and BMTAS per epoch (paper-style search curves): mean gate entropy (with its maximum
+    ``log T`` dashed), the trunk GMac of the network the gates derive at that epoch, and BMTAS's expected trunk
+    GFLOPs (the resource loss without λ). One line per run; ``results`` are run records whose history carries
+    ``gate_entropy`` (others are skipped)."""
+    runs = [r for r in results if r.get("history") and "gate_entropy" in r["history"][0]]
+    if not runs:
+        raise ValueError("the search figure needs at least one LTB or BMTAS run with a search history")
+    panels = [key for key in SEARCH_PANELS if any(key in h for r in runs for h in r["history"])]
+    fig = Figure(figsize=(3.8 * len(panels), 3.0))
+    FigureCanvasAgg(fig)
+    for index, key in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), index + 1)
+        for run in runs:
+            points = [(h["epoch"], h[key]) for h in run["history"] if key in h]
+            if points:
+                ax.plot(*zip(*points), label=f"{run['method']} seed {run.get('seed', 0)}")
+        if key == "gate_entropy":
+            ax.axhline(runs[0]["history"][0]["max_entropy"], color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(SEARCH_PANELS[key])
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

@@ -425,6 +425,9 @@ def test_retrained_variants_start_from_fresh_weights_with_the_searched_plan(tmp_
     runs = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
     assert list(runs) == ["stn", "onenet", "ltb", "ltb_r", "mtsl", "mtsl_r", "bmtas", "bmtas_r"]
     assert all(r["status"] == "ok" for r in runs.values())
+    assert (out / "search.png").is_file()  # the search curves of ltb and bmtas
+    history = {m: json.loads((out / m / "seed0" / "result.json").read_text())["history"] for m in ("ltb", "bmtas")}
+    assert "expected_gflops" in history["bmtas"][-1] and "gate_entropy" in history["ltb"][-1]
     starts = dict(zip(runs, initial.values()))
 
     config = load_preset("smoke").replace(tasks=("S", "D"))
