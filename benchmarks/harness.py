@@ -25,7 +25,7 @@ import timm
 import baselines  # noqa: F401  (registers the baseline methods)
 from benchmarks.report import aggregate, delta_mtl, format_table, write_csv, write_markdown
 from mtsl_plugin.config import NETWORKS, NUM_LOCATIONS, PRESETS, SETTINGS, RunConfig, load_preset
-from mtsl_plugin.experiment import run_fingerprint, run_method, write_json
+from mtsl_plugin.experiment import method_spec, run_fingerprint, run_method, write_json
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.methods import build_method
 from mtsl_plugin.plan import BranchingPlan
@@ -182,6 +182,7 @@ class Job:
     method: str
     config: RunConfig
     plan: BranchingPlan | None = None
+    arch_args: tuple[tuple[str, Any], ...] = ()  # overrides of the method's architecture options
 
     def run_dir(self, out: Path) -> Path:
         return out / self.label / f"seed{self.config.seed}"
@@ -231,7 +232,7 @@ def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
     """Train ``job`` (or reuse / continue its folder); raises on failure."""
     run_dir = job.run_dir(out)
     plan = retrained_plan(job, results)
-    spec = build_method(job.method, job.config, NUM_LOCATIONS[job.config.setting])
+    spec = method_spec(job.method, job.config, dict(job.arch_args))
     fingerprint = run_fingerprint(job.method, job.config, spec, plan)
     tag = f"[{job.label} seed {job.config.seed}]"
     done, started = run_dir / "result.json", run_dir / "config.json"
@@ -244,7 +245,7 @@ def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
             return {**previous, "label": job.label}
     print(f"{tag} training", flush=True)
     result = run_method(job.config, job.method, run_dir, resume=True, progress=progress, plan=plan,
-                        keep_checkpoint=keep_checkpoints)
+                        keep_checkpoint=keep_checkpoints, arch_args=dict(job.arch_args))
     return {**result, "label": job.label}
 
 

@@ -5,10 +5,12 @@
     python benchmarks/sensitivity.py --sweep tasks                      # every subset leaving one task out
     python benchmarks/sensitivity.py --sweep tasks --values S,E,D,N     # one named subset
     python benchmarks/sensitivity.py --sweep seeds --seeds 0,1,2 --inits random,resnet18.pth
+    python benchmarks/sensitivity.py --sweep bmtas-lambda --values 0.01,0.05,0.2,1   # BMTAS's λ (paper Table 8)
 
 ``threshold`` trains MTSL once per γ (and STN, the Δ reference, once); ``tasks`` trains STN and MTSL on each
 subset; ``seeds`` trains MTSL per seed and per initialisation (``random``, ``pretrained`` for timm's weights, or
-a local weights file) and prints the converged plan layer by layer. Runs already in ``--out`` (e.g. an earlier
+a local weights file) and prints the converged plan layer by layer; ``bmtas-lambda`` trains BMTAS once per
+resource-loss weight λ (and STN) and tabulates Δ_MTL against the derived network's cost. Runs already in ``--out`` (e.g. an earlier
 ``compare.py`` folder) are reused. Writes ``<out>/sensitivity-<sweep>/``: ``sensitivity.md`` (the sweep's
 table), ``table.md``, ``results.csv``, ``results.json``, ``architecture.png`` and ``sensitivity.png``.
 """
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from baselines.bmtas import DEFAULT_RESOURCE_WEIGHT
 from benchmarks.figures import sweep_figure
 from benchmarks.harness import (Job, UsageError, add_deltas, add_out_arg, add_run_args, check_jobs,
                                 config_from_args, out_folder, parse_list, parse_seeds, run_jobs, run_main,
@@ -31,7 +34,7 @@ from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
 
-SWEEPS = ("threshold", "tasks", "seeds")
+SWEEPS = ("threshold", "tasks", "seeds", "bmtas-lambda")
 
 
 # ------------------------------------------------------------------------------------------------ jobs
@@ -47,6 +50,20 @@ def threshold_jobs(config: RunConfig, seeds: Sequence[int], values: Sequence[flo
 def threshold_label(config: RunConfig, value: float) -> str:
     """``mtsl`` for the configuration's own threshold (so compare.py's run is reused), else ``mtsl_threshold<γ>``."""
     return "mtsl" if value == config.mtsl.threshold else f"mtsl_threshold{value:g}"
+
+
+def bmtas_lambda_jobs(config: RunConfig, seeds: Sequence[int], values: Sequence[float]) -> list[Job]:
+    """STN, then BMTAS at every resource-loss weight λ in ``values``, for every seed."""
+    jobs = [Job("stn", "stn", config.replace(seed=s)) for s in seeds]
+    for value in values:
+        jobs += [Job(bmtas_label(value), "bmtas", config.replace(seed=s), arch_args=(("resource_weight", value),))
+                 for s in seeds]
+    return jobs
+
+
+def bmtas_label(value: float) -> str:
+    """``bmtas`` for the default λ (so compare.py's run is reused), else ``bmtas_lambda<λ>``."""
+    return "bmtas" if value == DEFAULT_RESOURCE_WEIGHT else f"bmtas_lambda{value:g}"
 
 
 def task_subsets(tasks: Sequence[str], value: str) -> list[tuple[str, ...]]:
@@ -131,7 +148,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep", required=True, choices=SWEEPS)
     p.add_argument("--values", default=None,
                    help="threshold: comma-separated γ (default 0.5,0.6,0.7,0.8,0.9,0.95); tasks: 'all' (default) "
-                        "or one subset, e.g. S,E,D,N")
+                        "or one subset, e.g. S,E,D,N; bmtas-lambda: comma-separated λ (default 0.01,0.05,0.2,1)")
     p.add_argument("--inits", default="random",
                    help="seeds sweep: comma-separated initialisations: random, pretrained, or weights files")
     add_run_args(p, default_seeds=None)
@@ -147,15 +164,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds or ("0,1,2" if args.sweep == "seeds" else "0"))
         out = out_folder(args, "sensitivity", config)
         folder = out / f"sensitivity-{args.sweep}"
-        if args.sweep == "threshold":
-            text = args.values or "0.5,0.6,0.7,0.8,0.9,0.95"
+        if args.sweep in ("threshold", "bmtas-lambda"):
+            text = args.values or ("0.5,0.6,0.7,0.8,0.9,0.95" if args.sweep == "threshold" else "0.01,0.05,0.2,1")
             try:
                 values = [float(v) for v in parse_list(text, "values")]
             except ValueError:
-                raise UsageError(f"--values must be comma-separated numbers for the threshold sweep, got {text!r}") \
-                    from None
-            jobs = threshold_jobs(config, seeds, values)
-            rows = [(f"{v:g}", threshold_label(config, v)) for v in values]
+                raise UsageError(f"--values must be comma-separated numbers for the {args.sweep} sweep, got "
+                                 f"{text!r}") from None
+            if args.sweep == "threshold":
+                jobs = threshold_jobs(config, seeds, values)
+                rows = [(f"{v:g}", threshold_label(config, v)) for v in values]
+            else:
+                jobs = bmtas_lambda_jobs(config, seeds, values)
+                rows = [(f"{v:g}", bmtas_label(v)) for v in values]
         elif args.sweep == "tasks":
             subsets = task_subsets(config.tasks, args.values or "all")
             jobs = tasks_jobs(config, seeds, subsets)
@@ -176,14 +197,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if plans:
                 draw_plans(plans, folder / "sensitivity.png")
         else:
-            table = summary_table(results, ["γ" if args.sweep == "threshold" else "Tasks"],
-                                  [([shown], label) for shown, label in rows])
+            numeric = args.sweep != "tasks"
+            name = {"threshold": "γ", "tasks": "Tasks", "bmtas-lambda": "λ"}[args.sweep]
+            table = summary_table(results, [name], [([shown], label) for shown, label in rows])
             labels = [label for _, label in rows]
-            xs = values if args.sweep == "threshold" else [shown for shown, _ in rows]
-            sweep_figure(xs, {"Δ_MTL (%)": _series(results, labels, "delta_mtl"),
-                              "Params (M)": _series(results, labels, "params_m")}, folder / "sensitivity.png",
-                         "threshold γ" if args.sweep == "threshold" else "tasks",
-                         kind="line" if args.sweep == "threshold" else "bar")
+            xs = values if numeric else [shown for shown, _ in rows]
+            panels = {"Δ_MTL (%)": _series(results, labels, "delta_mtl"),
+                      "Params (M)": _series(results, labels, "params_m")}
+            if args.sweep == "bmtas-lambda":
+                panels["GMac"] = _series(results, labels, "gmac")
+            sweep_figure(xs, panels, folder / "sensitivity.png",
+                         {"threshold": "threshold γ", "tasks": "tasks", "bmtas-lambda": "BMTAS λ"}[args.sweep],
+                         kind="line" if numeric else "bar")
         write_markdown(table, folder / "sensitivity.md")
         print(table)
         print(f"results in {folder}")

@@ -14,6 +14,7 @@ Every run writes into its own folder::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -94,6 +95,13 @@ def build_stages(config: RunConfig) -> ResNetStages:
                         backbone_args=config.backbone_args, network=config.network)
 
 
+def method_spec(method: str, config: RunConfig, arch_args: dict | None = None) -> MethodSpec:
+    """The registered method's spec, with ``arch_args`` overriding its architecture options (e.g. BMTAS's
+    ``resource_weight`` in a λ sweep)."""
+    spec = build_method(method, config, NUM_LOCATIONS[config.setting])
+    return dataclasses.replace(spec, arch_args={**spec.arch_args, **arch_args}) if arch_args else spec
+
+
 def run_fingerprint(method: str, config: RunConfig, spec: MethodSpec, plan: BranchingPlan | None = None) -> str:
     """A short hash of everything a run's results depend on: the method, the configuration (not the device),
     MTSL's options only for methods with a structural learner, the epochs a method adds, its architecture
@@ -109,16 +117,17 @@ def run_fingerprint(method: str, config: RunConfig, spec: MethodSpec, plan: Bran
 
 def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: bool = False,
                progress: bool = True, plan: BranchingPlan | None = None,
-               keep_checkpoint: bool = False) -> dict[str, Any]:
+               keep_checkpoint: bool = False, arch_args: dict | None = None) -> dict[str, Any]:
     """Train and evaluate ``method``; returns (and writes) its result record.
 
     With ``resume`` a checkpoint in ``run_dir`` is continued; ``plan`` is the plan a retraining ("-R") method
-    retrains. A ``run_dir`` that holds a run of another fingerprint (:func:`run_fingerprint`) is never touched.
+    retrains; ``arch_args`` override the method's architecture options. A ``run_dir`` that holds a run of another
+    fingerprint (:func:`run_fingerprint`) is never touched.
     A finished run keeps its trained weights (``model.pt``); its resume checkpoint is removed once
     ``result.json`` is written, unless ``keep_checkpoint``.
     """
     run_dir = Path(run_dir)
-    spec = build_method(method, config, NUM_LOCATIONS[config.setting])
+    spec = method_spec(method, config, arch_args)
     if spec.retrains is not None and plan is None:
         raise ValueError(f"method {method!r} retrains the final plan of {spec.retrains!r}: pass that plan")
     fingerprint = run_fingerprint(method, config, spec, plan)
@@ -142,7 +151,8 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     trainer = build_trainer(config, tasks, start_plan, stages, spec.learner, spec.architecture, spec.arch_args)
     if resume and checkpoint.exists():
         trainer.load(checkpoint)
-    write_json(saved, {"method": method, "config": config.to_dict(), "fingerprint": fingerprint})
+    write_json(saved, {"method": method, "config": config.to_dict(), "fingerprint": fingerprint,
+                       **({"arch_args": arch_args} if arch_args else {})})
 
     def on_phase(record: dict) -> None:
         write_json(run_dir / f"phase_{record['phase']}.json", record)
@@ -191,7 +201,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[MTLTrainer
     config = RunConfig.from_dict(meta["config"])
     if device is not None:
         config = config.replace(device=device)
-    spec = build_method(meta["method"], config, NUM_LOCATIONS[config.setting])
+    spec = method_spec(meta["method"], config, meta.get("arch_args"))
     seed_everything(config.seed)
     data, dataset = build_data(config)
     tasks = build_tasks(list(config.tasks), dataset.num_classes)

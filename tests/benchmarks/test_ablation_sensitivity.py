@@ -72,6 +72,20 @@ def test_threshold_sweep_extremes_give_the_single_task_and_shared_plans(tmp_path
     assert (out / "sensitivity-threshold" / "sensitivity.png").stat().st_size > 0
 
 
+def test_bmtas_lambda_sweep_trains_one_search_per_weight(tmp_path):
+    out = tmp_path / "lambda"
+    assert sensitivity.main(["--sweep", "bmtas-lambda", "--values", "0.05,50", "--out", str(out), *ARGS]) == 0
+    runs = results_of(out / "sensitivity-bmtas-lambda")
+    assert list(runs) == [("stn", 0), ("bmtas", 0), ("bmtas_lambda50", 0)]  # λ = 0.05 is compare.py's bmtas run
+    assert all(r["status"] == "ok" for r in runs.values())
+    assert runs[("bmtas", 0)]["fingerprint"] != runs[("bmtas_lambda50", 0)]["fingerprint"]
+    saved = json.loads((out / "bmtas_lambda50" / "seed0" / "config.json").read_text())
+    assert saved["arch_args"] == {"resource_weight": 50.0}  # the weight reached the run (and load_run)
+    table = (out / "sensitivity-bmtas-lambda" / "sensitivity.md").read_text()
+    assert "| 0.05 |" in table and "| 50 |" in table and "λ" in table
+    assert (out / "sensitivity-bmtas-lambda" / "sensitivity.png").stat().st_size > 0
+
+
 def test_task_sweep_trains_stn_and_mtsl_per_subset_with_their_own_reference(tmp_path):
     out = tmp_path / "tasks"
     argv = ["--sweep", "tasks", "--values", "D,S", "--out", str(out), "--preset", "smoke", "--tasks", "S,D,E",
