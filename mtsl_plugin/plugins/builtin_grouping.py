@@ -12,24 +12,26 @@ Values, for a (T, T) similarity matrix S whose diagonal is ignored:
   * **mean over tasks** (the authors' code, ``utilities/generic_utils.py`` ``GroupTasks.select_groups``): the mean
     of its tasks' values, so large groups weigh more (:func:`task_mean_value`; solver ``authors``, the default).
 
-Solvers enumerate every set partition (Bell(T) of them, so at most :data:`MAX_TASKS` tasks) in one canonical
-order, restricted-growth strings in lexicographic order, and return the first optimum. Values are compared
-after rounding to :data:`DECIMALS` decimals so that float noise does not break ties.
+All three solvers are exact and reduce to one dynamic programme over subsets (:mod:`.partition_dp`): both
+scores are additive over groups once the number of groups ``k`` is fixed (mean over tasks: ``sum_G |G| v(G) / T``;
+mean over groups: ``sum_G v(G) / k``), so the best partition for every ``k`` at once decides every rule. Up to
+:data:`MAX_TASKS` tasks (16 tasks in seconds on one core: ``python benchmarks/grouping_speed.py``); more are
+refused. Among equal values the first partition in restricted-growth order wins, as an enumeration of all
+partitions would find it. Group values are compared in integer units of 10^-12 (:func:`partition_dp.to_units`),
+so float noise never breaks a tie; the threshold is rounded to the same units.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from fractions import Fraction
 
 import numpy as np
 import torch
 
-from mtsl_plugin.plugins import hookimpl
+from mtsl_plugin.plugins import hookimpl, partition_dp
 
-MAX_TASKS = 12
-"""Largest number of tasks the exhaustive solvers accept (Bell(12) = 4,213,597 partitions, ~30 s on one core)."""
-
-DECIMALS = 9
-"""Partition values are rounded to this many decimals before comparison."""
+MAX_TASKS = partition_dp.MAX_ELEMENTS
+"""Largest number of tasks the solvers accept (the dynamic programme visits 3^T / 2 subset pairs)."""
 
 Partition = tuple[tuple[int, ...], ...]
 
@@ -102,8 +104,8 @@ def _validated(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thre
         raise ValueError(f"Grouping needs distinct task names, got {names!r}.")
     if len(names) > MAX_TASKS:
         raise ValueError(
-            f"Exhaustive grouping supports at most {MAX_TASKS} tasks (the number of partitions grows as the Bell "
-            f"numbers), got {len(names)}."
+            f"Exact grouping supports at most {MAX_TASKS} tasks (its dynamic programme grows as 3^T), got "
+            f"{len(names)}."
         )
     if isinstance(similarity, torch.Tensor):
         similarity = similarity.detach().to("cpu", torch.float64).numpy()
@@ -120,17 +122,29 @@ def _validated(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thre
     return np.where(off_diagonal, matrix, 0.0)
 
 
-def _scored_partitions(matrix: np.ndarray) -> Iterator[tuple[Partition, float]]:
-    """Yield ``(partition, rounded value)`` for every partition of the tasks, in canonical order."""
-    n = matrix.shape[0]
-    cache: dict[tuple[int, ...], float] = {}
-    for partition in set_partitions(n):
-        values = []
-        for group in partition:
-            if group not in cache:
-                cache[group] = group_value(matrix, group)
-            values.append(cache[group])
-        yield partition, round(sum(values) / len(values), DECIMALS)
+class _Best:
+    """The best partition for every number of groups under one score, in integer units (see the module)."""
+
+    def __init__(self, matrix: np.ndarray, score: str):
+        n = matrix.shape[0]
+        pairs = partition_dp.ordered_pair_sums(matrix)
+        size = partition_dp.subset_members(n).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = np.where(size > 1, pairs / (size * (size - 1)), 0.0)  # a group's value: mean over its pairs
+        weight = value if score == "groups" else size * value  # "tasks": each task counts its own value
+        (self.weight, self.value), self.scale = partition_dp.to_units(weight, value)
+        self.n = n
+        self.by_count = partition_dp.best_partitions(self.weight)  # index k - 1: (sum of weights, partition)
+
+    def units(self, threshold: float) -> int:
+        return round(float(threshold) * self.scale)
+
+    def highest_mean(self) -> Partition:
+        """The highest mean over groups (sum / k) over all k; the RG-first among equal means."""
+        candidates = [(total, k, part) for k, (total, part) in enumerate(self.by_count, start=1)]
+        top_total, top_k, _ = max(candidates, key=lambda c: Fraction(c[0], c[1]))
+        tied = [part for total, k, part in candidates if total * top_k == top_total * k]
+        return min(tied, key=partition_dp.rg_string)
 
 
 def _named(partition: Partition, tasks: Sequence[str]) -> list[list[str]]:
@@ -147,25 +161,21 @@ def exhaustive(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thre
         threshold: unused, accepted for the common solver signature.
 
     Returns:
-        Groups of task names in canonical order; among equal (rounded) values the first partition in
-        restricted-growth order wins.
+        Groups of task names in canonical order; among equal values the first partition in restricted-growth
+        order wins.
     """
     matrix = _validated(similarity, tasks, threshold)
-    best, best_value = None, -np.inf
-    for partition, value in _scored_partitions(matrix):
-        if value > best_value:
-            best, best_value = partition, value
-    return _named(best, list(tasks))
+    return _named(_Best(matrix, "groups").highest_mean(), list(tasks))
 
 
 def fewest_groups(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], threshold: float) -> list[list[str]]:
     """Return the partition with the fewest groups among those whose value (mean over groups, the paper's text)
     reaches ``threshold``: the authors' search rule on the paper's score (:func:`authors` is the authors' code).
 
-    Among partitions with (rounded) value >= (rounded) ``threshold``, take the fewest groups, then the highest
-    value, then the first in restricted-growth order. If no partition reaches the threshold, return the
-    highest-value partition (as :func:`exhaustive`). The all-singletons partition has value 0, so a threshold
-    <= 0 always merges everything into one group.
+    Among partitions with value >= ``threshold``, take the fewest groups, then the highest value, then the first
+    in restricted-growth order. If no partition reaches the threshold, return the highest-value partition (as
+    :func:`exhaustive`). The all-singletons partition has value 0, so a threshold <= 0 always merges everything
+    into one group.
 
     Args:
         similarity: (T, T) task similarities; diagonal ignored, treated as symmetric.
@@ -176,17 +186,12 @@ def fewest_groups(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], t
         Groups of task names in canonical order.
     """
     matrix = _validated(similarity, tasks, threshold)
-    bar = round(float(threshold), DECIMALS)
-    best, best_value = None, -np.inf
-    chosen, chosen_key = None, None
-    for partition, value in _scored_partitions(matrix):
-        if value > best_value:
-            best, best_value = partition, value
-        if value >= bar:
-            key = (len(partition), -value)
-            if chosen_key is None or key < chosen_key:
-                chosen, chosen_key = partition, key
-    return _named(chosen if chosen is not None else best, list(tasks))
+    best = _Best(matrix, "groups")
+    bar = best.units(threshold)
+    for k, (total, partition) in enumerate(best.by_count, start=1):
+        if total >= bar * k:  # the best with k groups reaches the threshold: none with fewer did
+            return _named(partition, list(tasks))
+    return _named(best.highest_mean(), list(tasks))
 
 
 def authors(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], threshold: float) -> list[list[str]]:
@@ -196,8 +201,8 @@ def authors(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thresho
     then a group of that partition merges only if its own value exceeds ``threshold`` strictly.
 
     The partition returned holds the merging groups, and every other task alone, so that what the solver returns
-    is what merges. Among equal (rounded) values the partition with fewer groups, then the first in
-    restricted-growth order, wins (the authors' order of enumeration is another; ties need equal similarities).
+    is what merges. Among equal values the partition with fewer groups, then the first in restricted-growth
+    order, wins (the authors' order of enumeration is another; ties need equal similarities).
 
     The authors' enumeration has a flaw this solver does not copy: its check that a combination of groups covers
     every task exactly once clears its set of seen tasks on a repeat and goes on, so some *overlapping*
@@ -214,21 +219,21 @@ def authors(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thresho
     n = matrix.shape[0]
     if n == 1:
         return [list(tasks)]
-    bar = round(float(threshold), DECIMALS)
-    best_with: dict[int, tuple[float, Partition]] = {}  # number of groups -> first best partition
-    for partition in set_partitions(n):
-        value = round(task_mean_value(matrix, partition), DECIMALS)
-        if len(partition) not in best_with or value > best_with[len(partition)][0]:
-            best_with[len(partition)] = (value, partition)
+    best = _Best(matrix, "tasks")
+    bar = best.units(threshold)
     chosen = None
-    for k in range(1, n):
-        if chosen is None or best_with[k][0] > chosen[0]:
-            chosen = best_with[k]
-        if chosen[0] >= bar:
+    for total, partition in best.by_count[: n - 1]:  # exactly k groups; "at most k" keeps the earlier on ties
+        if chosen is None or total > chosen[0]:
+            chosen = (total, partition)
+        if chosen[0] >= bar * n:  # the mean over the n tasks reaches the threshold
             break
-    merged = [group for group in chosen[1] if len(group) > 1 and round(group_value(matrix, group), DECIMALS) > bar]
+    merged = [group for group in chosen[1] if len(group) > 1 and best.value[_bits(group)] > bar]
     alone = [(index,) for index in range(n) if not any(index in group for group in merged)]
     return _named(tuple(sorted(merged + alone)), list(tasks))
+
+
+def _bits(group: Sequence[int]) -> int:
+    return sum(1 << index for index in group)
 
 
 @hookimpl

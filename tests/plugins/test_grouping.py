@@ -1,6 +1,8 @@
 """Tests of the built-in grouping solvers against an independently written brute force."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -233,9 +235,91 @@ def test_input_validation(solver) -> None:
     bad[0, 2] = np.inf
     with pytest.raises(ValueError, match="non-finite"):
         solver(bad, ["a", "b", "c"], 0.5)
-    with pytest.raises(ValueError, match="at most 12 tasks"):
-        solver(np.ones((13, 13)), [str(i) for i in range(13)], 0.5)
+    with pytest.raises(ValueError, match="at most 16 tasks"):
+        solver(np.ones((17, 17)), [str(i) for i in range(17)], 0.5)
     with pytest.raises(ValueError, match="at least one task"):
         solver(np.ones((0, 0)), [], 0.5)
     with pytest.raises(ValueError, match="threshold"):
         solver(np.ones((2, 2)), ["a", "b"], float("nan"))
+
+
+# ------------------------------------------------------------------------------------ exact: DP vs enumeration
+def _enumerated(similarity: np.ndarray, solver: str, threshold: float) -> list[list[int]]:
+    """Every rule by enumerating all partitions in restricted-growth order (``set_partitions``), group values
+    written with loops and counted, as the solvers do, in integer units of 1e-12; ties go to the first met."""
+    n = len(similarity)
+
+    def units(x: float) -> int:
+        return round(x * 10 ** 12)
+
+    def value(group):  # mean over the group's ordered pairs
+        pairs = [similarity[a][b] for a in group for b in group if a != b]
+        return sum(pairs) / len(pairs) if pairs else 0.0
+
+    bar = units(threshold)
+    scored = []
+    for partition in set_partitions(n):
+        by_groups = sum(units(value(g)) for g in partition)
+        by_tasks = sum(units(len(g) * value(g)) for g in partition)
+        scored.append((partition, by_groups, by_tasks))
+
+    def first_best(candidates, key):
+        best = None
+        for c in candidates:  # strict improvement only: the first of equal keys stays
+            if best is None or key(c) > key(best):
+                best = c
+        return best
+
+    highest = first_best(scored, lambda c: Fraction(c[1], len(c[0])))[0]
+    if solver == "exhaustive":
+        return [list(g) for g in highest]
+    if solver == "fewest_groups":
+        reaching = [c for c in scored if c[1] >= bar * len(c[0])]
+        if not reaching:
+            return [list(g) for g in highest]
+        fewest = min(len(c[0]) for c in reaching)
+        return [list(g) for g in first_best([c for c in reaching if len(c[0]) == fewest], lambda c: c[1])[0]]
+    if n == 1:
+        return [[0]]
+    chosen = None
+    for k in range(1, n):
+        best_k = first_best([c for c in scored if len(c[0]) == k], lambda c: c[2])
+        if chosen is None or best_k[2] > chosen[2]:
+            chosen = best_k
+        if chosen[2] >= bar * n:
+            break
+    merged = [g for g in chosen[0] if len(g) > 1 and units(value(g)) > bar]
+    alone = [(i,) for i in range(n) if not any(i in g for g in merged)]
+    return [list(g) for g in sorted(merged + alone)]
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+@pytest.mark.parametrize("solver", ["authors", "exhaustive", "fewest_groups"])
+def test_dynamic_programme_equals_enumeration_ties_included(t: int, solver: str) -> None:
+    """Random matrices, random thresholds, and matrices of few distinct values (many exact ties, where the
+    restricted-growth tie-break decides): the solver returns exactly the enumeration's partition."""
+    generator = np.random.default_rng(3000 + t)
+    tasks = [f"t{i}" for i in range(t)]
+    for trial in range({8: 4, 9: 2}.get(t, 12)):
+        if trial % 2:
+            similarity = _random_similarity(generator, t)
+        else:  # few distinct values: exact ties everywhere
+            similarity = generator.choice([0.25, 0.5, 0.75, 1.0], size=(t, t))
+            similarity = np.triu(similarity, 1) + np.triu(similarity, 1).T + np.eye(t)
+        threshold = float(generator.choice([0.25, 0.5, 0.6, 0.75, float(generator.uniform(0, 1))]))
+        expected = _enumerated(similarity, solver, threshold)
+        chosen = grouping_solver(solver)(similarity, tasks, threshold)
+        assert _indices(chosen, tasks) == expected, (solver, threshold, similarity.tolist())
+
+
+def test_sixteen_tasks_are_solved_and_seventeen_refused() -> None:
+    """16 tasks in two blocks of 8 (0.9 within, 0.1 across): every solver finds the two blocks."""
+    similarity = np.full((16, 16), 0.1)
+    similarity[:8, :8] = similarity[8:, 8:] = 0.9
+    tasks = [f"t{i}" for i in range(16)]
+    blocks = [tasks[:8], tasks[8:]]
+    assert authors(similarity, tasks, 0.8) == blocks
+    assert fewest_groups(similarity, tasks, 0.8) == blocks
+    assert exhaustive(similarity, tasks, 0.8) == blocks
+    with pytest.raises(ValueError, match="at most 16 tasks"):
+        authors(np.eye(17), [f"t{i}" for i in range(17)], 0.8)
