@@ -71,7 +71,7 @@ def sweep_figure(xs: Sequence[float], panels: Mapping[str, Sequence[float | None
 
 
 SEARCH_PANELS = {"gate_entropy": "gate entropy (nats)", "derived_gmac": "derived network's trunk GMac",
-                 "expected_gflops": "BMTAS expected trunk GFLOPs (512x512)"}
+                 "expected_gflops": "BMTAS expected GFLOPs at 512x512"}
 
 
 def search_figure(results: Sequence[Mapping], path: str | Path) -> Path:
@@ -87,10 +87,10 @@ def search_figure(results: Sequence[Mapping], path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     for index, key in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), index + 1)
-        for run in runs:
+        for color, run in enumerate(runs):
             points = [(h["epoch"], h[key]) for h in run["history"] if key in h]
-            if points:
-                ax.plot(*zip(*points), label=f"{run['method']} seed {run.get('seed', 0)}")
+            if points:  # one colour per run across the panels
+                ax.plot(*zip(*points), color=f"C{color}", label=f"{run['method']} seed {run.get('seed', 0)}")
         if key == "gate_entropy":
             ax.axhline(runs[0]["history"][0]["max_entropy"], color="grey", linestyle="--", linewidth=1)
         ax.set_xlabel("epoch")
