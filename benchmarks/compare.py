@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--resume {out}: no config.json there, so it is not a compare.py results folder")
             meta = json.loads(saved.read_text())
             config, methods, seeds = RunConfig.from_dict(meta["config"]), meta["methods"], meta["seeds"]
-            config, plan_from = config.replace(device=args.device), meta.get("plan_from")
+            config, plan_from = config.replace(device=args.device, fused=args.fused), meta.get("plan_from")
         else:
             config = config_from_args(args)
             requested = (method_names(config.setting) if args.methods == "all"

@@ -56,6 +56,8 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
                    help="real data: no random zoom and flip of the training samples (on by default)")
     p.add_argument("--tasks", default=None, help="comma-separated task letters (default: all the data has)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--fused", action="store_true",
+                   help="MTSL and plans: run the nodes of a location as one vmapped call (grouped convolutions)")
     p.add_argument("--backbone", default=None, help="timm ResNet name (default resnet18)")
     p.add_argument("--network", default=None, choices=NETWORKS,
                    help="stage table: compact (the CPU presets') or authors (the paper preset's, the authors' code)")
@@ -126,7 +128,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                                           ("average_init", getattr(args, "no_average_init", False)),
                                           ("amalgamate", getattr(args, "no_amalgamation", False))) if flag})
     changes: dict[str, Any] = {"data": data, "mtsl": MTSLConfig.from_dict(mtsl), "device": args.device,
-                               "setting": args.setting}
+                               "setting": args.setting, "fused": args.fused}
     if args.tasks:
         changes["tasks"] = tuple(t.strip() for t in args.tasks.split(","))
     for key in ("backbone", "network", "weights", "weighting"):

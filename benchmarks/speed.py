@@ -1,5 +1,9 @@
 """Training-step time and peak memory of fixed plans, measured in one run, printed as ratios to the first plan,
-with each plan's parameters and GMac (one image at the given resolution).
+with each plan's parameters and GMac (one image at the given resolution); plans with several nodes at a
+location are timed fused too (``--fused``: one vmapped call per location). Then, with steps, the ratios the
+trainer is judged by, all from this run: a plain PyTorch step over One-Net ÷ our trainer's One-Net step; STN ÷
+One-Net, unfused and fused; the alignment loss's share of an STN step; drawing a synthetic batch ÷ a One-Net
+step.
 
     python benchmarks/speed.py --device cuda --height 256 --width 512 --batch 16
     python benchmarks/speed.py --plans stn,onenet,results/demo/mtsl/seed0/plan.json
@@ -11,17 +15,19 @@ the full-width ResNet18 of ``--network`` (compact or authors) with the five task
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from mtsl_plugin.config import load_preset
-from mtsl_plugin.experiment import build_trainer
+from mtsl_plugin.experiment import build_data, build_trainer
+from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.network.stages import NETWORKS, ResNetStages
 from mtsl_plugin.plan import BranchingPlan, StageCost
 from mtsl_plugin.tasks import build_tasks
@@ -40,16 +46,8 @@ def resolve_plan(name: str, num_locations: int) -> BranchingPlan:
     return BranchingPlan.from_json(path.read_text())
 
 
-def measure(plan: BranchingPlan, device: str, batch: int, height: int, width: int, steps: int,
-            network: str = "compact") -> tuple[float, float, StageCost]:
-    """Median seconds per training step (nan without steps), peak CUDA memory in GiB (0 on CPU) and the
-    network's cost on one image."""
-    config = load_preset("smoke").replace(device=device, tasks=plan.tasks)
-    stages = ResNetStages("resnet18", network=network)
-    trainer = build_trainer(config, build_tasks(plan.tasks, 10), plan, stages)
-    cost = trainer.model.network.cost(height, width)
-    if steps == 0:
-        return float("nan"), 0.0, cost
+def synthetic_batch(plan: BranchingPlan, device: str, batch: int, height: int, width: int
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, height, width, generator=gen).to(device)
     gts = {"S": torch.randint(0, 10, (batch, height, width), generator=gen).to(device),
@@ -57,21 +55,75 @@ def measure(plan: BranchingPlan, device: str, batch: int, height: int, width: in
            "E": (torch.rand(batch, 1, height, width, generator=gen) > 0.9).float().to(device),
            "N": torch.nn.functional.normalize(torch.randn(batch, 3, height, width, generator=gen), dim=1).to(device),
            "A": images}
+    return images, {t: gts[t] for t in plan.tasks}
+
+
+def timed(step: Callable[[], object], steps: int, device: str) -> tuple[float, float]:
+    """Median seconds of ``step()`` over ``steps`` calls after two warm-up calls, and peak CUDA GiB (0 on CPU)."""
     cuda = device.startswith("cuda")
     times = []
-    for step in range(steps + 2):
+    for index in range(steps + 2):
         if cuda:
             torch.cuda.synchronize()
-            if step == 2:
+            if index == 2:
                 torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        trainer.train_step(images, {t: gts[t] for t in plan.tasks})
+        step()
         if cuda:
             torch.cuda.synchronize()
-        if step >= 2:
+        if index >= 2:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return statistics.median(times), peak, cost
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+
+
+def build(plan: BranchingPlan, device: str, network: str, fused: bool = False, align: bool = False):
+    config = load_preset("smoke").replace(device=device, tasks=plan.tasks, fused=fused)
+    learner = StructuralLearner(config.mtsl) if align else None
+    return build_trainer(config, build_tasks(plan.tasks, 10), plan, ResNetStages("resnet18", network=network),
+                         learner)
+
+
+def measure(plan: BranchingPlan, device: str, batch: int, height: int, width: int, steps: int,
+            network: str = "compact", fused: bool = False, align: bool = False) -> tuple[float, float, StageCost]:
+    """Median seconds per training step of our trainer (nan without steps), peak CUDA memory in GiB (0 on CPU)
+    and the network's cost on one image; ``align`` adds MTSL's alignment loss (sibling task nodes' CKA)."""
+    trainer = build(plan, device, network, fused, align)
+    cost = trainer.model.network.cost(height, width)
+    if steps == 0:
+        return float("nan"), 0.0, cost
+    images, gts = synthetic_batch(plan, device, batch, height, width)
+    seconds, peak = timed(lambda: trainer.train_step(images, gts), steps, device)
+    return seconds, peak, cost
+
+
+def measure_plain(plan: BranchingPlan, device: str, batch: int, height: int, width: int, steps: int,
+                  network: str = "compact") -> float:
+    """Median seconds of a plain PyTorch step over the same network: forward, summed task losses, backward,
+    Adam step (no LibMTL model, no weighting method, no trainer), with the trainer's precision."""
+    trainer = build(plan, device, network)
+    network_module, tasks = trainer.model.network, trainer.task_dict
+    optimizer = torch.optim.Adam(network_module.parameters(), lr=1e-4, weight_decay=5e-5)
+    images, gts = synthetic_batch(plan, device, batch, height, width)
+
+    def step():
+        with trainer.autocast():
+            preds, _ = network_module(images)
+        loss = sum(tasks[t]["loss_fn"].compute_loss(preds[t].float(), gts[t]) for t in plan.tasks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return timed(step, steps, device)[0]
+
+
+def measure_data(batch: int, height: int, width: int, steps: int) -> float:
+    """Median seconds to draw one training batch of the synthetic data at this size (the trainer's loader)."""
+    config = load_preset("smoke")
+    config = config.replace(batch_size=batch, data=dataclasses.replace(config.data, height=height, width=width,
+                                                                       train=batch * (steps + 2), holdout=4, test=2))
+    data, _ = build_data(config)
+    batches = iter(data.batches(data.train, key=(0, 0)))
+    return timed(lambda: next(batches), steps, "cpu")[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,18 +141,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = {name: measure(plan, args.device, args.batch, args.height, args.width, args.steps, args.network)
-            for name, plan in plans.items()}
+    rows = {}
+    for name, plan in plans.items():
+        rows[Path(name).name] = measure(plan, args.device, args.batch, args.height, args.width, args.steps,
+                                        args.network)
+        if args.steps and max(len(p) for p in plan.partitions) > 1:
+            rows[f"{Path(name).name} fused"] = measure(plan, args.device, args.batch, args.height, args.width,
+                                                       args.steps, args.network, fused=True)
     base_time, base_mem, _ = next(iter(rows.values()))
     print(f"{args.network} network, device {args.device}, batch {args.batch}, {args.height}x{args.width}, "
           f"median of {args.steps} steps")
     print(f"{'plan':<24}{'s/step':>10}{'× first':>10}{'peak GiB':>10}{'× first':>10}{'params M':>10}{'GMac':>10}")
     for name, (seconds, peak, cost) in rows.items():
         ratio_mem = peak / base_mem if base_mem else float("nan")
-        print(f"{Path(name).name:<24}{seconds:>10.4f}{seconds / base_time:>10.2f}{peak:>10.2f}{ratio_mem:>10.2f}"
+        print(f"{name:<24}{seconds:>10.4f}{seconds / base_time:>10.2f}{peak:>10.2f}{ratio_mem:>10.2f}"
               f"{cost.params / 1e6:>10.2f}{cost.gmac:>10.2f}")
-    print(json.dumps({name: {"seconds": s, "peak_gib": m, "params": c.params, "gmac": c.gmac}
-                      for name, (s, m, c) in rows.items()}))
+    ratios = {}
+    if args.steps:
+        one_net, stn = resolve_plan("onenet", 10), resolve_plan("stn", 10)
+        trainer_step = measure(one_net, args.device, args.batch, args.height, args.width, args.steps, args.network)[0]
+        plain_step = measure_plain(one_net, args.device, args.batch, args.height, args.width, args.steps, args.network)
+        stn_step = measure(stn, args.device, args.batch, args.height, args.width, args.steps, args.network)[0]
+        stn_fused = measure(stn, args.device, args.batch, args.height, args.width, args.steps, args.network, True)[0]
+        stn_align = measure(stn, args.device, args.batch, args.height, args.width, args.steps, args.network,
+                            align=True)[0]
+        data_step = measure_data(args.batch, args.height, args.width, args.steps)
+        ratios = {"plain_over_trainer_onenet": plain_step / trainer_step,
+                  "stn_over_onenet": stn_step / trainer_step, "stn_fused_over_onenet": stn_fused / trainer_step,
+                  "alignment_share_of_stn_step": max(stn_align - stn_step, 0.0) / stn_align,
+                  "data_over_onenet_step": data_step / trainer_step}
+        print("\nratios (one run): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    print(json.dumps({"rows": {name: {"seconds": s, "peak_gib": m, "params": c.params, "gmac": c.gmac}
+                               for name, (s, m, c) in rows.items()}, "ratios": ratios}))
     return 0
 
 

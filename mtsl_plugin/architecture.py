@@ -7,7 +7,8 @@ LibMTL composes an architecture with a weighting method (``class MTLmodel(archit
 * ``encoder_class``: a zero-argument callable returning a :class:`~mtsl_plugin.network.stages.ResNetStages`;
 * ``decoders``: task name -> head module, called ``head(features, size)`` with the outputs of the stages'
   ``head_locations`` (e.g. ``stages.build_head(channels)``);
-* ``arch_args``: ``plan`` (a :class:`BranchingPlan`; default: the single-task plan MTSL starts from).
+* ``arch_args``: ``plan`` (a :class:`BranchingPlan`; default: the single-task plan MTSL starts from) and
+  ``fused`` (run the nodes of a location as one vmapped call, :meth:`BranchedNetwork.run_fused`; default off).
 
 ``forward`` returns the predictions as LibMTL wants and keeps the task-node features of the same forward in
 ``self.task_node_features`` for the alignment loss (they come from the network's own forward, not from hooks).
@@ -50,6 +51,7 @@ class MTSL(AbsArchitecture):
         if list(plan.tasks) != list(task_name):
             raise ValueError(f"the plan's tasks {list(plan.tasks)} differ from the trainer's {list(task_name)}")
         self.encoder = BranchedNetwork(plan, stages, decoders)
+        self.encoder.fused = bool(kwargs.get("fused", False))
         self.task_node_features: dict[str, torch.Tensor] = {}
 
     @property

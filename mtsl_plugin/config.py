@@ -62,6 +62,7 @@ class RunConfig:
     weighting: str = "EW"
     mtsl: MTSLConfig = field(default_factory=MTSLConfig)
     device: str = "cpu"
+    fused: bool = False  # run the nodes of a location as one call (an execution option, like the device)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,8 +99,9 @@ class RunConfig:
         return cls(**data)
 
     def fingerprint(self, *, exclude: tuple[str, ...] = ("device",), extra: Mapping[str, Any] | None = None) -> str:
-        """A short hash of everything that changes results (the device does not), plus ``extra`` values."""
-        data = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        """A short hash of everything that changes results (the device and fused execution do not: they change
+        float rounding only), plus ``extra`` values."""
+        data = {k: v for k, v in self.to_dict().items() if k not in exclude and k != "fused"}
         if not data.get("backbone_args", True):  # runs from before these fields existed keep their fingerprint
             del data["backbone_args"]
         if data.get("network") == "compact":

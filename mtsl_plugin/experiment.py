@@ -82,10 +82,11 @@ def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan
     check_weighting(config.weighting)
     heads = {t: stages.build_head(task.out_channels) for t, task in tasks.items()}
     scheduler = {"scheduler": "multistep", "milestones": list(config.lr_steps), "gamma": 0.1}
+    branched = architecture is None or issubclass(architecture, MTSL)  # fused execution is the branched network's
     return MTLTrainer(libmtl_task_dict(tasks), getattr(libmtl.weighting, config.weighting), architecture or MTSL,
                       lambda: stages, heads, optim_param=dict(config.optimizer), scheduler_param=scheduler,
                       device=config.device, learner=learner, weight_args={},
-                      arch_args={**(arch_args or {}), "plan": plan})
+                      arch_args={**(arch_args or {}), "plan": plan, **({"fused": config.fused} if branched else {})})
 
 
 def build_stages(config: RunConfig) -> ResNetStages:

@@ -5,6 +5,7 @@ from typing import Mapping
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from mtsl_plugin.network.cost import count_gmac
 from mtsl_plugin.network.stages import ResNetStages
@@ -42,6 +43,7 @@ class BranchedNetwork(nn.Module):
         self.specs = stages.specs
         self.nodes = nn.ModuleDict({node_name(l, g): stages.build(l) for l, p in enumerate(plan.partitions) for g in p})
         self.heads = nn.ModuleDict({t: heads[t] for t in plan.tasks})
+        self.fused = False  # run the nodes of a location as one vmapped call (see run_fused)
 
     # ------------------------------------------------------------------ access
     def node(self, location: int, group: Group) -> nn.Module:
@@ -69,12 +71,58 @@ class BranchedNetwork(nn.Module):
         return module(inputs, skip)
 
     def run_locations(self, x: torch.Tensor, until: int | None = None) -> list[dict[Group, torch.Tensor]]:
-        """Outputs of every node at locations ``0..until`` (all locations by default), per location and group."""
+        """Outputs of every node at locations ``0..until`` (all locations by default), per location and group;
+        with :attr:`fused`, the nodes of a location run as one call (:meth:`run_fused`)."""
         last = self.plan.num_locations - 1 if until is None else until
         outputs: list[dict[Group, torch.Tensor]] = []
         for location in range(last + 1):
-            outputs.append({g: self.run_node(location, g, outputs, x) for g in self.plan.partitions[location]})
+            groups = self.plan.partitions[location]
+            if self.fused and len(groups) > 1:
+                outputs.append(self.run_fused(location, groups, outputs, x))
+            else:
+                outputs.append({g: self.run_node(location, g, outputs, x) for g in groups})
         return outputs
+
+    def run_fused(self, location: int, groups: list[Group], outputs: list[dict[Group, torch.Tensor]],
+                  x: torch.Tensor) -> dict[Group, torch.Tensor]:
+        """The nodes of ``groups`` at ``location`` as one ``torch.vmap`` over their stacked parameters (every
+        node of a location is built from the same template, so they share one architecture): convolutions become
+        one grouped convolution over the nodes, batch norm stays per node and per channel. Inputs (and skips)
+        that all nodes read, e.g. the image at location 0 or a shared parent's output, are passed once;
+        different ones are stacked. Equal to :meth:`run_node` per group up to float rounding (tested): the
+        parameters are stacked on the fly, so gradients reach each node's own parameters and the optimizer,
+        checkpoints and structural edits see the unfused network; batch-norm running statistics updated in
+        training are written back to each node."""
+        modules = [self.node(location, g) for g in groups]
+        parents = [self.plan.parent_of(location, g) for g in groups]
+        inputs = [x if p is None else outputs[location - 1][p] for p in parents]
+        spec = self.specs[location]
+        args, dims = [self._stack_or_share(inputs)], []
+        if spec.skip_from is not None:
+            args.append(self._stack_or_share([outputs[spec.skip_from][self.plan.group_of(spec.skip_from, g[0])]
+                                              for g in groups]))
+        dims = [0 if stacked else None for _, stacked in args]
+        names = [n for n, _ in modules[0].named_parameters()]
+        params = {n: torch.stack([m.get_parameter(n) for m in modules]) for n in names}
+        buffers = {n: torch.stack([m.get_buffer(n) for m in modules]) for n, _ in modules[0].named_buffers()}
+
+        def call(p, b, *tensors):
+            return functional_call(modules[0], {**p, **b}, tensors)
+
+        out = torch.vmap(call, in_dims=(0, 0, *dims))(params, buffers, *[a for a, _ in args])
+        if modules[0].training:  # running statistics were updated in the stacked copies
+            with torch.no_grad():
+                for name, stacked in buffers.items():
+                    for index, module in enumerate(modules):
+                        module.get_buffer(name).copy_(stacked[index])
+        return {g: out[i] for i, g in enumerate(groups)}
+
+    @staticmethod
+    def _stack_or_share(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """One tensor when every node reads the same one, else the stack ``(nodes, N, C, H, W)``."""
+        if all(t is tensors[0] for t in tensors):
+            return tensors[0], False
+        return torch.stack(tensors), True
 
     def head_inputs(self, outputs: list[dict[Group, torch.Tensor]], task: str) -> list[torch.Tensor]:
         """What ``task``'s head reads: the outputs of its nodes at the stages' head locations."""

@@ -226,3 +226,28 @@ def test_a_run_whose_loss_turns_nan_is_a_failed_row_naming_task_and_epoch(tmp_pa
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
     assert rows["stn"]["status"] == "failed" and "task D loss is inf at epoch 1 (step 1" in rows["stn"]["error"]
     assert "[stn seed 0] failed: task D loss is inf" in capsys.readouterr().err
+
+
+def test_fused_execution_is_a_run_option_that_keeps_the_fingerprint(tmp_path, monkeypatch):
+    """``--fused``: MTSL trains with every location's nodes fused (through its structural phases); the run's
+    fingerprint is the unfused run's (fused execution changes float rounding only)."""
+    from mtsl_plugin.network.branched import BranchedNetwork
+
+    calls = []
+    run_fused = BranchedNetwork.run_fused
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(args[1]))
+        return run_fused(self, *args, **kwargs)
+
+    monkeypatch.setattr(BranchedNetwork, "run_fused", counting)
+    fused, plain = tmp_path / "fused", tmp_path / "plain"
+    args = ["--methods", "mtsl", "--preset", "smoke", "--tasks", "S,D", "--no-progress"]
+    assert compare.main([*args, "--fused", "--out", str(fused)]) == 0
+    assert calls and all(n >= 2 for n in calls)
+    calls.clear()
+    assert compare.main([*args, "--out", str(plain)]) == 0
+    assert not calls
+    run = json.loads((fused / "mtsl" / "seed0" / "result.json").read_text())
+    assert run["fingerprint"] == json.loads((plain / "mtsl" / "seed0" / "result.json").read_text())["fingerprint"]
+    assert json.loads((fused / "mtsl" / "seed0" / "config.json").read_text())["config"]["fused"] is True

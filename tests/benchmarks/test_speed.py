@@ -12,15 +12,23 @@ from mtsl_plugin.plan import BranchingPlan
 def test_speed_prints_one_row_per_plan_with_ratios_to_the_first(tmp_path, capsys):
     plan = tmp_path / "partial.json"
     plan.write_text(BranchingPlan.single_task(speed.TASKS, 10).merge(0, ["SDENA"]).to_json())
-    assert speed.main(["--plans", f"stn,onenet,{plan}", "--batch", "2", "--height", "32", "--width", "32",
+    assert speed.main(["--plans", f"stn,onenet,{plan}", "--batch", "4", "--height", "32", "--width", "32",
                        "--steps", "1"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    rows = json.loads(printed[-1])
-    assert list(rows) == ["stn", "onenet", str(plan)]
+    report = json.loads(printed[-1])
+    rows = report["rows"]  # plans with several nodes at a location are timed fused as well
+    assert list(rows) == ["stn", "stn fused", "onenet", "partial.json", "partial.json fused"]
     assert all(r["seconds"] > 0 and r["peak_gib"] == 0 for r in rows.values())  # CPU: no CUDA peak
-    table = {line.split()[0]: line.split() for line in printed[2:-1]}
-    assert float(table["stn"][2]) == 1.0
-    assert float(table["onenet"][2]) == round(rows["onenet"]["seconds"] / rows["stn"]["seconds"], 2)
+    assert rows["stn fused"]["params"] == rows["stn"]["params"]  # the same network, run another way
+    table = {line[:24].strip(): line[24:].split() for line in printed[2:] if line[:24].strip() in rows}
+    assert float(table["stn"][1]) == 1.0
+    assert float(table["onenet"][1]) == round(rows["onenet"]["seconds"] / rows["stn"]["seconds"], 2)
+    ratios = report["ratios"]
+    assert set(ratios) == {"plain_over_trainer_onenet", "stn_over_onenet", "stn_fused_over_onenet",
+                           "alignment_share_of_stn_step", "data_over_onenet_step"}
+    assert all(v > 0 for k, v in ratios.items() if k != "alignment_share_of_stn_step")
+    assert 0 <= ratios["alignment_share_of_stn_step"] < 1
+    assert any(line.startswith("ratios (one run): plain_over_trainer_onenet") for line in printed)
 
 
 def test_speed_refuses_an_unknown_plan_in_one_line(capsys):
@@ -33,7 +41,7 @@ def test_speed_reports_each_plans_size_and_gmac_without_timing(capsys):
     """``--steps 0``: the parameters and GMac of each plan on one image (the README's table of both networks),
     equal to the branched network's own cost count."""
     assert speed.main(["--network", "authors", "--height", "64", "--width", "128", "--steps", "0"]) == 0
-    rows = json.loads(capsys.readouterr().out.splitlines()[-1])
+    rows = json.loads(capsys.readouterr().out.splitlines()[-1])["rows"]
     stages = ResNetStages("resnet18", network="authors")
     for name, plan in (("stn", BranchingPlan.single_task(speed.TASKS, 10)),
                        ("onenet", BranchingPlan.one_net(speed.TASKS, 10))):

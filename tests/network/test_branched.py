@@ -163,3 +163,74 @@ def test_missing_head_and_wrong_depth_are_clear_errors(stages):
         BranchedNetwork(BranchingPlan.single_task("SD", 10), stages, {"S": stages.build_head(2)})
     with pytest.raises(PlanError, match="6 locations"):
         build(BranchingPlan.single_task("SD", 6), stages)
+
+
+# ------------------------------------------------------------------------------------ fused execution
+FUSED_PLANS = [BranchingPlan.single_task("SDE", 10),
+               BranchingPlan("SDE", [[["S", "D", "E"]]] * 2 + [[["S", "D"], ["E"]]] * 3 + [[["S"], ["D"], ["E"]]] * 5)]
+
+
+def fused_pair(network, plan):
+    """Two float64 copies of one network (nodes made to differ), the second running fused."""
+    import copy
+
+    smoke = ResNetStages("resnet18", backbone_args={"channels": (16, 32, 64, 128)}, network=network)
+    torch.manual_seed(0)
+    plain = build(plan, smoke).double()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fused = copy.deepcopy(plain)
+    fused.fused = True
+    return plain, fused
+
+
+@pytest.mark.parametrize("network", ["compact", "authors"])
+@pytest.mark.parametrize("plan", FUSED_PLANS, ids=["stn", "partly-merged"])
+def test_fused_locations_equal_the_unfused_network(network, plan):
+    """Outputs, sibling features, gradients and batch-norm running statistics of a training step agree to 1e-10
+    (relative, float64: the fused call is the same arithmetic in another order; in float32 they differ by
+    rounding, amplified by batch norm over few pixels)."""
+    plain, fused = fused_pair(network, plan)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    (preds_a, feats_a), (preds_b, feats_b) = plain(x), fused(x)
+    for t in "SDE":
+        torch.testing.assert_close(preds_b[t], preds_a[t], rtol=1e-10, atol=1e-10)
+    assert feats_a.keys() == feats_b.keys()
+    for t in feats_a:
+        torch.testing.assert_close(feats_b[t], feats_a[t], rtol=1e-10, atol=1e-10)
+    sum((p ** 2).mean() for p in preds_a.values()).backward()
+    sum((p ** 2).mean() for p in preds_b.values()).backward()
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-10, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_a_merge_after_fused_training_equals_the_merge_after_unfused_training():
+    """Two Adam steps fused and unfused, then the S and D task nodes at location 2 averaged into a group node
+    (weights, BN statistics, Adam state): the same group node either way."""
+    from mtsl_plugin.learner.optim import average_module_state, average_parameter_state
+
+    plan = FUSED_PLANS[1]
+    merged = []
+    for run_fused in (False, True):
+        network, _ = fused_pair("compact", plan)
+        network.fused = run_fused
+        optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            preds, _ = network(torch.randn(4, 3, 64, 64, dtype=torch.float64, generator=generator))
+            optimizer.zero_grad()
+            sum((p ** 2).mean() for p in preds.values()).backward()
+            optimizer.step()
+        nodes = [network.node(5, ("S",)), network.node(5, ("D",))]
+        merged.append((average_module_state(nodes), average_parameter_state(optimizer, nodes)))
+    (state_a, adam_a), (state_b, adam_b) = merged
+    for name in state_a:
+        torch.testing.assert_close(state_b[name], state_a[name], rtol=1e-8, atol=1e-10, msg=name)
+    for a, b in zip(adam_a, adam_b):
+        for key in a:
+            torch.testing.assert_close(torch.as_tensor(b[key]), torch.as_tensor(a[key]), rtol=1e-6, atol=1e-10)
