@@ -99,10 +99,10 @@ class LoaderData(RunData):
                          seed=seed)
         self.loader = loader
 
-    def batches(self, dataset: Dataset, key: Iterable[int] | None = None) -> DataLoader:
+    def batches(self, dataset: Dataset, key: Iterable[int] | None = None, shard: bool = True) -> DataLoader:
         if dataset is self.train and key is not None and key[0] == 0:  # the epochs' training batches
             return self.loader
-        return super().batches(dataset, key)
+        return super().batches(dataset, key, shard)
 
 
 class Trainer(MTLTrainer):

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from mtsl_plugin import distributed
 from mtsl_plugin.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.learner.structural import StructuralLearner
@@ -52,14 +53,25 @@ class RunData:
     batch_size: int
     seed: int = 0
 
-    def batches(self, dataset: Dataset, key: Iterable[int] | None = None) -> DataLoader:
-        """A loader over ``dataset``; shuffled with a generator seeded by (seed, *key) when ``key`` is given."""
+    def batches(self, dataset: Dataset, key: Iterable[int] | None = None, shard: bool = True) -> DataLoader:
+        """A loader over ``dataset``; shuffled with a generator seeded by (seed, *key) when ``key`` is given.
+
+        Under ``torch.distributed`` a shuffled loader gives this rank its share of every global batch
+        (:func:`mtsl_plugin.distributed.shard_batches`; the global batches are those of one process), unless
+        ``shard`` is False; unshuffled loaders (evaluation, grouping data) give every rank all the data."""
         generator = None
         if key is not None:
             seed = np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]
             generator = torch.Generator().manual_seed(int(seed))
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=key is not None, generator=generator,
-                          drop_last=key is not None and len(dataset) >= 2 * self.batch_size)
+        drop_last = key is not None and len(dataset) >= 2 * self.batch_size
+        if key is None or not shard or distributed.world_size() == 1:
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=key is not None, generator=generator,
+                              drop_last=drop_last)
+        distributed.per_rank_batch(self.batch_size)
+        order = torch.randperm(len(dataset), generator=generator).tolist()  # what shuffle=True draws
+        steps = len(order) // self.batch_size if drop_last else -(-len(order) // self.batch_size)
+        global_batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(steps)]
+        return DataLoader(dataset, batch_sampler=distributed.shard_batches(global_batches))
 
 
 class MTLTrainer(LibMTL.Trainer):
@@ -89,6 +101,7 @@ class MTLTrainer(LibMTL.Trainer):
             self.meter = _PerformanceMeter(self.task_dict, self.multi_input)
         self.epochs_done = 0
         self.history: list[dict] = []
+        self.ddp: nn.parallel.DistributedDataParallel | None = None  # the training wrapper under torch.distributed
 
     # ------------------------------------------------------------------ LibMTL overrides
     def _prepare_model(self, weighting, architecture, encoder_class, decoders):
@@ -160,16 +173,23 @@ class MTLTrainer(LibMTL.Trainer):
         """One optimisation step: task losses through the weighting method, plus the alignment term."""
         self.model.train()
         with self.autocast():
-            preds = self.model(images)
+            preds = (self.ddp or self.model)(images)
         losses = self.task_losses(preds, gts)
         align = None
         if self.learner is not None:
             features = {t: f.float() for t, f in self.model.task_node_features.items()}
             align = self.learner.alignment_loss(self.network.plan, features)
         self.optimizer.zero_grad(set_to_none=True)
-        if align is not None:
+        if align is not None and self.ddp is not None:  # DDP reduces gradients in one backward per forward: the
+            params = [p for p in self.model.parameters() if p.requires_grad]  # alignment's are averaged by hand
+            align_grads = torch.autograd.grad(align, params, retain_graph=True, allow_unused=True)
+        elif align is not None:
             align.backward(retain_graph=True)  # before the weighting, which may free the graph
         self.model.backward(losses, **self.kwargs["weight_args"])
+        if align is not None and self.ddp is not None:
+            for p, grad in zip(params, align_grads):
+                if grad is not None:
+                    p.grad = distributed.mean(grad) if p.grad is None else p.grad + distributed.mean(grad)
         self.optimizer.step()
         return losses.detach(), 0.0 if align is None else float(align.detach())
 
@@ -204,6 +224,7 @@ class MTLTrainer(LibMTL.Trainer):
         bar = tqdm(total=total_epochs, initial=self.epochs_done, desc="epochs", disable=disable)
         self.model.total_epochs = total_epochs
         train, architecture = self.search_split(data)
+        self.wrap_distributed()
         last_save = time.perf_counter()
         while self.epochs_done < total_epochs:
             self.model.epoch = self.epochs_done  # LibMTL's convention: architectures may read the epoch
@@ -234,20 +255,54 @@ class MTLTrainer(LibMTL.Trainer):
                     raise ValueError("MTSL needs a held-out slice of the training data for grouping decisions")
                 phase = self.learner.phases_done
                 counter = iter(range(1 << 30))
-                record = self.learner.structural_phase(
+                distributed.broadcast_module(self.model)  # batch-norm statistics drift apart between ranks
+                record = self.learner.structural_phase(  # every rank decides alike on all the held-out data
                     self.network, self.model, self.optimizer,
-                    lambda: data.batches(data.train, key=(1, phase, next(counter))), holdout, self.device,
-                    progress=progress)
+                    lambda: data.batches(data.train, key=(1, phase, next(counter)), shard=False), holdout,
+                    self.device, progress=progress)
                 if on_phase is not None:
                     on_phase(record.to_dict())
                 changed = True
+            if changed:
+                self.wrap_distributed()  # new nodes: identical on every rank (checked), a new DDP wrapper
             due = changed or self.epochs_done == total_epochs or time.perf_counter() - last_save >= checkpoint_every
+            due = distributed.broadcast_object(due)  # rank 0's clock decides for every rank
             if checkpoint is not None and due:
-                self.save(checkpoint)
+                if distributed.is_main():
+                    self.save(checkpoint)
+                distributed.barrier()
                 last_save = time.perf_counter()
             bar.update(1)
         bar.close()
+        distributed.broadcast_module(self.model)  # evaluation and saved weights: rank 0's statistics everywhere
         return self.history
+
+    # ------------------------------------------------------------------ data parallel
+    SINGLE_BACKWARD = ("EW", "UW", "DWA", "GLS", "RLW")  # LibMTL weightings that backpropagate one weighted sum
+
+    def wrap_distributed(self) -> None:
+        """Under ``torch.distributed``: make every replica rank 0's, check it, and (re)wrap the model in
+        ``DistributedDataParallel`` (after a structural edit the old wrapper is dropped: its buckets describe the
+        old parameters). Weighting methods that backpropagate each task separately (gradient surgery) and
+        bilevel searches are refused in one line."""
+        if not distributed.active():
+            return
+        absolute = LibMTL.weighting.AbsWeighting
+        weighting = next(c.__name__ for c in type(self.model).__mro__ if issubclass(c, absolute) and c is not absolute
+                         and c is not type(self.model))
+        if weighting not in self.SINGLE_BACKWARD:
+            raise ValueError(f"weighting {weighting} backpropagates each task separately, which "
+                             "DistributedDataParallel does not support; use one of "
+                             f"{', '.join(self.SINGLE_BACKWARD)} with several processes")
+        if self.arch_optimizer is not None:
+            raise ValueError("bilevel architecture search (BMTAS) runs in one process; start it without torchrun")
+        self.ddp = None
+        distributed.broadcast_module(self.model)
+        distributed.check_replicas(self.model, "before training" if not self.epochs_done else
+                                   f"after epoch {self.epochs_done}")
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids,
+                                                       find_unused_parameters=hasattr(self.model, "gates"))
 
     def search_split(self, data: RunData) -> tuple[Dataset, Dataset | None]:
         """The training data of the weights steps and, for a bilevel search, of the architecture steps: a

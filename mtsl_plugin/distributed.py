@@ -1,0 +1,118 @@
+"""Data-parallel training with ``torch.distributed`` (launched by ``torchrun``): one process per device, the
+model replicated and wrapped in ``DistributedDataParallel``, each rank training on its share of every global
+batch.
+
+What this module holds is plain: who we are (:func:`rank`, :func:`world_size`), starting the process group from
+torchrun's environment (:func:`init_from_env`), sharding a global batch order (:func:`shard_batches`), and
+keeping replicas identical through structural edits (:func:`broadcast_module`, :func:`check_replicas`).
+Without a process group every function is the single-process identity, so the rest of the code calls them
+unconditionally.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def init_from_env(device: str) -> str:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment): gloo on CPU, NCCL on
+    CUDA with one GPU per rank (``LOCAL_RANK``). Returns the device this rank trains on (``cuda:<local rank>``
+    on CUDA). A single process is left alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return device
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return device
+
+
+def per_rank_batch(batch_size: int) -> int:
+    """The batch each rank trains on: the global batch split evenly; a batch the ranks do not divide is refused."""
+    size = world_size()
+    if batch_size % size:
+        raise ValueError(f"the batch of {batch_size} cannot be split evenly over {size} processes; choose a "
+                         f"batch divisible by {size}")
+    return batch_size // size
+
+
+def shard_batches(batches: Sequence[Sequence[int]]) -> list[list[int]]:
+    """This rank's part of each global batch (sample indices): rank ``r`` of ``n`` takes positions ``r, r + n,
+    ...``, so the ranks' parts of one step together are that step's global batch."""
+    size, me = world_size(), rank()
+    return [list(batch[me::size]) for batch in batches]
+
+
+def mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over the ranks (a new tensor)."""
+    if not active():
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total / world_size()
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Make every rank's parameters and buffers rank 0's (in place)."""
+    if not active():
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def checksum(module: nn.Module) -> str:
+    """A hash of the module's parameter names, shapes and values (to compare replicas)."""
+    digest = hashlib.sha256()
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().to("cpu", torch.float64).sum().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas(module: nn.Module, when: str) -> None:
+    """Fail loudly when the ranks' replicas differ (their checksums, gathered)."""
+    if not active():
+        return
+    sums: list[str | None] = [None] * world_size()
+    dist.all_gather_object(sums, checksum(module))
+    if len(set(sums)) > 1:
+        raise RuntimeError(f"the processes' models diverged {when}: checksums {sums}")
+
+
+def broadcast_object(value):
+    """Rank 0's ``value`` on every rank (any picklable object)."""
+    if not active():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -1,0 +1,88 @@
+"""Data-parallel MTSL on CPU: two gloo processes train the smoke preset through its structural phases."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import smoke_config
+from mtsl_plugin import distributed
+from mtsl_plugin.experiment import build_data, build_stages, build_trainer, seed_everything
+from mtsl_plugin.methods import build_method
+from mtsl_plugin.tasks import build_tasks
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_mtsl(out_file, weighting="EW"):
+    """The smoke MTSL run of S and D; saves the final plan, weights and phase records."""
+    config = smoke_config(tasks=("S", "D")).replace(weighting=weighting)
+    seed_everything(0)
+    data, dataset = build_data(config)
+    tasks = build_tasks(config.tasks, dataset.num_classes)
+    spec = build_method("mtsl", config, 10)
+    trainer = build_trainer(config, tasks, spec.plan, build_stages(config), spec.learner)
+    trainer.fit(data, config.mtsl.total_epochs, progress=False)
+    torch.save({"plan": trainer.model.plan.to_json(), "state": trainer.model.state_dict(),
+                "merged": [r.merged for r in spec.learner.records],
+                "similarities": [r.similarities for r in spec.learner.records]}, out_file)
+
+
+def worker(rank, world, port, folder, weighting):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init_from_env("cpu")
+    try:
+        train_mtsl(os.path.join(folder, f"rank{rank}.pt"), weighting)
+    except ValueError as exc:
+        with open(os.path.join(folder, f"rank{rank}.err"), "w") as handle:
+            handle.write(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_take_the_same_decisions_and_end_identical(tmp_path):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), "EW"), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["plan"] == ranks[1]["plan"] and ranks[0]["merged"] == ranks[1]["merged"]
+    assert ranks[0]["state"].keys() == ranks[1]["state"].keys()
+    assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in ranks[0]["state"])
+    assert any(ranks[0]["merged"])  # the phases did edit the network under DDP
+
+    # one process with the same global batch: the same grouping decisions; its weights differ only as batch
+    # norm over half batches and the order of gradient sums make them (similarities agree to 0.02)
+    train_mtsl(tmp_path / "single.pt")
+    single = torch.load(tmp_path / "single.pt", weights_only=False)
+    assert single["plan"] == ranks[0]["plan"] and single["merged"] == ranks[0]["merged"]
+    for phase_a, phase_b in zip(single["similarities"], ranks[0]["similarities"]):
+        for a, b in zip(phase_a, phase_b):
+            assert torch.allclose(torch.tensor(a["matrix"]), torch.tensor(b["matrix"]), atol=0.02)
+
+
+def test_gradient_surgery_is_refused_under_ddp(tmp_path):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), "PCGrad"), nprocs=2, join=True)
+    message = (tmp_path / "rank0.err").read_text()
+    assert "PCGrad backpropagates each task separately" in message and "\n" not in message
+
+
+def test_a_batch_the_processes_do_not_divide_is_refused(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    with pytest.raises(ValueError, match="batch of 16 cannot be split evenly over 3 processes"):
+        distributed.per_rank_batch(16)
+
+
+def test_shards_of_a_global_batch_make_it_up(monkeypatch):
+    batches = [[5, 1, 4, 0], [2, 3, 7, 6]]
+    parts = []
+    for me in range(2):
+        monkeypatch.setattr(distributed, "rank", lambda me=me: me)
+        monkeypatch.setattr(distributed, "world_size", lambda: 2)
+        parts.append(distributed.shard_batches(batches))
+    assert [sorted(a + b) for a, b in zip(*parts)] == [sorted(b) for b in batches]
