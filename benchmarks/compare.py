@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.figures import alignment_figure, search_figure
+from mtsl_plugin import distributed
 from benchmarks.harness import (Job, UsageError, add_deltas, add_run_args, check_jobs, check_out, config_from_args,
                                 method_jobs, parse_list, parse_seeds, run_jobs, run_main, source_of, with_sources,
                                 write_results)
@@ -143,11 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"config": config.to_dict(), "methods": methods, "seeds": seeds,
                                          "plan_from": plan_from})
-        results = run_jobs(jobs, out, not args.no_progress, args.keep_checkpoints)
+        main = distributed.is_main()  # under torchrun every rank trains; rank 0 alone reports
+        results = run_jobs(jobs, out, not args.no_progress and main, args.keep_checkpoints)
         add_deltas(results)
-        table = report(results, out)
-        print(table)
-        print(f"\nresults in {out}")
+        if main:
+            print(report(results, out))
+            print(f"\nresults in {out}")
         return 1 if any(r["status"] != "ok" for r in results) else 0
 
     return run_main(body, args)

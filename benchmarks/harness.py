@@ -24,6 +24,7 @@ import timm
 
 import baselines  # noqa: F401  (registers the baseline methods)
 from benchmarks.report import aggregate, delta_mtl, format_table, write_csv, write_markdown
+from mtsl_plugin import distributed
 from mtsl_plugin.config import NETWORKS, NUM_LOCATIONS, PRESETS, SETTINGS, RunConfig, load_preset
 from mtsl_plugin.experiment import method_spec, run_fingerprint, run_method, write_json
 from mtsl_plugin.learner.schedule import MTSLConfig
@@ -165,6 +166,8 @@ def run_main(main_body, args: argparse.Namespace) -> int:
     """Run a command's body; user errors become one line on stderr and exit code 2."""
     try:
         load_plugins(args)
+        if hasattr(args, "device"):  # under torchrun: join the process group, one device per rank
+            args.device = distributed.init_from_env(args.device)
         return main_body()
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -243,9 +246,11 @@ def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
         if previous.get("fingerprint") != fingerprint:
             raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another --out")
         if done.exists() and previous.get("status") == "ok":
-            print(f"{tag} reusing the finished run in {run_dir}", flush=True)
+            if distributed.is_main():
+                print(f"{tag} reusing the finished run in {run_dir}", flush=True)
             return {**previous, "label": job.label}
-    print(f"{tag} training", flush=True)
+    if distributed.is_main():
+        print(f"{tag} training", flush=True)
     result = run_method(job.config, job.method, run_dir, resume=True, progress=progress, plan=plan,
                         keep_checkpoint=keep_checkpoints, arch_args=dict(job.arch_args))
     return {**result, "label": job.label}
@@ -264,7 +269,8 @@ def run_jobs(jobs: Sequence[Job], out: Path, progress: bool, keep_checkpoints: b
         except Exception as exc:  # keep going with the other jobs; the table shows the failure
             with contextlib.suppress(OSError):  # the traceback is a courtesy; a full disk must not lose the row
                 job.run_dir(out).mkdir(parents=True, exist_ok=True)
-                (job.run_dir(out) / "error.txt").write_text(traceback.format_exc())
+                if distributed.is_main():
+                    (job.run_dir(out) / "error.txt").write_text(traceback.format_exc())
             print(f"[{job.label} seed {job.config.seed}] failed: {exc}", file=sys.stderr, flush=True)
             results.append({"method": job.method, "label": job.label, "seed": job.config.seed, "status": "failed",
                             "error": str(exc)})

@@ -26,6 +26,8 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
+from mtsl_plugin import distributed
+
 FORMAT = 1
 
 
@@ -70,8 +72,11 @@ def write_failure(path: Path, exc: BaseException) -> str:
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync it and rename it
     over ``path``. On any failure the temporary file is removed, ``path`` keeps its previous content, and an
-    ``OSError`` (a full disk, a read-only folder...) becomes a :class:`CheckpointError` naming ``path``."""
+    ``OSError`` (a full disk, a read-only folder...) becomes a :class:`CheckpointError` naming ``path``.
+    Under ``torch.distributed`` only rank 0 writes (every rank holds the same state); the others return."""
     path = Path(path)
+    if not distributed.is_main():
+        return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)

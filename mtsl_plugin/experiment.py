@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from mtsl_plugin import distributed
 from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.checkpoint import atomic_write
 from mtsl_plugin.config import NUM_LOCATIONS, RunConfig
@@ -136,8 +137,10 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     if saved.exists() and json.loads(saved.read_text()).get("fingerprint") != fingerprint:
         raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    for partial in run_dir.glob("*.tmp"):  # a write cut short by a kill (the file it was replacing is intact)
-        partial.unlink()
+    if distributed.is_main():  # under torchrun rank 0 owns the folder
+        for partial in run_dir.glob("*.tmp"):  # a write cut short by a kill (the file it was replacing is intact)
+            partial.unlink()
+    distributed.barrier()
     seed_everything(config.seed)
     data, dataset = build_data(config)
     missing = [t for t in config.tasks if t not in dataset.tasks]
@@ -187,8 +190,9 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         "reference_key": config.fingerprint(exclude=("device", "mtsl")),  # runs with one STN reference
     }
     write_json(run_dir / "result.json", result)
-    if not keep_checkpoint:
+    if not keep_checkpoint and distributed.is_main():
         checkpoint.unlink(missing_ok=True)
+    distributed.barrier()  # every rank sees this run's files before the next job looks for finished runs
     return result
 
 

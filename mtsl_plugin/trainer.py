@@ -268,8 +268,7 @@ class MTLTrainer(LibMTL.Trainer):
             due = changed or self.epochs_done == total_epochs or time.perf_counter() - last_save >= checkpoint_every
             due = distributed.broadcast_object(due)  # rank 0's clock decides for every rank
             if checkpoint is not None and due:
-                if distributed.is_main():
-                    self.save(checkpoint)
+                self.save(checkpoint)  # rank 0 writes (atomic_write)
                 distributed.barrier()
                 last_save = time.perf_counter()
             bar.update(1)

@@ -1,4 +1,5 @@
 """Data-parallel MTSL on CPU: two gloo processes train the smoke preset through its structural phases."""
+import json
 import os
 import socket
 
@@ -86,3 +87,31 @@ def test_shards_of_a_global_batch_make_it_up(monkeypatch):
         monkeypatch.setattr(distributed, "world_size", lambda: 2)
         parts.append(distributed.shard_batches(batches))
     assert [sorted(a + b) for a, b in zip(*parts)] == [sorted(b) for b in batches]
+
+
+def compare_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from benchmarks import compare
+
+    code = compare.main(["--methods", "mtsl", "--preset", "smoke", "--tasks", "S,D", "--out", out, "--no-progress"])
+    with open(f"{out}.rank{rank}", "w") as handle:
+        handle.write(str(code))
+    dist.destroy_process_group()
+
+
+def test_compare_under_two_processes_writes_one_result_like_one_process(tmp_path):
+    """What ``torchrun --nproc_per_node=2 benchmarks/compare.py ...`` runs: both ranks train, rank 0 writes;
+    the converged plan is the single process's."""
+    from benchmarks import compare
+
+    out = tmp_path / "two"
+    mp.spawn(compare_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    assert [(tmp_path / f"two.rank{r}").read_text() for r in range(2)] == ["0", "0"]
+    runs = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert all(r["status"] == "ok" for r in runs.values()) and not list(out.rglob("*.tmp"))
+    assert compare.main(["--methods", "mtsl", "--preset", "smoke", "--tasks", "S,D", "--out", str(tmp_path / "one"),
+                         "--no-progress"]) == 0
+    single = {r["method"]: r for r in json.loads((tmp_path / "one" / "results.json").read_text())}
+    assert runs["mtsl"]["plan"] == single["mtsl"]["plan"]
