@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nresults in {out}")
         return 1 if any(r["status"] != "ok" for r in results) else 0
 
-    return run_main(body, args)
+    return run_main(body, args, distributed_ok=True)
 
 
 if __name__ == "__main__":

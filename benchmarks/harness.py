@@ -162,11 +162,14 @@ def parse_seeds(text: str) -> list[int]:
         raise UsageError(f"--seeds must be comma-separated integers, got {text!r}") from None
 
 
-def run_main(main_body, args: argparse.Namespace) -> int:
-    """Run a command's body; user errors become one line on stderr and exit code 2."""
+def run_main(main_body, args: argparse.Namespace, distributed_ok: bool = False) -> int:
+    """Run a command's body; user errors become one line on stderr and exit code 2. Under torchrun a command
+    that supports it (``distributed_ok``: compare.py) joins the process group; the others refuse to start."""
     try:
         load_plugins(args)
-        if hasattr(args, "device"):  # under torchrun: join the process group, one device per rank
+        if distributed.launched():
+            if not distributed_ok:
+                raise UsageError(f"{Path(sys.argv[0]).name} runs in one process; start it without torchrun")
             args.device = distributed.init_from_env(args.device)
         return main_body()
     except USER_ERRORS as exc:

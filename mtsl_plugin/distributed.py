@@ -40,11 +40,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def launched() -> bool:
+    """Whether torchrun (or a launcher like it) started several processes for this job."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_from_env(device: str) -> str:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment): gloo on CPU, NCCL on
     CUDA with one GPU per rank (``LOCAL_RANK``). Returns the device this rank trains on (``cuda:<local rank>``
     on CUDA). A single process is left alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+    if not launched() or (dist.is_available() and dist.is_initialized()):
         return device
     cuda = device.startswith("cuda")
     dist.init_process_group("nccl" if cuda else "gloo")

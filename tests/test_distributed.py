@@ -115,3 +115,49 @@ def test_compare_under_two_processes_writes_one_result_like_one_process(tmp_path
                          "--no-progress"]) == 0
     single = {r["method"]: r for r in json.loads((tmp_path / "one" / "results.json").read_text())}
     assert runs["mtsl"]["plan"] == single["mtsl"]["plan"]
+
+
+def test_commands_without_a_distributed_path_refuse_torchrun(monkeypatch, capsys):
+    from benchmarks import ablation
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert ablation.main(["--preset", "smoke", "--no-progress"]) == 2
+    assert "runs in one process; start it without torchrun" in capsys.readouterr().err
+
+
+def smoke_trainer():
+    config = smoke_config(tasks=("S", "D"))
+    seed_everything(0)
+    data, dataset = build_data(config)
+    spec = build_method("mtsl", config, 10)
+    return config, data, spec, build_tasks(config.tasks, dataset.num_classes), build_stages(config)
+
+
+def resume_worker(rank, world, port, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init_from_env("cpu")
+    from mtsl_plugin.trainer import MTLTrainer
+
+    config, data, spec, tasks, stages = smoke_trainer()
+    checkpoint = os.path.join(folder, "checkpoint.pt")
+    trainer = build_trainer(config, tasks, MTLTrainer.checkpoint_plan(checkpoint), stages, spec.learner)
+    trainer.load(checkpoint)
+    trainer.fit(data, config.mtsl.total_epochs, progress=False)
+    torch.save({"plan": trainer.model.plan.to_json()}, os.path.join(folder, f"resumed{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_run_of_one_process_resumes_with_two(tmp_path):
+    """One process trains up to the first structural phase and checkpoints; two processes continue from that
+    checkpoint (the global batches do not depend on the number of processes) to the uninterrupted plan."""
+    config, data, spec, tasks, stages = smoke_trainer()
+    trainer = build_trainer(config, tasks, spec.plan, stages, spec.learner)
+    first_phase = config.mtsl.phase_ends()[0]
+    trainer.fit(data, first_phase, checkpoint=tmp_path / "checkpoint.pt", progress=False)
+    assert spec.learner.phases_done == 1 and (tmp_path / "checkpoint.pt").is_file()
+    mp.spawn(resume_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    train_mtsl(tmp_path / "single.pt")
+    expected = torch.load(tmp_path / "single.pt", weights_only=False)["plan"]
+    assert [torch.load(tmp_path / f"resumed{r}.pt", weights_only=False)["plan"] for r in range(2)] == [expected] * 2
