@@ -26,7 +26,7 @@ from benchmarks.harness import (Job, UsageError, add_deltas, add_run_args, check
                                 method_jobs, parse_list, parse_seeds, run_jobs, run_main, source_of, with_sources,
                                 write_results)
 from mtsl_plugin.config import RunConfig
-from mtsl_plugin.experiment import write_json
+from mtsl_plugin.experiment import write_config, write_json
 from mtsl_plugin.methods import method_names
 from mtsl_plugin.plan import BranchingPlan
 
@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--resume {out}: no config.json there, so it is not a compare.py results folder")
             meta = json.loads(saved.read_text())
             config, methods, seeds = RunConfig.from_dict(meta["config"]), meta["methods"], meta["seeds"]
-            config, plan_from = config.replace(device=args.device, fused=args.fused), meta.get("plan_from")
+            config = config.replace(device=args.device or config.device, fused=args.fused or config.fused)
+            plan_from = meta.get("plan_from")
         else:
             config = config_from_args(args)
             requested = (method_names(config.setting) if args.methods == "all"
@@ -144,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"config": config.to_dict(), "methods": methods, "seeds": seeds,
                                          "plan_from": plan_from})
+        write_config(out / "config.yaml", config)  # the effective configuration, itself a valid --config
         main = distributed.is_main()  # under torchrun every rank trains; rank 0 alone reports
         results = run_jobs(jobs, out, not args.no_progress and main, args.keep_checkpoints)
         add_deltas(results)

@@ -25,7 +25,7 @@ import timm
 import baselines  # noqa: F401  (registers the baseline methods)
 from benchmarks.report import aggregate, delta_mtl, format_table, write_csv, write_markdown
 from mtsl_plugin import distributed
-from mtsl_plugin.config import NETWORKS, NUM_LOCATIONS, PRESETS, SETTINGS, RunConfig, load_preset
+from mtsl_plugin.config import NETWORKS, NUM_LOCATIONS, PRESETS, SETTINGS, RunConfig, load_config_file, load_preset
 from mtsl_plugin.experiment import method_spec, run_fingerprint, run_method, write_json
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.methods import build_method
@@ -48,15 +48,19 @@ USER_ERRORS = (UsageError, PluginError, ValueError, OSError, CheckpointError)
 def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     """The options that define the runs (data, backbone, budget, MTSL's plugins); shared by every command."""
     p.add_argument("--preset", default="quick", choices=PRESETS)
-    p.add_argument("--setting", default="encoder-decoder", choices=SETTINGS,
-                   help="encoder-decoder: 10 merge locations (paper Table 2); encoder: 6, DeepLab heads (Table 1)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML file of configuration fields over the preset (as the presets or a results folder's "
+                        "config.yaml write them); the options below go on top")
+    p.add_argument("--setting", default=None, choices=SETTINGS,
+                   help="encoder-decoder (default): 10 merge locations (paper Table 2); encoder: 6, DeepLab heads "
+                        "(Table 1)")
     p.add_argument("--seeds", default=default_seeds, help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--dataset", default=None, help="synthetic (default), nyuv2 or cityscapes")
     p.add_argument("--data-root", default=None, help="folder of a preprocessed real data set")
     p.add_argument("--no-augment", action="store_true",
                    help="real data: no random zoom and flip of the training samples (on by default)")
     p.add_argument("--tasks", default=None, help="comma-separated task letters (default: all the data has)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--fused", action="store_true",
                    help="MTSL and plans: run the nodes of a location as one vmapped call (grouped convolutions)")
     p.add_argument("--backbone", default=None, help="timm ResNet name (default resnet18)")
@@ -112,14 +116,16 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The :class:`RunConfig` of :func:`add_run_args`' options (plugins named there must be loaded already)."""
     config = load_preset(args.preset)
+    if getattr(args, "config", None):
+        config = load_config_file(args.config, base=config)
     data = config.data
     if args.no_augment:
         data = dataclasses.replace(data, augment=False)
     if args.dataset is not None:
         data = type(data)(**{**data.__dict__, "name": args.dataset, "root": args.data_root})
         if args.dataset != "synthetic":  # real data: use the whole split unless the preset is a smoke test
-            data = type(data)(**{**data.__dict__, "train": data.train if args.preset == "smoke" else None,
-                                 "test": data.test if args.preset == "smoke" else None})
+            data = type(data)(**{**data.__dict__, "train": data.train if config.preset == "smoke" else None,
+                                 "test": data.test if config.preset == "smoke" else None})
     mtsl = config.mtsl.to_dict()
     for key, value in (("similarity", args.similarity), ("grouping", args.grouping),
                        ("amalgamator", args.amalgamator), ("threshold", args.threshold)):
@@ -128,8 +134,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     mtsl.update({k: False for k, flag in (("align", getattr(args, "no_align", False)),
                                           ("average_init", getattr(args, "no_average_init", False)),
                                           ("amalgamate", getattr(args, "no_amalgamation", False))) if flag})
-    changes: dict[str, Any] = {"data": data, "mtsl": MTSLConfig.from_dict(mtsl), "device": args.device,
-                               "setting": args.setting, "fused": args.fused}
+    changes: dict[str, Any] = {"data": data, "mtsl": MTSLConfig.from_dict(mtsl)}
+    for key in ("device", "setting"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    if args.fused:
+        changes["fused"] = True
     if args.tasks:
         changes["tasks"] = tuple(t.strip() for t in args.tasks.split(","))
     for key in ("backbone", "network", "weights", "weighting"):
@@ -170,7 +180,7 @@ def run_main(main_body, args: argparse.Namespace, distributed_ok: bool = False) 
         if distributed.launched():
             if not distributed_ok:
                 raise UsageError(f"{Path(sys.argv[0]).name} runs in one process; start it without torchrun")
-            args.device = distributed.init_from_env(args.device)
+            args.device = distributed.init_from_env(args.device or "cpu")
         return main_body()
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

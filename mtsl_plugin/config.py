@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
@@ -112,6 +113,53 @@ class RunConfig:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """``base`` (default: :class:`RunConfig`'s defaults) with the fields of ``raw`` on top, in the presets' form
+    (``dataset:``, ``mtsl: {phases: N}``) or :meth:`RunConfig.to_dict`'s (``data:``, every MTSL field).
+
+    ``data`` and ``mtsl`` are merged field by field. When ``raw`` gives the epochs or the number of phases, MTSL's
+    schedule (the fields ``mtsl`` does not give) is the paper's scaled to them
+    (:func:`~mtsl_plugin.learner.schedule.scale_schedule`). Unknown keys are refused, naming them.
+    """
+    raw = dict(raw)
+    if "dataset" in raw:
+        if "data" in raw:
+            raise ValueError("give the data once, as 'dataset' or as 'data', not both")
+        raw["data"] = raw.pop("dataset")
+    base = base or RunConfig()
+    data_raw = dict(raw.pop("data", None) or {})
+    unknown = sorted(set(data_raw) - {f.name for f in dataclasses.fields(DataConfig)})
+    if unknown:
+        raise ValueError(f"unknown data key(s) {unknown}; known: {[f.name for f in dataclasses.fields(DataConfig)]}")
+    mtsl_raw = dict(raw.pop("mtsl", None) or {})
+    phases = mtsl_raw.pop("phases", None)
+    fields = {k: v for k, v in base.to_dict().items() if k not in ("data", "mtsl")}
+    config = RunConfig.from_dict({**fields, **raw, "data": {**dataclasses.asdict(base.data), **data_raw},
+                                  "mtsl": base.mtsl.to_dict()})
+    mtsl = base.mtsl.to_dict()
+    if phases is not None or "epochs" in raw:  # the fields mtsl_raw gives stay as it gives them
+        schedule = scale_schedule(MTSLConfig(), config.epochs, phases or base.mtsl.num_phases).to_dict()
+        mtsl.update({k: schedule[k] for k in ("task_epochs", "amalgamation_epochs", "total_epochs")})
+    return config.replace(mtsl=MTSLConfig.from_dict({**mtsl, **mtsl_raw}))
+
+
+def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """The configuration of a YAML (or JSON) file, over ``base`` (see :func:`config_from_mapping`); a file that
+    cannot be read or holds no mapping is named in one line."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"config file {str(path)!r} could not be read: {reason}") from None
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"config file {str(path)!r} holds no mapping of configuration keys")
+    try:
+        return config_from_mapping(raw, base)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config file {str(path)!r}: {exc}") from None
+
+
 def load_preset(name: str) -> RunConfig:
     """The configuration of a shipped preset (``smoke``, ``quick`` or ``paper``).
 
@@ -121,10 +169,4 @@ def load_preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     raw = yaml.safe_load((resources.files("mtsl_plugin") / "presets" / f"{name}.yaml").read_text())
-    mtsl_raw = dict(raw.pop("mtsl", {}))
-    phases = mtsl_raw.pop("phases", None)
-    data_raw = raw.pop("dataset")
-    config = RunConfig.from_dict({**raw, "preset": name, "data": data_raw,
-                                  "mtsl": {}, "lr_steps": tuple(raw.get("lr_steps", ()))})
-    schedule = scale_schedule(MTSLConfig(), config.epochs, phases)
-    return config.replace(mtsl=MTSLConfig.from_dict({**schedule.to_dict(), **mtsl_raw}))
+    return config_from_mapping({**raw, "preset": name})

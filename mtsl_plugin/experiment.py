@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import Subset
 
 from mtsl_plugin import distributed
@@ -47,6 +48,13 @@ WEIGHTS = "model.pt"  # a finished run's trained weights
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temporary file, then rename); a failed write names ``path`` and keeps the old file."""
     text = json.dumps(data, indent=1).encode()
+    atomic_write(path, lambda handle: handle.write(text))
+
+
+def write_config(path: Path, config: RunConfig) -> None:
+    """Write ``config`` as YAML (atomically): every field, in the form ``--config`` reads back."""
+    text = ("# the effective configuration of this results folder; pass it back with --config\n"
+            + yaml.safe_dump(config.to_dict(), sort_keys=False)).encode()
     atomic_write(path, lambda handle: handle.write(text))
 
 

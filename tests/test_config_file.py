@@ -1,0 +1,59 @@
+"""--config FILE: configuration fields from YAML over the preset, CLI options on top, unknown keys refused, and
+the effective configuration a results folder keeps readable again."""
+import json
+
+import pytest
+
+from benchmarks import compare
+from mtsl_plugin.config import config_from_mapping, load_config_file, load_preset
+
+ARGS = ["--methods", "mtsl", "--preset", "smoke", "--tasks", "S,D", "--no-progress"]
+
+
+def test_a_file_overrides_the_preset_field_by_field_and_rescales_the_schedule(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 40\nlr_steps: [30, 35]\ndata: {height: 128, width: 256}\nmtsl: {phases: 6}\n")
+    base = load_preset("quick")
+    config = load_config_file(path, base)
+    assert config.epochs == 40 and config.data.height == 128 and config.data.width == 256
+    assert config.data.train == base.data.train and config.backbone_args == base.backbone_args  # kept
+    assert len(config.mtsl.task_epochs) == 6 and config.mtsl.total_epochs == 40
+    assert config.mtsl.threshold == base.mtsl.threshold
+
+
+def test_the_presets_are_their_files_read_the_same_way():
+    for name in ("smoke", "quick", "paper"):
+        config = load_preset(name)
+        assert config_from_mapping(config.to_dict()) == config  # to_dict's form reads back to the same run
+
+
+@pytest.mark.parametrize("text, culprit", [("epochs: 4\nepoch_budget: 9\n", "epoch_budget"),
+                                           ("data: {heigth: 32}\n", "heigth"),
+                                           ("mtsl: {treshold: 0.5}\n", "treshold"),
+                                           ("- 1\n- 2\n", "no mapping")])
+def test_bad_files_are_refused_in_one_line_before_training(tmp_path, capsys, text, culprit):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert compare.main([*ARGS, "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert culprit in err and str(path) in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_runs_a_file_and_keeps_a_config_that_reads_back(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 4\nlr_steps: [3]\ndata: {height: 32, width: 48}\nbatch_size: 8\nmtsl: {phases: 2}\n")
+    out = tmp_path / "out"
+    assert compare.main([*ARGS, "--config", str(path), "--threshold", "0.5", "--out", str(out)]) == 0
+    saved = json.loads((out / "mtsl" / "seed0" / "config.json").read_text())["config"]
+    assert saved["epochs"] == 4 and saved["data"]["width"] == 48 and saved["batch_size"] == 8
+    assert saved["mtsl"]["threshold"] == 0.5  # the option on top of the file
+    assert saved["mtsl"]["task_epochs"] == [1, 1] and saved["tasks"] == ["S", "D"]
+    effective = load_config_file(out / "config.yaml", load_preset("quick"))  # whatever the base, the same run
+    assert effective.to_dict() == saved
+    again = tmp_path / "again"
+    assert compare.main(["--methods", "mtsl", "--config", str(out / "config.yaml"), "--no-progress",
+                         "--out", str(again)]) == 0
+    first = json.loads((out / "mtsl" / "seed0" / "result.json").read_text())
+    second = json.loads((again / "mtsl" / "seed0" / "result.json").read_text())
+    assert first["fingerprint"] == second["fingerprint"] and first["plan"] == second["plan"]
