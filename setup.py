@@ -30,7 +30,8 @@ setup(
         "pyyaml>=6.0",
         "imagecorruptions-imaug>=1.1.5",  # the natural corruptions of benchmarks/robustness.py
     ],
-    extras_require={"test": ["pytest>=7.4"]},
+    extras_require={"export": ["onnx>=1.15", "onnxruntime>=1.17"],
+                    "test": ["pytest>=7.4", "onnx>=1.15", "onnxruntime>=1.17"]},
     entry_points={
         "console_scripts": ["mtsl-compare=benchmarks.compare:main", "mtsl-robustness=benchmarks.robustness:main",
                             "mtsl-ablation=benchmarks.ablation:main", "mtsl-sensitivity=benchmarks.sensitivity:main"],

@@ -48,6 +48,7 @@ class GatedSupernet(AbsArchitecture):
             raise ValueError(f"{self.label} got unknown arch_args {unknown}; known: {sorted(self.known_args)}")
         check_architecture_args(self.label, task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
         stages = encoder_class()
+        self.stages = stages  # a plain attribute: the derived network is built from the same stages
         self.specs = stages.specs
         self.head_locations = stages.head_locations
         self.tasks: tuple[str, ...] = tuple(task_name)

@@ -1,0 +1,40 @@
+"""Export the trained network of a finished run, without the training machinery.
+
+    python benchmarks/export.py results/demo/mtsl/seed0 --format onnx --out mtsl.onnx
+    python benchmarks/export.py results/demo/ltb/seed0 --format exported --out ltb.pt2
+
+The file takes an image batch ``(N, 3, H, W)`` (the run's inputs, as its data feeds them) and returns one output
+per task, in the run's task order. It is checked against the trained model on a batch of the run's test images
+(the largest difference is printed).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from mtsl_plugin.experiment import load_run
+from mtsl_plugin.export import FORMATS, export, static_network
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a finished run's folder (holds result.json and model.pt)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="the file to write")
+    args = p.parse_args(argv)
+    try:
+        trainer, data, config = load_run(args.run_dir, device="cpu")
+        images, _ = next(iter(data.batches(data.test)))
+        static = static_network(trainer.model, config.tasks)
+        difference = export(static, args.format, args.out, images[:2])
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({args.format}; tasks {', '.join(static.tasks)}); largest difference to the trained "
+          f"model on two test images: {difference:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

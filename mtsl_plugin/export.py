@@ -1,0 +1,75 @@
+"""The trained network of a run as a static module, and as ONNX or ``torch.export`` files.
+
+:func:`static_network` strips the training machinery: no LibMTL weighting, no structural learner, no features
+kept for the alignment loss, no gates (LTB and BMTAS give their derived branched network, with the weights of the
+supernet nodes it keeps). Its ``forward(image (N, 3, H, W))`` returns one prediction per task, a tuple in task
+order (``static.tasks``), each ``(N, C_t, H, W)``. :func:`export` writes it and checks the written file against
+the module on a sample batch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from mtsl_plugin.network.branched import BranchedNetwork
+
+FORMATS = ("onnx", "exported")
+
+
+class StaticNetwork(nn.Module):
+    """Image in, the tasks' predictions out (a tuple in ``tasks`` order); the wrapped network in eval mode."""
+
+    def __init__(self, network: nn.Module, tasks: Sequence[str]):
+        super().__init__()
+        self.network = network.eval()
+        self.tasks = tuple(tasks)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.network(image)
+        preds = out[0] if isinstance(out, tuple) else out  # a branched network also returns sibling features
+        return tuple(preds[t] for t in self.tasks)
+
+
+def static_network(model: nn.Module, tasks: Sequence[str]) -> StaticNetwork:
+    """The inference network of a trained LibMTL model of this project (``trainer.model``)."""
+    if hasattr(model, "derived_plan"):  # LTB, BMTAS: the branched network the gates derive
+        branched = BranchedNetwork(model.derived_plan(), model.stages, dict(model.heads))
+        for (location, group), slot in model.derived_nodes().items():
+            branched.node(location, group).load_state_dict(model.node(location, slot).state_dict())
+        network = branched.to(next(model.parameters()).device)
+    elif isinstance(getattr(model, "encoder", None), BranchedNetwork):  # MTSL and the fixed plans
+        network = model.encoder
+    else:  # cross-stitch, MTAN: their own forward, LibMTL's dict of predictions
+        network = model
+    return StaticNetwork(network, tasks)
+
+
+def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tensor) -> float:
+    """Write ``static`` as ``fmt`` (``onnx``: ONNX with a dynamic batch size, checked with onnxruntime;
+    ``exported``: a ``torch.export`` program, ``torch.export.load``-able, for ``sample``'s shape) and return the
+    largest absolute difference between the file's and the module's outputs on ``sample`` (N, 3, H, W)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sample = sample.to("cpu")
+    static = static.to("cpu").eval()
+    with torch.no_grad():
+        expected = static(sample)
+    if fmt == "onnx":
+        import onnxruntime
+
+        axes = {name: {0: "batch"} for name in ("image", *static.tasks)}
+        torch.onnx.export(static, (sample,), str(path), input_names=["image"], output_names=list(static.tasks),
+                          dynamic_axes=axes, dynamo=False)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = [torch.from_numpy(a) for a in session.run(None, {"image": sample.numpy()})]
+    else:
+        program = torch.export.export(static, (sample,))
+        torch.export.save(program, str(path))
+        with torch.no_grad():
+            got = torch.export.load(str(path)).module()(sample)
+    return max(float((a - b).abs().max()) for a, b in zip(got, expected))
