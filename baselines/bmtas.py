@@ -14,8 +14,8 @@ of :mod:`baselines.supernet`.
   reference's look-up table ``get_flops``), **not normalised**, weighted by λ = 0.05, the value tuned for those
   units; the expectation is exact (:func:`baselines.gates.expected_group_counts`, which also says how the
   reference's approximation differs);
-* bilevel search (the trainer drives it, :meth:`mtsl_plugin.trainer.MTLTrainer.fit`): 20 % of the training
-  data is held for the architecture. Every search epoch first runs an architecture pass over that split
+* bilevel search (:meth:`BMTAS.search_split`, :meth:`BMTAS.architecture_epoch`, called by the trainer): 20 %
+  of the training data is held for the architecture. Every search epoch first runs an architecture pass over it
   (Adam lr 0.01, weight decay 5e-5, state reset every epoch; loss = task losses + λ·resource; batch-norm
   running statistics frozen) and then resets the weights optimizer's state, as the reference does, before the
   weights pass over the other 80 % with the task losses only. Departures: one weights step per batch with
@@ -26,9 +26,13 @@ of :mod:`baselines.supernet`.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
+from tqdm.auto import tqdm
 
 from baselines import gates
 from baselines.supernet import GatedSupernet
@@ -46,8 +50,8 @@ class BMTAS(GatedSupernet):
     ``arch_args``: ``resource_weight`` (λ, default 0.05), ``cost_size`` (``(H, W)`` the node costs are counted
     at, default 512x512), ``stage_gflops`` (``L`` per-node GFLOPs, instead of counting), ``warmup_epochs``
     (default ``epochs // 20``), ``plan`` (must be ``None``).
-    The trainer's interface for the bilevel search: :meth:`architecture_parameters`, :attr:`arch_optimizer`,
-    :attr:`arch_fraction`, :meth:`architecture_loss`.
+    The trainer's interface for the bilevel search: :meth:`architecture_parameters` and :attr:`arch_optimizer`
+    (the architecture's own optimizer), :meth:`search_split`, :meth:`architecture_epoch`.
     """
 
     label = "BMTAS"
@@ -131,6 +135,44 @@ class BMTAS(GatedSupernet):
         record = super().search_record()
         record["expected_gflops"] = float(self.expected_gflops().detach())
         return record
+
+    # ------------------------------------------------------------------ the bilevel search (called by the trainer)
+    def search_split(self, train: Dataset, seed: int) -> tuple[Dataset, Dataset]:
+        """The weights' and the architecture's training data: a fixed random :attr:`arch_fraction` of ``train``
+        (drawn from ``seed``) for the architecture, the rest for the weights."""
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        cut = int(round(len(order) * (1 - self.arch_fraction)))
+        if cut == 0 or cut == len(order):
+            raise ValueError(f"{len(order)} training samples cannot be split {1 - self.arch_fraction:.0%}/"
+                             f"{self.arch_fraction:.0%} between weights and architecture")
+        return Subset(train, sorted(order[:cut])), Subset(train, sorted(order[cut:]))
+
+    def architecture_epoch(self, trainer, loader: Iterable, progress: bool = True) -> None:
+        """One pass of architecture steps before a search epoch: per batch, the sum of the task losses (brdav sums
+        its fixed-weighted task losses) plus :meth:`architecture_loss`, a step of ``trainer.arch_optimizer`` only;
+        batch norm normalises with the batch and leaves its running statistics (brdav's
+        ``freeze_encoder_bn_running_stats``). The architecture optimizer's state starts afresh every epoch and the
+        weights optimizer's state is cleared afterwards (the architecture changed), as ``train_search`` does."""
+        trainer.arch_optimizer.state.clear()
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.track_running_stats = False
+        try:
+            for images, gts in tqdm(loader, desc="architecture", leave=False, disable=None if progress else True):
+                images = images.to(trainer.device, non_blocking=True)
+                gts = {t: gts[t].to(trainer.device, non_blocking=True) for t in trainer.task_name}
+                with trainer.autocast():
+                    preds = self(images)
+                loss = trainer.task_losses(preds, gts).sum() + self.architecture_loss()
+                trainer.arch_optimizer.zero_grad(set_to_none=True)
+                trainer.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                trainer.arch_optimizer.step()
+        finally:
+            for m in norms:
+                m.track_running_stats = True
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.optimizer.state.clear()
 
 
 @register_method("bmtas")

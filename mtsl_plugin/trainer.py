@@ -9,6 +9,9 @@ scheduler (the paper's steps at epochs 60 and 70), and replaces LibMTL's epoch l
 * adds the structural learner's alignment loss and runs its phases at epoch boundaries;
 * writes an atomic checkpoint after structural phases, every minute or so at epoch ends, and at the end,
   and resumes from one;
+* runs a bilevel architecture search's own architecture pass before each epoch (BMTAS);
+* under ``torch.distributed`` trains a ``DistributedDataParallel`` wrapper, rebuilt after structural edits
+  (:mod:`mtsl_plugin.distributed`);
 * uses bf16 autocast on CUDA and shows tqdm progress bars.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mtsl_plugin import distributed
@@ -119,8 +122,8 @@ class MTLTrainer(LibMTL.Trainer):
         rates for architectures that name them: ``model.lr_multipliers()`` lists (parameters, multiple of the
         run's learning rate), e.g. cross-stitch units at 100x. An architecture searched by bilevel optimisation
         (BMTAS) names its ``architecture_parameters()``: they get an optimizer of their own,
-        ``self.arch_optimizer`` (Adam with ``model.arch_optimizer``'s arguments), and :meth:`fit` runs the
-        architecture steps."""
+        ``self.arch_optimizer`` (Adam with ``model.arch_optimizer``'s arguments), and :meth:`fit` calls the model's
+        ``search_split`` once and its ``architecture_epoch`` before every search epoch."""
         multistep = scheduler_param is not None and scheduler_param.get("scheduler") == "multistep"
         scheduler_args = {k: v for k, v in (scheduler_param or {}).items() if k != "scheduler"}
         super()._prepare_optimizer(optim_param, None if multistep else scheduler_param)
@@ -223,14 +226,15 @@ class MTLTrainer(LibMTL.Trainer):
         holdout = (lambda: data.batches(data.holdout)) if data.holdout is not None else None
         bar = tqdm(total=total_epochs, initial=self.epochs_done, desc="epochs", disable=disable)
         self.model.total_epochs = total_epochs
-        train, architecture = self.search_split(data)
+        train, architecture = (self.model.search_split(data.train, data.seed) if self.arch_optimizer is not None
+                               else (data.train, None))
         self.wrap_distributed()
         last_save = time.perf_counter()
         while self.epochs_done < total_epochs:
             self.model.epoch = self.epochs_done  # LibMTL's convention: architectures may read the epoch
             start = time.perf_counter()
-            if architecture is not None and self.model.train().searching:
-                self.architecture_epoch(data.batches(architecture, key=(2, self.epochs_done)), progress)
+            if architecture is not None and self.model.train().searching:  # bilevel search: the model's own pass
+                self.model.architecture_epoch(self, data.batches(architecture, key=(2, self.epochs_done)), progress)
             sums, align_sum, steps = torch.zeros(self.task_num), 0.0, 0
             loader = data.batches(train, key=(0, self.epochs_done))
             for images, gts in tqdm(loader, desc=f"epoch {self.epochs_done + 1}", leave=False, disable=disable):
@@ -302,46 +306,6 @@ class MTLTrainer(LibMTL.Trainer):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids,
                                                        find_unused_parameters=hasattr(self.model, "gates"))
-
-    def search_split(self, data: RunData) -> tuple[Dataset, Dataset | None]:
-        """The training data of the weights steps and, for a bilevel search, of the architecture steps: a
-        fixed random ``model.arch_fraction`` of ``data.train`` (drawn from the run's seed) goes to the
-        architecture, the rest to the weights."""
-        if self.arch_optimizer is None:
-            return data.train, None
-        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(data.seed)).tolist()
-        cut = int(round(len(order) * (1 - self.model.arch_fraction)))
-        if cut == 0 or cut == len(order):
-            raise ValueError(f"{len(order)} training samples cannot be split {1 - self.model.arch_fraction:.0%}"
-                             f"/{self.model.arch_fraction:.0%} between weights and architecture")
-        return Subset(data.train, sorted(order[:cut])), Subset(data.train, sorted(order[cut:]))
-
-    def architecture_epoch(self, loader: Iterable, progress: bool = True) -> None:
-        """One pass of architecture steps (bilevel search): per batch, the sum of the task losses (brdav sums
-        its fixed-weighted task losses) plus ``model.architecture_loss()``, a step of
-        ``arch_optimizer`` only; batch-norm layers normalise with the batch but keep their running statistics.
-        The architecture optimizer's state starts afresh every epoch and the weights optimizer's state is
-        cleared afterwards (the architecture changed), as brdav/bmtas does."""
-        self.arch_optimizer.state.clear()
-        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        for m in norms:
-            m.track_running_stats = False  # training mode normalises with the batch and leaves running stats
-        try:
-            for images, gts in tqdm(loader, desc="architecture", leave=False, disable=None if progress else True):
-                images = images.to(self.device, non_blocking=True)
-                gts = {t: gts[t].to(self.device, non_blocking=True) for t in self.task_name}
-                with self.autocast():
-                    preds = self.model(images)
-                loss = self.task_losses(preds, gts).sum() + self.model.architecture_loss()
-                self.arch_optimizer.zero_grad(set_to_none=True)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.arch_optimizer.step()
-        finally:
-            for m in norms:
-                m.track_running_stats = True
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer.state.clear()
 
     def _check_finite(self, losses: torch.Tensor, align: float, step: int, checkpoint: str | Path | None) -> None:
         """Stop the run when a loss is NaN or infinite: the weights are already spoilt by this step, so nothing

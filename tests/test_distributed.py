@@ -161,3 +161,46 @@ def test_a_run_of_one_process_resumes_with_two(tmp_path):
     train_mtsl(tmp_path / "single.pt")
     expected = torch.load(tmp_path / "single.pt", weights_only=False)["plan"]
     assert [torch.load(tmp_path / f"resumed{r}.pt", weights_only=False)["plan"] for r in range(2)] == [expected] * 2
+
+
+def test_torchrun_with_a_killed_rank_stops_and_resumes(tmp_path):
+    """A real ``torchrun`` of compare.py: one rank SIGKILLed during MTSL's training stops the job with
+    torchrun's report naming the failed rank; ``--resume`` under torchrun finishes with the uninterrupted plan."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    config = tmp_path / "long.yaml"
+    config.write_text("epochs: 8\nlr_steps: [6]\nmtsl: {phases: 2}\n")
+    out = tmp_path / "out"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py")
+    args = ["--methods", "mtsl", "--preset", "smoke", "--tasks", "S,D", "--config", str(config), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([*launcher, script, *args, "--out", str(out)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    started = out / "mtsl" / "seed0" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not started.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert started.exists(), "MTSL never wrote a checkpoint"
+    ranks = subprocess.run(["ps", "-o", "pid=", "--ppid", str(job.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2
+    os.kill(int(ranks[1]), signal.SIGKILL)
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode != 0
+    assert "exitcode  : -9" in output and "Signal 9 (SIGKILL)" in output  # torchrun names the killed rank
+    assert not (out / "mtsl" / "seed0" / "result.json").exists()
+
+    resumed = subprocess.run([*launcher, script, "--resume", str(out), "--no-progress"], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    runs = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert runs["mtsl"]["status"] == "ok"
+    from benchmarks import compare
+
+    single = tmp_path / "single"
+    assert compare.main([*args, "--out", str(single)]) == 0
+    assert runs["mtsl"]["plan"] == json.loads((single / "mtsl" / "seed0" / "result.json").read_text())["plan"]

@@ -69,7 +69,7 @@ def test_search_trains_gates_and_yields_a_valid_plan(smoke, architecture, settin
     model.epoch = 1  # search: gradients reach every gate
     before = {k: g.detach().clone() for k, g in model.gates.items()}
     if architecture is BMTAS:  # the architecture step moves the gates; the weights step leaves them
-        trainer.architecture_epoch([next(batches)], progress=False)
+        model.architecture_epoch(trainer, [next(batches)], progress=False)
         assert all(not torch.equal(before[k], g) for k, g in model.gates.items())
         before = {k: g.detach().clone() for k, g in model.gates.items()}
     images, gts = next(batches)
