@@ -6,6 +6,9 @@ architecture, encoder_class, decoders, rep_grad, multi_input, optim_param, sched
 that and runs MTSL's loop (:meth:`MTLTrainer.fit`: alignment loss, structural phases, checkpoints) when the
 architecture is MTSL, or our loop without a structural learner for any other architecture:
 
+* LibMTL's own architectures (HPS, MMoE, ...) get ``encoder_class`` and ``decoders`` exactly as LibMTL passes
+  them; the points below are about this project's architectures (MTSL, cross-stitch, MTAN, LTB, BMTAS);
+
 * ``weighting`` / ``architecture``: LibMTL classes or their names (``"EW"``, ``"MTSL"``);
 * ``encoder_class``: a zero-argument callable returning our :class:`~mtsl_plugin.network.stages.ResNetStages`
   or a timm ResNet (e.g. ``lambda: timm.create_model("resnet18")``), whose stages become the merge locations;
@@ -116,8 +119,11 @@ class Trainer(MTLTrainer):
         architecture = _resolve(architecture, libmtl.architecture, "architecture")
         arch_args = dict(kwargs.get("arch_args") or {})
         mtsl = arch_args.pop("mtsl", None)
-        stages = as_stages(encoder_class, arch_args.pop("network", "compact"),
-                           arch_args.pop("setting", "encoder-decoder"))
+        ours = architecture.__module__.split(".")[0] in ("mtsl_plugin", "baselines")
+        if ours:  # our architectures run on merge-location stages and call heads with the output size
+            stages = as_stages(encoder_class, arch_args.pop("network", "compact"),
+                               arch_args.pop("setting", "encoder-decoder"))
+            encoder_class, decoders = (lambda: stages), {t: as_head(d) for t, d in dict(decoders).items()}
         self.save_path = None if save_path is None else Path(save_path)
         load_path = None if load_path is None else Path(load_path)
         if load_path is not None and not load_path.is_file():
@@ -136,9 +142,8 @@ class Trainer(MTLTrainer):
         elif mtsl is not None:
             raise ValueError(f"arch_args['mtsl'] is for the MTSL architecture, not {architecture.__name__}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        super().__init__(task_dict, weighting, architecture, lambda: stages,
-                         {t: as_head(d) for t, d in dict(decoders).items()}, rep_grad, multi_input, optim_param,
-                         scheduler_param, device=device, learner=learner,
+        super().__init__(task_dict, weighting, architecture, encoder_class, decoders, rep_grad, multi_input,
+                         optim_param, scheduler_param, device=device, learner=learner,
                          **{**kwargs, "arch_args": arch_args})
         if start is not None:
             self.load(start)

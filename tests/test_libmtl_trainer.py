@@ -86,3 +86,21 @@ def test_libmtl_heads_and_timm_encoders_are_adapted():
     assert stages.num_locations == 10 and stages.specs[4].out_channels == 512
     with pytest.raises(ValueError, match="encoder_class must return"):
         mtsl_plugin.libmtl_trainer.as_stages(lambda: "resnet18")
+
+
+def test_libmtl_own_architectures_run_as_libmtl_builds_them(nyuv2_root):
+    """HPS gets the user's encoder and decoders untouched (as LibMTL's Trainer passes them) and trains in our loop."""
+    train_loader = DataLoader(NYUv2(nyuv2_root, "train"), batch_size=8, shuffle=True, drop_last=True)
+    test_loader = DataLoader(NYUv2(nyuv2_root, "test"), batch_size=8)
+    task_dict = libmtl_task_dict(build_tasks(["S", "D"], num_classes=13))
+    decoders = nn.ModuleDict({"S": nn.Conv2d(8, 13, 1), "D": nn.Conv2d(8, 1, 1)})
+    trainer = mtsl_plugin.Trainer(task_dict=task_dict, weighting="EW", architecture="HPS",
+                                  encoder_class=lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()),
+                                  decoders=decoders, optim_param={"optim": "adam", "lr": 1e-3, "weight_decay": 0},
+                                  device="cpu", weight_args={}, arch_args={})
+    assert trainer.learner is None and trainer.model.decoders["S"] is decoders["S"]
+    results = trainer.train(train_loader, test_loader, 1, progress=False)
+    assert trainer.epochs_done == 1 and set(results["test"]) == {"S", "D"}
+    with pytest.raises(ValueError, match="arch_args\\['mtsl'\\] is for the MTSL architecture"):
+        mtsl_plugin.Trainer(task_dict=task_dict, weighting="EW", architecture="HPS", encoder_class=lambda: nn.Identity(),
+                            decoders=decoders, device="cpu", weight_args={}, arch_args={"mtsl": {}})
