@@ -159,7 +159,7 @@ class BMTAS(GatedSupernet):
             m.track_running_stats = False
         try:
             for images, gts in tqdm(loader, desc="architecture", leave=False, disable=None if progress else True):
-                images = images.to(trainer.device, non_blocking=True)
+                images = trainer.images_to_device(images)
                 gts = {t: gts[t].to(trainer.device, non_blocking=True) for t in trainer.task_name}
                 with trainer.autocast():
                     preds = self(images)

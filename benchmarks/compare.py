@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--resume {out}: no config.json there, so it is not a compare.py results folder")
             meta = json.loads(saved.read_text())
             config, methods, seeds = RunConfig.from_dict(meta["config"]), meta["methods"], meta["seeds"]
-            config = config.replace(device=args.device or config.device, fused=args.fused or config.fused)
+            config = config.replace(device=args.device or config.device, fused=args.fused or config.fused,
+                                    channels_last=args.channels_last or config.channels_last)
             plan_from = meta.get("plan_from")
         else:
             config = config_from_args(args)

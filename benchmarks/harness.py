@@ -63,6 +63,7 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--fused", action="store_true",
                    help="MTSL and plans: run the nodes of a location as one vmapped call (grouped convolutions)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and images")
     p.add_argument("--backbone", default=None, help="timm ResNet name (default resnet18)")
     p.add_argument("--network", default=None, choices=NETWORKS,
                    help="stage table: compact (the CPU presets') or authors (the paper preset's, the authors' code)")
@@ -140,6 +141,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             changes[key] = getattr(args, key)
     if args.fused:
         changes["fused"] = True
+    if args.channels_last:
+        changes["channels_last"] = True
     if args.tasks:
         changes["tasks"] = tuple(t.strip() for t in args.tasks.split(","))
     for key in ("backbone", "network", "weights", "weighting"):

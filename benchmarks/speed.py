@@ -3,7 +3,7 @@ with each plan's parameters and GMac (one image at the given resolution); plans 
 location are timed fused too (``--fused``: one vmapped call per location). Then, with steps, the ratios the
 trainer is judged by, all from this run: a plain PyTorch step over One-Net ÷ our trainer's One-Net step; STN ÷
 One-Net, unfused and fused; the alignment loss's share of an STN step; drawing a synthetic batch ÷ a One-Net
-step.
+step; One-Net's and STN's steps with ``--channels-last`` ÷ without.
 
     python benchmarks/speed.py --device cuda --height 256 --width 512 --batch 16
     python benchmarks/speed.py --plans stn,onenet,results/demo/mtsl/seed0/plan.json
@@ -76,22 +76,25 @@ def timed(step: Callable[[], object], steps: int, device: str) -> tuple[float, f
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
 
 
-def build(plan: BranchingPlan, device: str, network: str, fused: bool = False, align: bool = False):
-    config = load_preset("smoke").replace(device=device, tasks=plan.tasks, fused=fused)
+def build(plan: BranchingPlan, device: str, network: str, fused: bool = False, align: bool = False,
+          channels_last: bool = False):
+    config = load_preset("smoke").replace(device=device, tasks=plan.tasks, fused=fused, channels_last=channels_last)
     learner = StructuralLearner(config.mtsl) if align else None
     return build_trainer(config, build_tasks(plan.tasks, 10), plan, ResNetStages("resnet18", network=network),
                          learner)
 
 
 def measure(plan: BranchingPlan, device: str, batch: int, height: int, width: int, steps: int,
-            network: str = "compact", fused: bool = False, align: bool = False) -> tuple[float, float, StageCost]:
+            network: str = "compact", fused: bool = False, align: bool = False, channels_last: bool = False
+            ) -> tuple[float, float, StageCost]:
     """Median seconds per training step of our trainer (nan without steps), peak CUDA memory in GiB (0 on CPU)
     and the network's cost on one image; ``align`` adds MTSL's alignment loss (sibling task nodes' CKA)."""
-    trainer = build(plan, device, network, fused, align)
+    trainer = build(plan, device, network, fused, align, channels_last)
     cost = trainer.model.network.cost(height, width)
     if steps == 0:
         return float("nan"), 0.0, cost
     images, gts = synthetic_batch(plan, device, batch, height, width)
+    images = trainer.images_to_device(images)
     seconds, peak = timed(lambda: trainer.train_step(images, gts), steps, device)
     return seconds, peak, cost
 
@@ -166,10 +169,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         stn_align = measure(stn, args.device, args.batch, args.height, args.width, args.steps, args.network,
                             align=True)[0]
         data_step = measure_data(args.batch, args.height, args.width, args.steps)
+        onenet_nhwc = measure(one_net, args.device, args.batch, args.height, args.width, args.steps, args.network,
+                              channels_last=True)[0]
+        stn_nhwc = measure(stn, args.device, args.batch, args.height, args.width, args.steps, args.network,
+                           channels_last=True)[0]
         ratios = {"plain_over_trainer_onenet": plain_step / trainer_step,
                   "stn_over_onenet": stn_step / trainer_step, "stn_fused_over_onenet": stn_fused / trainer_step,
                   "alignment_share_of_stn_step": max(stn_align - stn_step, 0.0) / stn_align,
-                  "data_over_onenet_step": data_step / trainer_step}
+                  "data_over_onenet_step": data_step / trainer_step,
+                  "onenet_channels_last_over_contiguous": onenet_nhwc / trainer_step,
+                  "stn_channels_last_over_contiguous": stn_nhwc / stn_step}
         print("\nratios (one run): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     print(json.dumps({"rows": {name: {"seconds": s, "peak_gib": m, "params": c.params, "gmac": c.gmac}
                                for name, (s, m, c) in rows.items()}, "ratios": ratios}))

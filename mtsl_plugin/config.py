@@ -17,6 +17,7 @@ from mtsl_plugin.network.stages import NETWORKS
 PRESETS = ("smoke", "quick", "paper")
 SETTINGS = ("encoder-decoder", "encoder")  # the paper's Table 2 (10 merge locations) and Table 1 (6, DeepLab heads)
 NUM_LOCATIONS = {"encoder-decoder": 10, "encoder": 6}
+EXECUTION_OPTIONS = ("fused", "channels_last")  # change how a run computes, not what: not in fingerprints
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class RunConfig:
     mtsl: MTSLConfig = field(default_factory=MTSLConfig)
     device: str = "cpu"
     fused: bool = False  # run the nodes of a location as one call (an execution option, like the device)
+    channels_last: bool = False  # NHWC memory format for weights and images (an execution option too)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,9 +102,9 @@ class RunConfig:
         return cls(**data)
 
     def fingerprint(self, *, exclude: tuple[str, ...] = ("device",), extra: Mapping[str, Any] | None = None) -> str:
-        """A short hash of everything that changes results (the device and fused execution do not: they change
-        float rounding only), plus ``extra`` values."""
-        data = {k: v for k, v in self.to_dict().items() if k not in exclude and k != "fused"}
+        """A short hash of everything that changes results (the device and the execution options do not: they
+        change float rounding only), plus ``extra`` values."""
+        data = {k: v for k, v in self.to_dict().items() if k not in exclude and k not in EXECUTION_OPTIONS}
         if not data.get("backbone_args", True):  # runs from before these fields existed keep their fingerprint
             del data["backbone_args"]
         if data.get("network") == "compact":

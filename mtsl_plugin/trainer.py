@@ -87,8 +87,9 @@ class MTLTrainer(LibMTL.Trainer):
 
     def __init__(self, task_dict, weighting, architecture, encoder_class, decoders, rep_grad=False,
                  multi_input=False, optim_param=None, scheduler_param=None, *, device="cpu",
-                 learner: StructuralLearner | None = None, **kwargs):
+                 learner: StructuralLearner | None = None, channels_last: bool = False, **kwargs):
         nn.Module.__init__(self)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = torch.device(device)
         self.kwargs = {"weight_args": {}, "arch_args": {}, **kwargs}
         self.task_dict = task_dict
@@ -98,6 +99,7 @@ class MTLTrainer(LibMTL.Trainer):
         self.multi_input = multi_input
         self.learner = learner
         self._prepare_model(weighting, architecture, encoder_class, decoders)
+        self.model.to(memory_format=self.memory_format)
         self._prepare_optimizer(optim_param or {"optim": "adam", "lr": 1e-4, "weight_decay": 5e-5},
                                 scheduler_param)
         with contextlib.redirect_stdout(io.StringIO()):  # LibMTL's meter prints a log header on creation
@@ -161,6 +163,10 @@ class MTLTrainer(LibMTL.Trainer):
     def network(self) -> BranchedNetwork:
         return self.model.encoder
 
+    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of images on the trainer's device, in its memory format (``channels_last`` if asked)."""
+        return images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+
     def autocast(self):
         """The precision context of this trainer's forward passes: bf16 autocast on CUDA, full precision else."""
         if self.device.type == "cuda":
@@ -203,7 +209,7 @@ class MTLTrainer(LibMTL.Trainer):
         for task in self.task_name:
             self.task_dict[task]["metrics_fn"].reinit()
         for images, gts in loader:
-            images = images.to(self.device)
+            images = self.images_to_device(images)
             with self.autocast():
                 preds = self.model(images)
             for task in self.task_name:
@@ -238,7 +244,7 @@ class MTLTrainer(LibMTL.Trainer):
             sums, align_sum, steps = torch.zeros(self.task_num), 0.0, 0
             loader = data.batches(train, key=(0, self.epochs_done))
             for images, gts in tqdm(loader, desc=f"epoch {self.epochs_done + 1}", leave=False, disable=disable):
-                images = images.to(self.device, non_blocking=True)
+                images = self.images_to_device(images)
                 gts = {t: gts[t].to(self.device, non_blocking=True) for t in self.task_name}
                 losses, align = self.train_step(images, gts)
                 losses = losses.float().cpu()
@@ -268,6 +274,7 @@ class MTLTrainer(LibMTL.Trainer):
                     on_phase(record.to_dict())
                 changed = True
             if changed:
+                self.model.to(memory_format=self.memory_format)  # the new group nodes too
                 self.wrap_distributed()  # new nodes: identical on every rank (checked), a new DDP wrapper
             due = changed or self.epochs_done == total_epochs or time.perf_counter() - last_save >= checkpoint_every
             due = distributed.broadcast_object(due)  # rank 0's clock decides for every rank

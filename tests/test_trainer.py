@@ -187,3 +187,33 @@ def test_a_finished_run_keeps_its_weights_not_its_resume_checkpoint(smoke, tmp_p
     kept = tmp_path / "kept" / "checkpoint.pt"
     assert load_checkpoint(kept)["kind"] == "checkpoint"
     assert kept.stat().st_size > 2 * (tmp_path / "kept" / "model.pt").stat().st_size  # Adam's two moments
+
+
+def test_channels_last_keeps_results_and_formats_new_nodes(smoke):
+    """``channels_last``: weights and images in NHWC through a structural phase (the group nodes it creates are
+    converted too), the same fingerprint, and the same predictions as the contiguous network with those weights."""
+    from mtsl_plugin.experiment import build_data, build_stages, build_trainer, seed_everything
+    from mtsl_plugin.methods import build_method
+    from mtsl_plugin.tasks import build_tasks
+
+    config = smoke(tasks=("S", "D"))
+    assert config.replace(channels_last=True).fingerprint() == config.fingerprint()
+    seed_everything(0)
+    data, dataset = build_data(config)
+    tasks, stages = build_tasks(config.tasks, dataset.num_classes), build_stages(config)
+    spec = build_method("mtsl", config, 10)
+    nhwc = build_trainer(config.replace(channels_last=True), tasks, spec.plan, stages, spec.learner)
+    nhwc.fit(data, config.mtsl.phase_ends()[0], progress=False)  # through the first structural phase
+    assert any(r.merged for r in spec.learner.records)
+    convs = [p for p in nhwc.model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    plain = build_trainer(config, tasks, nhwc.model.plan, stages)
+    plain.model.load_state_dict(nhwc.model.state_dict())
+    assert not any(p.is_contiguous(memory_format=torch.channels_last) for p in plain.model.parameters()
+                   if p.dim() == 4 and p.shape[-1] > 1)
+    images, _ = next(iter(data.batches(data.test)))
+    with torch.no_grad():
+        got = nhwc.model.eval()(nhwc.images_to_device(images))
+        expected = plain.model.eval()(images)
+    for task in ("S", "D"):
+        torch.testing.assert_close(got[task], expected[task], rtol=1e-4, atol=1e-5)
