@@ -76,13 +76,19 @@ def shard_batches(batches: Sequence[Sequence[int]]) -> list[list[int]]:
     return [list(batch[me::size]) for batch in batches]
 
 
-def mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of ``tensor`` over the ranks (a new tensor)."""
-    if not active():
-        return tensor
-    total = tensor.clone()
-    dist.all_reduce(total)
-    return total / world_size()
+def mean_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean over the ranks of every tensor (new tensors, same shapes and dtypes), in one all-reduce of their
+    flattened concatenation (all tensors on one device)."""
+    if not active() or not tensors:
+        return list(tensors)
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()].view(t.shape).to(t.dtype))
+        start += t.numel()
+    return out
 
 
 def broadcast_module(module: nn.Module) -> None:

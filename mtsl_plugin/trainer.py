@@ -196,9 +196,10 @@ class MTLTrainer(LibMTL.Trainer):
             align.backward(retain_graph=True)  # before the weighting, which may free the graph
         self.model.backward(losses, **self.kwargs["weight_args"])
         if align is not None and self.ddp is not None:
-            for p, grad in zip(params, align_grads):
-                if grad is not None:
-                    p.grad = distributed.mean(grad) if p.grad is None else p.grad + distributed.mean(grad)
+            reached = [(p, g) for p, g in zip(params, align_grads) if g is not None]
+            averaged = distributed.mean_all([g for _, g in reached])  # one all-reduce for all of them
+            for (p, _), grad in zip(reached, averaged):
+                p.grad = grad if p.grad is None else p.grad + grad
         self.optimizer.step()
         return losses.detach(), 0.0 if align is None else float(align.detach())
 
