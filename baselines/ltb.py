@@ -85,8 +85,8 @@ class LTB(GatedSupernet):
 
     def full_parents(self, chosen: dict[int, list[int]]) -> list[list[int]]:
         """Parents at all ``L`` levels: ``chosen[level]`` where gated, the own slot elsewhere."""
-        own = list(range(len(self.tasks)))
-        return [chosen.get(level, own) for level in range(1, self.num_locations + 1)]
+        identity = gates.identity_parents(len(self.tasks), self.num_locations)
+        return [chosen.get(level, identity[level - 1]) for level in range(1, self.num_locations + 1)]
 
     def derived_chains(self) -> list[list[int]]:
         chosen = {level: gates.argmax_parents(self.gates[self.gate_key(level)]) for level in self.gated_levels}

@@ -118,21 +118,15 @@ class AttentionNetwork(nn.Module):
 
     def _find_last_blocks(self) -> list[int]:
         """Hook each node's last block to keep its input (``b_ℓ``) in ``self._before``; returns the channels
-        of every ``b_ℓ``, measured on a tiny forward (a node without blocks: its output's)."""
+        of every ``b_ℓ``: what the block's first convolution reads (a node without blocks: its output's)."""
         channels = []
         for location, node in enumerate(self.nodes):
             block = last_block(node)
-            if block is not None:
-                block.register_forward_pre_hook(lambda _, inputs, l=location: self._before.__setitem__(l, inputs[0]))
-            channels.append(None if block is not None else self.specs[location].out_channels)
-        if any(c is None for c in channels):
-            was_training = self.training
-            self.eval()
-            with torch.no_grad():
-                self._shared(torch.zeros(1, 3, 64, 64))
-            self.train(was_training)
-            channels = [self._before[l].shape[1] if c is None else c for l, c in enumerate(channels)]
-        self._before.clear()
+            if block is None:
+                channels.append(self.specs[location].out_channels)
+                continue
+            block.register_forward_pre_hook(lambda _, inputs, l=location: self._before.__setitem__(l, inputs[0]))
+            channels.append(next(m for m in block.modules() if isinstance(m, nn.Conv2d)).in_channels)
         return channels
 
     def _shared(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from baselines import gates
 from mtsl_plugin.architecture import check_architecture_args
 from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.cost import count_gmac
 from mtsl_plugin.plan import BranchingPlan, Group
 
@@ -60,6 +61,7 @@ class GatedSupernet(AbsArchitecture):
         self.epoch, self.total_epochs = 0, 1
         self.input_size: tuple[int, int] | None = None
         self._chains: list[list[int]] | None = []  # the last forward's chains; None: every node reached every task
+        self._stage_gmac_cache: dict[tuple[int, int], list[float]] = {}
 
     def node(self, location: int, slot: int) -> nn.Module:
         return self.nodes[f"{location}-{self.tasks[slot]}"]
@@ -127,6 +129,15 @@ class GatedSupernet(AbsArchitecture):
         """The plan of the most likely choices."""
         return gates.plan_from_chains(self.tasks, self.derived_chains())[0]
 
+    def derived_network(self) -> BranchedNetwork:
+        """The derived plan as a branched network on this supernet's stages, each node with the weights of the
+        supernet node behind it (the heads are this supernet's); computes what evaluation mode computes."""
+        plan, slots = gates.plan_from_chains(self.tasks, self.derived_chains())
+        network = BranchedNetwork(plan, self.stages, dict(self.heads))
+        for (location, group), slot in slots.items():
+            network.node(location, group).load_state_dict(self.node(location, slot).state_dict())
+        return network.to(next(self.parameters()).device)
+
     def gate_entropy(self) -> float:
         """Mean entropy (nats) of the gate rows' distributions ``softmax(logits)``: ``log T`` when uniform."""
         rows = torch.cat([g.detach().float().reshape(-1, g.shape[-1]) for g in self.gates.values()])
@@ -145,7 +156,7 @@ class GatedSupernet(AbsArchitecture):
     def stage_gmac(self, height: int, width: int) -> list[float]:
         """GMac of one node per location on one ``height`` x ``width`` image (all slots cost the same);
         counted once per size."""
-        cache = self.__dict__.setdefault("_stage_gmac_cache", {})
+        cache = self._stage_gmac_cache
         if (height, width) in cache:
             return cache[(height, width)]
         device = next(self.parameters()).device

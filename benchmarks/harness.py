@@ -117,7 +117,7 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The :class:`RunConfig` of :func:`add_run_args`' options (plugins named there must be loaded already)."""
     config = load_preset(args.preset)
-    if getattr(args, "config", None):
+    if args.config:
         config = load_config_file(args.config, base=config)
     data = config.data
     if args.no_augment:

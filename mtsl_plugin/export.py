@@ -35,11 +35,8 @@ class StaticNetwork(nn.Module):
 
 def static_network(model: nn.Module, tasks: Sequence[str]) -> StaticNetwork:
     """The inference network of a trained LibMTL model of this project (``trainer.model``)."""
-    if hasattr(model, "derived_plan"):  # LTB, BMTAS: the branched network the gates derive
-        branched = BranchedNetwork(model.derived_plan(), model.stages, dict(model.heads))
-        for (location, group), slot in model.derived_nodes().items():
-            branched.node(location, group).load_state_dict(model.node(location, slot).state_dict())
-        network = branched.to(next(model.parameters()).device)
+    if hasattr(model, "derived_network"):  # LTB, BMTAS: the branched network the gates derive
+        network = model.derived_network()
     elif isinstance(getattr(model, "encoder", None), BranchedNetwork):  # MTSL and the fixed plans
         network = model.encoder
     else:  # cross-stitch, MTAN: their own forward, LibMTL's dict of predictions

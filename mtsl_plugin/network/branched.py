@@ -97,7 +97,7 @@ class BranchedNetwork(nn.Module):
         parents = [self.plan.parent_of(location, g) for g in groups]
         inputs = [x if p is None else outputs[location - 1][p] for p in parents]
         spec = self.specs[location]
-        args, dims = [self._stack_or_share(inputs)], []
+        args = [self._stack_or_share(inputs)]
         if spec.skip_from is not None:
             args.append(self._stack_or_share([outputs[spec.skip_from][self.plan.group_of(spec.skip_from, g[0])]
                                               for g in groups]))
