@@ -55,11 +55,14 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
                    help="encoder-decoder (default): 10 merge locations (paper Table 2); encoder: 6, DeepLab heads "
                         "(Table 1)")
     p.add_argument("--seeds", default=default_seeds, help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--dataset", default=None, help="synthetic (default), nyuv2 or cityscapes")
-    p.add_argument("--data-root", default=None, help="folder of a preprocessed real data set")
+    p.add_argument("--dataset", default=None,
+                   help="synthetic (default), nyuv2, cityscapes, or folder (your own data; declare its tasks in a "
+                        "--config file, README 'Your own data and tasks')")
+    p.add_argument("--data-root", default=None, help="folder of a preprocessed real data set or of folder data")
     p.add_argument("--no-augment", action="store_true",
                    help="real data: no random zoom and flip of the training samples (on by default)")
-    p.add_argument("--tasks", default=None, help="comma-separated task letters (default: all the data has)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated task names: built-in letters S,D,E,N,A or tasks declared in --config")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--fused", action="store_true",
                    help="MTSL and plans: run the nodes of a location as one vmapped call (grouped convolutions)")
@@ -324,11 +327,13 @@ def write_results(results: list[dict[str, Any]], folder: Path) -> str:
     ok = [r for r in results if r["status"] == "ok"]
     tasks: list[str] = []
     higher: dict[str, bool] = {}
+    metric_names: dict[str, str] = {}
     for r in ok:  # a task sweep has runs of different task sets
         tasks += [t for t in r["metrics"] if t not in tasks]
         higher.update(r["higher_is_better"])
+        metric_names.update(r.get("metric_names") or {})
     aggregated = aggregate(results)
-    table = format_table(aggregated, tasks, higher)
+    table = format_table(aggregated, tasks, higher, metric_names or None)
     write_markdown(table, folder / "table.md")
     write_csv(aggregated, folder / "results.csv")
     write_json(folder / "results.json", [{k: v for k, v in r.items() if k != "history"} for r in results])

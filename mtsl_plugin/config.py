@@ -32,11 +32,14 @@ class DataConfig:
     train: int | None = 256
     holdout: int = 64
     test: int | None = 64
-    augment: bool | None = None  # random zoom and flip of real training data; None: on for real data (as the authors)
+    augment: bool | None = None  # random zoom and flip of real training data; None: on for NYUv2 and Cityscapes (as
+    # the authors), off for folder data (a declared dense task's values may depend on scale or direction)
 
     @property
     def augments(self) -> bool:
         """Whether the training samples (not the held-out slice, not the test split) are augmented."""
+        if self.name == "folder":
+            return self.augment is True
         return self.name != "synthetic" and self.augment is not False
 
     def __post_init__(self) -> None:
@@ -52,6 +55,7 @@ class RunConfig:
     setting: str = "encoder-decoder"
     data: DataConfig = field(default_factory=DataConfig)
     tasks: tuple[str, ...] = ("S", "D", "E", "N", "A")
+    task_specs: dict = field(default_factory=dict)  # declared tasks: name -> {kind, options, folder} (task_kinds)
     backbone: str = "resnet18"
     backbone_args: dict = field(default_factory=dict)  # keyword arguments of timm.create_model, e.g. channels
     network: str = "compact"  # the stage table: compact or authors (mtsl_plugin.network.stages)
@@ -83,6 +87,7 @@ class RunConfig:
         data = dataclasses.asdict(self)
         data["backbone_args"] = json.loads(json.dumps(self.backbone_args))  # tuples as lists, as YAML gives
         data["tasks"] = list(self.tasks)
+        data["task_specs"] = json.loads(json.dumps(self.task_specs))
         data["lr_steps"] = list(self.lr_steps)
         data["mtsl"]["task_epochs"] = list(self.mtsl.task_epochs)
         data["mtsl"]["amalgamation_epochs"] = list(self.mtsl.amalgamation_epochs)
@@ -107,6 +112,9 @@ class RunConfig:
         data = {k: v for k, v in self.to_dict().items() if k not in exclude and k not in EXECUTION_OPTIONS}
         if not data.get("backbone_args", True):  # runs from before these fields existed keep their fingerprint
             del data["backbone_args"]
+        specs = {t: spec for t, spec in data.pop("task_specs", {}).items() if t in self.tasks}
+        if specs:  # the declarations of the tasks that run
+            data["task_specs"] = specs
         if data.get("network") == "compact":
             del data["network"]
         if "data" in data and data["data"].get("augment", False) is None:
@@ -119,7 +127,9 @@ def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -
     """``base`` (default: :class:`RunConfig`'s defaults) with the fields of ``raw`` on top, in the presets' form
     (``dataset:``, ``mtsl: {phases: N}``) or :meth:`RunConfig.to_dict`'s (``data:``, every MTSL field).
 
-    ``data`` and ``mtsl`` are merged field by field. When ``raw`` gives the epochs or the number of phases, MTSL's
+    ``data`` and ``mtsl`` are merged field by field. ``tasks`` is a list of names or a mapping name ->
+    declaration (``{kind: ..., <options>}``, see :mod:`mtsl_plugin.task_kinds`; empty for a built-in task S D E N
+    A), which sets ``tasks`` and ``task_specs`` together. When ``raw`` gives the epochs or the number of phases, MTSL's
     schedule (the fields ``mtsl`` does not give) is the paper's scaled to them
     (:func:`~mtsl_plugin.learner.schedule.scale_schedule`). Unknown keys are refused, naming them.
     """
@@ -133,6 +143,17 @@ def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -
     unknown = sorted(set(data_raw) - {f.name for f in dataclasses.fields(DataConfig)})
     if unknown:
         raise ValueError(f"unknown data key(s) {unknown}; known: {[f.name for f in dataclasses.fields(DataConfig)]}")
+    if isinstance(raw.get("tasks"), Mapping):
+        declared = raw.pop("tasks")
+        if "task_specs" in raw:
+            raise ValueError("declare the tasks once, as a 'tasks' mapping or as 'task_specs', not both")
+        bad = [name for name, spec in declared.items() if spec and not isinstance(spec, Mapping)]
+        if bad:
+            raise ValueError(f"task {bad[0]!r}: a declaration is a mapping with a 'kind', got {declared[bad[0]]!r}")
+        raw["tasks"] = list(declared)
+        raw["task_specs"] = {name: dict(spec) for name, spec in declared.items() if spec}
+    if not isinstance(raw.get("task_specs", {}), Mapping):
+        raise ValueError(f"task_specs must map task names to declarations, got {raw['task_specs']!r}")
     mtsl_raw = dict(raw.pop("mtsl", None) or {})
     phases = mtsl_raw.pop("phases", None)
     fields = {k: v for k, v in base.to_dict().items() if k not in ("data", "mtsl")}

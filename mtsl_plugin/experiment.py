@@ -30,14 +30,15 @@ from mtsl_plugin import distributed
 from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.checkpoint import atomic_write
 from mtsl_plugin.config import NUM_LOCATIONS, RunConfig
-from mtsl_plugin.data import build_dataset
+from mtsl_plugin.data import TargetFiles, build_dataset
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, build_method
 from mtsl_plugin.network.cost import model_cost
 from mtsl_plugin.network.stages import ResNetStages
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.preflight import check_weighting
-from mtsl_plugin.tasks import Task, build_tasks, libmtl_task_dict
+from mtsl_plugin.task_kinds import build_task_set
+from mtsl_plugin.tasks import Task, libmtl_task_dict
 from mtsl_plugin.trainer import MTLTrainer, RunData
 
 
@@ -64,16 +65,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_run_tasks(config: RunConfig, num_classes: int) -> dict[str, Task]:
+    """The run's tasks, in ``config.tasks`` order: declared ones from ``config.task_specs``, the others built in
+    (S with ``num_classes``, the data set's)."""
+    return build_task_set(config.tasks, config.task_specs, num_classes)
+
+
+def build_split(config: RunConfig, split: str, *, n: int | None = None, augment: bool = False) -> Any:
+    """One split of ``config``'s data set (the first ``n`` samples); folder data reads each task's files as its
+    declaration says (:class:`~mtsl_plugin.data.folder.TargetFiles`)."""
+    d = config.data
+    targets = None
+    if d.name == "folder":
+        targets = {name: TargetFiles(task.target, config.task_specs.get(name, {}).get("folder", name),
+                                     task.out_channels)
+                   for name, task in build_run_tasks(config, num_classes=0).items()}
+    return build_dataset(d.name, split, root=d.root, height=d.height, width=d.width, n=n, seed=config.seed,
+                         augment=augment, targets=targets)
+
+
 def build_data(config: RunConfig) -> tuple[RunData, Any]:
     """The run's data and its whole (not augmented) training split; the held-out slice is cut from the end of the
     training split (never validation/test). Only the samples trained on are augmented (``config.data.augments``):
     grouping decisions see the held-out slice as it is, like the authors' similarity data."""
     d = config.data
     n_train = None if d.train is None else d.train + d.holdout
-    full = build_dataset(d.name, "train", root=d.root, height=d.height, width=d.width, n=n_train, seed=config.seed)
-    trained = full if not d.augments else build_dataset(d.name, "train", root=d.root, height=d.height, width=d.width,
-                                                         n=n_train, seed=config.seed, augment=True)
-    test = build_dataset(d.name, "test", root=d.root, height=d.height, width=d.width, n=d.test, seed=config.seed)
+    full = build_split(config, "train", n=n_train)
+    trained = full if not d.augments else build_split(config, "train", n=n_train, augment=True)
+    test = build_split(config, "test", n=d.test)
     if len(full) <= d.holdout:
         raise ValueError(f"the training split of {d.name!r} has {len(full)} samples, not more than the held-out "
                          f"slice ({d.holdout})")
@@ -154,7 +173,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     missing = [t for t in config.tasks if t not in dataset.tasks]
     if missing:
         raise ValueError(f"dataset {config.data.name!r} has no target for task(s) {missing}")
-    tasks = build_tasks(list(config.tasks), dataset.num_classes)
+    tasks = build_run_tasks(config, dataset.num_classes)
     stages = build_stages(config)
     start_plan = plan or spec.plan
     checkpoint = run_dir / CHECKPOINT
@@ -217,7 +236,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[MTLTrainer
     spec = method_spec(meta["method"], config, meta.get("arch_args"))
     seed_everything(config.seed)
     data, dataset = build_data(config)
-    tasks = build_tasks(list(config.tasks), dataset.num_classes)
+    tasks = build_run_tasks(config, dataset.num_classes)
     weights = run_dir / WEIGHTS
     if not weights.is_file():  # a run finished before weights files existed keeps its checkpoint
         weights = run_dir / CHECKPOINT

@@ -3,7 +3,8 @@
 :func:`check_config` is called by every benchmark command before it creates a results folder, so a mistake costs
 one line (``error: <sentence naming the culprit>``, exit code 2) instead of a folder of failed runs. It checks
 
-* the tasks (known letters, none twice) and that the data set has a target for each;
+* the tasks (built-in letters or declared tasks whose kind accepts their options, none twice) and that the data set
+  has a target for each;
 * the data set: its name, its root, and for real data **every sample** of the training and test splits (each file
   readable, shapes consistent, images finite and in [0, 1]; non-finite labels, depths or normals are allowed and
   mean "invalid pixel", see :mod:`mtsl_plugin.data`), and that the training split is larger than the held-out slice;
@@ -25,13 +26,12 @@ from mtsl_plugin.data import build_dataset
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
-from mtsl_plugin.tasks import build_tasks
 
 
 def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True) -> None:
     """Raise ``ValueError`` (one sentence naming the culprit) if ``config`` cannot train; see the module doc.
     ``scan=False`` skips reading every sample of real data (when the same data was checked already)."""
-    from mtsl_plugin.experiment import build_data, build_stages  # here, since experiment imports this module
+    from mtsl_plugin.experiment import build_data, build_run_tasks, build_split, build_stages  # experiment imports us
 
     check_device(config.device)
     check_weighting(config.weighting)
@@ -45,9 +45,8 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True)
         _, dataset = build_data(config)
         if scan:
             read_every_sample(dataset, f"{d.name} train split", progress)
-            read_every_sample(build_dataset(d.name, "test", root=d.root, height=d.height, width=d.width, n=d.test),
-                              f"{d.name} test split", progress)
-    build_tasks(list(config.tasks), dataset.num_classes)  # unknown or repeated tasks, too few classes for S
+            read_every_sample(build_split(config, "test", n=d.test), f"{d.name} test split", progress)
+    build_run_tasks(config, dataset.num_classes)  # unknown, undeclared or repeated tasks, bad declarations
     missing = [t for t in config.tasks if t not in dataset.tasks]
     if missing:
         raise ValueError(f"dataset {d.name!r} has no target for task(s) {missing}; it has {list(dataset.tasks)}")

@@ -32,6 +32,12 @@ IGNORE_INDEX = -1
 METRIC_NAMES: dict[str, str] = {"S": "mIoU", "D": "RMSE", "E": "BCE", "N": "cos", "A": "MSE"}
 #: Each built-in task's metric direction.
 HIGHER_IS_BETTER: dict[str, bool] = {"S": True, "D": False, "E": False, "N": True, "A": False}
+#: The layouts of a task's target (how a data set reads, resizes and mirrors it; shapes of one sample):
+#: ``labels`` int64 ``(H, W)`` class index, -1 = ignore (nearest-neighbour resize); ``binary`` float32 ``(1, H, W)``
+#: in {0, 1} (nearest-neighbour); ``dense`` float32 ``(C, H, W)``, non-finite = no value (bilinear over the valid
+#: values); ``normals`` float32 ``(3, H, W)`` unit vectors, zero = invalid (mirroring negates x); ``image``: the
+#: input image itself, no file of its own.
+TARGET_LAYOUTS: tuple[str, ...] = ("labels", "binary", "dense", "normals", "image")
 
 
 def _as_float(x: Tensor) -> Tensor:
@@ -53,8 +59,9 @@ def segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def depth_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """L1 in metres over pixels with a depth (``target > 0``). Both ``(N, 1, H, W)``."""
-    return _masked_mean((_as_float(pred) - target).abs(), target > 0)
+    """L1 in metres over pixels with a depth (``target > 0``; NaN is no depth too). Both ``(N, 1, H, W)``."""
+    valid = target > 0
+    return _masked_mean((_as_float(pred) - torch.where(valid, target, 0.0)).abs(), valid)
 
 
 def edge_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -169,7 +176,8 @@ class Task:
 
     ``loss_fn(pred, target)`` returns a 0-d tensor; ``metric_factory()`` returns a fresh torchmetrics metric
     whose ``update`` takes ``(postprocess(pred), target)``; ``postprocess_fn`` maps a raw head output to what
-    the metric reads (normalised normals; identity elsewhere).
+    the metric reads (normalised normals; identity elsewhere). ``target`` is the layout of the task's target
+    (:data:`TARGET_LAYOUTS`), which tells a data set how to read, resize and mirror it.
     """
 
     name: str
@@ -180,6 +188,13 @@ class Task:
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     metric_factory: Callable[[], Metric]
     postprocess_fn: Callable[[Tensor], Tensor] = _identity
+    target: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGET_LAYOUTS:
+            raise ValueError(f"task {self.name!r}: target layout {self.target!r} is not one of {TARGET_LAYOUTS}")
+        if self.out_channels < 1:
+            raise ValueError(f"task {self.name!r} needs at least one output channel, got {self.out_channels}")
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """The training loss (0-d tensor) of a raw prediction ``(N, out_channels, H, W)`` against ``target``."""
@@ -209,7 +224,7 @@ def _segmentation(num_classes: int) -> Task:
     # class, unlike a closure, keeps the task picklable.)
     make_metric = partial(MulticlassJaccardIndex, num_classes=num_classes, ignore_index=IGNORE_INDEX, average="macro")
     return Task("S", "semantic segmentation", num_classes, METRIC_NAMES["S"], HIGHER_IS_BETTER["S"],
-                segmentation_loss, make_metric)
+                segmentation_loss, make_metric, target="labels")
 
 
 def _reconstruction_metric() -> Metric:
@@ -218,11 +233,12 @@ def _reconstruction_metric() -> Metric:
 
 _FIXED: dict[str, Callable[[], Task]] = {
     "D": lambda: Task("D", "depth estimation", 1, METRIC_NAMES["D"], HIGHER_IS_BETTER["D"], depth_loss, MaskedRMSE),
-    "E": lambda: Task("E", "edge detection", 1, METRIC_NAMES["E"], HIGHER_IS_BETTER["E"], edge_loss, MeanBCE),
+    "E": lambda: Task("E", "edge detection", 1, METRIC_NAMES["E"], HIGHER_IS_BETTER["E"], edge_loss, MeanBCE,
+                      target="binary"),
     "N": lambda: Task("N", "surface normal estimation", 3, METRIC_NAMES["N"], HIGHER_IS_BETTER["N"], normal_loss,
-                      MeanCosine, normalise_normals),
+                      MeanCosine, normalise_normals, target="normals"),
     "A": lambda: Task("A", "auto-encoding", 3, METRIC_NAMES["A"], HIGHER_IS_BETTER["A"], reconstruction_loss,
-                      _reconstruction_metric),
+                      _reconstruction_metric, target="image"),
 }
 
 

@@ -56,3 +56,40 @@ def table_row(table, label):
         if cells[0] == label:
             return dict(zip(header, cells))
     raise KeyError(f"no row {label!r} in the table")
+
+
+def write_folder_data(root, n_train=40, n_val=8, size=(32, 32), seed=0):
+    """A tiny data set in the folder layout of ``mtsl_plugin.data.folder`` with three targets of one bright
+    rectangle per image: ``parts/`` (PNG labels: 0 background, 1 and 2 the rectangle's left and right halves, 255
+    on the top row = ignore), ``flow/`` (.npy (H, W, 2): each pixel's offset from the rectangle's centre in
+    image widths, NaN outside the rectangle) and ``heat/`` (.npy (H, W): a blob at the centre, in [0, 1])."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for folder in ("image", "parts", "flow", "heat"):
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
+            bottom, right = top + rng.integers(4, h // 2), left + rng.integers(4, w // 2)
+            inside = (yy >= top) & (yy < bottom) & (xx >= left) & (xx < right)
+            cy, cx = (top + bottom) / 2, (left + right) / 2
+            image = rng.uniform(0, 60, (h, w, 3))
+            image[inside] += 150
+            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / split / "image" / f"s{i:03d}.png")
+            parts = np.where(inside, np.where(xx < cx, 1, 2), 0).astype(np.uint8)
+            parts[0] = 255
+            Image.fromarray(parts).save(root / split / "parts" / f"s{i:03d}.png")
+            flow = np.stack([(xx - cx) / w, (yy - cy) / w], axis=-1)
+            np.save(root / split / "flow" / f"s{i:03d}.npy", np.where(inside[..., None], flow, np.nan))
+            heat = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 8.0)
+            np.save(root / split / "heat" / f"s{i:03d}.npy", heat.astype(np.float32))
+    return root
+
+
+#: The two declared tasks of :func:`write_folder_data` (neither is one of S D E N A).
+FOLDER_TASKS = {"parts": {"kind": "segmentation", "classes": 3},
+                "flow": {"kind": "regression", "channels": 2, "loss": "l1", "metric": "rmse"}}

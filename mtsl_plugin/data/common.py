@@ -120,3 +120,23 @@ def resize_normals(normals: torch.Tensor, height: int, width: int) -> torch.Tens
         return normals
     out, _ = _masked_resize(normals, normals.norm(dim=0) > 0, height, width)
     return normalize_normals(out)
+
+
+def resize_binary(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Nearest-neighbour resize of a {0, 1} map ``(1, H, W)`` to ``(1, height, width)``."""
+    if mask.shape[-2:] == (height, width):
+        return mask
+    return F.interpolate(mask.unsqueeze(0), size=(height, width), mode="nearest-exact").squeeze(0)
+
+
+def resize_dense(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear over the pixels where every channel is finite; pixels mostly off them become NaN."""
+    if values.shape[-2:] == (height, width):
+        return values
+    valid = torch.isfinite(values).all(dim=0)
+    out, new_valid = _masked_resize(torch.where(valid, values, 0.0), valid, height, width)
+    return torch.where(new_valid, out, torch.full_like(out, float("nan")))
+
+
+#: The resize of each target layout (:data:`mtsl_plugin.tasks.TARGET_LAYOUTS` but ``image``).
+RESIZE_BY_LAYOUT = {"labels": resize_labels, "binary": resize_binary, "dense": resize_dense, "normals": resize_normals}

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtsl_plugin.data.common import (IGNORE_INDEX, normalize_normals, ordered_tasks, resize_depth, resize_image,
-                                     resize_labels, resize_normals, semantic_edges)
+from mtsl_plugin.data.common import (IGNORE_INDEX, RESIZE_BY_LAYOUT, normalize_normals, ordered_tasks, resize_depth,
+                                     resize_image, resize_labels, resize_normals, semantic_edges)
 
 SPLIT_FOLDERS: dict[str, str] = {"train": "train", "val": "val", "test": "val"}
 
@@ -43,29 +43,42 @@ ZOOMS: tuple[float, ...] = (1.0, 1.2, 1.5)
 """Zoom factors of the training augmentation (those of LibMTL's NYUv2 example)."""
 
 
+#: How the zoom and mirror of :func:`augment_sample` treat the built-in targets (their target layouts).
+LETTER_LAYOUTS: dict[str, str] = {"S": "labels", "D": "dense", "N": "normals"}
+
+
+def random_window(hw: tuple[int, int]) -> tuple[float, int, int, bool]:
+    """A random ``(zoom, top, left, flip)`` for :func:`augment_sample` on an image of size ``hw``, drawn from
+    torch's global RNG (a run's checkpoints carry it, so a resumed run draws the same)."""
+    zoom = ZOOMS[int(torch.randint(len(ZOOMS), ()))]
+    top = int(torch.randint(hw[0] - int(hw[0] / zoom) + 1, ()))
+    left = int(torch.randint(hw[1] - int(hw[1] / zoom) + 1, ()))
+    return zoom, top, left, bool(torch.rand(()) < 0.5)
+
+
 def augment_sample(image: torch.Tensor, targets: dict[str, torch.Tensor], zoom: float, top: int, left: int,
-                   flip: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   flip: bool, layouts: dict[str, str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Zoom into the window of ``1/zoom`` of the height and width at (``top``, ``left``), resize it back to the
-    full size, and mirror it left-right when ``flip``: image ``(3, H, W)``, labels ``S`` ``(H, W)``, depth ``D``
-    ``(1, H, W)``, normals ``N`` ``(3, H, W)`` (any subset). Zooming in brings the scene closer, so depth is divided
-    by ``zoom``; mirroring negates the normals' x component (a mirrored surface faces the other way; copying the
-    mirrored map alone would not)."""
+    full size, and mirror it left-right when ``flip``: image ``(3, H, W)`` and every target, resized by its layout
+    (``layouts``: task -> ``labels`` ``(H, W)``, ``binary`` ``(1, H, W)``, ``dense`` ``(C, H, W)``, ``normals``
+    ``(3, H, W)``; default :data:`LETTER_LAYOUTS`, the real data sets' S, D, N). Mirroring negates the normals' x
+    component (a mirrored surface faces the other way; copying the mirrored map alone would not). With the default
+    layouts, zooming in brings the scene closer, so depth ``D`` is divided by ``zoom``; other values are kept."""
     h, w = image.shape[-2:]
     ch, cw = int(h / zoom), int(w / zoom)
     window = (slice(top, top + ch), slice(left, left + cw))
     image = resize_image(image[:, window[0], window[1]], h, w)
-    out = dict(targets)
-    if "S" in out:
-        out["S"] = resize_labels(out["S"][window[0], window[1]], h, w)
-    if "D" in out:
-        out["D"] = resize_depth(out["D"][:, window[0], window[1]], h, w) / zoom
-    if "N" in out:
-        out["N"] = resize_normals(out["N"][:, window[0], window[1]], h, w)
+    layout_of = LETTER_LAYOUTS if layouts is None else layouts
+    resize = {**RESIZE_BY_LAYOUT, **({"dense": resize_depth} if layouts is None else {})}  # depth: 0 = invalid
+    out = {t: resize[layout_of[t]](v[..., window[0], window[1]], h, w) for t, v in targets.items()}
+    if layouts is None and "D" in out:
+        out["D"] = out["D"] / zoom
     if flip:
         image = image.flip(-1)
         out = {t: v.flip(-1) for t, v in out.items()}
-        if "N" in out:
-            out["N"] = out["N"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+        for t, v in out.items():
+            if layout_of[t] == "normals":
+                out[t] = v * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
     return image, out
 
 
@@ -216,10 +229,7 @@ class NpyLayoutDataset(Dataset):
             normals = np.where(np.isfinite(normals), normals, 0.0).astype(np.float32)
             targets["N"] = normalize_normals(torch.from_numpy(normals).permute(2, 0, 1))
         if self.augment:
-            zoom = ZOOMS[int(torch.randint(len(ZOOMS), ()))]
-            top = int(torch.randint(hw[0] - int(hw[0] / zoom) + 1, ()))
-            left = int(torch.randint(hw[1] - int(hw[1] / zoom) + 1, ()))
-            image, targets = augment_sample(image, targets, zoom, top, left, bool(torch.rand(()) < 0.5))
+            image, targets = augment_sample(image, targets, *random_window(hw))
         resize = {"S": resize_labels, "D": resize_depth, "N": resize_normals}
         targets = {t: resize[t](v, h, w) for t, v in targets.items()}
         if "S" in targets:

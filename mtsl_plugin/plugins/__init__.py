@@ -1,4 +1,4 @@
-"""MTSL's plugin system: similarity metrics, grouping solvers and amalgamators contributed by name.
+"""MTSL's plugin system: similarity metrics, grouping solvers, amalgamators and task kinds contributed by name.
 
 Third-party plugins write ``from mtsl_plugin.plugins import hookimpl`` and implement the hooks declared in
 :mod:`mtsl_plugin.plugins.hookspecs`; they are found through the entry-point group ``"mtsl_plugin"`` or loaded
@@ -19,6 +19,7 @@ from mtsl_plugin.plugins.manager import (
     plugin_manager,
     reset_plugin_manager,
     similarity,
+    task_kind,
 )
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "UnknownNameError",
     "DuplicateNameError",
     "similarity",
+    "task_kind",
     "grouping_solver",
     "amalgamator",
     "available",

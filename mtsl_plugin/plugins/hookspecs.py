@@ -6,11 +6,15 @@ MTSL merges task nodes in three steps, and each step is open to plugins:
 2. *group* the tasks into a partition given those similarities (a grouping solver),
 3. *amalgamate* each new group node from the task nodes it replaces (an amalgamator).
 
+The tasks themselves are open too: a *task kind* turns a task declared in a run's configuration into its loss,
+metric and target layout (:mod:`mtsl_plugin.task_kinds`).
+
 A plugin is a plain module (or any object) whose functions are marked with :data:`hookimpl` and named like the
 specifications below. Each hook takes no argument and returns a dict ``name -> object``; a plugin may offer
 several names, and names are global across plugins (two plugins offering the same name is an error).
 Third-party plugins arrive through the entry-point group ``"mtsl_plugin"`` or ``--plugin module``; the built-ins
-(``mtsl_plugin.plugins.builtin_similarity``, ``.builtin_grouping``, ``.builtin_amalgamation``) are registered the very same way.
+(``mtsl_plugin.plugins.builtin_similarity``, ``.builtin_grouping``, ``.builtin_amalgamation``, ``.builtin_tasks``)
+are registered the very same way.
 
 The hooks are called whenever a name is looked up or listed (``similarity(name)``, ``available(kind)``, ...),
 so an implementation must be cheap and free of side effects. The plugin manager wraps every object it hands
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from mtsl_plugin.tasks import Task
+
 PROJECT_NAME = "mtsl_plugin"
 """The pluggy project name, which is also the entry-point group third-party packages declare."""
 
@@ -44,6 +50,9 @@ GroupingSolver = Callable[[Union["torch.Tensor", "np.ndarray"], Sequence[str], f
 
 AmalgamatorFactory = Callable[[int, Sequence[str]], Union["torch.nn.Module", None]]
 """``factory(channels, tasks) -> loss module or None``."""
+
+TaskKind = Callable[..., "Task"]
+"""``kind(name, **options) -> mtsl_plugin.tasks.Task``."""
 
 
 @hookspec
@@ -97,4 +106,21 @@ def mtsl_amalgamators() -> dict[str, AmalgamatorFactory]:
 
     The manager checks that the factory returns None or a module, and (through a forward hook, so the module
     must be called as ``module(group_out, task_outs)``) that every loss is a 0-d finite tensor.
+    """
+
+
+@hookspec
+def mtsl_task_kinds() -> dict[str, TaskKind]:
+    """Return the task kinds this plugin offers, by name (e.g. ``"segmentation"``, ``"regression"``).
+
+    A run's configuration declares a task as ``{kind: <name>, <options>}``; the kind is called as
+    ``kind(task_name, **options)`` with every key of the declaration but ``kind`` and ``folder`` (read by the data
+    set). It returns an :class:`mtsl_plugin.tasks.Task` named ``task_name``: the head's output channels, the loss
+    ``loss_fn(pred (N, C, H, W), target) -> 0-d tensor``, a factory of a torchmetrics ``Metric`` (updated with
+    ``(postprocess(pred), target)`` over the whole data set), the metric's name and direction, and the target
+    layout (one of ``mtsl_plugin.tasks.TARGET_LAYOUTS``: how a data set reads, resizes and mirrors the target).
+    A kind raises ``ValueError`` naming the task for a bad option value. The manager checks that the options
+    fit the kind's signature (an unknown or missing option is named) and that the result is a ``Task`` of that
+    name. Task objects are pickled with checkpoints of distributed runs: build losses and metrics from
+    module-level functions and ``functools.partial``, not closures.
     """

@@ -1,4 +1,5 @@
-"""The plugin manager: collects similarity metrics, grouping solvers and amalgamators from plugins by name.
+"""The plugin manager: collects similarity metrics, grouping solvers, amalgamators and task kinds from plugins by
+name.
 
 Plugins are registered in this order, all through ``pm.register(module)``:
 
@@ -6,7 +7,7 @@ Plugins are registered in this order, all through ``pm.register(module)``:
 2. every module declared in the entry-point group ``"mtsl_plugin"`` of an installed distribution,
 3. modules named explicitly with :func:`load_plugin` (the CLI's ``--plugin module``).
 
-Lookups (:func:`similarity`, :func:`grouping_solver`, :func:`amalgamator`) call the hooks afresh, so a plugin
+Lookups (:func:`similarity`, :func:`grouping_solver`, :func:`amalgamator`, :func:`task_kind`) call the hooks afresh, so a plugin
 registered later is seen at once, and hand out the plugin's object wrapped in a check of its contract
 (see :mod:`mtsl_plugin.plugins.hookspecs`).
 
@@ -19,6 +20,7 @@ feature tensor, a similarity matrix of the wrong size) raise ``ValueError``.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -34,6 +36,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "mtsl_plugin.plugins.builtin_similarity",
     "mtsl_plugin.plugins.builtin_grouping",
     "mtsl_plugin.plugins.builtin_amalgamation",
+    "mtsl_plugin.plugins.builtin_tasks",
 )
 """Import names of the built-in plugin modules, registered first."""
 
@@ -41,11 +44,13 @@ _HOOK_OF_KIND: dict[str, str] = {
     "similarity": "mtsl_similarity_metrics",
     "grouping": "mtsl_grouping_solvers",
     "amalgamator": "mtsl_amalgamators",
+    "task": "mtsl_task_kinds",
 }
 _NOUN_OF_KIND: dict[str, str] = {
     "similarity": "similarity metric",
     "grouping": "grouping solver",
     "amalgamator": "amalgamator",
+    "task": "task kind",
 }
 
 _plugin_manager: pluggy.PluginManager | None = None
@@ -185,7 +190,8 @@ def _collect(kind: str) -> dict[str, tuple[str, Any]]:
 
 
 def available(kind: str) -> list[str]:
-    """Return the sorted names offered for ``kind``, one of ``"similarity"``, ``"grouping"``, ``"amalgamator"``."""
+    """Return the sorted names offered for ``kind``: ``"similarity"``, ``"grouping"``, ``"amalgamator"`` or
+    ``"task"``."""
     return sorted(_collect(kind))
 
 
@@ -343,6 +349,35 @@ class CheckedAmalgamator:
         return module
 
 
+class CheckedTaskKind:
+    """A task kind wrapped in a check of its contract: ``kind(task_name, options) -> Task``."""
+
+    def __init__(self, kind: Callable[..., Any], name: str, plugin: str):
+        self.__wrapped__ = kind
+        self.__doc__ = kind.__doc__
+        self.name = name
+        self.plugin = plugin
+
+    def __repr__(self) -> str:
+        return f"<task kind {self.name!r} from plugin {self.plugin!r}>"
+
+    def __call__(self, task: str, options: dict[str, Any]) -> Any:
+        """The task ``task`` of this kind with ``options`` (the declaration's keys but ``kind`` and ``folder``)."""
+        from mtsl_plugin.tasks import Task  # deferred: the tasks module pulls in torchmetrics
+
+        try:
+            inspect.signature(self.__wrapped__).bind(task, **options)
+        except TypeError as error:
+            raise ValueError(f"task {task!r} of kind {self.name!r}: {error}") from None
+        result = self.__wrapped__(task, **options)
+        if not isinstance(result, Task) or result.name != task:
+            raise PluginContractError(
+                f"Task kind {self.name!r} of plugin {self.plugin!r} returned {_describe(result)}, "
+                f"expected a mtsl_plugin.tasks.Task named {task!r}."
+            )
+        return result
+
+
 def similarity(name: str) -> CheckedSimilarity:
     """Return the similarity metric ``name``, wrapped in a contract check. Raises :class:`UnknownNameError`."""
     plugin, metric = _lookup("similarity", name)
@@ -359,3 +394,9 @@ def amalgamator(name: str) -> CheckedAmalgamator:
     """Return the amalgamator factory ``name``, wrapped in a contract check. Raises :class:`UnknownNameError`."""
     plugin, factory = _lookup("amalgamator", name)
     return CheckedAmalgamator(factory, name, plugin)
+
+
+def task_kind(name: str) -> CheckedTaskKind:
+    """Return the task kind ``name``, wrapped in a contract check. Raises :class:`UnknownNameError`."""
+    plugin, kind = _lookup("task", name)
+    return CheckedTaskKind(kind, name, plugin)

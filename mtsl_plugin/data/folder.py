@@ -1,0 +1,200 @@
+"""A user's own data: one file per sample and target in a folder per task, tasks declared in the configuration.
+
+Layout (``<id>`` is any file stem; every task folder holds one file for every image)::
+
+    root/train/image/<id>.png|.jpg|.npy     RGB; .npy: (H, W, 3) float in [0, 1] or uint8
+    root/train/<folder>/<id>.png|.npy       one folder per task that reads a file (see below)
+    root/val/...                            the same; the test split reads root/test/ when it exists, else val/
+
+What a target file holds follows the task's target layout (:data:`mtsl_plugin.tasks.TARGET_LAYOUTS`):
+
+=========  ====================================================================================================
+layout     file
+=========  ====================================================================================================
+labels     ``(H, W)`` class index: PNG (grey or palette; 255 = ignore) or .npy (negative or NaN = ignore)
+binary     ``(H, W)``: PNG (non-zero = 1) or .npy (> 0.5 = 1)
+dense      .npy ``(H, W)`` or ``(H, W, C)`` float, C the task's channels; NaN or inf = no value at that pixel
+normals    .npy ``(H, W, 3)``; re-normalised on load, zero or non-finite = invalid
+image      no file: the target is the input image (reconstruction)
+=========  ====================================================================================================
+
+Samples are returned as the other data sets return them (``(image (3, H, W), {task: target})``), resized to
+``height`` x ``width`` when both are given (labels and binary maps nearest-neighbour, dense maps and normals
+bilinear over their valid pixels). ``augment`` zooms and mirrors like the real data sets' augmentation but never
+changes a value: dense targets whose values depend on scale or direction (depth, flow) should train without it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mtsl_plugin.data.common import IGNORE_INDEX, RESIZE_BY_LAYOUT, normalize_normals, resize_image
+from mtsl_plugin.data.real import augment_sample, random_window, read_npy
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
+TARGET_SUFFIXES = {"labels": (".png", ".npy"), "binary": (".png", ".npy"), "dense": (".npy",),
+                   "normals": (".npy",)}
+SPLITS = {"train": ("train",), "val": ("val",), "test": ("test", "val")}
+
+
+@dataclass(frozen=True)
+class TargetFiles:
+    """Where and how one task's targets are stored: its target ``layout``, its sub-``folder`` and its
+    ``channels`` (the classes of ``labels``, the channels of ``dense``)."""
+
+    layout: str
+    folder: str
+    channels: int = 1
+
+
+_NDIMS = {"labels": (2,), "binary": (2,), "dense": (2, 3), "normals": (3,)}
+_SHAPES = {"labels": "(H, W)", "binary": "(H, W)", "dense": "(H, W) or (H, W, C)", "normals": "(H, W, 3)"}
+
+
+class FolderDataset(Dataset):
+    """The folder layout of the module docstring.
+
+    Args:
+        root: the data set's folder (holding ``train/``, ``val/`` and optionally ``test/``).
+        split: "train", "val" or "test".
+        targets: task name -> :class:`TargetFiles`, in the order the tasks are returned.
+        height, width: output size; both ``None`` keeps the stored size (all samples must then share it).
+        n: keep only the first ``n`` samples (in file-name order).
+        augment: random zoom and mirror of every sample (:func:`~mtsl_plugin.data.real.augment_sample`, torch's
+            global RNG; values unchanged but the normals' x, which mirroring negates).
+    """
+
+    def __init__(self, root: str | Path, split: str, targets: Mapping[str, TargetFiles], height: int | None = None,
+                 width: int | None = None, n: int | None = None, augment: bool = False) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"Unknown split {split!r}; choose from {tuple(SPLITS)}.")
+        if (height is None) != (width is None):
+            raise ValueError(f"folder data needs both height and width to resize, or neither; got {height}x{width}.")
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data folder {root} does not exist.")
+        folders = [root / name for name in SPLITS[split] if (root / name).is_dir()]
+        if not folders:
+            raise FileNotFoundError(f"data folder {root} has no {' or '.join(SPLITS[split])}/ folder for the "
+                                    f"{split} split.")
+        self.split_dir = folders[0]
+        self.targets = dict(targets)
+        self.tasks = tuple(self.targets)
+        self.num_classes = 0  # classes belong to each declared segmentation task
+        self.class_names: tuple[str, ...] = ()
+        self.augment = augment
+        self.images = self._files("image", IMAGE_SUFFIXES)
+        self.ids = sorted(self.images)
+        self.files = {task: self._files(spec.folder, TARGET_SUFFIXES[spec.layout])
+                      for task, spec in self.targets.items() if spec.layout != "image"}
+        for task, files in self.files.items():
+            missing = [i for i in self.ids if i not in files]
+            if missing:
+                folder = self.split_dir / self.targets[task].folder
+                raise FileNotFoundError(f"task {task!r}: {folder} has no file for sample {missing[0]!r} "
+                                        f"({len(missing)} sample(s) missing there).")
+        if n is not None:
+            self.ids = self.ids[:n]
+        self.resize = height is not None
+        if self.resize:
+            self.height, self.width = height, width
+        else:
+            self.height, self.width = self._image(self.ids[0]).shape[-2:]
+
+    def _files(self, folder: str, suffixes: tuple[str, ...]) -> dict[str, Path]:
+        """File stem -> path of the files with one of ``suffixes`` in ``split_dir / folder``."""
+        path = self.split_dir / folder
+        if not path.is_dir():
+            raise FileNotFoundError(f"data folder {path} does not exist.")
+        files: dict[str, Path] = {}
+        for file in sorted(path.iterdir()):
+            if file.suffix.lower() in suffixes:
+                if file.stem in files:
+                    raise ValueError(f"{path} holds two files for sample {file.stem!r}: {files[file.stem].name} "
+                                     f"and {file.name}.")
+                files[file.stem] = file
+        if not files:
+            raise FileNotFoundError(f"{path} holds no {'/'.join(suffixes)} file.")
+        return files
+
+    @staticmethod
+    def _read(path: Path) -> np.ndarray:
+        if path.suffix.lower() == ".npy":
+            return read_npy(path)
+        from PIL import Image  # torchvision's dependency
+
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB") if image.mode not in ("L", "P", "I", "I;16") else image)
+        except OSError as exc:
+            raise ValueError(f"File {path} cannot be read as an image: {exc}") from None
+
+    def _image(self, sample: str) -> torch.Tensor:
+        path = self.images[sample]
+        array = self._read(path)
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise ValueError(f"Image file {path} has shape {array.shape}, expected (H, W, 3).")
+        array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+        if not np.isfinite(array).all() or array.min() < -1e-3 or array.max() > 1.0 + 1e-3:
+            raise ValueError(f"Image file {path} has values outside [0, 1] (min {array.min()}, max {array.max()}).")
+        return torch.from_numpy(np.clip(array, 0.0, 1.0)).permute(2, 0, 1).contiguous()
+
+    def _target(self, task: str, sample: str, hw: tuple[int, int]) -> torch.Tensor:
+        spec, path = self.targets[task], self.files[task][sample]
+        array = self._read(path)
+        if array.ndim == 3 and array.shape[-1] == 1 and spec.layout in ("labels", "binary"):
+            array = array[..., 0]
+        if array.ndim not in _NDIMS[spec.layout] or array.shape[:2] != hw:
+            raise ValueError(f"task {task!r}: file {path} has shape {array.shape}; a {spec.layout} target of this "
+                             f"sample is {_SHAPES[spec.layout]} with (H, W) = {hw}.")
+        if spec.layout == "labels":
+            if np.issubdtype(array.dtype, np.floating):
+                array = np.where(np.isfinite(array), np.rint(array), IGNORE_INDEX)
+            labels = array.astype(np.int64)
+            labels[labels < 0] = IGNORE_INDEX
+            if path.suffix.lower() == ".png":
+                labels[labels == 255] = IGNORE_INDEX
+            if labels.max() >= spec.channels:
+                raise ValueError(f"task {task!r}: file {path} holds class {labels.max()}, but the task has "
+                                 f"{spec.channels} classes (ignore: 255 in PNG, -1 in .npy).")
+            return torch.from_numpy(labels)
+        if spec.layout == "binary":
+            threshold = 0 if path.suffix.lower() == ".png" else 0.5
+            return torch.from_numpy((np.nan_to_num(array.astype(np.float32)) > threshold).astype(np.float32))[None]
+        values = array.astype(np.float32)
+        if values.ndim == 2:
+            values = values[..., None]
+        if spec.layout == "dense" and values.shape[-1] != spec.channels:
+            raise ValueError(f"task {task!r}: file {path} has {values.shape[-1]} channel(s), the task has "
+                             f"{spec.channels}.")
+        tensor = torch.from_numpy(values).permute(2, 0, 1).contiguous()
+        if spec.layout == "normals":
+            return normalize_normals(torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0))
+        return torch.where(torch.isfinite(tensor), tensor, torch.full_like(tensor, float("nan")))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(image (3, H, W), {task: target})`` in the layouts of the module docstring."""
+        sample = self.ids[item]
+        image = self._image(sample)
+        hw = tuple(image.shape[1:])
+        if not self.resize and hw != (self.height, self.width):
+            raise ValueError(f"File {self.images[sample]} is {hw}, but this data set's samples are "
+                             f"{(self.height, self.width)}; give height and width to resize.")
+        targets = {task: self._target(task, sample, hw) for task in self.files}
+        layouts = {task: self.targets[task].layout for task in targets}
+        if self.augment:
+            image, targets = augment_sample(image, targets, *random_window(hw), layouts=layouts)
+        targets = {t: RESIZE_BY_LAYOUT[layouts[t]](v, self.height, self.width) for t, v in targets.items()}
+        image = resize_image(image, self.height, self.width)
+        for task, spec in self.targets.items():
+            if spec.layout == "image":
+                targets[task] = image.clone()
+        return image, {t: targets[t] for t in self.tasks}
