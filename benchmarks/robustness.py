@@ -90,11 +90,13 @@ def parse_epsilons(text: str) -> list[float]:
 
 
 def parse_attack_tasks(text: str, tasks: Sequence[str]) -> list[str]:
-    """The attacked tasks among ``tasks`` (the runs' tasks); an unknown task letter is a usage error."""
+    """The attacked tasks among ``tasks`` (the runs' tasks); a name that is neither a built-in task nor one of
+    ``tasks`` is a usage error."""
     requested = parse_list(text, "attack-tasks")
-    unknown = [t for t in requested if t not in TASKS]
+    unknown = [t for t in requested if t not in TASKS and t not in tasks]
     if unknown:
-        raise UsageError(f"--attack-tasks: unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        raise UsageError(f"--attack-tasks: unknown task(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(dict.fromkeys([*tasks, *TASKS]))}")
     return [t for t in dict.fromkeys(requested) if t in tasks]
 
 
@@ -218,8 +220,22 @@ def _cell(stat: Sequence[float] | None) -> str:
     return f"{mean:.{places}f}" if n <= 1 else f"{mean:.{places}f} ± {std:.{places}f}"
 
 
-def _header(task: str) -> str:
+def _header(task: str, labels: Mapping[str, str] | None = None) -> str:
+    """``labels[task]`` when given (a run's own metric name and direction, see :func:`task_labels`), else the
+    built-in task's label, e.g. ``S mIoU ↑``."""
+    if labels and task in labels:
+        return labels[task]
     return f"{task} {METRIC_NAMES.get(task, '')} {'↑' if HIGHER_IS_BETTER.get(task, True) else '↓'}".replace("  ", " ")
+
+
+def task_labels(runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Each task's column label from the runs' records (declared tasks bring their own metric and direction)."""
+    labels: dict[str, str] = {}
+    for run in runs:
+        for task, higher in (run.get("higher_is_better") or {}).items():
+            name = (run.get("metric_names") or {}).get(task, "")
+            labels.setdefault(task, f"{task} {name} {'↑' if higher else '↓'}".replace("  ", " "))
+    return labels
 
 
 def _row(cells: Sequence[str]) -> str:
@@ -232,10 +248,10 @@ def _failed_row(label: str, entry: Mapping[str, Any], width: int) -> str:
 
 
 def corruption_table(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[str],
-                     categories: Sequence[str]) -> str:
+                     categories: Sequence[str], labels: Mapping[str, str] | None = None) -> str:
     """Markdown: one row per label; per task a clean column and one per corruption category."""
     columns = ["clean", *categories]
-    headers = ["Method"] + [f"{_header(t)} {c}" if c == "clean" else f"{t} {c}" for t in tasks for c in columns]
+    headers = ["Method"] + [f"{_header(t, labels)} {c}" if c == "clean" else f"{t} {c}" for t in tasks for c in columns]
     lines = [_row(headers), "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
     for label, entry in summary.items():
         if not entry["ok"]:
@@ -248,9 +264,9 @@ def corruption_table(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[s
 
 
 def pgd_table(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], attack_tasks: Sequence[str],
-              epsilons: Sequence[float]) -> str:
+              epsilons: Sequence[float], labels: Mapping[str, str] | None = None) -> str:
     """Markdown: one row per label and attacked task; per task one column per ε."""
-    headers = ["Method", "Attacked"] + [f"{_header(t)} ε={e:g}" if i == 0 else f"{t} ε={e:g}"
+    headers = ["Method", "Attacked"] + [f"{_header(t, labels)} ε={e:g}" if i == 0 else f"{t} ε={e:g}"
                                         for t in tasks for i, e in enumerate(epsilons)]
     lines = [_row(headers), "|" + "|".join([":---", ":---"] + ["---:"] * (len(headers) - 2)) + "|"]
     for label, entry in summary.items():
@@ -293,7 +309,7 @@ def _plot(ax, x: Sequence[float], stats: Sequence[Sequence[float]], label: str) 
 
 
 def corruption_figure(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], categories: Sequence[str],
-                      path: Path) -> Path:
+                      path: Path, labels: Mapping[str, str] | None = None) -> Path:
     """Per task a subplot: its metric on the clean and on each category's corrupted test set, one line per label."""
     fig = Figure(figsize=(3.2 * len(tasks) + 0.6, 3.2))
     FigureCanvasAgg(fig)
@@ -305,7 +321,7 @@ def corruption_figure(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[
                 _plot(ax, range(len(columns)), [entry["clean"][task]] + [entry["categories"][c][task]
                                                                            for c in categories], label)
         ax.set_xticks(range(len(columns)), columns)
-        ax.set_title(_header(task))
+        ax.set_title(_header(task, labels))
         ax.legend(fontsize=7)
     fig.suptitle("Natural corruptions (mean over corruptions and severities 1-5)")
     fig.tight_layout()
@@ -314,7 +330,7 @@ def corruption_figure(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[
 
 
 def pgd_figure(summary: Mapping[str, Mapping[str, Any]], attack_tasks: Sequence[str], epsilons: Sequence[float],
-               path: Path) -> Path:
+               path: Path, labels: Mapping[str, str] | None = None) -> Path:
     """Per attacked task a subplot: that task's metric against ε (0 = clean), one line per label."""
     fig = Figure(figsize=(3.6 * len(attack_tasks) + 0.6, 3.2))
     FigureCanvasAgg(fig)
@@ -325,7 +341,7 @@ def pgd_figure(summary: Mapping[str, Mapping[str, Any]], attack_tasks: Sequence[
                 _plot(ax, [0.0, *epsilons], [entry["clean"][task]] + [entry["pgd"][task][eps_key(e)][task]
                                                                         for e in epsilons], label)
         ax.set_xlabel("ε (0-255 scale)")
-        ax.set_title(f"PGD on {task}: {_header(task)}")
+        ax.set_title(f"PGD on {task}: {_header(task, labels)}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -336,6 +352,7 @@ def write_report(folder: Path, meta: Mapping[str, Any], runs: list[dict[str, Any
                  categories: Sequence[str], epsilons: Sequence[float], attack_tasks: Sequence[str]) -> str:
     """Write robustness.json/.csv/.md and the figures into ``folder``; return the Markdown."""
     folder.mkdir(parents=True, exist_ok=True)
+    labels = task_labels(runs)
     summary = summarise(runs)
     write_json(folder / "robustness.json", {**meta, "runs": runs, "summary": summary})
     with (folder / "robustness.csv").open("w", newline="", encoding="utf-8") as handle:
@@ -346,12 +363,12 @@ def write_report(folder: Path, meta: Mapping[str, Any], runs: list[dict[str, Any
     parts = []
     if categories:
         parts.append("## Natural corruptions\n\nEach category: the mean over its corruptions and severities 1-5.\n\n"
-                     + corruption_table(summary, tasks, categories))
-        corruption_figure(summary, tasks, categories, folder / "corruptions.png")
+                     + corruption_table(summary, tasks, categories, labels))
+        corruption_figure(summary, tasks, categories, folder / "corruptions.png", labels)
     if epsilons and attack_tasks:
         parts.append("## PGD attacks\n\nL∞ PGD on the attacked task's loss; ε on the 0-255 scale; every task's "
-                     "metric under the attack.\n\n" + pgd_table(summary, tasks, attack_tasks, epsilons))
-        pgd_figure(summary, attack_tasks, epsilons, folder / "pgd.png")
+                     "metric under the attack.\n\n" + pgd_table(summary, tasks, attack_tasks, epsilons, labels))
+        pgd_figure(summary, attack_tasks, epsilons, folder / "pgd.png", labels)
     text = "\n".join(parts) or "Nothing to evaluate: no corruption category and no PGD attack was asked for.\n"
     (folder / "robustness.md").write_text(text, encoding="utf-8")
     return text

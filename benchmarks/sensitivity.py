@@ -29,7 +29,6 @@ from benchmarks.harness import (Job, UsageError, add_deltas, add_out_arg, add_ru
                                 write_results)
 from benchmarks.report import aggregate, summary_table, write_markdown
 from mtsl_plugin.config import RunConfig
-from mtsl_plugin.data.common import ordered_tasks
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
@@ -71,12 +70,12 @@ def task_subsets(tasks: Sequence[str], value: str) -> list[tuple[str, ...]]:
     if value == "all":
         if len(tasks) < 3:
             raise UsageError(f"--sweep tasks needs at least 3 tasks to leave one out, the run has {list(tasks)}")
-        return [ordered_tasks(c) for c in itertools.combinations(tasks, len(tasks) - 1)]
+        return [tuple(c) for c in itertools.combinations(tasks, len(tasks) - 1)]
     subset = parse_list(value, "values")
     unknown = [t for t in subset if t not in tasks]
     if unknown or len(set(subset)) != len(subset) or len(subset) < 2:
         raise UsageError(f"--values {value!r} must name at least 2 distinct tasks of {list(tasks)}")
-    return [ordered_tasks(subset)]
+    return [tuple(t for t in tasks if t in subset)]  # in the run's task order
 
 
 def tasks_jobs(config: RunConfig, seeds: Sequence[int], subsets: Sequence[tuple[str, ...]]) -> list[Job]:

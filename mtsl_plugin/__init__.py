@@ -10,7 +10,7 @@ LibMTL's lookup of architectures by name finds it) and exposes the plugin lookup
 """
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.plan import BranchingPlan
-from mtsl_plugin.plugins import amalgamator, available, grouping_solver, load_plugin, similarity
+from mtsl_plugin.plugins import amalgamator, available, grouping_solver, load_plugin, similarity, task_kind
 from mtsl_plugin.architecture import MTSL  # noqa: E402  (after the plugins: the learner imports them)
 from mtsl_plugin import libmtl_trainer  # noqa: E402
 from mtsl_plugin.libmtl_trainer import Trainer  # noqa: E402  (LibMTL's Trainer interface, running MTSL)
@@ -19,4 +19,4 @@ import_libmtl().architecture.MTSL = MTSL
 
 __version__ = "0.1.0"
 __all__ = ["MTSL", "Trainer", "BranchingPlan", "similarity", "grouping_solver", "amalgamator", "available", "load_plugin",
-           "__version__"]
+           "task_kind", "__version__"]
