@@ -121,6 +121,6 @@ def mtsl_task_kinds() -> dict[str, TaskKind]:
     layout (one of ``mtsl_plugin.tasks.TARGET_LAYOUTS``: how a data set reads, resizes and mirrors the target).
     A kind raises ``ValueError`` naming the task for a bad option value. The manager checks that the options
     fit the kind's signature (an unknown or missing option is named) and that the result is a ``Task`` of that
-    name. Task objects are pickled with checkpoints of distributed runs: build losses and metrics from
-    module-level functions and ``functools.partial``, not closures.
+    name. Build losses and metrics from module-level functions and ``functools.partial``, not closures, so that
+    the task pickles like the built-in ones (LibMTL's task dict is copied that way, e.g. by data-loader workers).
     """
