@@ -3,7 +3,8 @@ model replicated and wrapped in ``DistributedDataParallel``, each rank training 
 batch.
 
 What this module holds is plain: who we are (:func:`rank`, :func:`world_size`), starting the process group from
-torchrun's environment (:func:`init_from_env`), sharding a global batch order (:func:`shard_batches`), and
+torchrun's environment (:func:`init_from_env`), sharding a global batch order (:func:`shard_batches`) and an
+evaluation set (:func:`shard_samples`), and
 keeping replicas identical through structural edits (:func:`broadcast_module`, :func:`check_replicas`).
 Without a process group every function is the single-process identity, so the rest of the code calls them
 unconditionally.
@@ -17,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 
 def active() -> bool:
@@ -74,6 +76,16 @@ def shard_batches(batches: Sequence[Sequence[int]]) -> list[list[int]]:
     ...``, so the ranks' parts of one step together are that step's global batch."""
     size, me = world_size(), rank()
     return [list(batch[me::size]) for batch in batches]
+
+
+def shard_samples(dataset: Dataset) -> Dataset:
+    """This rank's share of an evaluation set: samples ``r, r + n, ...`` (no sample twice, no padding, shares may
+    differ by one). Metrics evaluated on the shares are exact over the whole set because torchmetrics sums their
+    states across the ranks in ``compute()``. A set smaller than the number of ranks is not split."""
+    size = world_size()
+    if size == 1 or len(dataset) < size:
+        return dataset
+    return Subset(dataset, range(rank(), len(dataset), size))
 
 
 def mean_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

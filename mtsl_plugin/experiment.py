@@ -193,7 +193,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     history = trainer.fit(data, total_epochs, checkpoint=checkpoint, on_phase=on_phase, progress=progress)
     phase_seconds = sum(r.seconds for r in spec.learner.records) if spec.learner is not None else 0.0
     train_seconds = sum(h["seconds"] for h in history) + phase_seconds  # structural phases included
-    metrics = trainer.evaluate(data.batches(data.test))
+    metrics = trainer.evaluate(data.batches(distributed.shard_samples(data.test)))  # each rank its share
     final_plan = spec.final_plan(trainer.model) if spec.final_plan else getattr(trainer.model, "plan", None)
     if spec.final_plan is not None:  # a searched plan: its cost is that of the derived branched network
         derived = build_trainer(config, tasks, final_plan, stages)

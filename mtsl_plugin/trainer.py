@@ -61,7 +61,8 @@ class RunData:
 
         Under ``torch.distributed`` a shuffled loader gives this rank its share of every global batch
         (:func:`mtsl_plugin.distributed.shard_batches`; the global batches are those of one process), unless
-        ``shard`` is False; unshuffled loaders (evaluation, grouping data) give every rank all the data."""
+        ``shard`` is False; unshuffled loaders give every rank all of ``dataset`` (the grouping data, decided on
+        rank 0; the test split is sharded before, :func:`mtsl_plugin.distributed.shard_samples`)."""
         generator = None
         if key is not None:
             seed = np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]
@@ -205,7 +206,9 @@ class MTLTrainer(LibMTL.Trainer):
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> dict[str, float]:
-        """Each task's metric over ``loader`` (LibMTL metric objects of ``task_dict``)."""
+        """Each task's metric over ``loader`` (LibMTL metric objects of ``task_dict``). Under ``torch.distributed``
+        every rank must call it, each with its share of the data: the metrics' states are summed across the ranks
+        (torchmetrics' sync in ``compute()``), so every rank returns the metric of the whole set."""
         self.model.eval()
         for task in self.task_name:
             self.task_dict[task]["metrics_fn"].reinit()

@@ -204,3 +204,30 @@ def test_torchrun_with_a_killed_rank_stops_and_resumes(tmp_path):
     single = tmp_path / "single"
     assert compare.main([*args, "--out", str(single)]) == 0
     assert runs["mtsl"]["plan"] == json.loads((single / "mtsl" / "seed0" / "result.json").read_text())["plan"]
+
+
+def evaluation_worker(rank, world, port, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init_from_env("cpu")
+    config, data, spec, tasks, stages = smoke_trainer()
+    trainer = build_trainer(config, tasks, spec.plan, stages, spec.learner)
+    test = torch.utils.data.Subset(data.test, range(7))  # shares of 4 and 3 samples
+    share = distributed.shard_samples(test)
+    metrics = trainer.evaluate(data.batches(share))
+    torch.save({"metrics": metrics, "share": list(share.indices)}, os.path.join(folder, f"eval{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_each_rank_evaluates_its_share_and_gets_the_metric_of_the_whole_test_set(tmp_path):
+    mp.spawn(evaluation_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"eval{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["share"] == [0, 2, 4, 6] and ranks[1]["share"] == [1, 3, 5]
+    config, data, spec, tasks, stages = smoke_trainer()
+    trainer = build_trainer(config, tasks, spec.plan, stages, spec.learner)
+    whole = trainer.evaluate(data.batches(torch.utils.data.Subset(data.test, range(7))))
+    for r in ranks:
+        assert r["metrics"].keys() == whole.keys()
+        for task, value in whole.items():
+            assert r["metrics"][task] == pytest.approx(value, rel=1e-6), task
