@@ -21,6 +21,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def join_group(rank, world, port, init=True):
+    """Describe this spawned process as torchrun would (one thread: two ranks share two cores) and join."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    if init:
+        distributed.init_from_env("cpu")
+
+
 def train_mtsl(out_file, weighting="EW"):
     """The smoke MTSL run of S and D; saves the final plan, weights and phase records."""
     config = smoke_config(tasks=("S", "D")).replace(weighting=weighting)
@@ -36,10 +45,7 @@ def train_mtsl(out_file, weighting="EW"):
 
 
 def worker(rank, world, port, folder, weighting):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.init_from_env("cpu")
+    join_group(rank, world, port)
     try:
         train_mtsl(os.path.join(folder, f"rank{rank}.pt"), weighting)
     except ValueError as exc:
@@ -90,9 +96,7 @@ def test_shards_of_a_global_batch_make_it_up(monkeypatch):
 
 
 def compare_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    join_group(rank, world, port, init=False)  # compare.py joins the group itself
     from benchmarks import compare
 
     code = compare.main(["--methods", "mtsl", "--preset", "smoke", "--tasks", "S,D", "--out", out, "--no-progress"])
@@ -134,10 +138,7 @@ def smoke_trainer():
 
 
 def resume_worker(rank, world, port, folder):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.init_from_env("cpu")
+    join_group(rank, world, port)
     from mtsl_plugin.trainer import MTLTrainer
 
     config, data, spec, tasks, stages = smoke_trainer()
@@ -207,10 +208,7 @@ def test_torchrun_with_a_killed_rank_stops_and_resumes(tmp_path):
 
 
 def evaluation_worker(rank, world, port, folder):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.init_from_env("cpu")
+    join_group(rank, world, port)
     config, data, spec, tasks, stages = smoke_trainer()
     trainer = build_trainer(config, tasks, spec.plan, stages, spec.learner)
     test = torch.utils.data.Subset(data.test, range(7))  # shares of 4 and 3 samples
