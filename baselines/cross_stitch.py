@@ -26,7 +26,7 @@ from torch import nn
 from mtsl_plugin.architecture import check_architecture_args
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, register_method
-from mtsl_plugin.network.stages import ResNetStages
+from mtsl_plugin.network.stages import StageFactory
 
 AbsArchitecture = import_libmtl().architecture.AbsArchitecture
 
@@ -81,7 +81,7 @@ class CrossStitchNetwork(nn.Module):
     Attributes: ``nodes[location][task]`` (the task networks' nodes), ``units[location]``.
     """
 
-    def __init__(self, stages: ResNetStages, tasks: Sequence[str], self_weight: float | None = None):
+    def __init__(self, stages: StageFactory, tasks: Sequence[str], self_weight: float | None = None):
         super().__init__()
         self.tasks = tuple(tasks)
         self.specs = stages.specs
@@ -105,14 +105,14 @@ class CrossStitchNetwork(nn.Module):
 
 
 class CrossStitch(AbsArchitecture):
-    """Cross-stitch networks on a timm ResNet, as a LibMTL architecture.
+    """Cross-stitch networks on the timm stages, as a LibMTL architecture.
 
     Subclasses ``AbsArchitecture`` rather than ``LibMTL.architecture.Cross_stitch``: that class's only own code
     is its ``__init__``, which calls ``encoder_class()`` once per task expecting a torchvision ResNet (``relu``,
     ``layer1``..``layer4``) and wraps it in a module with one scalar per (layer, source task) that is shared by
     all target tasks; none of it applies to a stage table with decoder skips and channel-wise units.
 
-    LibMTL interface: ``encoder_class()`` returns the :class:`ResNetStages`; ``decoders`` maps task -> head
+    LibMTL interface: ``encoder_class()`` returns the stages (a :class:`StageFactory`); ``decoders`` maps task -> head
     (``head(features, size)``, e.g. ``stages.build_head``); ``forward(inputs)`` returns task -> prediction
     ``(N, K_t, H, W)``; the shared parameters (``get_share_params``) are the cross-stitch units, the only
     parameters that belong to no single task. ``arch_args``: ``self_weight`` (initial α_ii, default by the number of

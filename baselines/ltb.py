@@ -5,7 +5,9 @@ Every *gated* child (a node, or with the wide search space a head) has a row of 
 location shallower and reads its sampled parent's output; ungated children read their own slot's parent.
 
 * search space: by default LibMTL's, the inputs of ``layer1`` .. ``layer4`` (our locations 1-4): deeper
-  locations and the heads stay on their own task's chain, so at most locations 0-3 can be shared. Option
+  locations and the heads stay on their own task's chain, so at most locations 0-3 can be shared. On another
+  timm CNN the analogue: the inputs of its feature stages after the first (``stages.feature_locations[1:]``,
+  locations 1 .. k-1 for k feature stages; 1-3 on a ConvNeXt, so at most 0-2 are shared). Option
   ``search_space="all"``: every location's input and the heads (the derived plan may then share anything);
 * gates: logits initialised to ones, trained by the run's optimizer at the weights' learning rate;
 * warm-up: while ``epoch < epochs / 100`` (the first epoch of any run shorter than 200 epochs), every gated
@@ -33,7 +35,6 @@ from baselines import gates
 from baselines.supernet import GatedSupernet
 from mtsl_plugin.methods import MethodSpec, register_method
 
-REFERENCE_LOCATIONS = ("layer1", "layer2", "layer3", "layer4")  # LibMTL gates the inputs of these
 SEARCH_SPACES = ("reference", "all")
 
 
@@ -56,7 +57,7 @@ class LTB(GatedSupernet):
         if self.search_space == "all":
             self.gated_levels = list(range(1, self.num_locations + 1))  # level L: the heads
         else:
-            self.gated_levels = [l for l, spec in enumerate(self.specs) if spec.name in REFERENCE_LOCATIONS and l > 0]
+            self.gated_levels = list(self.stages.feature_locations[1:])  # layer1-4 on a ResNet, as LibMTL
         num = len(self.tasks)
         for level in self.gated_levels:
             self.gates[self.gate_key(level)] = nn.Parameter(torch.ones(num, num))

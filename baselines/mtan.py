@@ -8,9 +8,11 @@ output of ℓ, and ``a_ℓ`` the task's attended features::
     m_0 = att_0(b_0)                                   a_0 = m_0 ⊙ s_0
     m_ℓ = att_ℓ([b_ℓ, carry_ℓ(a_{ℓ-1})])               a_ℓ = m_ℓ ⊙ s_ℓ        (ℓ ≥ 1)
 
-* ``b_ℓ``: the input of the node's last residual block (of a ResNet layer, of the extra block(s), of a decoder
-  block: the upsampled input concatenated with the skip); a location without residual blocks (the stem) uses
-  its output, ``b_0 = s_0``;
+* ``b_ℓ``: the input of the node's last residual block (of a ResNet layer or any timm stage, of the extra
+  block(s), of a decoder block: the upsampled input concatenated with the skip); a location without residual
+  blocks (a stem) uses its output, ``b_0 = s_0``. The blocks are found by timm's marker: every timm residual
+  block (ResNet's, ConvNeXt's, RegNet's, EfficientNet's and MobileNetV3's, ...) has a ``drop_path`` attribute
+  (its stochastic depth); the last of them in module order is the last block (:func:`last_block`);
 * ``att_ℓ`` (one per task): conv1x1-BN-ReLU-conv1x1-BN-sigmoid (the reference's and LibMTL's attention layer)
   from ``b_ℓ``'s channels (plus ``C_ℓ`` for ℓ ≥ 1) through ``C_ℓ / attention_reduction`` (default 4, as the
   reference) to ``C_ℓ``, so the mask lies in (0, 1);
@@ -20,7 +22,7 @@ output of ℓ, and ``a_ℓ`` the task's attended features::
   bilinear upsampling where ℓ is finer (decoder).
 
 The reference attends layer1-4 of an encoder; here every merge location is attended, so the chain runs through
-all 10 locations (6 in the encoder-only setting, where the heads are DeepLab heads). Decoder locations
+all locations (10 on a ResNet, 6 in the encoder-only setting, where the heads are DeepLab heads). Decoder locations
 (encoder-decoder setting) run on the shared features: the node's input is the shared output of ℓ−1 and its skip
 the shared output of the skip location; attention applies to the shared decoder output as at any other location.
 The task's heads read its attended outputs at the head locations.
@@ -34,13 +36,13 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.models.resnet import BasicBlock, Bottleneck
+from timm.models.resnet import Bottleneck
 from torch import nn
 
 from mtsl_plugin.architecture import check_architecture_args
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, register_method
-from mtsl_plugin.network.stages import BottleneckDecoderStage, DecoderStage, ResNetStages
+from mtsl_plugin.network.stages import BottleneckDecoderStage, StageFactory
 
 AbsArchitecture = import_libmtl().architecture.AbsArchitecture
 # LibMTL builds MTAN's attention layers with this method of its ResNet wrapper; it does not use its instance.
@@ -62,17 +64,15 @@ def _refinement_block(in_channels: int, out_channels: int) -> nn.Module:
 
 
 def last_block(node: nn.Module) -> nn.Module | None:
-    """The module whose input is the node's "features before the last block": a decoder stage's block, a
-    residual block itself, or (recursively) the last residual block of a sequence; ``None`` if there is none."""
-    if isinstance(node, DecoderStage):
-        return node.block
+    """The module whose input is the node's "features before the last block": the body of the authors' decoder
+    block, else the last residual block in ``node.modules()`` order (the node itself included; a timm block is a
+    module with a ``drop_path`` attribute, as timm's ResNet, ConvNeXt, RegNet, EfficientNet and MobileNetV3 blocks
+    and the extra and decoder blocks, which are timm BasicBlocks or Bottlenecks, all are); ``None`` if the node
+    has none (a stem)."""
     if isinstance(node, BottleneckDecoderStage):
         return node.body
-    if isinstance(node, (BasicBlock, Bottleneck)):
-        return node
-    if isinstance(node, nn.Sequential) and len(node):
-        return last_block(node[-1])
-    return None
+    blocks = [m for m in node.modules() if hasattr(m, "drop_path")]
+    return blocks[-1] if blocks else None
 
 
 def _carry(attended: torch.Tensor, refine: nn.Module, size: torch.Size) -> torch.Tensor:
@@ -97,7 +97,7 @@ class AttentionNetwork(nn.Module):
     Attributes: ``nodes[ℓ]`` (shared), ``attention[ℓ][task]``, ``refinements[ℓ - 1]`` (shared, ℓ ≥ 1).
     """
 
-    def __init__(self, stages: ResNetStages, tasks: Sequence[str], attention_reduction: int = 4):
+    def __init__(self, stages: StageFactory, tasks: Sequence[str], attention_reduction: int = 4):
         super().__init__()
         if attention_reduction < 1:
             raise ValueError(f"attention_reduction must be a positive integer, got {attention_reduction}")
@@ -166,14 +166,14 @@ class AttentionNetwork(nn.Module):
 
 
 class MTAN(AbsArchitecture):
-    """MTAN on a timm ResNet, as a LibMTL architecture.
+    """MTAN on the timm stages, as a LibMTL architecture.
 
     Subclasses ``AbsArchitecture`` rather than ``LibMTL.architecture.MTAN``: that class's ``__init__``,
     ``get_share_params`` and ``zero_grad_share_params`` all reach into a torchvision ResNet (``relu``,
     ``layer1``..``layer4``, ``feature_dim``) and its forward calls heads without the output size; what fits, its
     attention layer, is reused (see the module docstring).
 
-    LibMTL interface: ``encoder_class()`` returns the :class:`ResNetStages`; ``decoders`` maps task -> head
+    LibMTL interface: ``encoder_class()`` returns the stages (a :class:`StageFactory`); ``decoders`` maps task -> head
     (``head(features, size)``, the attended outputs of the head locations); ``forward(inputs)`` returns task ->
     prediction ``(N, K_t, H, W)`` (``task_name`` computes one task's branch only); the shared parameters are those
     of the shared nodes and refinement blocks.

@@ -33,7 +33,7 @@ class GatedSupernet(AbsArchitecture):
     """Candidate nodes, heads and gate logits; the search itself is the subclass's.
 
     LibMTL's arguments: ``task_name``, ``encoder_class`` (zero-argument callable returning the
-    :class:`~mtsl_plugin.network.stages.ResNetStages`), ``decoders`` (task -> head, ``head(features, size)``),
+    :class:`~mtsl_plugin.network.stages.StageFactory`), ``decoders`` (task -> head, ``head(features, size)``),
     ``rep_grad`` and ``multi_input`` (both False), ``device``, and ``arch_args`` from :attr:`known_args`.
     ``forward(x (N, 3, H, W))`` returns task -> prediction ``(N, C_t, H, W)``.
     """

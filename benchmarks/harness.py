@@ -20,15 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import timm
-
 import baselines  # noqa: F401  (registers the baseline methods)
 from benchmarks.report import aggregate, delta_mtl, format_table, write_csv, write_markdown
 from mtsl_plugin import distributed
-from mtsl_plugin.config import NETWORKS, NUM_LOCATIONS, PRESETS, SETTINGS, RunConfig, load_config_file, load_preset
-from mtsl_plugin.experiment import method_spec, run_fingerprint, run_method, write_json
+from mtsl_plugin.config import NETWORKS, PRESETS, SETTINGS, RunConfig, load_config_file, load_preset
+from mtsl_plugin.experiment import method_spec, num_locations, run_fingerprint, run_method, write_json
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.methods import build_method
+from mtsl_plugin.network.backbones import architecture_family
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
 from mtsl_plugin.checkpoint import CheckpointError
@@ -52,8 +51,8 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
                    help="YAML file of configuration fields over the preset (as the presets or a results folder's "
                         "config.yaml write them); the options below go on top")
     p.add_argument("--setting", default=None, choices=SETTINGS,
-                   help="encoder-decoder (default): 10 merge locations (paper Table 2); encoder: 6, DeepLab heads "
-                        "(Table 1)")
+                   help="encoder-decoder (default): 10 merge locations on a ResNet (paper Table 2); encoder: 6, "
+                        "DeepLab heads (Table 1)")
     p.add_argument("--seeds", default=default_seeds, help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--dataset", default=None,
                    help="synthetic (default), nyuv2, cityscapes, or folder (your own data; declare its tasks in a "
@@ -67,9 +66,13 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--fused", action="store_true",
                    help="MTSL and plans: run the nodes of a location as one vmapped call (grouped convolutions)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and images")
-    p.add_argument("--backbone", default=None, help="timm ResNet name (default resnet18)")
+    p.add_argument("--backbone", default=None,
+                   help="timm CNN name (default resnet18), e.g. resnet50, convnext_atto, efficientnet_b0, "
+                        "regnetx_002, mobilenetv3_small_100; another family than the preset's drops its "
+                        "backbone_args")
     p.add_argument("--network", default=None, choices=NETWORKS,
-                   help="stage table: compact (the CPU presets') or authors (the paper preset's, the authors' code)")
+                   help="stage table: compact (the CPU presets', any timm CNN) or authors (the paper preset's, the "
+                        "authors' code; ResNets)")
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained backbone weights")
     p.add_argument("--weights", default=None, help="local backbone weights file")
     p.add_argument("--weighting", default=None, help="LibMTL weighting method, e.g. EW (default) or UW")
@@ -151,11 +154,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for key in ("backbone", "network", "weights", "weighting"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
+    if args.backbone is not None and architecture_family(args.backbone) is None:
+        raise UsageError(f"--backbone {args.backbone!r} is not a timm model name (e.g. resnet18, convnext_atto, "
+                         "efficientnet_b0, regnetx_002, mobilenetv3_small_100)")
+    if args.backbone is not None and architecture_family(args.backbone) != architecture_family(config.backbone):
+        changes["backbone_args"] = {}  # the preset's (e.g. a ResNet's channels) are another family's arguments
     if args.pretrained:
         changes["pretrained"] = True
     config = config.replace(**changes)
-    if not timm.is_model(config.backbone) or not config.backbone.startswith(("resnet", "resnext", "seresnet")):
-        raise UsageError(f"--backbone {config.backbone!r} is not a timm ResNet (e.g. resnet18, resnet34, resnet50)")
     return config  # the rest is checked with every job's configuration: check_jobs
 
 
@@ -216,7 +222,7 @@ def source_of(method: str, config: RunConfig) -> str | None:
     """The method whose final plan ``method`` retrains ("-R" methods), else ``None``. A builder that fails
     here fails again, reported, when its run starts."""
     try:
-        return build_method(method, config, NUM_LOCATIONS[config.setting]).retrains
+        return build_method(method, config, num_locations(config)).retrains
     except Exception:  # noqa: BLE001
         return None
 

@@ -8,9 +8,11 @@ step; One-Net's and STN's steps with ``--channels-last`` ÷ without.
     python benchmarks/speed.py --device cuda --height 256 --width 512 --batch 16
     python benchmarks/speed.py --plans stn,onenet,results/demo/mtsl/seed0/plan.json
     python benchmarks/speed.py --network authors --height 256 --width 512 --steps 0   # size and GMac only
+    python benchmarks/speed.py --backbone convnext_atto --steps 0                       # another timm CNN
 
 Each plan is timed on the same random batch (after warm-up steps), with bf16 autocast on CUDA. The network is
-the full-width ResNet18 of ``--network`` (compact or authors) with the five tasks' heads.
+``--backbone`` (default the full-width ResNet18) in the stage table of ``--network`` (compact or authors; any
+timm CNN takes compact) with the five tasks' heads; ``stn`` and ``onenet`` span its number of locations.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import torch
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.experiment import build_data, build_trainer
 from mtsl_plugin.learner.structural import StructuralLearner
-from mtsl_plugin.network.stages import NETWORKS, ResNetStages
+from mtsl_plugin.network.backbones import create_stages
+from mtsl_plugin.network.stages import NETWORKS, StageFactory
 from mtsl_plugin.plan import BranchingPlan, StageCost
 from mtsl_plugin.tasks import build_tasks
 
@@ -76,20 +79,19 @@ def timed(step: Callable[[], object], steps: int, device: str) -> tuple[float, f
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
 
 
-def build(plan: BranchingPlan, device: str, network: str, fused: bool = False, align: bool = False,
+def build(plan: BranchingPlan, device: str, stages: StageFactory, fused: bool = False, align: bool = False,
           channels_last: bool = False):
     config = load_preset("smoke").replace(device=device, tasks=plan.tasks, fused=fused, channels_last=channels_last)
     learner = StructuralLearner(config.mtsl) if align else None
-    return build_trainer(config, build_tasks(plan.tasks, 10), plan, ResNetStages("resnet18", network=network),
-                         learner)
+    return build_trainer(config, build_tasks(plan.tasks, 10), plan, stages, learner)
 
 
 def measure(plan: BranchingPlan, device: str, batch: int, height: int, width: int, steps: int,
-            network: str = "compact", fused: bool = False, align: bool = False, channels_last: bool = False
+            stages: StageFactory, fused: bool = False, align: bool = False, channels_last: bool = False
             ) -> tuple[float, float, StageCost]:
     """Median seconds per training step of our trainer (nan without steps), peak CUDA memory in GiB (0 on CPU)
     and the network's cost on one image; ``align`` adds MTSL's alignment loss (sibling task nodes' CKA)."""
-    trainer = build(plan, device, network, fused, align, channels_last)
+    trainer = build(plan, device, stages, fused, align, channels_last)
     cost = trainer.model.network.cost(height, width)
     if steps == 0:
         return float("nan"), 0.0, cost
@@ -100,10 +102,10 @@ def measure(plan: BranchingPlan, device: str, batch: int, height: int, width: in
 
 
 def measure_plain(plan: BranchingPlan, device: str, batch: int, height: int, width: int, steps: int,
-                  network: str = "compact") -> float:
+                  stages: StageFactory) -> float:
     """Median seconds of a plain PyTorch step over the same network: forward, summed task losses, backward,
     Adam step (no LibMTL model, no weighting method, no trainer), with the trainer's precision."""
-    trainer = build(plan, device, network)
+    trainer = build(plan, device, stages)
     network_module, tasks = trainer.model.network, trainer.task_dict
     optimizer = torch.optim.Adam(network_module.parameters(), lr=1e-4, weight_decay=5e-5)
     images, gts = synthetic_batch(plan, device, batch, height, width)
@@ -138,32 +140,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--steps", type=int, default=5, help="timed steps (0: parameters and GMac only)")
     p.add_argument("--network", default="compact", choices=NETWORKS)
+    p.add_argument("--backbone", default="resnet18", help="timm CNN name (full width, random weights)")
     args = p.parse_args(argv)
     try:
-        plans = {name: resolve_plan(name, 10) for name in args.plans.split(",")}
+        stages = create_stages(args.backbone, network=args.network)
+        locations = stages.num_locations
+        plans = {name: resolve_plan(name, locations) for name in args.plans.split(",")}
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rows, row_plans = {}, {}
     for name, plan in plans.items():
         rows[Path(name).name] = measure(plan, args.device, args.batch, args.height, args.width, args.steps,
-                                        args.network)
+                                        stages)
         row_plans[Path(name).name] = plan
         if args.steps and max(len(p) for p in plan.partitions) > 1:
             rows[f"{Path(name).name} fused"] = measure(plan, args.device, args.batch, args.height, args.width,
-                                                       args.steps, args.network, fused=True)
+                                                       args.steps, stages, fused=True)
             row_plans[f"{Path(name).name} fused"] = plan
 
     def step(label: str | None, plan: BranchingPlan, **options) -> float:
         """The row's step time when the table timed this plan so already, else a new measurement."""
         if row_plans.get(label) == plan:
             return rows[label][0]
-        return measure(plan, args.device, args.batch, args.height, args.width, args.steps, args.network,
+        return measure(plan, args.device, args.batch, args.height, args.width, args.steps, stages,
                        **options)[0]
 
     base_time, base_mem, _ = next(iter(rows.values()))
-    print(f"{args.network} network, device {args.device}, batch {args.batch}, {args.height}x{args.width}, "
-          f"median of {args.steps} steps")
+    print(f"{args.backbone}, {args.network} network ({locations} locations), device {args.device}, "
+          f"batch {args.batch}, {args.height}x{args.width}, median of {args.steps} steps")
     print(f"{'plan':<24}{'s/step':>10}{'× first':>10}{'peak GiB':>10}{'× first':>10}{'params M':>10}{'GMac':>10}")
     for name, (seconds, peak, cost) in rows.items():
         ratio_mem = peak / base_mem if base_mem else float("nan")
@@ -171,9 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{cost.params / 1e6:>10.2f}{cost.gmac:>10.2f}")
     ratios = {}
     if args.steps:
-        one_net, stn = resolve_plan("onenet", 10), resolve_plan("stn", 10)
+        one_net, stn = resolve_plan("onenet", locations), resolve_plan("stn", locations)
         trainer_step, stn_step = step("onenet", one_net), step("stn", stn)
-        plain_step = measure_plain(one_net, args.device, args.batch, args.height, args.width, args.steps, args.network)
+        plain_step = measure_plain(one_net, args.device, args.batch, args.height, args.width, args.steps, stages)
         stn_fused = step("stn fused", stn, fused=True)
         stn_align = step(None, stn, align=True)
         data_step = measure_data(args.batch, args.height, args.width, args.steps)

@@ -4,7 +4,7 @@ LibMTL composes an architecture with a weighting method (``class MTLmodel(archit
 ``forward(inputs)`` for a dict of predictions. Here the "encoder" LibMTL expects is the whole branched trunk
 (encoder and decoder locations), built from a stage factory, and the "decoders" are the task heads:
 
-* ``encoder_class``: a zero-argument callable returning a :class:`~mtsl_plugin.network.stages.ResNetStages`;
+* ``encoder_class``: a zero-argument callable returning a :class:`~mtsl_plugin.network.stages.StageFactory`;
 * ``decoders``: task name -> head module, called ``head(features, size)`` with the outputs of the stages'
   ``head_locations`` (e.g. ``stages.build_head(channels)``);
 * ``arch_args``: ``plan`` (a :class:`BranchingPlan`; default: the single-task plan MTSL starts from) and

@@ -15,8 +15,9 @@ from mtsl_plugin.learner.schedule import MTSLConfig, scale_schedule
 from mtsl_plugin.network.stages import NETWORKS
 
 PRESETS = ("smoke", "quick", "paper")
-SETTINGS = ("encoder-decoder", "encoder")  # the paper's Table 2 (10 merge locations) and Table 1 (6, DeepLab heads)
-NUM_LOCATIONS = {"encoder-decoder": 10, "encoder": 6}
+# the paper's Table 2 (10 merge locations on a ResNet, 2k on a timm CNN of k feature stages) and Table 1 (6 and
+# k + 1, DeepLab heads); mtsl_plugin.experiment.num_locations counts a configuration's
+SETTINGS = ("encoder-decoder", "encoder")
 EXECUTION_OPTIONS = ("fused", "channels_last")  # change how a run computes, not what: not in fingerprints
 
 
@@ -58,7 +59,7 @@ class RunConfig:
     task_specs: dict = field(default_factory=dict)  # declared tasks: name -> {kind, options, folder} (task_kinds)
     backbone: str = "resnet18"
     backbone_args: dict = field(default_factory=dict)  # keyword arguments of timm.create_model, e.g. channels
-    network: str = "compact"  # the stage table: compact or authors (mtsl_plugin.network.stages)
+    network: str = "compact"  # the stage table: compact (any timm CNN) or authors (ResNets); network.backbones
     pretrained: bool = False
     weights: str | None = None
     batch_size: int = 16

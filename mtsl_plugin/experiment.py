@@ -29,12 +29,13 @@ from torch.utils.data import Subset
 from mtsl_plugin import distributed
 from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.checkpoint import atomic_write
-from mtsl_plugin.config import NUM_LOCATIONS, RunConfig
+from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data import TargetFiles, build_dataset
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, build_method
 from mtsl_plugin.network.cost import model_cost
-from mtsl_plugin.network.stages import ResNetStages
+from mtsl_plugin.network.backbones import create_stages, location_count
+from mtsl_plugin.network.stages import StageFactory
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.preflight import check_weighting
 from mtsl_plugin.task_kinds import build_task_set
@@ -102,7 +103,7 @@ def build_data(config: RunConfig) -> tuple[RunData, Any]:
     return data, full
 
 
-def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan | None, stages: ResNetStages,
+def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan | None, stages: StageFactory,
                   learner=None, architecture: type | None = None, arch_args: dict | None = None) -> MTLTrainer:
     """A :class:`MTLTrainer` for ``architecture`` (default MTSL's branched network with ``plan``) and the LibMTL
     weighting ``config.weighting``; the heads come from ``stages`` (one per task)."""
@@ -117,17 +118,25 @@ def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan
                       arch_args={**(arch_args or {}), "plan": plan, **({"fused": config.fused} if branched else {})})
 
 
-def build_stages(config: RunConfig) -> ResNetStages:
-    """The backbone stages of ``config``'s setting (10 locations with the decoder, 6 encoder-only) and network."""
-    return ResNetStages(config.backbone, pretrained=config.pretrained, weights=config.weights,
-                        decoder=config.setting == "encoder-decoder", seed=config.seed,
-                        backbone_args=config.backbone_args, network=config.network)
+def build_stages(config: RunConfig) -> StageFactory:
+    """The backbone stages of ``config``'s backbone, setting and network (:func:`create_stages`: on a ResNet 10
+    locations with the decoder, 6 encoder-only; on another timm CNN of k feature stages 2k and k + 1)."""
+    return create_stages(config.backbone, pretrained=config.pretrained, weights=config.weights,
+                         decoder=config.setting == "encoder-decoder", seed=config.seed,
+                         backbone_args=config.backbone_args, network=config.network)
+
+
+def num_locations(config: RunConfig) -> int:
+    """The number of merge locations of ``config``'s stage table (what methods build their plans over), counted
+    on the table itself, without weights (once per backbone, its arguments, setting and network)."""
+    return location_count(config.backbone, decoder=config.setting == "encoder-decoder",
+                          backbone_args=config.backbone_args, network=config.network)
 
 
 def method_spec(method: str, config: RunConfig, arch_args: dict | None = None) -> MethodSpec:
     """The registered method's spec, with ``arch_args`` overriding its architecture options (e.g. BMTAS's
     ``resource_weight`` in a λ sweep)."""
-    spec = build_method(method, config, NUM_LOCATIONS[config.setting])
+    spec = build_method(method, config, num_locations(config))
     return dataclasses.replace(spec, arch_args={**spec.arch_args, **arch_args}) if arch_args else spec
 
 

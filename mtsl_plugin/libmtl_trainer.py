@@ -10,7 +10,7 @@ architecture is MTSL, or our loop without a structural learner for any other arc
   them; the points below are about this project's architectures (MTSL, cross-stitch, MTAN, LTB, BMTAS);
 
 * ``weighting`` / ``architecture``: LibMTL classes or their names (``"EW"``, ``"MTSL"``);
-* ``encoder_class``: a zero-argument callable returning our :class:`~mtsl_plugin.network.stages.ResNetStages`
+* ``encoder_class``: a zero-argument callable returning our stages (:func:`~mtsl_plugin.network.create_stages`)
   or a timm ResNet (e.g. ``lambda: timm.create_model("resnet18")``), whose stages become the merge locations;
 * ``decoders``: task -> head; a LibMTL head (``head(features)`` on one tensor) reads the last location's output
   and is upsampled to the input size; our heads (``head(features, size)``) are used as they are;
@@ -44,7 +44,7 @@ from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.learner.schedule import MTSLConfig, scale_schedule
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.libmtl_compat import import_libmtl
-from mtsl_plugin.network.stages import ResNetStages
+from mtsl_plugin.network.stages import ResNetStages, StageFactory
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.trainer import MTLTrainer, RunData
 
@@ -74,14 +74,14 @@ def as_head(decoder: nn.Module) -> nn.Module:
 
 
 def as_stages(encoder_class: Callable[[], Any], network: str = "compact", setting: str = "encoder-decoder"
-              ) -> ResNetStages:
+              ) -> StageFactory:
     """The stages of LibMTL's ``encoder_class``: our stages as they are, a timm ResNet split into locations."""
     built = encoder_class()
-    if isinstance(built, ResNetStages):
+    if isinstance(built, StageFactory):
         return built
     if isinstance(built, nn.Module):
         return ResNetStages.from_model(built, decoder=setting == "encoder-decoder", network=network)
-    raise ValueError(f"encoder_class must return ResNetStages or a timm ResNet, got {type(built).__name__}")
+    raise ValueError(f"encoder_class must return our stages or a timm ResNet, got {type(built).__name__}")
 
 
 def _resolve(value: Any, namespace: Any, kind: str) -> type:

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mtsl_plugin.network.cost import count_gmac
-from mtsl_plugin.network.stages import ResNetStages
+from mtsl_plugin.network.stages import StageFactory
 from mtsl_plugin.plan import BranchingPlan, Group, PlanError, StageCost
 
 NodeKey = tuple[int, Group]
@@ -30,7 +30,7 @@ class BranchedNetwork(nn.Module):
     (what checkpoints and optimizer state rely on).
     """
 
-    def __init__(self, plan: BranchingPlan, stages: ResNetStages, heads: Mapping[str, nn.Module]):
+    def __init__(self, plan: BranchingPlan, stages: StageFactory, heads: Mapping[str, nn.Module]):
         super().__init__()
         if plan.num_locations != stages.num_locations:
             raise PlanError(f"the plan has {plan.num_locations} locations but the backbone stages have "

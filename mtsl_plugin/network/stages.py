@@ -39,21 +39,27 @@ initialisation (the authors' ``initialize_weights``). The encoder-only setting (
 for ``compact`` only.
 
 The table (:class:`StageSpec` rows) is plain data read by the network, the cost model and the figures.
-:class:`ResNetStages` builds fresh modules for any location; every build of a location starts from the same
-weights (the backbone's, random or pretrained), so the single-task networks MTSL starts from are identical.
-Heads are called ``head(features, size)`` with the outputs of :attr:`ResNetStages.head_locations`, in order.
+:class:`StageFactory` is what every network reads (the table, ``build(location)``, ``build_head``, the head and
+feature locations); :class:`ResNetStages` is the factory over a timm ResNet, and
+:class:`~mtsl_plugin.network.backbones.TimmStages` the ``compact`` network over any other timm CNN
+(:func:`~mtsl_plugin.network.backbones.create_stages` picks one for a backbone name). A factory builds fresh
+modules for any location; every build of a location starts from the same weights (the backbone's, random or
+pretrained), so the single-task networks MTSL starts from are identical. Heads (:mod:`mtsl_plugin.network.heads`)
+are called ``head(features, size)`` with the outputs of :attr:`StageFactory.head_locations`, in order.
 """
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mtsl_plugin.network.heads import DeepLabHead, Head, MultiScaleHead
 
 ENCODER_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4", "extra")
 DECODER_NAMES = ("dec1", "dec2", "dec3", "dec4")
@@ -113,68 +119,6 @@ class BottleneckDecoderStage(nn.Module):
         return F.relu(self.body(torch.cat([x, skip], dim=1)) + self.projection(x))
 
 
-def _single(features: Sequence[torch.Tensor], head: str) -> torch.Tensor:
-    if len(features) != 1:
-        raise ValueError(f"{head} reads one location's output, got {len(features)}")
-    return features[0]
-
-
-class Head(nn.Module):
-    """Task head of the ``compact`` network: conv3x3-BN-ReLU-conv1x1 on the last location's output, then bilinear
-    upsampling to the input resolution. ``forward([x (N, C, h, w)], size (H, W)) -> (N, out_channels, H, W)``."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(in_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(in_channels, out_channels, 1),
-        )
-
-    def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(self.body(_single(features, "Head")), size=size, mode="bilinear", align_corners=False)
-
-
-class MultiScaleHead(nn.Module):
-    """Task head of the ``authors`` network (their ``SegHead``; every task's head has this form): a 1x1 conv of
-    each decoder output to ``width`` channels, each upsampled to a quarter of the input resolution, concatenated,
-    a 1x1 conv to the task's channels, then bilinear upsampling to the input resolution.
-
-    ``forward([x_6, .., x_9] (N, C, h_l, w_l), size (H, W)) -> (N, out_channels, H, W)``.
-    """
-
-    def __init__(self, in_channels: Sequence[int], width: int, out_channels: int):
-        super().__init__()
-        self.reduce = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
-        self.classifier = nn.Conv2d(width * len(in_channels), out_channels, 1)
-
-    def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        if len(features) != len(self.reduce):
-            raise ValueError(f"MultiScaleHead reads {len(self.reduce)} locations' outputs, got {len(features)}")
-        quarter = (max(size[0] // 4, 1), max(size[1] // 4, 1))
-        x = torch.cat([F.interpolate(conv(f), size=quarter, mode="bilinear", align_corners=False)
-                       for conv, f in zip(self.reduce, features)], dim=1)
-        return F.interpolate(self.classifier(x), size=size, mode="bilinear", align_corners=False)
-
-
-class DeepLabHead(nn.Module):
-    """Task head of the encoder-only setting: DeepLabV3's ASPP decoder (segmentation-models-pytorch) on the last
-    encoder location, a 1x1 classifier, then bilinear upsampling to the input resolution."""
-
-    def __init__(self, in_channels: int, out_channels: int, width: int = 256):
-        super().__init__()
-        from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3Decoder
-
-        self.aspp = DeepLabV3Decoder(in_channels, width, atrous_rates=(12, 24, 36), aspp_separable=False,
-                                     aspp_dropout=0.5)
-        self.classifier = nn.Conv2d(width, out_channels, 1)
-
-    def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        x = self.aspp([_single(features, "DeepLabHead")])
-        return F.interpolate(self.classifier(x), size=size, mode="bilinear", align_corners=False)
-
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -192,6 +136,38 @@ class NormalizedStem(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+
+
+def normalised_stem(stem: nn.Sequential, model: nn.Module) -> NormalizedStem:
+    """``stem`` (location 0's modules, names kept) normalising its input as ``model``'s weights expect: the mean
+    and standard deviation of timm's ``pretrained_cfg`` (ImageNet's where it gives none)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return NormalizedStem(OrderedDict(stem.named_children()), mean=cfg.get("mean", IMAGENET_MEAN),
+                          std=cfg.get("std", IMAGENET_STD))
+
+
+def create_timm_model(backbone: str, *, pretrained: bool, weights: str | Path | None, backbone_args: dict | None,
+                      **timm_kwargs) -> nn.Module:
+    """``timm.create_model(backbone, ...)`` with the backbone's weights: timm's (``pretrained``), a local file
+    (``weights``, through ``pretrained_cfg_overlay``) or none; ``backbone_args`` and ``timm_kwargs`` are passed on
+    (lists in ``backbone_args``, as YAML and JSON give them, as tuples). Every failure is a ``ValueError`` of one
+    sentence naming the backbone (or the weights file). The caller seeds the random initialisation."""
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"backbone weights file {str(weights)!r} does not exist")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (backbone_args or {}).items()}
+    if weights is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+    try:
+        return timm.create_model(backbone, pretrained=pretrained or weights is not None, **kwargs, **timm_kwargs)
+    except Exception as exc:  # unknown name, unreadable weights file, hub unreachable, no features_only
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if weights is not None:
+            raise ValueError(f"backbone weights file {str(weights)!r} could not be loaded into "
+                             f"{backbone!r}: {reason}") from None
+        if isinstance(exc, OSError):
+            raise ValueError(f"timm could not fetch pretrained weights for {backbone!r} ({reason}); "
+                             "pass a local weights file with --weights when offline") from None
+        raise ValueError(f"timm could not build backbone {backbone!r}: {reason}") from None
 
 
 def _residual_block(block_type: type[nn.Module], in_channels: int, out_channels: int) -> nn.Module:
@@ -216,135 +192,46 @@ def _he_init(module: nn.Module) -> nn.Module:
     return module
 
 
-class ResNetStages:
-    """Stage factory over a timm ResNet (``resnet18`` default; any timm ResNet with layer1-4 works).
+def add_compact_tail(templates: list[nn.Module], specs: list[StageSpec], block_type: type[nn.Module],
+                     decoder: bool) -> None:
+    """Complete ``k`` encoder locations (``templates`` and ``specs``, one per feature stage of the backbone,
+    shallow to deep) to the ``compact`` network, in place: location ``k`` ("extra") is one more block of
+    ``block_type`` at the deepest stage's width and reduction; with ``decoder``, locations ``k+1 .. 2k-1``
+    ("dec1" ...) are one :class:`DecoderStage` per shallower stage, deepest first, each reading the skip of feature
+    stage ``k-2 .. 0`` and mapping to its width with one block. ``2k`` locations with the decoder, ``k+1`` without.
+    The new blocks draw their initialisation from torch's global generator, in location order."""
+    features = len(specs)
+    width, reduction = specs[-1].out_channels, specs[-1].reduction
+    templates.append(_residual_block(block_type, width, width))
+    specs.append(StageSpec("extra", width, width, reduction))
+    if not decoder:
+        return
+    c_in = width
+    for index, skip in enumerate(range(features - 2, -1, -1)):
+        c_out = specs[skip].out_channels
+        templates.append(DecoderStage(_residual_block(block_type, c_in + c_out, c_out)))
+        specs.append(StageSpec(f"dec{index + 1}", c_in, c_out, specs[skip].reduction, skip_from=skip,
+                               skip_channels=c_out))
+        c_in = c_out
 
-    Args:
-        backbone: timm model name.
-        pretrained: load timm's pretrained weights through timm's own mechanism (needs the hub or its cache).
-        weights: a local weights file for the backbone (timm's ``pretrained_cfg_overlay=dict(file=...)``).
-        decoder: build the 4 decoder locations (encoder-decoder setting); without it there are 6 locations.
-        seed: seed for the random initialisation of everything the backbone does not provide.
-        backbone_args: further keyword arguments of ``timm.create_model``, e.g. ``{"channels": (16, 32, 64, 128)}``
-            for a ResNet of a quarter of the usual width (the ``smoke`` and ``quick`` presets use narrow ResNets).
-        network: ``compact`` or ``authors`` (see the module docstring); ``authors`` needs the decoder.
+
+class StageFactory:
+    """The stage table of a network and fresh modules for its locations: what :class:`BranchedNetwork`, the
+    baselines and the cost model read.
+
+    A subclass sets ``backbone`` (the timm name), ``decoder`` (the encoder-decoder setting), ``network``
+    (``compact`` or ``authors``), ``specs`` (one :class:`StageSpec` per location), ``feature_locations`` (the
+    locations that end with one of the backbone's feature stages, timm's ``feature_info``, shallow to deep) and
+    ``_templates`` (one module per location; :meth:`build` copies them), ``_head_seed`` (seeds the heads).
     """
 
-    def __init__(self, backbone: str = "resnet18", *, pretrained: bool = False, weights: str | Path | None = None,
-                 decoder: bool = True, seed: int = 0, backbone_args: dict | None = None, network: str = "compact"):
-        if network not in NETWORKS:
-            raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
-        if network == "authors" and not decoder:
-            raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
-        if weights is not None and not Path(weights).is_file():
-            raise FileNotFoundError(f"backbone weights file {str(weights)!r} does not exist")
-        kwargs = {**(backbone_args or {})}
-        if "channels" in kwargs:
-            kwargs["channels"] = tuple(kwargs["channels"])
-        if weights is not None:
-            kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            try:
-                model = timm.create_model(backbone, pretrained=pretrained or weights is not None, num_classes=0,
-                                          **kwargs)
-            except Exception as exc:  # unknown name, unreadable weights file, hub unreachable
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                if weights is not None:
-                    raise ValueError(f"backbone weights file {str(weights)!r} could not be loaded into "
-                                     f"{backbone!r}: {reason}") from None
-                if isinstance(exc, OSError):
-                    raise ValueError(f"timm could not fetch pretrained weights for {backbone!r} ({reason}); "
-                                     "pass a local weights file with --weights when offline") from None
-                raise ValueError(f"timm could not build backbone {backbone!r}: {reason}") from None
-            self._build(model, backbone, decoder, network, seed, normalise=pretrained or weights is not None)
-
-    @classmethod
-    def from_model(cls, model: nn.Module, *, decoder: bool = True, network: str = "compact", seed: int = 0
-                   ) -> "ResNetStages":
-        """Stages over a timm ResNet the caller built (e.g. LibMTL's ``encoder_class()``), used as it is: its
-        weights, and no input normalisation added (the caller's data feeds it as it expects)."""
-        if network not in NETWORKS:
-            raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
-        stages = cls.__new__(cls)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            stages._build(model, type(model).__name__, decoder, network, seed, normalise=False)
-        return stages
-
-    def _build(self, model: nn.Module, backbone: str, decoder: bool, network: str, seed: int, normalise: bool
-               ) -> None:
-        if not all(hasattr(model, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer4", "feature_info")):
-            raise ValueError(f"backbone {backbone!r} is not a timm ResNet with conv1/bn1/act1/maxpool/layer1-4")
-        if network == "authors" and not decoder:
-            raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
-        channels = [info["num_chs"] for info in model.feature_info]  # stem, layer1..4
-        if network == "authors":
-            templates, specs = self._authors_templates_and_specs(model, channels)
-        else:
-            templates, specs = self._templates_and_specs(model, channels, decoder)
-        if normalise:  # the weights expect the inputs they were trained on
-            cfg = model.pretrained_cfg
-            templates[0] = NormalizedStem(*templates[0], mean=cfg.get("mean", IMAGENET_MEAN),
-                                          std=cfg.get("std", IMAGENET_STD))
-        self.backbone = backbone
-        self.decoder = decoder
-        self.network = network
-        self._head_seed = seed
-        self.specs: tuple[StageSpec, ...] = tuple(specs)
-        self._templates = templates
-
-    @staticmethod
-    def _templates_and_specs(model: nn.Module, channels: list[int], decoder: bool
-                             ) -> tuple[list[nn.Module], list[StageSpec]]:
-        block_type = type(model.layer4[-1])
-        templates: list[nn.Module] = [
-            nn.Sequential(model.conv1, model.bn1, model.act1),
-            nn.Sequential(model.maxpool, model.layer1),
-            model.layer2,
-            model.layer3,
-            model.layer4,
-            _residual_block(block_type, channels[4], channels[4]),
-        ]
-        specs = [StageSpec(name, cin, cout, red) for name, cin, cout, red in zip(
-            ENCODER_NAMES, [3] + channels, channels + [channels[4]], [2, 4, 8, 16, 32, 32])]
-        if decoder:
-            c_in = channels[4]
-            for i, name in enumerate(DECODER_NAMES):
-                skip = 3 - i
-                c_out = channels[skip]
-                templates.append(DecoderStage(_residual_block(block_type, c_in + c_out, c_out)))
-                specs.append(StageSpec(name, c_in, c_out, specs[skip].reduction, skip_from=skip, skip_channels=c_out))
-                c_in = c_out
-        return templates, specs
-
-    @staticmethod
-    def _authors_templates_and_specs(model: nn.Module, channels: list[int]
-                                     ) -> tuple[list[nn.Module], list[StageSpec]]:
-        from timm.models.resnet import Bottleneck
-
-        expansion = getattr(type(model.layer4[-1]), "expansion", 1)
-        extra_planes = channels[4] // expansion  # layer4's planes: 512 -> 2048 on ResNet18
-        extra_out = extra_planes * Bottleneck.expansion
-        downsample = nn.Sequential(nn.Conv2d(channels[4], extra_out, 1, stride=2, bias=False),
-                                   nn.BatchNorm2d(extra_out))
-        extra = _he_init(nn.Sequential(Bottleneck(channels[4], extra_planes, stride=2, downsample=downsample),
-                                       Bottleneck(extra_out, extra_planes)))
-        templates: list[nn.Module] = [nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool),
-                                      model.layer1, model.layer2, model.layer3, model.layer4, extra]
-        reductions = [4, 4, 8, 16, 32, 64]
-        specs = [StageSpec(name, cin, cout, red) for name, cin, cout, red in zip(
-            ENCODER_NAMES, [3] + channels, channels + [extra_out], reductions)]
-        planes = channels[1] // expansion  # layer1's planes: 64 on ResNet18, a 256-channel decoder
-        c_in = extra_out
-        for i, name in enumerate(DECODER_NAMES):
-            skip = 4 - i
-            stage = _he_init(BottleneckDecoderStage(c_in, channels[skip], planes))
-            templates.append(stage)
-            c_out = planes * BottleneckDecoderStage.expansion
-            specs.append(StageSpec(name, c_in, c_out, reductions[skip], skip_from=skip, skip_channels=channels[skip]))
-            c_in = c_out
-        return templates, specs
+    backbone: str
+    decoder: bool
+    network: str
+    specs: tuple[StageSpec, ...]
+    feature_locations: tuple[int, ...]
+    _templates: list[nn.Module]
+    _head_seed: int
 
     @property
     def num_locations(self) -> int:
@@ -376,3 +263,107 @@ class ResNetStages:
             if self.decoder:
                 return Head(in_channels[0], out_channels)
             return DeepLabHead(in_channels[0], out_channels)
+
+
+class ResNetStages(StageFactory):
+    """Stage factory over a timm ResNet (``resnet18`` default; any timm ResNet with layer1-4 works).
+
+    Args:
+        backbone: timm model name.
+        pretrained: load timm's pretrained weights through timm's own mechanism (needs the hub or its cache).
+        weights: a local weights file for the backbone (timm's ``pretrained_cfg_overlay=dict(file=...)``).
+        decoder: build the 4 decoder locations (encoder-decoder setting); without it there are 6 locations.
+        seed: seed for the random initialisation of everything the backbone does not provide.
+        backbone_args: further keyword arguments of ``timm.create_model``, e.g. ``{"channels": (16, 32, 64, 128)}``
+            for a ResNet of a quarter of the usual width (the ``smoke`` and ``quick`` presets use narrow ResNets).
+        network: ``compact`` or ``authors`` (see the module docstring); ``authors`` needs the decoder.
+    """
+
+    def __init__(self, backbone: str = "resnet18", *, pretrained: bool = False, weights: str | Path | None = None,
+                 decoder: bool = True, seed: int = 0, backbone_args: dict | None = None, network: str = "compact"):
+        if network not in NETWORKS:
+            raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+        if network == "authors" and not decoder:
+            raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = create_timm_model(backbone, pretrained=pretrained, weights=weights, backbone_args=backbone_args,
+                                      num_classes=0)
+            self._build(model, backbone, decoder, network, seed, normalise=pretrained or weights is not None)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, *, decoder: bool = True, network: str = "compact", seed: int = 0
+                   ) -> "ResNetStages":
+        """Stages over a timm ResNet the caller built (e.g. LibMTL's ``encoder_class()``), used as it is: its
+        weights, and no input normalisation added (the caller's data feeds it as it expects)."""
+        if network not in NETWORKS:
+            raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+        stages = cls.__new__(cls)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            stages._build(model, type(model).__name__, decoder, network, seed, normalise=False)
+        return stages
+
+    def _build(self, model: nn.Module, backbone: str, decoder: bool, network: str, seed: int, normalise: bool
+               ) -> None:
+        if not all(hasattr(model, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer4", "feature_info")):
+            raise ValueError(f"backbone {backbone!r} is not a timm ResNet with conv1/bn1/act1/maxpool/layer1-4")
+        if network == "authors" and not decoder:
+            raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
+        channels = [info["num_chs"] for info in model.feature_info]  # stem, layer1..4
+        if network == "authors":
+            templates, specs = self._authors_templates_and_specs(model, channels)
+        else:
+            templates, specs = self._templates_and_specs(model, channels, decoder)
+        if normalise:  # the weights expect the inputs they were trained on
+            templates[0] = normalised_stem(templates[0], model)
+        self.backbone = backbone
+        self.decoder = decoder
+        self.network = network
+        self._head_seed = seed
+        self.specs: tuple[StageSpec, ...] = tuple(specs)
+        self.feature_locations = (0, 1, 2, 3, 4)  # stem (with the max-pool in 'authors'), layer1-4
+        self._templates = templates
+
+    @staticmethod
+    def _templates_and_specs(model: nn.Module, channels: list[int], decoder: bool
+                             ) -> tuple[list[nn.Module], list[StageSpec]]:
+        templates: list[nn.Module] = [
+            nn.Sequential(model.conv1, model.bn1, model.act1),
+            nn.Sequential(model.maxpool, model.layer1),
+            model.layer2,
+            model.layer3,
+            model.layer4,
+        ]
+        specs = [StageSpec(name, cin, cout, red) for name, cin, cout, red in zip(
+            ENCODER_NAMES, [3] + channels, channels, [2, 4, 8, 16, 32])]
+        add_compact_tail(templates, specs, type(model.layer4[-1]), decoder)
+        return templates, specs
+
+    @staticmethod
+    def _authors_templates_and_specs(model: nn.Module, channels: list[int]
+                                     ) -> tuple[list[nn.Module], list[StageSpec]]:
+        from timm.models.resnet import Bottleneck
+
+        expansion = getattr(type(model.layer4[-1]), "expansion", 1)
+        extra_planes = channels[4] // expansion  # layer4's planes: 512 -> 2048 on ResNet18
+        extra_out = extra_planes * Bottleneck.expansion
+        downsample = nn.Sequential(nn.Conv2d(channels[4], extra_out, 1, stride=2, bias=False),
+                                   nn.BatchNorm2d(extra_out))
+        extra = _he_init(nn.Sequential(Bottleneck(channels[4], extra_planes, stride=2, downsample=downsample),
+                                       Bottleneck(extra_out, extra_planes)))
+        templates: list[nn.Module] = [nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool),
+                                      model.layer1, model.layer2, model.layer3, model.layer4, extra]
+        reductions = [4, 4, 8, 16, 32, 64]
+        specs = [StageSpec(name, cin, cout, red) for name, cin, cout, red in zip(
+            ENCODER_NAMES, [3] + channels, channels + [extra_out], reductions)]
+        planes = channels[1] // expansion  # layer1's planes: 64 on ResNet18, a 256-channel decoder
+        c_in = extra_out
+        for i, name in enumerate(DECODER_NAMES):
+            skip = 4 - i
+            stage = _he_init(BottleneckDecoderStage(c_in, channels[skip], planes))
+            templates.append(stage)
+            c_out = planes * BottleneckDecoderStage.expansion
+            specs.append(StageSpec(name, c_in, c_out, reductions[skip], skip_from=skip, skip_channels=channels[skip]))
+            c_in = c_out
+        return templates, specs

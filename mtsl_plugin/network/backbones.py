@@ -1,0 +1,169 @@
+"""The stage table of any timm CNN, and the one factory that picks a stage table for a backbone name.
+
+:func:`create_stages` is how every caller gets stages: a timm ResNet (a model of ``timm/models/resnet.py``:
+ResNet, ResNeXt, SE-ResNet, ...) gets :class:`~mtsl_plugin.network.stages.ResNetStages` (networks ``compact``
+and ``authors``, unchanged, so every earlier run keeps its fingerprint and numbers); any other timm CNN whose
+``features_only`` model runs its modules in sequence gets :class:`TimmStages`, the ``compact`` network over it.
+
+:class:`TimmStages` cuts timm's ``features_only`` model into one location per entry of its ``feature_info``
+(``k`` feature stages): location ``i`` runs the modules after feature ``i - 1`` up to and including feature ``i``,
+so running locations ``0 .. k-1`` in turn gives timm's feature maps exactly (tested). Widths and reductions
+are ``feature_info``'s. Then, as ``compact`` on a ResNet (:func:`~mtsl_plugin.network.stages.add_compact_tail`):
+location ``k`` is one more residual block (timm's ResNet ``BasicBlock``) at the deepest width, and with the
+decoder, locations ``k+1 .. 2k-1`` upsample, concatenate the skip of feature stage ``k-2 .. 0`` and map to its
+width with one ``BasicBlock``; the heads (``Head``) read the last location, at the first feature stage's
+reduction (``DeepLabHead`` on location ``k`` in the encoder setting). ``2k`` locations with the decoder, ``k+1``
+without:
+
+=======================  ====================================  ====================  ==========  =========
+family (timm name)       feature stages (timm module names)    widths                reductions  locations
+=======================  ====================================  ====================  ==========  =========
+ConvNeXt (atto)          stages.0 .. stages.3                  40, 80, 160, 320      4 .. 32     8 / 5
+EfficientNet (b0)        blocks.0, .1, .2, .4, .6              16, 24, 40, 112, 320  2 .. 32     10 / 6
+MobileNetV3 (small_050)  bn1 (the stem), blocks.0, .1, .3, .5  16, 8, 16, 24, 288    2 .. 32     10 / 6
+RegNet (x_002)           stem, s1 .. s4                        32, 24, 56, 152, 368  2 .. 32     10 / 6
+=======================  ====================================  ====================  ==========  =========
+
+(locations: encoder-decoder / encoder setting.)
+
+Which ``features_only`` models can be cut: timm's ``FeatureListNet`` / ``FeatureDictNet`` (most CNNs: its
+modules run in order and the features are the outputs of ``return_layers``) and the ``EfficientNetFeatures`` /
+``MobileNetV3Features`` of the EfficientNet, MobileNet and related families (stem, then ``blocks``; feature ``i``
+after block stage ``i - 1``, feature 0 after the stem). Models whose features come from hooks or from
+``forward_intermediates`` (``FeatureHookNet``, ``FeatureGetterNet``: vision transformers, Xception, HRNet, ...)
+and those whose features are channels-last (MambaOut, Sequencer) are refused in one line.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import model_entrypoint
+from timm.models._features import FeatureDictNet
+from timm.models.efficientnet import EfficientNetFeatures
+from timm.models.mobilenetv3 import MobileNetV3Features
+from timm.models.resnet import BasicBlock
+from torch import nn
+
+from mtsl_plugin.network.stages import (NETWORKS, ResNetStages, StageFactory, StageSpec, add_compact_tail,
+                                        create_timm_model, normalised_stem)
+
+
+def is_timm_resnet(backbone: str) -> bool:
+    """Whether timm builds ``backbone`` in ``timm/models/resnet.py`` (its ``ResNet`` class: layer1-4)."""
+    return timm.is_model(backbone) and model_entrypoint(backbone).__module__ == "timm.models.resnet"
+
+
+def architecture_family(backbone: str) -> str | None:
+    """The timm module that defines ``backbone`` (e.g. ``timm.models.convnext``), ``None`` for an unknown name:
+    models of one family take the same ``timm.create_model`` keyword arguments."""
+    return model_entrypoint(backbone).__module__ if timm.is_model(backbone) else None
+
+
+def feature_stages(model: nn.Module, backbone: str) -> list[nn.Sequential]:
+    """timm's ``features_only`` ``model`` cut into one ``nn.Sequential`` per feature stage (the modules keep
+    their timm names, dots as underscores): stage ``i`` maps feature ``i - 1`` (the image for ``i = 0``)
+    ``(N, C_{i-1}, H_{i-1}, W_{i-1})`` to feature ``i`` ``(N, feature_info[i].num_chs, H / reduction_i, ...)``."""
+    if isinstance(model, FeatureDictNet) and model.output_fmt != "NCHW":
+        raise ValueError(f"backbone {backbone!r}: timm gives its features channels-last ({model.output_fmt.value}); "
+                         "the stages need (N, C, H, W) feature maps")
+    if isinstance(model, FeatureDictNet):  # FeatureListNet too: its modules run in order
+        sequence = [(name, module, name in model.return_layers) for name, module in model.items()]
+    elif isinstance(model, (EfficientNetFeatures, MobileNetV3Features)) and model.feature_hooks is None:
+        stem = [("conv_stem", model.conv_stem), ("bn1", model.bn1)] + (
+            [("act1", model.act1)] if hasattr(model, "act1") else [])
+        out = model._stage_out_idx  # 0: the stem's output, i: after block stage i - 1
+        sequence = [(name, module, 0 in out and index == len(stem) - 1) for index, (name, module) in enumerate(stem)]
+        sequence += [(f"blocks_{i}", block, i + 1 in out) for i, block in enumerate(model.blocks)]
+    else:
+        raise ValueError(f"backbone {backbone!r}: timm's features_only model ({type(model).__name__}) does not run "
+                         "its stages in sequence, so it cannot be cut into merge locations; use a CNN such as "
+                         "convnext_tiny, efficientnet_b0, regnetx_002, mobilenetv3_large_100 or a ResNet")
+    stages, current = [], OrderedDict()
+    for name, module, ends_stage in sequence:
+        current[name] = module
+        if ends_stage:
+            stages.append(nn.Sequential(current))
+            current = OrderedDict()
+    if len(stages) != len(model.feature_info):
+        raise ValueError(f"backbone {backbone!r}: cut into {len(stages)} stages but timm's feature_info lists "
+                         f"{len(model.feature_info)}")
+    return stages
+
+
+class TimmStages(StageFactory):
+    """The ``compact`` network over any timm CNN that :func:`feature_stages` can cut (see the module docstring).
+
+    Args:
+        backbone: timm model name, e.g. ``convnext_atto``, ``efficientnet_b0``, ``regnetx_002``.
+        pretrained: timm's pretrained weights (through timm's own mechanism: the hub or its cache).
+        weights: a local weights file for the backbone (timm's ``pretrained_cfg_overlay=dict(file=...)``).
+        decoder: build the decoder locations (encoder-decoder setting): ``2k`` locations, else ``k + 1``.
+        seed: seed for the random initialisation (the backbone's without weights, and the extra and decoder
+            blocks).
+        backbone_args: further keyword arguments of ``timm.create_model``, e.g. ``{"dims": (16, 32, 64, 128)}``
+            for a narrow ConvNeXt.
+
+    With weights, location 0 normalises the images as the weights expect (timm's ``pretrained_cfg``).
+    """
+
+    network = "compact"
+
+    def __init__(self, backbone: str, *, pretrained: bool = False, weights: str | Path | None = None,
+                 decoder: bool = True, seed: int = 0, backbone_args: dict | None = None):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = create_timm_model(backbone, pretrained=pretrained, weights=weights, backbone_args=backbone_args,
+                                      features_only=True)
+            templates: list[nn.Module] = list(feature_stages(model, backbone))
+            info = model.feature_info
+            channels = info.channels()
+            specs = [StageSpec(name, c_in, c_out, reduction) for name, c_in, c_out, reduction
+                     in zip(info.module_name(), [3] + channels, channels, info.reduction())]
+            add_compact_tail(templates, specs, BasicBlock, decoder)
+        if pretrained or weights is not None:  # the weights expect the inputs they were trained on
+            templates[0] = normalised_stem(templates[0], model)
+        self.backbone = backbone
+        self.decoder = decoder
+        self._head_seed = seed
+        self.specs = tuple(specs)
+        self.feature_locations = tuple(range(len(channels)))
+        self._templates = templates
+
+
+def create_stages(backbone: str = "resnet18", *, pretrained: bool = False, weights: str | Path | None = None,
+                  decoder: bool = True, seed: int = 0, backbone_args: dict | None = None, network: str = "compact"
+                  ) -> StageFactory:
+    """The stage table of ``backbone`` (arguments as :class:`~mtsl_plugin.network.stages.ResNetStages`):
+    :class:`ResNetStages` for a timm ResNet, :class:`TimmStages` (``compact`` only) for any other timm CNN.
+    Every error a user can cause (unknown name, a model that cannot be cut, network ``authors`` on another
+    family, weights) is a ``ValueError`` of one sentence naming the backbone."""
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+    if not timm.is_model(backbone):
+        raise ValueError(f"backbone {backbone!r} is not a timm model name (e.g. resnet18, convnext_atto, "
+                         "efficientnet_b0, regnetx_002, mobilenetv3_small_100)")
+    options = dict(pretrained=pretrained, weights=weights, decoder=decoder, seed=seed, backbone_args=backbone_args)
+    if is_timm_resnet(backbone):
+        return ResNetStages(backbone, network=network, **options)
+    if network != "compact":
+        raise ValueError(f"network {network!r} is built on a timm ResNet; backbone {backbone!r} takes network "
+                         "'compact' (--network compact)")
+    return TimmStages(backbone, **options)
+
+
+def location_count(backbone: str, *, decoder: bool = True, backbone_args: dict | None = None,
+                   network: str = "compact") -> int:
+    """The number of merge locations of :func:`create_stages`' table (10 / 6 on a ResNet, ``2k`` / ``k + 1`` on a
+    timm CNN of ``k`` feature stages), without weights; built once per distinct arguments in a process."""
+    return _location_count(backbone, decoder, json.dumps(backbone_args or {}, sort_keys=True), network)
+
+
+@functools.lru_cache(maxsize=64)
+def _location_count(backbone: str, decoder: bool, backbone_args: str, network: str) -> int:
+    return create_stages(backbone, decoder=decoder, backbone_args=json.loads(backbone_args),
+                         network=network).num_locations
