@@ -127,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             meta = json.loads(saved.read_text())
             config, methods, seeds = RunConfig.from_dict(meta["config"]), meta["methods"], meta["seeds"]
             config = config.replace(device=args.device or config.device, fused=args.fused or config.fused,
-                                    channels_last=args.channels_last or config.channels_last)
+                                    channels_last=args.channels_last or config.channels_last,
+                                    compile=args.compile or config.compile)
             plan_from = meta.get("plan_from")
         else:
             config = config_from_args(args)

@@ -66,6 +66,8 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--fused", action="store_true",
                    help="MTSL and plans: run the nodes of a location as one vmapped call (grouped convolutions)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and images")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward (compiled again after every structural edit; one process)")
     p.add_argument("--backbone", default=None,
                    help="timm CNN name (default resnet18), e.g. resnet50, convnext_atto, efficientnet_b0, "
                         "regnetx_002, mobilenetv3_small_100; another family than the preset's drops its "
@@ -149,6 +151,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         changes["fused"] = True
     if args.channels_last:
         changes["channels_last"] = True
+    if args.compile:
+        changes["compile"] = True
     if args.tasks:
         changes["tasks"] = tuple(t.strip() for t in args.tasks.split(","))
     for key in ("backbone", "network", "weights", "weighting"):

@@ -3,7 +3,8 @@ with each plan's parameters and GMac (one image at the given resolution); plans 
 location are timed fused too (``--fused``: one vmapped call per location). Then, with steps, the ratios the
 trainer is judged by, all from this run: a plain PyTorch step over One-Net ÷ our trainer's One-Net step; STN ÷
 One-Net, unfused and fused; the alignment loss's share of an STN step; drawing a synthetic batch ÷ a One-Net
-step; One-Net's and STN's steps with ``--channels-last`` ÷ without.
+step; One-Net's and STN's steps with ``--channels-last`` ÷ without; with ``--compile``, One-Net's and STN's steps
+compiled (``torch.compile``, after two warm-up steps that compile) ÷ eager.
 
     python benchmarks/speed.py --device cuda --height 256 --width 512 --batch 16
     python benchmarks/speed.py --plans stn,onenet,results/demo/mtsl/seed0/plan.json
@@ -80,18 +81,19 @@ def timed(step: Callable[[], object], steps: int, device: str) -> tuple[float, f
 
 
 def build(plan: BranchingPlan, device: str, stages: StageFactory, fused: bool = False, align: bool = False,
-          channels_last: bool = False):
-    config = load_preset("smoke").replace(device=device, tasks=plan.tasks, fused=fused, channels_last=channels_last)
+          channels_last: bool = False, compile: bool = False):
+    config = load_preset("smoke").replace(device=device, tasks=plan.tasks, fused=fused, channels_last=channels_last,
+                                          compile=compile)
     learner = StructuralLearner(config.mtsl) if align else None
     return build_trainer(config, build_tasks(plan.tasks, 10), plan, stages, learner)
 
 
 def measure(plan: BranchingPlan, device: str, batch: int, height: int, width: int, steps: int,
-            stages: StageFactory, fused: bool = False, align: bool = False, channels_last: bool = False
-            ) -> tuple[float, float, StageCost]:
+            stages: StageFactory, fused: bool = False, align: bool = False, channels_last: bool = False,
+            compile: bool = False) -> tuple[float, float, StageCost]:
     """Median seconds per training step of our trainer (nan without steps), peak CUDA memory in GiB (0 on CPU)
     and the network's cost on one image; ``align`` adds MTSL's alignment loss (sibling task nodes' CKA)."""
-    trainer = build(plan, device, stages, fused, align, channels_last)
+    trainer = build(plan, device, stages, fused, align, channels_last, compile)
     cost = trainer.model.network.cost(height, width)
     if steps == 0:
         return float("nan"), 0.0, cost
@@ -141,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps (0: parameters and GMac only)")
     p.add_argument("--network", default="compact", choices=NETWORKS)
     p.add_argument("--backbone", default="resnet18", help="timm CNN name (full width, random weights)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time One-Net and STN compiled (torch.compile: minutes of compiling on a CPU)")
     args = p.parse_args(argv)
     try:
         stages = create_stages(args.backbone, network=args.network)
@@ -189,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "data_over_onenet_step": data_step / trainer_step,
                   "onenet_channels_last_over_contiguous": onenet_nhwc / trainer_step,
                   "stn_channels_last_over_contiguous": stn_nhwc / stn_step}
+        if args.compile:
+            ratios.update({"onenet_compiled_over_eager": step(None, one_net, compile=True) / trainer_step,
+                           "stn_compiled_over_eager": step(None, stn, compile=True) / stn_step})
         print("\nratios (one run): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     print(json.dumps({"rows": {name: {"seconds": s, "peak_gib": m, "params": c.params, "gmac": c.gmac}
                                for name, (s, m, c) in rows.items()}, "ratios": ratios}))

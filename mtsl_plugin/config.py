@@ -18,7 +18,7 @@ PRESETS = ("smoke", "quick", "paper")
 # the paper's Table 2 (10 merge locations on a ResNet, 2k on a timm CNN of k feature stages) and Table 1 (6 and
 # k + 1, DeepLab heads); mtsl_plugin.experiment.num_locations counts a configuration's
 SETTINGS = ("encoder-decoder", "encoder")
-EXECUTION_OPTIONS = ("fused", "channels_last")  # change how a run computes, not what: not in fingerprints
+EXECUTION_OPTIONS = ("fused", "channels_last", "compile")  # how a run computes, not what: not in fingerprints
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class RunConfig:
     device: str = "cpu"
     fused: bool = False  # run the nodes of a location as one call (an execution option, like the device)
     channels_last: bool = False  # NHWC memory format for weights and images (an execution option too)
+    compile: bool = False  # torch.compile the forward (an execution option too)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -83,12 +83,15 @@ class MTLTrainer(LibMTL.Trainer):
 
     Arguments are LibMTL's (``task_dict``, ``weighting``, ``architecture``, ``encoder_class``, ``decoders``,
     ``rep_grad``, ``multi_input``, ``optim_param``, ``scheduler_param``, ``weight_args``, ``arch_args``) plus
-    ``device`` and an optional ``learner`` (:class:`StructuralLearner`) that turns the run into MTSL.
+    ``device``, an optional ``learner`` (:class:`StructuralLearner`) that turns the run into MTSL, and the
+    execution options ``channels_last`` (NHWC weights and images) and ``compile`` (``torch.compile`` the forward,
+    :meth:`compile_model`).
     """
 
     def __init__(self, task_dict, weighting, architecture, encoder_class, decoders, rep_grad=False,
                  multi_input=False, optim_param=None, scheduler_param=None, *, device="cpu",
-                 learner: StructuralLearner | None = None, channels_last: bool = False, **kwargs):
+                 learner: StructuralLearner | None = None, channels_last: bool = False, compile: bool = False,
+                 **kwargs):
         nn.Module.__init__(self)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = torch.device(device)
@@ -108,6 +111,9 @@ class MTLTrainer(LibMTL.Trainer):
         self.epochs_done = 0
         self.history: list[dict] = []
         self.ddp: nn.parallel.DistributedDataParallel | None = None  # the training wrapper under torch.distributed
+        self.compiled = compile
+        if compile:
+            self.compile_model()
 
     # ------------------------------------------------------------------ LibMTL overrides
     def _prepare_model(self, weighting, architecture, encoder_class, decoders):
@@ -160,6 +166,14 @@ class MTLTrainer(LibMTL.Trainer):
         return data, label
 
     # ------------------------------------------------------------------ helpers
+    def compile_model(self) -> None:
+        """``torch.compile`` the model's forward in place (its state dict keeps its keys). Called again after every
+        structural edit: the compiled graphs describe the removed nodes, so dynamo's caches are cleared and the
+        next step compiles the new network (instead of piling up recompilations until dynamo's limit falls back
+        to eager)."""
+        torch._dynamo.reset()
+        self.model.compile()
+
     @property
     def network(self) -> BranchedNetwork:
         return self.model.encoder
@@ -279,6 +293,8 @@ class MTLTrainer(LibMTL.Trainer):
                 changed = True
             if changed:
                 self.model.to(memory_format=self.memory_format)  # the new group nodes too
+                if self.compiled:
+                    self.compile_model()
                 self.wrap_distributed()  # new nodes: identical on every rank (checked), a new DDP wrapper
             due = changed or self.epochs_done == total_epochs or time.perf_counter() - last_save >= checkpoint_every
             due = distributed.broadcast_object(due)  # rank 0's clock decides for every rank
@@ -310,6 +326,8 @@ class MTLTrainer(LibMTL.Trainer):
                              f"{', '.join(self.SINGLE_BACKWARD)} with several processes")
         if self.arch_optimizer is not None:
             raise ValueError("bilevel architecture search (BMTAS) runs in one process; start it without torchrun")
+        if self.compiled:
+            raise ValueError("compiled training (--compile) runs in one process; start it without torchrun")
         self.ddp = None
         distributed.broadcast_module(self.model)
         distributed.check_replicas(self.model, "before training" if not self.epochs_done else

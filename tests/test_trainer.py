@@ -217,3 +217,28 @@ def test_channels_last_keeps_results_and_formats_new_nodes(smoke):
         expected = plain.model.eval()(images)
     for task in ("S", "D"):
         torch.testing.assert_close(got[task], expected[task], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_trains_like_eager_and_compiles_again_after_a_structural_edit(smoke, monkeypatch):
+    """``compile``: the compiled forward gives the eager gradients (one task, One-Net: the smallest graph that
+    trains); a structural phase clears dynamo's caches and compiles again; torchrun is refused in one line."""
+    config = smoke(tasks=("S",))
+    plan = BranchingPlan.one_net(("S",), 10)
+    assert config.replace(compile=True).fingerprint() == config.fingerprint()
+    eager, data = make(config, plan=plan)
+    compiled, _ = make(config.replace(compile=True), plan=plan)
+    images, gts = next(iter(data.batches(data.train)))
+    expected, got = gradients_of_one_step(eager, images, gts), gradients_of_one_step(compiled, images, gts)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-5, msg=name)
+
+    calls = []
+    monkeypatch.setattr(MTLTrainer, "compile_model", lambda self: calls.append(self.epochs_done))
+    config = smoke(tasks=("S", "D"))
+    trainer, data = make(config.replace(compile=True), learner=True)
+    trainer.fit(data, config.mtsl.phase_ends()[0], progress=False)  # through the first structural phase
+    assert calls == [0, config.mtsl.phase_ends()[0]]
+    monkeypatch.setattr("mtsl_plugin.distributed.active", lambda: True)
+    with pytest.raises(ValueError, match="--compile.*without torchrun"):
+        trainer.wrap_distributed()
