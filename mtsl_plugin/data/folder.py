@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtsl_plugin.data.common import IGNORE_INDEX, RESIZE_BY_LAYOUT, normalize_normals, resize_image
-from mtsl_plugin.data.real import augment_sample, random_window, read_npy
+from mtsl_plugin.data.common import RESIZE_BY_LAYOUT, normalize_normals, resize_image
+from mtsl_plugin.data.real import augment_sample, image_from_array, labels_from_array, random_window, read_npy
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 TARGET_SUFFIXES = {"labels": (".png", ".npy"), "binary": (".png", ".npy"), "dense": (".npy",),
@@ -139,10 +139,7 @@ class FolderDataset(Dataset):
         array = self._read(path)
         if array.ndim != 3 or array.shape[-1] != 3:
             raise ValueError(f"Image file {path} has shape {array.shape}, expected (H, W, 3).")
-        array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
-        if not np.isfinite(array).all() or array.min() < -1e-3 or array.max() > 1.0 + 1e-3:
-            raise ValueError(f"Image file {path} has values outside [0, 1] (min {array.min()}, max {array.max()}).")
-        return torch.from_numpy(np.clip(array, 0.0, 1.0)).permute(2, 0, 1).contiguous()
+        return image_from_array(array, path)
 
     def _target(self, task: str, sample: str, hw: tuple[int, int]) -> torch.Tensor:
         spec, path = self.targets[task], self.files[task][sample]
@@ -153,16 +150,8 @@ class FolderDataset(Dataset):
             raise ValueError(f"task {task!r}: file {path} has shape {array.shape}; a {spec.layout} target of this "
                              f"sample is {_SHAPES[spec.layout]} with (H, W) = {hw}.")
         if spec.layout == "labels":
-            if np.issubdtype(array.dtype, np.floating):
-                array = np.where(np.isfinite(array), np.rint(array), IGNORE_INDEX)
-            labels = array.astype(np.int64)
-            labels[labels < 0] = IGNORE_INDEX
-            if path.suffix.lower() == ".png":
-                labels[labels == 255] = IGNORE_INDEX
-            if labels.max() >= spec.channels:
-                raise ValueError(f"task {task!r}: file {path} holds class {labels.max()}, but the task has "
-                                 f"{spec.channels} classes (ignore: 255 in PNG, -1 in .npy).")
-            return torch.from_numpy(labels)
+            return labels_from_array(array, path, spec.channels, f"task {task!r} has",
+                                     ignore=255 if path.suffix.lower() == ".png" else None)
         if spec.layout == "binary":
             threshold = 0 if path.suffix.lower() == ".png" else 0.5
             return torch.from_numpy((np.nan_to_num(array.astype(np.float32)) > threshold).astype(np.float32))[None]

@@ -82,6 +82,32 @@ def augment_sample(image: torch.Tensor, targets: dict[str, torch.Tensor], zoom: 
     return image, out
 
 
+def image_from_array(array: np.ndarray, path: Path) -> torch.Tensor:
+    """An image file's ``(H, W, 3)`` array (uint8, or float in [0, 1]) as a float32 ``(3, H, W)`` tensor in [0, 1];
+    other values raise ``ValueError`` naming ``path``."""
+    array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    if not np.isfinite(array).all() or array.min() < -1e-3 or array.max() > 1.0 + 1e-3:
+        raise ValueError(f"Image file {path} has values outside [0, 1] (min {array.min()}, max {array.max()}).")
+    return torch.from_numpy(np.clip(array, 0.0, 1.0)).permute(2, 0, 1).contiguous()
+
+
+def labels_from_array(array: np.ndarray, path: Path, classes: int, owner: str, ignore: int | None = None
+                      ) -> torch.Tensor:
+    """A label file's ``(H, W)`` array as int64 class indices, negative or non-finite values (and ``ignore``, e.g.
+    255 in PNG files) as -1; a class ``>= classes`` raises ``ValueError`` naming ``path`` and ``owner`` (who has
+    that many classes, e.g. ``"NYUv2 has"``)."""
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.where(np.isfinite(array), np.rint(array), IGNORE_INDEX)
+    labels = array.astype(np.int64)
+    labels[labels < 0] = IGNORE_INDEX
+    if ignore is not None:
+        labels[labels == ignore] = IGNORE_INDEX
+    if labels.max() >= classes:
+        raise ValueError(f"Label file {path} holds class {labels.max()}, but {owner} {classes} classes "
+                         f"(ignore: {'-1' if ignore is None else f'{ignore} or -1'}).")
+    return torch.from_numpy(labels)
+
+
 def read_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
     """``np.load(path)``; a file that is not a readable ``.npy`` array raises ``ValueError`` naming it."""
     try:
@@ -184,26 +210,11 @@ class NpyLayoutDataset(Dataset):
         return array
 
     def _image(self, index: int) -> torch.Tensor:
-        path = self._path("image", index)
-        array = self._load("image", index, 3, None)
-        if array.dtype == np.uint8:
-            array = array.astype(np.float32) / 255.0
-        array = array.astype(np.float32)
-        if not np.isfinite(array).all() or array.min() < -1e-3 or array.max() > 1.0 + 1e-3:
-            raise ValueError(f"Image file {path} has values outside [0, 1] (min {array.min()}, max {array.max()}).")
-        return torch.from_numpy(np.clip(array, 0.0, 1.0)).permute(2, 0, 1).contiguous()
+        return image_from_array(self._load("image", index, 3, None), self._path("image", index))
 
     def _labels(self, index: int, hw: tuple[int, int]) -> torch.Tensor:
-        path = self._path("S", index)
-        array = self._load("S", index, None, hw)
-        if np.issubdtype(array.dtype, np.floating):
-            array = np.where(np.isfinite(array), np.rint(array), IGNORE_INDEX)
-        labels = array.astype(np.int64)
-        labels[labels < 0] = IGNORE_INDEX
-        if labels.max() >= self.num_classes:
-            raise ValueError(f"Label file {path} holds class {labels.max()}, but {type(self).__name__} has "
-                             f"{self.num_classes} classes (use -1 for ignore).")
-        return torch.from_numpy(labels)
+        return labels_from_array(self._load("S", index, None, hw), self._path("S", index), self.num_classes,
+                                 f"{type(self).__name__} has")
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -205,17 +205,26 @@ def _lookup(kind: str, name: str) -> tuple[str, Any]:
     return offered[name]
 
 
-class CheckedSimilarity:
-    """A similarity metric wrapped in a check of its contract; call it like the metric itself."""
+class _Checked:
+    """A plugin's object (``__wrapped__``) under its name and plugin, wrapped in a check of its contract; the
+    subclasses say which ``kind`` of object it is and check each call."""
 
-    def __init__(self, metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], name: str, plugin: str):
-        self.__wrapped__ = metric
-        self.__doc__ = metric.__doc__
+    kind = ""
+
+    def __init__(self, wrapped: Callable[..., Any], name: str, plugin: str):
+        self.__wrapped__ = wrapped
+        self.__doc__ = wrapped.__doc__
         self.name = name
         self.plugin = plugin
 
     def __repr__(self) -> str:
-        return f"<similarity metric {self.name!r} from plugin {self.plugin!r}>"
+        return f"<{_NOUN_OF_KIND[self.kind]} {self.name!r} from plugin {self.plugin!r}>"
+
+
+class CheckedSimilarity(_Checked):
+    """A similarity metric wrapped in a check of its contract; call it like the metric itself."""
+
+    kind = "similarity"
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return the 0-d similarity of x (N, C1) and y (N, C2)."""
@@ -260,17 +269,10 @@ def _task_names(tasks: Sequence[str]) -> list[str]:
     return names
 
 
-class CheckedGroupingSolver:
+class CheckedGroupingSolver(_Checked):
     """A grouping solver wrapped in a check of its contract; returns the partition in canonical order."""
 
-    def __init__(self, solver: Callable[..., Any], name: str, plugin: str):
-        self.__wrapped__ = solver
-        self.__doc__ = solver.__doc__
-        self.name = name
-        self.plugin = plugin
-
-    def __repr__(self) -> str:
-        return f"<grouping solver {self.name!r} from plugin {self.plugin!r}>"
+    kind = "grouping"
 
     def __call__(
         self, similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], threshold: float
@@ -320,17 +322,10 @@ class _LossContract:
             )
 
 
-class CheckedAmalgamator:
+class CheckedAmalgamator(_Checked):
     """An amalgamator factory wrapped in a check of its contract; call it like the factory itself."""
 
-    def __init__(self, factory: Callable[..., Any], name: str, plugin: str):
-        self.__wrapped__ = factory
-        self.__doc__ = factory.__doc__
-        self.name = name
-        self.plugin = plugin
-
-    def __repr__(self) -> str:
-        return f"<amalgamator {self.name!r} from plugin {self.plugin!r}>"
+    kind = "amalgamator"
 
     def __call__(self, channels: int, tasks: Sequence[str]) -> torch.nn.Module | None:
         """Return the loss module for a group node of ``channels`` channels merging ``tasks``, or None."""
@@ -349,17 +344,10 @@ class CheckedAmalgamator:
         return module
 
 
-class CheckedTaskKind:
+class CheckedTaskKind(_Checked):
     """A task kind wrapped in a check of its contract: ``kind(task_name, options) -> Task``."""
 
-    def __init__(self, kind: Callable[..., Any], name: str, plugin: str):
-        self.__wrapped__ = kind
-        self.__doc__ = kind.__doc__
-        self.name = name
-        self.plugin = plugin
-
-    def __repr__(self) -> str:
-        return f"<task kind {self.name!r} from plugin {self.plugin!r}>"
+    kind = "task"
 
     def __call__(self, task: str, options: dict[str, Any]) -> Any:
         """The task ``task`` of this kind with ``options`` (the declaration's keys but ``kind`` and ``folder``)."""
