@@ -11,7 +11,8 @@ architecture is MTSL, or our loop without a structural learner for any other arc
 
 * ``weighting`` / ``architecture``: LibMTL classes or their names (``"EW"``, ``"MTSL"``);
 * ``encoder_class``: a zero-argument callable returning our stages (:func:`~mtsl_plugin.network.create_stages`)
-  or a timm ResNet (e.g. ``lambda: timm.create_model("resnet18")``), whose stages become the merge locations;
+  or a timm CNN (e.g. ``lambda: timm.create_model("resnet18")`` or ``"convnext_atto"``), whose stages become the
+  merge locations (:meth:`TimmStages.from_model` for other families than ResNets);
 * ``decoders``: task -> head; a LibMTL head (``head(features)`` on one tensor) reads the last location's output
   and is upsampled to the input size; our heads (``head(features, size)``) are used as they are;
 * ``kwargs``: LibMTL's ``weight_args`` and ``arch_args``; ``arch_args["mtsl"]`` holds MTSL's options (an
@@ -35,6 +36,7 @@ import inspect
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,6 +46,7 @@ from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.learner.schedule import MTSLConfig, scale_schedule
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.network.backbones import TimmStages
 from mtsl_plugin.network.stages import ResNetStages, StageFactory
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.trainer import MTLTrainer, RunData
@@ -75,13 +78,20 @@ def as_head(decoder: nn.Module) -> nn.Module:
 
 def as_stages(encoder_class: Callable[[], Any], network: str = "compact", setting: str = "encoder-decoder"
               ) -> StageFactory:
-    """The stages of LibMTL's ``encoder_class``: our stages as they are, a timm ResNet split into locations."""
+    """The stages of LibMTL's ``encoder_class``: our stages as they are; a timm model split into locations (a
+    ResNet into the ``compact`` or ``authors`` table, any other timm CNN into its feature stages, ``compact``)."""
     built = encoder_class()
     if isinstance(built, StageFactory):
         return built
+    decoder = setting == "encoder-decoder"
+    if isinstance(built, timm.models.ResNet):
+        return ResNetStages.from_model(built, decoder=decoder, network=network)
     if isinstance(built, nn.Module):
-        return ResNetStages.from_model(built, decoder=setting == "encoder-decoder", network=network)
-    raise ValueError(f"encoder_class must return our stages or a timm ResNet, got {type(built).__name__}")
+        if network != "compact":
+            raise ValueError(f"network {network!r} is built on a timm ResNet; encoder {type(built).__name__} takes "
+                             "network 'compact'")
+        return TimmStages.from_model(built, decoder=decoder)
+    raise ValueError(f"encoder_class must return our stages or a timm model, got {type(built).__name__}")
 
 
 def _resolve(value: Any, namespace: Any, kind: str) -> type:

@@ -88,6 +88,26 @@ def test_libmtl_heads_and_timm_encoders_are_adapted():
         mtsl_plugin.libmtl_trainer.as_stages(lambda: "resnet18")
 
 
+@pytest.mark.parametrize("name, locations", [("convnext_atto", 8), ("mobilenetv3_small_050", 10)])
+def test_a_timm_cnn_built_by_the_user_is_cut_into_its_feature_stages(name, locations):
+    """A non-ResNet timm model from LibMTL's ``encoder_class`` (no features_only): its own weights, its feature
+    stages as locations; running them in turn gives the model's own ``forward_features``."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    stages = mtsl_plugin.libmtl_trainer.as_stages(lambda: model)
+    assert stages.num_locations == locations and stages.feature_locations == tuple(range(locations // 2))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out = x
+        for location in stages.feature_locations:
+            out = stages.build(location).eval()(out)
+        torch.testing.assert_close(out, model.forward_features(x))
+    with pytest.raises(ValueError, match="takes network 'compact'"):
+        mtsl_plugin.libmtl_trainer.as_stages(lambda: model, network="authors")
+    with pytest.raises(ValueError, match="not a timm model"):
+        mtsl_plugin.libmtl_trainer.as_stages(lambda: nn.Conv2d(3, 8, 3))
+
+
 def test_libmtl_own_architectures_run_as_libmtl_builds_them(nyuv2_root):
     """HPS gets the user's encoder and decoders untouched (as LibMTL's Trainer passes them) and trains in our loop."""
     train_loader = DataLoader(NYUv2(nyuv2_root, "train"), batch_size=8, shuffle=True, drop_last=True)

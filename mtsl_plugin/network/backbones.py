@@ -43,7 +43,7 @@ from pathlib import Path
 import timm
 import torch
 from timm.models import model_entrypoint
-from timm.models._features import FeatureDictNet
+from timm.models._features import FeatureDictNet, FeatureListNet
 from timm.models.efficientnet import EfficientNetFeatures
 from timm.models.mobilenetv3 import MobileNetV3Features
 from timm.models.resnet import BasicBlock
@@ -119,13 +119,39 @@ class TimmStages(StageFactory):
             torch.manual_seed(seed)
             model = create_timm_model(backbone, pretrained=pretrained, weights=weights, backbone_args=backbone_args,
                                       features_only=True)
-            templates: list[nn.Module] = list(feature_stages(model, backbone))
-            info = model.feature_info
-            channels = info.channels()
-            specs = [StageSpec(name, c_in, c_out, reduction) for name, c_in, c_out, reduction
-                     in zip(info.module_name(), [3] + channels, channels, info.reduction())]
-            add_compact_tail(templates, specs, BasicBlock, decoder)
-        if pretrained or weights is not None:  # the weights expect the inputs they were trained on
+            self._build(model, backbone, decoder, seed, normalise=pretrained or weights is not None)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, *, decoder: bool = True, seed: int = 0) -> "TimmStages":
+        """Stages over a timm CNN the caller built without ``features_only`` (e.g. LibMTL's ``encoder_class()``),
+        used as it is: its weights, no input normalisation added. Its modules are wrapped in timm's
+        ``FeatureListNet`` at every ``feature_info`` stage (its top-level modules in order, sequences flattened),
+        which serves the families whose features are outputs of those modules (ConvNeXt, RegNet, EfficientNet,
+        MobileNetV3, ...); any other is refused in one line."""
+        name = type(model).__name__
+        if not hasattr(model, "feature_info"):
+            raise ValueError(f"encoder {name} is not a timm model (it has no feature_info)")
+        try:
+            wrapped = FeatureListNet(model, out_indices=tuple(range(len(model.feature_info))),
+                                     flatten_sequential=True)
+        except (AssertionError, ValueError, KeyError, AttributeError) as exc:
+            raise ValueError(f"encoder {name}: timm cannot list its features as outputs of its modules "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); pass "
+                             "create_stages(<timm name>) instead") from None
+        stages = cls.__new__(cls)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            stages._build(wrapped, name, decoder, seed, normalise=False)
+        return stages
+
+    def _build(self, model: nn.Module, backbone: str, decoder: bool, seed: int, normalise: bool) -> None:
+        templates: list[nn.Module] = list(feature_stages(model, backbone))
+        info = model.feature_info
+        channels = info.channels()
+        specs = [StageSpec(name, c_in, c_out, reduction) for name, c_in, c_out, reduction
+                 in zip(info.module_name(), [3] + channels, channels, info.reduction())]
+        add_compact_tail(templates, specs, BasicBlock, decoder)
+        if normalise:  # the weights expect the inputs they were trained on
             templates[0] = normalised_stem(templates[0], model)
         self.backbone = backbone
         self.decoder = decoder
