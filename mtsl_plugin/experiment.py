@@ -114,8 +114,9 @@ def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan
     branched = architecture is None or issubclass(architecture, MTSL)  # fused execution is the branched network's
     return MTLTrainer(libmtl_task_dict(tasks), getattr(libmtl.weighting, config.weighting), architecture or MTSL,
                       lambda: stages, heads, optim_param=dict(config.optimizer), scheduler_param=scheduler,
-                      device=config.device, learner=learner, channels_last=config.channels_last, compile=config.compile,
-                      weight_args={}, arch_args={**(arch_args or {}), "plan": plan, **({"fused": config.fused} if branched else {})})
+                      device=config.device, learner=learner, channels_last=config.channels_last,
+                      compile=config.compile, weight_args={},
+                      arch_args={**(arch_args or {}), "plan": plan, **({"fused": config.fused} if branched else {})})
 
 
 def build_stages(config: RunConfig) -> StageFactory:

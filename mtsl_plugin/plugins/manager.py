@@ -7,8 +7,8 @@ Plugins are registered in this order, all through ``pm.register(module)``:
 2. every module declared in the entry-point group ``"mtsl_plugin"`` of an installed distribution,
 3. modules named explicitly with :func:`load_plugin` (the CLI's ``--plugin module``).
 
-Lookups (:func:`similarity`, :func:`grouping_solver`, :func:`amalgamator`, :func:`task_kind`) call the hooks afresh, so a plugin
-registered later is seen at once, and hand out the plugin's object wrapped in a check of its contract
+Lookups (:func:`similarity`, :func:`grouping_solver`, :func:`amalgamator`, :func:`task_kind`) call the hooks
+afresh, so a plugin registered later is seen at once, and hand out the plugin's object wrapped in a check of its contract
 (see :mod:`mtsl_plugin.plugins.hookspecs`).
 
 Errors: an unknown name raises :class:`UnknownNameError` (a ``KeyError``) listing the available names; a name

@@ -50,7 +50,8 @@ def test_the_test_split_reads_test_when_it_exists_else_val(root):
 
 def test_mirroring_flips_every_layout_and_negates_normals_x_only():
     image = torch.rand(3, 4, 6)
-    targets = {"lab": torch.arange(24).view(4, 6), "val": torch.rand(2, 4, 6), "bin": (torch.rand(1, 4, 6) > 0.5).float(),
+    targets = {"lab": torch.arange(24).view(4, 6), "val": torch.rand(2, 4, 6),
+               "bin": (torch.rand(1, 4, 6) > 0.5).float(),
                "nrm": torch.nn.functional.normalize(torch.randn(3, 4, 6), dim=0)}
     layouts = {"lab": "labels", "val": "dense", "bin": "binary", "nrm": "normals"}
     out_image, out = augment_sample(image, targets, 1.0, 0, 0, True, layouts=layouts)
