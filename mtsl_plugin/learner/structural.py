@@ -128,6 +128,14 @@ class StructuralLearner:
             result.append((location, tasks, matrix))
         return result
 
+    def decide(self, matrix: np.ndarray, tasks: Group) -> tuple[list[list[str]], list[Group]]:
+        """The grouping solver's partition of one sibling set (``matrix`` over ``tasks``) and the groups of it
+        that merge: those of two or more tasks whose value reaches the threshold."""
+        partition = self.solver(matrix, list(tasks), self.config.threshold)
+        chosen = [tuple(g) for g in partition
+                  if len(g) > 1 and group_value(matrix, [tasks.index(t) for t in g]) >= self.config.threshold]
+        return partition, chosen
+
     def structural_phase(self, network: BranchedNetwork, model: nn.Module, optimizer: torch.optim.Optimizer,
                          train_batches: Batches, holdout: Batches, device: torch.device,
                          progress: bool = False) -> PhaseRecord:
@@ -139,9 +147,7 @@ class StructuralLearner:
         record = PhaseRecord(phase=phase, location=measured[0][0] if measured else None)
         merges: dict[int, list[Group]] = {}
         for location, tasks, matrix in measured:
-            partition = self.solver(matrix, list(tasks), self.config.threshold)
-            chosen = [tuple(g) for g in partition
-                      if len(g) > 1 and group_value(matrix, [tasks.index(t) for t in g]) >= self.config.threshold]
+            partition, chosen = self.decide(matrix, tasks)
             if chosen:
                 merges.setdefault(location, []).extend(chosen)
             record.similarities.append({"location": location, "tasks": list(tasks), "matrix": matrix.tolist(),

@@ -1,0 +1,176 @@
+"""How hard MTSL's alignment loss pulls sibling task nodes together, location by location.
+
+    python benchmarks/alignment.py                                  # quick preset, every location, seed 0
+    python benchmarks/alignment.py --locations 5,7,9 --epochs 8 --out results/alignment-quick
+
+For each location L, a network that shares locations 0..L-1 and gives every task its own nodes from L on (what
+MTSL trains when it reaches L having merged everything before it) learns ``--epochs`` epochs of the plain
+multi-task loss. From that state one phase (``--steps`` steps, default one epoch) is run twice on the same batches:
+without and with the alignment loss λ·(1 − CKA) on the task nodes at L. After each, the task nodes at L are
+measured as a structural phase measures them (the held-out slice, spatially averaged features, the run's
+similarity) and grouped by the run's solver and γ. Printed per location:
+
+* the mean and the lowest pair similarity without and with alignment, and the groups that would merge;
+* ``align ÷ task``: at the start of the phase (first batch), the norm of the alignment loss's gradient over each
+  task's node at L divided by the norm of that task's own loss's gradient over it; above 1 the alignment steers
+  the node more than its task does;
+* each task's held-out loss after the phase with alignment relative to without (%): what the pull costs.
+
+Results go to ``<out>/alignment/alignment.json`` and ``alignment.md`` (``--out`` default
+``results/alignment-<preset>``). No run is reused: the networks of this probe are not MTSL runs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from benchmarks.harness import (Job, UsageError, add_out_arg, add_run_args, check_jobs, config_from_args,
+                                out_folder, parse_list, parse_seeds, run_main)
+from mtsl_plugin.config import RunConfig
+from mtsl_plugin.experiment import (build_data, build_run_tasks, build_stages, build_trainer, num_locations,
+                                    seed_everything, write_json)
+from mtsl_plugin.learner.structural import StructuralLearner
+from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.trainer import MTLTrainer, RunData
+
+
+def prefix_plan(tasks: Sequence[str], location: int, locations: int) -> BranchingPlan:
+    """Every task shares locations ``0..location-1`` and has a node of its own from ``location`` on."""
+    return BranchingPlan(tasks, [[tasks]] * location + [[[t] for t in tasks]] * (locations - location))
+
+
+def gradient_ratios(trainer: MTLTrainer, learner: StructuralLearner, location: int, images: torch.Tensor,
+                    gts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per task: |∇ alignment| ÷ |∇ own loss| over the parameters of the task's node at ``location``."""
+    trainer.model.train()
+    preds = trainer.model(images)
+    losses = trainer.task_losses(preds, gts)
+    features = {t: f.float() for t, f in trainer.model.task_node_features.items()}
+    align = learner.alignment_loss(trainer.network.plan, features)
+    ratios = {}
+    for index, task in enumerate(trainer.task_name):
+        params = list(trainer.network.node(location, (task,)).parameters())
+        norms = [torch.sqrt(sum(g.pow(2).sum() for g in torch.autograd.grad(term, params, retain_graph=True)))
+                 for term in (align, losses[index])]
+        ratios[task] = float(norms[0] / norms[1].clamp_min(1e-30))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return ratios
+
+
+@torch.no_grad()
+def heldout_losses(trainer: MTLTrainer, data: RunData) -> dict[str, float]:
+    """Each task's loss on the held-out slice, averaged over its batches, the model in evaluation mode."""
+    trainer.model.eval()
+    sums, batches = torch.zeros(len(trainer.task_name)), 0
+    for images, gts in data.batches(data.holdout):
+        gts = {t: gts[t].to(trainer.device) for t in trainer.task_name}
+        sums += trainer.task_losses(trainer.model(trainer.images_to_device(images)), gts).float().cpu()
+        batches += 1
+    return {t: float(v) / batches for t, v in zip(trainer.task_name, sums)}
+
+
+def probe(config: RunConfig, location: int, epochs: int, steps: int | None) -> dict[str, Any]:
+    """Train the prefix-shared network ``epochs`` epochs, then one phase without and one with alignment."""
+    seed_everything(config.seed)
+    data, full = build_data(config)
+    tasks = build_run_tasks(config, getattr(full, "num_classes", 0))
+    plan = prefix_plan(tuple(tasks), location, num_locations(config))
+    trainer = build_trainer(config, tasks, plan, build_stages(config))
+    trainer.fit(data, epochs, progress=False)
+    start = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
+    batches = list(data.batches(data.train, key=(0, epochs)))[:steps]
+    row: dict[str, Any] = {"location": location, "steps": len(batches)}
+    for align in (False, True):
+        trainer.model.load_state_dict(start[0])
+        trainer.optimizer.load_state_dict(start[1])
+        learner = StructuralLearner(dataclasses.replace(config.mtsl, align=align))
+        trainer.learner = learner
+        for step, (images, gts) in enumerate(batches):
+            images = trainer.images_to_device(images)
+            gts = {t: gts[t].to(trainer.device) for t in trainer.task_name}
+            if align and step == 0:
+                row["gradient_ratio"] = gradient_ratios(trainer, learner, location, images, gts)
+            trainer.train_step(images, gts)
+        (_, names, matrix), = learner.measure(trainer.network, lambda: data.batches(data.holdout), trainer.device)
+        partition, merged = learner.decide(matrix, names)
+        pairs = matrix[np.triu_indices(len(names), 1)]
+        key = "aligned" if align else "plain"
+        row[key] = {"mean": float(pairs.mean()), "min": float(pairs.min()), "matrix": matrix.tolist(),
+                    "partition": partition, "merged": [list(g) for g in merged],
+                    "heldout_loss": heldout_losses(trainer, data)}
+    row["loss_change"] = {t: 100.0 * (row["aligned"]["heldout_loss"][t] / row["plain"]["heldout_loss"][t] - 1.0)
+                          for t in tasks}
+    return row
+
+
+def merged_text(entry: dict[str, Any]) -> str:
+    return " ".join("".join(g) for g in entry["merged"]) or "none"
+
+
+def table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
+    """The markdown table of :func:`probe`'s rows."""
+    head = ("| Location | CKA mean (min), plain | aligned | merges, plain | aligned | align ÷ task gradient "
+            f"({' '.join(tasks)}) | held-out loss aligned vs plain ({' '.join(tasks)}, %) |")
+    lines = [head, "|---:|---:|---:|:---|:---|:---|:---|"]
+    for r in rows:
+        ratio = " ".join(f"{r['gradient_ratio'][t]:.2g}" for t in tasks)
+        change = " ".join(f"{r['loss_change'][t]:+.0f}" for t in tasks)
+        lines.append(f"| {r['location']} | {r['plain']['mean']:.2f} ({r['plain']['min']:.2f}) | "
+                     f"{r['aligned']['mean']:.2f} ({r['aligned']['min']:.2f}) | {merged_text(r['plain'])} | "
+                     f"{merged_text(r['aligned'])} | {ratio} | {change} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(p)
+    add_out_arg(p, "alignment")
+    p.add_argument("--locations", default=None, help="comma-separated locations (default every location)")
+    p.add_argument("--epochs", type=int, default=8, help="plain epochs before the probed phase (default 8)")
+    p.add_argument("--steps", type=int, default=None, help="steps of the probed phase (default one epoch)")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        config = config_from_args(args)
+        seeds = parse_seeds(args.seeds)
+        if len(seeds) != 1:
+            raise UsageError("alignment.py probes one seed; pass --seeds K")
+        config = config.replace(seed=seeds[0])
+        if args.epochs < 1 or (args.steps is not None and args.steps < 1):
+            raise UsageError("--epochs and --steps must be at least 1")
+        total = num_locations(config)
+        try:
+            locations = (list(range(total)) if args.locations is None
+                         else [int(x) for x in parse_list(args.locations, "locations")])
+        except ValueError:
+            raise UsageError(f"--locations must be comma-separated integers, got {args.locations!r}") from None
+        if any(not 0 <= loc < total for loc in locations):
+            raise UsageError(f"--locations {args.locations}: this network has locations 0..{total - 1}")
+        if len(config.tasks) < 2:
+            raise UsageError("the alignment loss needs at least two tasks")
+        check_jobs([Job("onenet", "onenet", config)], progress=not args.no_progress)
+        folder = out_folder(args, "alignment", config) / "alignment"
+        rows = []
+        for location in locations:
+            rows.append(probe(config, location, args.epochs, args.steps))
+            print(f"location {location}: CKA {rows[-1]['plain']['mean']:.2f} plain, "
+                  f"{rows[-1]['aligned']['mean']:.2f} aligned", flush=True)
+        text = table(rows, config.tasks)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "alignment.json", {"config": config.to_dict(), "epochs": args.epochs, "rows": rows})
+        (folder / "alignment.md").write_text(text)
+        print(text)
+        print(f"results in {folder}")
+        return 0
+
+    return run_main(body, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""benchmarks/alignment.py: how hard the alignment loss pulls the task nodes of one location together."""
+import dataclasses
+import json
+
+import pytest
+
+from benchmarks import alignment
+from mtsl_plugin.experiment import build_data, build_run_tasks, build_stages, build_trainer, seed_everything
+from mtsl_plugin.learner.structural import StructuralLearner
+from tests.conftest import smoke_config
+
+
+def test_prefix_plan_shares_the_locations_before_and_splits_from_the_probed_one():
+    plan = alignment.prefix_plan(("S", "D", "E"), 4, 10)
+    assert plan.siblings() == [(4, ("S", "D", "E"))]
+    assert plan.describe() == "0-3: SDE | 4-9: S D E"
+    assert alignment.prefix_plan(("S", "D"), 0, 10).describe() == "0-9: S D"
+
+
+def test_gradient_ratio_is_the_alignment_gradient_over_the_task_gradient_at_the_node():
+    config = smoke_config(("S", "D", "E"))
+    seed_everything(0)
+    data, full = build_data(config)
+    tasks = build_run_tasks(config, full.num_classes)
+    trainer = build_trainer(config, tasks, alignment.prefix_plan(tuple(tasks), 3, 10), build_stages(config))
+    trainer.fit(data, 1, progress=False)  # identical fresh task nodes have CKA 1 and no alignment gradient
+    images, gts = next(iter(data.batches(data.train, key=(0, 0))))
+    ratios = [alignment.gradient_ratios(trainer, StructuralLearner(dataclasses.replace(config.mtsl, align_weight=w)),
+                                        3, images, gts) for w in (0.2, 0.4)]
+    assert set(ratios[0]) == {"S", "D", "E"} and all(r > 0 for r in ratios[0].values())
+    for task in tasks:  # the alignment term is linear in λ, the task term does not depend on it
+        assert ratios[1][task] == pytest.approx(2 * ratios[0][task], rel=1e-5)
+
+
+def test_a_strong_alignment_raises_the_similarity_it_is_measured_by():
+    config = smoke_config(("S", "D", "E"), align_weight=20.0)
+    config = config.replace(optimizer={**config.optimizer, "lr": 1e-2})  # three steps must move the nodes
+    row = alignment.probe(config, 9, epochs=2, steps=None)
+    assert row["steps"] == 3  # one epoch of the smoke preset: 24 images, batch 8
+    assert row["aligned"]["mean"] > row["plain"]["mean"] + 0.03  # measured 0.93 -> 0.99
+    assert all(r > 1 for r in row["gradient_ratio"].values())  # λ = 20 outweighs every task
+    for key in ("plain", "aligned"):
+        assert set(row[key]["heldout_loss"]) == {"S", "D", "E"}
+        assert sorted(t for g in row[key]["partition"] for t in g) == ["D", "E", "S"]
+    assert row["loss_change"]["S"] == pytest.approx(
+        100 * (row["aligned"]["heldout_loss"]["S"] / row["plain"]["heldout_loss"]["S"] - 1))
+
+
+def test_alignment_command_writes_its_table_and_refuses_bad_locations(tmp_path, capsys):
+    out = tmp_path / "probe"
+    assert alignment.main(["--preset", "smoke", "--tasks", "S,D", "--locations", "0,8", "--epochs", "1",
+                           "--steps", "1", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "alignment" / "alignment.json").read_text())
+    assert [r["location"] for r in report["rows"]] == [0, 8] and report["epochs"] == 1
+    table = (out / "alignment" / "alignment.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| 0 |") and table[3].startswith("| 8 |")
+    capsys.readouterr()
+    assert alignment.main(["--preset", "smoke", "--locations", "10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "0..9" in err and len(err.splitlines()) == 1
