@@ -295,7 +295,8 @@ def _libmtl_adapters() -> tuple[type, type]:
         def update_fun(self, pred: Tensor, gt: Tensor) -> None:
             if self.metric.device != pred.device:
                 self.metric = self.metric.to(pred.device)
-            self.metric.update(self.task.postprocess(pred.detach()), gt)
+            # contiguous: torchmetrics flattens with .view, which a channels-last prediction refuses
+            self.metric.update(self.task.postprocess(pred.detach()).contiguous(), gt.contiguous())
             self.bs.append(pred.shape[0])
 
         def score_fun(self) -> list[float]:

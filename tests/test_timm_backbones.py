@@ -20,6 +20,7 @@ from mtsl_plugin.network.heads import Head
 from mtsl_plugin.network.stages import IMAGENET_MEAN, DecoderStage, NormalizedStem, ResNetStages
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plan
+from tests.network.test_branched import assert_fused_locations_match_under_autocast
 from mtsl_plugin.preflight import check_config
 
 OUT = {"S": 5, "D": 1, "E": 1}
@@ -185,6 +186,18 @@ def test_fused_locations_equal_the_unfused_network(name, backbone_args):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-10, msg=param)
     for (buffer, a), b in zip(plain.named_buffers(), fused.buffers()):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10, msg=buffer)
+
+
+@pytest.mark.parametrize("name, backbone_args", [("convnext_atto", NARROW_CONVNEXT), ("mobilenetv3_small_050", {})])
+def test_fused_locations_under_bf16_autocast_equal_the_unfused_nodes(name, backbone_args):
+    """ConvNeXt's LayerNorm and linear layers and MobileNetV3's squeeze-excitation, fused under autocast."""
+    stages = create_stages(name, backbone_args=backbone_args)
+    torch.manual_seed(0)
+    plain = BranchedNetwork(BranchingPlan.single_task("SDE", stages.num_locations), stages, heads(stages))
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert_fused_locations_match_under_autocast(plain, torch.randn(4, 3, 32, 32))
 
 
 def test_mtan_reads_the_input_of_each_stages_last_timm_block(narrow):

@@ -1,6 +1,7 @@
 """A multi-task network built from a branching plan: one node per (location, group), one head per task."""
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping
 
 import torch
@@ -17,6 +18,49 @@ NodeKey = tuple[int, Group]
 def node_name(location: int, group: Group) -> str:
     """The module name of a node, e.g. ``"3-S+E"`` (module names may not contain dots)."""
     return f"{location}-{'+'.join(group)}"
+
+
+#: Layers whose inputs and weights autocast casts to its lower precision, and layers it runs in float32.
+_LOWER, _NORMS = (nn.modules.conv._ConvNd, nn.Linear), (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+@contextlib.contextmanager
+def _autocast_by_hand(template: nn.Module, params: dict[str, torch.Tensor], device_type: str):
+    """Yield ``params`` for a vmapped call of ``template``, with ``template`` set to cast as autocast casts.
+
+    Inside ``torch.vmap`` autocast casts nothing (torch 2.x: the batching rules run before it), so a convolution
+    would meet bf16 activations with float32 weights and fail, or silently run in float32. Under autocast,
+    convolutions and linear layers get their weights and inputs in the autocast dtype (gradients reach the float32
+    parameters through the casts, as with autocast); normalisation layers compute in float32 on float32 parameters
+    and statistics (vmap's batch norm takes no mixed dtypes) and, as under autocast, batch norm returns its input's
+    dtype while layer and group norm return float32; every other operation sees what autocast would give it.
+    Without autocast, nothing changes."""
+    if not torch.is_autocast_enabled(device_type):
+        yield params
+        return
+    dtype = torch.get_autocast_dtype(device_type)
+    modules = [(prefix, m) for prefix, m in template.named_modules() if isinstance(m, _LOWER + _NORMS)]
+    lower = {f"{prefix}.{name}" if prefix else name
+             for prefix, m in modules if isinstance(m, _LOWER) for name, _ in m.named_parameters(recurse=False)}
+    params = {n: p.to(dtype) if n in lower else p for n, p in params.items()}
+    input_dtypes: dict[int, torch.dtype] = {}
+
+    def cast(module, inputs):
+        input_dtypes[id(module)] = inputs[0].dtype
+        to = dtype if isinstance(module, _LOWER) else torch.float32
+        return tuple(t.to(to) if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs)
+
+    def back_to_input_dtype(module, _inputs, output):
+        return output.to(input_dtypes[id(module)])
+
+    handles = [m.register_forward_pre_hook(cast) for _, m in modules]
+    handles += [m.register_forward_hook(back_to_input_dtype) for _, m in modules
+                if isinstance(m, nn.modules.batchnorm._NormBase)]
+    try:
+        yield params
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class BranchedNetwork(nn.Module):
@@ -92,7 +136,8 @@ class BranchedNetwork(nn.Module):
         different ones are stacked. Equal to :meth:`run_node` per group up to float rounding (tested): the
         parameters are stacked on the fly, so gradients reach each node's own parameters and the optimizer,
         checkpoints and structural edits see the unfused network; batch-norm running statistics updated in
-        training are written back to each node."""
+        training are written back to each node. Under autocast the call is cast by hand (:func:`_autocast_by_hand`:
+        autocast does not reach inside ``vmap``)."""
         modules = [self.node(location, g) for g in groups]
         parents = [self.plan.parent_of(location, g) for g in groups]
         inputs = [x if p is None else outputs[location - 1][p] for p in parents]
@@ -109,7 +154,8 @@ class BranchedNetwork(nn.Module):
         def call(p, b, *tensors):
             return functional_call(modules[0], {**p, **b}, tensors)
 
-        out = torch.vmap(call, in_dims=(0, 0, *dims))(params, buffers, *[a for a, _ in args])
+        with _autocast_by_hand(modules[0], params, x.device.type) as params:
+            out = torch.vmap(call, in_dims=(0, 0, *dims))(params, buffers, *[a for a, _ in args])
         if modules[0].training:  # running statistics were updated in the stacked copies
             with torch.no_grad():
                 for name, stacked in buffers.items():
