@@ -170,8 +170,11 @@ class MTLTrainer(LibMTL.Trainer):
         """``torch.compile`` the model's forward in place (its state dict keeps its keys). Called again after every
         structural edit: the compiled graphs describe the removed nodes, so dynamo's caches are cleared and the
         next step compiles the new network (instead of piling up recompilations until dynamo's limit falls back
-        to eager)."""
+        to eager). Buffer donation is turned off: a compiled backward that donates its saved buffers refuses a
+        second backward through the same graph, which MTSL's alignment term (and every weighting that
+        backpropagates task by task) needs."""
         torch._dynamo.reset()
+        torch._functorch.config.donated_buffer = False
         self.model.compile()
 
     @property
