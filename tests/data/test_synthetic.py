@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from mtsl_plugin.data import DATASETS, SyntheticScenes, build_dataset, semantic_edges
 from mtsl_plugin.data.raycast import KINDS
-from mtsl_plugin.data.synthetic import CLASS_NAMES, SPLIT_STREAMS, sample_scene
+from mtsl_plugin.data.synthetic import CLASS_NAMES, PARALLEL_PIXELS, SPLIT_STREAMS, render_workers, sample_scene
 
 
 def _all_tensors(ds: SyntheticScenes) -> list[torch.Tensor]:
@@ -39,6 +39,19 @@ def test_same_seed_is_bit_identical_and_other_seed_differs() -> None:
     c = SyntheticScenes(3, 16, 24, seed=6)
     assert not torch.equal(a.images, c.images)
     assert not torch.equal(a.labels, c.labels)
+
+
+def test_rendering_in_worker_processes_gives_the_same_samples(monkeypatch) -> None:
+    serial = SyntheticScenes(7, 16, 24, seed=4, split="val", workers=1)
+    parallel = SyntheticScenes(7, 16, 24, seed=4, split="val", workers=3)
+    assert all(torch.equal(x, y) for x, y in zip(_all_tensors(serial), _all_tensors(parallel)))
+    assert render_workers(304, 48, 64) == 1  # the quick preset renders in the process itself
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)))
+    assert render_workers(2200, 256, 512) == 16  # the paper preset: at most 16
+    assert 15 * 1024 * 1200 > PARALLEL_PIXELS
+    assert (render_workers(15, 1024, 1200), render_workers(16, 1024, 1200)) == (1, 2)  # >= 8 scenes each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert render_workers(2200, 256, 512) == 8  # torchrun: the CPUs are shared by the local ranks
 
 
 def test_datasets_of_different_length_share_a_prefix() -> None:
