@@ -8,6 +8,7 @@ the module on a sample batch.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -34,11 +35,15 @@ class StaticNetwork(nn.Module):
 
 
 def static_network(model: nn.Module, tasks: Sequence[str]) -> StaticNetwork:
-    """The inference network of a trained LibMTL model of this project (``trainer.model``)."""
+    """The inference network of a trained LibMTL model of this project (``trainer.model``); a network trained
+    with fused siblings (``--fused``) is exported unfused, the same function computed node by node."""
     if hasattr(model, "derived_network"):  # LTB, BMTAS: the branched network the gates derive
         network = model.derived_network()
     elif isinstance(getattr(model, "encoder", None), BranchedNetwork):  # MTSL and the fixed plans
         network = model.encoder
+        if network.fused:  # a training-speed option; the exported graph runs node by node (ONNX cannot trace
+            network = copy.deepcopy(network)  # torch.func's vmap), on a copy so the trainer stays fused
+            network.fused = False
     else:  # cross-stitch, MTAN: their own forward, LibMTL's dict of predictions
         network = model
     return StaticNetwork(network, tasks)

@@ -37,3 +37,21 @@ def test_the_command_writes_the_file_and_refuses_a_missing_run(runs, tmp_path, c
     assert target.stat().st_size > 0 and "largest difference" in capsys.readouterr().out
     assert export_cli.main([str(tmp_path / "nowhere"), "--format", "onnx", "--out", str(target)]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_a_run_trained_with_fused_siblings_exports_unfused(tmp_path):
+    """``--fused`` runs a location's nodes as one vmapped call, which ONNX cannot trace; the exported file runs
+    them one by one and computes what the fused model computes; the trainer itself stays fused."""
+    out = tmp_path / "fused"
+    assert compare.main(["--methods", "mtsl", "--preset", "smoke", "--tasks", "S,D", "--fused", "--out", str(out),
+                         "--no-progress"]) == 0
+    trainer, data, config = load_run(out / "mtsl" / "seed0", device="cpu")
+    assert trainer.network.fused
+    static = static_network(trainer.model, config.tasks)
+    assert not static.network.fused and trainer.network.fused
+    images, _ = next(iter(data.batches(data.test)))
+    assert export(static, "onnx", tmp_path / "fused.onnx", images[:2]) < 1e-4
+    with torch.no_grad():
+        fused, plain = trainer.model(images[:2]), static(images[:2])
+    for task, prediction in zip(config.tasks, plain):
+        torch.testing.assert_close(prediction, fused[task], rtol=1e-4, atol=1e-5)
