@@ -78,6 +78,8 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained backbone weights")
     p.add_argument("--weights", default=None, help="local backbone weights file")
     p.add_argument("--weighting", default=None, help="LibMTL weighting method, e.g. EW (default) or UW")
+    p.add_argument("--task-weights", default=None, metavar="T=W,...",
+                   help="fixed factors on the task losses before the weighting method, e.g. E=10,A=100 (default 1)")
     p.add_argument("--similarity", default=None, help="similarity plugin: cka (default) or rsa")
     p.add_argument("--grouping", default=None, help="grouping-solver plugin: authors (default, the authors' code), fewest_groups or exhaustive "
                         "(the paper's text's score)")
@@ -155,6 +157,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         changes["compile"] = True
     if args.tasks:
         changes["tasks"] = tuple(t.strip() for t in args.tasks.split(","))
+    if getattr(args, "task_weights", None):
+        changes["task_weights"] = {**config.task_weights, **parse_task_weights(args.task_weights)}
     for key in ("backbone", "network", "weights", "weighting"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
@@ -179,6 +183,18 @@ def parse_list(text: str, what: str) -> list[str]:
     if not items:
         raise UsageError(f"--{what} is empty")
     return items
+
+
+def parse_task_weights(text: str) -> dict[str, float]:
+    """``--task-weights E=10,A=100`` as ``{"E": 10.0, "A": 100.0}``."""
+    weights = {}
+    for item in parse_list(text, "task-weights"):
+        task, _, value = item.partition("=")
+        try:
+            weights[task.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--task-weights takes TASK=WEIGHT pairs, e.g. E=10,A=100; got {item!r}") from None
+    return weights
 
 
 def parse_seeds(text: str) -> list[int]:

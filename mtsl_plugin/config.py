@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -67,6 +68,7 @@ class RunConfig:
     epochs: int = 80
     lr_steps: tuple[int, ...] = (60, 70)
     weighting: str = "EW"
+    task_weights: dict = field(default_factory=dict)  # task -> fixed factor on its loss (1 when absent)
     mtsl: MTSLConfig = field(default_factory=MTSLConfig)
     device: str = "cpu"
     fused: bool = False  # run the nodes of a location as one call (an execution option, like the device)
@@ -81,6 +83,9 @@ class RunConfig:
             raise ValueError(f"unknown network {self.network!r}; choose one of {', '.join(NETWORKS)}")
         if self.network == "authors" and self.setting != "encoder-decoder":
             raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
+        for task, weight in self.task_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+                raise ValueError(f"task_weights: the weight of task {task!r} must be a positive number, got {weight!r}")
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -90,6 +95,7 @@ class RunConfig:
         data["backbone_args"] = json.loads(json.dumps(self.backbone_args))  # tuples as lists, as YAML gives
         data["tasks"] = list(self.tasks)
         data["task_specs"] = json.loads(json.dumps(self.task_specs))
+        data["task_weights"] = {t: float(w) for t, w in self.task_weights.items()}
         data["lr_steps"] = list(self.lr_steps)
         data["mtsl"]["task_epochs"] = list(self.mtsl.task_epochs)
         data["mtsl"]["amalgamation_epochs"] = list(self.mtsl.amalgamation_epochs)
@@ -117,6 +123,9 @@ class RunConfig:
         specs = {t: spec for t, spec in data.pop("task_specs", {}).items() if t in self.tasks}
         if specs:  # the declarations of the tasks that run
             data["task_specs"] = specs
+        weights = {t: w for t, w in data.pop("task_weights", {}).items() if t in self.tasks and w != 1}
+        if weights:  # only when a running task's loss is weighted: every older run keeps its fingerprint
+            data["task_weights"] = weights
         if data.get("network") == "compact":
             del data["network"]
         if "data" in data and data["data"].get("augment", False) is None:

@@ -115,7 +115,7 @@ def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan
     return MTLTrainer(libmtl_task_dict(tasks), getattr(libmtl.weighting, config.weighting), architecture or MTSL,
                       lambda: stages, heads, optim_param=dict(config.optimizer), scheduler_param=scheduler,
                       device=config.device, learner=learner, channels_last=config.channels_last,
-                      compile=config.compile, weight_args={},
+                      compile=config.compile, task_weights=config.task_weights, weight_args={},
                       arch_args={**(arch_args or {}), "plan": plan, **({"fused": config.fused} if branched else {})})
 
 

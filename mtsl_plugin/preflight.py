@@ -26,6 +26,7 @@ from mtsl_plugin.data import build_dataset
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
+from mtsl_plugin.tasks import TASKS
 
 
 def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True) -> None:
@@ -47,6 +48,10 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True)
             read_every_sample(dataset, f"{d.name} train split", progress)
             read_every_sample(build_split(config, "test", n=d.test), f"{d.name} test split", progress)
     build_run_tasks(config, dataset.num_classes)  # unknown, undeclared or repeated tasks, bad declarations
+    unknown = sorted(set(config.task_weights) - set(TASKS) - set(config.task_specs))
+    if unknown:  # weights of known tasks that do not run (e.g. in a task sweep) are ignored
+        raise ValueError(f"task_weights names task(s) {unknown} that are neither built in ({', '.join(TASKS)}) nor "
+                         "declared")
     missing = [t for t in config.tasks if t not in dataset.tasks]
     if missing:
         raise ValueError(f"dataset {d.name!r} has no target for task(s) {missing}; it has {list(dataset.tasks)}")

@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -83,7 +83,8 @@ class MTLTrainer(LibMTL.Trainer):
 
     Arguments are LibMTL's (``task_dict``, ``weighting``, ``architecture``, ``encoder_class``, ``decoders``,
     ``rep_grad``, ``multi_input``, ``optim_param``, ``scheduler_param``, ``weight_args``, ``arch_args``) plus
-    ``device``, an optional ``learner`` (:class:`StructuralLearner`) that turns the run into MTSL, and the
+    ``device``, an optional ``learner`` (:class:`StructuralLearner`) that turns the run into MTSL, fixed
+    ``task_weights`` (task -> factor on its loss before the weighting method; 1 when absent), and the
     execution options ``channels_last`` (NHWC weights and images) and ``compile`` (``torch.compile`` the forward,
     :meth:`compile_model`).
     """
@@ -91,7 +92,7 @@ class MTLTrainer(LibMTL.Trainer):
     def __init__(self, task_dict, weighting, architecture, encoder_class, decoders, rep_grad=False,
                  multi_input=False, optim_param=None, scheduler_param=None, *, device="cpu",
                  learner: StructuralLearner | None = None, channels_last: bool = False, compile: bool = False,
-                 **kwargs):
+                 task_weights: Mapping[str, float] | None = None, **kwargs):
         nn.Module.__init__(self)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = torch.device(device)
@@ -102,6 +103,7 @@ class MTLTrainer(LibMTL.Trainer):
         self.rep_grad = rep_grad
         self.multi_input = multi_input
         self.learner = learner
+        self.loss_weights = torch.tensor([float((task_weights or {}).get(t, 1.0)) for t in self.task_name])
         self._prepare_model(weighting, architecture, encoder_class, decoders)
         self.model.to(memory_format=self.memory_format)
         self._prepare_optimizer(optim_param or {"optim": "adam", "lr": 1e-4, "weight_decay": 5e-5},
@@ -192,9 +194,11 @@ class MTLTrainer(LibMTL.Trainer):
         return contextlib.nullcontext()
 
     def task_losses(self, preds: dict[str, torch.Tensor], gts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The (T,) vector of task losses LibMTL's weighting methods take."""
-        return torch.stack([self.task_dict[t]["loss_fn"].compute_loss(preds[t].float(), gts[t])
-                            for t in self.task_name])
+        """The (T,) vector of task losses LibMTL's weighting methods take, each times its fixed weight
+        (``task_weights``, 1 by default)."""
+        losses = torch.stack([self.task_dict[t]["loss_fn"].compute_loss(preds[t].float(), gts[t])
+                              for t in self.task_name])
+        return losses * self.loss_weights.to(losses.device)
 
     def train_step(self, images: torch.Tensor, gts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
         """One optimisation step: task losses through the weighting method, plus the alignment term."""
