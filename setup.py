@@ -16,8 +16,8 @@ setup(
     packages=find_packages(include=["mtsl_plugin", "mtsl_plugin.*", "baselines", "baselines.*", "benchmarks", "benchmarks.*"]),
     package_data={"mtsl_plugin": ["presets/*.yaml"]},
     install_requires=[
-        "torch>=2.3",
-        "torchvision>=0.18",
+        "torch>=2.4",  # torch.get_autocast_dtype, torch.is_autocast_enabled(device)
+        "torchvision>=0.19",
         "libmtl==1.1.5",
         "scipy>=1.10",  # LibMTL imports it (CAGrad) without declaring it
         "timm>=1.0",

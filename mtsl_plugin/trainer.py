@@ -176,7 +176,8 @@ class MTLTrainer(LibMTL.Trainer):
         second backward through the same graph, which MTSL's alignment term (and every weighting that
         backpropagates task by task) needs."""
         torch._dynamo.reset()
-        torch._functorch.config.donated_buffer = False
+        if hasattr(torch._functorch.config, "donated_buffer"):  # torch >= 2.6 donates by default
+            torch._functorch.config.donated_buffer = False
         self.model.compile()
 
     @property
