@@ -264,7 +264,8 @@ def render_workers(n: int, height: int, width: int) -> int:
     and at least 8 scenes each."""
     if n * height * width <= PARALLEL_PIXELS:
         return 1
-    cpus = len(os.sched_getaffinity(0)) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not on macOS
+    cpus = usable // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     return max(1, min(cpus, 16, n // 8))
 
 
