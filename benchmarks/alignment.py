@@ -75,11 +75,12 @@ def heldout_losses(trainer: MTLTrainer, data: RunData) -> dict[str, float]:
     return {t: float(v) / batches for t, v in zip(trainer.task_name, sums)}
 
 
-def probe(config: RunConfig, location: int, epochs: int, steps: int | None) -> dict[str, Any]:
-    """Train the prefix-shared network ``epochs`` epochs, then one phase without and one with alignment."""
+def probe(config: RunConfig, data: RunData, num_classes: int, location: int, epochs: int, steps: int | None
+          ) -> dict[str, Any]:
+    """Train the prefix-shared network ``epochs`` epochs on ``data`` (:func:`build_data` of ``config``, built once
+    for every location), then one phase without and one with alignment."""
     seed_everything(config.seed)
-    data, full = build_data(config)
-    tasks = build_run_tasks(config, getattr(full, "num_classes", 0))
+    tasks = build_run_tasks(config, num_classes)
     plan = prefix_plan(tuple(tasks), location, num_locations(config))
     trainer = build_trainer(config, tasks, plan, build_stages(config))
     trainer.fit(data, epochs, progress=False)
@@ -156,9 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("the alignment loss needs at least two tasks")
         check_jobs([Job("onenet", "onenet", config)], progress=not args.no_progress)
         folder = out_folder(args, "alignment", config) / "alignment"
+        data, full = build_data(config)
         rows = []
         for location in locations:
-            rows.append(probe(config, location, args.epochs, args.steps))
+            rows.append(probe(config, data, getattr(full, "num_classes", 0), location, args.epochs, args.steps))
             print(f"location {location}: CKA {rows[-1]['plain']['mean']:.2f} plain, "
                   f"{rows[-1]['aligned']['mean']:.2f} aligned", flush=True)
         text = table(rows, config.tasks)

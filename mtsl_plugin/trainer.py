@@ -103,7 +103,8 @@ class MTLTrainer(LibMTL.Trainer):
         self.rep_grad = rep_grad
         self.multi_input = multi_input
         self.learner = learner
-        self.loss_weights = torch.tensor([float((task_weights or {}).get(t, 1.0)) for t in self.task_name])
+        self.loss_weights = torch.tensor([float((task_weights or {}).get(t, 1.0)) for t in self.task_name],
+                                         device=self.device)
         self._prepare_model(weighting, architecture, encoder_class, decoders)
         self.model.to(memory_format=self.memory_format)
         self._prepare_optimizer(optim_param or {"optim": "adam", "lr": 1e-4, "weight_decay": 5e-5},
@@ -199,7 +200,7 @@ class MTLTrainer(LibMTL.Trainer):
         (``task_weights``, 1 by default)."""
         losses = torch.stack([self.task_dict[t]["loss_fn"].compute_loss(preds[t].float(), gts[t])
                               for t in self.task_name])
-        return losses * self.loss_weights.to(losses.device)
+        return losses * self.loss_weights
 
     def train_step(self, images: torch.Tensor, gts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
         """One optimisation step: task losses through the weighting method, plus the alignment term."""

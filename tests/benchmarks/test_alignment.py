@@ -35,7 +35,8 @@ def test_gradient_ratio_is_the_alignment_gradient_over_the_task_gradient_at_the_
 def test_a_strong_alignment_raises_the_similarity_it_is_measured_by():
     config = smoke_config(("S", "D", "E"), align_weight=20.0)
     config = config.replace(optimizer={**config.optimizer, "lr": 1e-2})  # three steps must move the nodes
-    row = alignment.probe(config, 9, epochs=2, steps=None)
+    data, full = build_data(config)
+    row = alignment.probe(config, data, full.num_classes, 9, epochs=2, steps=None)
     assert row["steps"] == 3  # one epoch of the smoke preset: 24 images, batch 8
     assert row["aligned"]["mean"] > row["plain"]["mean"] + 0.03  # measured 0.93 -> 0.99
     assert all(r > 1 for r in row["gradient_ratio"].values())  # λ = 20 outweighs every task
