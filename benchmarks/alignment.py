@@ -14,7 +14,11 @@ similarity) and grouped by the run's solver and γ. Printed per location:
 * ``align ÷ task``: at the start of the phase (first batch), the norm of the alignment loss's gradient over each
   task's node at L divided by the norm of that task's own loss's gradient over it; above 1 the alignment steers
   the node more than its task does;
-* each task's held-out loss after the phase with alignment relative to without (%): what the pull costs.
+* each task's held-out loss after the phase with alignment relative to without (%): what the pull costs;
+* how the measured similarity is reached: the *effective dimension* of each node's pooled features (the
+  participation ratio of their principal variances: 1 when one direction carries all the variance), and the
+  similarity once each node's own first principal direction is projected out. Linear CKA weighs directions by
+  their variance, so nodes that share one dominant direction score high whatever the rest of their features do.
 
 Results go to ``<out>/alignment/alignment.json`` and ``alignment.md`` (``--out`` default
 ``results/alignment-<preset>``). No run is reused: the networks of this probe are not MTSL runs.
@@ -63,6 +67,25 @@ def gradient_ratios(trainer: MTLTrainer, learner: StructuralLearner, location: i
     return ratios
 
 
+def effective_dimension(features: torch.Tensor) -> float:
+    """Participation ratio (Σλ)² / Σλ² of the principal variances λ of (N, C) features: 1 when one direction
+    carries all the variance, k when k directions carry equal shares."""
+    variances = torch.linalg.svdvals(features - features.mean(0)).double().pow(2)
+    return float(variances.sum() ** 2 / variances.pow(2).sum().clamp_min(1e-300))
+
+
+def without_top_direction(features: torch.Tensor) -> torch.Tensor:
+    """(N, C) features centred, with their projection on their own first principal direction removed."""
+    centred = features - features.mean(0)
+    top = torch.linalg.svd(centred, full_matrices=False).Vh[:1]  # (1, C)
+    return centred - centred @ top.T @ top
+
+
+def pair_summary(matrix: np.ndarray) -> dict[str, float]:
+    pairs = matrix[np.triu_indices(len(matrix), 1)]
+    return {"mean": float(pairs.mean()), "min": float(pairs.min())}
+
+
 @torch.no_grad()
 def heldout_losses(trainer: MTLTrainer, data: RunData) -> dict[str, float]:
     """Each task's loss on the held-out slice, averaged over its batches, the model in evaluation mode."""
@@ -98,13 +121,16 @@ def probe(config: RunConfig, data: RunData, num_classes: int, location: int, epo
             if align and step == 0:
                 row["gradient_ratio"] = gradient_ratios(trainer, learner, location, images, gts)
             trainer.train_step(images, gts)
-        (_, names, matrix), = learner.measure(trainer.network, lambda: data.batches(data.holdout), trainer.device)
+        (_, names), = trainer.network.plan.siblings()
+        features = learner.node_features(trainer.network, lambda: data.batches(data.holdout), trainer.device)
+        matrix = learner.similarity_matrix(features, names)
         partition, merged = learner.decide(matrix, names)
-        pairs = matrix[np.triu_indices(len(names), 1)]
-        key = "aligned" if align else "plain"
-        row[key] = {"mean": float(pairs.mean()), "min": float(pairs.min()), "matrix": matrix.tolist(),
-                    "partition": partition, "merged": [list(g) for g in merged],
-                    "heldout_loss": heldout_losses(trainer, data)}
+        stripped = {t: without_top_direction(f) for t, f in features.items()}
+        row["aligned" if align else "plain"] = {
+            **pair_summary(matrix), "matrix": matrix.tolist(), "partition": partition,
+            "merged": [list(g) for g in merged], "heldout_loss": heldout_losses(trainer, data),
+            "dimension": {t: effective_dimension(f) for t, f in features.items()},
+            "without_top_direction": pair_summary(learner.similarity_matrix(stripped, names))}
     row["loss_change"] = {t: 100.0 * (row["aligned"]["heldout_loss"][t] / row["plain"]["heldout_loss"][t] - 1.0)
                           for t in tasks}
     return row
@@ -117,14 +143,18 @@ def merged_text(entry: dict[str, Any]) -> str:
 def table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     """The markdown table of :func:`probe`'s rows."""
     head = ("| Location | CKA mean (min), plain | aligned | merges, plain | aligned | align ÷ task gradient "
-            f"({' '.join(tasks)}) | held-out loss aligned vs plain ({' '.join(tasks)}, %) |")
-    lines = [head, "|---:|---:|---:|:---|:---|:---|:---|"]
+            f"({' '.join(tasks)}) | held-out loss aligned vs plain ({' '.join(tasks)}, %) | "
+            "effective dimension, plain → aligned | CKA without the top direction, plain → aligned |")
+    lines = [head, "|---:|---:|---:|:---|:---|:---|:---|:---|:---|"]
     for r in rows:
         ratio = " ".join(f"{r['gradient_ratio'][t]:.2g}" for t in tasks)
         change = " ".join(f"{r['loss_change'][t]:+.0f}" for t in tasks)
+        dims = [float(np.mean(list(r[k]["dimension"].values()))) for k in ("plain", "aligned")]
+        bare = [r[k]["without_top_direction"]["mean"] for k in ("plain", "aligned")]
         lines.append(f"| {r['location']} | {r['plain']['mean']:.2f} ({r['plain']['min']:.2f}) | "
                      f"{r['aligned']['mean']:.2f} ({r['aligned']['min']:.2f}) | {merged_text(r['plain'])} | "
-                     f"{merged_text(r['aligned'])} | {ratio} | {change} |")
+                     f"{merged_text(r['aligned'])} | {ratio} | {change} | {dims[0]:.1f} → {dims[1]:.1f} | "
+                     f"{bare[0]:.2f} → {bare[1]:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -103,13 +103,13 @@ class StructuralLearner:
 
     # ------------------------------------------------------------------ structural phase
     @torch.no_grad()
-    def measure(self, network: BranchedNetwork, holdout: Batches, device: torch.device
-                ) -> list[tuple[int, Group, np.ndarray]]:
-        """Pairwise similarity of the task nodes of every sibling set, each at its own location, on the held-out
-        batches. Returns ``(location, tasks, (T, T) matrix with diagonal 1)`` per set, shallowest first."""
+    def node_features(self, network: BranchedNetwork, holdout: Batches, device: torch.device
+                      ) -> dict[str, torch.Tensor]:
+        """The spatially averaged outputs (N, C) of every sibling task node on the held-out batches, the network in
+        evaluation mode, keyed by task (a task has at most one task node with siblings)."""
         sets = network.plan.siblings()  # (location, tasks) per set of sibling task nodes, shallowest first
         if not sets:
-            return []
+            return {}
         was_training = network.training
         network.eval()
         collected: dict[str, list[torch.Tensor]] = {t: [] for _, tasks in sets for t in tasks}
@@ -119,14 +119,22 @@ class StructuralLearner:
                 for task in tasks:
                     collected[task].append(pooled(outputs[location][(task,)]).float().cpu())
         network.train(was_training)
-        feats = {t: torch.cat(v) for t, v in collected.items()}
-        result = []
-        for location, tasks in sets:
-            matrix = np.eye(len(tasks))
-            for (i, a), (j, b) in itertools.combinations(enumerate(tasks), 2):
-                matrix[i, j] = matrix[j, i] = float(self.similarity(feats[a], feats[b]))
-            result.append((location, tasks, matrix))
-        return result
+        return {t: torch.cat(v) for t, v in collected.items()}
+
+    def similarity_matrix(self, features: dict[str, torch.Tensor], tasks: Group) -> np.ndarray:
+        """The (T, T) matrix, diagonal 1, of the similarity plugin between the features of ``tasks``."""
+        matrix = np.eye(len(tasks))
+        for (i, a), (j, b) in itertools.combinations(enumerate(tasks), 2):
+            matrix[i, j] = matrix[j, i] = float(self.similarity(features[a], features[b]))
+        return matrix
+
+    def measure(self, network: BranchedNetwork, holdout: Batches, device: torch.device
+                ) -> list[tuple[int, Group, np.ndarray]]:
+        """Pairwise similarity of the task nodes of every sibling set, each at its own location, on the held-out
+        batches. Returns ``(location, tasks, (T, T) matrix with diagonal 1)`` per set, shallowest first."""
+        features = self.node_features(network, holdout, device)
+        return [(location, tasks, self.similarity_matrix(features, tasks))
+                for location, tasks in network.plan.siblings()]
 
     def decide(self, matrix: np.ndarray, tasks: Group) -> tuple[list[list[str]], list[Group]]:
         """The grouping solver's partition of one sibling set (``matrix`` over ``tasks``) and the groups of it

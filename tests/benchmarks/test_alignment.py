@@ -3,10 +3,12 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from benchmarks import alignment
 from mtsl_plugin.experiment import build_data, build_run_tasks, build_stages, build_trainer, seed_everything
 from mtsl_plugin.learner.structural import StructuralLearner
+from mtsl_plugin.plugins.builtin_similarity import linear_cka
 from tests.conftest import smoke_config
 
 
@@ -15,6 +17,29 @@ def test_prefix_plan_shares_the_locations_before_and_splits_from_the_probed_one(
     assert plan.siblings() == [(4, ("S", "D", "E"))]
     assert plan.describe() == "0-3: SDE | 4-9: S D E"
     assert alignment.prefix_plan(("S", "D"), 0, 10).describe() == "0-9: S D"
+
+
+def test_effective_dimension_counts_the_directions_that_carry_the_variance():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g)).Q
+    coords = torch.linalg.qr(torch.randn(64, 8, generator=g)).Q  # orthonormal, centred below
+    coords = coords - coords.mean(0)
+    assert alignment.effective_dimension(coords[:, :1] @ basis[:1] + 5.0) == pytest.approx(1.0)
+    equal = torch.linalg.qr(coords).Q[:, :3] @ basis[:3]  # three orthogonal directions of equal variance
+    assert alignment.effective_dimension(equal) == pytest.approx(3.0, rel=1e-4)
+    assert 1.0 < alignment.effective_dimension(torch.randn(64, 8, generator=g) * torch.tensor([10.0] + [1.0] * 7)) < 3
+
+
+def test_two_nodes_alike_in_one_dominant_direction_only_are_told_apart_without_it():
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randn(200, 1, generator=g)
+    x = torch.cat([10 * shared, torch.randn(200, 7, generator=g)], dim=1)
+    y = torch.cat([torch.randn(200, 7, generator=g), 10 * shared], dim=1)
+    assert float(linear_cka(x, y)) > 0.9  # linear CKA is carried by the shared direction's variance
+    bare = [alignment.without_top_direction(f) for f in (x, y)]
+    assert float(linear_cka(*bare)) < 0.1
+    assert torch.allclose(bare[0].mean(0), torch.zeros(8), atol=1e-5)
+    assert bare[0][:, 0].std() < 0.1 * x[:, 0].std()  # the dominant channel is gone (up to its chance overlaps)
 
 
 def test_gradient_ratio_is_the_alignment_gradient_over_the_task_gradient_at_the_node():
@@ -42,6 +67,8 @@ def test_a_strong_alignment_raises_the_similarity_it_is_measured_by():
     assert all(r > 1 for r in row["gradient_ratio"].values())  # λ = 20 outweighs every task
     for key in ("plain", "aligned"):
         assert set(row[key]["heldout_loss"]) == {"S", "D", "E"}
+        assert all(1.0 <= d <= 16 for d in row[key]["dimension"].values())  # 16 channels at the smoke's last node
+        assert -1.0 <= row[key]["without_top_direction"]["min"] <= row[key]["without_top_direction"]["mean"] <= 1.0
         assert sorted(t for g in row[key]["partition"] for t in g) == ["D", "E", "S"]
     assert row["loss_change"]["S"] == pytest.approx(
         100 * (row["aligned"]["heldout_loss"]["S"] / row["plain"]["heldout_loss"]["S"] - 1))
@@ -55,6 +82,7 @@ def test_alignment_command_writes_its_table_and_refuses_bad_locations(tmp_path, 
     assert [r["location"] for r in report["rows"]] == [0, 8] and report["epochs"] == 1
     table = (out / "alignment" / "alignment.md").read_text().splitlines()
     assert len(table) == 4 and table[2].startswith("| 0 |") and table[3].startswith("| 8 |")
+    assert table[0].count("|") == table[3].count("|") == 10 and " → " in table[3]
     capsys.readouterr()
     assert alignment.main(["--preset", "smoke", "--locations", "10", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
