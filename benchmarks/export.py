@@ -13,6 +13,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from benchmarks.harness import refuse_torchrun
 from mtsl_plugin.experiment import load_run
 from mtsl_plugin.export import FORMATS, export, static_network
 
@@ -23,6 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="the file to write")
     args = p.parse_args(argv)
+    if refuse_torchrun():
+        return 2
     try:
         trainer, data, config = load_run(args.run_dir, device="cpu")
         images, _ = next(iter(data.batches(data.test)))

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from benchmarks.harness import refuse_torchrun
 from mtsl_plugin.plugins.builtin_grouping import MAX_TASKS, authors, exhaustive, fewest_groups
 
 SOLVERS = {"authors": authors, "exhaustive": exhaustive, "fewest_groups": fewest_groups}
@@ -46,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if refuse_torchrun():
+        return 2
     counts = [int(t) for t in args.tasks.split(",")]
     if any(not 1 <= t <= MAX_TASKS for t in counts):
         print(f"error: --tasks must lie in 1..{MAX_TASKS}, got {counts}", file=sys.stderr)

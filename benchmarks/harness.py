@@ -204,14 +204,23 @@ def parse_seeds(text: str) -> list[int]:
         raise UsageError(f"--seeds must be comma-separated integers, got {text!r}") from None
 
 
+def refuse_torchrun() -> bool:
+    """For a command that runs in one process: under torchrun, print the one-line refusal and return True."""
+    if distributed.launched():
+        print(f"error: {Path(sys.argv[0]).name} runs in one process; start it without torchrun", file=sys.stderr)
+        return True
+    return False
+
+
 def run_main(main_body, args: argparse.Namespace, distributed_ok: bool = False) -> int:
     """Run a command's body; user errors become one line on stderr and exit code 2. Under torchrun a command
-    that supports it (``distributed_ok``: compare.py) joins the process group; the others refuse to start."""
+    that supports it (``distributed_ok``: compare, ablation, sensitivity, robustness) joins the process group;
+    the others refuse to start."""
+    if not distributed_ok and refuse_torchrun():
+        return 2
     try:
         load_plugins(args)
         if distributed.launched():
-            if not distributed_ok:
-                raise UsageError(f"{Path(sys.argv[0]).name} runs in one process; start it without torchrun")
             args.device = distributed.init_from_env(args.device or "cpu")
         return main_body()
     except USER_ERRORS as exc:

@@ -36,6 +36,7 @@ from benchmarks.harness import (UsageError, add_out_arg, add_run_args, check_job
                                 out_folder, parse_list, parse_seeds, run_jobs, run_main, with_sources)
 from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, MIN_SIZE, SEVERITIES, corrupt_images,
                                       pgd_attack)
+from mtsl_plugin import distributed
 from mtsl_plugin.experiment import load_run, write_json
 from mtsl_plugin.methods import method_names
 from mtsl_plugin.tasks import HIGHER_IS_BETTER, METRIC_NAMES, TASKS
@@ -43,6 +44,7 @@ from mtsl_plugin.trainer import MTLTrainer
 
 DEFAULT_ATTACK_TASKS = ("S", "D")
 Batches = Iterable[tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
+IndexedBatches = Iterable[tuple[int, tuple[torch.Tensor, Mapping[str, torch.Tensor]]]]
 Perturb = Callable[[MTLTrainer, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 
 
@@ -135,9 +137,10 @@ def batch_seed(corruption: str, severity: int, batch: int) -> int:
     return int(np.random.SeedSequence([CORRUPTIONS.index(corruption), severity, batch]).generate_state(1)[0])
 
 
-def corrupted(batches: Batches, corruption: str, severity: int) -> Batches:
-    """``batches`` with their images corrupted (targets untouched), made one batch at a time."""
-    for index, (images, gts) in enumerate(batches):
+def corrupted(batches: IndexedBatches, corruption: str, severity: int) -> Batches:
+    """``batches`` (each with its index in the test loader) with their images corrupted (targets untouched),
+    made one batch at a time; the seed of a batch's corruption depends on its index."""
+    for index, (images, gts) in batches:
         yield corrupt_images(images, corruption, severity, batch_seed(corruption, severity, index)), gts
 
 
@@ -154,9 +157,11 @@ def pgd_perturbation(task: str, eps: float) -> Perturb:
     return perturb
 
 
-def evaluate_runs(trainers: Sequence[MTLTrainer], batches: Callable[[], Batches], categories: Sequence[str],
+def evaluate_runs(trainers: Sequence[MTLTrainer], batches: Callable[[], IndexedBatches], categories: Sequence[str],
                   epsilons: Sequence[float], attack_tasks: Sequence[str], progress: bool) -> list[dict[str, Any]]:
-    """Clean, corrupted and attacked metrics of models that share one test set (``batches()`` iterates it).
+    """Clean, corrupted and attacked metrics of models that share one test set (``batches()`` iterates this
+    process's batches of it with their indices in the test loader: all of them, or a rank's share under torchrun,
+    :func:`mtsl_plugin.distributed.own_batches`; the metrics are summed across the ranks).
 
     Returns per trainer ``{"clean": {task: m}, "corruptions": {name: {severity: {task: m}}},
     "categories": {category: {task: mean over its corruptions and severities}},
@@ -172,14 +177,17 @@ def evaluate_runs(trainers: Sequence[MTLTrainer], batches: Callable[[], Batches]
             bar.set_postfix_str(label)
             return evaluate_models(trainers, data, perturb, tick=bar.update)
 
-        for record, scores in zip(records, run("clean", batches())):
+        def plain() -> Batches:
+            return (batch for _, batch in batches())
+
+        for record, scores in zip(records, run("clean", plain())):
             record["clean"] = scores
         for name in names:
             for severity in SEVERITIES:
                 for record, scores in zip(records, run(f"{name} {severity}", corrupted(batches(), name, severity))):
                     record["corruptions"].setdefault(name, {})[str(severity)] = scores
         for task, eps in attacks:
-            for record, scores in zip(records, run(f"PGD {task} ε={eps:g}", batches(), pgd_perturbation(task, eps))):
+            for record, scores in zip(records, run(f"PGD {task} ε={eps:g}", plain(), pgd_perturbation(task, eps))):
                 record["pgd"].setdefault(task, {})[eps_key(eps)] = scores
     for record in records:
         for category in categories:
@@ -395,7 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = method_jobs(methods, config, seeds)
         check_jobs(jobs, not args.no_progress)
         out.mkdir(parents=True, exist_ok=True)
-        results = run_jobs(jobs, out, not args.no_progress, args.keep_checkpoints)
+        main = distributed.is_main()  # under torchrun every rank trains and evaluates its share; rank 0 reports
+        results = run_jobs(jobs, out, not args.no_progress and main, args.keep_checkpoints)
 
         runs: list[dict[str, Any]] = []
         for seed in seeds:  # the runs of one seed share a test set: load them together, each batch made once
@@ -405,8 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             scores: list[dict[str, Any]] = []
             if loaded:
                 data = loaded[0][2][1]
-                scores = evaluate_runs(trainers, lambda: data.batches(data.test), categories, epsilons,
-                                       attack_tasks, not args.no_progress)
+                count = len(data.batches(data.test))
+                scores = evaluate_runs(trainers, lambda: distributed.own_batches(data.batches(data.test), count),
+                                       categories, epsilons, attack_tasks, not args.no_progress and main)
             by_label = {job.label: s for (job, _, _), s in zip(loaded, scores)}
             for job, r in pairs:
                 record = {"label": job.label, "method": job.method, "seed": seed, "status": r["status"],
@@ -418,12 +428,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = {"config": config.to_dict(), "methods": methods, "seeds": seeds,
                 "categories": {c: list(CATEGORIES[c]) for c in categories}, "severities": list(SEVERITIES),
                 "epsilons": epsilons, "attack_tasks": attack_tasks}
-        text = write_report(out / "robustness", meta, runs, list(config.tasks), categories, epsilons, attack_tasks)
-        print(text)
-        print(f"robustness results in {out / 'robustness'}")
+        if main:
+            text = write_report(out / "robustness", meta, runs, list(config.tasks), categories, epsilons,
+                                attack_tasks)
+            print(text)
+            print(f"robustness results in {out / 'robustness'}")
         return 1 if any(r["status"] != "ok" for r in results) else 0
 
-    return run_main(body, args)
+    return run_main(body, args, distributed_ok=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from benchmarks.harness import (Job, UsageError, add_deltas, add_out_arg, add_ru
                                 config_from_args, out_folder, parse_list, parse_seeds, run_jobs, run_main,
                                 write_results)
 from benchmarks.report import aggregate, summary_table, write_markdown
+from mtsl_plugin import distributed
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.plan import BranchingPlan
@@ -141,6 +142,34 @@ def _series(results: list[dict[str, Any]], labels: Sequence[str], field: str) ->
     return values
 
 
+def seeds_report(results: list[dict[str, Any]], shown: dict[str, str], folder: Path) -> str:
+    """The seeds sweep's table (converged plan per initialisation and seed) and its plan figure."""
+    plans = {f"{shown[r['label']]} seed {r['seed']}": BranchingPlan.from_dict(r["plan"])
+             for r in results if r["status"] == "ok" and r.get("plan")}
+    if plans:
+        draw_plans(plans, folder / "sensitivity.png")
+    return grouping_table(results, shown)
+
+
+def sweep_report(sweep: str, results: list[dict[str, Any]], rows: Sequence[tuple[str, str]],
+                 values: Sequence[float], folder: Path) -> str:
+    """The table of a threshold, tasks or bmtas-lambda sweep (one row per ``(shown value, run label)``) and its
+    figure: Δ_MTL and parameters (and GMac for BMTAS) against the swept value."""
+    numeric = sweep != "tasks"
+    name = {"threshold": "γ", "tasks": "Tasks", "bmtas-lambda": "λ"}[sweep]
+    table = summary_table(results, [name], [([shown], label) for shown, label in rows])
+    labels = [label for _, label in rows]
+    xs = values if numeric else [shown for shown, _ in rows]
+    panels = {"Δ_MTL (%)": _series(results, labels, "delta_mtl"),
+              "Params (M)": _series(results, labels, "params_m")}
+    if sweep == "bmtas-lambda":
+        panels["GMac"] = _series(results, labels, "gmac")
+    sweep_figure(xs, panels, folder / "sensitivity.png",
+                 {"threshold": "threshold γ", "tasks": "tasks", "bmtas-lambda": "BMTAS λ"}[sweep],
+                 kind="line" if numeric else "bar")
+    return table
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds or ("0,1,2" if args.sweep == "seeds" else "0"))
         out = out_folder(args, "sensitivity", config)
         folder = out / f"sensitivity-{args.sweep}"
+        if args.sweep == "bmtas-lambda" and distributed.launched():
+            raise UsageError("BMTAS's bilevel search runs in one process; start the bmtas-lambda sweep without "
+                             "torchrun")
+        values: list[float] = []
+        shown: dict[str, str] = {}
         if args.sweep in ("threshold", "bmtas-lambda"):
             text = args.values or ("0.5,0.6,0.7,0.8,0.9,0.95" if args.sweep == "threshold" else "0.01,0.05,0.2,1")
             try:
@@ -186,34 +220,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             shown = {init_label(config, i): i if i in ("random", "pretrained") else Path(i).stem for i in inits}
             rows = []
         check_jobs(jobs, not args.no_progress)
-        results = run_jobs(jobs, out, not args.no_progress, args.keep_checkpoints)
+        main = distributed.is_main()  # under torchrun every rank trains; rank 0 alone reports
+        results = run_jobs(jobs, out, not args.no_progress and main, args.keep_checkpoints)
         add_deltas(results)
-        write_results(results, folder)
-        if args.sweep == "seeds":
-            table = grouping_table(results, shown)
-            plans = {f"{shown[r['label']]} seed {r['seed']}": BranchingPlan.from_dict(r["plan"])
-                     for r in results if r["status"] == "ok" and r.get("plan")}
-            if plans:
-                draw_plans(plans, folder / "sensitivity.png")
-        else:
-            numeric = args.sweep != "tasks"
-            name = {"threshold": "γ", "tasks": "Tasks", "bmtas-lambda": "λ"}[args.sweep]
-            table = summary_table(results, [name], [([shown], label) for shown, label in rows])
-            labels = [label for _, label in rows]
-            xs = values if numeric else [shown for shown, _ in rows]
-            panels = {"Δ_MTL (%)": _series(results, labels, "delta_mtl"),
-                      "Params (M)": _series(results, labels, "params_m")}
-            if args.sweep == "bmtas-lambda":
-                panels["GMac"] = _series(results, labels, "gmac")
-            sweep_figure(xs, panels, folder / "sensitivity.png",
-                         {"threshold": "threshold γ", "tasks": "tasks", "bmtas-lambda": "BMTAS λ"}[args.sweep],
-                         kind="line" if numeric else "bar")
-        write_markdown(table, folder / "sensitivity.md")
-        print(table)
-        print(f"results in {folder}")
+        if main:
+            write_results(results, folder)
+            table = (seeds_report(results, shown, folder) if args.sweep == "seeds"
+                     else sweep_report(args.sweep, results, rows, values, folder))
+            write_markdown(table, folder / "sensitivity.md")
+            print(table)
+            print(f"results in {folder}")
         return 1 if any(r["status"] != "ok" for r in results) else 0
 
-    return run_main(body, args)
+    return run_main(body, args, distributed_ok=True)
 
 
 if __name__ == "__main__":

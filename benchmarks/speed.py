@@ -11,7 +11,8 @@ compiled (``torch.compile``, after two warm-up steps that compile) ÷ eager.
     python benchmarks/speed.py --network authors --height 256 --width 512 --steps 0   # size and GMac only
     python benchmarks/speed.py --backbone convnext_atto --steps 0                       # another timm CNN
 
-Each plan is timed on the same random batch (after warm-up steps), with bf16 autocast on CUDA. The network is
+One process (several processes under torchrun: ``scaling.py``). Each plan is timed on the same random batch
+(after warm-up steps), with bf16 autocast on CUDA. The network is
 ``--backbone`` (default the full-width ResNet18) in the stage table of ``--network`` (compact or authors; any
 timm CNN takes compact) with the five tasks' heads; ``stn`` and ``onenet`` span its number of locations.
 """
@@ -28,6 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from benchmarks.harness import refuse_torchrun
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.experiment import build_data, build_trainer
 from mtsl_plugin.learner.structural import StructuralLearner
@@ -103,24 +105,31 @@ def measure(plan: BranchingPlan, device: str, batch: int, height: int, width: in
     return seconds, peak, cost
 
 
-def measure_plain(plan: BranchingPlan, device: str, batch: int, height: int, width: int, steps: int,
-                  stages: StageFactory) -> float:
-    """Median seconds of a plain PyTorch step over the same network: forward, summed task losses, backward,
-    Adam step (no LibMTL model, no weighting method, no trainer), with the trainer's precision."""
-    trainer = build(plan, device, stages)
-    network_module, tasks = trainer.model.network, trainer.task_dict
-    optimizer = torch.optim.Adam(network_module.parameters(), lr=1e-4, weight_decay=5e-5)
-    images, gts = synthetic_batch(plan, device, batch, height, width)
+def plain_step(trainer, images: torch.Tensor, gts: dict[str, torch.Tensor],
+               wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda module: module) -> Callable[[], None]:
+    """A plain PyTorch training step over ``trainer``'s network (``wrap``-ped, e.g. in DistributedDataParallel):
+    forward, summed task losses, backward, Adam step (no LibMTL model, no weighting method, no trainer), with
+    the trainer's precision."""
+    network, tasks = trainer.model.network, trainer.task_dict
+    wrapped = wrap(network)
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-4, weight_decay=5e-5)
 
-    def step():
+    def step() -> None:
         with trainer.autocast():
-            preds, _ = network_module(images)
-        loss = sum(tasks[t]["loss_fn"].compute_loss(preds[t].float(), gts[t]) for t in plan.tasks)
+            preds, _ = wrapped(images)
+        loss = sum(tasks[t]["loss_fn"].compute_loss(preds[t].float(), gts[t]) for t in gts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    return timed(step, steps, device)[0]
+    return step
+
+
+def measure_plain(plan: BranchingPlan, device: str, batch: int, height: int, width: int, steps: int,
+                  stages: StageFactory) -> float:
+    """Median seconds of :func:`plain_step` over ``plan``'s network."""
+    images, gts = synthetic_batch(plan, device, batch, height, width)
+    return timed(plain_step(build(plan, device, stages), images, gts), steps, device)[0]
 
 
 def measure_data(batch: int, height: int, width: int, steps: int) -> float:
@@ -146,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="also time One-Net and STN compiled (torch.compile: minutes of compiling on a CPU)")
     args = p.parse_args(argv)
+    if refuse_torchrun():
+        return 2
     try:
         stages = create_stages(args.backbone, network=args.network)
         locations = stages.num_locations

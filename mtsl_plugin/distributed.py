@@ -4,7 +4,7 @@ batch.
 
 What this module holds is plain: who we are (:func:`rank`, :func:`world_size`), starting the process group from
 torchrun's environment (:func:`init_from_env`), sharding a global batch order (:func:`shard_batches`) and an
-evaluation set (:func:`shard_samples`), and
+evaluation set (:func:`shard_samples`, :func:`own_batches`), and
 keeping replicas identical through structural edits (:func:`broadcast_module`, :func:`check_replicas`).
 Without a process group every function is the single-process identity, so the rest of the code calls them
 unconditionally.
@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
+
+T = TypeVar("T")
 
 
 def active() -> bool:
@@ -88,6 +90,17 @@ def shard_samples(dataset: Dataset) -> Dataset:
     return Subset(dataset, range(rank(), len(dataset), size))
 
 
+def own_batches(batches: Iterable[T], count: int) -> Iterator[tuple[int, T]]:
+    """This rank's batches of an evaluation loader of ``count`` batches, each with its index in the loader:
+    batches ``r, r + n, ...``. Whole batches, so whatever is drawn per batch index (a corruption's seed) or
+    computed over a batch (a PGD attack on a batch loss) is what one process does; the metrics are exact over the
+    whole set as with :func:`shard_samples`, and a loader of fewer batches than ranks is not split."""
+    size, me = world_size(), rank()
+    for index, batch in enumerate(batches):
+        if count < size or index % size == me:
+            yield index, batch
+
+
 def mean_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The mean over the ranks of every tensor (new tensors, same shapes and dtypes), in one all-reduce of their
     flattened concatenation (all tensors on one device)."""
@@ -101,6 +114,38 @@ def mean_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out.append(flat[start:start + t.numel()].view(t.shape).to(t.dtype))
         start += t.numel()
     return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows, concatenated in rank order; backward: the sum over the ranks of the gradient for this
+    rank's rows (an all-reduce, which every backend has, of the zero-padded gathered gradient)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        count = torch.tensor([rows.shape[0]], device=rows.device)
+        counts = [torch.zeros_like(count) for _ in range(world_size())]
+        dist.all_gather(counts, count)
+        sizes = [int(c) for c in counts]
+        padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+        padded[:rows.shape[0]] = rows
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.sizes, ctx.start = sizes, sum(sizes[:rank()])
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.start:ctx.start + ctx.sizes[rank()]]
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``rows`` (n_r, ...) concatenated in rank order, on every rank (shares may differ in size),
+    differentiably. When every rank computes the same loss of the gathered rows, the gradient reaching a rank's
+    rows is the sum of all ranks' (N times the loss's own), so averaging the resulting parameter gradients
+    across the ranks (:func:`mean_all`) gives exactly the gradient one process computes on all the rows."""
+    return _GatherRows.apply(rows) if active() else rows
 
 
 def broadcast_module(module: nn.Module) -> None:

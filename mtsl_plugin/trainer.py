@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from mtsl_plugin import distributed
 from mtsl_plugin.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
 from mtsl_plugin.libmtl_compat import import_libmtl
-from mtsl_plugin.learner.structural import StructuralLearner
+from mtsl_plugin.learner.structural import StructuralLearner, pooled
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.plan import BranchingPlan
 
@@ -211,6 +211,8 @@ class MTLTrainer(LibMTL.Trainer):
         align = None
         if self.learner is not None:
             features = {t: f.float() for t, f in self.model.task_node_features.items()}
+            if self.ddp is not None:  # the CKA of the global batch, as one process measures it, on every rank
+                features = {t: distributed.gather_rows(pooled(f)) for t, f in features.items()}
             align = self.learner.alignment_loss(self.network.plan, features)
         self.optimizer.zero_grad(set_to_none=True)
         if align is not None and self.ddp is not None:  # DDP reduces gradients in one backward per forward: the

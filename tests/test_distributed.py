@@ -121,12 +121,19 @@ def test_compare_under_two_processes_writes_one_result_like_one_process(tmp_path
     assert runs["mtsl"]["plan"] == single["mtsl"]["plan"]
 
 
-def test_commands_without_a_distributed_path_refuse_torchrun(monkeypatch, capsys):
-    from benchmarks import ablation
+@pytest.mark.parametrize("command, argv", [
+    ("alignment", ["--preset", "smoke", "--no-progress"]), ("speed", ["--steps", "0"]),
+    ("export", ["nowhere", "--format", "onnx", "--out", "x.onnx"]), ("grouping_speed", ["--tasks", "4"]),
+    ("sensitivity", ["--sweep", "bmtas-lambda", "--preset", "smoke", "--no-progress"]),  # after joining the group
+])
+def test_commands_without_a_distributed_path_refuse_torchrun(monkeypatch, capsys, command, argv):
+    import importlib
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert ablation.main(["--preset", "smoke", "--no-progress"]) == 2
-    assert "runs in one process; start it without torchrun" in capsys.readouterr().err
+    monkeypatch.setattr(distributed, "init_from_env", lambda device: device)  # no process group to join here
+    assert importlib.import_module(f"benchmarks.{command}").main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "runs in one process" in err and "without torchrun" in err and len(err.splitlines()) == 1
 
 
 def smoke_trainer():
@@ -229,3 +236,111 @@ def test_each_rank_evaluates_its_share_and_gets_the_metric_of_the_whole_test_set
         assert r["metrics"].keys() == whole.keys()
         for task, value in whole.items():
             assert r["metrics"][task] == pytest.approx(value, rel=1e-6), task
+
+
+def cka_gradient(rows, gather):
+    """1 − CKA between two linear maps of ``rows`` (the same weights on every rank), as the trainer's alignment
+    term; returns the loss and the gradients of both maps, averaged across the ranks as the trainer does."""
+    from mtsl_plugin.plugins.builtin_similarity import linear_cka
+
+    torch.manual_seed(0)
+    maps = [torch.nn.Linear(6, 5), torch.nn.Linear(6, 4)]
+    features = [gather(m(rows)) for m in maps]
+    loss = 1 - linear_cka(*features)
+    params = [p for m in maps for p in m.parameters()]
+    return float(loss.detach()), [g.clone() for g in distributed.mean_all(torch.autograd.grad(loss, params))]
+
+
+def alignment_worker(rank, world, port, folder):
+    join_group(rank, world, port)
+    rows = torch.randn(9, 6, generator=torch.Generator().manual_seed(1))
+    mine = rows[:5] if rank == 0 else rows[5:]  # shares of unequal size: 5 and 4 rows
+    gathered = distributed.gather_rows(mine)
+    loss, grads = cka_gradient(mine, distributed.gather_rows)
+    torch.save({"gathered": gathered, "loss": loss, "grads": grads}, os.path.join(folder, f"align{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_the_alignment_cka_is_that_of_the_global_batch_with_its_single_process_gradient(tmp_path):
+    """Under DDP every rank computes the alignment's CKA on the pooled features of all ranks (a differentiable
+    gather); the averaged gradients equal one process's on the whole batch. Per-rank CKA would be another, noisier
+    objective and fails below 4 samples a rank (e.g. batch 16 on 8 GPUs)."""
+    mp.spawn(alignment_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"align{r}.pt", weights_only=False) for r in range(2)]
+    rows = torch.randn(9, 6, generator=torch.Generator().manual_seed(1))
+    loss, grads = cka_gradient(rows, lambda x: x)
+    for r in ranks:
+        assert torch.equal(r["gathered"], rows)
+        assert r["loss"] == pytest.approx(loss, rel=1e-6)
+        for got, expected in zip(r["grads"], grads):
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def robustness_worker(rank, world, port, out, config_file):
+    join_group(rank, world, port)
+    from benchmarks import robustness
+
+    code = robustness.main(["--methods", "onenet", "--preset", "smoke", "--tasks", "S,D", "--no-progress",
+                            "--corruptions", "noise", "--epsilons", "2", "--attack-tasks", "D", "--config", config_file,
+                            "--out", out])
+    with open(f"{out}.rank{rank}", "w") as handle:
+        handle.write(str(code))
+    dist.destroy_process_group()
+
+
+def test_robustness_under_two_processes_evaluates_shares_of_whole_batches_like_one_process(tmp_path):
+    """``torchrun ... robustness.py``: every rank trains, evaluates its test batch (0 on rank 0, 1 on rank 1) with
+    the corruption seeds of its index in the whole loader, and rank 0 reports metrics of the whole set: those one
+    process computes for the same trained model."""
+    from benchmarks import robustness
+
+    config = tmp_path / "two_batches.yaml"
+    config.write_text("dataset: {test: 16}\n")  # two test batches of 8
+    out = tmp_path / "two"
+    mp.spawn(robustness_worker, args=(2, free_port(), str(out), str(config)), nprocs=2, join=True)
+    assert [(tmp_path / f"two.rank{r}").read_text() for r in range(2)] == ["0", "0"]
+    (two,) = json.loads((out / "robustness" / "robustness.json").read_text())["runs"]
+    assert robustness.main(["--methods", "onenet", "--preset", "smoke", "--tasks", "S,D", "--no-progress",
+                            "--corruptions", "noise", "--epsilons", "2", "--attack-tasks", "D", "--config", str(config),
+                            "--out", str(out)]) == 0  # one process, the same trained run
+    (one,) = json.loads((out / "robustness" / "robustness.json").read_text())["runs"]
+    for key in ("clean", "categories"):
+        for task, value in one[key].items() if key == "clean" else one[key]["noise"].items():
+            got = two[key][task] if key == "clean" else two[key]["noise"][task]
+            assert got == pytest.approx(value, rel=1e-5), (key, task)
+    for task, value in one["pgd"]["D"]["2"].items():
+        assert two["pgd"]["D"]["2"][task] == pytest.approx(value, rel=1e-5), task
+
+
+@pytest.mark.parametrize("world, me, count, expected", [
+    (2, 0, 3, [0, 2]), (2, 1, 3, [1]), (3, 2, 7, [2, 5]), (1, 0, 3, [0, 1, 2]),
+    (4, 1, 3, [0, 1, 2]),  # fewer batches than ranks: not split (every rank evaluates all; ratios of sums hold)
+])
+def test_each_rank_owns_every_nth_whole_batch_with_its_index(monkeypatch, world, me, count, expected):
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    monkeypatch.setattr(distributed, "rank", lambda: me)
+    batches = [f"batch{i}" for i in range(count)]
+    assert list(distributed.own_batches(batches, count)) == [(i, f"batch{i}") for i in expected]
+
+
+def sweep_worker(rank, world, port, out):
+    join_group(rank, world, port)
+    from benchmarks import ablation, sensitivity
+
+    common = ["--preset", "smoke", "--tasks", "S,D", "--no-progress", "--out", out]
+    codes = [sensitivity.main(["--sweep", "threshold", "--values", "0.8", *common])]
+    ablation.ROWS = ablation.ROWS[-1:]  # MTSL itself: the run the threshold sweep trained at the default γ
+    codes.append(ablation.main(common))
+    with open(f"{out}.rank{rank}", "w") as handle:
+        handle.write(json.dumps(codes))
+    dist.destroy_process_group()
+
+
+def test_sensitivity_and_ablation_under_two_processes_train_on_both_and_report_on_rank_0(tmp_path):
+    out = tmp_path / "sweeps"
+    mp.spawn(sweep_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"sweeps.rank{r}").read_text()) for r in range(2)] == [[0, 0]] * 2
+    sweep = json.loads((out / "sensitivity-threshold" / "results.json").read_text())
+    assert {r["label"] for r in sweep} == {"stn", "mtsl"} and all(r["status"] == "ok" for r in sweep)
+    assert "| 0.8 |" in (out / "sensitivity-threshold" / "sensitivity.md").read_text()
+    assert "| ✓ | ✓ | ✓ |" in (out / "ablation" / "ablation.md").read_text()

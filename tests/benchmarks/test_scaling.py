@@ -1,0 +1,46 @@
+"""benchmarks/scaling.py: training steps with 1 and N torchrun processes, ours against plain DDP."""
+import json
+
+import pytest
+
+from benchmarks import scaling
+
+
+def test_two_gloo_processes_time_every_row_and_write_the_numbers(tmp_path, capsys):
+    out = tmp_path / "scaling.json"
+    assert scaling.main(["--nproc", "2", "--steps", "1", "--batch", "4", "--height", "32", "--width", "32",
+                         "--backbone", "resnet10t", "--tasks", "S,D", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert run["nproc"] == 2 and set(run["seconds"]) == set(scaling.ROWS)  # MTSL: CKA on 2 + 2 gathered rows
+    assert all(s > 0 for s in run["seconds"].values())
+    printed = capsys.readouterr().out
+    assert all(f"| {row} |" in printed for row in scaling.ROWS)
+
+
+def test_speedups_are_throughput_ratios_to_the_first_count_and_to_the_anchors():
+    runs = [{"nproc": 1, "seconds": {"plain DDP One-Net": 1.0, "One-Net": 1.2, "STN": 4.0, "MTSL phase 1": 4.4}},
+            {"nproc": 4, "seconds": {"plain DDP One-Net": 0.5, "One-Net": 0.4, "STN": 1.0, "MTSL phase 1": 2.2}}]
+    table, numbers = scaling.report(runs, batch=16)
+    assert numbers["One-Net"]["1"] == {"seconds": 1.2, "images_per_s": pytest.approx(16 / 1.2)}
+    assert numbers["plain DDP One-Net"]["4"]["speedup"] == pytest.approx(2.0)
+    assert "speedup_over_anchor" not in numbers["plain DDP One-Net"]["4"]
+    assert numbers["One-Net"]["4"]["speedup"] == pytest.approx(3.0)
+    assert numbers["One-Net"]["4"]["speedup_over_anchor"] == pytest.approx(1.5)
+    assert numbers["MTSL phase 1"]["4"]["speedup_over_anchor"] == pytest.approx(1.0)
+    assert "| STN | 4.0000 | 4.0 | 1.0000 | 16.0 | n=4: 4.00× (2.00) |" in table.splitlines()
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--nproc", "1,3", "--batch", "16"], "3"),
+    (["--nproc", "0"], "at least 1"),
+    (["--nproc", "1,x"], "1,x"),
+    (["--tasks", "S,Q"], "S,Q"),
+    (["--steps", "0"], "--steps"),
+    (["--backbone", "nope"], "nope"),
+    (["--device", "cuda", "--nproc", "1,64"], "64"),
+])
+def test_bad_input_is_refused_in_one_line_before_any_launch(capsys, argv, culprit):
+    assert scaling.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert culprit in err and len(err.splitlines()) == 1
