@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from benchmarks.harness import refuse_torchrun
+from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.experiment import load_run
 from mtsl_plugin.export import FORMATS, export, static_network
 
@@ -27,11 +29,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refuse_torchrun():
         return 2
     try:
+        if Path(args.out).resolve().is_relative_to(Path(args.run_dir).resolve()):
+            raise ValueError(f"--out {args.out} lies in the run folder {args.run_dir}, whose files are the run's "
+                             "own (weights, records); write the export elsewhere")
         trainer, data, config = load_run(args.run_dir, device="cpu")
-        images, _ = next(iter(data.batches(data.test)))
+        images, _ = next(iter(data.batches(data.test)), (None, None))
+        if images is None:
+            raise ValueError(f"the run in {args.run_dir} has no test images to check the export against")
         static = static_network(trainer.model, config.tasks)
         difference = export(static, args.format, args.out, images[:2])
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({args.format}; tasks {', '.join(static.tasks)}); largest difference to the trained "

@@ -119,7 +119,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a truncated or foreign file
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); it is truncated or not a checkpoint "
+                              "of this package") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a mtsl-plugin checkpoint of format {FORMAT}")
     data.setdefault("kind", "checkpoint")  # files written before weights files existed

@@ -9,6 +9,8 @@ the module on a sample batch.
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -52,7 +54,9 @@ def static_network(model: nn.Module, tasks: Sequence[str]) -> StaticNetwork:
 def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tensor) -> float:
     """Write ``static`` as ``fmt`` (``onnx``: ONNX with a dynamic batch size, checked with onnxruntime;
     ``exported``: a ``torch.export`` program, ``torch.export.load``-able, for ``sample``'s shape) and return the
-    largest absolute difference between the file's and the module's outputs on ``sample`` (N, 3, H, W)."""
+    largest absolute difference between the file's and the module's outputs on ``sample`` (N, 3, H, W). The file
+    is written and checked under a temporary name beside ``path``, then renamed: a failed export leaves ``path``
+    as it was."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
@@ -61,17 +65,23 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
     static = static.to("cpu").eval()
     with torch.no_grad():
         expected = static(sample)
-    if fmt == "onnx":
-        import onnxruntime
+    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        if fmt == "onnx":
+            import onnxruntime
 
-        axes = {name: {0: "batch"} for name in ("image", *static.tasks)}
-        torch.onnx.export(static, (sample,), str(path), input_names=["image"], output_names=list(static.tasks),
-                          dynamic_axes=axes, dynamo=False)
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = [torch.from_numpy(a) for a in session.run(None, {"image": sample.numpy()})]
-    else:
-        program = torch.export.export(static, (sample,))
-        torch.export.save(program, str(path))
-        with torch.no_grad():
-            got = torch.export.load(str(path)).module()(sample)
-    return max(float((a - b).abs().max()) for a, b in zip(got, expected))
+            axes = {name: {0: "batch"} for name in ("image", *static.tasks)}
+            torch.onnx.export(static, (sample,), scratch, input_names=["image"], output_names=list(static.tasks),
+                              dynamic_axes=axes, dynamo=False)
+            session = onnxruntime.InferenceSession(scratch, providers=["CPUExecutionProvider"])
+            got = [torch.from_numpy(a) for a in session.run(None, {"image": sample.numpy()})]
+        else:
+            torch.export.save(torch.export.export(static, (sample,)), scratch)
+            with torch.no_grad():
+                got = torch.export.load(scratch).module()(sample)
+        difference = max(float((a - b).abs().max()) for a, b in zip(got, expected))
+        os.replace(scratch, path)
+    finally:
+        Path(scratch).unlink(missing_ok=True)
+    return difference

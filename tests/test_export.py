@@ -1,4 +1,7 @@
 """Export of a finished run's network: ONNX (checked with onnxruntime) and torch.export, equal to the model."""
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,6 +40,39 @@ def test_the_command_writes_the_file_and_refuses_a_missing_run(runs, tmp_path, c
     assert target.stat().st_size > 0 and "largest difference" in capsys.readouterr().out
     assert export_cli.main([str(tmp_path / "nowhere"), "--format", "onnx", "--out", str(target)]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_the_command_never_writes_into_the_run_folder_nor_reads_a_damaged_run(runs, tmp_path, capsys):
+    run = runs / "mtsl" / "seed0"
+    weights = (run / "model.pt").read_bytes()
+    for inside in ("model.pt", "result.json", "new.onnx"):
+        assert export_cli.main([str(run), "--format", "onnx", "--out", str(run / inside)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "lies in the run folder" in err and len(err.splitlines()) == 1
+    assert (run / "model.pt").read_bytes() == weights and not (run / "new.onnx").exists()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / "model.pt").write_bytes(b"not a checkpoint")
+    assert export_cli.main([str(damaged), "--format", "onnx", "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.pt" in err and len(err.splitlines()) == 1
+
+
+def test_a_failed_export_keeps_the_previous_file_and_leaves_no_scratch(runs, tmp_path, monkeypatch):
+    trainer, data, config = load_run(runs / "mtsl" / "seed0", device="cpu")
+    static = static_network(trainer.model, config.tasks)
+    images, _ = next(iter(data.batches(data.test)))
+    target = tmp_path / "net.pt2"
+    target.write_bytes(b"the previous export")
+
+    def broken_save(program, f):
+        Path(f).write_bytes(b"half a program")
+        raise RuntimeError("disk trouble")
+
+    monkeypatch.setattr(torch.export, "save", broken_save)
+    with pytest.raises(RuntimeError, match="disk trouble"):
+        export(static, "exported", target, images[:2])
+    assert target.read_bytes() == b"the previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2"]
 
 
 def test_a_run_trained_with_fused_siblings_exports_unfused(tmp_path):

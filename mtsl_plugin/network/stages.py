@@ -158,7 +158,7 @@ def create_timm_model(backbone: str, *, pretrained: bool, weights: str | Path | 
     if weights is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
     try:
-        return timm.create_model(backbone, pretrained=pretrained or weights is not None, **kwargs, **timm_kwargs)
+        model = timm.create_model(backbone, pretrained=pretrained or weights is not None, **kwargs, **timm_kwargs)
     except Exception as exc:  # unknown name, unreadable weights file, hub unreachable, no features_only
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if weights is not None:
@@ -168,6 +168,27 @@ def create_timm_model(backbone: str, *, pretrained: bool, weights: str | Path | 
             raise ValueError(f"timm could not fetch pretrained weights for {backbone!r} ({reason}); "
                              "pass a local weights file with --weights when offline") from None
         raise ValueError(f"timm could not build backbone {backbone!r}: {reason}") from None
+    if weights is not None:
+        check_loaded(model, weights, backbone)
+    return model
+
+
+def check_loaded(model: nn.Module, weights: str | Path, backbone: str) -> None:
+    """Refuse a weights file that left ``model`` mostly at its random initialisation. timm loads a file into a
+    model without its classifier non-strictly (unknown and missing names are only logged), so a file of another
+    model would otherwise pass silently; a tensor counts as loaded when the file holds one equal to it."""
+    try:
+        found = [t for t in timm.models.load_state_dict(str(weights)).values() if torch.is_tensor(t)]
+    except Exception:  # noqa: BLE001 - timm read the file a moment ago; nothing to count if it cannot now
+        return
+    by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for tensor in found:
+        by_shape.setdefault(tuple(tensor.shape), []).append(tensor)
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    loaded = sum(any(torch.equal(t, f.to(t.dtype)) for f in by_shape.get(tuple(t.shape), [])) for t in tensors)
+    if 2 * loaded < len(tensors):
+        raise ValueError(f"backbone weights file {str(weights)!r} holds only {loaded} of the {len(tensors)} tensors "
+                         f"of {backbone!r}; it is not a checkpoint of this backbone (and width)")
 
 
 def _residual_block(block_type: type[nn.Module], in_channels: int, out_channels: int) -> nn.Module:

@@ -158,6 +158,17 @@ def test_local_weights_file_is_loaded(tmp_path):
         ResNetStages("resnet18", weights=tmp_path / "broken.pth")
 
 
+@pytest.mark.parametrize("content", [
+    {"foo": torch.zeros(3)},  # nothing of the backbone: timm would log and go on with random weights
+    {"format": 1, "model": {"encoder.stage.weight": torch.zeros(4, 3, 1, 1)}},  # e.g. a results model.pt
+])
+def test_a_weights_file_of_another_model_is_refused_naming_it(tmp_path, content):
+    path = tmp_path / "other.pth"
+    torch.save(content, path)
+    with pytest.raises(ValueError, match=r"other.pth' holds only 0 of the \d+ tensors of 'resnet18'"):
+        ResNetStages("resnet18", weights=path)
+
+
 def test_missing_head_and_wrong_depth_are_clear_errors(stages):
     with pytest.raises(ValueError, match="no head"):
         BranchedNetwork(BranchingPlan.single_task("SD", 10), stages, {"S": stages.build_head(2)})
