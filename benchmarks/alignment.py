@@ -36,6 +36,7 @@ import torch
 
 from benchmarks.harness import (Job, UsageError, add_out_arg, add_run_args, check_jobs, config_from_args,
                                 out_folder, parse_list, parse_seeds, run_main)
+from benchmarks.report import earlier_report
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.experiment import (build_data, build_run_tasks, build_stages, build_trainer, num_locations,
                                     seed_everything, write_json)
@@ -158,6 +159,12 @@ def table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def same_probe(earlier: dict[str, Any], report: dict[str, Any]) -> bool:
+    """Whether an earlier probe's rows can stand beside new ones: same configuration, epochs and steps."""
+    return (RunConfig.from_dict(earlier["config"]).fingerprint() == RunConfig.from_dict(report["config"]).fingerprint()
+            and (earlier["epochs"], earlier.get("steps")) == (report["epochs"], report["steps"]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(p)
@@ -183,19 +190,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--locations must be comma-separated integers, got {args.locations!r}") from None
         if any(not 0 <= loc < total for loc in locations):
             raise UsageError(f"--locations {args.locations}: this network has locations 0..{total - 1}")
+        if len(set(locations)) != len(locations):
+            raise UsageError(f"--locations {args.locations} names a location twice")
         if len(config.tasks) < 2:
             raise UsageError("the alignment loss needs at least two tasks")
         check_jobs([Job("onenet", "onenet", config)], progress=not args.no_progress)
         folder = out_folder(args, "alignment", config) / "alignment"
+        report = {"config": config.to_dict(), "epochs": args.epochs, "steps": args.steps}
+        earlier = earlier_report(folder / "alignment.json", lambda e: same_probe(e, report), "an alignment probe")
+        rows = earlier["rows"] if earlier else []  # kept beside the new locations
         data, full = build_data(config)
-        rows = []
+        epoch = len(data.batches(data.train, key=(0, 0)))
+        if args.steps is not None and args.steps > epoch:
+            raise UsageError(f"--steps {args.steps}: the probed phase is at most one epoch, {epoch} steps here")
         for location in locations:
+            rows = [r for r in rows if r["location"] != location]
             rows.append(probe(config, data, getattr(full, "num_classes", 0), location, args.epochs, args.steps))
             print(f"location {location}: CKA {rows[-1]['plain']['mean']:.2f} plain, "
                   f"{rows[-1]['aligned']['mean']:.2f} aligned", flush=True)
+        rows.sort(key=lambda r: r["location"])
         text = table(rows, config.tasks)
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "alignment.json", {"config": config.to_dict(), "epochs": args.epochs, "rows": rows})
+        write_json(folder / "alignment.json", {**report, "rows": rows})
         (folder / "alignment.md").write_text(text)
         print(text)
         print(f"results in {folder}")

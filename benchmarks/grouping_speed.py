@@ -49,9 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if refuse_torchrun():
         return 2
-    counts = [int(t) for t in args.tasks.split(",")]
-    if any(not 1 <= t <= MAX_TASKS for t in counts):
-        print(f"error: --tasks must lie in 1..{MAX_TASKS}, got {counts}", file=sys.stderr)
+    try:
+        counts = [int(t) for t in args.tasks.split(",")]
+    except ValueError:
+        counts = []
+    problem = (f"--tasks must be comma-separated task counts in 1..{MAX_TASKS}, got {args.tasks!r}"
+               if not counts or any(not 1 <= t <= MAX_TASKS for t in counts) else
+               f"--repeats must be at least 1, got {args.repeats}" if args.repeats < 1 else
+               f"--seed must be 0 or more, got {args.seed}" if args.seed < 0 else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
     generator = np.random.default_rng(args.seed)

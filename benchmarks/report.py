@@ -11,10 +11,11 @@ renders them as the paper-style table; :func:`write_csv` keeps every number at f
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 #: Numeric fields of a run other than the per-task metrics, in table order.
 SCALAR_FIELDS: tuple[str, ...] = ("delta_sd", "delta_mtl", "params_m", "gmac", "train_seconds")
@@ -238,3 +239,20 @@ def write_markdown(text: str, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
     return path
+
+
+def earlier_report(path: Path, matches: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any] | None:
+    """The JSON report already at ``path`` when ``matches(report)`` (it was made with the same settings, so the new
+    results extend it), ``None`` when there is none. A report that cannot be read or was made with other settings
+    is refused with a ``ValueError`` of one sentence naming its folder: it is never replaced."""
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+        same = matches(report)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} cannot be read as {what}; it is kept: move it away or choose another --out") from None
+    if not same:
+        raise ValueError(f"{path.parent} holds {what} of other settings; it is kept: choose another --out or move "
+                         "it away")
+    return report

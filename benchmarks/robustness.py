@@ -15,7 +15,9 @@ an earlier ``compare.py``; "-R" methods train their source method first). Then e
   every task under each attack.
 
 Results go to ``<out>/robustness/``: ``robustness.json`` (every number), ``robustness.csv``, ``robustness.md``
-(the two tables, mean ± std over seeds), ``corruptions.png`` and ``pgd.png``.
+(the two tables, mean ± std over seeds), ``corruptions.png`` and ``pgd.png``. A report already there is extended
+when it was made with the same settings (its other methods and seeds stay in it) and refused, before any
+training, when it was not: it is never replaced.
 """
 from __future__ import annotations
 
@@ -36,7 +38,9 @@ from benchmarks.harness import (UsageError, add_out_arg, add_run_args, check_job
                                 out_folder, parse_list, parse_seeds, run_jobs, run_main, with_sources)
 from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, MIN_SIZE, SEVERITIES, corrupt_images,
                                       pgd_attack)
+from benchmarks.report import earlier_report
 from mtsl_plugin import distributed
+from mtsl_plugin.config import RunConfig
 from mtsl_plugin.experiment import load_run, write_json
 from mtsl_plugin.methods import method_names
 from mtsl_plugin.tasks import HIGHER_IS_BETTER, METRIC_NAMES, TASKS
@@ -92,14 +96,21 @@ def parse_epsilons(text: str) -> list[float]:
 
 
 def parse_attack_tasks(text: str, tasks: Sequence[str]) -> list[str]:
-    """The attacked tasks among ``tasks`` (the runs' tasks); a name that is neither a built-in task nor one of
-    ``tasks`` is a usage error."""
+    """The attacked tasks among ``tasks`` (the runs' tasks). The default (S, D) keeps those the runs have; a task
+    named explicitly must be one of ``tasks``."""
     requested = parse_list(text, "attack-tasks")
-    unknown = [t for t in requested if t not in TASKS and t not in tasks]
-    if unknown:
-        raise UsageError(f"--attack-tasks: unknown task(s) {', '.join(unknown)}; choose from "
-                         f"{', '.join(dict.fromkeys([*tasks, *TASKS]))}")
+    missing = [t for t in requested if t not in tasks]
+    if missing and text != ",".join(DEFAULT_ATTACK_TASKS):
+        raise UsageError(f"--attack-tasks: the runs have no task {', '.join(missing)}; choose from "
+                         f"{', '.join(tasks)}")
     return [t for t in dict.fromkeys(requested) if t in tasks]
+
+
+def settings_of(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two reports' numbers comparable: the runs' configuration (seed and device aside) and the
+    corruptions, severities, budgets and attacked tasks."""
+    return {"config": RunConfig.from_dict(meta["config"]).fingerprint(exclude=("device", "seed")),
+            **{k: meta[k] for k in ("categories", "severities", "epsilons", "attack_tasks")}}
 
 
 def eps_key(eps: float) -> str:
@@ -398,8 +409,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if categories and height is not None and width is not None and min(height, width) < MIN_SIZE:
             raise UsageError(f"corruptions need images of at least {MIN_SIZE}x{MIN_SIZE} pixels, the runs have "
                              f"{height}x{width}; pass --corruptions none")
+        if not categories and not (epsilons and attack_tasks):
+            raise UsageError("nothing to evaluate: no corruption category (--corruptions) and no PGD attack "
+                             "(--epsilons and an attacked task the runs have)")
         methods = with_sources(requested, config)
         out = out_folder(args, "robustness", config)
+        meta = {"config": config.to_dict(), "methods": methods, "seeds": seeds,
+                "categories": {c: list(CATEGORIES[c]) for c in categories}, "severities": list(SEVERITIES),
+                "epsilons": epsilons, "attack_tasks": attack_tasks}
+        # before any training: a report of other settings is refused (and kept), one of these settings extended
+        earlier = earlier_report(out / "robustness" / "robustness.json",
+                                 lambda e: settings_of(e) == settings_of(meta), "a robustness report")
         jobs = method_jobs(methods, config, seeds)
         check_jobs(jobs, not args.no_progress)
         out.mkdir(parents=True, exist_ok=True)
@@ -425,9 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs.append({**record, **by_label.get(job.label, {})})
             del loaded, trainers
 
-        meta = {"config": config.to_dict(), "methods": methods, "seeds": seeds,
-                "categories": {c: list(CATEGORIES[c]) for c in categories}, "severities": list(SEVERITIES),
-                "epsilons": epsilons, "attack_tasks": attack_tasks}
+        new = {(r["label"], r["seed"]) for r in runs}
+        kept = earlier["runs"] if earlier else []
+        runs = [r for r in kept if (r["label"], r["seed"]) not in new] + runs  # earlier runs stay in the report
+        meta.update(methods=list(dict.fromkeys(r["label"] for r in runs)),
+                    seeds=sorted({r["seed"] for r in runs}))
         if main:
             text = write_report(out / "robustness", meta, runs, list(config.tasks), categories, epsilons,
                                 attack_tasks)

@@ -49,7 +49,27 @@ def resolve_plan(name: str, num_locations: int) -> BranchingPlan:
     path = Path(name)
     if not path.is_file():
         raise ValueError(f"plan {name!r} is neither stn, onenet nor a plan JSON file")
-    return BranchingPlan.from_json(path.read_text())
+    plan = BranchingPlan.from_json(path.read_text())
+    if plan.num_locations != num_locations:
+        raise ValueError(f"plan {name!r} has {plan.num_locations} locations; this network has {num_locations}")
+    return plan
+
+
+def check_step_options(device: str, batch: int, height: int, width: int, steps: int) -> None:
+    """A ``ValueError`` of one sentence for timing options no training step runs with."""
+    if steps < 0:
+        raise ValueError(f"--steps must be 0 or more, got {steps}")
+    if batch < 4:
+        raise ValueError(f"--batch must be at least 4 (the alignment's CKA needs 4 images), got {batch}")
+    if min(height, width) < 32:
+        raise ValueError(f"--height and --width must be at least 32 pixels (the networks downsample 32 times), "
+                         f"got {height}x{width}")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"--device {device}: {'no CUDA GPU is available' if kind == 'cuda' else 'use cpu or cuda'}")
 
 
 def synthetic_batch(plan: BranchingPlan, device: str, batch: int, height: int, width: int
@@ -158,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refuse_torchrun():
         return 2
     try:
+        check_step_options(args.device, args.batch, args.height, args.width, args.steps)
         stages = create_stages(args.backbone, network=args.network)
         locations = stages.num_locations
         plans = {name: resolve_plan(name, locations) for name in args.plans.split(",")}

@@ -87,3 +87,22 @@ def test_alignment_command_writes_its_table_and_refuses_bad_locations(tmp_path, 
     assert alignment.main(["--preset", "smoke", "--locations", "10", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "0..9" in err and len(err.splitlines()) == 1
+
+
+def test_a_probe_is_extended_by_new_locations_and_never_replaced_by_other_settings(tmp_path, capsys):
+    out = tmp_path / "probe"
+    common = ["--preset", "smoke", "--tasks", "S,D", "--epochs", "1", "--steps", "1", "--no-progress", "--out", str(out)]
+    assert alignment.main([*common, "--locations", "8"]) == 0
+    assert alignment.main([*common, "--locations", "0,8"]) == 0  # 8 again (replaced by the new probe) and 0
+    report = out / "alignment" / "alignment.json"
+    assert [r["location"] for r in json.loads(report.read_text())["rows"]] == [0, 8]
+    before = report.read_bytes()
+    capsys.readouterr()
+    for other in (["--epochs", "2"], ["--tasks", "S,E"]):
+        assert alignment.main([*common, "--locations", "9", *other]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds an alignment probe of other settings" in err and len(err.splitlines()) == 1
+    assert report.read_bytes() == before
+    for argv, culprit in ((["--locations", "5,5"], "twice"), (["--steps", "4"], "3 steps here")):
+        assert alignment.main([*common, *argv, "--out", str(tmp_path / "fresh")]) == 2
+        assert culprit in capsys.readouterr().err

@@ -159,7 +159,26 @@ def test_a_second_invocation_reuses_the_trained_run(cli_run, capsys):
     assert after == before  # same corrupted images and attacks: the same numbers
 
 
+def test_a_report_is_extended_with_other_methods_and_never_replaced_by_other_settings(cli_run, capsys):
+    _, out = cli_run
+    report = out / "robustness" / "robustness.json"
+    assert robustness.main([*CLI_ARGS[:1], "stn", *CLI_ARGS[2:], "--out", str(out)]) == 0  # same settings
+    runs = json.loads(report.read_text())["runs"]
+    assert [r["label"] for r in runs] == ["onenet", "stn"] and all(r["status"] == "ok" for r in runs)
+    assert "| onenet |" in (out / "robustness" / "robustness.md").read_text()
+    before = report.read_bytes()
+    capsys.readouterr()
+    for other in (["--epsilons", "1"], ["--corruptions", "blur"], ["--tasks", "S"]):
+        argv = [*CLI_ARGS, *other, "--out", str(out)]
+        assert robustness.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds a robustness report of other settings" in err and len(err.splitlines()) == 1
+    assert report.read_bytes() == before
+
+
 @pytest.mark.parametrize("argv, culprit", [
+    (["--corruptions", "none", "--epsilons", "none"], "nothing to evaluate"),
+    (["--corruptions", "none", "--attack-tasks", "E"], "no task E"),
     (["--corruptions", "noise,rain"], "rain"),
     (["--epsilons", "1,abc"], "abc"),
     (["--epsilons", "-1"], "-1"),

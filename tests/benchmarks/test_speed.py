@@ -38,6 +38,18 @@ def test_speed_refuses_an_unknown_plan_in_one_line(capsys):
     assert "nowhere.json" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv, culprit", [
+    (["--steps", "-1"], "--steps"), (["--batch", "2"], "--batch"), (["--height", "0"], "0x64"),
+    (["--device", "cuda"], "no CUDA GPU"), (["--device", "tpux"], "tpux"), (["--plans", "six"], "6 locations"),
+])
+def test_speed_refuses_options_no_step_runs_with_in_one_line(tmp_path, capsys, argv, culprit):
+    (tmp_path / "six").write_text(BranchingPlan.single_task(speed.TASKS, 6).to_json())
+    argv = [a if a != "six" else str(tmp_path / "six") for a in argv]
+    assert speed.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and culprit in err and len(err.splitlines()) == 1
+
+
 def test_speed_reports_each_plans_size_and_gmac_without_timing(capsys):
     """``--steps 0``: the parameters and GMac of each plan on one image (the README's table of both networks),
     equal to the branched network's own cost count."""
