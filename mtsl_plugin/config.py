@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from mtsl_plugin.learner.schedule import MTSLConfig, scale_schedule
+from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.network.stages import NETWORKS
 
 PRESETS = ("smoke", "quick", "paper")
@@ -45,13 +45,20 @@ class DataConfig:
         return self.name != "synthetic" and self.augment is not False
 
     def __post_init__(self) -> None:
+        for key, least in (("height", 1), ("width", 1), ("train", 1), ("holdout", None), ("test", 1)):
+            require(f"data.{key}", getattr(self, key), int, least, optional=key in ("train", "test"))
+        require("data.augment", self.augment, bool, optional=True)
+        if self.name == "synthetic" and None in (self.train, self.test):
+            raise ValueError("synthetic data needs data.train and data.test, the numbers of scenes to generate")
         if self.holdout < 4:
             raise ValueError(f"the held-out slice needs at least 4 samples for the unbiased CKA (got {self.holdout})")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One training run of one method on one seed."""
+    """One training run of one method on one seed. A value of the wrong type or range is refused when it is made,
+    in one sentence naming its key, and so is an MTSL schedule longer than ``epochs`` (MTSL would train longer than
+    STN and One-Net)."""
 
     preset: str = "quick"
     setting: str = "encoder-decoder"
@@ -77,6 +84,23 @@ class RunConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)} (a --config file's "
+                             "'preset' only names the preset it was made from)")
+        for key, kind, least in (("epochs", int, 1), ("batch_size", int, 1), ("seed", int, 0), ("lr_steps", list, 0),
+                                 ("pretrained", bool, None), ("fused", bool, None), ("channels_last", bool, None),
+                                 ("compile", bool, None), ("optimizer", Mapping, None),
+                                 ("backbone_args", Mapping, None), ("task_specs", Mapping, None),
+                                 ("task_weights", Mapping, None)):
+            require(key, getattr(self, key), kind, least)
+        if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
+            raise ValueError(f"tasks must be a list of task names (or one string, comma-separated: S,D), got "
+                             f"{self.tasks!r}")
+        if self.mtsl.total_epochs > self.epochs:
+            raise ValueError(f"MTSL's schedule trains {self.mtsl.total_epochs} task-learning epochs "
+                             f"(mtsl.total_epochs; each of its {self.mtsl.num_phases} phases takes at least one) but "
+                             f"epochs, the budget of STN and One-Net, is {self.epochs}; raise epochs or use fewer "
+                             "mtsl.phases")
         if self.setting not in SETTINGS:
             raise ValueError(f"unknown setting {self.setting!r}; choose one of {', '.join(SETTINGS)}")
         if self.network not in NETWORKS:
@@ -108,10 +132,14 @@ class RunConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown configuration key(s) {unknown}; known: {sorted(known)}")
+        for key in ("data", "mtsl"):
+            require(key, data.get(key, {}), Mapping)
         data["data"] = DataConfig(**data.get("data", {}))
         data["mtsl"] = MTSLConfig.from_dict(data.get("mtsl", {}))
-        data["tasks"] = tuple(data.get("tasks", cls.tasks))
-        data["lr_steps"] = tuple(data.get("lr_steps", cls.lr_steps))
+        for key in ("tasks", "lr_steps"):  # lists, as YAML and JSON give them; the tasks also as --tasks takes them
+            value = data.get(key, getattr(cls, key))
+            value = [t.strip() for t in value.split(",")] if key == "tasks" and isinstance(value, str) else value
+            data[key] = tuple(value) if isinstance(value, (list, tuple)) else value
         return cls(**data)
 
     def fingerprint(self, *, exclude: tuple[str, ...] = ("device",), extra: Mapping[str, Any] | None = None) -> str:
@@ -138,13 +166,16 @@ def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -
     """``base`` (default: :class:`RunConfig`'s defaults) with the fields of ``raw`` on top, in the presets' form
     (``dataset:``, ``mtsl: {phases: N}``) or :meth:`RunConfig.to_dict`'s (``data:``, every MTSL field).
 
-    ``data`` and ``mtsl`` are merged field by field. ``tasks`` is a list of names or a mapping name ->
-    declaration (``{kind: ..., <options>}``, see :mod:`mtsl_plugin.task_kinds`; empty for a built-in task S D E N
-    A), which sets ``tasks`` and ``task_specs`` together. When ``raw`` gives the epochs or the number of phases, MTSL's
-    schedule (the fields ``mtsl`` does not give) is the paper's scaled to them
+    ``data`` and ``mtsl`` are merged field by field. ``tasks`` is a list of names (or one comma-separated string,
+    as ``--tasks`` takes them) or a mapping name -> declaration (``{kind: ..., <options>}``, see
+    :mod:`mtsl_plugin.task_kinds`; empty for a built-in task S D E N A), which sets ``tasks`` and ``task_specs``
+    together. When ``raw`` gives the epochs or the number of phases (1 to 10, the paper schedule's), MTSL's schedule
+    (the fields ``mtsl`` does not give) is the paper's scaled to them
     (:func:`~mtsl_plugin.learner.schedule.scale_schedule`). Unknown keys are refused, naming them.
     """
     raw = dict(raw)
+    for key in ("dataset", "data", "mtsl"):
+        require(key, raw.get(key), Mapping, optional=True)
     if "dataset" in raw:
         if "data" in raw:
             raise ValueError("give the data once, as 'dataset' or as 'data', not both")
@@ -167,14 +198,16 @@ def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -
         raise ValueError(f"task_specs must map task names to declarations, got {raw['task_specs']!r}")
     mtsl_raw = dict(raw.pop("mtsl", None) or {})
     phases = mtsl_raw.pop("phases", None)
-    fields = {k: v for k, v in base.to_dict().items() if k not in ("data", "mtsl")}
-    config = RunConfig.from_dict({**fields, **raw, "data": {**dataclasses.asdict(base.data), **data_raw},
-                                  "mtsl": base.mtsl.to_dict()})
+    fields = {**{k: v for k, v in base.to_dict().items() if k not in ("data", "mtsl")}, **raw}
     mtsl = base.mtsl.to_dict()
     if phases is not None or "epochs" in raw:  # the fields mtsl_raw gives stay as it gives them
-        schedule = scale_schedule(MTSLConfig(), config.epochs, phases or base.mtsl.num_phases).to_dict()
-        mtsl.update({k: schedule[k] for k in ("task_epochs", "amalgamation_epochs", "total_epochs")})
-    return config.replace(mtsl=MTSLConfig.from_dict({**mtsl, **mtsl_raw}))
+        paper = MTSLConfig()
+        require("epochs", fields["epochs"], int, 1)
+        require("mtsl.phases", phases, int, 1, paper.num_phases, optional=True)
+        schedule = scale_schedule(paper, fields["epochs"], base.mtsl.num_phases if phases is None else phases)
+        mtsl.update({k: getattr(schedule, k) for k in ("task_epochs", "amalgamation_epochs", "total_epochs")})
+    return RunConfig.from_dict({**fields, "data": {**dataclasses.asdict(base.data), **data_raw},
+                                "mtsl": {**mtsl, **mtsl_raw}})
 
 
 def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConfig:

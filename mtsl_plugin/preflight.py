@@ -9,13 +9,17 @@ one line (``error: <sentence naming the culprit>``, exit code 2) instead of a fo
   readable, shapes consistent, images finite and in [0, 1]; non-finite labels, depths or normals are allowed and
   mean "invalid pixel", see :mod:`mtsl_plugin.data`), and that the training split is larger than the held-out slice;
 * the backbone (built once, so a bad name or weights file is found here) and the device;
-* the LibMTL weighting method;
+* the LibMTL weighting method, and the optimizer (built once, by LibMTL's own code);
 * MTSL's plugins, each called once on a tiny random input (a plugin returning NaN or a mis-shaped value fails
-  here), and that γ and λ are finite.
+  here).
+
+Values of a wrong type or out of range (epochs, γ, λ, sample counts, ...) are refused earlier, when the
+configuration is made (:mod:`mtsl_plugin.config`, :class:`~mtsl_plugin.learner.schedule.MTSLConfig`).
 """
 from __future__ import annotations
 
-import math
+from types import SimpleNamespace
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -36,11 +40,10 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True)
 
     check_device(config.device)
     check_weighting(config.weighting)
+    check_optimizer(config.optimizer)
     check_mtsl(config.mtsl)
     d = config.data
     if d.name == "synthetic":  # generated scenes are valid by construction: render none of them here
-        if d.train is not None and d.train < 1:
-            raise ValueError(f"the synthetic training split needs samples besides the held-out slice, got {d.train}")
         dataset = build_dataset(d.name, "train", height=d.height, width=d.width, n=0)
     else:
         _, dataset = build_data(config)
@@ -78,12 +81,31 @@ def check_weighting(weighting: str) -> None:
         raise ValueError(f"unknown LibMTL weighting {weighting!r}; choose from {', '.join(names)}")
 
 
+#: The optimizers LibMTL's ``Trainer._prepare_optimizer`` builds (a dictionary local to it), for messages only:
+#: :func:`check_optimizer` asks LibMTL's code itself.
+LIBMTL_OPTIMIZERS = ("adam", "sgd", "adagrad", "rmsprop")
+
+
+def check_optimizer(optimizer: Mapping[str, Any]) -> None:
+    """Build the optimizer once, with LibMTL's own code (as every run does) over a one-parameter stand-in model,
+    so a missing or unknown ``optim``, an argument it does not take or a value it refuses (a negative ``lr``) is
+    named here."""
+    if "optim" not in optimizer:
+        raise ValueError(f"optimizer names no 'optim' (one of {', '.join(LIBMTL_OPTIMIZERS)}; a --config file's "
+                         f"optimizer replaces the preset's whole), got {dict(optimizer)}")
+    stand_in = SimpleNamespace(model=torch.nn.Linear(1, 1))
+    try:
+        import_libmtl().Trainer._prepare_optimizer(stand_in, dict(optimizer), None)
+    except KeyError:
+        raise ValueError(f"optimizer.optim {optimizer['optim']!r} is not an optimizer LibMTL builds; choose from "
+                         f"{', '.join(LIBMTL_OPTIMIZERS)}") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"optimizer {dict(optimizer)} cannot be built: {exc}") from None
+
+
 def check_mtsl(config: MTSLConfig) -> None:
-    """γ and λ finite; every plugin the configuration names is called once on a tiny random input, so a plugin
-    that returns NaN or a mis-shaped value is stopped here, naming the plugin (``PluginContractError``)."""
-    for name, value in (("threshold (gamma)", config.threshold), ("alignment weight (lambda)", config.align_weight)):
-        if not math.isfinite(value):
-            raise ValueError(f"MTSL {name} must be a finite number, got {value}")
+    """Every plugin the configuration names is called once on a tiny random input, so a plugin that returns NaN or
+    a mis-shaped value is stopped here, naming the plugin (``PluginContractError``)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(8, 4, generator=generator, requires_grad=True)
     y = torch.randn(8, 6, generator=generator)

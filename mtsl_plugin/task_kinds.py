@@ -21,7 +21,8 @@ normals         -                               ``cosine``                      
 reconstruction  -                               ``mse``                          ``mse`` ↓
 ==============  ==============================  ==============================  ===========================
 
-Every kind also takes ``higher_is_better`` (the metric's direction, default the metric's own) and ``title``.
+Every kind also takes ``higher_is_better`` (true or false: the metric's direction, default the metric's own)
+and ``title``.
 A regression's ``valid`` says which target values count: ``finite`` (default; NaN = no value) or ``positive``
 (also 0 = no value, as depth maps store it). ``folder`` (the data sub-folder, default the task's name) and
 ``kind`` are read by the caller, not by the kind. Predictions and targets have the shapes of the kind's target
@@ -111,7 +112,9 @@ def _pick(name: str, what: str, choice: str, table: Mapping[str, Any]) -> Any:
 def _task(name: str, title: str | None, kind: str, channels: int, metric: str, higher_is_better: bool | None,
           loss_fn: Callable, metric_factory: Callable[[], Metric], target: str,
           postprocess_fn: Callable | None = None) -> Task:
-    direction = _DIRECTION[metric] if higher_is_better is None else bool(higher_is_better)
+    if higher_is_better is not None and not isinstance(higher_is_better, bool):  # bool("false") would be True
+        raise ValueError(f"task {name!r}: higher_is_better must be true or false, got {higher_is_better!r}")
+    direction = _DIRECTION[metric] if higher_is_better is None else higher_is_better
     extra = {} if postprocess_fn is None else {"postprocess_fn": postprocess_fn}
     return Task(name, title or f"{name} ({kind})", channels, _METRIC_LABEL[metric], direction, loss_fn,
                 metric_factory, target=target, **extra)

@@ -1,7 +1,9 @@
 """Presets and run configuration."""
+from importlib import resources
+
 import pytest
 
-from mtsl_plugin.config import RunConfig, load_preset
+from mtsl_plugin.config import PRESETS, RunConfig, config_from_mapping, load_preset
 from mtsl_plugin.learner.schedule import MTSLConfig, scale_schedule
 
 
@@ -67,3 +69,48 @@ def test_round_trip_and_errors():
         MTSLConfig.from_dict({"gamma": 0.8})
     with pytest.raises(ValueError, match="the phases need 3 task-learning epochs"):
         MTSLConfig(task_epochs=(1, 2), amalgamation_epochs=(1, 1), total_epochs=2)
+
+
+@pytest.mark.parametrize("raw, culprit", [
+    ({"epochs": 0}, "epochs"), ({"epochs": -1}, "epochs"), ({"epochs": 3.7}, "epochs"), ({"epochs": True}, "epochs"),
+    ({"epochs": "three"}, "epochs"), ({"mtsl": {"phases": 0}}, "mtsl.phases"),
+    ({"mtsl": {"phases": -2}}, "mtsl.phases"), ({"mtsl": {"phases": 12}}, "mtsl.phases"),
+    ({"mtsl": {"threshold": "high"}}, "mtsl.threshold"), ({"mtsl": {"align_weight": -5}}, "mtsl.align_weight"),
+    ({"mtsl": {"align": "false"}}, "mtsl.align"), ({"mtsl": {"total_epochs": "x"}}, "mtsl.total_epochs"),
+    ({"mtsl": 3}, "mtsl"), ({"data": 3}, "data"), ({"data": {"test": 0}}, "data.test"),
+    ({"data": {"test": None}}, "data.test"), ({"data": {"height": "x"}}, "data.height"),
+    ({"data": {"augment": "no"}}, "data.augment"), ({"lr_steps": 5}, "lr_steps"), ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": -4}, "batch_size"), ({"tasks": 5}, "tasks"), ({"pretrained": "false"}, "pretrained"),
+    ({"preset": "foo"}, "smoke, quick, paper"),
+])
+def test_a_bad_value_is_refused_in_one_line_naming_its_key(raw, culprit):
+    with pytest.raises(ValueError) as caught:
+        config_from_mapping(raw, load_preset("smoke"))
+    message = str(caught.value)
+    assert culprit in message and len(message.splitlines()) == 1, message
+
+
+def test_mtsl_never_trains_longer_than_the_references():
+    """The smoke preset has 3 epochs: 5 phases of at least one epoch each would give MTSL 5 and STN 3."""
+    with pytest.raises(ValueError, match="trains 5 task-learning epochs .* is 3;"):
+        config_from_mapping({"mtsl": {"phases": 5}}, load_preset("smoke"))
+    with pytest.raises(ValueError, match="trains 10 task-learning epochs .* is 3;"):
+        config_from_mapping({"epochs": 3}, load_preset("quick"))
+    assert config_from_mapping({"mtsl": {"phases": 3}}, load_preset("smoke")).mtsl.task_epochs == (1, 1, 1)
+    assert config_from_mapping({"epochs": 10}, load_preset("quick")).mtsl.total_epochs == 10
+    with pytest.raises(ValueError, match="num_phases"):
+        scale_schedule(MTSLConfig(), 20, 12)
+
+
+def test_every_shipped_preset_loads_with_its_schedule():
+    files = sorted(p.stem for p in (resources.files("mtsl_plugin") / "presets").iterdir() if p.name.endswith(".yaml"))
+    assert files == sorted(PRESETS)
+    schedules = {name: (load_preset(name).mtsl.task_epochs, load_preset(name).mtsl.amalgamation_epochs)
+                 for name in PRESETS}
+    assert schedules == {"smoke": ((1, 1), (1, 1)), "quick": ((1,) * 10, (1,) * 10),
+                         "paper": ((2, 2, 2, 2, 4, 4, 8, 8, 8, 8), (1, 1, 2, 2, 2, 2, 4, 4, 8, 8))}
+
+
+def test_tasks_may_be_one_comma_separated_string_as_on_the_command_line():
+    assert config_from_mapping({"tasks": "S, D"}, load_preset("smoke")).tasks == ("S", "D")
+    assert config_from_mapping({"tasks": "SD"}, load_preset("smoke")).tasks == ("SD",)  # an unknown task: preflight

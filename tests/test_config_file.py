@@ -30,7 +30,13 @@ def test_the_presets_are_their_files_read_the_same_way():
 @pytest.mark.parametrize("text, culprit", [("epochs: 4\nepoch_budget: 9\n", "epoch_budget"),
                                            ("data: {heigth: 32}\n", "heigth"),
                                            ("mtsl: {treshold: 0.5}\n", "treshold"),
-                                           ("- 1\n- 2\n", "no mapping")])
+                                           ("- 1\n- 2\n", "no mapping"),
+                                           ("mtsl: {phases: 5}\n", "5 task-learning epochs"),
+                                           ("epochs: 0\n", "epochs"),
+                                           ("data: {test: 0}\n", "data.test"),
+                                           ("mtsl: {threshold: high}\n", "mtsl.threshold"),
+                                           ("lr_steps: 5\n", "lr_steps"),
+                                           ("preset: foo\n", "'foo'")])
 def test_bad_files_are_refused_in_one_line_before_training(tmp_path, capsys, text, culprit):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

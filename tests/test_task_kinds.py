@@ -73,6 +73,8 @@ def test_binary_iou_by_hand_and_direction_override():
     ({"kind": "no_such_kind"}, "no_such_kind"),
     ({"channels": 2}, "kind"),
     ("regression", "mapping"),
+    ({"kind": "regression", "higher_is_better": "false"}, "higher_is_better"),  # bool("false") is True
+    ({"kind": "binary", "higher_is_better": 1}, "higher_is_better"),
 ])
 def test_a_bad_declaration_names_the_task_and_the_culprit(declaration, culprit):
     with pytest.raises(ValueError) as caught:

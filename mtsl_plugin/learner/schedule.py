@@ -1,10 +1,43 @@
-"""When MTSL's structural phases happen, and the knobs of the algorithm (plain values)."""
+"""When MTSL's structural phases happen, and the knobs of the algorithm (plain values); :func:`require`, the check
+of a configuration value's type and range that these and the run configuration (:mod:`mtsl_plugin.config`) use."""
 from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", list: "a list of integers",
+          Mapping: "a mapping"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # True is no epoch count
+    if kind is int:
+        return number and isinstance(value, numbers.Integral)
+    if kind is float:
+        return number and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def require(key: str, value: Any, kind: type, least: float | None = None, most: float | None = None,
+            optional: bool = False) -> None:
+    """Refuse, with a one-sentence ``ValueError`` naming ``key``, a configuration value that is not of ``kind`` or
+    lies outside [``least``, ``most``]; ``None`` passes where ``optional``. ``kind`` is ``bool``, ``int`` (a bool
+    is not one), ``float`` (any finite real number), ``list`` (a list or tuple of integers, each within the bounds)
+    or ``Mapping``."""
+    if optional and value is None:
+        return
+    items = list(value) if kind is list and isinstance(value, (list, tuple)) else [value]
+    element = int if kind is list else kind
+    ok = (kind is not list or isinstance(value, (list, tuple))) and all(_is(v, element) for v in items)
+    if ok and element in (int, float):
+        ok = all((least is None or v >= least) and (most is None or v <= most) for v in items)
+    if not ok:
+        bound = (f" from {least} to {most}" if least is not None and most is not None else
+                 f" >= {least}" if least is not None else f" <= {most}" if most is not None else "")
+        raise ValueError(f"{key} must be {_KINDS[kind]}{bound}{' or null' if optional else ''}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -14,7 +47,8 @@ class MTSLConfig:
     ``task_epochs[k]`` task-learning epochs precede structural phase ``k``; ``amalgamation_epochs[k]`` epochs of
     amalgamation follow its group-node creation; after the last phase the network is fine-tuned until
     ``total_epochs`` task-learning epochs have been run (amalgamation epochs come on top, as in the paper: 48
-    task-learning + 32 fine-tuning epochs = 80, plus 34 amalgamation epochs).
+    task-learning + 32 fine-tuning epochs = 80, plus 34 amalgamation epochs). A value of the wrong type or range
+    is refused when the configuration is made, naming it (``mtsl.<field>``).
     """
 
     task_epochs: tuple[int, ...] = (2, 2, 2, 2, 4, 4, 8, 8, 8, 8)
@@ -31,13 +65,15 @@ class MTSLConfig:
     amalgamate: bool = True
 
     def __post_init__(self) -> None:
+        for key, kind, least in (("task_epochs", list, 0), ("amalgamation_epochs", list, 0), ("total_epochs", int, 1),
+                                 ("threshold", float, None), ("align_weight", float, 0), ("align", bool, None),
+                                 ("average_init", bool, None), ("amalgamate", bool, None)):
+            require(f"mtsl.{key}", getattr(self, key), kind, least)
         object.__setattr__(self, "task_epochs", tuple(int(e) for e in self.task_epochs))
         object.__setattr__(self, "amalgamation_epochs", tuple(int(e) for e in self.amalgamation_epochs))
         if len(self.task_epochs) != len(self.amalgamation_epochs):
             raise ValueError(f"task_epochs has {len(self.task_epochs)} phases but amalgamation_epochs has "
                              f"{len(self.amalgamation_epochs)}")
-        if any(e < 0 for e in self.task_epochs + self.amalgamation_epochs):
-            raise ValueError("phase epochs must be non-negative")
         if sum(self.task_epochs) > self.total_epochs:
             raise ValueError(f"the phases need {sum(self.task_epochs)} task-learning epochs but total_epochs is "
                              f"{self.total_epochs}")
@@ -75,7 +111,8 @@ def scale_schedule(config: MTSLConfig, total_epochs: int, num_phases: int | None
     overshoots, the earliest of the longest phases give theirs back, so later phases stay at least as long as
     earlier ones.
     """
-    phases = num_phases or config.num_phases
+    phases = config.num_phases if num_phases is None else num_phases
+    require("num_phases", phases, int, 1, config.num_phases)
     ratio = total_epochs / config.total_epochs
     quotas = [e * ratio for e in config.task_epochs[:phases]]
     target = max(len(quotas), round(sum(quotas)))
