@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from mtsl_plugin.architecture import MTSL
-from mtsl_plugin.learner.schedule import MTSLConfig, scale_schedule
+from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.network.backbones import TimmStages
@@ -169,6 +169,7 @@ class Trainer(MTLTrainer):
             raise ValueError("MTSL trains all tasks on one input: pass one training DataLoader (multi_input=False)")
         if return_weight:
             raise ValueError("return_weight is not supported: the task weights are not recorded per batch")
+        require("epochs", epochs, int, 1)
         if self.learner is not None:
             if self._scale_schedule and self.learner.phases_done == 0:
                 self.learner.config = scale_schedule(self.learner.config, epochs)

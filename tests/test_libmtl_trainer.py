@@ -75,6 +75,9 @@ def test_a_libmtl_script_with_too_few_epochs_for_the_phases_is_refused(nyuv2_roo
     trainer, train_loader, test_loader, _ = nyu_script(nyuv2_root, tmp_path / "run")
     with pytest.raises(ValueError, match="phases end after 2 task-learning epochs .* given 1 epochs"):
         trainer.train(train_loader, test_loader, 1, progress=False)
+    for epochs in (0, 2.5):  # before any scaling of the schedule or training
+        with pytest.raises(ValueError, match=f"epochs must be an integer >= 1, got {epochs}"):
+            trainer.train(train_loader, test_loader, epochs, progress=False)
     assert trainer.epochs_done == 0
 
 
