@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds)
         out = out_folder(args, "ablation", config)
         jobs = ablation_jobs(config, seeds)
-        check_jobs(jobs, not args.no_progress)
+        check_jobs(jobs, not args.no_progress, out)
         main = distributed.is_main()  # under torchrun every rank trains; rank 0 alone reports
         results = run_jobs(jobs, out, not args.no_progress and main, args.keep_checkpoints)
         add_deltas(results)

@@ -22,15 +22,17 @@ from typing import Any, Sequence
 
 from benchmarks.figures import alignment_figure, search_figure
 from mtsl_plugin import distributed
-from benchmarks.harness import (Job, UsageError, add_deltas, add_run_args, check_jobs, check_out, config_from_args,
-                                method_jobs, parse_list, parse_seeds, run_jobs, run_main, source_of, with_sources,
-                                write_results)
+from benchmarks.harness import (MAX_SEED, Job, UsageError, add_deltas, add_run_args, check_jobs, check_out,
+                                config_from_args, method_jobs, parse_list, parse_seeds, read_json, run_jobs, run_main,
+                                source_of, with_sources, write_results)
 from mtsl_plugin.config import RunConfig
-from mtsl_plugin.experiment import write_config, write_json
+from mtsl_plugin.experiment import num_locations, write_config, write_json
 from mtsl_plugin.methods import method_names
 from mtsl_plugin.plan import BranchingPlan
 
 REFERENCES = ("stn", "onenet")
+#: The options --resume takes besides the folder: how the saved runs compute and report, not what they compute.
+RESUME_OPTIONS = ("resume", "device", "fused", "channels_last", "compile", "no_progress", "keep_checkpoints", "plugin")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -39,7 +41,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_run_args(p)
     p.add_argument("--out", default=None,
                    help="results folder; one holding a comparison of the same settings is extended")
-    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose results are in DIR")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the comparison whose results are in DIR, as it was saved (with it only --device, "
+                        "--fused, --channels-last, --compile, --no-progress, --keep-checkpoints, --plugin)")
     p.add_argument("--plan-from", default=None, metavar="DIR",
                    help="retrain ('-R' methods) the final plans of the compare.py results in DIR, e.g. the plan "
                         "MTSL converged to on another data set (MTSL-R-Switch)")
@@ -57,11 +61,14 @@ def plans_from(folder: Path, method: str, config: RunConfig, seeds: Sequence[int
         path = folder / source / f"seed{seed}" / "result.json"
         if not path.is_file():
             raise UsageError(f"--plan-from {folder}: no finished {source} run of seed {seed} ({path} is missing)")
-        result = json.loads(path.read_text())
+        result = read_json(path)
         plan = BranchingPlan.from_dict(result["plan"])
         if plan.tasks != tuple(config.tasks):
             raise UsageError(f"--plan-from {folder}: the {source} plan has tasks {list(plan.tasks)}, this run has "
                              f"{list(config.tasks)}")
+        if plan.num_locations != num_locations(config):
+            raise UsageError(f"--plan-from {folder}: the {source} plan has {plan.num_locations} locations, this "
+                             f"run's network has {num_locations(config)} (setting {config.setting})")
         plans[seed] = plan
     return plans
 
@@ -100,19 +107,51 @@ def first_similarities(out: Path, method: str) -> list[dict]:
     return [r["similarities"][0] for r in records if r["similarities"]]
 
 
+def saved_comparison(out: Path, option: str) -> dict[str, Any]:
+    """The comparison saved in ``out/config.json`` (``config`` as a :class:`RunConfig`, ``methods``, ``seeds``,
+    ``plan_from``). A seed outside 0..MAX_SEED (saved before ``--seeds`` was range-checked) is dropped with a note:
+    numpy refuses it before any training, so no run of it ever finished."""
+    path = out / "config.json"
+    meta = read_json(path)
+    if not isinstance(meta, dict) or not {"config", "methods", "seeds"} <= meta.keys():
+        if isinstance(meta, dict) and "fingerprint" in meta:
+            raise UsageError(f"{option} {out} is the folder of one run, not of a comparison; pass its comparison "
+                             f"folder (the parent of its method folder), {out.parent.parent}")
+        raise UsageError(f"{path} is not the config.json of a compare.py results folder")
+    seeds = list(dict.fromkeys(meta["seeds"]))
+    bad = [s for s in seeds if not (isinstance(s, int) and 0 <= s <= MAX_SEED)]
+    if bad and distributed.is_main():
+        print(f"note: {path} lists seed(s) {bad} outside 0..{MAX_SEED}, which no run can use (numpy refuses them "
+              "before any training); they are dropped from the comparison", file=sys.stderr, flush=True)
+    try:
+        config = RunConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    return {**meta, "config": config, "seeds": [s for s in seeds if s not in bad]}
+
+
 def extend_comparison(out: Path, config: RunConfig, methods: list[str], seeds: list[int],
                       plan_from: str | None) -> tuple[list[str], list[int]]:
     """Methods and seeds of the comparison in the existing folder ``out`` extended by the requested ones; only a
     comparison of the same settings can be extended (its finished runs are reused, its table covers all)."""
-    saved = out / "config.json"
-    if not saved.is_file():
+    if not (out / "config.json").is_file():
         raise UsageError(f"--out {out} already holds files but no config.json, so it is not a compare.py results "
                          "folder; choose a new folder")
-    meta = json.loads(saved.read_text())
-    if RunConfig.from_dict(meta["config"]).fingerprint() != config.fingerprint() or meta.get("plan_from") != plan_from:
+    meta = saved_comparison(out, "--out")
+    if meta["config"].fingerprint() != config.fingerprint() or meta.get("plan_from") != plan_from:
         raise UsageError(f"--out {out} holds a comparison with other settings; pass --resume {out} to continue it, "
                          "or choose a new folder")
     return list(dict.fromkeys([*meta["methods"], *methods])), sorted({*meta["seeds"], *seeds})
+
+
+def flag(dest: str) -> str:
+    return f"--{dest.replace('_', '-')}"
+
+
+def options_besides_resume(args: argparse.Namespace) -> list[str]:
+    """The options given with ``--resume`` (those that differ from their defaults) that it does not take."""
+    defaults = vars(parse_args([]))
+    return [flag(key) for key, value in vars(args).items() if key not in RESUME_OPTIONS and value != defaults[key]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,11 +160,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         if args.resume is not None:
             out = Path(args.resume)
-            saved = out / "config.json"
-            if not saved.is_file():
+            if not (out / "config.json").is_file():
                 raise UsageError(f"--resume {out}: no config.json there, so it is not a compare.py results folder")
-            meta = json.loads(saved.read_text())
-            config, methods, seeds = RunConfig.from_dict(meta["config"]), meta["methods"], meta["seeds"]
+            ignored = options_besides_resume(args)
+            if ignored:
+                raise UsageError(f"--resume continues the comparison saved in {out} as it was; it takes no "
+                                 f"{', '.join(ignored)} (only {', '.join(map(flag, RESUME_OPTIONS[1:]))})")
+            meta = saved_comparison(out, "--resume")
+            config, methods, seeds = meta["config"], meta["methods"], meta["seeds"]
+            if not seeds:
+                raise UsageError(f"--resume {out}: its config.json lists no seed a run can use; choose a new folder")
             config = config.replace(device=args.device or config.device, fused=args.fused or config.fused,
                                     channels_last=args.channels_last or config.channels_last,
                                     compile=args.compile or config.compile)
@@ -143,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if out.exists() and any(out.iterdir()):
                 methods, seeds = extend_comparison(out, config, methods, seeds, plan_from)
         jobs = build_jobs(methods, config, seeds, plan_from)
-        check_jobs(jobs, not args.no_progress)  # before any training and before the results folder is made
+        check_jobs(jobs, not args.no_progress, out)  # before any training and before the results folder is made
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"config": config.to_dict(), "methods": methods, "seeds": seeds,
                                          "plan_from": plan_from})

@@ -5,8 +5,8 @@ A **job** is one training run: a registry method on one configuration and seed, 
 a variant (``ablation.py``'s ``mtsl_noalign_avg``, ``sensitivity.py``'s ``mtsl_threshold0.5``...). A job whose
 folder already holds a finished run of the same fingerprint (see :func:`~mtsl_plugin.experiment.run_fingerprint`)
 is reused, one with a checkpoint of the same fingerprint is continued, and a folder holding a *different* run is
-never overwritten: that job fails with a message naming the folder. So every command can point ``--out`` at the
-folder of an earlier ``compare.py`` run and train only what is missing.
+never overwritten: :func:`check_jobs` refuses the command before any training, naming the folder. So every command
+can point ``--out`` at the folder of an earlier ``compare.py`` run and train only what is missing.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -104,16 +105,31 @@ def out_folder(args: argparse.Namespace, command: str, config: RunConfig) -> Pat
 
 
 def check_out(out: Path) -> Path:
-    """``out`` if it can be a results folder (missing, or a folder); a file there is refused."""
+    """``out`` if it can be a results folder: a folder this process can write in, or one it can create (checked
+    on its nearest existing parent, creating nothing); a file there, or in the way, is refused."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder; name a folder for the results")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--out {out} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out} cannot be {'written' if existing == out else 'created'}: "
+                         f"{existing} is not writable")
     return out
 
 
-def check_jobs(jobs: Sequence["Job"], progress: bool = True) -> None:
+def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = None) -> None:
     """Check every configuration of ``jobs`` (:func:`~mtsl_plugin.preflight.check_config`) before any training;
     the seed only changes which synthetic scenes are drawn, so each configuration is checked once, and each real
-    data set is read through once."""
+    data set is read through once. No two jobs may share a folder, and with ``out`` no job's folder there may hold
+    a run of another fingerprint (:func:`check_run_folders`)."""
+    folders: dict[tuple[str, int], Job] = {}
+    for job in jobs:
+        if folders.setdefault((job.label, job.config.seed), job) is not job:
+            raise UsageError(f"two of the requested runs would share the folder {job.label}/seed{job.config.seed}; "
+                             "give them distinct names")
+    if out is not None:
+        check_run_folders(jobs, out)
     checked, scanned = set(), set()
     for job in jobs:
         key = json.dumps(job.config.replace(seed=0).to_dict(), sort_keys=True)
@@ -132,11 +148,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     data = config.data
     if args.no_augment:
         data = dataclasses.replace(data, augment=False)
+    if args.data_root is not None and (args.dataset or data.name) == "synthetic":
+        raise UsageError(f"--data-root {args.data_root}: the data set is synthetic (generated, no folder); pass "
+                         "--dataset nyuv2, cityscapes or folder too")
     if args.dataset is not None:
         data = type(data)(**{**data.__dict__, "name": args.dataset, "root": args.data_root})
         if args.dataset != "synthetic":  # real data: use the whole split unless the preset is a smoke test
             data = type(data)(**{**data.__dict__, "train": data.train if config.preset == "smoke" else None,
                                  "test": data.test if config.preset == "smoke" else None})
+    elif args.data_root is not None:  # the real data set of the preset or --config, read from another folder
+        data = dataclasses.replace(data, root=args.data_root)
     mtsl = config.mtsl.to_dict()
     for key, value in (("similarity", args.similarity), ("grouping", args.grouping),
                        ("amalgamator", args.amalgamator), ("threshold", args.threshold)):
@@ -155,8 +176,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         changes["channels_last"] = True
     if args.compile:
         changes["compile"] = True
-    if args.tasks:
-        changes["tasks"] = tuple(t.strip() for t in args.tasks.split(","))
+    if args.tasks is not None:
+        changes["tasks"] = parse_tasks(args.tasks)
     if getattr(args, "task_weights", None):
         changes["task_weights"] = {**config.task_weights, **parse_task_weights(args.task_weights)}
     for key in ("backbone", "network", "weights", "weighting"):
@@ -185,23 +206,65 @@ def parse_list(text: str, what: str) -> list[str]:
     return items
 
 
+def distinct(values: Sequence[Any], what: str) -> list[Any]:
+    """``values`` as a list if none is given twice (two equal values would be counted as two samples); else a
+    :class:`UsageError` naming the first repeated one."""
+    for index, value in enumerate(values):
+        if value in values[:index]:
+            raise UsageError(f"--{what}: {value} is given twice")
+    return list(values)
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+    """``--tasks S,D,E`` as ``("S", "D", "E")``; an empty list or name is refused (a task given twice is refused
+    with the configuration, by :func:`check_jobs`)."""
+    names = tuple(t.strip() for t in text.split(","))
+    if names == ("",):
+        raise UsageError("--tasks is empty")
+    if "" in names:
+        raise UsageError(f"--tasks has an empty name: {text!r}")
+    return names
+
+
 def parse_task_weights(text: str) -> dict[str, float]:
     """``--task-weights E=10,A=100`` as ``{"E": 10.0, "A": 100.0}``."""
     weights = {}
     for item in parse_list(text, "task-weights"):
-        task, _, value = item.partition("=")
+        task, _, value = (part.strip() for part in item.partition("="))
         try:
-            weights[task.strip()] = float(value)
+            weight = float(value)
         except ValueError:
-            raise UsageError(f"--task-weights takes TASK=WEIGHT pairs, e.g. E=10,A=100; got {item!r}") from None
+            weight = None
+        if not task or weight is None:
+            raise UsageError(f"--task-weights takes TASK=WEIGHT pairs, e.g. E=10,A=100; got {item!r}")
+        if task in weights:
+            raise UsageError(f"--task-weights: task {task} is given twice")
+        weights[task] = weight
     return weights
 
 
+#: The largest seed: numpy, which every run seeds, takes seeds in 0..2**32 - 1.
+MAX_SEED = 2**32 - 1
+
+
 def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` as ``[0, 1, 2]``: integers in 0..:data:`MAX_SEED`, none twice."""
     try:
-        return [int(s) for s in parse_list(text, "seeds")]
+        seeds = [int(s) for s in parse_list(text, "seeds")]
     except ValueError:
         raise UsageError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise UsageError(f"--seeds: {seed} is not in 0..{MAX_SEED}")
+    return distinct(seeds, "seeds")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; a damaged file is a ``ValueError`` naming it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} cannot be read as JSON ({exc})") from None
 
 
 def refuse_torchrun() -> bool:
@@ -286,23 +349,47 @@ def retrained_plan(job: Job, results: list[dict[str, Any]]) -> BranchingPlan | N
     raise ValueError(f"{job.method} retrains the plan of {source}, whose run (seed {job.config.seed}) did not finish")
 
 
+def saved_run(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The record of the run in ``run_dir`` (``result.json`` once finished, else ``config.json``), ``None`` if it
+    holds none; a run of another fingerprint is refused (``ValueError`` naming the folder), so it is never
+    overwritten."""
+    for path in (run_dir / "result.json", run_dir / "config.json"):
+        if path.exists():
+            record = read_json(path)
+            if record.get("fingerprint") != fingerprint:
+                raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another --out")
+            return record
+    return None
+
+
+def check_run_folders(jobs: Sequence[Job], out: Path) -> None:
+    """Before any training: no job's folder in ``out`` holds a run of another fingerprint (what :func:`run_job`
+    would refuse when the job's turn comes). A "-R" job retraining the plan of a source run in the same list is
+    skipped: its fingerprint is known once that run has finished."""
+    for job in jobs:
+        run_dir = job.run_dir(out)
+        if not ((run_dir / "result.json").exists() or (run_dir / "config.json").exists()):
+            continue
+        try:
+            spec = method_spec(job.method, job.config, dict(job.arch_args))
+        except Exception:  # noqa: BLE001  a builder that fails here fails again, reported, when its run starts
+            continue
+        if spec.retrains is None or job.plan is not None:
+            saved_run(run_dir, run_fingerprint(job.method, job.config, spec, job.plan))
+
+
 def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
             keep_checkpoints: bool = False) -> dict[str, Any]:
     """Train ``job`` (or reuse / continue its folder); raises on failure."""
     run_dir = job.run_dir(out)
     plan = retrained_plan(job, results)
     spec = method_spec(job.method, job.config, dict(job.arch_args))
-    fingerprint = run_fingerprint(job.method, job.config, spec, plan)
+    previous = saved_run(run_dir, run_fingerprint(job.method, job.config, spec, plan))
     tag = f"[{job.label} seed {job.config.seed}]"
-    done, started = run_dir / "result.json", run_dir / "config.json"
-    if done.exists() or started.exists():
-        previous = json.loads((done if done.exists() else started).read_text())
-        if previous.get("fingerprint") != fingerprint:
-            raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another --out")
-        if done.exists() and previous.get("status") == "ok":
-            if distributed.is_main():
-                print(f"{tag} reusing the finished run in {run_dir}", flush=True)
-            return {**previous, "label": job.label}
+    if previous is not None and previous.get("status") == "ok":  # only result.json has a status
+        if distributed.is_main():
+            print(f"{tag} reusing the finished run in {run_dir}", flush=True)
+        return {**previous, "label": job.label}
     if distributed.is_main():
         print(f"{tag} training", flush=True)
     result = run_method(job.config, job.method, run_dir, resume=True, progress=progress, plan=plan,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 from baselines.bmtas import DEFAULT_RESOURCE_WEIGHT
 from benchmarks.figures import sweep_figure
 from benchmarks.harness import (Job, UsageError, add_deltas, add_out_arg, add_run_args, check_jobs,
-                                config_from_args, out_folder, parse_list, parse_seeds, run_jobs, run_main,
+                                config_from_args, distinct, out_folder, parse_list, parse_seeds, run_jobs, run_main,
                                 write_results)
 from benchmarks.report import aggregate, summary_table, write_markdown
 from mtsl_plugin import distributed
@@ -47,9 +48,16 @@ def threshold_jobs(config: RunConfig, seeds: Sequence[int], values: Sequence[flo
     return jobs
 
 
+def number_text(value: float) -> str:
+    """``value`` as the sweeps name it: ``{:g}`` (``0.7``, ``50``), or its ``repr`` where ``{:g}`` would round it
+    (``0.1234561``), so that distinct values have distinct labels and earlier labels stay what they were."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(value)
+
+
 def threshold_label(config: RunConfig, value: float) -> str:
     """``mtsl`` for the configuration's own threshold (so compare.py's run is reused), else ``mtsl_threshold<γ>``."""
-    return "mtsl" if value == config.mtsl.threshold else f"mtsl_threshold{value:g}"
+    return "mtsl" if value == config.mtsl.threshold else f"mtsl_threshold{number_text(value)}"
 
 
 def bmtas_lambda_jobs(config: RunConfig, seeds: Sequence[int], values: Sequence[float]) -> list[Job]:
@@ -63,7 +71,7 @@ def bmtas_lambda_jobs(config: RunConfig, seeds: Sequence[int], values: Sequence[
 
 def bmtas_label(value: float) -> str:
     """``bmtas`` for the default λ (so compare.py's run is reused), else ``bmtas_lambda<λ>``."""
-    return "bmtas" if value == DEFAULT_RESOURCE_WEIGHT else f"bmtas_lambda{value:g}"
+    return "bmtas" if value == DEFAULT_RESOURCE_WEIGHT else f"bmtas_lambda{number_text(value)}"
 
 
 def task_subsets(tasks: Sequence[str], value: str) -> list[tuple[str, ...]]:
@@ -200,26 +208,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sweep in ("threshold", "bmtas-lambda"):
             text = args.values or ("0.5,0.6,0.7,0.8,0.9,0.95" if args.sweep == "threshold" else "0.01,0.05,0.2,1")
             try:
-                values = [float(v) for v in parse_list(text, "values")]
+                values = distinct([float(v) for v in parse_list(text, "values")], "values")
             except ValueError:
                 raise UsageError(f"--values must be comma-separated numbers for the {args.sweep} sweep, got "
                                  f"{text!r}") from None
-            if args.sweep == "threshold":
+            if args.sweep == "threshold":  # γ itself is checked with every configuration (finite)
                 jobs = threshold_jobs(config, seeds, values)
-                rows = [(f"{v:g}", threshold_label(config, v)) for v in values]
+                rows = [(number_text(v), threshold_label(config, v)) for v in values]
             else:
+                bad = [v for v in values if not 0 <= v < math.inf]
+                if bad:
+                    raise UsageError(f"--values: BMTAS's resource weight λ must be a finite number ≥ 0, got "
+                                     f"{number_text(bad[0])}")
                 jobs = bmtas_lambda_jobs(config, seeds, values)
-                rows = [(f"{v:g}", bmtas_label(v)) for v in values]
+                rows = [(number_text(v), bmtas_label(v)) for v in values]
         elif args.sweep == "tasks":
             subsets = task_subsets(config.tasks, args.values or "all")
             jobs = tasks_jobs(config, seeds, subsets)
             rows = [(",".join(s), f"mtsl_{''.join(s)}") for s in subsets]
         else:
-            inits = parse_list(args.inits, "inits")
+            inits = distinct(parse_list(args.inits, "inits"), "inits")
             jobs = seeds_jobs(config, seeds, inits)
             shown = {init_label(config, i): i if i in ("random", "pretrained") else Path(i).stem for i in inits}
             rows = []
-        check_jobs(jobs, not args.no_progress)
+        check_jobs(jobs, not args.no_progress, out)
         main = distributed.is_main()  # under torchrun every rank trains; rank 0 alone reports
         results = run_jobs(jobs, out, not args.no_progress and main, args.keep_checkpoints)
         add_deltas(results)

@@ -99,6 +99,41 @@ def test_task_sweep_trains_stn_and_mtsl_per_subset_with_their_own_reference(tmp_
     assert "| S,D |" in (out / "sensitivity-tasks" / "sensitivity.md").read_text()
 
 
+def test_sweep_labels_are_exact_and_keep_their_earlier_names():
+    """Values {:g} would round get their exact repr (0.1234561 and 0.1234562 were both mtsl_threshold0.123456);
+    values {:g} writes exactly keep their labels, so earlier results folders are still reused."""
+    config = load_preset("smoke")
+    assert sensitivity.threshold_label(config, 0.1234561) == "mtsl_threshold0.1234561"
+    assert sensitivity.threshold_label(config, 0.1234562) == "mtsl_threshold0.1234562"
+    for value, label in ((0.7, "mtsl_threshold0.7"), (0.0, "mtsl_threshold0"), (1.01, "mtsl_threshold1.01"),
+                         (1e-7, "mtsl_threshold1e-07")):
+        assert sensitivity.threshold_label(config, value) == label
+    assert sensitivity.bmtas_label(50.0) == "bmtas_lambda50" and sensitivity.bmtas_label(0.01) == "bmtas_lambda0.01"
+    assert sensitivity.bmtas_label(1 / 3) == "bmtas_lambda0.3333333333333333"
+
+
+def test_a_failed_sweep_row_shows_as_failed_not_as_its_neighbours_numbers(tmp_path, monkeypatch, capsys):
+    """Two γ that {:g} cannot tell apart: each row shows its own run, the failed one as failed."""
+    def fake_run(config, method, run_dir, **kwargs):  # the harness and the table, without training
+        if config.mtsl.threshold == 0.1234562:
+            raise RuntimeError("broken on purpose")
+        s = {"stn": 0.5, "mtsl": 0.4}[method]
+        return {"method": method, "seed": config.seed, "status": "ok", "error": None,
+                "metrics": {"S": s, "D": 1.0}, "higher_is_better": {"S": True, "D": False},
+                "metric_names": {"S": "mIoU", "D": "RMSE"}, "plan": None, "plan_text": None, "params_m": 1.0,
+                "gmac": 0.1, "train_seconds": 1.0, "wall_seconds": 1.0, "history": [], "fingerprint": "x",
+                "config_fingerprint": config.fingerprint(),
+                "reference_key": config.fingerprint(exclude=("device", "mtsl"))}
+
+    monkeypatch.setattr("benchmarks.harness.run_method", fake_run)
+    out = tmp_path / "sens"
+    argv = ["--sweep", "threshold", "--values", "0.1234561,0.1234562", "--out", str(out), *ARGS]
+    assert sensitivity.main(argv) == 1
+    table = (out / "sensitivity-threshold" / "sensitivity.md").read_text()
+    assert table_row(table, "0.1234561")["Δ_MTL (%)"] == "-10.00"
+    assert table_row(table, "0.1234562")["Δ_SD (%)"].startswith("failed: broken on purpose")
+
+
 def test_task_subsets_leave_one_out_in_canonical_order():
     assert sensitivity.task_subsets(("S", "D", "E", "N", "A"), "all") == [
         ("S", "D", "E", "N"), ("S", "D", "E", "A"), ("S", "D", "N", "A"), ("S", "E", "N", "A"), ("D", "E", "N", "A")]

@@ -184,17 +184,77 @@ def test_plan_from_retrains_a_plan_learned_on_another_data_set(finished, tmp_pat
 
 
 def test_a_folder_holding_another_configuration_is_never_overwritten(finished, tmp_path, capsys):
-    """Pointing a command at a folder whose run has other settings fails that run and keeps the files."""
+    """Pointing a command at a folder whose run has other settings is refused in one line naming that run's
+    folder, before any job trains or is reused, and keeps the files."""
     _, out = finished
     before = (out / "mtsl" / "seed0" / "result.json").read_text()
     capsys.readouterr()
     code = ablation.main(["--out", str(out), "--threshold", "0.5", *ARGS])
-    assert code == 1
+    assert code == 2
     printed = capsys.readouterr()
-    assert "holds a run of another configuration" in printed.err and str(out / "mtsl" / "seed0") in printed.err
+    err = printed.err.strip()
+    assert "holds a run of another configuration" in err and str(out / "mtsl" / "seed0") in err
+    assert len(err.splitlines()) == 1 and printed.out == ""  # nothing trained, nothing reused
     assert (out / "mtsl" / "seed0" / "result.json").read_text() == before
-    assert "[stn seed 0] reusing the finished run" in printed.out  # STN does not depend on MTSL's threshold
-    assert "[mtsl seed 0] reusing" not in printed.out
+    assert not (out / "ablation").exists() and not (out / "mtsl_noalign_avg").exists()
+
+
+def test_resume_refuses_run_options_it_would_ignore(finished, tmp_path, capsys):
+    """--resume continues the saved comparison as it was: other methods, tasks, seeds or --out are refused by
+    name (they were silently ignored); execution options are taken."""
+    _, out = finished
+    before = (out / "results.json").read_text()
+    elsewhere = tmp_path / "elsewhere"
+    argv = ["--resume", str(out), "--methods", "mtsl_noalign", "--tasks", "S,D,E,N", "--seeds", "1", "--preset",
+            "quick", "--out", str(elsewhere), "--no-progress", "--device", "cpu", "--keep-checkpoints"]
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "it takes no --methods, --seeds, --tasks, --out (only" in err, err
+    assert not elsewhere.exists() and (out / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("option", ["--resume", "--out"])
+def test_a_run_folder_is_not_a_comparison_folder(finished, capsys, option):
+    _, out = finished
+    run = out / "mtsl" / "seed0"
+    before = sorted(p.name for p in run.iterdir())
+    argv = [option, str(run), "--no-progress"] + (["--methods", "mtsl", *ARGS] if option == "--out" else [])
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {option} {run} is the folder of one run, not of a comparison; pass its comparison "
+                   f"folder (the parent of its method folder), {out}"), err
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+@pytest.mark.parametrize("option", ["--resume", "--out"])
+def test_a_damaged_config_json_is_named(tmp_path, capsys, option):
+    out = tmp_path / "damaged"
+    out.mkdir()
+    (out / "config.json").write_text('{\n"methods": \n')
+    argv = [option, str(out), "--no-progress"] + (["--methods", "mtsl", *ARGS] if option == "--out" else [])
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out / 'config.json'} cannot be read as JSON (") and len(err.splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+
+
+def test_a_seed_saved_before_seeds_were_checked_is_dropped(finished, tmp_path, capsys):
+    """A folder whose config.json lists seed -1 (possible before --seeds was range-checked; every run of it
+    failed): extending it drops that seed with a note instead of re-running it on every extension."""
+    out = tmp_path / "old"
+    shutil.copytree(finished[1], out, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    meta = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**meta, "seeds": [-1, 0]}))
+    capsys.readouterr()
+    assert compare.main(["--methods", "mtsl", "--seeds", "0", "--out", str(out), *ARGS]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.count("reusing the finished run") == 3 and "training" not in printed.out
+    assert printed.err.strip().splitlines() == [
+        f"note: {out / 'config.json'} lists seed(s) [-1] outside 0..4294967295, which no run can use (numpy "
+        "refuses them before any training); they are dropped from the comparison"]
+    assert json.loads((out / "config.json").read_text())["seeds"] == [0]
+    assert {r["seed"] for r in json.loads((out / "results.json").read_text())} == {0}
+    assert not list(out.glob("*/seed-1"))
 
 
 def test_mtsl_rsa_decides_groupings_with_rsa(finished, tmp_path):

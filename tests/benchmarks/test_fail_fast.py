@@ -1,12 +1,15 @@
 """Input that would make every run fail is refused before any training, in one line, with no results folder."""
 import json
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from benchmarks import ablation, compare, robustness, sensitivity
+from benchmarks import ablation, compare, harness, robustness, sensitivity
+from mtsl_plugin.config import load_preset
+from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plugins import reset_plugin_manager
 from conftest import write_nyuv2
 
@@ -68,6 +71,15 @@ BAD = [
     (["--threshold", "nan"], "threshold"),
     (["--backbone", "resnet_nope"], "resnet_nope"),
     (["--tasks", "S,D,N", "--dataset", "cityscapes", "--data-root", "{city}"], "['N']"),
+    (["--seeds=-1"], "--seeds: -1 is not in 0..4294967295"),
+    (["--seeds", "4294967296"], "--seeds: 4294967296 is not in 0..4294967295"),
+    (["--seeds", "99999999999999999999"], "--seeds: 99999999999999999999 is not in"),
+    (["--seeds", "0,1,0"], "--seeds: 0 is given twice"),  # one run counted as two samples
+    (["--tasks", ""], "--tasks is empty"),
+    (["--tasks", ","], "--tasks has an empty name"),
+    (["--tasks", "S,,D"], "--tasks has an empty name"),
+    (["--task-weights", "S=2,S=3"], "--task-weights: task S is given twice"),
+    (["--data-root", "/nonexistent/nyu"], "--data-root /nonexistent/nyu: the data set is synthetic"),
 ]
 
 
@@ -135,6 +147,107 @@ def test_out_naming_a_file_is_refused_by_every_command(tmp_path, capsys, no_trai
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: --out") and str(file) in err and len(err.splitlines()) == 1, err
     assert file.read_text() == "my notes"
+
+
+def test_out_that_cannot_be_created_is_one_line_for_every_command(tmp_path, capsys, no_training):
+    """An --out below a file: refused once, before any training (not one failure line per job)."""
+    file = tmp_path / "results.txt"
+    file.write_text("my notes")
+    out = file / "sub" / "out"
+    for main, extra in ((compare.main, []), (ablation.main, []), (sensitivity.main, ["--sweep", "threshold"])):
+        assert main([*extra, "--out", str(out), *ARGS]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: --out {out} cannot be created: {file} is a file", err
+    assert file.read_text() == "my notes"
+
+
+def test_out_in_a_read_only_folder_is_one_line(tmp_path, capsys, no_training, monkeypatch):
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o500)  # what the check asks the system (root may write anyway, so it is asked as a user would be)
+    monkeypatch.setattr(harness.os, "access", lambda path, mode: Path(path) != parent)
+    try:
+        assert ablation.main(["--out", str(parent / "out"), *ARGS]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{parent} is not writable" in err and len(err.splitlines()) == 1, err
+        assert not (parent / "out").exists()
+    finally:
+        parent.chmod(0o700)
+
+
+def test_data_root_applies_to_the_real_data_set_of_a_config_file(tmp_path, capsys, no_training):
+    """--data-root overrides the root a --config gives its real data set (it was ignored)."""
+    config = tmp_path / "nyu.yaml"
+    config.write_text("dataset: {name: nyuv2, root: /nonexistent/from-config}\n")
+    out = tmp_path / "out"
+    argv = ["--config", str(config), "--data-root", "/nonexistent/from-option", "--out", str(out), *ARGS]
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "/nonexistent/from-option" in err and "from-config" not in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--sweep", "threshold", "--values", "0.5,0.7,0.5"], "--values: 0.5 is given twice"),
+    (["--sweep", "bmtas-lambda", "--values", "0.05,nan"], "λ must be a finite number ≥ 0, got nan"),
+    (["--sweep", "bmtas-lambda", "--values=-1"], "λ must be a finite number ≥ 0, got -1"),
+    (["--sweep", "seeds", "--inits", "random,random"], "--inits: random is given twice"),
+    (["--sweep", "seeds", "--seeds", "2,2"], "--seeds: 2 is given twice"),
+    (["--sweep", "seeds", "--inits", "{a}/w.pth,{b}/w.pth"], "share the folder mtsl_w/seed0"),
+])
+def test_bad_sweep_input_is_refused_before_any_training(tmp_path, capsys, no_training, argv, culprit):
+    for name in ("a", "b"):  # two weights files of one name: their runs would share a label
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w.pth").write_bytes(b"")
+    argv = [a.format(a=tmp_path / "a", b=tmp_path / "b") for a in argv]
+    out = tmp_path / "out"
+    assert sensitivity.main([*argv, "--out", str(out), "--tasks", "S,D", *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and culprit in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("record", ["config.json", "result.json"])
+def test_a_folder_holding_a_run_of_other_settings_is_refused_before_any_training(tmp_path, capsys, no_training,
+                                                                                 record):
+    """Found up front, not when that job's turn comes after others have trained."""
+    out = tmp_path / "out"
+    run = out / "mtsl_avg" / "seed0"  # ablation's fourth row; STN comes first and would train
+    run.mkdir(parents=True)
+    (run / record).write_text(json.dumps({"fingerprint": "0123456789ab", "status": "ok"}))
+    assert ablation.main(["--out", str(out), "--tasks", "S,D", *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {run} holds a run of another configuration; it is kept: choose another --out", err
+    assert sorted(p.name for p in out.iterdir()) == ["mtsl_avg"] and [p.name for p in run.iterdir()] == [record]
+
+
+def test_a_retrained_plan_is_checked_up_front_only_when_known(tmp_path):
+    """A "-R" job retraining a plan given to it is checked against its folder; one retraining the plan of a
+    source run in the same job list cannot be (the plan is known once that run finishes) and is skipped."""
+    config = load_preset("smoke").replace(tasks=("S", "D"))
+    run = tmp_path / "mtsl_r" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"fingerprint": "0123456789ab"}))
+    harness.check_run_folders([harness.Job("mtsl_r", "mtsl_r", config)], tmp_path)
+    plan = BranchingPlan.single_task(("S", "D"), 10)
+    with pytest.raises(ValueError, match="holds a run of another configuration"):
+        harness.check_run_folders([harness.Job("mtsl_r", "mtsl_r", config, plan)], tmp_path)
+
+
+def test_a_plan_from_another_network_is_refused_before_any_training(tmp_path, capsys, no_training):
+    """--plan-from a 10-location plan for the encoder setting's 6 locations: refused before STN and One-Net."""
+    source = tmp_path / "source"
+    (source / "mtsl" / "seed0").mkdir(parents=True)
+    plan = BranchingPlan.single_task(("S", "D"), 10).to_dict()
+    (source / "mtsl" / "seed0" / "result.json").write_text(json.dumps({"plan": plan}))
+    out = tmp_path / "out"
+    argv = ["--methods", "mtsl_r", "--setting", "encoder", "--plan-from", str(source), "--tasks", "S,D",
+            "--out", str(out), *ARGS]
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --plan-from {source}: the mtsl plan has 10 locations, this run's network has 6 "
+                   "(setting encoder)"), err
+    assert not out.exists()
 
 
 def test_every_row_of_a_sweep_is_checked_before_the_first_trains(tmp_path, capsys, no_training):
