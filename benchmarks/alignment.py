@@ -196,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("the alignment loss needs at least two tasks")
         check_jobs([Job("onenet", "onenet", config)], progress=not args.no_progress)
         folder = out_folder(args, "alignment", config) / "alignment"
+        args.results_folder = None  # the probe writes at its end: an interrupted one has nothing to keep
         report = {"config": config.to_dict(), "epochs": args.epochs, "steps": args.steps}
         earlier = earlier_report(folder / "alignment.json", lambda e: same_probe(e, report), "an alignment probe")
         rows = earlier["rows"] if earlier else []  # kept beside the new locations

@@ -186,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = check_out(Path(args.out or f"results/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
             if out.exists() and any(out.iterdir()):
                 methods, seeds = extend_comparison(out, config, methods, seeds, plan_from)
+        args.results_folder, args.continue_with = out, f"python benchmarks/compare.py --resume {out}"
         jobs = build_jobs(methods, config, seeds, plan_from)
         check_jobs(jobs, not args.no_progress, out)  # before any training and before the results folder is made
         out.mkdir(parents=True, exist_ok=True)

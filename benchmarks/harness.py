@@ -101,7 +101,10 @@ def add_out_arg(p: argparse.ArgumentParser, command: str) -> None:
 
 
 def out_folder(args: argparse.Namespace, command: str, config: RunConfig) -> Path:
-    return check_out(Path(args.out or f"results/{command}-{config.preset}"))
+    """The command's results folder (``--out``, default ``results/<command>-<preset>``), checked; remembered on
+    ``args`` for the line an interruption prints (:func:`run_main`)."""
+    args.results_folder = check_out(Path(args.out or f"results/{command}-{config.preset}"))
+    return args.results_folder
 
 
 def check_out(out: Path) -> Path:
@@ -289,6 +292,14 @@ def run_main(main_body, args: argparse.Namespace, distributed_ok: bool = False) 
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
+        folder = getattr(args, "results_folder", None)
+        if distributed.is_main():
+            print("interrupted" + ("" if folder is None else
+                                   f"; finished runs and the last checkpoint are kept in {folder}: "
+                                   f"{getattr(args, 'continue_with', 'the same command again')} continues"),
+                  file=sys.stderr)
+        return 130
 
 
 # ------------------------------------------------------------------------------------------------ jobs
