@@ -13,6 +13,7 @@ from benchmarks import compare, harness
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.experiment import (build_data, build_stages, build_trainer, load_run, run_fingerprint, run_method,
                                    seed_everything)
+from mtsl_plugin.learner.schedule import scale_schedule
 from mtsl_plugin.methods import build_method
 from mtsl_plugin.network.cost import model_cost
 from mtsl_plugin.plan import BranchingPlan
@@ -330,7 +331,7 @@ def test_compare_trains_both_and_reports_params_and_gmac(tmp_path, monkeypatch):
     def one_step_smoke(name):  # the smoke preset cut to one epoch of one batch: this test is about the harness
         config = load_preset(name)
         data = dataclasses.replace(config.data, train=8, holdout=4, test=4)
-        return config.replace(epochs=1, lr_steps=(), data=data)
+        return config.replace(epochs=1, lr_steps=(), data=data, mtsl=scale_schedule(config.mtsl, 1, 1))
 
     monkeypatch.setattr(harness, "load_preset", one_step_smoke)
     out = tmp_path / "r"
