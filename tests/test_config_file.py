@@ -36,13 +36,19 @@ def test_the_presets_are_their_files_read_the_same_way():
                                            ("data: {test: 0}\n", "data.test"),
                                            ("mtsl: {threshold: high}\n", "mtsl.threshold"),
                                            ("lr_steps: 5\n", "lr_steps"),
-                                           ("preset: foo\n", "'foo'")])
+                                           ("preset: foo\n", "'foo'"),
+                                           # values read well but refused by the checks before training:
+                                           ("optimizer: {optim: sgdx}\n", "sgdx"),
+                                           ("optimizer: {lr: -1}\n", "'optim'"),
+                                           ("tasks: SD\n", "'SD'")])
 def test_bad_files_are_refused_in_one_line_before_training(tmp_path, capsys, text, culprit):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    assert compare.main([*ARGS, "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    argv = [a for a in ARGS if a not in ("--tasks", "S,D")]  # the file's own tasks
+    assert compare.main([*argv, "--config", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert culprit in err and str(path) in err and len(err.splitlines()) == 1
+    assert err.startswith("error: ") and culprit in err and len(err.splitlines()) == 1, err
+    assert str(path) in err or culprit in ("sgdx", "'optim'", "'SD'")  # a file's own errors name it
     assert not (tmp_path / "out").exists()
 
 
