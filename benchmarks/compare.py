@@ -151,7 +151,8 @@ def flag(dest: str) -> str:
 def options_besides_resume(args: argparse.Namespace) -> list[str]:
     """The options given with ``--resume`` (those that differ from their defaults) that it does not take."""
     defaults = vars(parse_args([]))
-    return [flag(key) for key, value in vars(args).items() if key not in RESUME_OPTIONS and value != defaults[key]]
+    return [flag(key) for key, value in vars(args).items()
+            if key in defaults and key not in RESUME_OPTIONS and value != defaults[key]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
