@@ -206,6 +206,9 @@ def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -
         require("mtsl.phases", phases, int, 1, paper.num_phases, optional=True)
         schedule = scale_schedule(paper, fields["epochs"], base.mtsl.num_phases if phases is None else phases)
         mtsl.update({k: getattr(schedule, k) for k in ("task_epochs", "amalgamation_epochs", "total_epochs")})
+        if "task_epochs" in mtsl_raw and "total_epochs" not in mtsl_raw:  # phases of its own: fine-tune to epochs
+            require("mtsl.task_epochs", mtsl_raw["task_epochs"], list, 0)
+            mtsl["total_epochs"] = max(fields["epochs"], sum(mtsl_raw["task_epochs"]))
     return RunConfig.from_dict({**fields, "data": {**dataclasses.asdict(base.data), **data_raw},
                                 "mtsl": {**mtsl, **mtsl_raw}})
 

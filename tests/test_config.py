@@ -100,6 +100,13 @@ def test_mtsl_never_trains_longer_than_the_references():
     assert config_from_mapping({"epochs": 10}, load_preset("quick")).mtsl.total_epochs == 10
     with pytest.raises(ValueError, match="num_phases"):
         scale_schedule(MTSLConfig(), 20, 12)
+    # phases given by hand with the epochs: fine-tuning fills the epochs (the 10 scaled phases' total did not apply)
+    short = config_from_mapping({"epochs": 2, "mtsl": {"task_epochs": [1], "amalgamation_epochs": [1]}},
+                                load_preset("paper"))
+    assert (short.epochs, short.mtsl.task_epochs, short.mtsl.total_epochs) == (2, (1,), 2)
+    with pytest.raises(ValueError, match="trains 4 task-learning epochs .* is 2;"):
+        config_from_mapping({"epochs": 2, "mtsl": {"task_epochs": [2, 2], "amalgamation_epochs": [1, 1]}},
+                            load_preset("paper"))
 
 
 def test_every_shipped_preset_loads_with_its_schedule():
