@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from benchmarks.speed import build, check_step_options, plain_step, synthetic_batch, timed
+from benchmarks.speed import TASKS, build, check_step_options, plain_step, synthetic_batch, timed
 from mtsl_plugin import distributed
 from mtsl_plugin.network.backbones import create_stages
 from mtsl_plugin.plan import BranchingPlan
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {args.steps}")
         check_step_options(args.device, args.batch, args.height, args.width, args.steps)
-        bad = [t for t in args.tasks.split(",") if t not in ("S", "D", "E", "N", "A")]
+        bad = [t for t in args.tasks.split(",") if t not in TASKS]
         if bad or len(args.tasks.split(",")) < 2:
             raise ValueError(f"--tasks must name two or more of S, D, E, N, A; got {args.tasks!r}")
         indivisible = [n for n in counts if args.batch % n]

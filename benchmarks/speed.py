@@ -36,6 +36,7 @@ from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.network.backbones import create_stages
 from mtsl_plugin.network.stages import NETWORKS, StageFactory
 from mtsl_plugin.plan import BranchingPlan, StageCost
+from mtsl_plugin.preflight import check_device
 from mtsl_plugin.tasks import build_tasks
 
 TASKS = ("S", "D", "E", "N", "A")
@@ -64,12 +65,7 @@ def check_step_options(device: str, batch: int, height: int, width: int, steps: 
     if min(height, width) < 32:
         raise ValueError(f"--height and --width must be at least 32 pixels (the networks downsample 32 times), "
                          f"got {height}x{width}")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
-        raise ValueError(f"--device {device}: {'no CUDA GPU is available' if kind == 'cuda' else 'use cpu or cuda'}")
+    check_device(device)
 
 
 def synthetic_batch(plan: BranchingPlan, device: str, batch: int, height: int, width: int

@@ -40,6 +40,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import BinaryJaccardIndex, MulticlassAccuracy, MulticlassJaccardIndex
 
+from mtsl_plugin.learner.schedule import require
 from mtsl_plugin.tasks import (IGNORE_INDEX, TASKS, MeanBCE, MeanCosine, Task, _as_float, _masked_mean,
                                _RatioMetric, build_tasks, edge_loss, normal_loss, normalise_normals,
                                reconstruction_loss, segmentation_loss)
@@ -112,8 +113,7 @@ def _pick(name: str, what: str, choice: str, table: Mapping[str, Any]) -> Any:
 def _task(name: str, title: str | None, kind: str, channels: int, metric: str, higher_is_better: bool | None,
           loss_fn: Callable, metric_factory: Callable[[], Metric], target: str,
           postprocess_fn: Callable | None = None) -> Task:
-    if higher_is_better is not None and not isinstance(higher_is_better, bool):  # bool("false") would be True
-        raise ValueError(f"task {name!r}: higher_is_better must be true or false, got {higher_is_better!r}")
+    require(f"task {name!r}: higher_is_better", higher_is_better, bool, optional=True)  # bool("false") is True
     direction = _DIRECTION[metric] if higher_is_better is None else higher_is_better
     extra = {} if postprocess_fn is None else {"postprocess_fn": postprocess_fn}
     return Task(name, title or f"{name} ({kind})", channels, _METRIC_LABEL[metric], direction, loss_fn,
