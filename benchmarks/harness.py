@@ -154,8 +154,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.data_root is not None and (args.dataset or data.name) == "synthetic":
         raise UsageError(f"--data-root {args.data_root}: the data set is synthetic (generated, no folder); pass "
                          "--dataset nyuv2, cityscapes or folder too")
-    if args.dataset is not None:
-        data = type(data)(**{**data.__dict__, "name": args.dataset, "root": args.data_root})
+    if args.dataset is not None:  # a root of the configuration's own data set stays unless --data-root replaces it
+        root = args.data_root if args.data_root is not None or args.dataset != data.name else data.root
+        data = type(data)(**{**data.__dict__, "name": args.dataset, "root": root})
         if args.dataset != "synthetic":  # real data: use the whole split unless the preset is a smoke test
             data = type(data)(**{**data.__dict__, "train": data.train if config.preset == "smoke" else None,
                                  "test": data.test if config.preset == "smoke" else None})
@@ -203,9 +204,12 @@ def load_plugins(args: argparse.Namespace) -> None:
 
 
 def parse_list(text: str, what: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
+    """``--what a,b,c`` as ``["a", "b", "c"]``; an empty list or item (``mtsl,``, ``0,,1``) is refused."""
+    items = [x.strip() for x in text.split(",")]
+    if items == [""]:
         raise UsageError(f"--{what} is empty")
+    if "" in items:
+        raise UsageError(f"--{what} has an empty item: {text!r}")
     return items
 
 
@@ -221,12 +225,7 @@ def distinct(values: Sequence[Any], what: str) -> list[Any]:
 def parse_tasks(text: str) -> tuple[str, ...]:
     """``--tasks S,D,E`` as ``("S", "D", "E")``; an empty list or name is refused (a task given twice is refused
     with the configuration, by :func:`check_jobs`)."""
-    names = tuple(t.strip() for t in text.split(","))
-    if names == ("",):
-        raise UsageError("--tasks is empty")
-    if "" in names:
-        raise UsageError(f"--tasks has an empty name: {text!r}")
-    return names
+    return tuple(parse_list(text, "tasks"))
 
 
 def parse_task_weights(text: str) -> dict[str, float]:

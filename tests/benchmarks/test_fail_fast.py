@@ -76,8 +76,10 @@ BAD = [
     (["--seeds", "99999999999999999999"], "--seeds: 99999999999999999999 is not in"),
     (["--seeds", "0,1,0"], "--seeds: 0 is given twice"),  # one run counted as two samples
     (["--tasks", ""], "--tasks is empty"),
-    (["--tasks", ","], "--tasks has an empty name"),
-    (["--tasks", "S,,D"], "--tasks has an empty name"),
+    (["--tasks", ","], "--tasks has an empty item"),
+    (["--tasks", "S,,D"], "--tasks has an empty item"),
+    (["--seeds", "0,1,"], "--seeds has an empty item: '0,1,'"),  # a trailing comma: was one seed fewer, silently
+    (["--task-weights", "E=10,"], "--task-weights has an empty item"),
     (["--task-weights", "S=2,S=3"], "--task-weights: task S is given twice"),
     (["--data-root", "/nonexistent/nyu"], "--data-root /nonexistent/nyu: the data set is synthetic"),
 ]
@@ -184,6 +186,20 @@ def test_data_root_applies_to_the_real_data_set_of_a_config_file(tmp_path, capsy
     assert compare.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "/nonexistent/from-option" in err and "from-config" not in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_dataset_option_keeps_the_root_a_config_file_gives_that_data_set(tmp_path, capsys, no_training):
+    """``--dataset nyuv2`` repeating a config's data set keeps its root (it was dropped: "needs a root")."""
+    config = tmp_path / "nyu.yaml"
+    config.write_text("dataset: {name: nyuv2, root: /nonexistent/from-config}\n")
+    out = tmp_path / "out"
+    assert compare.main(["--config", str(config), "--dataset", "nyuv2", "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "/nonexistent/from-config" in err and len(err.splitlines()) == 1, err
+    assert compare.main(["--config", str(config), "--dataset", "cityscapes", "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()  # another data set: the config's root is not its folder
+    assert "from-config" not in err and "root" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
 
 
