@@ -16,7 +16,8 @@ of :mod:`baselines.supernet`.
   reference's approximation differs);
 * bilevel search (:meth:`BMTAS.search_split`, :meth:`BMTAS.architecture_epoch`, called by the trainer): 20 %
   of the training data is held for the architecture. Every search epoch first runs an architecture pass over it
-  (Adam lr 0.01, weight decay 5e-5, state reset every epoch; loss = task losses + λ·resource; batch-norm
+  (Adam lr 0.01, weight decay 5e-5, state reset every epoch; loss = task losses + T·λ·resource, the resource
+  term counted once per task as the reference's per-task backward passes count it; batch-norm
   running statistics frozen) and then resets the weights optimizer's state, as the reference does, before the
   weights pass over the other 80 % with the task losses only. Departures: one weights step per batch with
   all tasks' losses through the run's weighting (the reference steps once per task), and the batch-norm running
@@ -149,7 +150,9 @@ class BMTAS(GatedSupernet):
 
     def architecture_epoch(self, trainer, loader: Iterable, progress: bool = True) -> None:
         """One pass of architecture steps before a search epoch: per batch, the sum of the task losses (brdav sums
-        its fixed-weighted task losses) plus :meth:`architecture_loss`, a step of ``trainer.arch_optimizer`` only;
+        its fixed-weighted task losses) plus ``T`` times :meth:`architecture_loss` (brdav backpropagates, for each
+        of the ``T`` tasks, that task's loss *with* the resource term before one step, so the resource gradient
+        counts once per task), a step of ``trainer.arch_optimizer`` only;
         batch norm normalises with the batch and leaves its running statistics (brdav's
         ``freeze_encoder_bn_running_stats``). The architecture optimizer's state starts afresh every epoch and the
         weights optimizer's state is cleared afterwards (the architecture changed), as ``train_search`` does."""
@@ -163,7 +166,8 @@ class BMTAS(GatedSupernet):
                 gts = {t: gts[t].to(trainer.device, non_blocking=True) for t in trainer.task_name}
                 with trainer.autocast():
                     preds = self(images)
-                loss = trainer.task_losses(preds, gts).sum() + self.architecture_loss()
+                task_losses = trainer.task_losses(preds, gts)
+                loss = task_losses.sum() + len(task_losses) * self.architecture_loss()
                 trainer.arch_optimizer.zero_grad(set_to_none=True)
                 trainer.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

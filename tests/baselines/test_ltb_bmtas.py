@@ -343,6 +343,29 @@ def test_descending_the_resource_loss_shares_nodes(stages):
     assert nodes < 3 * stages.num_locations
 
 
+def test_the_architecture_step_counts_the_resource_term_once_per_task(smoke, monkeypatch):
+    """brdav backpropagates every task's loss with the resource term added before one architecture step, so
+    the resource gradient on the gates is T times that of one resource term (here with task losses that give
+    the gates no gradient: T = 3 times exactly)."""
+    config = smoke(tasks="SDE")
+    seed_everything(0)
+    data, dataset = build_data(config)
+    stages = build_stages(config)
+    trainer = build_trainer(config, build_tasks(config.tasks, dataset.num_classes), None, stages,
+                            architecture=BMTAS, arch_args={"resource_weight": 0.05, "warmup_epochs": 0})
+    model = trainer.model
+    model.epoch = 1
+    with torch.no_grad():
+        for gate in model.gates.values():
+            gate.copy_(0.3 * torch.randn(gate.shape, generator=torch.Generator().manual_seed(0)))
+    params = model.architecture_parameters()
+    once = torch.autograd.grad(model.architecture_loss(), params)
+    monkeypatch.setattr(trainer, "task_losses", lambda preds, gts: torch.stack([preds[t].sum() * 0 for t in "SDE"]))
+    model.architecture_epoch(trainer, [next(iter(data.batches(data.train, key=(0, 0))))], progress=False)
+    for gradient, param in zip(once, params):
+        torch.testing.assert_close(param.grad, 3 * gradient)
+
+
 def search_smoke(smoke, resource_weight, epochs=3):
     """A BMTAS search on the smoke data (3 tasks, warm-up of one epoch)."""
     config = smoke(tasks="SDE").replace(epochs=epochs)
