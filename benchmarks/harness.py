@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import baselines  # noqa: F401  (registers the baseline methods)
 from benchmarks.report import aggregate, delta_mtl, format_table, write_csv, write_markdown
 from mtsl_plugin import distributed
-from mtsl_plugin.config import NETWORKS, PRESETS, SETTINGS, RunConfig, load_config_file, load_preset
+from mtsl_plugin.config import GROUPING_DATA, NETWORKS, PRESETS, SETTINGS, RunConfig, load_config_file, load_preset
 from mtsl_plugin.experiment import method_spec, num_locations, run_fingerprint, run_method, write_json
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.methods import build_method
@@ -34,6 +34,7 @@ from mtsl_plugin.plan_figure import draw_plans
 from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.plugins import PluginError, load_plugin
 from mtsl_plugin.preflight import check_config
+from mtsl_plugin.tasks import LOSS_SETS
 
 
 class UsageError(Exception):
@@ -61,6 +62,9 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--data-root", default=None, help="folder of a preprocessed real data set or of folder data")
     p.add_argument("--no-augment", action="store_true",
                    help="real data: no random zoom and flip of the training samples (on by default)")
+    p.add_argument("--grouping-data", default=None, choices=GROUPING_DATA,
+                   help="the images MTSL's grouping decisions measure: holdout (default; a slice of the training "
+                        "split no method trains on) or train (its first images, trained on too: the authors')")
     p.add_argument("--tasks", default=None,
                    help="comma-separated task names: built-in letters S,D,E,N,A or tasks declared in --config")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
@@ -79,6 +83,8 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained backbone weights")
     p.add_argument("--weights", default=None, help="local backbone weights file")
     p.add_argument("--weighting", default=None, help="LibMTL weighting method, e.g. EW (default) or UW")
+    p.add_argument("--losses", default=None, choices=LOSS_SETS,
+                   help="the built-in tasks' losses: standard (default) or authors (the MTSL authors' code's)")
     p.add_argument("--task-weights", default=None, metavar="T=W,...",
                    help="fixed factors on the task losses before the weighting method, e.g. E=10,A=100 (default 1)")
     p.add_argument("--similarity", default=None, help="similarity plugin: cka (default) or rsa")
@@ -151,6 +157,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     data = config.data
     if args.no_augment:
         data = dataclasses.replace(data, augment=False)
+    if args.grouping_data is not None:
+        data = dataclasses.replace(data, grouping_data=args.grouping_data)
     if args.data_root is not None and (args.dataset or data.name) == "synthetic":
         raise UsageError(f"--data-root {args.data_root}: the data set is synthetic (generated, no folder); pass "
                          "--dataset nyuv2, cityscapes or folder too")
@@ -184,7 +192,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         changes["tasks"] = parse_tasks(args.tasks)
     if getattr(args, "task_weights", None):
         changes["task_weights"] = {**config.task_weights, **parse_task_weights(args.task_weights)}
-    for key in ("backbone", "network", "weights", "weighting"):
+    for key in ("backbone", "network", "weights", "weighting", "losses"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     if args.backbone is not None and architecture_family(args.backbone) is None:

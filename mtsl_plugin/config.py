@@ -14,18 +14,23 @@ import yaml
 
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.network.stages import NETWORKS
+from mtsl_plugin.tasks import LOSS_SETS
 
 PRESETS = ("smoke", "quick", "paper")
 # the paper's Table 2 (10 merge locations on a ResNet, 2k on a timm CNN of k feature stages) and Table 1 (6 and
 # k + 1, DeepLab heads); mtsl_plugin.experiment.num_locations counts a configuration's
 SETTINGS = ("encoder-decoder", "encoder")
+#: Where MTSL's grouping data comes from: a held-out slice of the training split, or its first images (trained on).
+GROUPING_DATA = ("holdout", "train")
 EXECUTION_OPTIONS = ("fused", "channels_last", "compile")  # how a run computes, not what: not in fingerprints
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which data, at what resolution, and how many samples (``train`` excludes the ``holdout`` slice, which is
-    cut from the training split for MTSL's grouping decisions)."""
+    """Which data, at what resolution, and how many samples. MTSL's grouping decisions measure ``holdout``
+    images: with ``grouping_data: holdout`` (the default) a slice cut from the end of the training split that no
+    method trains on (``train`` excludes it); with ``grouping_data: train`` the first ``holdout`` images of the
+    training split, which every method also trains on (the authors' protocol: their first 800 training images)."""
 
     name: str = "synthetic"
     root: str | None = None
@@ -36,6 +41,7 @@ class DataConfig:
     test: int | None = 64
     augment: bool | None = None  # random zoom and flip of real training data; None: on for NYUv2 and Cityscapes (as
     # the authors), off for folder data (a declared dense task's values may depend on scale or direction)
+    grouping_data: str = "holdout"  # the images grouping decisions measure: holdout or train (GROUPING_DATA)
 
     @property
     def augments(self) -> bool:
@@ -48,6 +54,8 @@ class DataConfig:
         for key, least in (("height", 1), ("width", 1), ("train", 1), ("holdout", None), ("test", 1)):
             require(f"data.{key}", getattr(self, key), int, least, optional=key in ("train", "test"))
         require("data.augment", self.augment, bool, optional=True)
+        if self.grouping_data not in GROUPING_DATA:
+            raise ValueError(f"data.grouping_data must be one of {', '.join(GROUPING_DATA)}, got {self.grouping_data!r}")
         if self.name == "synthetic" and None in (self.train, self.test):
             raise ValueError("synthetic data needs data.train and data.test, the numbers of scenes to generate")
         if self.holdout < 4:
@@ -76,6 +84,7 @@ class RunConfig:
     lr_steps: tuple[int, ...] = (60, 70)
     weighting: str = "EW"
     task_weights: dict = field(default_factory=dict)  # task -> fixed factor on its loss (1 when absent)
+    losses: str = "standard"  # the built-in tasks' loss set: standard or authors (tasks.LOSS_SETS)
     mtsl: MTSLConfig = field(default_factory=MTSLConfig)
     device: str = "cpu"
     fused: bool = False  # run the nodes of a location as one call (an execution option, like the device)
@@ -105,6 +114,8 @@ class RunConfig:
             raise ValueError(f"unknown setting {self.setting!r}; choose one of {', '.join(SETTINGS)}")
         if self.network not in NETWORKS:
             raise ValueError(f"unknown network {self.network!r}; choose one of {', '.join(NETWORKS)}")
+        if self.losses not in LOSS_SETS:
+            raise ValueError(f"unknown losses {self.losses!r}; choose one of {', '.join(LOSS_SETS)}")
         if self.network == "authors" and self.setting != "encoder-decoder":
             raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
         for task, weight in self.task_weights.items():
@@ -154,10 +165,13 @@ class RunConfig:
         weights = {t: w for t, w in data.pop("task_weights", {}).items() if t in self.tasks and w != 1}
         if weights:  # only when a running task's loss is weighted: every older run keeps its fingerprint
             data["task_weights"] = weights
-        if data.get("network") == "compact":
-            del data["network"]
+        for key, default in (("network", "compact"), ("losses", "standard")):  # older runs keep their fingerprint
+            if data.get(key) == default:
+                del data[key]
         if "data" in data and data["data"].get("augment", False) is None:
             del data["data"]["augment"]
+        if data.get("data", {}).get("grouping_data") == "holdout":  # the default: older runs keep their fingerprint
+            del data["data"]["grouping_data"]
         data.update(extra or {})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 

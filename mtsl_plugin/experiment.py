@@ -68,8 +68,8 @@ def seed_everything(seed: int) -> None:
 
 def build_run_tasks(config: RunConfig, num_classes: int) -> dict[str, Task]:
     """The run's tasks, in ``config.tasks`` order: declared ones from ``config.task_specs``, the others built in
-    (S with ``num_classes``, the data set's)."""
-    return build_task_set(config.tasks, config.task_specs, num_classes)
+    (S with ``num_classes``, the data set's; losses from the set ``config.losses``)."""
+    return build_task_set(config.tasks, config.task_specs, num_classes, config.losses)
 
 
 def build_split(config: RunConfig, split: str, *, n: int | None = None, augment: bool = False) -> Any:
@@ -86,19 +86,23 @@ def build_split(config: RunConfig, split: str, *, n: int | None = None, augment:
 
 
 def build_data(config: RunConfig) -> tuple[RunData, Any]:
-    """The run's data and its whole (not augmented) training split; the held-out slice is cut from the end of the
-    training split (never validation/test). Only the samples trained on are augmented (``config.data.augments``):
-    grouping decisions see the held-out slice as it is, like the authors' similarity data."""
+    """The run's data and its whole (not augmented) training split. Grouping decisions measure
+    ``config.data.holdout`` images of the training split (never validation/test): a slice cut from its end and
+    trained on by no method (``grouping_data: holdout``), or its first images, trained on too (``train``, the
+    authors'). Only the samples trained on are augmented (``config.data.augments``): grouping decisions see their
+    images as they are, like the authors' similarity data."""
     d = config.data
-    n_train = None if d.train is None else d.train + d.holdout
+    cut = d.grouping_data == "holdout"
+    n_train = None if d.train is None else d.train + d.holdout * cut
     full = build_split(config, "train", n=n_train)
     trained = full if not d.augments else build_split(config, "train", n=n_train, augment=True)
     test = build_split(config, "test", n=d.test)
-    if len(full) <= d.holdout:
-        raise ValueError(f"the training split of {d.name!r} has {len(full)} samples, not more than the held-out "
-                         f"slice ({d.holdout})")
-    split = len(full) - d.holdout
-    data = RunData(train=Subset(trained, range(split)), holdout=Subset(full, range(split, len(full))), test=test,
+    if len(full) <= d.holdout * cut or len(full) < d.holdout:
+        raise ValueError(f"the training split of {d.name!r} has {len(full)} samples, too few for a grouping slice of "
+                         f"{d.holdout} (data.holdout){' besides training' if cut else ''}")
+    split = len(full) - d.holdout if cut else len(full)
+    grouping = range(split, len(full)) if cut else range(d.holdout)
+    data = RunData(train=Subset(trained, range(split)), holdout=Subset(full, grouping), test=test,
                    batch_size=config.batch_size, seed=config.seed)
     return data, full
 

@@ -201,10 +201,11 @@ def declare_task(name: str, declaration: Mapping[str, Any]) -> Task:
     return kind(name, options)
 
 
-def build_task_set(names: Sequence[str], declarations: Mapping[str, Mapping[str, Any]], num_classes: int
-                   ) -> dict[str, Task]:
+def build_task_set(names: Sequence[str], declarations: Mapping[str, Mapping[str, Any]], num_classes: int,
+                   losses: str = "standard") -> dict[str, Task]:
     """The tasks ``names``, in that order: a declared one from its declaration (:func:`declare_task`), any other
-    from the built-in tasks S D E N A (:func:`~mtsl_plugin.tasks.build_tasks`, S with ``num_classes`` classes)."""
+    from the built-in tasks S D E N A (:func:`~mtsl_plugin.tasks.build_tasks`, S with ``num_classes`` classes,
+    trained with the loss set ``losses``)."""
     if len(set(names)) != len(names):
         raise ValueError(f"a task is requested twice in {list(names)}")
     tasks: dict[str, Task] = {}
@@ -218,7 +219,7 @@ def build_task_set(names: Sequence[str], declarations: Mapping[str, Mapping[str,
             raise ValueError("task 'S' needs its classes on this data: declare it, e.g. "
                              "tasks: {S: {kind: segmentation, classes: 13}}")
         else:
-            tasks.update(build_tasks([name], num_classes))
+            tasks.update(build_tasks([name], num_classes, losses))
     if not tasks:
         raise ValueError("a run needs at least one task")
     return tasks

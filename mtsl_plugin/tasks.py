@@ -9,12 +9,15 @@ Letters follow the MTSL paper: ``S`` semantic segmentation, ``D`` depth, ``E`` e
 - ``N``: unnormalised normals ``(N, 3, H, W)``; target unit normals ``(N, 3, H, W)``, zero vector = invalid.
 - ``A``: image ``(N, 3, H, W)``; target the input image in ``[0, 1]``.
 
-Metrics are :class:`torchmetrics.Metric` objects that accumulate sums across batches, so a dataset score is
+The losses below are the ``standard`` set (the usual forms of the multi-task literature: LibMTL's and MTAN's
+cross-entropy, L1 depth and cosine normals, HED's balanced edge BCE); ``losses: authors`` trains with the MTSL
+authors' forms instead (:data:`AUTHORS_LOSSES`). Metrics are :class:`torchmetrics.Metric` objects that accumulate sums across batches, so a dataset score is
 exact (pixel-weighted), never a mean of batch scores. Losses are means over valid pixels; a batch without any
 valid pixel gives a zero loss that still belongs to the graph (no NaN).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -86,6 +89,70 @@ def normal_loss(pred: Tensor, target: Tensor) -> Tensor:
 def reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error over all pixels and channels. Both ``(N, 3, H, W)``."""
     return F.mse_loss(_as_float(pred), _as_float(target))
+
+
+# The authors' losses (NeurAI-Lab/MTSL, ``encoding_custom/losses``), chosen with ``losses: authors``.
+#: Their class-balanced cross-entropy's beta (effective number of samples, Cui et al. 2019).
+CLASS_BALANCE_BETA = 1 - 1e-3
+#: Their edge loss's weight of an edge pixel (a non-edge pixel weighs 1 minus it): ``MISC.SEM_CONT_POS_WEIGHT``.
+EDGE_POSITIVE_WEIGHT = 0.95
+#: ImageNet's per-channel standard deviation: the authors' A target is the ImageNet-normalised input image.
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def class_balanced_segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy weighted per class by the inverse effective number of the batch's pixels of that class,
+    ``(1 - beta) / (1 - beta ** n_c)`` (classes absent from the batch weigh 0), as the authors'
+    ``ClassBalancedSegmentationLosses``; a weighted mean over pixels whose class is not ``-1``.
+    pred ``(N, C, H, W)`` logits, target ``(N, H, W)``."""
+    pred = _as_float(pred)
+    valid = target != IGNORE_INDEX
+    counts = torch.bincount(target[valid], minlength=pred.shape[1]).to(pred.dtype)
+    weights = torch.where(counts > 0, (1 - CLASS_BALANCE_BETA) / (1 - CLASS_BALANCE_BETA ** counts), 0.0)
+    summed = F.cross_entropy(pred, target, weight=weights, ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed / weights[target[valid]].sum().clamp_min(1e-12)
+
+
+def depth_rmse_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Root mean squared error over pixels with a depth (the authors' ``RMSE``). Both ``(N, 1, H, W)``; a batch
+    without depth gives zero (the square root's gradient is kept finite there)."""
+    valid = target > 0
+    squared = _masked_mean((_as_float(pred) - torch.where(valid, target, 0.0)) ** 2, valid)
+    return squared.clamp_min(1e-12).sqrt() * valid.any()
+
+
+def fixed_weight_edge_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """BCE with logits, edge pixels weighted :data:`EDGE_POSITIVE_WEIGHT` and the others one minus it, mean over
+    all pixels (the authors' ``BalancedBinaryCrossEntropyLoss``). Both ``(N, 1, H, W)``."""
+    pred = _as_float(pred)
+    target = target.to(pred.dtype)
+    weight = torch.where(target > 0.5, EDGE_POSITIVE_WEIGHT, 1.0 - EDGE_POSITIVE_WEIGHT)
+    return F.binary_cross_entropy_with_logits(pred, target, weight=weight)
+
+
+def normal_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """L1 between the unit-length prediction and the target normal, mean over the components of pixels with a
+    normal (the authors' ``NormalsL1Loss``). Both ``(N, 3, H, W)``."""
+    valid = (target.abs().sum(dim=1, keepdim=True) > 0).expand_as(target)
+    unit = F.normalize(_as_float(pred), dim=1, eps=1e-12)
+    return _masked_mean((unit - _as_float(target)).abs(), valid)
+
+
+def standardised_reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error after dividing each channel's error by ImageNet's standard deviation: the authors' MSE
+    to the ImageNet-normalised image, with the head predicting the image itself. Both ``(N, 3, H, W)``."""
+    error = _as_float(pred) - _as_float(target)
+    std = torch.tensor(IMAGENET_STD, dtype=error.dtype, device=error.device).view(1, -1, 1, 1)
+    return ((error / std) ** 2).mean()
+
+
+#: ``losses: authors``: each built-in task's loss as the authors' code computes it (metrics do not change).
+AUTHORS_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "S": class_balanced_segmentation_loss, "D": depth_rmse_loss, "E": fixed_weight_edge_loss,
+    "N": normal_l1_loss, "A": standardised_reconstruction_loss,
+}
+#: The loss sets of the built-in tasks: ``standard`` (this package's default, below) and ``authors``.
+LOSS_SETS: tuple[str, ...] = ("standard", "authors")
 
 
 def normalise_normals(pred: Tensor) -> Tensor:
@@ -242,11 +309,15 @@ _FIXED: dict[str, Callable[[], Task]] = {
 }
 
 
-def build_tasks(names: Sequence[str], num_classes: int) -> dict[str, Task]:
+def build_tasks(names: Sequence[str], num_classes: int, losses: str = "standard") -> dict[str, Task]:
     """The tasks named by ``names`` (letters from :data:`TASKS`), in that order.
 
-    ``num_classes`` is the number of semantic classes; it must be at least 2 when ``S`` is requested.
+    ``num_classes`` is the number of semantic classes; it must be at least 2 when ``S`` is requested. ``losses``
+    (:data:`LOSS_SETS`) picks the training losses: ``standard`` (this module's first section) or ``authors``
+    (:data:`AUTHORS_LOSSES`); the metrics are the same for both.
     """
+    if losses not in LOSS_SETS:
+        raise ValueError(f"unknown loss set {losses!r}; choose one of {', '.join(LOSS_SETS)}")
     if isinstance(names, str):
         names = list(names)
     tasks: dict[str, Task] = {}
@@ -261,6 +332,8 @@ def build_tasks(names: Sequence[str], num_classes: int) -> dict[str, Task]:
             tasks[name] = _segmentation(num_classes)
         else:
             tasks[name] = _FIXED[name]()
+        if losses == "authors":
+            tasks[name] = dataclasses.replace(tasks[name], loss_fn=AUTHORS_LOSSES[name])
     if not tasks:
         raise ValueError("build_tasks needs at least one task name")
     return tasks

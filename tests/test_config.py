@@ -24,6 +24,10 @@ def test_network_choice():
     # as before the field existed (8fd4800): earlier results folders stay reusable
     assert load_preset("smoke").fingerprint() == "39784aaa2121"
     assert quick.replace(network="authors").fingerprint() != quick.fingerprint()
+    assert quick.replace(losses="standard").fingerprint() == quick.fingerprint()  # the default: as before
+    assert quick.replace(losses="authors").fingerprint() != quick.fingerprint()
+    with pytest.raises(ValueError, match="unknown losses 'mine'; choose one of standard, authors"):
+        quick.replace(losses="mine")
     with pytest.raises(ValueError, match="unknown network 'unet'; choose one of compact, authors"):
         quick.replace(network="unet")
     with pytest.raises(ValueError, match="encoder setting uses network 'compact'"):

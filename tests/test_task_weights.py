@@ -37,3 +37,14 @@ def test_bad_task_weights_are_refused_in_one_line_before_training(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (out / "onenet").exists()
+
+
+def test_loss_set_and_grouping_data_options_reach_the_run(tmp_path):
+    """``--losses authors --grouping-data train`` train One-Net with the authors' losses on every training image;
+    both are saved with the run and change its fingerprint (its folder is not reused by a default run)."""
+    out = tmp_path / "out"
+    argv = ["--preset", "smoke", "--methods", "onenet", "--no-progress", "--out", str(out)]
+    assert compare.main([*argv, "--losses", "authors", "--grouping-data", "train"]) == 0
+    saved = load_config_file(out / "config.yaml", base=load_preset("smoke"))
+    assert (saved.losses, saved.data.grouping_data) == ("authors", "train")
+    assert saved.fingerprint() != load_preset("smoke").fingerprint()

@@ -246,3 +246,65 @@ def test_tasks_and_libmtl_entries_survive_pickling(tasks):
         expected = tasks[name].loss(preds[name], targets[name]).item()
         assert restored[name].loss(preds[name], targets[name]).item() == pytest.approx(expected)
         assert task_dict[name]["loss_fn"].compute_loss(preds[name], targets[name]).item() == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------------ the authors' losses
+def test_authors_losses_replace_only_the_losses():
+    standard, authors = build_tasks(TASKS, num_classes=4), build_tasks(TASKS, num_classes=4, losses="authors")
+    preds, targets = _random_batch()
+    for t in TASKS:
+        assert authors[t].loss_fn is not standard[t].loss_fn
+        assert authors[t].postprocess_fn is standard[t].postprocess_fn
+        assert repr(authors[t].make_metric()) == repr(standard[t].make_metric())
+        assert torch.isfinite(authors[t].loss(preds[t], targets[t]))
+    pickle.loads(pickle.dumps(authors))  # runs save and reload their tasks with the checkpoint
+    with pytest.raises(ValueError, match="unknown loss set 'mine'; choose one of standard, authors"):
+        build_tasks(TASKS, num_classes=4, losses="mine")
+
+
+def test_class_balanced_segmentation_loss_weights_classes_by_their_effective_number():
+    tasks = build_tasks(["S"], num_classes=4, losses="authors")
+    preds, targets = _random_batch()
+    pred, target = preds["S"], targets["S"]
+    target[0, 0, :] = 3  # class 3: 5 pixels at least; make class 2 absent
+    target[target == 2] = -1
+    beta = 1 - 1e-3
+    num, den = 0.0, 0.0
+    for n, i, j in zip(*torch.nonzero(target >= 0, as_tuple=True)):
+        c = int(target[n, i, j])
+        weight = (1 - beta) / (1 - beta ** int((target == c).sum()))
+        num += weight * -F.log_softmax(pred[n, :, i, j], dim=0)[c]
+        den += weight
+    assert float(tasks["S"].loss(pred, target)) == pytest.approx(float(num / den), rel=1e-6)
+    uniform = torch.arange(4).repeat(4).view(2, 4, 2)  # every class 4 pixels
+    logits = torch.randn(2, 4, 4, 2)
+    assert float(tasks["S"].loss(logits, uniform)) == pytest.approx(float(F.cross_entropy(logits, uniform)), rel=1e-6)
+
+
+def test_authors_depth_edge_normal_and_reconstruction_losses_by_hand():
+    tasks = build_tasks(TASKS, num_classes=4, losses="authors")
+    preds, targets = _random_batch()
+    valid = targets["D"] > 0
+    rmse = ((preds["D"] - targets["D"])[valid] ** 2).mean().sqrt()
+    assert float(tasks["D"].loss(preds["D"], targets["D"])) == pytest.approx(float(rmse), rel=1e-6)
+    edge = targets["E"]
+    bce = F.binary_cross_entropy_with_logits(preds["E"], edge, reduction="none")
+    assert float(tasks["E"].loss(preds["E"], edge)) == pytest.approx(
+        float((bce * (0.95 * edge + 0.05 * (1 - edge))).mean()), rel=1e-6)
+    has_normal = targets["N"].abs().sum(dim=1) > 0
+    unit = F.normalize(preds["N"], dim=1)
+    l1 = (unit - targets["N"]).abs().permute(0, 2, 3, 1)[has_normal].mean()
+    assert float(tasks["N"].loss(preds["N"], targets["N"])) == pytest.approx(float(l1), rel=1e-6)
+    assert float(tasks["N"].loss(7 * preds["N"], targets["N"])) == pytest.approx(float(l1), rel=1e-6)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    normalised = F.mse_loss((preds["A"] - mean) / std, (targets["A"] - mean) / std)
+    assert float(tasks["A"].loss(preds["A"], targets["A"])) == pytest.approx(float(normalised), rel=1e-5)
+
+
+def test_authors_depth_loss_without_depth_is_zero_with_finite_gradients():
+    tasks = build_tasks(["D"], num_classes=0, losses="authors")
+    pred = torch.randn(N, 1, H, W, requires_grad=True)
+    loss = tasks["D"].loss(pred, torch.zeros(N, 1, H, W))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(pred.grad, torch.zeros_like(pred))

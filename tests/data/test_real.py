@@ -232,3 +232,23 @@ def test_augmented_training_data_varies_while_held_out_and_test_data_do_not(nyuv
     assert all(torch.equal(data.test[0][0], data.test[0][0]) for _ in range(6))  # never augmented
     plain, _ = build_data(config.replace(data=dataclasses.replace(config.data, augment=False)))
     assert torch.equal(plain.train[0][0], full[0][0]) and not smoke().data.augments  # synthetic: never
+
+
+def test_grouping_data_from_the_training_split_as_the_authors_measure(nyuv2_root: Path, smoke) -> None:
+    """``grouping_data: train``: every training image is trained on and grouping measures the first ``holdout``
+    of them, not augmented; the default cuts a slice no method trains on."""
+    config = smoke(tasks=("S", "D", "N")).replace(
+        data=dataclasses.replace(smoke().data, name="nyuv2", root=str(nyuv2_root), train=None, test=None))
+    cut, full = build_data(config)
+    assert len(cut.train) + len(cut.holdout) == len(full) and len(cut.holdout) == config.data.holdout
+    authors_config = config.replace(data=dataclasses.replace(config.data, grouping_data="train"))
+    assert authors_config.fingerprint() != config.fingerprint()
+    authors, full = build_data(authors_config)
+    assert len(authors.train) == len(full) and len(authors.holdout) == config.data.holdout
+    for index in range(len(authors.holdout)):
+        assert torch.equal(authors.holdout[index][0], full[index][0])
+    synthetic = smoke().replace(data=dataclasses.replace(smoke().data, grouping_data="train"))
+    data, full = build_data(synthetic)  # synthetic: the scenes generated are the training ones only
+    assert len(data.train) == len(full) == smoke().data.train
+    with pytest.raises(ValueError, match="data.grouping_data must be one of holdout, train, got 'test'"):
+        dataclasses.replace(smoke().data, grouping_data="test")
