@@ -124,6 +124,35 @@ def check_mtsl(config: MTSLConfig) -> None:
 
 
 def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bool = True) -> None:
-    """Read every sample of ``dataset`` once; its loader names the file of the first bad one."""
+    """Read every sample of ``dataset`` once; its loader names the file of the first bad one.
+
+    On the training split of folder data it also collects the classes of each segmentation task (``labels``
+    layout, ``(H, W)`` targets, -1 = ignore) and refuses a task whose training labels hold at most one class: it
+    would learn that class everywhere and score a perfect mIoU. The usual cause is a two-class mask stored as a
+    0/255 PNG, whose 255 reads as "ignore". The rule is deliberately narrow: a split that lacks some of many
+    classes (a small subset of a 40-class data set) is normal and passes, and so does the test split.
+    """
+    classes = _label_classes(dataset)
     for index in tqdm(range(len(dataset)), desc=f"checking {what}", leave=False, disable=None if progress else True):
-        dataset[index]
+        _, targets = dataset[index]
+        for task, seen in classes.items():
+            labels = targets[task]
+            seen |= torch.bincount(labels[labels >= 0].flatten(), minlength=len(seen))[:len(seen)] > 0
+    for task, seen in classes.items():
+        if int(seen.sum()) <= 1:
+            found = f"only class {int(seen.nonzero()[0, 0])}" if seen.any() else "no class"
+            folder = dataset.split_dir / dataset.targets[task].folder
+            raise ValueError(f"task {task!r}: the training labels in {folder} hold {found} besides ignore, but a "
+                             f"segmentation task of {len(seen)} classes needs at least two; in PNG labels 255 "
+                             "means ignore, so store a mask's foreground as 1 (and further classes as 2, 3, ...)")
+
+
+def _label_classes(dataset: torch.utils.data.Dataset) -> dict[str, torch.Tensor]:
+    """Task -> all-false ``(classes,)`` bool tensor for each segmentation task of folder data's training split
+    (what :func:`read_every_sample` checks); empty for any other data set or split."""
+    from mtsl_plugin.data import FolderDataset
+
+    if not isinstance(dataset, FolderDataset) or dataset.split != "train":
+        return {}
+    return {task: torch.zeros(spec.channels, dtype=torch.bool) for task, spec in dataset.targets.items()
+            if spec.layout == "labels"}

@@ -18,3 +18,44 @@ def test_an_optimizer_libmtl_cannot_build_is_named(optimizer, culprit):
 def test_every_optimizer_libmtl_builds_passes():
     for name in LIBMTL_OPTIMIZERS:
         check_optimizer({"optim": name, "lr": 1e-3, "weight_decay": 5e-5})
+
+
+def _masks(root, values, n=3):
+    """A folder data set whose ``fg`` labels (PNG) hold ``values`` (a 4 x 4 square of each, on 0) in every sample."""
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for folder in ("image", "fg"):
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            mask = np.zeros((16, 16), np.uint8)
+            for k, value in enumerate(values):
+                mask[4 * k:4 * k + 4, :4] = value
+            Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(root / split / "image" / f"{i}.png")
+            Image.fromarray(mask).save(root / split / "fg" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("values, classes", [((255,), 2), ((255, 0), 3), ((), 2)])
+def test_segmentation_labels_with_one_class_only_are_refused(tmp_path, values, classes):
+    from mtsl_plugin.data import TargetFiles, build_dataset
+    from mtsl_plugin.preflight import read_every_sample
+
+    root = _masks(tmp_path, values)  # a 0/255 mask: 255 is "ignore", so class 1 never occurs
+    targets = {"fg": TargetFiles("labels", "fg", classes)}
+    read_every_sample(build_dataset("folder", "test", root=str(root), targets=targets), "test split", False)
+    with pytest.raises(ValueError) as caught:
+        read_every_sample(build_dataset("folder", "train", root=str(root), targets=targets), "train split", False)
+    message = str(caught.value)
+    assert "'fg'" in message and str(root / "train" / "fg") in message and "255" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_segmentation_labels_missing_some_classes_pass(tmp_path):
+    from mtsl_plugin.data import TargetFiles, build_dataset
+    from mtsl_plugin.preflight import read_every_sample
+
+    root = _masks(tmp_path, (1, 3))  # classes 0, 1 and 3 of 5: a small subset of a data set may lack some
+    data = build_dataset("folder", "train", root=str(root), targets={"fg": TargetFiles("labels", "fg", 5)})
+    read_every_sample(data, "train split", False)

@@ -11,17 +11,20 @@ What a target file holds follows the task's target layout (:data:`mtsl_plugin.ta
 =========  ====================================================================================================
 layout     file
 =========  ====================================================================================================
-labels     ``(H, W)`` class index: PNG (grey or palette; 255 = ignore) or .npy (negative or NaN = ignore)
-binary     ``(H, W)``: PNG (non-zero = 1) or .npy (> 0.5 = 1)
-dense      .npy ``(H, W)`` or ``(H, W, C)`` float, C the task's channels; NaN or inf = no value at that pixel
+labels     ``(H, W)`` class index: PNG (1-bit, grey, 16-bit, palette indices, or the grey channel of grey+alpha;
+           255 = ignore) or .npy (integers, or floats holding whole numbers; negative or NaN = ignore)
+binary     ``(H, W)``: PNG (as labels; non-zero = 1) or .npy (> 0.5 = 1; NaN or inf refused: no "no value" here)
+dense      .npy ``(H, W)`` or ``(H, W, C)`` float, C the task's channels; NaN or inf = no value at that pixel, and
+           under the ``positive`` rule (:class:`TargetFiles`) 0 and negative values too
 normals    .npy ``(H, W, 3)``; re-normalised on load, zero or non-finite = invalid
 image      no file: the target is the input image (reconstruction)
 =========  ====================================================================================================
 
 Samples are returned as the other data sets return them (``(image (3, H, W), {task: target})``), resized to
 ``height`` x ``width`` when both are given (labels and binary maps nearest-neighbour, dense maps and normals
-bilinear over their valid pixels). ``augment`` zooms and mirrors like the real data sets' augmentation but never
-changes a value: dense targets whose values depend on scale or direction (depth, flow) should train without it.
+bilinear over their valid pixels, so a "no value" never blends into a value). ``augment`` zooms and mirrors like
+the real data sets' augmentation but never changes a value: dense targets whose values depend on scale or direction
+(depth, flow) should train without it.
 """
 from __future__ import annotations
 
@@ -42,14 +45,27 @@ TARGET_SUFFIXES = {"labels": (".png", ".npy"), "binary": (".png", ".npy"), "dens
 SPLITS = {"train": ("train",), "val": ("val",), "test": ("test", "val")}
 
 
+#: The rules of which ``dense`` values hold a value (a regression's ``valid`` option, :mod:`mtsl_plugin.task_kinds`).
+VALID_RULES = ("finite", "positive")
+
+
 @dataclass(frozen=True)
 class TargetFiles:
-    """Where and how one task's targets are stored: its target ``layout``, its sub-``folder`` and its
-    ``channels`` (the classes of ``labels``, the channels of ``dense``)."""
+    """Where and how one task's targets are stored: its target ``layout``, its sub-``folder``, its ``channels``
+    (the classes of ``labels``, the channels of ``dense``) and, for ``dense``, which values hold a value:
+    ``valid="finite"`` (NaN and inf are no value) or ``"positive"`` (0 and negative values are no value too, as
+    depth maps store it: the built-in ``D``, a regression declared ``valid: positive``). Under ``positive`` those
+    values are read as NaN, so resizing and augmenting average only the valid values; the tasks' losses and
+    metrics count NaN as no value."""
 
     layout: str
     folder: str
     channels: int = 1
+    valid: str = "finite"
+
+    def __post_init__(self) -> None:
+        if self.valid not in VALID_RULES:
+            raise ValueError(f"TargetFiles valid must be one of {VALID_RULES}, got {self.valid!r}.")
 
 
 _NDIMS = {"labels": (2,), "binary": (2,), "dense": (2, 3), "normals": (3,)}
@@ -82,7 +98,7 @@ class FolderDataset(Dataset):
         if not folders:
             raise FileNotFoundError(f"data folder {root} has no {' or '.join(SPLITS[split])}/ folder for the "
                                     f"{split} split.")
-        self.split_dir = folders[0]
+        self.split, self.split_dir = split, folders[0]
         self.targets = dict(targets)
         self.tasks = tuple(self.targets)
         self.num_classes = 0  # classes belong to each declared segmentation task
@@ -123,13 +139,20 @@ class FolderDataset(Dataset):
         return files
 
     @staticmethod
-    def _read(path: Path) -> np.ndarray:
+    def _read(path: Path, single_channel: bool = False) -> np.ndarray:
+        """A file's array: ``.npy`` as stored; an image as ``(H, W, 3)`` RGB, or ``(H, W)`` when it is grey, 16-bit
+        or palette. ``single_channel`` (label and mask files) also reads a 1-bit PNG as 0/1 and a grey+alpha one as
+        its grey channel; colour ones stay ``(H, W, 3)`` (and are refused by their shape)."""
         if path.suffix.lower() == ".npy":
             return read_npy(path)
         from PIL import Image  # torchvision's dependency
 
         try:
             with Image.open(path) as image:
+                if single_channel and image.mode == "1":
+                    return np.asarray(image).astype(np.uint8)
+                if single_channel and image.mode == "LA":
+                    return np.asarray(image.getchannel("L"))
                 return np.asarray(image.convert("RGB") if image.mode not in ("L", "P", "I", "I;16") else image)
         except OSError as exc:
             raise ValueError(f"File {path} cannot be read as an image: {exc}") from None
@@ -143,7 +166,7 @@ class FolderDataset(Dataset):
 
     def _target(self, task: str, sample: str, hw: tuple[int, int]) -> torch.Tensor:
         spec, path = self.targets[task], self.files[task][sample]
-        array = self._read(path)
+        array = self._read(path, single_channel=spec.layout in ("labels", "binary"))
         if array.ndim == 3 and array.shape[-1] == 1 and spec.layout in ("labels", "binary"):
             array = array[..., 0]
         if array.ndim not in _NDIMS[spec.layout] or array.shape[:2] != hw:
@@ -153,8 +176,12 @@ class FolderDataset(Dataset):
             return labels_from_array(array, path, spec.channels, f"task {task!r} has",
                                      ignore=255 if path.suffix.lower() == ".png" else None)
         if spec.layout == "binary":
+            values = array.astype(np.float32)
+            if not np.isfinite(values).all():
+                raise ValueError(f"task {task!r}: file {path} holds NaN or inf, but a binary target has no "
+                                 "missing value (store 0 or 1).")
             threshold = 0 if path.suffix.lower() == ".png" else 0.5
-            return torch.from_numpy((np.nan_to_num(array.astype(np.float32)) > threshold).astype(np.float32))[None]
+            return torch.from_numpy((values > threshold).astype(np.float32))[None]
         values = array.astype(np.float32)
         if values.ndim == 2:
             values = values[..., None]
@@ -164,7 +191,10 @@ class FolderDataset(Dataset):
         tensor = torch.from_numpy(values).permute(2, 0, 1).contiguous()
         if spec.layout == "normals":
             return normalize_normals(torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0))
-        return torch.where(torch.isfinite(tensor), tensor, torch.full_like(tensor, float("nan")))
+        valid = torch.isfinite(tensor)
+        if spec.valid == "positive":  # 0 = no value too: read as NaN, so resizing never averages it in
+            valid &= tensor > 0
+        return torch.where(valid, tensor, torch.full_like(tensor, float("nan")))
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -1,6 +1,8 @@
 """NYUv2 and Cityscapes in the preprocessed ``.npy`` layouts of the MTAN / LibMTL examples.
 
-Layout (one ``.npy`` file per sample and task, integer file names, not necessarily contiguous)::
+Layout (one ``.npy`` file per sample and task, integer file names, not necessarily contiguous, read in numeric
+order; a name is taken as it is, so ``0007.npy`` is sample 7 and must have that name in every folder, and two names
+of one number, ``7.npy`` and ``07.npy``, are refused)::
 
     root/{train,val}/image/{i}.npy      (H, W, 3) float in [0, 1]
     root/{train,val}/<label>/{i}.npy    (H, W) class index, -1 = ignore
@@ -84,7 +86,9 @@ def augment_sample(image: torch.Tensor, targets: dict[str, torch.Tensor], zoom: 
 
 def image_from_array(array: np.ndarray, path: Path) -> torch.Tensor:
     """An image file's ``(H, W, 3)`` array (uint8, or float in [0, 1]) as a float32 ``(3, H, W)`` tensor in [0, 1];
-    other values raise ``ValueError`` naming ``path``."""
+    other values, and an empty image (no pixel), raise ``ValueError`` naming ``path``."""
+    if array.size == 0:
+        raise ValueError(f"Image file {path} holds no pixel (shape {array.shape}).")
     array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
     if not np.isfinite(array).all() or array.min() < -1e-3 or array.max() > 1.0 + 1e-3:
         raise ValueError(f"Image file {path} has values outside [0, 1] (min {array.min()}, max {array.max()}).")
@@ -95,9 +99,17 @@ def labels_from_array(array: np.ndarray, path: Path, classes: int, owner: str, i
                       ) -> torch.Tensor:
     """A label file's ``(H, W)`` array as int64 class indices, negative or non-finite values (and ``ignore``, e.g.
     255 in PNG files) as -1; a class ``>= classes`` raises ``ValueError`` naming ``path`` and ``owner`` (who has
-    that many classes, e.g. ``"NYUv2 has"``)."""
+    that many classes, e.g. ``"NYUv2 has"``), and so does a finite value that is not a whole number (float files
+    may store classes as 2.0, but 2.4 is a soft or bilinearly resized map, not a class)."""
     if np.issubdtype(array.dtype, np.floating):
-        array = np.where(np.isfinite(array), np.rint(array), IGNORE_INDEX)
+        finite = np.isfinite(array)
+        rounded = np.rint(np.where(finite, array, 0))
+        off = finite & (np.abs(array - rounded) > 1e-6)
+        if off.any():
+            raise ValueError(f"Label file {path} holds non-integer values such as {array[off][0]:g} "
+                             f"({int(off.sum())} pixel(s)), but a label is a whole class index (a soft or "
+                             "bilinearly resized label map?).")
+        array = np.where(finite, rounded, IGNORE_INDEX)
     labels = array.astype(np.int64)
     labels[labels < 0] = IGNORE_INDEX
     if ignore is not None:
@@ -152,7 +164,8 @@ class NpyLayoutDataset(Dataset):
         if not self.split_dir.is_dir():
             raise FileNotFoundError(f"{name} split folder {self.split_dir} does not exist.")
         self.folders = {"image": "image", **folders}
-        self.indices = self._discover(self.split_dir / "image")
+        self.names = self._discover(self.split_dir / "image")  # sample number -> its file name
+        self.indices = list(self.names)
         for folder in self.folders.values():
             self._check_folder(self.split_dir / folder)
         self.class_names = class_names
@@ -171,27 +184,43 @@ class NpyLayoutDataset(Dataset):
             self.indices = self.indices[:n]
 
     @staticmethod
-    def _discover(folder: Path) -> list[int]:
-        """Integer file names ``{i}.npy`` in ``folder``, sorted numerically."""
+    def _numbered(folder: Path) -> dict[int, str]:
+        """Sample number -> file name of the ``<integer>.npy`` files in ``folder`` (names as they are, e.g.
+        ``0007.npy``), sorted numerically; two names of one number (``7.npy`` and ``07.npy``) raise ``ValueError``
+        naming both."""
+        names: dict[int, str] = {}
+        for path in sorted(folder.iterdir()):
+            if match := _INDEX_NAME.match(path.name):
+                number = int(match.group(1))
+                if number in names:
+                    raise ValueError(f"{folder} holds two files for sample {number}: {names[number]} and "
+                                     f"{path.name}.")
+                names[number] = path.name
+        return dict(sorted(names.items()))
+
+    @classmethod
+    def _discover(cls, folder: Path) -> dict[int, str]:
+        """The samples of the image ``folder``: number -> file name (:meth:`_numbered`), sorted numerically."""
         if not folder.is_dir():
             raise FileNotFoundError(f"Image folder {folder} does not exist.")
-        indices = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _INDEX_NAME.match(p.name)))
-        if not indices:
+        names = cls._numbered(folder)
+        if not names:
             raise FileNotFoundError(f"Image folder {folder} holds no files named <integer>.npy.")
-        return indices
+        return names
 
     def _check_folder(self, folder: Path) -> None:
-        """Raise if ``folder`` is missing or lacks a file for one of the indexed samples."""
+        """Raise if ``folder`` is missing, lacks the file of one of the indexed samples (named as in the image
+        folder) or holds two names of one number."""
         if not folder.is_dir():
             raise FileNotFoundError(f"{type(self).__name__} sub-folder {folder} does not exist.")
-        present = {int(m.group(1)) for p in folder.iterdir() if (m := _INDEX_NAME.match(p.name))}
-        missing = [i for i in self.indices if i not in present]
+        present = set(self._numbered(folder).values())
+        missing = [self.names[i] for i in self.indices if self.names[i] not in present]
         if missing:
-            raise FileNotFoundError(f"{type(self).__name__} file {folder / f'{missing[0]}.npy'} does not exist "
+            raise FileNotFoundError(f"{type(self).__name__} file {folder / missing[0]} does not exist "
                                     f"({len(missing)} sample(s) missing in that folder).")
 
     def _path(self, key: str, index: int) -> Path:
-        return self.split_dir / self.folders[key] / f"{index}.npy"
+        return self.split_dir / self.folders[key] / self.names[index]
 
     def _load(self, key: str, index: int, channels: int | None, hw: tuple[int, int] | None) -> np.ndarray:
         """Load one file as ``(H, W, C)`` (``channels`` given) or ``(H, W)``, checking its shape against ``hw``."""

@@ -75,3 +75,82 @@ def test_a_bad_file_is_named(root, damage, culprit):
         for i in range(len(data)):
             data[i]
     assert culprit in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
+def _tiny(root, files, size=(8, 8)):
+    """A train/ split with one sample ``a``: an image of ``size`` and the target files ``{"<folder>/a.<ext>": array
+    or PIL image}``."""
+    (root / "train" / "image").mkdir(parents=True)
+    Image.fromarray(np.full((*size, 3), 100, np.uint8)).save(root / "train" / "image" / "a.png")
+    for name, content in files.items():
+        (root / "train" / name).parent.mkdir(exist_ok=True)
+        np.save(root / "train" / name, content) if name.endswith(".npy") else content.save(root / "train" / name)
+    return root
+
+
+@pytest.mark.parametrize("size", [(24, 24), (64, 64)])
+def test_positive_targets_resize_and_augment_without_blending_in_their_zeros(tmp_path, size):
+    sparse = np.where(np.random.default_rng(0).random((32, 32)) < 0.05, 10.0, 0.0).astype(np.float32)  # LiDAR-like
+    half = np.zeros((32, 32), np.float32)
+    half[:, 16:] = 8.0
+    root = _tiny(tmp_path, {"D/a.npy": sparse, "range/a.npy": half[..., None]}, size=(32, 32))
+    targets = {"D": TargetFiles("dense", "D", 1, valid="positive"),
+               "range": TargetFiles("dense", "range", 1, "positive")}
+    for augment in (False, True):
+        torch.manual_seed(1)
+        _, t = build_dataset("folder", "train", root=str(root), targets=targets, height=size[0], width=size[1],
+                             augment=augment)[0]
+        valid = t["D"] > 0  # the D loss and metric: NaN and 0 are no depth
+        assert (~valid).any() and valid.float().mean() < 0.1, augment
+        assert torch.allclose(t["D"][valid], torch.tensor(10.0)), augment  # never blended with the zeros
+        valid = t["range"] > 0
+        assert valid.any() and (~valid).any() and set(t["range"][valid].unique().tolist()) == {8.0}, augment
+    finite = build_dataset("folder", "train", root=str(root), targets={"D": TargetFiles("dense", "D", 1)},
+                           height=24, width=24)[0][1]["D"]
+    assert (finite > 0).float().mean() > 0.2  # without the rule a 0 is a value and is averaged in
+    with pytest.raises(ValueError, match="'sometimes'"):
+        TargetFiles("dense", "D", 1, valid="sometimes")
+
+
+def test_build_split_marks_depth_and_positive_regressions(tmp_path):
+    from mtsl_plugin.config import config_from_mapping, load_preset
+    from mtsl_plugin.experiment import build_split
+
+    root = _tiny(tmp_path, {f"{t}/a.npy": np.ones((8, 8), np.float32) for t in ("D", "range", "height")})
+    config = config_from_mapping({"dataset": {"name": "folder", "root": str(root)}, "tasks": {
+        "D": {}, "range": {"kind": "regression", "valid": "positive"}, "height": {"kind": "regression"}}},
+        load_preset("smoke"))
+    data = build_split(config, "train")
+    assert {t: spec.valid for t, spec in data.targets.items()} == {"D": "positive", "range": "positive",
+                                                                   "height": "finite"}
+
+
+@pytest.mark.parametrize("files, targets, culprit", [
+    ({"seg/a.npy": np.array([[1.5, 0.4] * 4] * 8, np.float32)}, {"seg": TargetFiles("labels", "seg", 3)},
+     "seg/a.npy"),  # a soft or bilinearly resized label map is not classes
+    ({"m/a.npy": np.full((8, 8), np.nan, np.float32)}, {"m": TargetFiles("binary", "m", 1)}, "m/a.npy"),
+    ({"seg/a.npy": np.zeros((0, 0), np.int64)}, {"seg": TargetFiles("labels", "seg", 3)}, "image/a.npy"),
+])
+def test_a_value_the_layout_cannot_hold_is_named(tmp_path, files, targets, culprit):
+    root = _tiny(tmp_path, files)
+    if culprit == "image/a.npy":  # a 0 x 0 image
+        (root / "train" / "image" / "a.png").unlink()
+        np.save(root / "train" / "image" / "a.npy", np.zeros((0, 0, 3), np.float32))
+    with pytest.raises(ValueError) as caught:
+        build_dataset("folder", "train", root=str(root), targets=targets)[0]
+    assert culprit in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("mode", ["1", "LA"])
+def test_one_bit_and_alpha_png_masks_are_read_as_their_single_channel(tmp_path, mode):
+    mask = np.eye(8, dtype=np.uint8)
+    if mode == "1":
+        png = Image.fromarray(mask.astype(bool))  # what PIL writes for a boolean array
+    else:
+        png = Image.fromarray(np.stack([mask, np.full_like(mask, 255)], -1), "LA")
+    assert png.mode == mode
+    root = _tiny(tmp_path, {"m/a.png": png, "seg/a.png": png})
+    targets = {"m": TargetFiles("binary", "m", 1), "seg": TargetFiles("labels", "seg", 2)}
+    _, t = build_dataset("folder", "train", root=str(root), targets=targets)[0]
+    assert torch.equal(t["m"], torch.from_numpy(mask).float()[None])
+    assert torch.equal(t["seg"], torch.from_numpy(mask).long())

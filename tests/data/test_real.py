@@ -252,3 +252,31 @@ def test_grouping_data_from_the_training_split_as_the_authors_measure(nyuv2_root
     assert len(data.train) == len(full) == smoke().data.train
     with pytest.raises(ValueError, match="data.grouping_data must be one of holdout, train, got 'test'"):
         dataclasses.replace(smoke().data, grouping_data="test")
+
+
+def test_names_are_read_as_they_are_in_numeric_order(nyu: tuple[Path, dict]) -> None:
+    root, data = nyu
+    for folder in ("image", "label", "depth", "normal"):
+        for path in (root / "train" / folder).iterdir():
+            path.rename(path.with_name(f"{int(path.stem):04d}.npy"))  # 0003.npy, 0007.npy, 0010.npy
+    ds = NYUv2(root, "train")
+    assert ds.indices == [3, 7, 10]
+    assert torch.equal(ds[2][0], torch.from_numpy(data["train"][10]["image"]).permute(2, 0, 1))
+
+
+def test_two_names_of_one_number_are_refused(nyu: tuple[Path, dict]) -> None:
+    root, _ = nyu
+    np.save(root / "train" / "label" / "07.npy", np.load(root / "train" / "label" / "7.npy"))
+    with pytest.raises(ValueError) as caught:
+        NYUv2(root, "train")
+    message = str(caught.value)
+    assert "label" in message and "07.npy and 7.npy" in message and len(message.splitlines()) == 1
+
+
+def test_a_non_integer_label_is_named(nyu: tuple[Path, dict]) -> None:
+    root, _ = nyu
+    np.save(root / "train" / "label" / "7.npy", np.full((H, W), 2.4, dtype=np.float32))  # a soft label map
+    ds = NYUv2(root, "train")
+    ds[0]
+    with pytest.raises(ValueError, match=r"label[/\\]7\.npy.*non-integer"):
+        ds[1]
