@@ -120,7 +120,9 @@ def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan
     weighting ``config.weighting``; the heads come from ``stages`` (one per task)."""
     libmtl = import_libmtl()
     check_weighting(config.weighting)
-    heads = {t: stages.build_head(task.out_channels) for t, task in tasks.items()}
+    # a built-in task's head takes its own form on the authors' network (a declared task keeps the plain one)
+    heads = {t: stages.build_head(task.out_channels, task=None if t in config.task_specs else t)
+             for t, task in tasks.items()}
     scheduler = {"scheduler": "multistep", "milestones": list(config.lr_steps), "gamma": 0.1}
     branched = architecture is None or issubclass(architecture, MTSL)  # fused execution is the branched network's
     return MTLTrainer(libmtl_task_dict(tasks), getattr(libmtl.weighting, config.weighting), architecture or MTSL,

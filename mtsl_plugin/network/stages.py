@@ -34,9 +34,13 @@ loc   name       module (``authors``)                                           
 9     dec4       the same, skip from loc 1                                               4
 ====  =========  =====================================================================  =========
 
-Its heads (:class:`MultiScaleHead`) read all four decoder locations; location 5 and the decoder start from He
-initialisation (the authors' ``initialize_weights``). The encoder-only setting (6 locations, DeepLab heads) exists
-for ``compact`` only.
+Its heads (:class:`MultiScaleHead`) read all four decoder locations and end as the authors' head of their task
+(:data:`~mtsl_plugin.network.heads.AUTHORS_HEADS`: S and E a 1x1 conv, D a 3x3 conv and ReLU, N a 3x3 conv and
+tanh, A a 3x3 conv; any other task the plain 1x1 form). Only location 5 starts from He initialisation (the authors'
+``initialize_weights``, which their ``uninet_encoder.py`` applies); the decoder and the heads keep PyTorch's default
+initialisation, as theirs do (their ``Decoder`` calls ``initialize_weights`` only under
+``MODEL.DECODER.INIT_WEIGHTS``, which their configs leave False, and their heads call nothing). The encoder-only
+setting (6 locations, DeepLab heads) exists for ``compact`` only.
 
 The table (:class:`StageSpec` rows) is plain data read by the network, the cost model and the figures.
 :class:`StageFactory` is what every network reads (the table, ``build(location)``, ``build_head``, the head and
@@ -59,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtsl_plugin.network.heads import DeepLabHead, Head, MultiScaleHead
+from mtsl_plugin.network.heads import AUTHORS_HEADS, PLAIN_HEAD, DeepLabHead, Head, MultiScaleHead
 
 ENCODER_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4", "extra")
 DECODER_NAMES = ("dec1", "dec2", "dec3", "dec4")
@@ -203,7 +207,8 @@ def _residual_block(block_type: type[nn.Module], in_channels: int, out_channels:
 
 
 def _he_init(module: nn.Module) -> nn.Module:
-    """The authors' ``initialize_weights``: convolutions N(0, 2 / (k*k*C_out)), BN weight 1 and bias 0."""
+    """The authors' ``initialize_weights``: convolutions N(0, 2 / (k*k*C_out)), BN weight 1 and bias 0. The
+    ``authors`` network applies it to location 5 only, as they do (their decoder and heads keep PyTorch's)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -271,16 +276,23 @@ class StageFactory:
             raise IndexError(f"location {location} is outside 0..{self.num_locations - 1}")
         return copy.deepcopy(self._templates[location])
 
-    def build_head(self, out_channels: int) -> nn.Module:
+    def build_head(self, out_channels: int, task: str | None = None) -> nn.Module:
         """A task head reading the outputs of :attr:`head_locations` (:class:`MultiScaleHead` in the ``authors``
         network, :class:`Head` after the compact decoder, :class:`DeepLabHead` in the encoder-only setting); seeded
-        so that every build with one width is identical.
+        so that every build with one width (and task) is identical.
+
+        ``task`` names the built-in task (S, D, E, N, A) the head is for; in the ``authors`` network it picks that
+        task's head (:data:`~mtsl_plugin.network.heads.AUTHORS_HEADS`: its last conv's size and output
+        activation). ``None``, or any other name, gives the plain head (1x1, no activation), which is what a task
+        a user declares gets: pass ``None`` for a declared task even where it reuses a built-in letter. The
+        ``compact`` and encoder-only heads do not depend on ``task``.
         ``forward([x_l (N, C_l, h_l, w_l) for l in head_locations], size (H, W)) -> (N, out_channels, H, W)``."""
         in_channels = [self.specs[l].out_channels for l in self.head_locations]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._head_seed + out_channels)
             if self.network == "authors":  # the authors' head width is their decoder's planes (64 on ResNet18)
-                return MultiScaleHead(in_channels, in_channels[0] // BottleneckDecoderStage.expansion, out_channels)
+                return MultiScaleHead(in_channels, in_channels[0] // BottleneckDecoderStage.expansion, out_channels,
+                                      AUTHORS_HEADS.get(task, PLAIN_HEAD))
             if self.decoder:
                 return Head(in_channels[0], out_channels)
             return DeepLabHead(in_channels[0], out_channels)
@@ -382,7 +394,7 @@ class ResNetStages(StageFactory):
         c_in = extra_out
         for i, name in enumerate(DECODER_NAMES):
             skip = 4 - i
-            stage = _he_init(BottleneckDecoderStage(c_in, channels[skip], planes))
+            stage = BottleneckDecoderStage(c_in, channels[skip], planes)  # PyTorch's initialisation, as theirs
             templates.append(stage)
             c_out = planes * BottleneckDecoderStage.expansion
             specs.append(StageSpec(name, c_in, c_out, reductions[skip], skip_from=skip, skip_channels=channels[skip]))

@@ -58,7 +58,7 @@ def test_speed_reports_each_plans_size_and_gmac_without_timing(capsys):
     stages = ResNetStages("resnet18", network="authors")
     for name, plan in (("stn", BranchingPlan.single_task(speed.TASKS, 10)),
                        ("onenet", BranchingPlan.one_net(speed.TASKS, 10))):
-        heads = {t: stages.build_head(c) for t, c in zip(speed.TASKS, (10, 1, 1, 3, 3))}
+        heads = {t: stages.build_head(c, task=t) for t, c in zip(speed.TASKS, (10, 1, 1, 3, 3))}
         cost = BranchedNetwork(plan, stages, heads).cost(64, 128)
         assert rows[name]["params"] == cost.params and rows[name]["gmac"] == pytest.approx(cost.gmac)
     assert rows["onenet"]["params"] < rows["stn"]["params"] / 4

@@ -44,9 +44,10 @@ def test_authors_network_is_their_stage_table():
     # the first decoder block: concat 2048 + 512 -> 64 -> 64 -> 256, and its 1x1 residual projection 2048 -> 256
     dec1 = 2560 * 64 + 9 * 64 * 64 + 64 * 256 + 2 * (64 + 64 + 256) + 2048 * 256
     assert sum(p.numel() for p in stages.build(6).parameters()) == dec1
-    # He initialisation (the authors' initialize_weights): std sqrt(2 / (k * k * C_out)), BN weight 1
-    conv3x3 = stages.build(7).body[3]
-    assert float(conv3x3.weight.detach().std()) == pytest.approx((2 / (9 * 64)) ** 0.5, rel=0.05)
+    # location 5 is He-initialised (the authors' initialize_weights): std sqrt(2 / (k * k * C_out)), BN weight 1;
+    # the decoder keeps PyTorch's initialisation (tests/network/test_authors_heads.py)
+    conv3x3 = stages.build(5)[0].conv2
+    assert float(conv3x3.weight.detach().std()) == pytest.approx((2 / (9 * 512)) ** 0.5, rel=0.05)
     with pytest.raises(ValueError, match="encoder setting uses network 'compact'"):
         ResNetStages("resnet18", network="authors", decoder=False)
 
