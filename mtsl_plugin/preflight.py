@@ -120,7 +120,7 @@ def check_mtsl(config: MTSLConfig) -> None:
     loss = amalgamator(config.amalgamator)(4, tasks[:2])
     if loss is not None:
         features = {t: torch.randn(2, 4, 3, 3, generator=generator) for t in tasks[:2]}
-        loss(torch.randn(2, 4, 3, 3, generator=generator), features)
+        loss(torch.randn(2, 4, 3, 3, generator=generator, requires_grad=True), features)  # a loss must train it
 
 
 def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bool = True) -> None:

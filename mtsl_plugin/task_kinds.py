@@ -105,7 +105,7 @@ _METRIC_LABEL = {"miou": "mIoU", "accuracy": "acc", "rmse": "RMSE", "mae": "MAE"
 
 
 def _pick(name: str, what: str, choice: str, table: Mapping[str, Any]) -> Any:
-    if choice not in table:
+    if not isinstance(choice, str) or choice not in table:  # a list would not even hash
         raise ValueError(f"task {name!r}: unknown {what} {choice!r}; choose from {list(table)}")
     return table[choice]
 
@@ -183,10 +183,75 @@ BUILTIN_KINDS: dict[str, Callable[..., Task]] = {
 }
 
 
+# ----------------------------------------------------------------------------------------------- the probe
+#: The size of the random batch :func:`probe_task` tries a task on: (N, H, W).
+PROBE_SIZE = (2, 4, 4)
+
+
+def _probe_batch(task: Task, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A random raw prediction ``(N, out_channels, H, W)`` (requiring grad) and a valid target of the task's
+    layout: classes in ``[0, C)``, {0, 1} masks, values in ``[0, 1)``, unit normals or an image."""
+    n, h, w = PROBE_SIZE
+    c = task.out_channels
+    pred = torch.randn(n, c, h, w, generator=generator).requires_grad_()
+    if task.target == "labels":
+        target = torch.randint(0, c, (n, h, w), generator=generator)
+    elif task.target == "binary":
+        target = (torch.rand(n, 1, h, w, generator=generator) > 0.5).float()
+    elif task.target == "normals":
+        target = F.normalize(torch.randn(n, 3, h, w, generator=generator), dim=1)
+    else:  # dense, image
+        target = torch.rand(n, c, h, w, generator=generator)
+    return pred, target
+
+
+def _failure(error: Exception) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def probe_task(task: Task) -> None:
+    """Try ``task``'s loss and metric once on a tiny random batch of its layout (:data:`PROBE_SIZE`), so a loss
+    that is not a finite 0-d tensor with a gradient to the prediction, or a metric factory that does not make a
+    working torchmetrics ``Metric``, is refused before any training rather than at step 1 or after training.
+
+    Draws from its own generator (the global random state is untouched). Raises ``ValueError`` saying what
+    failed, without the task's name (the caller names the task, its kind and plugin).
+    """
+    with torch.inference_mode(False):
+        pred, target = _probe_batch(task, torch.Generator().manual_seed(0))
+    shapes = f"a prediction {tuple(pred.shape)} and a {task.target} target {tuple(target.shape)}"
+    with torch.inference_mode(False), torch.enable_grad():  # the caller may be evaluating
+        try:
+            loss = task.loss_fn(pred, target)  # the batch fits the layout: Task.loss's shape checks would pass
+        except Exception as error:  # noqa: BLE001  any failure of the plugin's code is reported as one line
+            raise ValueError(f"its loss on {shapes} raised {_failure(error)}") from error
+        if not (isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point()
+                and bool(torch.isfinite(loss.detach()))):
+            described = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else repr(loss)[:200]
+            raise ValueError(f"its loss on {shapes} returned {described}, expected a finite 0-d float tensor")
+        if not loss.requires_grad or torch.autograd.grad(loss, pred, allow_unused=True)[0] is None:
+            raise ValueError(f"its loss on {shapes} has no gradient with respect to the prediction (is it computed "
+                             "from pred.detach(), numpy or .item()?)")
+    try:
+        metric = task.make_metric()
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"its metric_factory raised {_failure(error)}") from error
+    if not isinstance(metric, Metric):
+        raise ValueError(f"its metric_factory returned {metric!r:.200}, expected a torchmetrics Metric")
+    try:
+        metric.update(task.postprocess(pred.detach()), target)
+        float(metric.compute())
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"its metric on {shapes} raised {_failure(error)}") from error
+
+
 def declare_task(name: str, declaration: Mapping[str, Any]) -> Task:
     """The :class:`Task` ``name`` of a declaration ``{kind: ..., <the kind's options>, folder: ...}``; the kind is
     looked up among the plugins' task kinds. A mistake (no kind, unknown kind or option, bad value) raises
-    ``ValueError`` naming the task."""
+    ``ValueError`` naming the task. The task's loss and metric are tried once on a tiny random batch
+    (:func:`probe_task`), so a kind whose loss or metric does not work is refused here, naming the task, its kind
+    and plugin (``PluginContractError``), not at the first step or after training."""
     from mtsl_plugin.plugins import UnknownNameError, task_kind  # deferred: the manager imports the built-in kinds
 
     if not isinstance(declaration, Mapping):

@@ -182,10 +182,10 @@ class _RatioMetric(Metric):
         raise NotImplementedError
 
     def update(self, pred: Tensor, target: Tensor) -> None:
-        if pred.shape[0] != target.shape[0] or pred.shape[2:] != target.shape[2:]:
+        if pred.shape != target.shape:  # every ratio metric compares them value by value: never broadcast
             raise ValueError(
                 f"{type(self).__name__} got prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
-                "with different batch or spatial sizes"
+                "of different shapes (batch, channel or spatial sizes)"
             )
         total, count = self._batch(pred.detach().double(), target.detach().double())
         self.total += total
@@ -257,24 +257,67 @@ class Task:
     postprocess_fn: Callable[[Tensor], Tensor] = _identity
     target: str = "dense"
 
+    # The channel count each target layout fixes (``out_channels`` must equal it; ``labels`` needs at least 2
+    # classes, ``dense`` takes any). Not annotated, so not a field.
+    layout_channels = {"binary": 1, "normals": 3, "image": 3}
+
     def __post_init__(self) -> None:
+        """Refuse, in one line naming the task, a field of the wrong type or a channel count its target layout
+        cannot have (:attr:`layout_channels`): a Task from a plugin's kind is checked like a built-in one."""
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a task's name must be a non-empty str, got {self.name!r}")
+        problem = None
         if self.target not in TARGET_LAYOUTS:
-            raise ValueError(f"task {self.name!r}: target layout {self.target!r} is not one of {TARGET_LAYOUTS}")
-        if self.out_channels < 1:
-            raise ValueError(f"task {self.name!r} needs at least one output channel, got {self.out_channels}")
+            problem = f"target layout {self.target!r} is not one of {TARGET_LAYOUTS}"
+        elif isinstance(self.out_channels, bool) or not isinstance(self.out_channels, int) or self.out_channels < 1:
+            problem = f"out_channels must be an int >= 1, got {self.out_channels!r}"
+        elif not isinstance(self.higher_is_better, bool):  # bool("false") is True: a string would flip Δ_MTL
+            problem = f"higher_is_better must be True or False, got {self.higher_is_better!r}"
+        elif not isinstance(self.title, str) or not isinstance(self.metric_name, str):
+            field = "title" if not isinstance(self.title, str) else "metric_name"
+            problem = f"{field} must be a str, got {getattr(self, field)!r}"
+        else:
+            for field in ("loss_fn", "metric_factory", "postprocess_fn"):
+                if not callable(getattr(self, field)):
+                    problem = f"{field} must be callable, got {getattr(self, field)!r}"
+                    break
+        channels = self.layout_channels.get(self.target)
+        if problem is None and self.target == "labels" and self.out_channels < 2:
+            problem = (f"a labels target needs at least 2 classes (output channels, one logit per class), but the "
+                       f"task has {self.out_channels}")
+        elif problem is None and channels is not None and self.out_channels != channels:
+            problem = (f"a{'n' if self.target[0] in 'aeiou' else ''} {self.target} target has {channels} "
+                       f"channel{'s' if channels > 1 else ''}, but the task has {self.out_channels} output "
+                       f"channel{'s' if self.out_channels > 1 else ''}")
+        if problem is not None:
+            raise ValueError(f"task {self.name!r}: {problem}")
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        """The training loss (0-d tensor) of a raw prediction ``(N, out_channels, H, W)`` against ``target``."""
+        """The training loss (0-d tensor) of a raw prediction ``(N, out_channels, H, W)`` against ``target``:
+        ``(N, H, W)`` class indices for a ``labels`` layout, ``(N, out_channels, H, W)`` for every other."""
         if pred.dim() != 4 or pred.shape[1] != self.out_channels:
             raise ValueError(
                 f"task {self.name} expects predictions (N, {self.out_channels}, H, W), got {tuple(pred.shape)}"
+            )
+        expected = "(N, H, W)" if self.target == "labels" else f"(N, {self.out_channels}, H, W)"
+        if (target.dim() != 3 if self.target == "labels" else
+                target.dim() != 4 or target.shape[1] != self.out_channels):
+            raise ValueError(
+                f"task {self.name} ({self.target} target) expects targets {expected}, got prediction "
+                f"{tuple(pred.shape)} and target {tuple(target.shape)}"
             )
         if pred.shape[0] != target.shape[0] or pred.shape[-2:] != target.shape[-2:]:
             raise ValueError(
                 f"task {self.name} got prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
                 "with different batch or spatial sizes"
             )
-        return self.loss_fn(pred, target)
+        loss = self.loss_fn(pred, target)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            described = (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else
+                         f"{type(loss).__name__} {loss!r}"[:200])
+            raise ValueError(f"task {self.name}: its loss returned {described}, expected a 0-d tensor "
+                             "(a mean over the valid pixels)")
+        return loss
 
     def make_metric(self) -> Metric:
         """A fresh metric; ``update(postprocess(pred), target)`` per batch, ``compute()`` gives a 0-d tensor."""

@@ -2,13 +2,15 @@
 task kinds from a plugin."""
 import math
 import pickle
+from functools import partial
 
 import pytest
 import torch
+from torchmetrics import Metric
 
 from mtsl_plugin.plugins import PluginContractError, hookimpl, plugin_manager, reset_plugin_manager
-from mtsl_plugin.task_kinds import build_task_set, declare_task
-from mtsl_plugin.tasks import Task
+from mtsl_plugin.task_kinds import RegressionError, build_task_set, declare_task
+from mtsl_plugin.tasks import TASKS, Task, build_tasks
 
 
 def test_regression_loss_and_rmse_skip_non_finite_targets_and_keep_gradients_finite():
@@ -120,3 +122,125 @@ def test_a_task_kind_from_a_plugin_is_declared_like_a_built_in_one():
             declare_task("h", {"kind": "halves", "size": 2})
     finally:
         reset_plugin_manager()
+
+
+# ------------------------------------------------------------------------------ plugin kinds checked when declared
+def _l1(pred, target):
+    return (pred - target).abs().mean()
+
+
+def _per_pixel_l1(pred, target):
+    return (pred - target).abs()  # not reduced: (N, C, H, W)
+
+
+def _detached_l1(pred, target):
+    return (pred.detach() - target).abs().mean()
+
+
+def _not_a_metric():
+    return "not a metric"
+
+
+class _FailingMetric(Metric):
+    def __init__(self):
+        super().__init__()
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, pred, target):
+        raise RuntimeError("update needs a mask")
+
+    def compute(self):
+        return self.total
+
+
+def _mae():
+    return RegressionError(1, False)
+
+
+def _plugin_task(name, *, channels=1, higher_is_better=False, loss=_l1, metric=_mae, target="dense"):
+    return Task(name, "plugin task", channels, "MAE", higher_is_better, loss, metric, target=target)
+
+
+class _CheckedKinds:
+    """Kinds of a plugin that each break one rule a Task of a target layout must keep."""
+
+    @hookimpl
+    def mtsl_task_kinds(self):
+        return {
+            "strdir": partial(_plugin_task, higher_is_better="false"),  # bool("false") is True: Δ_MTL flips
+            "gray": partial(_plugin_task, target="image"),  # 1 channel against the 3-channel image
+            "mask3": partial(_plugin_task, channels=3, target="binary"),
+            "vecloss": partial(_plugin_task, loss=_per_pixel_l1),
+            "nograd": partial(_plugin_task, loss=_detached_l1),
+            "badmetric": partial(_plugin_task, metric=_not_a_metric),
+            "failingmetric": partial(_plugin_task, metric=_FailingMetric),
+            "raising": _raising_kind,
+            "good": partial(_plugin_task, channels=2),
+        }
+
+
+def _raising_kind(name, *, size=1):
+    raise TypeError(f"size must be str, got {size}")
+
+
+@pytest.fixture
+def checked_kinds():
+    reset_plugin_manager()
+    plugin_manager().register(_CheckedKinds(), name="kinds_plugin")
+    yield
+    reset_plugin_manager()
+
+
+@pytest.mark.parametrize("kind, culprit", [
+    ("strdir", "higher_is_better must be True or False, got 'false'"),
+    ("gray", "an image target has 3 channels, but the task has 1 output channel"),
+    ("mask3", "a binary target has 1 channel, but the task has 3 output channels"),
+])
+def test_a_plugin_task_breaking_its_layout_or_direction_is_refused_naming_task_kind_and_plugin(
+        checked_kinds, kind, culprit):
+    with pytest.raises(ValueError) as caught:
+        declare_task("heat", {"kind": kind})
+    message = str(caught.value)
+    assert "'heat'" in message and culprit in message and f"'{kind}'" in message and "'kinds_plugin'" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("kind, culprit", [
+    ("vecloss", r"loss .* returned a tensor of shape \(2, 1, 4, 4\).*expected a finite 0-d float tensor"),
+    ("nograd", "loss .* has no gradient"),
+    ("badmetric", "metric_factory returned 'not a metric', expected a torchmetrics Metric"),
+    ("failingmetric", "metric .* raised RuntimeError: update needs a mask"),
+    ("raising", "raised TypeError: size must be str, got 1"),
+])
+def test_a_plugin_task_whose_loss_or_metric_fails_is_refused_when_declared(checked_kinds, kind, culprit):
+    with pytest.raises(PluginContractError, match=culprit) as caught:
+        build_task_set(("parts", "heat"), {"parts": {"kind": "segmentation", "classes": 3},
+                                           "heat": {"kind": kind}}, num_classes=0)
+    message = str(caught.value)
+    assert "'heat'" in message and f"'{kind}'" in message and "'kinds_plugin'" in message and "\n" not in message
+
+
+def test_a_good_plugin_task_and_every_built_in_option_pass_the_declaration_checks(checked_kinds):
+    state = torch.random.get_rng_state()
+    assert declare_task("heat", {"kind": "good"}).out_channels == 2
+    with torch.no_grad():
+        declare_task("heat", {"kind": "good"})  # the probe makes its own graph
+    with torch.inference_mode():
+        declare_task("heat", {"kind": "good"})
+    declarations = [{"kind": "segmentation", "classes": 3, "metric": metric} for metric in ("miou", "accuracy")]
+    declarations += [{"kind": "regression", "channels": 2, "loss": loss, "metric": metric, "valid": valid}
+                     for loss in ("l1", "mse") for metric in ("rmse", "mae", "mse") for valid in ("finite", "positive")]
+    declarations += [{"kind": "binary", "loss": loss, "metric": metric}
+                     for loss in ("balanced_bce", "bce") for metric in ("bce", "iou")]
+    declarations += [{"kind": "normals"}, {"kind": "reconstruction"}]
+    for declaration in declarations:
+        declare_task("t", declaration)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the checks draw from their own generator
+
+
+def test_the_five_built_in_tasks_under_both_loss_sets_pass_the_task_probe():
+    from mtsl_plugin.task_kinds import probe_task
+
+    for losses in ("standard", "authors"):
+        for task in build_tasks(TASKS, num_classes=4, losses=losses).values():
+            probe_task(task)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 import pickle
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mtsl_plugin.tasks import TASKS, build_tasks, libmtl_task_dict
+from mtsl_plugin.tasks import TASKS, MaskedRMSE, MeanBCE, MeanCosine, Task, build_tasks, libmtl_task_dict
 
 N, H, W = 2, 4, 5
 
@@ -308,3 +309,67 @@ def test_authors_depth_loss_without_depth_is_zero_with_finite_gradients():
     loss = tasks["D"].loss(pred, torch.zeros(N, 1, H, W))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(pred.grad, torch.zeros_like(pred))
+
+
+# ------------------------------------------------------------------------------------------ a Task's own rules
+def _task(**changes):
+    fields = dict(name="heat", title="heat", out_channels=1, metric_name="MAE", higher_is_better=False,
+                  loss_fn=F.l1_loss, metric_factory=MaskedRMSE, target="dense")
+    fields.update(changes)
+    return Task(**fields)
+
+
+@pytest.mark.parametrize("changes, culprit", [
+    ({"higher_is_better": "false"}, "higher_is_better must be True or False, got 'false'"),  # bool("false") is True
+    ({"higher_is_better": 1}, "higher_is_better must be True or False, got 1"),
+    ({"higher_is_better": None}, "higher_is_better must be True or False, got None"),
+    ({"out_channels": 1, "target": "image"}, "an image target has 3 channels, but the task has 1 output channel"),
+    ({"out_channels": 3, "target": "binary"}, "a binary target has 1 channel, but the task has 3 output channels"),
+    ({"out_channels": 2, "target": "normals"}, "a normals target has 3 channels, but the task has 2 output"),
+    ({"out_channels": 1, "target": "labels"}, "a labels target needs at least 2 classes"),
+    ({"out_channels": True}, "out_channels must be an int >= 1, got True"),
+    ({"out_channels": 0}, "out_channels must be an int >= 1, got 0"),
+    ({"metric_name": None}, "metric_name must be a str, got None"),
+    ({"loss_fn": "l1"}, "loss_fn must be callable, got 'l1'"),
+])
+def test_a_task_breaking_its_direction_or_layout_is_refused_in_one_line_naming_it(changes, culprit):
+    with pytest.raises(ValueError) as caught:
+        _task(**changes)
+    assert str(caught.value).startswith("task 'heat': ") and culprit in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_dense_tasks_take_any_channel_count_and_every_layout_its_own():
+    assert _task(out_channels=5).out_channels == 5
+    for target, channels in (("labels", 2), ("binary", 1), ("normals", 3), ("image", 3)):
+        assert _task(target=target, out_channels=channels).target == target
+
+
+@pytest.mark.parametrize("name, target", [
+    ("D", torch.zeros(N, 3, H, W)),  # would broadcast against (N, 1, H, W)
+    ("A", torch.zeros(N, 1, H, W)),
+    ("E", torch.zeros(N, H, W)),
+    ("S", torch.zeros(N, 1, H, W, dtype=torch.long)),
+])
+def test_loss_refuses_a_target_of_another_channel_count_naming_the_task_and_both_shapes(tasks, name, target):
+    pred = torch.zeros(N, tasks[name].out_channels, H, W)
+    with pytest.raises(ValueError) as caught:
+        tasks[name].loss(pred, target)
+    message = str(caught.value)
+    assert f"task {name}" in message and str(tuple(pred.shape)) in message and str(tuple(target.shape)) in message
+
+
+def test_loss_refuses_a_loss_that_is_not_reduced_to_a_scalar():
+    task = _task(loss_fn=partial(F.l1_loss, reduction="none"))
+    with pytest.raises(ValueError, match=r"task heat: its loss returned a tensor of shape \(2, 1, 4, 5\), "
+                                         "expected a 0-d tensor"):
+        task.loss(torch.zeros(N, 1, H, W), torch.zeros(N, 1, H, W))
+
+
+def test_ratio_metrics_refuse_predictions_and_targets_of_other_shapes():
+    for metric, pred, target in ((MaskedRMSE(), torch.ones(N, 1, H, W), torch.ones(N, 3, H, W)),
+                                 (MeanCosine(), torch.ones(N, 3, H, W), torch.ones(N, 1, H, W)),
+                                 (MeanBCE(), torch.ones(N, 1, H, W), torch.ones(N, H, W))):
+        with pytest.raises(ValueError, match=r"different shapes") as caught:
+            metric.update(pred, target)
+        assert str(tuple(pred.shape)) in str(caught.value) and str(tuple(target.shape)) in str(caught.value)

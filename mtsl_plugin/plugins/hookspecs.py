@@ -18,8 +18,9 @@ are registered the very same way.
 
 The hooks are called whenever a name is looked up or listed (``similarity(name)``, ``available(kind)``, ...),
 so an implementation must be cheap and free of side effects. The plugin manager wraps every object it hands
-out with a check of the contract stated here; a plugin that breaks it fails with ``PluginContractError``
-naming the plugin.
+out with a check of the contract stated here; a plugin that breaks it, or whose hook or object raises, fails with
+a one-line ``PluginContractError`` naming the plugin. ``load_plugin`` calls a module's hooks once and refuses
+(``PluginLoadError``) one that raises or returns no dict.
 
 This module imports no implementation.
 """
@@ -87,7 +88,8 @@ def mtsl_grouping_solvers() -> dict[str, GroupingSolver]:
     It returns a partition of ``tasks`` as ``list[list[str]]``: every task exactly once, no empty group.
     The canonical order is: groups ordered by the position of their first task in ``tasks``, tasks within a
     group in ``tasks`` order; ties between equally good partitions are broken deterministically. The manager
-    checks that the result is a partition of ``tasks`` and returns it in the canonical order.
+    passes the solver a copy of the matrix (so editing it in place is harmless), checks that the result is a
+    partition of ``tasks`` and returns it in the canonical order.
     """
 
 
@@ -105,7 +107,8 @@ def mtsl_amalgamators() -> dict[str, AmalgamatorFactory]:
       are trained together with the group node; the task outputs are fixed targets.
 
     The manager checks that the factory returns None or a module, and (through a forward hook, so the module
-    must be called as ``module(group_out, task_outs)``) that every loss is a 0-d finite tensor.
+    must be called as ``module(group_out, task_outs)``) that every loss is a 0-d finite tensor, which carries a
+    gradient whenever ``group_out`` requires one and grad mode is on.
     """
 
 
@@ -119,8 +122,13 @@ def mtsl_task_kinds() -> dict[str, TaskKind]:
     ``loss_fn(pred (N, C, H, W), target) -> 0-d tensor``, a factory of a torchmetrics ``Metric`` (updated with
     ``(postprocess(pred), target)`` over the whole data set), the metric's name and direction, and the target
     layout (one of ``mtsl_plugin.tasks.TARGET_LAYOUTS``: how a data set reads, resizes and mirrors the target).
-    A kind raises ``ValueError`` naming the task for a bad option value. The manager checks that the options
-    fit the kind's signature (an unknown or missing option is named) and that the result is a ``Task`` of that
-    name. Build losses and metrics from module-level functions and ``functools.partial``, not closures, so that
-    the task pickles like the built-in ones (LibMTL's task dict is copied that way, e.g. by data-loader workers).
+    A kind raises ``ValueError`` naming the task for a bad option value. The ``Task`` itself refuses a
+    ``higher_is_better`` that is not a bool and an ``out_channels`` its layout cannot have (``labels`` >= 2,
+    ``binary`` 1, ``normals`` 3, ``image`` 3, ``dense`` any). The manager checks that the options fit the kind's
+    signature (an unknown or missing option is named), that the result is a ``Task`` of that name, and tries its
+    loss and metric once on a tiny random batch of its layout (``mtsl_plugin.task_kinds.probe_task``): the loss
+    must be a finite 0-d tensor with a gradient to the prediction, the metric factory must make a torchmetrics
+    ``Metric`` whose ``update`` and ``compute`` work. Build losses and metrics from module-level functions and
+    ``functools.partial``, not closures, so that the task pickles like the built-in ones (LibMTL's task dict is
+    copied that way, e.g. by data-loader workers).
     """

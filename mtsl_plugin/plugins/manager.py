@@ -12,15 +12,21 @@ afresh, so a plugin registered later is seen at once, and hand out the plugin's 
 (see :mod:`mtsl_plugin.plugins.hookspecs`).
 
 Errors: an unknown name raises :class:`UnknownNameError` (a ``KeyError``) listing the available names; a name
-offered by two plugins raises :class:`DuplicateNameError` naming both; a plugin that breaks its contract
-raises :class:`PluginContractError` naming the plugin; a module that cannot be imported or registered raises
-:class:`PluginLoadError`. All four derive from :class:`PluginError`. Mistakes of the *caller* (e.g. a 3-D
-feature tensor, a similarity matrix of the wrong size) raise ``ValueError``.
+offered by two plugins raises :class:`DuplicateNameError` naming both; a plugin that breaks its contract, or
+whose hook or object raises, raises :class:`PluginContractError` naming the plugin (one line); a module that
+cannot be imported or registered, or whose hook raises or returns no dict when :func:`load_plugin` first calls
+it, raises :class:`PluginLoadError`. All four derive from :class:`PluginError`. A plugin whose hook fails does
+not stop the lookup of a name another plugin offers; listing the names (:func:`available`) or looking up a name
+no working plugin offers names the failing plugin. Mistakes of the *caller* (e.g. a 3-D feature tensor, a
+similarity matrix of the wrong size) raise ``ValueError``.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import inspect
+import os
+import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -89,6 +95,12 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _failure(error: BaseException) -> str:
+    """``error`` as ``Type: message`` on one line, at most 300 characters."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _register(pm: pluggy.PluginManager, module_name: str) -> ModuleType:
     """Import ``module_name`` and register it with ``pm`` (a no-op if it already is); return the module."""
     try:
@@ -143,62 +155,153 @@ def reset_plugin_manager() -> None:
     _plugin_manager = None
 
 
-def load_plugin(module_name: str) -> ModuleType:
-    """Import the module ``module_name`` and register it as a plugin; idempotent. Returns the module.
+def _on_import_path(directory: str) -> bool:
+    """Whether ``directory`` is on ``sys.path`` (``""`` stands for the working directory)."""
+    target = os.path.realpath(directory)
+    return any(isinstance(entry, str) and os.path.realpath(entry or os.curdir) == target for entry in sys.path)
 
-    Raises :class:`PluginLoadError` if the module cannot be imported or implements no hook.
+
+def _import(module_name: str) -> ModuleType:
+    """Import ``module_name``; a module that only the working directory holds is imported from there, as
+    ``python -m`` (which puts the working directory on the import path) would find it.
+
+    ``python benchmarks/compare.py --plugin blob_kind`` puts ``benchmarks/``, not the working directory, on the
+    path; the working directory is then appended to ``sys.path`` (so that the plugin's own imports, and
+    data-loader workers unpickling its tasks, find it too). Appended, it never shadows an installed module.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        top = module_name.partition(".")[0]
+        here = os.getcwd()
+        if (error.name != top or _on_import_path(here)
+                or importlib.machinery.PathFinder.find_spec(top, [here]) is None):
+            raise
+    sys.path.append(here)
+    importlib.invalidate_caches()
+    return importlib.import_module(module_name)
+
+
+def load_plugin(module_name: str) -> ModuleType:
+    """Import the module ``module_name`` (from the import path or, failing that, the working directory) and
+    register it as a plugin; idempotent. Returns the module.
+
+    Each hook the module implements is called once on registration, so a hook that raises or returns no dict
+    is refused here, naming the module and the hook, rather than at a later lookup.
+
+    Raises :class:`PluginLoadError` if the module cannot be imported, implements no hook, or a hook fails.
     """
     if not isinstance(module_name, str) or not module_name:
         raise PluginLoadError(f"A plugin module must be named by a non-empty import name, got {module_name!r}.")
-    return _register(plugin_manager(), module_name)
+    pm = plugin_manager()
+    try:
+        module = _import(module_name)
+    except Exception as error:
+        if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+            stem = os.path.splitext(os.path.basename(module_name.rstrip("/" + os.sep)))[0]
+            hint = (f" A plugin is named by its module's import name: name the module, not its file: {stem} "
+                    "(from the folder that holds it, or with that folder on PYTHONPATH).")
+        elif isinstance(error, ModuleNotFoundError) and error.name == module_name.partition(".")[0]:
+            hint = f" It was looked for on the import path and in the working directory {os.getcwd()}."
+        else:
+            hint = ""
+        raise PluginLoadError(f"Could not import plugin module {module_name!r}: {_failure(error)}.{hint}") from error
+    if pm.is_registered(module):
+        return module
+    _register(pm, module_name)
+    _check_hooks(pm, module, module_name)
+    return module
 
 
-def _collect(kind: str) -> dict[str, tuple[str, Any]]:
-    """Call the hook of ``kind`` on every plugin and return ``name -> (plugin name, object)``."""
+def _check_hooks(pm: pluggy.PluginManager, module: ModuleType, module_name: str) -> None:
+    """Call each hook of the newly registered ``module`` once; unregister it and raise :class:`PluginLoadError`
+    if one raises or returns something other than a dict of callables."""
+    kind_of_hook = {hook: kind for kind, hook in _HOOK_OF_KIND.items()}
+    for caller in pm.get_hookcallers(module) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is not module or impl.hookwrapper or impl.wrapper or caller.name not in kind_of_hook:
+                continue
+            try:
+                _offers(pm, impl, kind_of_hook[caller.name])
+            except PluginContractError as error:
+                pm.unregister(module)
+                raise PluginLoadError(f"{error} Its module {module_name!r} is not loaded.") from error
+
+
+def _offers(pm: pluggy.PluginManager, impl: Any, kind: str) -> tuple[str, dict[str, Any]]:
+    """Call one plugin's hook of ``kind``; return ``(plugin name, {name: object})`` after checking the result
+    (a dict of callables under non-empty str names, or None). A hook that raises or breaks this is a
+    :class:`PluginContractError` naming the plugin and the hook."""
+    hook_name = _HOOK_OF_KIND[kind]
+    noun = _NOUN_OF_KIND[kind]
+    plugin = pm.get_name(impl.plugin) or impl.plugin_name
+    try:
+        result = impl.function()
+    except Exception as error:
+        raise PluginContractError(f"Plugin {plugin!r}: its hook {hook_name} raised {_failure(error)}.") from error
+    if result is None:
+        return plugin, {}
+    if not isinstance(result, dict):
+        raise PluginContractError(
+            f"Plugin {plugin!r} returned {_describe(result)} from {hook_name}, expected a dict name -> {noun}."
+        )
+    for name, obj in result.items():
+        if not isinstance(name, str) or not name:
+            raise PluginContractError(
+                f"Plugin {plugin!r} offers a {noun} under the name {name!r}, expected a non-empty str."
+            )
+        if not callable(obj):
+            raise PluginContractError(
+                f"Plugin {plugin!r} offers {noun} {name!r} as {_describe(obj)}, which is not callable."
+            )
+    return plugin, result
+
+
+def _collect(kind: str) -> tuple[dict[str, tuple[str, Any]], list[PluginContractError]]:
+    """Call the hook of ``kind`` on every plugin; return ``name -> (plugin name, object)`` over the plugins whose
+    hook answered, and the errors of those whose hook raised or broke its contract."""
     if kind not in _HOOK_OF_KIND:
         raise ValueError(f"Unknown plugin kind {kind!r}; expected one of {sorted(_HOOK_OF_KIND)}.")
     pm = plugin_manager()
-    hook_name = _HOOK_OF_KIND[kind]
     noun = _NOUN_OF_KIND[kind]
     offered: dict[str, tuple[str, Any]] = {}
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+    broken: list[PluginContractError] = []
+    for impl in getattr(pm.hook, _HOOK_OF_KIND[kind]).get_hookimpls():
         if impl.hookwrapper or impl.wrapper:
             continue  # wrappers surround the call; they contribute no names
-        plugin = pm.get_name(impl.plugin) or impl.plugin_name
-        result = impl.function()
-        if result is None:
+        try:
+            plugin, result = _offers(pm, impl, kind)
+        except PluginContractError as error:
+            broken.append(error)
             continue
-        if not isinstance(result, dict):
-            raise PluginContractError(
-                f"Plugin {plugin!r} returned {_describe(result)} from {hook_name}, expected a dict name -> {noun}."
-            )
         for name, obj in result.items():
-            if not isinstance(name, str) or not name:
-                raise PluginContractError(
-                    f"Plugin {plugin!r} offers a {noun} under the name {name!r}, expected a non-empty str."
-                )
-            if not callable(obj):
-                raise PluginContractError(
-                    f"Plugin {plugin!r} offers {noun} {name!r} as {_describe(obj)}, which is not callable."
-                )
             if name in offered:
                 raise DuplicateNameError(
                     f"The {noun} {name!r} is offered by two plugins, {offered[name][0]!r} and {plugin!r}."
                 )
             offered[name] = (plugin, obj)
-    return offered
+    return offered, broken
 
 
 def available(kind: str) -> list[str]:
     """Return the sorted names offered for ``kind``: ``"similarity"``, ``"grouping"``, ``"amalgamator"`` or
-    ``"task"``."""
-    return sorted(_collect(kind))
+    ``"task"``. A plugin whose hook fails makes the list incomplete: :class:`PluginContractError` naming it."""
+    offered, broken = _collect(kind)
+    if broken:
+        raise broken[0]
+    return sorted(offered)
 
 
 def _lookup(kind: str, name: str) -> tuple[str, Any]:
-    """Return ``(plugin name, object)`` offered for ``name`` of ``kind``, or raise :class:`UnknownNameError`."""
-    offered = _collect(kind)
+    """Return ``(plugin name, object)`` offered for ``name`` of ``kind``, or raise :class:`UnknownNameError`
+    (:class:`PluginContractError` naming the plugin when a plugin whose hook failed might have offered it)."""
+    offered, broken = _collect(kind)
     if name not in offered:
+        if broken:
+            raise PluginContractError(
+                f"The {_NOUN_OF_KIND[kind]} {name!r} is offered by no working plugin, and a broken one might "
+                f"offer it: {broken[0]}"
+            ) from broken[0]
         raise UnknownNameError(
             f"Unknown {_NOUN_OF_KIND[kind]} {name!r}; available: {', '.join(sorted(offered)) or 'none'}."
         )
@@ -219,6 +322,22 @@ class _Checked:
 
     def __repr__(self) -> str:
         return f"<{_NOUN_OF_KIND[self.kind]} {self.name!r} from plugin {self.plugin!r}>"
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the plugin's object; an exception a third-party plugin's object raises becomes a one-line
+        :class:`PluginContractError` naming the object and its plugin (the built-ins' own errors, errors of the
+        plugin system and out-of-memory pass unchanged)."""
+        try:
+            return self.__wrapped__(*args, **kwargs)
+        except (PluginError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as error:
+            if self.plugin in BUILTIN_PLUGINS:
+                raise
+            noun = _NOUN_OF_KIND[self.kind]
+            raise PluginContractError(
+                f"{noun[0].upper()}{noun[1:]} {self.name!r} of plugin {self.plugin!r} raised {_failure(error)}."
+            ) from error
 
 
 class CheckedSimilarity(_Checked):
@@ -243,7 +362,7 @@ class CheckedSimilarity(_Checked):
             raise ValueError(
                 f"Similarity metric {self.name!r} needs at least 4 samples (rows of x and y), got {x.shape[0]}."
             )
-        result = self.__wrapped__(x, y)
+        result = self._call(x, y)
         if not (
             isinstance(result, torch.Tensor)
             and result.dim() == 0
@@ -285,7 +404,13 @@ class CheckedGroupingSolver(_Checked):
                 f"The similarity matrix passed to grouping solver {self.name!r} has shape {shape}, "
                 f"expected ({len(names)}, {len(names)}) for tasks {names!r}."
             )
-        result = self.__wrapped__(similarity, list(names), float(threshold))
+        # a copy: a solver that edits its matrix in place must not change the caller's (the merge decision
+        # re-reads it, and the phase record writes it)
+        if isinstance(similarity, torch.Tensor):
+            similarity = similarity.detach().clone()
+        else:
+            similarity = np.array(similarity, copy=True)
+        result = self._call(similarity, list(names), float(threshold))
         complaint = (
             f"Grouping solver {self.name!r} of plugin {self.plugin!r} returned {_describe(result)}, "
             f"which is not a partition of the tasks {names!r} into non-empty groups."
@@ -320,6 +445,14 @@ class _LossContract:
                 f"Amalgamator {self.name!r} of plugin {self.plugin!r} computed a loss that is {_describe(output)}, "
                 "expected a 0-d finite float tensor."
             )
+        group_out = inputs[0] if inputs else None
+        trained = isinstance(group_out, torch.Tensor) and group_out.requires_grad
+        if torch.is_grad_enabled() and trained and not output.requires_grad:
+            raise PluginContractError(
+                f"Amalgamator {self.name!r} of plugin {self.plugin!r} computed a loss with no gradient "
+                "(requires_grad is False, though the group node's output requires one), so it cannot train the "
+                "group node: compute it with torch operations on group_out, not from .detach(), .item() or numpy."
+            )
 
 
 class CheckedAmalgamator(_Checked):
@@ -332,7 +465,7 @@ class CheckedAmalgamator(_Checked):
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"Amalgamator {self.name!r} needs a positive int number of channels, got {channels!r}.")
         names = _task_names(tasks)
-        module = self.__wrapped__(channels, list(names))
+        module = self._call(channels, list(names))
         if module is None:
             return None
         if not isinstance(module, torch.nn.Module):
@@ -345,7 +478,14 @@ class CheckedAmalgamator(_Checked):
 
 
 class CheckedTaskKind(_Checked):
-    """A task kind wrapped in a check of its contract: ``kind(task_name, options) -> Task``."""
+    """A task kind wrapped in a check of its contract: ``kind(task_name, options) -> Task``.
+
+    The options must fit the kind's signature; the result must be a ``Task`` of that name whose loss and metric
+    work on a tiny random batch of its target layout (:func:`mtsl_plugin.task_kinds.probe_task`). A ``ValueError``
+    of a third-party kind (a bad option, or a ``Task`` refusing its fields) gets the kind and plugin appended; any
+    other exception it raises, or a failing probe, is a one-line :class:`PluginContractError` naming the task,
+    the kind and the plugin.
+    """
 
     kind = "task"
 
@@ -357,12 +497,33 @@ class CheckedTaskKind(_Checked):
             inspect.signature(self.__wrapped__).bind(task, **options)
         except TypeError as error:
             raise ValueError(f"task {task!r} of kind {self.name!r}: {error}") from None
-        result = self.__wrapped__(task, **options)
+        try:
+            result = self.__wrapped__(task, **options)
+        except ValueError as error:  # a bad option value, or a Task refusing its fields: name where it came from
+            if self.plugin in BUILTIN_PLUGINS or isinstance(error, PluginError):
+                raise
+            raise ValueError(
+                f"{' '.join(str(error).split())} (task kind {self.name!r} of plugin {self.plugin!r})"
+            ) from error
+        except (PluginError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as error:
+            raise PluginContractError(
+                f"Task kind {self.name!r} of plugin {self.plugin!r} raised {_failure(error)} for task {task!r}."
+            ) from error
         if not isinstance(result, Task) or result.name != task:
             raise PluginContractError(
                 f"Task kind {self.name!r} of plugin {self.plugin!r} returned {_describe(result)}, "
                 f"expected a mtsl_plugin.tasks.Task named {task!r}."
             )
+        from mtsl_plugin.task_kinds import probe_task  # deferred: task_kinds imports this package
+
+        try:
+            probe_task(result)
+        except ValueError as error:
+            raise PluginContractError(
+                f"Task {task!r} of kind {self.name!r} (plugin {self.plugin!r}) fails before any training: {error}."
+            ) from error
         return result
 
 

@@ -105,6 +105,28 @@ def test_bad_run_options_are_refused_before_any_training(tmp_path, capsys, no_tr
     assert not out.exists()
 
 
+def test_an_amalgamator_whose_loss_has_no_gradient_is_named_before_training(tmp_path, capsys, no_training,
+                                                                             plugin_dir):
+    (plugin_dir / "detached_amalgamator_plugin.py").write_text(textwrap.dedent("""
+        import torch
+        from mtsl_plugin.plugins import hookimpl
+
+        class Detached(torch.nn.Module):
+            def forward(self, group_out, task_outs):
+                return torch.tensor(float(group_out.detach().pow(2).mean()))
+
+        @hookimpl
+        def mtsl_amalgamators():
+            return {"detached": lambda channels, tasks: Detached()}
+    """))
+    argv = ["--plugin", "detached_amalgamator_plugin", "--amalgamator", "detached", "--out", str(tmp_path / "out"),
+            *ARGS]
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "detached_amalgamator_plugin" in err and "no gradient" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("damage, culprit", [(corrupt, "train/depth/7.npy"), (misshaped, "val/label/2.npy"),
                                              (nan_image, "train/image/5.npy"), (missing_file, "train/normal/9.npy")])
 def test_every_file_of_the_data_is_checked_and_a_bad_one_named(tmp_path, capsys, no_training, damage, culprit):
