@@ -169,7 +169,8 @@ def run_fingerprint(method: str, config: RunConfig, spec: MethodSpec, plan: Bran
 
 def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: bool = False,
                progress: bool = True, plan: BranchingPlan | None = None,
-               keep_checkpoint: bool = False, arch_args: dict | None = None) -> dict[str, Any]:
+               keep_checkpoint: bool = False, arch_args: dict | None = None, check: bool = True
+               ) -> dict[str, Any]:
     """Train and evaluate ``method``; returns (and writes) its result record.
 
     With ``resume`` a checkpoint in ``run_dir`` is continued; ``plan`` is the plan a retraining ("-R") method
@@ -177,11 +178,16 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     fingerprint (:func:`run_fingerprint`) is never touched.
     A finished run keeps its trained weights (``model.pt``); its resume checkpoint is removed once
     ``result.json`` is written, unless ``keep_checkpoint``.
+    With ``check`` the configuration (data included) is checked first (:func:`~mtsl_plugin.preflight.check_config`),
+    before any folder or training; callers that checked it already (the benchmark commands) pass ``check=False``.
     """
     run_dir = Path(run_dir)
     spec = method_spec(method, config, arch_args)
     if spec.retrains is not None and plan is None:
         raise ValueError(f"method {method!r} retrains the final plan of {spec.retrains!r}: pass that plan")
+    if check:
+        from mtsl_plugin.preflight import check_config  # preflight imports this module
+        check_config(config, progress=progress)
     fingerprint = run_fingerprint(method, config, spec, plan)
     saved = run_dir / "config.json"
     if saved.exists() and json.loads(saved.read_text()).get("fingerprint") != fingerprint:

@@ -17,8 +17,9 @@ architecture is MTSL, or our loop without a structural learner for any other arc
   and is upsampled to the input size; our heads (``head(features, size)``) are used as they are;
 * ``kwargs``: LibMTL's ``weight_args`` and ``arch_args``; ``arch_args["mtsl"]`` holds MTSL's options (an
   :class:`~mtsl_plugin.learner.schedule.MTSLConfig` or a dict of its fields; without ``task_epochs``, the
-  paper's schedule scaled to ``train()``'s epochs), ``arch_args["plan"]`` a starting
-  plan, ``arch_args["network"]`` / ``arch_args["setting"]`` the stages built over a timm ResNet;
+  paper's schedule scaled to the epochs of the ``train()`` call that starts the run, kept by a resumed run),
+  ``arch_args["plan"]`` a starting plan (a :class:`~mtsl_plugin.plan.BranchingPlan` or its dict form),
+  ``arch_args["network"]`` / ``arch_args["setting"]`` the stages built over a timm ResNet;
   ``save_path`` (a folder: the resume checkpoint ``checkpoint.pt``, continued by a new ``Trainer`` on the same
   folder, and the final weights ``model.pt``), ``load_path`` (weights or a checkpoint to start from; its plan
   is used), ``device`` (default CUDA when available).
@@ -33,9 +34,12 @@ first 800 training samples (as the authors do, through the training set's own tr
 from __future__ import annotations
 
 import inspect
+import random
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from mtsl_plugin.architecture import MTSL
+from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.libmtl_compat import import_libmtl
@@ -80,6 +85,7 @@ def as_stages(encoder_class: Callable[[], Any], network: str = "compact", settin
               ) -> StageFactory:
     """The stages of LibMTL's ``encoder_class``: our stages as they are; a timm model split into locations (a
     ResNet into the ``compact`` or ``authors`` table, any other timm CNN into its feature stages, ``compact``)."""
+    check_encoder_class(encoder_class)
     built = encoder_class()
     if isinstance(built, StageFactory):
         return built
@@ -92,6 +98,37 @@ def as_stages(encoder_class: Callable[[], Any], network: str = "compact", settin
                              "network 'compact'")
         return TimmStages.from_model(built, decoder=decoder)
     raise ValueError(f"encoder_class must return our stages or a timm model, got {type(built).__name__}")
+
+
+def check_encoder_class(encoder_class: Any) -> None:
+    """Refuse, in one line, an ``encoder_class`` that is not a zero-argument callable returning the encoder: a model
+    instance (LibMTL calls ``encoder_class()``, which would run the model's forward without input) or a name."""
+    if isinstance(encoder_class, (nn.Module, StageFactory)) or not callable(encoder_class):
+        raise ValueError(f"encoder_class must be a callable returning the encoder (a class, or e.g. lambda: "
+                         f"timm.create_model('resnet18')), not a {type(encoder_class).__name__} instance")
+
+
+def as_plan(plan: Any) -> BranchingPlan | None:
+    """``arch_args['plan']``: a :class:`BranchingPlan`, or its dict form (:meth:`BranchingPlan.to_dict`)."""
+    if plan is None or isinstance(plan, BranchingPlan):
+        return plan
+    if isinstance(plan, Mapping):
+        return BranchingPlan.from_dict(plan)
+    raise ValueError(f"arch_args['plan'] must be a BranchingPlan or its dict form {{'tasks': [...], 'partitions': "
+                     f"[...]}}, got a {type(plan).__name__}")
+
+
+@contextmanager
+def rng_untouched():
+    """Run the block without moving the global RNGs (torch CPU, numpy, Python): reading a sample whose transform
+    draws random numbers must not change the run (nor a resumed run's batches)."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 def _resolve(value: Any, namespace: Any, kind: str) -> type:
@@ -118,6 +155,27 @@ class LoaderData(RunData):
         return super().batches(dataset, key, shard)
 
 
+class TrainerLearner(StructuralLearner):
+    """The structural learner of a :class:`Trainer`. Without ``task_epochs`` in ``arch_args['mtsl']`` (``scaled``),
+    the paper's schedule (``base``, the user's options) is scaled to the epochs of the ``train()`` call that starts
+    the run; that epoch count, ``scaled_for``, is part of the checkpoint state, so a new Trainer on the same
+    ``save_path`` continues the schedule the run started with (not the unscaled one)."""
+
+    def __init__(self, config: MTSLConfig, scaled: bool):
+        super().__init__(config)
+        self.base, self.scaled = config, scaled
+        self.scaled_for: int | None = None
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "scaled_for": self.scaled_for}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.scaled_for = state.get("scaled_for")  # absent from checkpoints written before it was stored
+        if self.scaled and self.scaled_for is not None:
+            self.config = scale_schedule(self.base, self.scaled_for)
+
+
 class Trainer(MTLTrainer):
     """LibMTL's ``Trainer`` interface with MTSL's training (see the module docstring)."""
 
@@ -127,6 +185,7 @@ class Trainer(MTLTrainer):
         libmtl = import_libmtl()
         weighting = _resolve(weighting, libmtl.weighting, "weighting method")
         architecture = _resolve(architecture, libmtl.architecture, "architecture")
+        check_encoder_class(encoder_class)
         arch_args = dict(kwargs.get("arch_args") or {})
         mtsl = arch_args.pop("mtsl", None)
         ours = architecture.__module__.split(".")[0] in ("mtsl_plugin", "baselines")
@@ -140,15 +199,24 @@ class Trainer(MTLTrainer):
             raise FileNotFoundError(f"load_path {str(load_path)!r} is not a file")
         resume = self.save_path / CHECKPOINT if self.save_path is not None else None
         start = resume if resume is not None and resume.is_file() else load_path  # an unfinished run wins
+        self._start = start
+        origin, advice = ((f"save_path's checkpoint {start} (an unfinished run, which a Trainer on that save_path "
+                           "resumes)", "choose another save_path to start afresh") if start == resume else
+                          (f"load_path {start}", "check load_path"))
         learner = None
-        self._scale_schedule = False
         if issubclass(architecture, MTSL):
             options = mtsl.to_dict() if isinstance(mtsl, MTSLConfig) else dict(mtsl or {})
-            self._scale_schedule = "task_epochs" not in options  # the paper's schedule, scaled in train()
-            learner = StructuralLearner(MTSLConfig.from_dict(options))
+            learner = TrainerLearner(MTSLConfig.from_dict(options), scaled="task_epochs" not in options)
+            plan = as_plan(arch_args.get("plan"))
             if start is not None:
-                arch_args["plan"] = MTLTrainer.checkpoint_plan(start)
-            arch_args.setdefault("plan", BranchingPlan.single_task(list(task_dict), stages.num_locations))
+                plan = MTLTrainer.checkpoint_plan(start)
+                if plan is not None and list(plan.tasks) != list(task_dict):
+                    raise ValueError(f"{origin} holds a network of tasks {list(plan.tasks)}, not this trainer's "
+                                     f"{list(task_dict)}: {advice}")
+                if plan is not None and plan.num_locations != stages.num_locations:
+                    raise ValueError(f"{origin} holds a network of {plan.num_locations} merge locations, not the "
+                                     f"{stages.num_locations} of this trainer's encoder: {advice}")
+            arch_args["plan"] = plan or BranchingPlan.single_task(list(task_dict), stages.num_locations)
         elif mtsl is not None:
             raise ValueError(f"arch_args['mtsl'] is for the MTSL architecture, not {architecture.__name__}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,14 +224,23 @@ class Trainer(MTLTrainer):
                          optim_param, scheduler_param, device=device, learner=learner,
                          **{**kwargs, "arch_args": arch_args})
         if start is not None:
-            self.load(start)
+            try:
+                self.load(start)
+            except CheckpointError:  # unreadable: its message names the file
+                raise
+            except (ValueError, RuntimeError) as exc:  # another architecture, or modules of other shapes
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+                reason = " ".join(lines[:2])  # load_state_dict's first mismatch is on its second line
+                reason = reason if len(reason) <= 300 else reason[:297] + "..."
+                raise ValueError(f"{origin} does not fit this trainer ({reason}): {advice}") from None
 
     def train(self, train_dataloaders, test_dataloaders, epochs: int, val_dataloaders=None,
               return_weight: bool = False, progress: bool = True) -> dict[str, dict[str, float]]:
         """Train for ``epochs`` epochs (MTSL's phases, alignment and checkpoints included), then evaluate.
 
         Returns ``{"test": {task: metric}}`` (plus ``"val"`` when ``val_dataloaders`` is given), the last epoch's
-        model's results. With ``save_path`` an unfinished run in that folder is resumed.
+        model's results. With ``save_path`` an unfinished run in that folder is resumed. Before any training, the
+        loaders are checked against the task dict (one sample of each) and MTSL's needs (see :meth:`check_loaders`).
         """
         if self.multi_input or isinstance(train_dataloaders, Mapping):
             raise ValueError("MTSL trains all tasks on one input: pass one training DataLoader (multi_input=False)")
@@ -171,12 +248,8 @@ class Trainer(MTLTrainer):
             raise ValueError("return_weight is not supported: the task weights are not recorded per batch")
         require("epochs", epochs, int, 1)
         if self.learner is not None:
-            if self._scale_schedule and self.learner.phases_done == 0:
-                self.learner.config = scale_schedule(self.learner.config, epochs)
-            ends = self.learner.config.phase_ends()
-            if ends and ends[-1] > epochs:
-                raise ValueError(f"MTSL's phases end after {ends[-1]} task-learning epochs (arch_args['mtsl'] "
-                                 f"task_epochs) but train() was given {epochs} epochs")
+            self.set_schedule(epochs)
+        self.check_loaders(train_dataloaders, test_dataloaders, val_dataloaders)
         if val_dataloaders is not None:
             grouping = val_dataloaders.dataset
         else:
@@ -194,6 +267,81 @@ class Trainer(MTLTrainer):
         if val_dataloaders is not None:
             results["val"] = self.test(val_dataloaders, mode="val")
         return results
+
+    def set_schedule(self, epochs: int) -> None:
+        """The MTSL schedule of a ``train(..., epochs)`` call: ``arch_args['mtsl']``'s own ``task_epochs``, or the
+        paper's schedule scaled to the epochs of the call that started the run (a resumed run keeps it: a run
+        started with other epochs and phases left to do is refused). Refuses phases ending after ``epochs``."""
+        learner = self.learner
+        if getattr(learner, "scaled", False):
+            started = self.epochs_done > 0 or learner.phases_done > 0
+            scaled_for = learner.scaled_for if started and learner.scaled_for is not None else epochs
+            if scaled_for != epochs and not learner.finished:
+                where = f" (from {self._start})" if self._start is not None else ""
+                raise ValueError(f"the run being continued{where} scaled MTSL's schedule to train(epochs={scaled_for}) "
+                                 f"and {learner.phases_done} of its {learner.config.num_phases} phases are done: "
+                                 f"continue it with epochs={scaled_for}, or start afresh (a new Trainer on another "
+                                 "save_path)")
+            learner.config, learner.scaled_for = scale_schedule(learner.base, scaled_for), scaled_for
+            source = f"the paper's schedule scaled to {scaled_for} epochs, at least one per phase"
+            advice = (f"; train for at least {learner.config.num_phases} epochs or give arch_args['mtsl'] task_epochs"
+                      if scaled_for == epochs else "")
+        else:
+            source, advice = "arch_args['mtsl'] task_epochs", ""
+        ends = learner.config.phase_ends()
+        if ends and ends[-1] > epochs:
+            raise ValueError(f"MTSL's phases end after {ends[-1]} task-learning epochs ({source}) but train() was "
+                             f"given {epochs} epochs{advice}")
+
+    def check_loaders(self, train_dataloaders, test_dataloaders, val_dataloaders=None) -> None:
+        """Refuse, in one line naming the loader, what would fail later (at the first step, at a structural phase,
+        or after all training): a loader without a ``dataset`` or with no samples; a dataset whose first sample
+        (read without moving the global RNGs) lacks a target of the task dict; a training loader that yields no
+        batch. While MTSL has phases left and task nodes with siblings, also grouping data (``val_dataloaders``,
+        else the training set) under 4 samples and a training batch under 4 samples: CKA needs 4."""
+        loaders = {"train_dataloaders": train_dataloaders, "test_dataloaders": test_dataloaders}
+        if val_dataloaders is not None:
+            loaders["val_dataloaders"] = val_dataloaders
+        sizes = {}
+        for name, loader in loaders.items():
+            dataset = getattr(loader, "dataset", None)
+            if dataset is None:
+                raise ValueError(f"{name} must be a torch DataLoader, got {type(loader).__name__}")
+            try:
+                sizes[name] = len(dataset)
+            except TypeError:  # an iterable dataset: no sample to look at before training
+                continue
+            if sizes[name] == 0:
+                raise ValueError(f"{name} holds no samples")
+            with rng_untouched():
+                sample = dataset[0]
+            targets = sample[1] if isinstance(sample, (tuple, list)) and len(sample) == 2 else None
+            if isinstance(targets, Mapping):
+                missing = [t for t in self.task_name if t not in targets]
+                if missing:
+                    raise ValueError(f"{name} has no target for task(s) {missing} of the task dict (its samples "
+                                     f"hold {list(targets)})")
+        size, batch = sizes.get("train_dataloaders"), getattr(train_dataloaders, "batch_size", None)
+        if size is None:
+            return
+        drop_last = bool(getattr(train_dataloaders, "drop_last", False))
+        if batch is not None and drop_last and size < batch:
+            raise ValueError(f"train_dataloaders yields no batch: {size} samples, batch_size {batch} and "
+                             "drop_last=True")
+        learner = self.learner
+        if learner is None or learner.finished or not self.model.plan.siblings():
+            return
+        grouping = "val_dataloaders" if val_dataloaders is not None else "train_dataloaders"
+        if sizes.get(grouping, 4) < 4:
+            on = "them" if val_dataloaders is not None else "the training set (no val_dataloaders given)"
+            raise ValueError(f"{grouping} holds {sizes[grouping]} sample(s), but MTSL measures task similarity "
+                             f"(CKA) on {on} and needs at least 4")
+        if batch is not None and learner.config.align and learner.config.align_weight > 0:
+            smallest = min(size, batch) if drop_last or size % batch == 0 else size % batch
+            if smallest < 4:
+                raise ValueError(f"train_dataloaders yields a batch of {smallest} sample(s) ({size} samples, "
+                                 f"batch_size {batch}, drop_last={drop_last}), but MTSL's alignment loss measures "
+                                 "CKA on each batch and needs at least 4: use drop_last=True or a larger batch_size")
 
     def test(self, test_dataloaders, epoch: int | None = None, mode: str = "test") -> dict[str, float]:
         """Each task's metric on ``test_dataloaders`` (printed, and returned as ``{task: value}``)."""

@@ -61,7 +61,8 @@ def test_a_libmtl_script_runs_mtsl_and_the_plan_changes(nyuv2_root, tmp_path):
     plan = trainer.model.plan
     assert plan == BranchingPlan("SDN", [[["S", "D", "N"]]] * 2 + [[["S"], ["D"], ["N"]]] * 8)  # γ = 0: merged twice
     assert set(results["test"]) == {"S", "D", "N"} and all(map(torch.isfinite, map(torch.tensor, results["test"].values())))
-    assert test_set.seen and set(test_set.seen) == {3}  # the test split is read after training only
+    # the test split is evaluated after training only; before it, its first sample's targets are checked
+    assert test_set.seen[0] == 0 and set(test_set.seen[1:]) == {3} and len(test_set.seen) == len(test_set) + 1
     assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "checkpoint.pt").is_file()
     assert trainer.test(test_loader) == results["test"]
 
@@ -127,3 +128,151 @@ def test_libmtl_own_architectures_run_as_libmtl_builds_them(nyuv2_root):
     with pytest.raises(ValueError, match="arch_args\\['mtsl'\\] is for the MTSL architecture"):
         mtsl_plugin.Trainer(task_dict=task_dict, weighting="EW", architecture="HPS", encoder_class=lambda: nn.Identity(),
                             decoders=decoders, device="cpu", weight_args={}, arch_args={"mtsl": {}})
+
+
+# ---------------------------------------------------------------- resume, loaders and arguments of a LibMTL script
+def tiny_encoder():
+    return timm.create_model("resnet18", channels=(4, 8, 8, 8), num_classes=0)
+
+
+def tiny_trainer(save_path=None, tasks=("S", "D"), mtsl=None, encoder_class=tiny_encoder, **kwargs):
+    """A LibMTL-script Trainer over a quarter-width-of-a-quarter ResNet18 (seconds for the paper's ten phases)."""
+    torch.manual_seed(0)
+    channels = {"S": 13, "D": 1, "N": 3}
+    decoders = nn.ModuleDict({t: nn.Conv2d(64, channels[t], 1) for t in tasks})
+    return mtsl_plugin.Trainer(task_dict=libmtl_task_dict(build_tasks(list(tasks), num_classes=13)), weighting="EW",
+                               architecture="MTSL", encoder_class=encoder_class, decoders=decoders,
+                               optim_param={"optim": "adam", "lr": 1e-3, "weight_decay": 0}, save_path=save_path,
+                               device="cpu", weight_args={},
+                               arch_args={"mtsl": {"threshold": 0.5} if mtsl is None else mtsl, **kwargs})
+
+
+@pytest.fixture
+def tiny_nyuv2(tmp_path):
+    from conftest import write_nyuv2
+    return write_nyuv2(tmp_path / "nyuv2", n_train=8, n_val=8, size=(16, 16))
+
+
+def loaders(root, **train_args):
+    train = DataLoader(NYUv2(root, "train"), **{"batch_size": 4, "shuffle": True, "drop_last": True, **train_args})
+    return train, DataLoader(NYUv2(root, "test"), batch_size=8)
+
+
+def test_a_resumed_trainer_keeps_the_schedule_scaled_to_its_epochs(tiny_nyuv2, tmp_path):
+    """No task_epochs: the paper's ten phases scaled to train(epochs=10), one per epoch. Interrupted after four
+    phases, a new Trainer on the same save_path continues that schedule (not the unscaled 80-epoch one) and ends
+    bit-exactly where the uninterrupted run ends."""
+    straight = tiny_trainer()
+    expected = straight.train(*loaders(tiny_nyuv2), 10, progress=False)
+    assert straight.learner.config.task_epochs == (1,) * 10 and straight.learner.phases_done == 10
+
+    first = tiny_trainer(tmp_path / "run")
+    step = first.train_step
+
+    def interrupted(*args):
+        if first.epochs_done == 4:
+            raise KeyboardInterrupt  # Ctrl-C in the fifth epoch: the checkpoint holds four epochs and phases
+        return step(*args)
+
+    first.train_step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        first.train(*loaders(tiny_nyuv2), 10, progress=False)
+    torch.manual_seed(1234)  # another process: the checkpoint restores the RNG
+    resumed = tiny_trainer(tmp_path / "run")
+    assert (resumed.epochs_done, resumed.learner.phases_done) == (4, 4)
+    assert resumed.learner.config.task_epochs == (1,) * 10  # the schedule the run started with, before train()
+    with pytest.raises(ValueError, match=r"scaled MTSL's schedule to train\(epochs=10\) and 4 of its 10 phases are "
+                                         r"done: continue it with epochs=10"):
+        resumed.train(*loaders(tiny_nyuv2), 12, progress=False)
+    results = resumed.train(*loaders(tiny_nyuv2), 10, progress=False)
+    assert results == expected and resumed.model.plan == straight.model.plan
+    assert [r.merged for r in resumed.learner.records] == [r.merged for r in straight.learner.records]
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_scaled_schedule_needs_an_epoch_per_phase(tiny_nyuv2):
+    trainer = tiny_trainer()
+    with pytest.raises(ValueError, match=r"phases end after 10 task-learning epochs \(the paper's schedule scaled to "
+                                         r"5 epochs.*given 5 epochs; train for at least 10 epochs or give "
+                                         r"arch_args\['mtsl'\] task_epochs"):
+        trainer.train(*loaders(tiny_nyuv2), 5, progress=False)
+    trainer.set_schedule(20)  # a refused call fixes nothing: the next one scales the paper's schedule afresh
+    assert trainer.learner.config.phase_ends()[-1] == 12 and trainer.learner.config.total_epochs == 20
+
+
+class Without(Dataset):
+    """A dataset whose samples lack the targets of ``tasks``, or the first ``n`` samples of one."""
+
+    def __init__(self, dataset, tasks=(), n=None):
+        self.dataset, self.tasks, self.n = dataset, tasks, n
+
+    def __len__(self):
+        return len(self.dataset) if self.n is None else self.n
+
+    def __getitem__(self, i):
+        image, targets = self.dataset[i]
+        return image, {t: v for t, v in targets.items() if t not in self.tasks}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("train without N", r"^train_dataloaders has no target for task\(s\) \['N'\] of the task dict \(its samples hold "
+                        r"\['S', 'D', 'E', 'A'\]\)$"),
+    ("test without N", r"^test_dataloaders has no target for task\(s\) \['N'\]"),
+    ("val without N", r"^val_dataloaders has no target for task\(s\) \['N'\]"),
+    ("val of 3", r"^val_dataloaders holds 3 sample\(s\), but MTSL measures task similarity \(CKA\) on them and needs "
+                 r"at least 4$"),
+    ("train of 3", r"^train_dataloaders holds 3 sample\(s\), but MTSL measures task similarity \(CKA\) on the "
+                   r"training set \(no val_dataloaders given\)"),
+    ("last batch of 3", r"^train_dataloaders yields a batch of 3 sample\(s\) \(7 samples, batch_size 4, "
+                        r"drop_last=False\), but MTSL's alignment loss .* use drop_last=True"),
+    ("no batch", r"^train_dataloaders yields no batch: 6 samples, batch_size 8 and drop_last=True$"),
+    ("empty test", r"^test_dataloaders holds no samples$"),
+])
+def test_loaders_that_do_not_fit_the_task_dict_or_mtsl_are_refused_before_training(tiny_nyuv2, case, message):
+    train, test = NYUv2(tiny_nyuv2, "train"), NYUv2(tiny_nyuv2, "test")
+    args = {"train without N": (Without(train, "N"), test, 8, None),
+            "test without N": (train, Without(test, "N"), 8, None),
+            "val without N": (train, test, 8, Without(test, "N")),
+            "val of 3": (train, test, 8, Without(test, n=3)),
+            "train of 3": (Without(train, n=3), test, 8, None),
+            "last batch of 3": (Without(train, n=7), test, 4, None),
+            "no batch": (Without(train, n=6), test, 8, None),
+            "empty test": (train, Without(test, n=0), 8, None)}[case]
+    trainer = tiny_trainer(tasks=("S", "D", "N"), mtsl={"task_epochs": (1, 1), "amalgamation_epochs": (1, 1),
+                                                        "total_epochs": 2})
+    train_set, test_set, batch, val_set = args
+    train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=case == "no batch")
+    val_loader = DataLoader(val_set, batch_size=8) if val_set is not None else None
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=message):
+        trainer.train(train_loader, DataLoader(test_set, batch_size=8), 2, val_dataloaders=val_loader, progress=False)
+    assert trainer.epochs_done == 0 and torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_save_path_holding_another_run_is_named(tiny_nyuv2, tmp_path):
+    """A stale save_path: its checkpoint (of other tasks, or of another encoder) is named, with the way out."""
+    tiny_trainer(tasks=("S", "D", "N")).save(tmp_path / "old" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"^save_path's checkpoint .*old/checkpoint.pt \(an unfinished run, which a "
+                                         r"Trainer on that save_path resumes\) holds a network of tasks \['S', 'D', "
+                                         r"'N'\], not this trainer's \['S', 'D'\]: choose another save_path"):
+        tiny_trainer(tmp_path / "old")
+    tiny_trainer(tasks=("S", "D")).save(tmp_path / "wider" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"^save_path's checkpoint .*wider/checkpoint.pt .* does not fit this trainer "
+                                         r"\(Error\(s\) in loading state_dict for MTLmodel: size mismatch .*\): "
+                                         r"choose another save_path"):
+        tiny_trainer(tmp_path / "wider",
+                     encoder_class=lambda: timm.create_model("resnet18", channels=(8, 8, 8, 8), num_classes=0))
+
+
+def test_an_encoder_instance_or_a_plan_dict_as_arguments():
+    for encoder in (tiny_encoder(), "resnet18"):
+        with pytest.raises(ValueError, match=r"^encoder_class must be a callable returning the encoder \(a class, or "
+                                             r"e\.g\. lambda: timm.create_model\('resnet18'\)\), not a (ResNet|str) "
+                                             r"instance$"):
+            tiny_trainer(encoder_class=encoder)
+    plan = BranchingPlan("SD", [[["S", "D"]]] * 3 + [[["S"], ["D"]]] * 7)
+    assert tiny_trainer(plan=plan.to_dict()).model.plan == plan  # the dict form, as plan.json holds it
+    with pytest.raises(ValueError, match=r"^arch_args\['plan'\] must be a BranchingPlan or its dict form .* got a "
+                                         r"list$"):
+        tiny_trainer(plan=[["S", "D"]] * 10)
