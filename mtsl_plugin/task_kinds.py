@@ -205,11 +205,6 @@ def _probe_batch(task: Task, generator: torch.Generator) -> tuple[Tensor, Tensor
     return pred, target
 
 
-def _failure(error: Exception) -> str:
-    text = " ".join(f"{type(error).__name__}: {error}".split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def probe_task(task: Task) -> None:
     """Try ``task``'s loss and metric once on a tiny random batch of its layout (:data:`PROBE_SIZE`), so a loss
     that is not a finite 0-d tensor with a gradient to the prediction, or a metric factory that does not make a
@@ -218,6 +213,8 @@ def probe_task(task: Task) -> None:
     Draws from its own generator (the global random state is untouched). Raises ``ValueError`` saying what
     failed, without the task's name (the caller names the task, its kind and plugin).
     """
+    from mtsl_plugin.plugins.manager import _failure  # deferred: the manager imports the built-in kinds
+
     with torch.inference_mode(False):
         pred, target = _probe_batch(task, torch.Generator().manual_seed(0))
     shapes = f"a prediction {tuple(pred.shape)} and a {task.target} target {tuple(target.shape)}"

@@ -24,20 +24,11 @@ from mtsl_plugin.plugins import (
     hookimpl,
     load_plugin,
     plugin_manager,
-    reset_plugin_manager,
     similarity,
 )
 
 MATRIX = np.array([[1.0, 0.9, 0.2], [0.9, 1.0, 0.3], [0.2, 0.3, 1.0]])
 TASKS = ("S", "D", "E")
-
-
-@pytest.fixture(autouse=True)
-def fresh_manager():
-    """Give every test its own plugin manager and leave none of its plugins behind."""
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
 
 
 def _plugin(name: str, **hooks) -> types.ModuleType:
@@ -111,15 +102,6 @@ def test_a_raising_hook_is_named_and_leaves_the_other_plugins_usable() -> None:
     with pytest.raises(PluginContractError, match=f"'gram'.*{expected}"):
         similarity("gram")  # perhaps offered by the broken plugin: say so rather than "unknown"
     assert available("grouping") == ["authors", "exhaustive", "fewest_groups"]
-
-
-@pytest.fixture
-def forget_modules():
-    """Collect module names to drop from sys.modules after the test, so no test sees another's plugins."""
-    names: list[str] = []
-    yield names
-    for name in names:
-        sys.modules.pop(name, None)
 
 
 def test_load_plugin_refuses_a_module_whose_hook_raises_or_returns_no_dict(tmp_path, monkeypatch,

@@ -32,29 +32,12 @@ from mtsl_plugin.plugins import (
 FIXTURE_PLUGIN = Path(__file__).with_name("fixture_plugin")
 
 
-@pytest.fixture(autouse=True)
-def fresh_manager():
-    """Give every test its own plugin manager and leave none of its plugins behind."""
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
-
-
 def _plugin(name: str, **hooks) -> types.ModuleType:
     """A plugin module named ``name`` whose hooks return the given dicts."""
     module = types.ModuleType(name)
     for hook_name, offered in hooks.items():
         setattr(module, hook_name, hookimpl(lambda offered=offered: offered))
     return module
-
-
-@pytest.fixture
-def forget_modules():
-    """Collect module names to drop from sys.modules after the test, so no test sees another's plugins."""
-    names: list[str] = []
-    yield names
-    for name in names:
-        sys.modules.pop(name, None)
 
 
 def _write_module(directory: Path, name: str, source: str, monkeypatch, forget_modules: list[str]) -> None:
