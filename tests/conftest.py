@@ -1,4 +1,6 @@
 """Shared fixtures: the smoke preset, shrunk further where a test only needs the code path."""
+import sys
+
 import pytest
 
 from mtsl_plugin.config import load_preset
@@ -93,3 +95,23 @@ def write_folder_data(root, n_train=40, n_val=8, size=(32, 32), seed=0):
 #: The two declared tasks of :func:`write_folder_data` (neither is one of S D E N A).
 FOLDER_TASKS = {"parts": {"kind": "segmentation", "classes": 3},
                 "flow": {"kind": "regression", "channels": 2, "loss": "l1", "metric": "rmse"}}
+
+
+@pytest.fixture
+def fresh_manager():
+    """Give the test its own plugin manager and leave none of its plugins behind (the plugin tests use it for
+    every test: ``pytestmark``)."""
+    from mtsl_plugin.plugins import reset_plugin_manager
+
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
+
+
+@pytest.fixture
+def forget_modules():
+    """Collect module names to drop from sys.modules after the test, so no test sees another's plugins."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        sys.modules.pop(name, None)

@@ -27,6 +27,8 @@ from mtsl_plugin.plugins import (
     similarity,
 )
 
+pytestmark = pytest.mark.usefixtures("fresh_manager")
+
 MATRIX = np.array([[1.0, 0.9, 0.2], [0.9, 1.0, 0.3], [0.2, 0.3, 1.0]])
 TASKS = ("S", "D", "E")
 

@@ -29,6 +29,8 @@ from mtsl_plugin.plugins import (
     similarity,
 )
 
+pytestmark = pytest.mark.usefixtures("fresh_manager")
+
 FIXTURE_PLUGIN = Path(__file__).with_name("fixture_plugin")
 
 
