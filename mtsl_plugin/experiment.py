@@ -74,19 +74,14 @@ def build_run_tasks(config: RunConfig, num_classes: int) -> dict[str, Task]:
 
 def build_split(config: RunConfig, split: str, *, n: int | None = None, augment: bool = False) -> Any:
     """One split of ``config``'s data set (the first ``n`` samples); folder data reads each task's files as its
-    declaration says (:class:`~mtsl_plugin.data.folder.TargetFiles`): the built-in ``D`` and a regression declared
-    ``valid: positive`` count 0 as no value, as their losses and metrics do."""
+    declaration says (:class:`~mtsl_plugin.data.folder.TargetFiles`, with each task's rule of which values hold one:
+    the built-in ``D`` and a regression declared ``valid: positive`` count 0 as no value, as their losses and
+    metrics do)."""
     d = config.data
     targets = None
     if d.name == "folder":
-        def valid(name: str) -> str:
-            spec = config.task_specs.get(name)
-            if spec is None:
-                return "positive" if name == "D" else "finite"
-            return "positive" if spec.get("kind") == "regression" and spec.get("valid") == "positive" else "finite"
-
         targets = {name: TargetFiles(task.target, config.task_specs.get(name, {}).get("folder", name),
-                                     task.out_channels, valid(name))
+                                     task.out_channels, task.valid)
                    for name, task in build_run_tasks(config, num_classes=0).items()}
     return build_dataset(d.name, split, root=d.root, height=d.height, width=d.width, n=n, seed=config.seed,
                          augment=augment, targets=targets)

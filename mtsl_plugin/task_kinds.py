@@ -41,13 +41,12 @@ from torchmetrics import Metric
 from torchmetrics.classification import BinaryJaccardIndex, MulticlassAccuracy, MulticlassJaccardIndex
 
 from mtsl_plugin.learner.schedule import require
-from mtsl_plugin.tasks import (IGNORE_INDEX, TASKS, MeanBCE, MeanCosine, Task, _as_float, _masked_mean,
+from mtsl_plugin.tasks import (IGNORE_INDEX, TASKS, VALID_RULES, MeanBCE, MeanCosine, Task, _as_float, _masked_mean,
                                _RatioMetric, build_tasks, edge_loss, normal_loss, normalise_normals,
                                reconstruction_loss, segmentation_loss)
 
 #: Keys of a declaration that the caller reads (never passed to the kind).
 DECLARATION_KEYS = ("kind", "folder")
-VALID_RULES = ("finite", "positive")
 
 
 # ----------------------------------------------------------------------------------------------- regression
@@ -112,12 +111,12 @@ def _pick(name: str, what: str, choice: str, table: Mapping[str, Any]) -> Any:
 
 def _task(name: str, title: str | None, kind: str, channels: int, metric: str, higher_is_better: bool | None,
           loss_fn: Callable, metric_factory: Callable[[], Metric], target: str,
-          postprocess_fn: Callable | None = None) -> Task:
+          postprocess_fn: Callable | None = None, valid: str = "finite") -> Task:
     require(f"task {name!r}: higher_is_better", higher_is_better, bool, optional=True)  # bool("false") is True
     direction = _DIRECTION[metric] if higher_is_better is None else higher_is_better
     extra = {} if postprocess_fn is None else {"postprocess_fn": postprocess_fn}
     return Task(name, title or f"{name} ({kind})", channels, _METRIC_LABEL[metric], direction, loss_fn,
-                metric_factory, target=target, **extra)
+                metric_factory, target=target, valid=valid, **extra)
 
 
 def _count(name: str, what: str, value: Any, least: int) -> int:
@@ -148,7 +147,8 @@ def regression(name: str, *, channels: int = 1, loss: str = "l1", metric: str = 
     metric_factory = _pick(name, "metric", metric, {"rmse": partial(RegressionError, 2, True, valid),
                                                     "mae": partial(RegressionError, 1, False, valid),
                                                     "mse": partial(RegressionError, 2, False, valid)})
-    return _task(name, title, "regression", channels, metric, higher_is_better, loss_fn, metric_factory, "dense")
+    return _task(name, title, "regression", channels, metric, higher_is_better, loss_fn, metric_factory, "dense",
+                 valid=valid)
 
 
 def binary(name: str, *, loss: str = "balanced_bce", metric: str = "bce", higher_is_better: bool | None = None,

@@ -41,6 +41,9 @@ HIGHER_IS_BETTER: dict[str, bool] = {"S": True, "D": False, "E": False, "N": Tru
 #: values); ``normals`` float32 ``(3, H, W)`` unit vectors, zero = invalid (mirroring negates x); ``image``: the
 #: input image itself, no file of its own.
 TARGET_LAYOUTS: tuple[str, ...] = ("labels", "binary", "dense", "normals", "image")
+#: Which values of a ``dense`` target hold a value: ``finite`` (NaN and inf are none) or ``positive`` (0 and
+#: negative values are none too, as depth maps store it).
+VALID_RULES: tuple[str, ...] = ("finite", "positive")
 
 
 def _as_float(x: Tensor) -> Tensor:
@@ -256,6 +259,7 @@ class Task:
     metric_factory: Callable[[], Metric]
     postprocess_fn: Callable[[Tensor], Tensor] = _identity
     target: str = "dense"
+    valid: str = "finite"  # which dense target values hold a value (VALID_RULES); data sets read the others as NaN
 
     # The channel count each target layout fixes (``out_channels`` must equal it; ``labels`` needs at least 2
     # classes, ``dense`` takes any). Not annotated, so not a field.
@@ -269,6 +273,8 @@ class Task:
         problem = None
         if self.target not in TARGET_LAYOUTS:
             problem = f"target layout {self.target!r} is not one of {TARGET_LAYOUTS}"
+        elif self.valid not in VALID_RULES:
+            problem = f"valid rule {self.valid!r} is not one of {VALID_RULES}"
         elif isinstance(self.out_channels, bool) or not isinstance(self.out_channels, int) or self.out_channels < 1:
             problem = f"out_channels must be an int >= 1, got {self.out_channels!r}"
         elif not isinstance(self.higher_is_better, bool):  # bool("false") is True: a string would flip Δ_MTL
@@ -342,7 +348,8 @@ def _reconstruction_metric() -> Metric:
 
 
 _FIXED: dict[str, Callable[[], Task]] = {
-    "D": lambda: Task("D", "depth estimation", 1, METRIC_NAMES["D"], HIGHER_IS_BETTER["D"], depth_loss, MaskedRMSE),
+    "D": lambda: Task("D", "depth estimation", 1, METRIC_NAMES["D"], HIGHER_IS_BETTER["D"], depth_loss, MaskedRMSE,
+                      valid="positive"),
     "E": lambda: Task("E", "edge detection", 1, METRIC_NAMES["E"], HIGHER_IS_BETTER["E"], edge_loss, MeanBCE,
                       target="binary"),
     "N": lambda: Task("N", "surface normal estimation", 3, METRIC_NAMES["N"], HIGHER_IS_BETTER["N"], normal_loss,

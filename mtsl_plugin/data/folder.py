@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 from mtsl_plugin.data.common import RESIZE_BY_LAYOUT, normalize_normals, resize_image
 from mtsl_plugin.data.real import augment_sample, image_from_array, labels_from_array, random_window, read_npy
+from mtsl_plugin.tasks import VALID_RULES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 TARGET_SUFFIXES = {"labels": (".png", ".npy"), "binary": (".png", ".npy"), "dense": (".npy",),
@@ -45,16 +46,13 @@ TARGET_SUFFIXES = {"labels": (".png", ".npy"), "binary": (".png", ".npy"), "dens
 SPLITS = {"train": ("train",), "val": ("val",), "test": ("test", "val")}
 
 
-#: The rules of which ``dense`` values hold a value (a regression's ``valid`` option, :mod:`mtsl_plugin.task_kinds`).
-VALID_RULES = ("finite", "positive")
-
-
 @dataclass(frozen=True)
 class TargetFiles:
     """Where and how one task's targets are stored: its target ``layout``, its sub-``folder``, its ``channels``
-    (the classes of ``labels``, the channels of ``dense``) and, for ``dense``, which values hold a value:
-    ``valid="finite"`` (NaN and inf are no value) or ``"positive"`` (0 and negative values are no value too, as
-    depth maps store it: the built-in ``D``, a regression declared ``valid: positive``). Under ``positive`` those
+    (the classes of ``labels``, the channels of ``dense``) and, for ``dense``, which values hold a value (the
+    task's :attr:`~mtsl_plugin.tasks.Task.valid`): ``"finite"`` (NaN and inf are no value) or ``"positive"`` (0 and
+    negative values are no value too, as depth maps store it: the built-in ``D``, a regression declared
+    ``valid: positive``). Under ``positive`` those
     values are read as NaN, so resizing and augmenting average only the valid values; the tasks' losses and
     metrics count NaN as no value."""
 
