@@ -12,15 +12,12 @@ from mtsl_plugin.plugins.manager import (
     PluginError,
     PluginLoadError,
     UnknownNameError,
-    amalgamator,
     available,
-    grouping_solver,
     load_plugin,
     plugin_manager,
     reset_plugin_manager,
-    similarity,
-    task_kind,
 )
+from mtsl_plugin.plugins.contracts import amalgamator, grouping_solver, similarity, task_kind
 
 __all__ = [
     "PROJECT_NAME",
