@@ -17,9 +17,9 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from benchmarks.harness import (Job, add_deltas, add_out_arg, add_run_args, check_jobs, config_from_args,
-                                out_folder, parse_seeds, run_jobs, run_main, write_results)
-from benchmarks.report import summary_table, write_markdown
+from benchmarks.harness import (Job, add_out_arg, add_run_args, check_jobs, config_from_args, exit_code, out_folder,
+                                parse_seeds, publish, run_main, train)
+from benchmarks.report import summary_table
 from mtsl_plugin import distributed
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.learner.schedule import MTSLConfig
@@ -70,17 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = out_folder(args, "ablation", config)
         jobs = ablation_jobs(config, seeds)
         check_jobs(jobs, not args.no_progress, out)
-        main = distributed.is_main()  # under torchrun every rank trains; rank 0 alone reports
-        results = run_jobs(jobs, out, not args.no_progress and main, args.keep_checkpoints)
-        add_deltas(results)
-        if main:
-            folder = out / "ablation"
-            write_results(results, folder)
-            table = ablation_table(results)
-            write_markdown(table, folder / "ablation.md")
-            print(table)
-            print(f"results in {folder}")
-        return 1 if any(r["status"] != "ok" for r in results) else 0
+        results = train(jobs, out, args)
+        if distributed.is_main():  # under torchrun every rank trains; rank 0 alone reports
+            publish(results, out / "ablation", ablation_table(results), "ablation.md")
+        return exit_code(results)
 
     return run_main(body, args, distributed_ok=True)
 

@@ -22,9 +22,9 @@ from typing import Any, Sequence
 
 from benchmarks.figures import alignment_figure, search_figure
 from mtsl_plugin import distributed
-from benchmarks.harness import (MAX_SEED, Job, UsageError, add_deltas, add_run_args, check_jobs, check_out,
-                                config_from_args, method_jobs, parse_list, parse_seeds, read_json, run_jobs, run_main,
-                                source_of, with_sources, write_results)
+from benchmarks.harness import (MAX_SEED, Job, UsageError, add_run_args, check_jobs, check_out, config_from_args,
+                                exit_code, method_jobs, parse_list, parse_seeds, read_json, run_main, source_of, train,
+                                with_sources, write_results)
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.experiment import num_locations, write_config, write_json
 from mtsl_plugin.methods import method_names
@@ -194,13 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(out / "config.json", {"config": config.to_dict(), "methods": methods, "seeds": seeds,
                                          "plan_from": plan_from})
         write_config(out / "config.yaml", config)  # the effective configuration, itself a valid --config
-        main = distributed.is_main()  # under torchrun every rank trains; rank 0 alone reports
-        results = run_jobs(jobs, out, not args.no_progress and main, args.keep_checkpoints)
-        add_deltas(results)
-        if main:
+        results = train(jobs, out, args)
+        if distributed.is_main():  # under torchrun every rank trains; rank 0 alone reports
             print(report(results, out))
             print(f"\nresults in {out}")
-        return 1 if any(r["status"] != "ok" for r in results) else 0
+        return exit_code(results)
 
     return run_main(body, args, distributed_ok=True)
 

@@ -436,6 +436,19 @@ def run_jobs(jobs: Sequence[Job], out: Path, progress: bool, keep_checkpoints: b
     return results
 
 
+def train(jobs: Sequence[Job], out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run ``jobs`` into ``out`` as the command's options ask (progress bars, kept checkpoints) and add every run's
+    Δs (:func:`add_deltas`). Under torchrun every rank trains and only rank 0 shows progress."""
+    results = run_jobs(jobs, out, not args.no_progress and distributed.is_main(), args.keep_checkpoints)
+    add_deltas(results)
+    return results
+
+
+def exit_code(results: Sequence[dict[str, Any]]) -> int:
+    """A command's exit code: 1 when any run failed (its row says why), else 0."""
+    return 1 if any(r["status"] != "ok" for r in results) else 0
+
+
 def add_deltas(results: list[dict[str, Any]]) -> None:
     """Δ_MTL and Δ_SD (percent) of every run against the STN run of the same configuration (seed, tasks, data,
     budget...; MTSL's options aside): the runs' ``reference_key``."""
@@ -459,6 +472,14 @@ def final_plans(results: Sequence[dict[str, Any]]) -> dict[str, BranchingPlan]:
         if r["status"] == "ok" and r.get("plan"):
             plans.setdefault(r.get("label") or r["method"], BranchingPlan.from_dict(r["plan"]))
     return plans
+
+
+def publish(results: list[dict[str, Any]], folder: Path, table: str, name: str) -> None:
+    """Write ``results`` (:func:`write_results`) and a command's own ``table`` as ``folder/name``, and print it."""
+    write_results(results, folder)
+    write_markdown(table, folder / name)
+    print(table)
+    print(f"results in {folder}")
 
 
 def write_results(results: list[dict[str, Any]], folder: Path) -> str:

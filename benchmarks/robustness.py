@@ -34,8 +34,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from benchmarks.harness import (UsageError, add_out_arg, add_run_args, check_jobs, config_from_args, method_jobs,
-                                out_folder, parse_list, parse_seeds, run_jobs, run_main, with_sources)
+from benchmarks.harness import (UsageError, add_out_arg, add_run_args, check_jobs, config_from_args, exit_code,
+                                method_jobs, out_folder, parse_list, parse_seeds, run_main, train, with_sources)
 from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, MIN_SIZE, SEVERITIES, corrupt_images,
                                       pgd_attack)
 from benchmarks.report import earlier_report
@@ -43,7 +43,7 @@ from mtsl_plugin import distributed
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.experiment import load_run, write_json
 from mtsl_plugin.methods import method_names
-from mtsl_plugin.tasks import HIGHER_IS_BETTER, METRIC_NAMES, TASKS
+from mtsl_plugin.tasks import HIGHER_IS_BETTER, METRIC_NAMES
 from mtsl_plugin.trainer import MTLTrainer
 
 DEFAULT_ATTACK_TASKS = ("S", "D")
@@ -424,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_jobs(jobs, not args.no_progress, out)
         out.mkdir(parents=True, exist_ok=True)
         main = distributed.is_main()  # under torchrun every rank trains and evaluates its share; rank 0 reports
-        results = run_jobs(jobs, out, not args.no_progress and main, args.keep_checkpoints)
+        results = train(jobs, out, args)
 
         runs: list[dict[str, Any]] = []
         for seed in seeds:  # the runs of one seed share a test set: load them together, each batch made once
@@ -455,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 attack_tasks)
             print(text)
             print(f"robustness results in {out / 'robustness'}")
-        return 1 if any(r["status"] != "ok" for r in results) else 0
+        return exit_code(results)
 
     return run_main(body, args, distributed_ok=True)
 

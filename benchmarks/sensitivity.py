@@ -25,10 +25,9 @@ from typing import Any, Sequence
 
 from baselines.bmtas import DEFAULT_RESOURCE_WEIGHT
 from benchmarks.figures import sweep_figure
-from benchmarks.harness import (Job, UsageError, add_deltas, add_out_arg, add_run_args, check_jobs,
-                                config_from_args, distinct, out_folder, parse_list, parse_seeds, run_jobs, run_main,
-                                write_results)
-from benchmarks.report import aggregate, summary_table, write_markdown
+from benchmarks.harness import (Job, UsageError, add_out_arg, add_run_args, check_jobs, config_from_args, distinct,
+                                exit_code, out_folder, parse_list, parse_seeds, publish, run_main, train)
+from benchmarks.report import aggregate, summary_table
 from mtsl_plugin import distributed
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.learner.schedule import MTSLConfig
@@ -232,17 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             shown = {init_label(config, i): i if i in ("random", "pretrained") else Path(i).stem for i in inits}
             rows = []
         check_jobs(jobs, not args.no_progress, out)
-        main = distributed.is_main()  # under torchrun every rank trains; rank 0 alone reports
-        results = run_jobs(jobs, out, not args.no_progress and main, args.keep_checkpoints)
-        add_deltas(results)
-        if main:
-            write_results(results, folder)
+        results = train(jobs, out, args)
+        if distributed.is_main():  # under torchrun every rank trains; rank 0 alone reports
             table = (seeds_report(results, shown, folder) if args.sweep == "seeds"
                      else sweep_report(args.sweep, results, rows, values, folder))
-            write_markdown(table, folder / "sensitivity.md")
-            print(table)
-            print(f"results in {folder}")
-        return 1 if any(r["status"] != "ok" for r in results) else 0
+            publish(results, folder, table, "sensitivity.md")
+        return exit_code(results)
 
     return run_main(body, args, distributed_ok=True)
 
