@@ -30,11 +30,13 @@ def delta_mtl(
     higher_is_better: Mapping[str, bool],
     tasks: Sequence[str] | None = None,
 ) -> float:
-    """Δ_MTL in percent: the mean over ``tasks`` of ``±(M_multi − M_single) / M_single × 100``.
+    """Δ_MTL in percent: the mean over ``tasks`` of ``±(M_multi − M_single) / |M_single| × 100``.
 
     The sign is ``+`` for metrics where higher is better and ``−`` where lower is better, so a positive Δ means
-    the multi-task model beats the single-task ``reference`` on average. ``tasks`` defaults to the reference's
-    tasks; Δ_SD is ``tasks=("S", "D")``.
+    the multi-task model beats the single-task ``reference`` on average. Dividing by the reference's magnitude
+    (the usual ``M_single`` for the positive metrics of the built-in tasks) keeps that meaning for a metric that
+    can be negative, e.g. a cosine similarity. ``tasks`` defaults to the reference's tasks; Δ_SD is
+    ``tasks=("S", "D")``.
     """
     tasks = list(reference) if tasks is None else list(tasks)
     if not tasks:
@@ -47,7 +49,7 @@ def delta_mtl(
         if reference[task] == 0:
             raise ValueError(f"task {task!r} has a zero single-task reference, so its relative change is undefined")
         sign = 1.0 if higher_is_better[task] else -1.0
-        total += sign * (metrics[task] - reference[task]) / reference[task]
+        total += sign * (metrics[task] - reference[task]) / abs(reference[task])
     return 100.0 * total / len(tasks)
 
 

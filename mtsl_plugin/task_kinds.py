@@ -42,7 +42,7 @@ from torchmetrics.classification import BinaryJaccardIndex, MulticlassAccuracy, 
 
 from mtsl_plugin.learner.schedule import require
 from mtsl_plugin.tasks import (IGNORE_INDEX, TASKS, VALID_RULES, MeanBCE, MeanCosine, Task, _as_float, _masked_mean,
-                               _RatioMetric, build_tasks, edge_loss, normal_loss, normalise_normals,
+                               _RatioMetric, build_tasks, edge_loss, holds_value, normal_loss, normalise_normals,
                                reconstruction_loss, segmentation_loss)
 
 #: Keys of a declaration that the caller reads (never passed to the kind).
@@ -50,16 +50,10 @@ DECLARATION_KEYS = ("kind", "folder")
 
 
 # ----------------------------------------------------------------------------------------------- regression
-def _valid(target: Tensor, rule: str) -> Tensor:
-    """Where a dense target holds a value: finite, and > 0 under the ``positive`` rule."""
-    valid = torch.isfinite(target)
-    return valid & (target > 0) if rule == "positive" else valid
-
-
 def regression_loss(pred: Tensor, target: Tensor, *, power: int, valid: str) -> Tensor:
-    """Mean of ``|pred - target| ** power`` over the valid target values (:func:`_valid`); both ``(N, C, H, W)``.
-    Invalid values are replaced before the difference, so a NaN target never reaches the gradient."""
-    mask = _valid(target, valid)
+    """Mean of ``|pred - target| ** power`` over the valid target values (:func:`~mtsl_plugin.tasks.holds_value`);
+    both ``(N, C, H, W)``. Invalid values are replaced before the difference, so a NaN target never reaches the gradient."""
+    mask = holds_value(target, valid)
     error = (_as_float(pred) - torch.where(mask, target, 0.0)).abs()
     return _masked_mean(error if power == 1 else error ** power, mask)
 
@@ -75,7 +69,7 @@ class RegressionError(_RatioMetric):
         self.power, self.root, self.valid = power, root, valid
 
     def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        mask = _valid(target, self.valid)
+        mask = holds_value(target, self.valid)
         return ((pred - target)[mask].abs() ** self.power).sum(), mask.sum()
 
     def compute(self) -> Tensor:

@@ -46,6 +46,19 @@ TARGET_LAYOUTS: tuple[str, ...] = ("labels", "binary", "dense", "normals", "imag
 VALID_RULES: tuple[str, ...] = ("finite", "positive")
 
 
+def holds_value(target: Tensor, rule: str) -> Tensor:
+    """Where a dense target holds a value under ``rule`` (:data:`VALID_RULES`): finite, and ``> 0`` under
+    ``positive`` (D's rule: NaN, inf and 0 are no depth). Same shape as ``target``."""
+    valid = torch.isfinite(target)
+    return valid & (target > 0) if rule == "positive" else valid
+
+
+def has_normal(target: Tensor) -> Tensor:
+    """Where a normal target ``(N, 3, H, W)`` holds a normal: every component finite and not all zero;
+    ``(N, H, W)``."""
+    return torch.isfinite(target).all(dim=1) & (target.abs().sum(dim=1) > 0)
+
+
 def _as_float(x: Tensor) -> Tensor:
     """``x`` in at least float32, so sums over many pixels do not lose precision under bf16/fp16 autocast."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -65,8 +78,8 @@ def segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def depth_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """L1 in metres over pixels with a depth (``target > 0``; NaN is no depth too). Both ``(N, 1, H, W)``."""
-    valid = target > 0
+    """L1 in metres over pixels with a depth (:func:`holds_value` ``positive``). Both ``(N, 1, H, W)``."""
+    valid = holds_value(target, "positive")
     return _masked_mean((_as_float(pred) - torch.where(valid, target, 0.0)).abs(), valid)
 
 
@@ -84,9 +97,12 @@ def edge_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def normal_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """``1 - cosine similarity`` over pixels with a normal (non-zero target). Both ``(N, 3, H, W)``."""
-    cosine = F.cosine_similarity(_as_float(pred), _as_float(target), dim=1, eps=1e-8)
-    return _masked_mean(1.0 - cosine, target.abs().sum(dim=1) > 0)
+    """``1 - cosine similarity`` over pixels with a normal (:func:`has_normal`). Both ``(N, 3, H, W)``; a
+    non-finite target component gives neither a loss nor a NaN gradient."""
+    valid = has_normal(target)
+    target = torch.where(valid.unsqueeze(1), _as_float(target), 0.0)
+    cosine = F.cosine_similarity(_as_float(pred), target, dim=1, eps=1e-8)
+    return _masked_mean(1.0 - cosine, valid)
 
 
 def reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -119,7 +135,7 @@ def class_balanced_segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:
 def depth_rmse_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Root mean squared error over pixels with a depth (the authors' ``RMSE``). Both ``(N, 1, H, W)``; a batch
     without depth gives zero (the square root's gradient is kept finite there)."""
-    valid = target > 0
+    valid = holds_value(target, "positive")
     squared = _masked_mean((_as_float(pred) - torch.where(valid, target, 0.0)) ** 2, valid)
     return squared.clamp_min(1e-12).sqrt() * valid.any()
 
@@ -136,9 +152,9 @@ def fixed_weight_edge_loss(pred: Tensor, target: Tensor) -> Tensor:
 def normal_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     """L1 between the unit-length prediction and the target normal, mean over the components of pixels with a
     normal (the authors' ``NormalsL1Loss``). Both ``(N, 3, H, W)``."""
-    valid = (target.abs().sum(dim=1, keepdim=True) > 0).expand_as(target)
+    valid = has_normal(target).unsqueeze(1).expand_as(target)
     unit = F.normalize(_as_float(pred), dim=1, eps=1e-12)
-    return _masked_mean((unit - _as_float(target)).abs(), valid)
+    return _masked_mean((unit - torch.where(valid, _as_float(target), 0.0)).abs(), valid)
 
 
 def standardised_reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -201,12 +217,13 @@ class _RatioMetric(Metric):
 
 
 class MaskedRMSE(_RatioMetric):
-    """Root mean squared error over all valid pixels (``target > 0``) of the dataset. ``(N, 1, H, W)`` each."""
+    """Root mean squared error over all valid pixels of the dataset: finite and ``> 0`` (the ``positive`` rule of
+    :data:`VALID_RULES`, the D task's own; NaN, inf and 0 are no depth). ``(N, 1, H, W)`` each."""
 
     higher_is_better = False
 
     def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        valid = target > 0
+        valid = holds_value(target, "positive")
         return ((pred - target)[valid] ** 2).sum(), valid.sum()
 
     def compute(self) -> Tensor:
@@ -214,12 +231,12 @@ class MaskedRMSE(_RatioMetric):
 
 
 class MeanCosine(_RatioMetric):
-    """Mean cosine similarity over all pixels with a non-zero target normal. ``(N, 3, H, W)`` each."""
+    """Mean cosine similarity over all pixels with a finite, non-zero target normal. ``(N, 3, H, W)`` each."""
 
     higher_is_better = True
 
     def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        valid = target.abs().sum(dim=1) > 0
+        valid = has_normal(target)
         cosine = F.cosine_similarity(pred, target, dim=1, eps=1e-12)
         return cosine[valid].sum(), valid.sum()
 

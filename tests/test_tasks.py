@@ -141,6 +141,41 @@ def test_depth_rmse_ignores_invalid_pixels_and_accumulates_exactly(tasks):
         assert math.isnan(metric.compute().item())  # no valid pixel seen: undefined, not 0
 
 
+def test_depth_and_normal_metrics_skip_non_finite_targets(tasks):
+    """D's valid rule is ``positive`` (finite and > 0) and a normal with a non-finite component holds no value: a
+    target an own loader hands over with inf there (e.g. through the LibMTL Trainer) must not make the data set's
+    RMSE inf or its mean cosine NaN."""
+    depth = tasks["D"].make_metric()
+    target = torch.tensor([2.0, math.inf, 0.0, 1.0, math.nan]).view(1, 1, 1, 5)
+    pred = torch.tensor([2.5, 3.0, 9.0, 1.0, 4.0]).view(1, 1, 1, 5)  # errors 0.5, (inf), (0), 0, (NaN)
+    depth.update(pred, target)
+    assert depth.compute().item() == pytest.approx(math.sqrt(0.25 / 2))
+
+    cosine = tasks["N"].make_metric()
+    target = torch.tensor([[0.0, 0.0, 1.0], [math.inf, 0.0, 0.0], [0.0, math.nan, 1.0], [0.0, 0.0, 0.0]])
+    target = target.T.reshape(1, 3, 1, 4)
+    pred = torch.tensor([[0.0, 0.0, 2.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 4)
+    cosine.update(tasks["N"].postprocess(pred), target)
+    assert cosine.compute().item() == pytest.approx(1.0)  # only the first pixel holds a normal
+
+
+@pytest.mark.parametrize("losses", ["standard", "authors"])
+def test_depth_and_normal_losses_skip_non_finite_targets(losses):
+    """The losses use the metrics' rules (D: finite and > 0; N: every component finite, not all zero): an inf depth
+    or a NaN normal component from an own loader gives neither an inf loss nor a NaN gradient."""
+    tasks = build_tasks(("D", "N"), num_classes=4, losses=losses)
+    depth_pred = torch.tensor([2.5, 3.0, 9.0, 1.0]).view(1, 1, 1, 4).requires_grad_()
+    depth_target = torch.tensor([2.0, math.inf, 0.0, 1.0]).view(1, 1, 1, 4)
+    normal_pred = torch.tensor([[0.0, 0.0, 2.0], [1.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 2).requires_grad_()
+    normal_target = torch.tensor([[0.0, 0.0, 1.0], [0.0, math.nan, 1.0]]).T.reshape(1, 3, 1, 2)
+    depth = tasks["D"].loss(depth_pred, depth_target)
+    normal = tasks["N"].loss(normal_pred, normal_target)
+    (depth + normal).backward()
+    assert torch.isfinite(depth) and torch.isfinite(normal)
+    assert torch.isfinite(depth_pred.grad).all() and torch.isfinite(normal_pred.grad).all()
+    assert depth_pred.grad.flatten()[1:3].eq(0).all() and normal_pred.grad[..., 1].eq(0).all()  # ignored pixels
+
+
 def test_depth_loss_is_l1_over_valid_pixels(tasks):
     target = torch.tensor([2.0, 0.0, 1.0, 3.0]).view(1, 1, 2, 2)
     pred = torch.tensor([3.0, 50.0, 1.5, 3.0]).view(1, 1, 2, 2)

@@ -34,6 +34,15 @@ def test_delta_mtl_sign_convention():
     assert delta_mtl({"S": 0.3, "D": 0.5}, {"S": 0.3, "D": 0.5}, HIGHER) == 0.0
 
 
+def test_delta_mtl_keeps_its_sign_for_a_negative_reference():
+    """A metric that can be negative (a cosine similarity, a declared task's own score): moving from a reference of
+    -0.10 to +0.10 where higher is better is an improvement of 200 %, not a loss (dividing by the signed reference
+    flipped the sign of that task's term)."""
+    assert delta_mtl({"N": 0.10}, {"N": -0.10}, HIGHER) == pytest.approx(200.0)
+    assert delta_mtl({"N": -0.30}, {"N": -0.10}, HIGHER) == pytest.approx(-200.0)
+    assert delta_mtl({"X": -0.5}, {"X": -1.0}, {"X": False}) == pytest.approx(-50.0)  # lower is better: worse
+
+
 def test_delta_sd_restricts_the_tasks():
     reference = {"S": 0.40, "D": 0.80, "A": 0.01}
     metrics = {"S": 0.44, "D": 0.60, "A": 0.05}
