@@ -18,7 +18,8 @@ def summed_similarity(record: Mapping) -> dict[str, float]:
 def alignment_figure(with_align: Sequence[Mapping], without_align: Sequence[Mapping], path: str | Path,
                      location: int = 0) -> Path:
     """Bar chart: each task's summed CKA with the other tasks at ``location``, with and without alignment,
-    mean ± std over seeds. Each argument is one sibling-set record (``{"tasks", "matrix"}``) per seed."""
+    mean ± sample std over seeds (as the tables). Each argument is one sibling-set record (``{"tasks", "matrix"}``)
+    per seed."""
     if not with_align or not without_align:
         raise ValueError("the alignment figure needs at least one run with and one without alignment")
     tasks = list(with_align[0]["tasks"])
@@ -30,7 +31,7 @@ def alignment_figure(with_align: Sequence[Mapping], without_align: Sequence[Mapp
     for offset, (label, records) in zip((-0.2, 0.2), (("with alignment", with_align),
                                                        ("without alignment", without_align))):
         values = np.array([[summed_similarity(r)[t] for t in tasks] for r in records])
-        ax.bar(x + offset, values.mean(0), 0.4, yerr=values.std(0) if len(values) > 1 else None, label=label,
+        ax.bar(x + offset, values.mean(0), 0.4, yerr=values.std(0, ddof=1) if len(values) > 1 else None, label=label,
                capsize=3)
         lowest = min(lowest, float(values.min()))
     ax.set_ylim(bottom=max(0.0, lowest - 0.1 * (len(tasks) - 1 - lowest) - 0.01))  # zoom on the differences

@@ -451,7 +451,8 @@ def exit_code(results: Sequence[dict[str, Any]]) -> int:
 
 def add_deltas(results: list[dict[str, Any]]) -> None:
     """Δ_MTL and Δ_SD (percent) of every run against the STN run of the same configuration (seed, tasks, data,
-    budget...; MTSL's options aside): the runs' ``reference_key``."""
+    budget...; MTSL's options aside): the runs' ``reference_key``. A run without a usable reference (none, or a
+    metric of 0 there) gets ``None``."""
     reference = {r["reference_key"]: r for r in results if r["method"] == "stn" and r["status"] == "ok"}
     for r in results:
         if r["status"] != "ok":
@@ -460,9 +461,14 @@ def add_deltas(results: list[dict[str, Any]]) -> None:
         if ref is None:
             r["delta_mtl"] = r["delta_sd"] = None
             continue
-        r["delta_mtl"] = delta_mtl(r["metrics"], ref["metrics"], r["higher_is_better"])
         sd = [t for t in ("S", "D") if t in r["metrics"]]
-        r["delta_sd"] = delta_mtl(r["metrics"], ref["metrics"], r["higher_is_better"], sd) if len(sd) == 2 else None
+        try:
+            r["delta_mtl"] = delta_mtl(r["metrics"], ref["metrics"], r["higher_is_better"])
+            r["delta_sd"] = delta_mtl(r["metrics"], ref["metrics"], r["higher_is_better"], sd) if len(sd) == 2 else None
+        except ValueError as error:  # e.g. an STN metric of 0: no Δ, but the table of the finished runs is written
+            r["delta_mtl"] = r["delta_sd"] = None
+            if distributed.is_main():
+                print(f"[{r['label']} seed {r['seed']}] no Δ: {error}", file=sys.stderr, flush=True)
 
 
 def final_plans(results: Sequence[dict[str, Any]]) -> dict[str, BranchingPlan]:

@@ -105,7 +105,10 @@ def resize_depth(depth: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def normalize_normals(normals: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Scale every normal vector of ``(3, H, W)`` to unit length; vectors shorter than ``eps`` become 0 (invalid)."""
+    """Scale every normal vector of ``(3, H, W)`` to unit length; vectors shorter than ``eps``, or with a
+    non-finite component (a NaN x with a finite y and z is no normal, not the normal (0, y, z)), become 0
+    (invalid)."""
+    normals = torch.where(torch.isfinite(normals).all(dim=0, keepdim=True), normals, 0.0)
     norm = normals.norm(dim=0, keepdim=True)
     return torch.where(norm > eps, normals / norm.clamp_min(eps), torch.zeros_like(normals))
 

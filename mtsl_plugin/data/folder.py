@@ -188,7 +188,7 @@ class FolderDataset(Dataset):
                              f"{spec.channels}.")
         tensor = torch.from_numpy(values).permute(2, 0, 1).contiguous()
         if spec.layout == "normals":
-            return normalize_normals(torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0))
+            return normalize_normals(tensor)
         valid = torch.isfinite(tensor)
         if spec.valid == "positive":  # 0 = no value too: read as NaN, so resizing never averages it in
             valid &= tensor > 0

@@ -266,7 +266,6 @@ class NpyLayoutDataset(Dataset):
             targets["D"] = torch.from_numpy(depth).permute(2, 0, 1).contiguous()
         if "N" in self.folders:
             normals = self._load("N", index, 3, hw).astype(np.float32)
-            normals = np.where(np.isfinite(normals), normals, 0.0).astype(np.float32)
             targets["N"] = normalize_normals(torch.from_numpy(normals).permute(2, 0, 1))
         if self.augment:
             image, targets = augment_sample(image, targets, *random_window(hw))

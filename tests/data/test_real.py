@@ -25,6 +25,7 @@ def _sample(rng: np.random.Generator, num_classes: int) -> dict[str, np.ndarray]
     depth[-3:, -4:] = 0.0
     normal = rng.normal(size=(H, W, 3)).astype(np.float32) * 0.7  # not unit length on purpose
     normal[0, -1] = 0.0
+    normal[1, -1, 0] = np.nan  # a NaN x beside finite y, z: no normal, not (0, y, z)
     return {"image": rng.uniform(0, 1, size=(H, W, 3)).astype(np.float32), "label": label, "depth": depth,
             "normal": normal}
 
@@ -81,12 +82,12 @@ def test_nyuv2_reads_samples_in_numeric_order_with_all_targets(nyu: tuple[Path, 
         assert (t["E"][0][:2, :3] == 0).all()  # ignore pixels are never edges
         assert t["D"].shape == (1, H, W) and torch.equal(t["D"][0], torch.from_numpy(ref["depth"][..., 0]))
         norms = t["N"].norm(dim=0)
-        assert norms[0, -1] == 0  # invalid stays the zero vector
+        assert norms[0, -1] == 0 and norms[1, -1] == 0  # invalid (zero or NaN component) is the zero vector
         valid = torch.ones(H, W, dtype=torch.bool)
-        valid[0, -1] = False
+        valid[0, -1] = valid[1, -1] = False
         assert torch.allclose(norms[valid], torch.ones(int(valid.sum())), atol=1e-5)
-        direction = torch.from_numpy(ref["normal"]).permute(2, 0, 1)
-        assert torch.allclose(t["N"], direction / direction.norm(dim=0).clamp_min(1e-12), atol=1e-5)
+        direction = torch.from_numpy(ref["normal"]).permute(2, 0, 1)[:, valid]
+        assert torch.allclose(t["N"][:, valid], direction / direction.norm(dim=0), atol=1e-5)
 
 
 def test_test_split_reads_the_val_folder(nyu: tuple[Path, dict]) -> None:
