@@ -16,7 +16,8 @@ from torch import nn
 def average_module_state(modules: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
     """The element-wise mean of several modules' state dicts (same architecture).
 
-    Floating tensors (weights, biases, BN running statistics) are averaged; integer buffers such as BN's
+    Floating tensors (weights, biases, BN running statistics) are averaged, in float32 at least (in their own
+    dtype when it is wider, e.g. float64) and returned in their own dtype; integer buffers such as BN's
     ``num_batches_tracked`` take the maximum.
     """
     states = [m.state_dict() for m in modules]
@@ -27,8 +28,16 @@ def average_module_state(modules: Sequence[nn.Module]) -> dict[str, torch.Tensor
     averaged = {}
     for name in names:
         stack = torch.stack([s[name] for s in states])
-        averaged[name] = stack.float().mean(0).to(stack.dtype) if stack.is_floating_point() else stack.max(0).values
+        averaged[name] = _mean(stack) if stack.is_floating_point() else stack.max(0).values
     return averaged
+
+
+def _mean(stack: torch.Tensor) -> torch.Tensor:
+    """The mean over the first dimension of a floating ``stack``, accumulated in float32 or its own dtype if
+    wider (so float64 state is not rounded to float32, and bf16 state is summed in float32), in its own dtype."""
+    if not stack.is_floating_point():
+        return stack.float().mean(0).to(stack.dtype)  # e.g. an integer step count
+    return stack.to(torch.promote_types(stack.dtype, torch.float32)).mean(0).to(stack.dtype)
 
 
 def average_parameter_state(optimizer: torch.optim.Optimizer, modules: Sequence[nn.Module]
@@ -49,8 +58,7 @@ def average_parameter_state(optimizer: torch.optim.Optimizer, modules: Sequence[
         merged: dict[str, object] = {}
         for key, value in states[0].items():
             if torch.is_tensor(value):
-                stack = torch.stack([s[key] for s in states])
-                merged[key] = stack.float().mean(0).to(value.dtype)
+                merged[key] = _mean(torch.stack([s[key] for s in states]))
             else:
                 merged[key] = value
         result.append(merged)

@@ -184,11 +184,11 @@ class StructuralLearner:
                 groups: list[Group]) -> dict[tuple[int, Group], nn.Module]:
         """Group nodes for ``groups`` at ``location``: averaged weights and optimizer state (or a fresh node
         when average initialisation is off), added to the optimizer."""
-        device = next(network.parameters()).device
         created, new_state = {}, {}
         for group in groups:
             task_nodes = [network.node(location, (t,)) for t in group]
-            node = network.stages.build(location).to(device)
+            like = next(task_nodes[0].parameters())  # the group node lives where, and in the dtype, its task nodes do
+            node = network.stages.build(location).to(device=like.device, dtype=like.dtype)
             if self.config.average_init:
                 node.load_state_dict(average_module_state(task_nodes))
                 for param, state in zip(node.parameters(), average_parameter_state(optimizer, task_nodes)):
@@ -216,7 +216,8 @@ class StructuralLearner:
         schedule = self.config.amalgamation_epochs
         epochs = schedule[min(merging_phases_before, len(schedule) - 1)] if schedule else 0
         losses = {key: self.amalgamator(network.specs[key[0]].out_channels, list(key[1])) for key in created}
-        losses = {key: module.to(device) for key, module in losses.items() if module is not None}
+        losses = {key: module.to(device=device, dtype=next(created[key].parameters()).dtype)
+                  for key, module in losses.items() if module is not None}
         if not losses or epochs == 0:
             return []
         settings = optimizer.param_groups[0]

@@ -16,7 +16,8 @@ NodeKey = tuple[int, Group]
 
 
 def node_name(location: int, group: Group) -> str:
-    """The module name of a node, e.g. ``"3-S+E"`` (module names may not contain dots)."""
+    """The module name of a node, e.g. ``"3-S+E"``; one name per node as long as no task name holds ``+`` (or a
+    dot, which module names may not contain): :class:`BranchedNetwork` refuses such names."""
     return f"{location}-{'+'.join(group)}"
 
 
@@ -82,6 +83,10 @@ class BranchedNetwork(nn.Module):
         missing = [t for t in plan.tasks if t not in heads]
         if missing:
             raise ValueError(f"no head given for task(s) {missing}")
+        unnamable = [t for t in plan.tasks if "+" in t or "." in t]
+        if unnamable:  # "+" joins a group's tasks in node names (two groups would share one node), "." is a path
+            raise ValueError(f"task name(s) {unnamable} cannot name network nodes: a task name may not contain "
+                             "'+' or '.'")
         self.plan = plan
         self.stages = stages
         self.specs = stages.specs
@@ -184,21 +189,23 @@ class BranchedNetwork(nn.Module):
     # ------------------------------------------------------------------ structural edits
     def apply_plan(self, plan: BranchingPlan, created: Mapping[NodeKey, nn.Module]) -> list[nn.Module]:
         """Switch to ``plan``: install the ``created`` nodes, drop the nodes the plan no longer has, and return
-        the dropped modules. Every node of the new plan must either exist already or be in ``created``."""
+        the dropped modules. Every node of the new plan must either exist already or be in ``created``; created
+        nodes take the network's mode (training or evaluation)."""
         if plan.tasks != self.plan.tasks or plan.num_locations != self.plan.num_locations:
             raise PlanError("a structural edit cannot change the tasks or the number of locations")
         old = dict(self.nodes.items())
         new: dict[str, nn.Module] = {}
         for location, group in ((l, g) for l, p in enumerate(plan.partitions) for g in p):
             name = node_name(location, group)
-            if (location, group) in created:
-                new[name] = created[(location, group)]
+            if (location, group) in created:  # in the network's mode (a fresh module is in training mode)
+                new[name] = created[(location, group)].train(self.training)
             elif name in old:
                 new[name] = old[name]
             else:
                 raise PlanError(f"the new plan needs node {name} but it was neither kept nor created")
         removed = [m for name, m in old.items() if name not in new]
         self.nodes = nn.ModuleDict(new)
+        self.nodes.training = self.training  # the container too (its children are in the network's mode)
         self.plan = plan
         return removed
 
@@ -206,8 +213,8 @@ class BranchedNetwork(nn.Module):
     def stage_costs(self, height: int, width: int) -> tuple[list[StageCost], dict[str, StageCost]]:
         """The cost of one node per location and of each head, counted with ``torch.utils.flop_counter`` on one
         image of ``height`` x ``width`` (GMac = FLOPs / 2 / 1e9)."""
-        device = next(self.parameters()).device
-        x = torch.zeros(1, 3, height, width, device=device)
+        like = next(self.parameters())
+        x = torch.zeros(1, 3, height, width, device=like.device, dtype=like.dtype)
         stages: list[StageCost] = []
         was_training = self.training
         self.eval()

@@ -295,3 +295,31 @@ def test_a_merge_after_fused_training_equals_the_merge_after_unfused_training():
     for a, b in zip(adam_a, adam_b):
         for key in a:
             torch.testing.assert_close(torch.as_tensor(b[key]), torch.as_tensor(a[key]), rtol=1e-6, atol=1e-10)
+
+
+def test_task_names_that_would_share_a_node_name_are_refused(stages):
+    """Node names join a group's tasks with "+": groups (a+b, c) and (a, b+c) would both be "0-a+b+c", one module
+    silently serving two groups. Such names (and dotted ones, which modules cannot take) are refused in a line."""
+    tasks = ("a+b", "c", "a", "b+c")
+    plan = BranchingPlan(tasks, [[["a+b", "c"], ["a", "b+c"]]] * 10)
+    with pytest.raises(ValueError, match=r"\['a\+b', 'b\+c'\] cannot name network nodes"):
+        BranchedNetwork(plan, stages, {t: stages.build_head(2) for t in tasks})
+    with pytest.raises(ValueError, match="may not contain"):
+        BranchedNetwork(BranchingPlan.single_task(("s.x", "d"), 10), stages,
+                        {t: stages.build_head(2) for t in ("s.x", "d")})
+
+
+def test_created_nodes_take_the_networks_mode(stages):
+    """A node built for a structural edit starts in training mode; installed in a network in evaluation mode it
+    must evaluate too (else it normalises with the batch's statistics and updates its own)."""
+    net = build(BranchingPlan.single_task("SD", 10), stages).eval()
+    group = stages.build(0)
+    assert group.training
+    net.apply_plan(net.plan.merge(0, ["SD"]), {(0, ("S", "D")): group})
+    assert not any(m.training for m in net.modules())
+
+
+def test_cost_of_a_float64_network(stages):
+    """The cost is counted on an input of the network's own dtype (and device)."""
+    net = build(BranchingPlan.single_task("SD", 10), stages)
+    assert net.double().cost(32, 32) == net.float().cost(32, 32)
