@@ -7,7 +7,7 @@ setup(
     name="mtsl-plugin",
     version="0.1.0",
     description="Multi-Task Structural Learning (ICML 2023): learn a multi-task network's branching "
-    "architecture and weights together, as a LibMTL-compatible architecture on timm ResNets.",
+    "architecture and weights together, as a LibMTL-compatible architecture on timm CNNs.",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8")
     if Path(__file__).with_name("README.md").exists()
     else "",

@@ -168,7 +168,7 @@ def same_probe(earlier: dict[str, Any], report: dict[str, Any]) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(p)
-    add_out_arg(p, "alignment")
+    add_out_arg(p, "alignment", reuses=False)
     p.add_argument("--locations", default=None, help="comma-separated locations (default every location)")
     p.add_argument("--epochs", type=int, default=8, help="plain epochs before the probed phase (default 8)")
     p.add_argument("--steps", type=int, default=None, help="steps of the probed phase (default one epoch)")

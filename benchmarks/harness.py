@@ -99,11 +99,11 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
                         "its weights); by default a finished run keeps its weights (model.pt) only")
 
 
-def add_out_arg(p: argparse.ArgumentParser, command: str) -> None:
-    """``--out`` of an evaluation command: a folder that may hold earlier runs (default
-    ``results/<command>-<preset>``, see :func:`out_folder`)."""
-    p.add_argument("--out", default=None, help=f"results folder (default results/{command}-<preset>); may hold "
-                                               "earlier runs, which are reused")
+def add_out_arg(p: argparse.ArgumentParser, command: str, reuses: bool = True) -> None:
+    """``--out`` of an evaluation command: a folder (default ``results/<command>-<preset>``, see
+    :func:`out_folder`) that may hold earlier runs, which the command reuses (``reuses``)."""
+    reused = "; may hold earlier runs, which are reused" if reuses else ""
+    p.add_argument("--out", default=None, help=f"results folder (default results/{command}-<preset>){reused}")
 
 
 def out_folder(args: argparse.Namespace, command: str, config: RunConfig) -> Path:

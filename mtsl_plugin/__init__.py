@@ -1,4 +1,4 @@
-"""mtsl-plugin: Multi-Task Structural Learning (ICML 2023) as a LibMTL architecture on timm ResNets.
+"""mtsl-plugin: Multi-Task Structural Learning (ICML 2023) as a LibMTL architecture on timm CNNs.
 
 Importing the package registers :class:`~mtsl_plugin.architecture.MTSL` as ``LibMTL.architecture.MTSL`` (so
 LibMTL's lookup of architectures by name finds it) and exposes the plugin lookups::

@@ -248,7 +248,8 @@ def load_preset(name: str) -> RunConfig:
     """The configuration of a shipped preset (``smoke``, ``quick`` or ``paper``).
 
     A preset names its epoch budget and number of structural phases; MTSL's schedule is the paper's, scaled to
-    that budget (:func:`~mtsl_plugin.learner.schedule.scale_schedule`), so ``paper`` is the paper's exactly.
+    that budget (:func:`~mtsl_plugin.learner.schedule.scale_schedule`), so ``paper`` is the paper's exactly,
+    unless the preset gives its own ``mtsl.task_epochs`` (``quick``: one epoch per phase).
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

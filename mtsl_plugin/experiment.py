@@ -248,7 +248,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
 
 
 def load_run(run_dir: str | Path, device: str | None = None) -> tuple[MTLTrainer, RunData, RunConfig]:
-    """The trained model of the finished run in ``run_dir`` (rebuilt from its ``config.json`` and checkpoint),
+    """The trained model of the finished run in ``run_dir`` (rebuilt from its ``config.json`` and ``model.pt``),
     with the run's data, ready for evaluation (``trainer.evaluate``, ``trainer.model``, ``trainer.task_dict``)."""
     run_dir = Path(run_dir)
     if not (run_dir / "result.json").is_file():
