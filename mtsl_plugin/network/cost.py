@@ -25,10 +25,10 @@ def model_cost(model: nn.Module, height: int, width: int) -> StageCost:
     a weighting method's loss scales, are not part of the inference network).
     """
     params = {id(p): p.numel() for child in model.children() for p in child.parameters()}
-    device = next(model.parameters()).device
+    like = next(model.parameters())  # the image in the model's device and dtype
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        gmac = count_gmac(lambda: model(torch.zeros(1, 3, height, width, device=device)))
+        gmac = count_gmac(lambda: model(torch.zeros(1, 3, height, width, device=like.device, dtype=like.dtype)))
     model.train(was_training)
     return StageCost(sum(params.values()), gmac)

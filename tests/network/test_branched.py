@@ -323,3 +323,4 @@ def test_cost_of_a_float64_network(stages):
     """The cost is counted on an input of the network's own dtype (and device)."""
     net = build(BranchingPlan.single_task("SD", 10), stages)
     assert net.double().cost(32, 32) == net.float().cost(32, 32)
+    assert model_cost(net.double(), 32, 32) == model_cost(net.float(), 32, 32)
