@@ -17,7 +17,9 @@ an earlier ``compare.py``; "-R" methods train their source method first). Then e
 Results go to ``<out>/robustness/``: ``robustness.json`` (every number), ``robustness.csv``, ``robustness.md``
 (the two tables, mean ± std over seeds), ``corruptions.png`` and ``pgd.png``. A report already there is extended
 when it was made with the same settings (its other methods and seeds stay in it) and refused, before any
-training, when it was not: it is never replaced.
+training, when it was not: it is never replaced. A run whose evaluation fails (e.g. out of memory under the attack)
+gets a failed row saying why and the exit code 1; the other runs' numbers are written, and numbers an earlier
+report holds for that method and seed are kept.
 """
 from __future__ import annotations
 
@@ -205,6 +207,43 @@ def evaluate_runs(trainers: Sequence[MTLTrainer], batches: Callable[[], IndexedB
             per_level = [s for n in CATEGORIES[category] for s in record["corruptions"][n].values()]
             record["categories"][category] = {t: statistics.fmean(s[t] for s in per_level) for t in record["clean"]}
     return records
+
+
+def evaluate_each(labels: Sequence[str], evaluate: Callable[[Sequence[str]], list[dict[str, Any]]]
+                  ) -> dict[str, dict[str, Any] | Exception]:
+    """Each label's record of ``evaluate(labels)`` (e.g. :func:`evaluate_runs` of those runs' models), or the
+    exception its evaluation raised. All labels are evaluated in one pass (each batch perturbed once for all
+    models); when that pass fails, each label alone, so that one run's failure (out of memory, a model or task
+    loss the attack cannot take a gradient through) loses no other run's numbers."""
+    try:
+        return dict(zip(labels, evaluate(labels)))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # recorded in the run's row, as a failed training is
+        if len(labels) == 1:
+            return {labels[0]: exc}
+    outcome: dict[str, dict[str, Any] | Exception] = {}
+    for label in labels:
+        try:
+            (outcome[label],) = evaluate([label])
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            outcome[label] = exc
+    return outcome
+
+
+def merge_runs(earlier: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of an earlier report of the same settings extended with ``new`` ones (earlier first): a new run
+    replaces the earlier record of its label and seed, except that a new failure never replaces earlier numbers
+    (they measure the same settings; the failure is reported on stderr and in the exit code)."""
+    def key(run: Mapping[str, Any]) -> tuple[str, int]:
+        return run["label"], run["seed"]
+
+    earlier_ok = {key(r): r for r in earlier if r["status"] == "ok"}
+    latest = [earlier_ok.get(key(r), r) if r["status"] != "ok" else r for r in new]
+    replaced = {key(r) for r in latest}
+    return [dict(r) for r in earlier if key(r) not in replaced] + [dict(r) for r in latest]
 
 
 # ----------------------------------------------------------------------------------------------- reporting
@@ -429,25 +468,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs: list[dict[str, Any]] = []
         for seed in seeds:  # the runs of one seed share a test set: load them together, each batch made once
             pairs = [(job, r) for job, r in zip(jobs, results) if job.config.seed == seed]
-            loaded = [(job, r, load_run(job.run_dir(out), config.device)) for job, r in pairs if r["status"] == "ok"]
-            trainers = [trainer for _, _, (trainer, _, _) in loaded]
-            scores: list[dict[str, Any]] = []
+            loaded: dict[str, tuple[MTLTrainer, Any, RunConfig]] = {}
+            outcome: dict[str, dict[str, Any] | Exception] = {}
+            for job, r in pairs:
+                if r["status"] == "ok":
+                    try:
+                        loaded[job.label] = load_run(job.run_dir(out), config.device)
+                    except Exception as exc:  # this run's row says why; the others go on
+                        outcome[job.label] = exc
             if loaded:
-                data = loaded[0][2][1]
+                data = next(iter(loaded.values()))[1]
                 count = len(data.batches(data.test))
-                scores = evaluate_runs(trainers, lambda: distributed.own_batches(data.batches(data.test), count),
-                                       categories, epsilons, attack_tasks, not args.no_progress and main)
-            by_label = {job.label: s for (job, _, _), s in zip(loaded, scores)}
+
+                def evaluate(labels: Sequence[str]) -> list[dict[str, Any]]:
+                    return evaluate_runs([loaded[label][0] for label in labels],
+                                         lambda: distributed.own_batches(data.batches(data.test), count),
+                                         categories, epsilons, attack_tasks, not args.no_progress and main)
+
+                outcome.update(evaluate_each(list(loaded), evaluate))
             for job, r in pairs:
                 record = {"label": job.label, "method": job.method, "seed": seed, "status": r["status"],
                           "error": r.get("error"), "metric_names": r.get("metric_names", {}),
                           "higher_is_better": r.get("higher_is_better", {})}
-                runs.append({**record, **by_label.get(job.label, {})})
-            del loaded, trainers
+                scores = outcome.get(job.label, {})
+                if isinstance(scores, Exception):
+                    record.update(status="failed", error=f"evaluation failed: {scores}")
+                    if main:
+                        print(f"[{job.label} seed {seed}] evaluation failed: {scores}", file=sys.stderr, flush=True)
+                    scores = {}
+                runs.append({**record, **scores})
+            del loaded
 
-        new = {(r["label"], r["seed"]) for r in runs}
-        kept = earlier["runs"] if earlier else []
-        runs = [r for r in kept if (r["label"], r["seed"]) not in new] + runs  # earlier runs stay in the report
+        failed = any(r["status"] != "ok" for r in runs)
+        runs = merge_runs(earlier["runs"] if earlier else [], runs)  # earlier runs stay in the report
         meta.update(methods=list(dict.fromkeys(r["label"] for r in runs)),
                     seeds=sorted({r["seed"] for r in runs}))
         if main:
@@ -455,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 attack_tasks)
             print(text)
             print(f"robustness results in {out / 'robustness'}")
-        return exit_code(results)
+        return 1 if failed else exit_code(results)
 
     return run_main(body, args, distributed_ok=True)
 

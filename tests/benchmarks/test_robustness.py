@@ -190,3 +190,47 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, argv, culpri
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and culprit in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()  # nothing trained
+
+
+def test_a_run_whose_evaluation_fails_loses_no_other_number_and_no_earlier_one(tmp_path, monkeypatch, capsys):
+    """One model the attack breaks (e.g. out of memory): its row says why, the other runs' numbers are written,
+    the exit code is 1, and a later failure never replaces numbers an earlier report of the same settings holds."""
+    out = tmp_path / "run"
+    argv = ["--methods", "onenet,stn", *CLI_ARGS[2:], "--corruptions", "none", "--attack-tasks", "D",
+            "--out", str(out)]
+    report = out / "robustness" / "robustness.json"
+    load_run_, attack = robustness.load_run, robustness.pgd_perturbation
+    broken: set[str] = set()
+
+    def tagged_load_run(run_dir, device=None):
+        trainer, data, config = load_run_(run_dir, device)
+        trainer.robustness_label = run_dir.parent.name  # <out>/<label>/seed<k>
+        return trainer, data, config
+
+    def breaking_attack(task, eps):
+        perturb = attack(task, eps)
+
+        def run(trainer, images, gts):
+            if trainer.robustness_label in broken:
+                raise RuntimeError("out of memory")
+            return perturb(trainer, images, gts)
+
+        return run
+
+    monkeypatch.setattr(robustness, "load_run", tagged_load_run)
+    monkeypatch.setattr(robustness, "pgd_perturbation", breaking_attack)
+    broken.add("stn")
+    assert robustness.main(argv) == 1
+    assert "[stn seed 0] evaluation failed: out of memory" in capsys.readouterr().err
+    onenet, stn = json.loads(report.read_text())["runs"]
+    assert onenet["status"] == "ok" and set(onenet["pgd"]["D"]["2"]) == {"S", "D"}
+    assert stn["status"] == "failed" and stn["error"] == "evaluation failed: out of memory" and "pgd" not in stn
+    assert "| stn | failed: evaluation failed: out of memory |" in (out / "robustness" / "robustness.md").read_text()
+
+    broken.clear()
+    assert robustness.main(argv) == 0
+    good = json.loads(report.read_text())["runs"]
+    assert [r["status"] for r in good] == ["ok", "ok"]
+    broken.add("stn")
+    assert robustness.main(argv) == 1
+    assert json.loads(report.read_text())["runs"] == good  # the earlier numbers of stn stay
