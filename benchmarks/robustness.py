@@ -497,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         print(f"[{job.label} seed {seed}] evaluation failed: {scores}", file=sys.stderr, flush=True)
                     scores = {}
                 runs.append({**record, **scores})
-            del loaded
+            loaded.clear()  # this seed's models go before the next seed's are loaded
 
         failed = any(r["status"] != "ok" for r in runs)
         runs = merge_runs(earlier["runs"] if earlier else [], runs)  # earlier runs stay in the report
