@@ -35,22 +35,42 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not belong to this run."""
 
 
-def rng_state() -> dict[str, Any]:
-    """The global RNG states of torch (CPU and CUDA), numpy and Python, as weights-only-loadable values."""
+def _cuda_device(device: str | torch.device | None) -> torch.device | None:
+    """The CUDA device whose generator a run on ``device`` draws from (its current device when ``device`` names
+    no index; the current device when ``device`` is None and CUDA is available); None for a run off CUDA."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def rng_state(device: str | torch.device | None = None) -> dict[str, Any]:
+    """The global RNG states of torch (CPU, and the CUDA generator of the run's ``device``), numpy and Python, as
+    weights-only-loadable values. Only the run's own GPU is read: reading every GPU's generator would open a
+    CUDA context on each of them, in every process of a torchrun job."""
     np_state = np.random.get_state()
+    cuda = _cuda_device(device)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(cuda)] if cuda is not None else [],
         "numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
         "python": json.dumps(random.getstate()),
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore :func:`rng_state`'s states. The torch states are byte tensors that torch only takes on the CPU:
-    a checkpoint loaded with ``map_location`` a GPU brings them there, so they are moved back first."""
+def set_rng_state(state: dict[str, Any], device: str | torch.device | None = None) -> None:
+    """Restore :func:`rng_state`'s states; the CUDA generator's into that of the run's ``device`` (so under
+    torchrun every rank continues rank 0's stream, as every rank drew the same stream before). The torch states
+    are byte tensors that torch only takes on the CPU: a checkpoint loaded with ``map_location`` a GPU brings
+    them there, so they are moved back first. Files written before one device's state was kept hold every GPU's
+    state, restored as they are."""
     torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
+    cuda = _cuda_device(device)
+    if len(state["cuda"]) == 1 and cuda is not None:
+        torch.cuda.set_rng_state(state["cuda"][0].cpu(), cuda)
+    elif len(state["cuda"]) > 1 and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     name, keys, *rest = json.loads(state["numpy"])
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
@@ -99,9 +119,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (plus format and RNG states) to ``path`` atomically."""
-    data = {"format": FORMAT, "kind": "checkpoint", "rng": rng_state(), **payload}
+def save_checkpoint(path: str | Path, payload: dict[str, Any], device: str | torch.device | None = None) -> Path:
+    """Write ``payload`` (plus format and RNG states, the CUDA one of ``device``: :func:`rng_state`) to ``path``
+    atomically."""
+    data = {"format": FORMAT, "kind": "checkpoint", "rng": rng_state(device), **payload}
     return atomic_write(path, lambda handle: torch.save(data, handle))
 
 

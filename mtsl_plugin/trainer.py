@@ -375,7 +375,7 @@ class MTLTrainer(LibMTL.Trainer):
             "epochs_done": self.epochs_done,
             "history": json.dumps(self.history),
             "learner": json.dumps(self.learner.state_dict()) if self.learner is not None else "",
-        })
+        }, device=self.device)
 
     @staticmethod
     def checkpoint_plan(path: str | Path) -> BranchingPlan | None:
@@ -387,7 +387,10 @@ class MTLTrainer(LibMTL.Trainer):
     def load(self, path: str | Path) -> None:
         """Continue from a checkpoint, or take the trained weights of a weights file (:meth:`save_weights`) for
         evaluation; the trainer must have been built with the file's plan."""
-        state = load_checkpoint(path, map_location=self.device)
+        # read onto the CPU: load_state_dict copies the weights and moments to the parameters' device, while
+        # Adam's step counts stay on the CPU as in a fresh run (on a GPU each would cost a sync per parameter and
+        # step, in Adam's bias correction)
+        state = load_checkpoint(path)
         saved = BranchingPlan.from_json(state["plan"]) if state["plan"] else None
         if saved != getattr(self.model, "plan", None):
             raise ValueError(f"checkpoint {path} holds a different plan than this trainer was built with")
@@ -401,4 +404,4 @@ class MTLTrainer(LibMTL.Trainer):
         self.history = json.loads(state["history"])
         if self.learner is not None and state["learner"]:
             self.learner.load_state_dict(json.loads(state["learner"]))
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)

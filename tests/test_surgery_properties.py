@@ -247,17 +247,3 @@ def test_a_single_task_network_runs_fused_and_its_phases_change_nothing(stages):
     optimizer = torch.optim.Adam(network.parameters())
     record = phase(network, optimizer, MTSLConfig(threshold=0.0), torch.Generator().manual_seed(0))
     assert record.merged == [] and record.location is None and network.plan.partitions[0] == (("S",),)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_rng_states_of_a_checkpoint_loaded_onto_a_gpu_restore(tmp_path):
-    """``load_checkpoint(map_location="cuda")`` brings the RNG byte tensors to the GPU; torch takes them only on
-    the CPU ("RNG state must be a torch.ByteTensor"), so a resume on a GPU failed before they were moved back."""
-    from mtsl_plugin.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-
-    torch.manual_seed(5)
-    save_checkpoint(tmp_path / "ckpt.pt", {})
-    expected = torch.rand(3)
-    torch.manual_seed(6)
-    set_rng_state(load_checkpoint(tmp_path / "ckpt.pt", map_location="cuda")["rng"])
-    assert torch.equal(torch.rand(3), expected)
