@@ -109,3 +109,17 @@ def test_rng_states_of_a_checkpoint_loaded_onto_a_gpu_restore(tmp_path):
     torch.manual_seed(6)
     set_rng_state(load_checkpoint(tmp_path / "ckpt.pt", map_location="cuda")["rng"])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_building_a_network_reseeds_no_gpu_generator(monkeypatch):
+    """Encoders, decoders and heads are built under their own seeds inside ``fork_rng(devices=[])``, which restores
+    the CPU generator only: seeding with ``torch.manual_seed`` there also reseeded every GPU's generator, for
+    good, in the middle of a run."""
+    from mtsl_plugin.network.stages import ResNetStages
+
+    def reseeded(*_):
+        raise AssertionError("reseeded the GPU generators")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded)
+    stages = ResNetStages("resnet18", backbone_args={"channels": (8, 8, 16, 16)})
+    stages.build(0), stages.build_head(3, task="S")

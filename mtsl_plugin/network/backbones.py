@@ -116,7 +116,7 @@ class TimmStages(StageFactory):
     def __init__(self, backbone: str, *, pretrained: bool = False, weights: str | Path | None = None,
                  decoder: bool = True, seed: int = 0, backbone_args: dict | None = None):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: fork_rng restores no GPU one
             model = create_timm_model(backbone, pretrained=pretrained, weights=weights, backbone_args=backbone_args,
                                       features_only=True)
             self._build(model, backbone, decoder, seed, normalise=pretrained or weights is not None)
@@ -140,7 +140,7 @@ class TimmStages(StageFactory):
                              "create_stages(<timm name>) instead") from None
         stages = cls.__new__(cls)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             stages._build(wrapped, name, decoder, seed, normalise=False)
         return stages
 

@@ -289,7 +289,7 @@ class StageFactory:
         ``forward([x_l (N, C_l, h_l, w_l) for l in head_locations], size (H, W)) -> (N, out_channels, H, W)``."""
         in_channels = [self.specs[l].out_channels for l in self.head_locations]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._head_seed + out_channels)
+            torch.default_generator.manual_seed(self._head_seed + out_channels)
             if self.network == "authors":  # the authors' head width is their decoder's planes (64 on ResNet18)
                 return MultiScaleHead(in_channels, in_channels[0] // BottleneckDecoderStage.expansion, out_channels,
                                       AUTHORS_HEADS.get(task, PLAIN_HEAD))
@@ -319,7 +319,7 @@ class ResNetStages(StageFactory):
         if network == "authors" and not decoder:
             raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: fork_rng restores no GPU one
             model = create_timm_model(backbone, pretrained=pretrained, weights=weights, backbone_args=backbone_args,
                                       num_classes=0)
             self._build(model, backbone, decoder, network, seed, normalise=pretrained or weights is not None)
@@ -333,7 +333,7 @@ class ResNetStages(StageFactory):
             raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
         stages = cls.__new__(cls)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             stages._build(model, type(model).__name__, decoder, network, seed, normalise=False)
         return stages
 
