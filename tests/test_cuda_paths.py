@@ -1,5 +1,7 @@
 """Code paths that only run on CUDA: checked on the CPU with torch.cuda's RNG calls stood in for, and on a GPU
 where one is present."""
+import math
+
 import pytest
 import torch
 
@@ -123,3 +125,17 @@ def test_building_a_network_reseeds_no_gpu_generator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded)
     stages = ResNetStages("resnet18", backbone_args={"channels": (8, 8, 16, 16)})
     stages.build(0), stages.build_head(3, task="S")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("execution", [{}, {"fused": True, "channels_last": True}], ids=["plain", "fused-nhwc"])
+def test_mtsl_runs_its_phases_on_a_gpu(smoke, tmp_path, execution):
+    """The smoke preset's MTSL end to end on a GPU under bf16 autocast (alignment, measurement, merges with
+    averaged Adam state, amalgamation, fine-tuning), plain and fused in NHWC: finite metrics and a merge (every
+    task alike at γ 0 merges the first location)."""
+    from mtsl_plugin.experiment import run_method
+
+    config = smoke(tasks=("S", "D", "E"), threshold=0.0).replace(device="cuda", **execution)
+    result = run_method(config, "mtsl", tmp_path / "run", progress=False)
+    assert all(math.isfinite(v) for v in result["metrics"].values())
+    assert result["plan"]["partitions"][0] == [["S", "D", "E"]]

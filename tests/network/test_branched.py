@@ -182,13 +182,18 @@ FUSED_PLANS = [BranchingPlan.single_task("SDE", 10),
                BranchingPlan("SDE", [[["S", "D", "E"]]] * 2 + [[["S", "D"], ["E"]]] * 3 + [[["S"], ["D"], ["E"]]] * 5)]
 
 
-def fused_pair(network, plan):
-    """Two float64 copies of one network (nodes made to differ), the second running fused."""
+#: The devices the fused checks run on: the CPU always, a GPU where there is one (the fused path's vmap over
+#: grouped convolutions and batch norm is cuDNN's there).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+def fused_pair(network, plan, device="cpu"):
+    """Two float64 copies of one network (nodes made to differ) on ``device``, the second running fused."""
     import copy
 
     smoke = ResNetStages("resnet18", backbone_args={"channels": (16, 32, 64, 128)}, network=network)
     torch.manual_seed(0)
-    plain = build(plan, smoke).double()
+    plain = build(plan, smoke).double().to(device)
     with torch.no_grad():
         for p in plain.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -197,14 +202,15 @@ def fused_pair(network, plan):
     return plain, fused
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("network", ["compact", "authors"])
 @pytest.mark.parametrize("plan", FUSED_PLANS, ids=["stn", "partly-merged"])
-def test_fused_locations_equal_the_unfused_network(network, plan):
+def test_fused_locations_equal_the_unfused_network(network, plan, device):
     """Outputs, sibling features, gradients and batch-norm running statistics of a training step agree to 1e-10
     (relative, float64: the fused call is the same arithmetic in another order; in float32 they differ by
     rounding, amplified by batch norm over few pixels)."""
-    plain, fused = fused_pair(network, plan)
-    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    plain, fused = fused_pair(network, plan, device)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64, device=device)
     (preds_a, feats_a), (preds_b, feats_b) = plain(x), fused(x)
     for t in "SDE":
         torch.testing.assert_close(preds_b[t], preds_a[t], rtol=1e-10, atol=1e-10)
@@ -228,12 +234,12 @@ def assert_fused_locations_match_under_autocast(plain: BranchedNetwork, x: torch
     parameters (one vector) are no further from the float32 reference, in L2 norm, than twice the unfused bf16
     ones are, plus 0.1 % of the reference (bf16 rounding differs between one grouped and several convolutions);
     batch-norm running statistics likewise, and float32. (autocast does not reach inside ``torch.vmap``;
-    the fused call casts by hand. On CPU here; the casts do not depend on the device.)"""
+    the fused call casts by hand.) On ``x``'s device."""
     import copy
 
     reference, unfused, fused = copy.deepcopy(plain), copy.deepcopy(plain), copy.deepcopy(plain)
     fused.fused = True
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
         outputs = copy.deepcopy(plain).run_locations(x)  # what each location reads, computed once
 
     def close_enough(fused_value: torch.Tensor, unfused_value: torch.Tensor, exact: torch.Tensor) -> bool:
@@ -247,7 +253,7 @@ def assert_fused_locations_match_under_autocast(plain: BranchedNetwork, x: torch
         inputs = [{g: t.detach() for g, t in out.items()} for out in outputs[:location]]
         exact = {g: reference.run_node(location, g, [{k: v.float() for k, v in o.items()} for o in inputs], x)
                  for g in groups}
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             one_by_one = {g: unfused.run_node(location, g, inputs, x) for g in groups}
             together = fused.run_fused(location, groups, inputs, x)
         for g in groups:
@@ -264,10 +270,11 @@ def assert_fused_locations_match_under_autocast(plain: BranchedNetwork, x: torch
         assert not exact.is_floating_point() or close_enough(b, a, exact), name
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("network", ["compact", "authors"])
-def test_fused_locations_under_bf16_autocast_equal_the_unfused_nodes(network):
-    plain, _ = fused_pair(network, FUSED_PLANS[1])
-    assert_fused_locations_match_under_autocast(plain.float(), torch.randn(4, 3, 64, 64))
+def test_fused_locations_under_bf16_autocast_equal_the_unfused_nodes(network, device):
+    plain, _ = fused_pair(network, FUSED_PLANS[1], device)
+    assert_fused_locations_match_under_autocast(plain.float(), torch.randn(4, 3, 64, 64, device=device))
 
 
 def test_a_merge_after_fused_training_equals_the_merge_after_unfused_training():
