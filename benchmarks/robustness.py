@@ -62,8 +62,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--corruptions", default="all", help="'all', 'none' or categories: " + ",".join(CATEGORIES))
     p.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS),
                    help="PGD budgets on the 0-255 pixel scale, or 'none'")
-    p.add_argument("--attack-tasks", default=",".join(DEFAULT_ATTACK_TASKS),
-                   help="tasks whose loss PGD attacks (those the runs have)")
+    p.add_argument("--attack-tasks", default=None,
+                   help=f"tasks whose loss PGD attacks (default {','.join(DEFAULT_ATTACK_TASKS)}: those of them the "
+                        "runs have)")
     return p.parse_args(argv)
 
 
@@ -97,12 +98,12 @@ def parse_epsilons(text: str) -> list[float]:
     return sorted(set(epsilons))
 
 
-def parse_attack_tasks(text: str, tasks: Sequence[str]) -> list[str]:
-    """The attacked tasks among ``tasks`` (the runs' tasks). The default (S, D) keeps those the runs have; a task
-    named explicitly must be one of ``tasks``."""
-    requested = parse_list(text, "attack-tasks")
+def parse_attack_tasks(text: str | None, tasks: Sequence[str]) -> list[str]:
+    """The attacked tasks among ``tasks`` (the runs' tasks). The default (``None``: S, D) keeps those the runs
+    have; a task named explicitly, ``S,D`` included, must be one of ``tasks``."""
+    requested = list(DEFAULT_ATTACK_TASKS) if text is None else parse_list(text, "attack-tasks")
     missing = [t for t in requested if t not in tasks]
-    if missing and text != ",".join(DEFAULT_ATTACK_TASKS):
+    if missing and text is not None:
         raise UsageError(f"--attack-tasks: the runs have no task {', '.join(missing)}; choose from "
                          f"{', '.join(tasks)}")
     return [t for t in dict.fromkeys(requested) if t in tasks]

@@ -183,6 +183,7 @@ def test_a_report_is_extended_with_other_methods_and_never_replaced_by_other_set
     (["--epsilons", "1,abc"], "abc"),
     (["--epsilons", "-1"], "-1"),
     (["--attack-tasks", "S,X"], "X"),
+    (["--tasks", "D", "--attack-tasks", "S,D"], "no task S"),  # named explicitly, the default's tasks too
     (["--methods", "nope"], "nope"),
 ])
 def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, argv, culprit):
