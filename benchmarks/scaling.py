@@ -16,7 +16,8 @@ Each row is the median over ``--steps`` steps after two warm-up steps, on rank 0
 the gradient all-reduce, so the ranks move together), with bf16 autocast on CUDA. Printed: seconds per step and
 images per second per n, and for every n after the first the speed-up (images per second ÷ those of the first
 n) and ours ÷ the anchor's speed-up. Data loading is not included (``speed.py`` measures it). On a CPU the
-processes share its cores (torchrun gives each one thread), so only GPU figures say anything about scaling.
+processes share its cores (each n gets all of them, ``cores // n`` threads a process: :func:`launch_env`), so only
+GPU figures say anything about scaling.
 """
 from __future__ import annotations
 
@@ -76,6 +77,16 @@ def worker(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
+def launch_env(nproc: int) -> dict[str, str]:
+    """The environment of the torchrun job of ``nproc`` processes: every count gets the machine's cores, split
+    evenly (``OMP_NUM_THREADS`` = cores // n, at least 1; a value the user set is kept for every count). torchrun
+    alone gives each process one thread when n > 1 but leaves a single process all the cores, so a speed-up on
+    the CPU would compare n threads with all of them."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
 def launch(args: argparse.Namespace, nproc: int, json_path: Path) -> None:
     """Run this file's worker under ``torchrun --standalone --nproc_per_node=nproc``; raises on failure."""
     forwarded = ["--device", args.device, "--batch", str(args.batch), "--height", str(args.height), "--width",
@@ -83,7 +94,7 @@ def launch(args: argparse.Namespace, nproc: int, json_path: Path) -> None:
                  args.backbone, "--tasks", args.tasks, *(["--fused"] if args.fused else [])]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(Path(__file__).resolve()), "--worker", "--json", str(json_path), *forwarded]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    done = subprocess.run(command, capture_output=True, text=True, env=launch_env(nproc))
     if done.returncode != 0 or not json_path.is_file():
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"the run with {nproc} process(es) failed (exit {done.returncode}):\n{tail}")

@@ -5,7 +5,8 @@ batch.
 What this module holds is plain: who we are (:func:`rank`, :func:`world_size`), starting the process group from
 torchrun's environment (:func:`init_from_env`), sharding a global batch order (:func:`shard_batches`) and an
 evaluation set (:func:`shard_samples`, :func:`own_batches`), and
-keeping replicas identical through structural edits (:func:`broadcast_module`, :func:`check_replicas`).
+keeping replicas identical through structural edits (:func:`check_structure`, :func:`broadcast_module`,
+:func:`check_replicas`).
 Without a process group every function is the single-process identity, so the rest of the code calls them
 unconditionally.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -167,6 +168,27 @@ def checksum(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def structure(module: nn.Module) -> str:
+    """A hash of the module's parameter and buffer names, shapes and dtypes (not their values)."""
+    digest = hashlib.sha256()
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    return digest.hexdigest()
+
+
+def check_structure(module: nn.Module, when: str) -> None:
+    """Fail on every rank, in one sentence, when the ranks' modules hold different parameters or buffers (names,
+    shapes, dtypes): :func:`broadcast_module` over them would pair unrelated tensors or wait forever."""
+    if not active():
+        return
+    hashes: list[str | None] = [None] * world_size()
+    dist.all_gather_object(hashes, structure(module))
+    if len(set(hashes)) > 1:
+        differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
+        raise RuntimeError(f"the processes' networks differ {when}: rank(s) {differ} hold other parameters "
+                           "than rank 0")
+
+
 def check_replicas(module: nn.Module, when: str) -> None:
     """Fail loudly when the ranks' replicas differ (their checksums, gathered)."""
     if not active():
@@ -184,3 +206,25 @@ def broadcast_object(value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def fail_together(action: Callable[[], T], errors: type[BaseException] | tuple[type[BaseException], ...]) -> T:
+    """``action()`` on every rank, failing on every rank when it fails on one: an exception of ``errors`` raised on
+    a rank is raised there as it is and, with its type and message, on every other rank (a rank that went on
+    would wait in collectives the failed rank never joins, or pair them with those of the next run of a sweep).
+    Rank 0's writes (checkpoints, results) go through it."""
+    failure, result = None, None
+    try:
+        result = action()
+    except errors as exc:
+        failure = exc
+    if active():
+        reports: list = [None] * world_size()
+        dist.all_gather_object(reports, None if failure is None else (type(failure), str(failure)))
+        first = next((r for r in reports if r is not None), None)
+        if failure is None and first is not None:
+            kind, message = first
+            raise kind(message)
+    if failure is not None:
+        raise failure
+    return result

@@ -28,7 +28,7 @@ from torch.utils.data import Subset
 
 from mtsl_plugin import distributed
 from mtsl_plugin.architecture import MTSL
-from mtsl_plugin.checkpoint import atomic_write
+from mtsl_plugin.checkpoint import CheckpointError, atomic_write
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data import TargetFiles, build_dataset
 from mtsl_plugin.libmtl_compat import import_libmtl
@@ -206,8 +206,11 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     trainer = build_trainer(config, tasks, start_plan, stages, spec.learner, spec.architecture, spec.arch_args)
     if resume and checkpoint.exists():
         trainer.load(checkpoint)
-    write_json(saved, {"method": method, "config": config.to_dict(), "fingerprint": fingerprint,
-                       **({"arch_args": arch_args} if arch_args else {})})
+    # rank 0 writes the run's files; a write that fails there stops every rank (fail_together), so no rank goes
+    # on to collectives, or to the next run of a sweep, without the others
+    meta = {"method": method, "config": config.to_dict(), "fingerprint": fingerprint,
+            **({"arch_args": arch_args} if arch_args else {})}
+    distributed.fail_together(lambda: write_json(saved, meta), CheckpointError)
 
     def on_phase(record: dict) -> None:
         write_json(run_dir / f"phase_{record['phase']}.json", record)
@@ -224,9 +227,13 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         cost = model_cost(derived.model, config.data.height, config.data.width)
     else:
         cost = model_cost(trainer.model, config.data.height, config.data.width)
-    if final_plan is not None:
-        write_json(run_dir / "plan.json", final_plan.to_dict())
-    trainer.save_weights(run_dir / WEIGHTS)
+
+    def write_weights() -> None:
+        if final_plan is not None:
+            write_json(run_dir / "plan.json", final_plan.to_dict())
+        trainer.save_weights(run_dir / WEIGHTS)
+
+    distributed.fail_together(write_weights, CheckpointError)
     result = {
         "method": method, "seed": config.seed, "status": "ok", "error": None,
         "metrics": metrics,
@@ -240,7 +247,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         "config_fingerprint": config.fingerprint(),  # to find the source run of a "-R" method
         "reference_key": config.fingerprint(exclude=("device", "mtsl")),  # runs with one STN reference
     }
-    write_json(run_dir / "result.json", result)
+    distributed.fail_together(lambda: write_json(run_dir / "result.json", result), CheckpointError)
     if not keep_checkpoint and distributed.is_main():
         checkpoint.unlink(missing_ok=True)
     distributed.barrier()  # every rank sees this run's files before the next job looks for finished runs

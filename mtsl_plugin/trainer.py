@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mtsl_plugin import distributed
-from mtsl_plugin.checkpoint import load_checkpoint, save_checkpoint, save_weights, set_rng_state
+from mtsl_plugin.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_weights,
+                                    set_rng_state)
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.learner.structural import StructuralLearner, pooled
 from mtsl_plugin.network.branched import BranchedNetwork
@@ -39,7 +40,6 @@ from mtsl_plugin.plan import BranchingPlan
 
 LibMTL = import_libmtl()
 _PerformanceMeter = LibMTL._record._PerformanceMeter
-
 
 class NonFiniteLossError(ArithmeticError):
     """A task loss (or the alignment loss) became NaN or infinite; the run stops before writing a checkpoint."""
@@ -60,9 +60,10 @@ class RunData:
         """A loader over ``dataset``; shuffled with a generator seeded by (seed, *key) when ``key`` is given.
 
         Under ``torch.distributed`` a shuffled loader gives this rank its share of every global batch
-        (:func:`mtsl_plugin.distributed.shard_batches`; the global batches are those of one process), unless
-        ``shard`` is False; unshuffled loaders give every rank all of ``dataset`` (the grouping data, decided on
-        rank 0; the test split is sharded before, :func:`mtsl_plugin.distributed.shard_samples`)."""
+        (:func:`mtsl_plugin.distributed.shard_batches`; the global batches are those of one process, a last
+        partial one cut to a multiple of the number of processes), unless ``shard`` is False; unshuffled loaders
+        give every rank all of ``dataset`` (the grouping data, decided on rank 0's measurements; the test split is
+        sharded before, :func:`mtsl_plugin.distributed.shard_samples`)."""
         generator = None
         if key is not None:
             seed = np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]
@@ -75,7 +76,12 @@ class RunData:
         order = torch.randperm(len(dataset), generator=generator).tolist()  # what shuffle=True draws
         steps = len(order) // self.batch_size if drop_last else -(-len(order) // self.batch_size)
         global_batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(steps)]
-        return DataLoader(dataset, batch_sampler=distributed.shard_batches(global_batches))
+        # a last, partial batch (kept when the set holds under two batches) is cut to a multiple of the number
+        # of processes: every rank trains on as many samples (DDP weighs the ranks' gradients alike) and none on
+        # an empty batch; the up to n - 1 samples left out are others every epoch
+        size = distributed.world_size()
+        global_batches = [batch[:len(batch) - len(batch) % size] for batch in global_batches]
+        return DataLoader(dataset, batch_sampler=distributed.shard_batches([b for b in global_batches if b]))
 
 
 class MTLTrainer(LibMTL.Trainer):
@@ -276,6 +282,10 @@ class MTLTrainer(LibMTL.Trainer):
                 images = self.images_to_device(images)
                 gts = {t: gts[t].to(self.device, non_blocking=True) for t in self.task_name}
                 losses, align = self.train_step(images, gts)
+                if self.ddp is not None:  # the global batch's losses on every rank: logged alike, and a NaN on
+                    # one rank stops every rank at the same step (a rank left alone would wait in DDP's all-reduce)
+                    losses, align_mean = distributed.mean_all([losses.float(), losses.new_tensor([align]).float()])
+                    align = float(align_mean)
                 losses = losses.float().cpu()
                 self._check_finite(losses, align, steps, checkpoint)
                 sums += losses
@@ -299,8 +309,8 @@ class MTLTrainer(LibMTL.Trainer):
                     self.network, self.model, self.optimizer,
                     lambda: data.batches(data.train, key=(1, phase, next(counter)), shard=False), holdout,
                     self.device, progress=progress)
-                if on_phase is not None:
-                    on_phase(record.to_dict())
+                if on_phase is not None:  # e.g. rank 0 writes the record: a failed write stops every rank
+                    distributed.fail_together(lambda: on_phase(record.to_dict()), CheckpointError)
                 changed = True
             if changed:
                 self.model.to(memory_format=self.memory_format)  # the new group nodes too
@@ -310,8 +320,7 @@ class MTLTrainer(LibMTL.Trainer):
             due = changed or self.epochs_done == total_epochs or time.perf_counter() - last_save >= checkpoint_every
             due = distributed.broadcast_object(due)  # rank 0's clock decides for every rank
             if checkpoint is not None and due:
-                self.save(checkpoint)  # rank 0 writes (atomic_write)
-                distributed.barrier()
+                self.save_on_every_rank(checkpoint)
                 last_save = time.perf_counter()
             bar.update(1)
         bar.close()
@@ -322,7 +331,8 @@ class MTLTrainer(LibMTL.Trainer):
     SINGLE_BACKWARD = ("EW", "UW", "DWA", "GLS", "RLW")  # LibMTL weightings that backpropagate one weighted sum
 
     def wrap_distributed(self) -> None:
-        """Under ``torch.distributed``: make every replica rank 0's, check it, and (re)wrap the model in
+        """Under ``torch.distributed``: check that every rank holds the same network (parameter names and shapes),
+        make every replica rank 0's, check it, and (re)wrap the model in
         ``DistributedDataParallel`` (after a structural edit the old wrapper is dropped: its buckets describe the
         old parameters). Weighting methods that backpropagate each task separately (gradient surgery) and
         bilevel searches are refused in one line."""
@@ -340,9 +350,10 @@ class MTLTrainer(LibMTL.Trainer):
         if self.compiled:
             raise ValueError("compiled training (--compile) runs in one process; start it without torchrun")
         self.ddp = None
+        when = "before training" if not self.epochs_done else f"after epoch {self.epochs_done}"
+        distributed.check_structure(self.model, when)  # a broadcast over other shapes would hang or mix tensors
         distributed.broadcast_module(self.model)
-        distributed.check_replicas(self.model, "before training" if not self.epochs_done else
-                                   f"after epoch {self.epochs_done}")
+        distributed.check_replicas(self.model, when)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids,
                                                        find_unused_parameters=hasattr(self.model, "gates"))
@@ -365,6 +376,12 @@ class MTLTrainer(LibMTL.Trainer):
         finished run keeps, about a third of a checkpoint's size with Adam."""
         return save_weights(path, self.model.plan.to_json() if hasattr(self.model, "plan") else "",
                             self.model.state_dict())
+
+    def save_on_every_rank(self, path: str | Path) -> None:
+        """:meth:`save` as every rank of a ``torch.distributed`` job calls it: rank 0 writes, the others wait for
+        the write, and a failed write (:class:`CheckpointError`, e.g. a full disk) raises on every rank, so no rank
+        goes on training (or on to the next run) while the others stop."""
+        distributed.fail_together(lambda: self.save(path), CheckpointError)
 
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(path, {

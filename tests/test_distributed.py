@@ -344,3 +344,158 @@ def test_sensitivity_and_ablation_under_two_processes_train_on_both_and_report_o
     assert {r["label"] for r in sweep} == {"stn", "mtsl"} and all(r["status"] == "ok" for r in sweep)
     assert "| 0.8 |" in (out / "sensitivity-threshold" / "sensitivity.md").read_text()
     assert "| ✓ | ✓ | ✓ |" in (out / "ablation" / "ablation.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------- consistency across ranks
+def join_with_timeout(rank, world, port, seconds=60):
+    """As :func:`join_group`, with collectives that give up after ``seconds`` (a rank left alone must not hang
+    the test for gloo's default 30 minutes)."""
+    import datetime
+
+    join_group(rank, world, port, init=False)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=seconds))
+
+
+def leave_group(trainer=None):
+    """Leave the process group after a failure: drop the DDP wrapper first (its reducer holds the group), then
+    destroy the group if a peer has not already broken it."""
+    if trainer is not None:
+        trainer.ddp = None
+    import gc
+
+    gc.collect()
+    try:
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001  a peer that has gone
+        pass
+
+
+def tie_worker(rank, world, port, folder):
+    join_group(rank, world, port)
+    config, data, spec, tasks, stages = smoke_trainer()
+    trainer = build_trainer(config, tasks, spec.plan, stages, spec.learner)
+    learner = spec.learner
+    threshold = learner.config.threshold
+    # S and D measured at the threshold, noise putting rank 0 just above it and rank 1 just below
+    learner.similarity = lambda a, b: torch.tensor(threshold + (1e-9 if rank == 0 else -1e-9), dtype=torch.float64)
+    record = learner.structural_phase(trainer.network, trainer.model, trainer.optimizer,
+                                      lambda: data.batches(data.train, key=(1, 0, 0), shard=False),
+                                      lambda: data.batches(data.holdout), trainer.device)
+    torch.save({"plan": trainer.network.plan.to_json(), "merged": record.merged,
+                "matrix": record.similarities[0]["matrix"]}, os.path.join(folder, f"tie{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_every_rank_decides_on_rank_0s_similarities_when_noise_splits_a_tie(tmp_path):
+    """Similarities at the threshold that floating-point noise puts on either side of it on different ranks must
+    not give the ranks different plans: rank 0's matrices decide for every rank."""
+    mp.spawn(tie_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"tie{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["merged"] == [["S", "D"]]
+    assert ranks[1]["merged"] == ranks[0]["merged"] and ranks[1]["plan"] == ranks[0]["plan"]
+    assert ranks[1]["matrix"] == ranks[0]["matrix"]
+
+
+def nonfinite_worker(rank, world, port, folder):
+    from mtsl_plugin.trainer import NonFiniteLossError
+
+    join_with_timeout(rank, world, port)
+    config, data, spec, tasks, stages = smoke_trainer()
+    trainer = build_trainer(config, tasks, spec.plan, stages, spec.learner)
+    compute, calls = trainer.task_losses, []
+
+    def task_losses(preds, gts):  # rank 1's share of the second global batch gives a NaN loss
+        calls.append(None)
+        losses = compute(preds, gts)
+        return losses * float("nan") if rank == 1 and len(calls) == 2 else losses
+
+    trainer.task_losses = task_losses
+    try:
+        trainer.fit(data, 1, progress=False)
+        outcome = "finished"
+    except NonFiniteLossError as exc:
+        outcome = str(exc)
+    except Exception as exc:  # noqa: BLE001  e.g. a collective whose peer has gone
+        outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    with open(os.path.join(folder, f"nonfinite{rank}.txt"), "w") as handle:
+        handle.write(outcome)
+    leave_group(trainer)
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """A NaN on one rank's share stops all ranks together with the one-line error (a rank that went on alone would
+    wait in the next all-reduce for a rank that has left); every rank logs the global batch's losses."""
+    mp.spawn(nonfinite_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"nonfinite{r}.txt").read_text() for r in range(2)]
+    assert outcomes[0] == outcomes[1], outcomes
+    assert "loss is nan at epoch 1 (step 2;" in outcomes[0]
+
+
+def test_a_partial_last_batch_is_cut_to_a_multiple_of_the_processes(monkeypatch):
+    """A set of under two batches keeps its last, partial batch; under two processes each rank gets an equal
+    share of it (never an empty batch, which fails in collation on that rank alone)."""
+    from torch.utils.data import TensorDataset
+
+    from mtsl_plugin.trainer import RunData
+
+    for size, expected in ((17, [16]), (21, [16, 4]), (20, [16, 4])):
+        data = RunData(train=TensorDataset(torch.arange(size)), holdout=None, test=None, batch_size=16)
+        shards = []
+        for me in range(2):
+            monkeypatch.setattr(distributed, "rank", lambda me=me: me)
+            monkeypatch.setattr(distributed, "world_size", lambda: 2)
+            shards.append([batch[0].tolist() for batch in data.batches(data.train, key=(0, 0))])
+        assert [len(a) + len(b) for a, b in zip(*shards)] == expected
+        assert all(len(a) == len(b) for a, b in zip(*shards))
+        seen = [i for rank in shards for batch in rank for i in batch]
+        assert len(seen) == len(set(seen)) == sum(expected)
+
+
+def structure_worker(rank, world, port, folder):
+    from mtsl_plugin.plan import BranchingPlan
+
+    join_with_timeout(rank, world, port)
+    config, data, spec, tasks, stages = smoke_trainer()
+    plan = spec.plan if rank == 0 else BranchingPlan.one_net(spec.plan.tasks, spec.plan.num_locations)
+    trainer = build_trainer(config, tasks, plan, stages)
+    try:
+        trainer.wrap_distributed()
+        outcome = "wrapped"
+    except Exception as exc:  # noqa: BLE001
+        outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    with open(os.path.join(folder, f"structure{rank}.txt"), "w") as handle:
+        handle.write(outcome)
+    leave_group(trainer)
+
+
+def test_ranks_holding_different_networks_fail_alike_before_any_broadcast(tmp_path):
+    mp.spawn(structure_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"structure{r}.txt").read_text() for r in range(2)]
+    assert outcomes[0] == outcomes[1] == ("RuntimeError: the processes' networks differ before training: rank(s) "
+                                          "[1] hold other parameters than rank 0"), outcomes
+
+
+def failed_write_worker(rank, world, port, folder):
+    join_with_timeout(rank, world, port)
+    config, data, spec, tasks, stages = smoke_trainer()
+    trainer = build_trainer(config, tasks, spec.plan, stages, spec.learner)
+    blocker = os.path.join(folder, "not-a-folder")  # a file where the checkpoint's folder should be
+    try:
+        trainer.fit(data, 1, checkpoint=os.path.join(blocker, "checkpoint.pt"), progress=False)
+        outcome = "finished"
+    except Exception as exc:  # noqa: BLE001
+        outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    with open(os.path.join(folder, f"write{rank}.txt"), "w") as handle:
+        handle.write(outcome)
+    leave_group(trainer)
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 alone writes checkpoints; when that fails every rank raises the same CheckpointError (a rank left
+    waiting, or going on to the next run of a sweep, would pair its collectives with unrelated ones)."""
+    (tmp_path / "not-a-folder").write_text("")
+    mp.spawn(failed_write_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"write{r}.txt").read_text() for r in range(2)]
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0].startswith("CheckpointError: could not write") and "not-a-folder" in outcomes[0]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mtsl_plugin import distributed
 from mtsl_plugin.learner.optim import average_module_state, average_parameter_state, sync_parameters
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.network.branched import BranchedNetwork
@@ -148,10 +149,15 @@ class StructuralLearner:
                          train_batches: Batches, holdout: Batches, device: torch.device,
                          progress: bool = False) -> PhaseRecord:
         """Run structural phase ``self.phases_done`` over every sibling set and advance; ``model`` is the module
-        whose parameters the optimizer holds (the network plus e.g. a weighting method's parameters)."""
+        whose parameters the optimizer holds (the network plus e.g. a weighting method's parameters). Under
+        ``torch.distributed`` every rank calls it (with the same replicas and held-out batches) and every rank
+        decides on rank 0's similarity matrices."""
         phase = self.phases_done
         started = time.perf_counter()
-        measured = self.measure(network, holdout, device)
+        # under torch.distributed every rank measures the same held-out batches, and rank 0's similarities decide
+        # for all: a value at the threshold (or a tie between partitions) that floating-point noise breaks
+        # differently on another device would otherwise give the ranks different plans
+        measured = distributed.broadcast_object(self.measure(network, holdout, device))
         record = PhaseRecord(phase=phase, location=measured[0][0] if measured else None)
         merges: dict[int, list[Group]] = {}
         for location, tasks, matrix in measured:

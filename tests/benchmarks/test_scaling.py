@@ -44,3 +44,31 @@ def test_bad_input_is_refused_in_one_line_before_any_launch(capsys, argv, culpri
     assert scaling.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert culprit in err and len(err.splitlines()) == 1
+
+
+def test_every_process_count_gets_all_the_cores(monkeypatch, tmp_path):
+    """torchrun gives each of n > 1 processes one thread but leaves one process all the cores: each count must get
+    the same cores in total, or a CPU speed-up compares n threads with all of them."""
+    import argparse
+    import subprocess
+    from pathlib import Path
+
+    launched = {}
+
+    def run(command, env, **kwargs):
+        nproc = int(next(a for a in command if a.startswith("--nproc_per_node=")).split("=")[1])
+        launched[nproc] = env.get("OMP_NUM_THREADS")
+        Path(command[command.index("--json") + 1]).write_text("{}")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(scaling.subprocess, "run", run)
+    monkeypatch.setattr(scaling.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    args = argparse.Namespace(device="cpu", batch=16, height=32, width=32, steps=1, network="compact",
+                              backbone="resnet18", tasks="S,D", fused=False)
+    for n in (1, 2, 4, 16):
+        scaling.launch(args, n, tmp_path / f"n{n}.json")
+    assert launched == {1: "8", 2: "4", 4: "2", 16: "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
+    scaling.launch(args, 1, tmp_path / "again.json")
+    assert launched[1] == "3"
