@@ -83,6 +83,9 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained backbone weights")
     p.add_argument("--weights", default=None, help="local backbone weights file")
     p.add_argument("--weighting", default=None, help="LibMTL weighting method, e.g. EW (default) or UW")
+    p.add_argument("--weight-args", default=None, metavar="KEY=VALUE,...",
+                   help="the weighting method's hyperparameters, e.g. mgda_gn=l2 for MGDA or T=2 for DWA (default: "
+                        "LibMTL's command-line defaults)")
     p.add_argument("--losses", default=None, choices=LOSS_SETS,
                    help="the built-in tasks' losses: standard (default) or authors (the MTSL authors' code's)")
     p.add_argument("--task-weights", default=None, metavar="T=W,...",
@@ -192,6 +195,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         changes["tasks"] = parse_tasks(args.tasks)
     if getattr(args, "task_weights", None):
         changes["task_weights"] = {**config.task_weights, **parse_task_weights(args.task_weights)}
+    if getattr(args, "weight_args", None):
+        changes["weight_args"] = {**config.weight_args, **parse_pairs(args.weight_args, "weight-args", "mgda_gn=l2")}
     for key in ("backbone", "network", "weights", "weighting", "losses"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
@@ -236,20 +241,27 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     return tuple(parse_list(text, "tasks"))
 
 
+def parse_pairs(text: str, option: str, example: str) -> dict[str, str]:
+    """``--<option> a=1,b=x`` as ``{"a": "1", "b": "x"}``: non-empty keys, each once, and values."""
+    pairs: dict[str, str] = {}
+    for item in parse_list(text, option):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not key or not equals or not value:
+            raise UsageError(f"--{option} takes KEY=VALUE pairs, e.g. {example}; got {item!r}")
+        if key in pairs:
+            raise UsageError(f"--{option}: {key} is given twice")
+        pairs[key] = value
+    return pairs
+
+
 def parse_task_weights(text: str) -> dict[str, float]:
     """``--task-weights E=10,A=100`` as ``{"E": 10.0, "A": 100.0}``."""
     weights = {}
-    for item in parse_list(text, "task-weights"):
-        task, _, value = (part.strip() for part in item.partition("="))
+    for task, value in parse_pairs(text, "task-weights", "E=10,A=100").items():
         try:
-            weight = float(value)
+            weights[task] = float(value)
         except ValueError:
-            weight = None
-        if not task or weight is None:
-            raise UsageError(f"--task-weights takes TASK=WEIGHT pairs, e.g. E=10,A=100; got {item!r}")
-        if task in weights:
-            raise UsageError(f"--task-weights: task {task} is given twice")
-        weights[task] = weight
+            raise UsageError(f"--task-weights: the weight of task {task} must be a number, got {value!r}") from None
     return weights
 
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import yaml
 
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
+from mtsl_plugin.libmtl_compat import weight_args as libmtl_weight_args
 from mtsl_plugin.network.stages import NETWORKS
 from mtsl_plugin.tasks import LOSS_SETS
 
@@ -83,6 +84,7 @@ class RunConfig:
     epochs: int = 80
     lr_steps: tuple[int, ...] = (60, 70)
     weighting: str = "EW"
+    weight_args: dict = field(default_factory=dict)  # the weighting's hyperparameters (others: LibMTL's defaults)
     task_weights: dict = field(default_factory=dict)  # task -> fixed factor on its loss (1 when absent)
     losses: str = "standard"  # the built-in tasks' loss set: standard or authors (tasks.LOSS_SETS)
     mtsl: MTSLConfig = field(default_factory=MTSLConfig)
@@ -100,7 +102,7 @@ class RunConfig:
                                  ("pretrained", bool, None), ("fused", bool, None), ("channels_last", bool, None),
                                  ("compile", bool, None), ("optimizer", Mapping, None),
                                  ("backbone_args", Mapping, None), ("task_specs", Mapping, None),
-                                 ("task_weights", Mapping, None)):
+                                 ("task_weights", Mapping, None), ("weight_args", Mapping, None)):
             require(key, getattr(self, key), kind, least)
         if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
             raise ValueError(f"tasks must be a list of task names (or one string, comma-separated: S,D), got "
@@ -118,6 +120,8 @@ class RunConfig:
             raise ValueError(f"unknown losses {self.losses!r}; choose one of {', '.join(LOSS_SETS)}")
         if self.network == "authors" and self.setting != "encoder-decoder":
             raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
+        typed = libmtl_weight_args(self.weighting, self.weight_args)  # refuses a key or value the method cannot take
+        object.__setattr__(self, "weight_args", {key: typed[key] for key in self.weight_args})  # frozen: normalised once
         for task, weight in self.task_weights.items():
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
                 raise ValueError(f"task_weights: the weight of task {task!r} must be a positive number, got {weight!r}")
@@ -131,6 +135,7 @@ class RunConfig:
         data["tasks"] = list(self.tasks)
         data["task_specs"] = json.loads(json.dumps(self.task_specs))
         data["task_weights"] = {t: float(w) for t, w in self.task_weights.items()}
+        data["weight_args"] = dict(self.weight_args)
         data["lr_steps"] = list(self.lr_steps)
         data["mtsl"]["task_epochs"] = list(self.mtsl.task_epochs)
         data["mtsl"]["amalgamation_epochs"] = list(self.mtsl.amalgamation_epochs)
@@ -165,6 +170,8 @@ class RunConfig:
         weights = {t: w for t, w in data.pop("task_weights", {}).items() if t in self.tasks and w != 1}
         if weights:  # only when a running task's loss is weighted: every older run keeps its fingerprint
             data["task_weights"] = weights
+        if not data.get("weight_args"):  # LibMTL's defaults: older runs keep their fingerprint
+            data.pop("weight_args", None)
         for key, default in (("network", "compact"), ("losses", "standard")):  # older runs keep their fingerprint
             if data.get(key) == default:
                 del data[key]

@@ -114,7 +114,7 @@ def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan
     """A :class:`MTLTrainer` for ``architecture`` (default MTSL's branched network with ``plan``) and the LibMTL
     weighting ``config.weighting``; the heads come from ``stages`` (one per task)."""
     libmtl = import_libmtl()
-    check_weighting(config.weighting)
+    check_weighting(config.weighting, len(tasks))
     # a built-in task's head takes its own form on the authors' network (a declared task keeps the plain one)
     heads = {t: stages.build_head(task.out_channels, task=None if t in config.task_specs else t)
              for t, task in tasks.items()}
@@ -123,7 +123,7 @@ def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan
     return MTLTrainer(libmtl_task_dict(tasks), getattr(libmtl.weighting, config.weighting), architecture or MTSL,
                       lambda: stages, heads, optim_param=dict(config.optimizer), scheduler_param=scheduler,
                       device=config.device, learner=learner, channels_last=config.channels_last,
-                      compile=config.compile, task_weights=config.task_weights, weight_args={},
+                      compile=config.compile, task_weights=config.task_weights, weight_args=config.weight_args,
                       arch_args={**(arch_args or {}), "plan": plan, **({"fused": config.fused} if branched else {})})
 
 

@@ -54,6 +54,7 @@ from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.network.backbones import TimmStages
 from mtsl_plugin.network.stages import ResNetStages, StageFactory
 from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.preflight import check_weighting
 from mtsl_plugin.trainer import MTLTrainer, RunData
 
 AUTHORS_SIMILARITY_SAMPLES = 800  # the authors measure similarity on the first 800 training images
@@ -184,6 +185,7 @@ class Trainer(MTLTrainer):
                  device: str | torch.device | None = None, **kwargs):
         libmtl = import_libmtl()
         weighting = _resolve(weighting, libmtl.weighting, "weighting method")
+        check_weighting(weighting.__name__, len(task_dict))  # before training: GradDrop, CAGrad on other than 3 tasks
         architecture = _resolve(architecture, libmtl.architecture, "architecture")
         check_encoder_class(encoder_class)
         arch_args = dict(kwargs.get("arch_args") or {})

@@ -39,7 +39,7 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True)
     from mtsl_plugin.experiment import build_data, build_run_tasks, build_split, build_stages  # experiment imports us
 
     check_device(config.device)
-    check_weighting(config.weighting)
+    check_weighting(config.weighting, len(config.tasks))
     check_optimizer(config.optimizer)
     check_mtsl(config.mtsl)
     d = config.data
@@ -75,10 +75,22 @@ def check_device(device: str) -> None:
         raise ValueError(f"device {device!r} is not supported; use cpu or cuda")
 
 
-def check_weighting(weighting: str) -> None:
-    names = [n for n in import_libmtl().weighting.__all__ if n != "AbsWeighting"]
+#: LibMTL weighting methods no method here can run: GradDrop works on the gradients of one shared representation
+#: (LibMTL's ``rep_grad``), which branched networks and the baselines' shared trunks do not expose.
+UNSUPPORTED_WEIGHTINGS = {"GradDrop": "it works on the gradients of one shared representation (LibMTL's rep_grad), "
+                                      "which these networks do not expose"}
+
+
+def check_weighting(weighting: str, num_tasks: int) -> None:
+    names = [n for n in import_libmtl().weighting.__all__ if n not in ("AbsWeighting", *UNSUPPORTED_WEIGHTINGS)]
+    if weighting in UNSUPPORTED_WEIGHTINGS:
+        raise ValueError(f"LibMTL weighting {weighting} cannot be used here: {UNSUPPORTED_WEIGHTINGS[weighting]}; "
+                         f"choose from {', '.join(names)}")
     if weighting not in names:
         raise ValueError(f"unknown LibMTL weighting {weighting!r}; choose from {', '.join(names)}")
+    if weighting == "CAGrad" and num_tasks != 3:  # LibMTL 1.1.5's solver reshapes its weights to (1, 3)
+        raise ValueError(f"LibMTL 1.1.5's CAGrad is written for exactly 3 tasks (its solver's shapes are fixed), "
+                         f"got {num_tasks}")
 
 
 #: The optimizers LibMTL's ``Trainer._prepare_optimizer`` builds (a dictionary local to it), for messages only:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from mtsl_plugin import distributed
 from mtsl_plugin.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_weights,
                                     set_rng_state)
-from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.libmtl_compat import GRADIENT_WEIGHTINGS, import_libmtl, weight_args
 from mtsl_plugin.learner.structural import StructuralLearner, pooled
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.plan import BranchingPlan
@@ -102,7 +102,9 @@ class MTLTrainer(LibMTL.Trainer):
         nn.Module.__init__(self)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = torch.device(device)
-        self.kwargs = {"weight_args": {}, "arch_args": {}, **kwargs}
+        self.kwargs = {"arch_args": {}, **kwargs}
+        self.weighting = getattr(weighting, "__name__", str(weighting))
+        self.kwargs["weight_args"] = weight_args(self.weighting, kwargs.get("weight_args"))  # LibMTL's defaults
         self.task_dict = task_dict
         self.task_num = len(task_dict)
         self.task_name = list(task_dict.keys())
@@ -226,7 +228,10 @@ class MTLTrainer(LibMTL.Trainer):
             align_grads = torch.autograd.grad(align, params, retain_graph=True, allow_unused=True)
         elif align is not None:
             align.backward(retain_graph=True)  # before the weighting, which may free the graph
-        self.model.backward(losses, **self.kwargs["weight_args"])
+        if self.weighting in GRADIENT_WEIGHTINGS and next(iter(self.model.get_share_params()), None) is None:
+            losses.sum().backward()  # nothing shared for the method to act on (an STN, MTSL before its first merge)
+        else:
+            self.model.backward(losses, **self.kwargs["weight_args"])
         if align is not None and self.ddp is not None:
             reached = [(p, g) for p, g in zip(params, align_grads) if g is not None]
             averaged = distributed.mean_all([g for _, g in reached])  # one all-reduce for all of them
@@ -273,6 +278,7 @@ class MTLTrainer(LibMTL.Trainer):
         last_save = time.perf_counter()
         while self.epochs_done < total_epochs:
             self.model.epoch = self.epochs_done  # LibMTL's convention: architectures may read the epoch
+            self.model.train_loss_buffer = self.loss_buffer(total_epochs)  # and DWA and GradNorm these
             start = time.perf_counter()
             if architecture is not None and self.model.train().searching:  # bilevel search: the model's own pass
                 self.model.architecture_epoch(self, data.batches(architecture, key=(2, self.epochs_done)), progress)
@@ -328,6 +334,15 @@ class MTLTrainer(LibMTL.Trainer):
         return self.history
 
     # ------------------------------------------------------------------ data parallel
+    def loss_buffer(self, total_epochs: int) -> np.ndarray:
+        """LibMTL's ``train_loss_buffer``: each task's mean loss of every epoch done (``(T, total_epochs)``, zeros
+        after), from :attr:`history`, so a resumed run has it too."""
+        buffer = np.zeros((self.task_num, total_epochs))
+        for entry in self.history:
+            if entry["epoch"] <= total_epochs:
+                buffer[:, entry["epoch"] - 1] = [entry[t] for t in self.task_name]
+        return buffer
+
     SINGLE_BACKWARD = ("EW", "UW", "DWA", "GLS", "RLW")  # LibMTL weightings that backpropagate one weighted sum
 
     def wrap_distributed(self) -> None:
@@ -338,11 +353,8 @@ class MTLTrainer(LibMTL.Trainer):
         bilevel searches are refused in one line."""
         if not distributed.active():
             return
-        absolute = LibMTL.weighting.AbsWeighting
-        weighting = next(c.__name__ for c in type(self.model).__mro__ if issubclass(c, absolute) and c is not absolute
-                         and c is not type(self.model))
-        if weighting not in self.SINGLE_BACKWARD:
-            raise ValueError(f"weighting {weighting} backpropagates each task separately, which "
+        if self.weighting not in self.SINGLE_BACKWARD:
+            raise ValueError(f"weighting {self.weighting} backpropagates each task separately, which "
                              "DistributedDataParallel does not support; use one of "
                              f"{', '.join(self.SINGLE_BACKWARD)} with several processes")
         if self.arch_optimizer is not None:

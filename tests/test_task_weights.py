@@ -28,7 +28,7 @@ def test_only_weights_of_running_tasks_other_than_one_change_the_fingerprint(tmp
     assert load_config_file(path, base=config).task_weights == {"E": 10, "A": 100}
 
 
-@pytest.mark.parametrize("weights, message", [("E=10,X=3", "task(s) ['X']"), ("E=ten", "got 'E=ten'"),
+@pytest.mark.parametrize("weights, message", [("E=10,X=3", "task(s) ['X']"), ("E=ten", "task E must be a number, got 'ten'"), ("E", "got 'E'"),
                                               ("E=0", "task 'E' must be a positive number")])
 def test_bad_task_weights_are_refused_in_one_line_before_training(tmp_path, capsys, weights, message):
     out = tmp_path / "out"

@@ -52,6 +52,26 @@ def test_train_step_with_libmtl_weighting(smoke, weighting):
         assert not torch.equal(trainer.model.loss_scale.detach(), torch.full((3,), -0.5))
 
 
+@pytest.mark.parametrize("weighting", ["DWA", "GradNorm", "MGDA", "GradVac", "CAGrad", "RLW", "IMTL", "GLS"])
+def test_every_libmtl_weighting_trains_mtsl_from_its_single_task_start(smoke, weighting):
+    """LibMTL's weighting methods read their hyperparameters from weight_args (DWA, GradNorm, MGDA, GradVac, CAGrad
+    and RLW raised a KeyError at their first step without them: they get LibMTL's command-line defaults) and DWA
+    and GradNorm read the epochs' mean losses (train_loss_buffer); the gradient methods act on shared parameters,
+    of which MTSL has none before its first merge (IMTL's matrix was singular). The smoke preset: 3 epochs, phases
+    after the first two."""
+    config = smoke(tasks=("S", "D", "E"), threshold=0.0).replace(weighting=weighting)  # CAGrad: 3 tasks only
+    trainer, data = make(config, learner=True)
+    history = trainer.fit(data, config.epochs, progress=False)
+    assert len(history) == 3 and all(math.isfinite(entry[t]) for entry in history for t in config.tasks)
+    assert trainer.network.plan.partitions[0] == (("S", "D", "E"),)  # merged after epoch 1: then shared nodes
+    assert trainer.model.train_loss_buffer[:, 0].tolist() == [history[0][t] for t in config.tasks]
+
+
+def test_weight_args_reach_the_weighting_method(smoke):
+    trainer, _ = make(smoke().replace(weighting="CAGrad", weight_args={"calpha": 0.25}))
+    assert trainer.kwargs["weight_args"] == {"calpha": 0.25, "rescale": 1}  # LibMTL's default for the other
+
+
 def gradients_of_one_step(trainer, images, gts):
     """The gradients a train step leaves (the optimizer step itself is skipped), by parameter name."""
     trainer.optimizer.step = lambda: None

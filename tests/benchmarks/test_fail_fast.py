@@ -80,7 +80,13 @@ BAD = [
     (["--tasks", "S,,D"], "--tasks has an empty item"),
     (["--seeds", "0,1,"], "--seeds has an empty item: '0,1,'"),  # a trailing comma: was one seed fewer, silently
     (["--task-weights", "E=10,"], "--task-weights has an empty item"),
-    (["--task-weights", "S=2,S=3"], "--task-weights: task S is given twice"),
+    (["--task-weights", "S=2,S=3"], "--task-weights: S is given twice"),
+    (["--weight-args", "T=2"], "EW has no hyperparameter 'T'"),  # the default weighting takes none
+    (["--weighting", "MGDA", "--weight-args", "mgda_gn=l3"], "mgda_gn must be one of none, l2, loss, loss+"),
+    (["--weighting", "CAGrad", "--weight-args", "rescale=0.5"], "rescale must be a whole number, got '0.5'"),
+    (["--weighting", "DWA", "--weight-args", "T"], "--weight-args takes KEY=VALUE pairs"),
+    (["--weighting", "GradDrop"], "GradDrop"),  # LibMTL's needs a shared representation's gradients
+    (["--weighting", "CAGrad", "--tasks", "S,D"], "exactly 3 tasks"),  # LibMTL 1.1.5's solver: shapes (1, 3)
     (["--data-root", "/nonexistent/nyu"], "--data-root /nonexistent/nyu: the data set is synthetic"),
 ]
 
