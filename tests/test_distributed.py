@@ -397,6 +397,20 @@ def test_every_rank_decides_on_rank_0s_similarities_when_noise_splits_a_tie(tmp_
     assert ranks[1]["matrix"] == ranks[0]["matrix"]
 
 
+def write_outcome(path, action, done, whole=()):
+    """Run ``action`` and write to ``path`` ``done``, or how it failed: the message of an exception of the types
+    ``whole``, the type and first line of any other (e.g. a collective whose peer has gone)."""
+    try:
+        action()
+        outcome = done
+    except whole as exc:
+        outcome = str(exc)
+    except Exception as exc:  # noqa: BLE001
+        outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    with open(path, "w") as handle:
+        handle.write(outcome)
+
+
 def nonfinite_worker(rank, world, port, folder):
     from mtsl_plugin.trainer import NonFiniteLossError
 
@@ -411,15 +425,8 @@ def nonfinite_worker(rank, world, port, folder):
         return losses * float("nan") if rank == 1 and len(calls) == 2 else losses
 
     trainer.task_losses = task_losses
-    try:
-        trainer.fit(data, 1, progress=False)
-        outcome = "finished"
-    except NonFiniteLossError as exc:
-        outcome = str(exc)
-    except Exception as exc:  # noqa: BLE001  e.g. a collective whose peer has gone
-        outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    with open(os.path.join(folder, f"nonfinite{rank}.txt"), "w") as handle:
-        handle.write(outcome)
+    write_outcome(os.path.join(folder, f"nonfinite{rank}.txt"), lambda: trainer.fit(data, 1, progress=False),
+                  "finished", NonFiniteLossError)
     leave_group(trainer)
 
 
@@ -459,13 +466,7 @@ def structure_worker(rank, world, port, folder):
     config, data, spec, tasks, stages = smoke_trainer()
     plan = spec.plan if rank == 0 else BranchingPlan.one_net(spec.plan.tasks, spec.plan.num_locations)
     trainer = build_trainer(config, tasks, plan, stages)
-    try:
-        trainer.wrap_distributed()
-        outcome = "wrapped"
-    except Exception as exc:  # noqa: BLE001
-        outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    with open(os.path.join(folder, f"structure{rank}.txt"), "w") as handle:
-        handle.write(outcome)
+    write_outcome(os.path.join(folder, f"structure{rank}.txt"), trainer.wrap_distributed, "wrapped")
     leave_group(trainer)
 
 
@@ -481,13 +482,9 @@ def failed_write_worker(rank, world, port, folder):
     config, data, spec, tasks, stages = smoke_trainer()
     trainer = build_trainer(config, tasks, spec.plan, stages, spec.learner)
     blocker = os.path.join(folder, "not-a-folder")  # a file where the checkpoint's folder should be
-    try:
-        trainer.fit(data, 1, checkpoint=os.path.join(blocker, "checkpoint.pt"), progress=False)
-        outcome = "finished"
-    except Exception as exc:  # noqa: BLE001
-        outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    with open(os.path.join(folder, f"write{rank}.txt"), "w") as handle:
-        handle.write(outcome)
+    write_outcome(os.path.join(folder, f"write{rank}.txt"),
+                  lambda: trainer.fit(data, 1, checkpoint=os.path.join(blocker, "checkpoint.pt"), progress=False),
+                  "finished")
     leave_group(trainer)
 
 
