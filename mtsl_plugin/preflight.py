@@ -75,8 +75,7 @@ def check_device(device: str) -> None:
         raise ValueError(f"device {device!r} is not supported; use cpu or cuda")
 
 
-#: LibMTL weighting methods no method here can run: GradDrop works on the gradients of one shared representation
-#: (LibMTL's ``rep_grad``), which branched networks and the baselines' shared trunks do not expose.
+#: LibMTL weighting methods no method here can run, and why.
 UNSUPPORTED_WEIGHTINGS = {"GradDrop": "it works on the gradients of one shared representation (LibMTL's rep_grad), "
                                       "which these networks do not expose"}
 

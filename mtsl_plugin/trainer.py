@@ -33,13 +33,14 @@ from tqdm.auto import tqdm
 from mtsl_plugin import distributed
 from mtsl_plugin.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_weights,
                                     set_rng_state)
-from mtsl_plugin.libmtl_compat import GRADIENT_WEIGHTINGS, import_libmtl, weight_args
+from mtsl_plugin.libmtl_compat import GRADIENT_WEIGHTINGS, SINGLE_BACKWARD_WEIGHTINGS, import_libmtl, weight_args
 from mtsl_plugin.learner.structural import StructuralLearner, pooled
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.plan import BranchingPlan
 
 LibMTL = import_libmtl()
 _PerformanceMeter = LibMTL._record._PerformanceMeter
+
 
 class NonFiniteLossError(ArithmeticError):
     """A task loss (or the alignment loss) became NaN or infinite; the run stops before writing a checkpoint."""
@@ -333,7 +334,6 @@ class MTLTrainer(LibMTL.Trainer):
         distributed.broadcast_module(self.model)  # evaluation and saved weights: rank 0's statistics everywhere
         return self.history
 
-    # ------------------------------------------------------------------ data parallel
     def loss_buffer(self, total_epochs: int) -> np.ndarray:
         """LibMTL's ``train_loss_buffer``: each task's mean loss of every epoch done (``(T, total_epochs)``, zeros
         after), from :attr:`history`, so a resumed run has it too."""
@@ -343,8 +343,7 @@ class MTLTrainer(LibMTL.Trainer):
                 buffer[:, entry["epoch"] - 1] = [entry[t] for t in self.task_name]
         return buffer
 
-    SINGLE_BACKWARD = ("EW", "UW", "DWA", "GLS", "RLW")  # LibMTL weightings that backpropagate one weighted sum
-
+    # ------------------------------------------------------------------ data parallel
     def wrap_distributed(self) -> None:
         """Under ``torch.distributed``: check that every rank holds the same network (parameter names and shapes),
         make every replica rank 0's, check it, and (re)wrap the model in
@@ -353,10 +352,10 @@ class MTLTrainer(LibMTL.Trainer):
         bilevel searches are refused in one line."""
         if not distributed.active():
             return
-        if self.weighting not in self.SINGLE_BACKWARD:
+        if self.weighting not in SINGLE_BACKWARD_WEIGHTINGS:
             raise ValueError(f"weighting {self.weighting} backpropagates each task separately, which "
                              "DistributedDataParallel does not support; use one of "
-                             f"{', '.join(self.SINGLE_BACKWARD)} with several processes")
+                             f"{', '.join(SINGLE_BACKWARD_WEIGHTINGS)} with several processes")
         if self.arch_optimizer is not None:
             raise ValueError("bilevel architecture search (BMTAS) runs in one process; start it without torchrun")
         if self.compiled:
