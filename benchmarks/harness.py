@@ -15,7 +15,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +35,40 @@ from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
 from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.plugins import PluginError, load_plugin
-from mtsl_plugin.preflight import check_config
+from mtsl_plugin.preflight import check_config, check_distributed
 from mtsl_plugin.tasks import LOSS_SETS
 
 
 class UsageError(Exception):
     """Bad command-line input; printed as one line, exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's time limit or preemption, torchrun stopping the other ranks of a failed
+    job), raised where the process is, so that it unwinds as Ctrl-C does: a checkpoint being written is abandoned
+    and its temporary file removed (the previous one stays), and the command ends with one line on how to go on."""
+
+
+class RankFailure(RuntimeError):
+    """Under torchrun, a run that failed on this rank alone: the command stops (exit code 1), since the other ranks
+    may be waiting in a collective of that run; torchrun then stops them."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises :class:`Terminated` (in the main thread; the handler before is restored)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 #: The exceptions a command turns into ``error: <message>`` and exit code 2 (OSError and CheckpointError: a file
@@ -134,12 +164,20 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
     """Check every configuration of ``jobs`` (:func:`~mtsl_plugin.preflight.check_config`) before any training;
     the seed only changes which synthetic scenes are drawn, so each configuration is checked once, and each real
     data set is read through once. No two jobs may share a folder, and with ``out`` no job's folder there may hold
-    a run of another fingerprint (:func:`check_run_folders`)."""
+    a run of another fingerprint (:func:`check_run_folders`). Under torchrun every job must be one that
+    DistributedDataParallel can train (:func:`~mtsl_plugin.preflight.check_distributed`)."""
     folders: dict[tuple[str, int], Job] = {}
     for job in jobs:
         if folders.setdefault((job.label, job.config.seed), job) is not job:
             raise UsageError(f"two of the requested runs would share the folder {job.label}/seed{job.config.seed}; "
                              "give them distinct names")
+        if distributed.active():
+            architecture = method_spec(job.method, job.config, dict(job.arch_args)).architecture
+            try:
+                check_distributed(job.config.weighting, getattr(architecture, "arch_optimizer", None) is not None,
+                                  job.config.compile)
+            except ValueError as exc:
+                raise UsageError(f"{job.label}: {exc}") from None
     if out is not None:
         check_run_folders(jobs, out)
     checked, scanned = set(), set()
@@ -304,21 +342,31 @@ def run_main(main_body, args: argparse.Namespace, distributed_ok: bool = False) 
     if not distributed_ok and refuse_torchrun():
         return 2
     try:
-        load_plugins(args)
-        if distributed.launched():
-            args.device = distributed.init_from_env(args.device or "cpu")
-        return main_body()
+        with sigterm_as_interrupt():
+            load_plugins(args)
+            if distributed.launched():
+                args.device = distributed.init_from_env(args.device or "cpu")
+            return main_body()
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
-        folder = getattr(args, "results_folder", None)
+    except RankFailure as exc:
+        print(f"error: {exc}; {how_to_go_on(args)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: one line on how to go on, not a traceback
         if distributed.is_main():
-            print("interrupted" + ("" if folder is None else
-                                   f"; finished runs and the last checkpoint are kept in {folder}: "
-                                   f"{getattr(args, 'continue_with', 'the same command again')} continues"),
+            print(("terminated" if isinstance(exc, Terminated) else "interrupted") + "; " + how_to_go_on(args),
                   file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+def how_to_go_on(args: argparse.Namespace) -> str:
+    """Where a stopped command's finished runs are and the command that continues it."""
+    folder = getattr(args, "results_folder", None)
+    if folder is None:
+        return "nothing was written"
+    return (f"finished runs and the last checkpoint are kept in {folder}: "
+            f"{getattr(args, 'continue_with', 'the same command again')} continues")
 
 
 # ------------------------------------------------------------------------------------------------ jobs
@@ -429,8 +477,11 @@ def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
 
 def run_jobs(jobs: Sequence[Job], out: Path, progress: bool, keep_checkpoints: bool = False) -> list[dict[str, Any]]:
     """Run every job in order; a failing job is recorded (``status: failed``, ``error.txt`` in its folder) and the
-    others still run. Returns one result record per job, ``label`` added. A finished run keeps its weights and
-    records; its resume checkpoint is removed unless ``keep_checkpoints``."""
+    others still run. Under torchrun that holds for failures every rank raised together (a NaN loss, a write that
+    failed on rank 0, ranks whose networks differ); a failure of one rank alone (out of memory, a file it could not
+    read) stops the command (:class:`RankFailure`, its traceback in ``error<rank>.txt``). Returns one result
+    record per job, ``label`` added. A finished run keeps its weights and records; its resume checkpoint is removed
+    unless ``keep_checkpoints``."""
     results: list[dict[str, Any]] = []
     for job in jobs:
         try:
@@ -438,10 +489,14 @@ def run_jobs(jobs: Sequence[Job], out: Path, progress: bool, keep_checkpoints: b
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # keep going with the other jobs; the table shows the failure
+            alone = not distributed.raised_on_every_rank(exc)  # then the others may wait in this run's collectives
             with contextlib.suppress(OSError):  # the traceback is a courtesy; a full disk must not lose the row
                 job.run_dir(out).mkdir(parents=True, exist_ok=True)
-                if distributed.is_main():
-                    (job.run_dir(out) / "error.txt").write_text(traceback.format_exc())
+                if distributed.is_main() or alone:
+                    (job.run_dir(out) / f"error{distributed.rank() or ''}.txt").write_text(traceback.format_exc())
+            if alone:
+                raise RankFailure(f"[{job.label} seed {job.config.seed}] failed on rank {distributed.rank()}: {exc} "
+                                  "(under torchrun a failure of one rank stops every rank)") from exc
             print(f"[{job.label} seed {job.config.seed}] failed: {exc}", file=sys.stderr, flush=True)
             results.append({"method": job.method, "label": job.label, "seed": job.config.seed, "status": "failed",
                             "error": str(exc)})

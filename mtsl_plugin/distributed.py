@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 
 def active() -> bool:
@@ -38,6 +39,18 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def on_every_rank(exc: E) -> E:
+    """``exc``, marked as raised alike on every rank at the same point of the run (after the ranks agreed on it),
+    so that they can go on together, e.g. with the next run of a sweep (:func:`raised_on_every_rank`)."""
+    exc.on_every_rank = True
+    return exc
+
+
+def raised_on_every_rank(exc: BaseException) -> bool:
+    """Whether every rank raised ``exc`` together (:func:`on_every_rank`); always true in one process."""
+    return not active() or getattr(exc, "on_every_rank", False)
 
 
 def barrier() -> None:
@@ -185,8 +198,8 @@ def check_structure(module: nn.Module, when: str) -> None:
     dist.all_gather_object(hashes, structure(module))
     if len(set(hashes)) > 1:
         differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
-        raise RuntimeError(f"the processes' networks differ {when}: rank(s) {differ} hold other parameters "
-                           "than rank 0")
+        raise on_every_rank(RuntimeError(f"the processes' networks differ {when}: rank(s) {differ} hold other "
+                                         "parameters than rank 0"))
 
 
 def check_replicas(module: nn.Module, when: str) -> None:
@@ -196,7 +209,7 @@ def check_replicas(module: nn.Module, when: str) -> None:
     sums: list[str | None] = [None] * world_size()
     dist.all_gather_object(sums, checksum(module))
     if len(set(sums)) > 1:
-        raise RuntimeError(f"the processes' models diverged {when}: checksums {sums}")
+        raise on_every_rank(RuntimeError(f"the processes' models diverged {when}: checksums {sums}"))
 
 
 def broadcast_object(value):
@@ -224,7 +237,9 @@ def fail_together(action: Callable[[], T], errors: type[BaseException] | tuple[t
         first = next((r for r in reports if r is not None), None)
         if failure is None and first is not None:
             kind, message = first
-            raise kind(message)
+            raise on_every_rank(kind(message))
+        if failure is not None:
+            raise on_every_rank(failure)
     if failure is not None:
         raise failure
     return result

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data import build_dataset
 from mtsl_plugin.learner.schedule import MTSLConfig
-from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.libmtl_compat import SINGLE_BACKWARD_WEIGHTINGS, import_libmtl
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
 from mtsl_plugin.tasks import TASKS
 
@@ -90,6 +90,19 @@ def check_weighting(weighting: str, num_tasks: int) -> None:
     if weighting == "CAGrad" and num_tasks != 3:  # LibMTL 1.1.5's solver reshapes its weights to (1, 3)
         raise ValueError(f"LibMTL 1.1.5's CAGrad is written for exactly 3 tasks (its solver's shapes are fixed), "
                          f"got {num_tasks}")
+
+
+def check_distributed(weighting: str, bilevel: bool, compiled: bool) -> None:
+    """Under torchrun: refuse, in one line, what DistributedDataParallel cannot train (weighting methods that
+    backpropagate each task separately, a bilevel architecture search, a compiled forward)."""
+    if weighting not in SINGLE_BACKWARD_WEIGHTINGS:
+        raise ValueError(f"weighting {weighting} backpropagates each task separately, which "
+                         "DistributedDataParallel does not support; use one of "
+                         f"{', '.join(SINGLE_BACKWARD_WEIGHTINGS)} with several processes")
+    if bilevel:
+        raise ValueError("bilevel architecture search (BMTAS) runs in one process; start it without torchrun")
+    if compiled:
+        raise ValueError("compiled training (--compile) runs in one process; start it without torchrun")
 
 
 #: The optimizers LibMTL's ``Trainer._prepare_optimizer`` builds (a dictionary local to it), for messages only:

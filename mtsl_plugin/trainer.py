@@ -33,10 +33,11 @@ from tqdm.auto import tqdm
 from mtsl_plugin import distributed
 from mtsl_plugin.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_weights,
                                     set_rng_state)
-from mtsl_plugin.libmtl_compat import GRADIENT_WEIGHTINGS, SINGLE_BACKWARD_WEIGHTINGS, import_libmtl, weight_args
+from mtsl_plugin.libmtl_compat import GRADIENT_WEIGHTINGS, import_libmtl, weight_args
 from mtsl_plugin.learner.structural import StructuralLearner, pooled
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.preflight import check_distributed
 
 LibMTL = import_libmtl()
 _PerformanceMeter = LibMTL._record._PerformanceMeter
@@ -352,14 +353,7 @@ class MTLTrainer(LibMTL.Trainer):
         bilevel searches are refused in one line."""
         if not distributed.active():
             return
-        if self.weighting not in SINGLE_BACKWARD_WEIGHTINGS:
-            raise ValueError(f"weighting {self.weighting} backpropagates each task separately, which "
-                             "DistributedDataParallel does not support; use one of "
-                             f"{', '.join(SINGLE_BACKWARD_WEIGHTINGS)} with several processes")
-        if self.arch_optimizer is not None:
-            raise ValueError("bilevel architecture search (BMTAS) runs in one process; start it without torchrun")
-        if self.compiled:
-            raise ValueError("compiled training (--compile) runs in one process; start it without torchrun")
+        check_distributed(self.weighting, self.arch_optimizer is not None, self.compiled)
         self.ddp = None
         when = "before training" if not self.epochs_done else f"after epoch {self.epochs_done}"
         distributed.check_structure(self.model, when)  # a broadcast over other shapes would hang or mix tensors
@@ -378,8 +372,9 @@ class MTLTrainer(LibMTL.Trainer):
         if bad:
             kept = f"; the last good checkpoint {checkpoint} is kept" if checkpoint and Path(checkpoint).exists() \
                 else ""
-            raise NonFiniteLossError(f"{', '.join(bad)} at epoch {self.epochs_done + 1} (step {step + 1}; epochs "
-                                     f"count from 1, as in the run's history){kept}")
+            raise distributed.on_every_rank(NonFiniteLossError(  # the losses are the global batch's: every rank
+                f"{', '.join(bad)} at epoch {self.epochs_done + 1} (step {step + 1}; epochs count from 1, as in "
+                f"the run's history){kept}"))
 
     # ------------------------------------------------------------------ checkpoints
     def save_weights(self, path: str | Path) -> Path:

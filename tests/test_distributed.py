@@ -399,14 +399,15 @@ def test_every_rank_decides_on_rank_0s_similarities_when_noise_splits_a_tie(tmp_
 
 def write_outcome(path, action, done, whole=()):
     """Run ``action`` and write to ``path`` ``done``, or how it failed: the message of an exception of the types
-    ``whole``, the type and first line of any other (e.g. a collective whose peer has gone)."""
+    ``whole``, the type and first line of any other (e.g. a collective whose peer has gone), then `` [every rank]``
+    when it is marked as raised by every rank together (so a sweep may go on with its next run)."""
     try:
         action()
         outcome = done
-    except whole as exc:
-        outcome = str(exc)
     except Exception as exc:  # noqa: BLE001
-        outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        outcome = str(exc) if isinstance(exc, whole) else \
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        outcome += " [every rank]" if distributed.raised_on_every_rank(exc) else ""
     with open(path, "w") as handle:
         handle.write(outcome)
 
@@ -436,7 +437,7 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     mp.spawn(nonfinite_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     outcomes = [(tmp_path / f"nonfinite{r}.txt").read_text() for r in range(2)]
     assert outcomes[0] == outcomes[1], outcomes
-    assert "loss is nan at epoch 1 (step 2;" in outcomes[0]
+    assert "loss is nan at epoch 1 (step 2;" in outcomes[0] and outcomes[0].endswith(" [every rank]")
 
 
 def test_a_partial_last_batch_is_cut_to_a_multiple_of_the_processes(monkeypatch):
@@ -474,7 +475,7 @@ def test_ranks_holding_different_networks_fail_alike_before_any_broadcast(tmp_pa
     mp.spawn(structure_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     outcomes = [(tmp_path / f"structure{r}.txt").read_text() for r in range(2)]
     assert outcomes[0] == outcomes[1] == ("RuntimeError: the processes' networks differ before training: rank(s) "
-                                          "[1] hold other parameters than rank 0"), outcomes
+                                          "[1] hold other parameters than rank 0 [every rank]"), outcomes
 
 
 def failed_write_worker(rank, world, port, folder):
@@ -496,3 +497,4 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_message(tmp_
     outcomes = [(tmp_path / f"write{r}.txt").read_text() for r in range(2)]
     assert outcomes[0] == outcomes[1], outcomes
     assert outcomes[0].startswith("CheckpointError: could not write") and "not-a-folder" in outcomes[0]
+    assert outcomes[0].endswith(" [every rank]")

@@ -8,6 +8,7 @@ MOMENT is one of
   phase, so a checkpoint exists);
 * ``amalgamation``: at the second amalgamation step (the ATT loss's second forward);
 * ``checkpoint``: while a checkpoint of the MTSL run is being written over an existing one (half of it written);
+* ``checkpoint-term``: the same moment, SIGTERM instead of SIGKILL (as a batch scheduler stops a job);
 * ``none``: no kill (the uninterrupted reference run, with the same process set-up).
 
 Nothing here changes what compare.py computes: the patches only decide when the process dies.
@@ -26,9 +27,12 @@ from mtsl_plugin.plugins.builtin_amalgamation import AttentionAmalgamation
 from mtsl_plugin.trainer import MTLTrainer
 
 
+SIGNAL = [signal.SIGKILL]  # what die() sends
+
+
 def die() -> None:
     sys.stdout.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), SIGNAL[0])
 
 
 def die_at_call(method, number, counts=lambda self: True):
@@ -78,8 +82,13 @@ def kill_in_checkpoint_write() -> None:
     torch.save = half_written
 
 
+def terminate_in_checkpoint_write() -> None:
+    SIGNAL[0] = signal.SIGTERM
+    kill_in_checkpoint_write()
+
+
 MOMENTS = {"epoch": kill_in_epoch, "amalgamation": kill_in_amalgamation, "checkpoint": kill_in_checkpoint_write,
-           "none": lambda: None}
+           "checkpoint-term": terminate_in_checkpoint_write, "none": lambda: None}
 
 if __name__ == "__main__":
     moment, separator, *argv = sys.argv[1:]

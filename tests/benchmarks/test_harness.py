@@ -1,4 +1,7 @@
-"""The harness's Δs: each run against the STN run of its own configuration, and never a lost table."""
+"""The harness: Δs (each run against the STN run of its own configuration, never a lost table), and how a
+command ends under torchrun, on SIGTERM and on a rank's own failure."""
+import re
+
 import pytest
 
 from benchmarks.harness import add_deltas
@@ -30,3 +33,92 @@ def test_a_zero_stn_metric_gives_no_delta_instead_of_losing_the_table(capsys):
     assert results[3]["delta_mtl"] == 0.0
     err = capsys.readouterr().err
     assert "[onenet seed 0] no Δ" in err and "zero single-task reference" in err
+
+
+def as_rank_1_of_2(monkeypatch):
+    from mtsl_plugin import distributed
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+
+
+def test_under_torchrun_only_failures_of_every_rank_let_the_sweep_go_on(tmp_path, monkeypatch, capsys):
+    """A failure every rank raised together (a NaN in the global batch, rank 0's failed write) is a failed row and
+    the next run starts on every rank alike; a failure of this rank alone stops the command, its traceback kept
+    in ``error<rank>.txt`` (the other ranks may wait in a collective of the failed run)."""
+    from benchmarks import harness
+    from conftest import smoke_config
+    from mtsl_plugin import distributed
+
+    outcomes = {"together": distributed.on_every_rank(ArithmeticError("loss is nan")), "fine": None,
+                "alone": OSError("cannot read image 7")}
+
+    def run_job(job, out, results, progress, keep_checkpoints):
+        if outcomes[job.label] is not None:
+            raise outcomes[job.label]
+        return {"method": job.method, "label": job.label, "status": "ok"}
+
+    monkeypatch.setattr(harness, "run_job", run_job)
+    as_rank_1_of_2(monkeypatch)
+    jobs = [harness.Job(label, "stn", smoke_config()) for label in outcomes]
+    with pytest.raises(harness.RankFailure, match=r"\[alone seed 0\] failed on rank 1: cannot read image 7"):
+        harness.run_jobs(jobs, tmp_path, progress=False)
+    assert "[together seed 0] failed: loss is nan" in capsys.readouterr().err
+    assert not (tmp_path / "together" / "seed0" / "error.txt").exists()  # rank 0 writes that one
+    assert "cannot read image 7" in (tmp_path / "alone" / "seed0" / "error1.txt").read_text()
+
+    outcomes["alone"] = None
+    rows = harness.run_jobs(jobs, tmp_path, progress=False)
+    assert [r["status"] for r in rows] == ["failed", "ok", "ok"]
+
+
+def test_a_rank_failure_and_sigterm_end_the_command_in_one_line(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's preemption) unwinds like Ctrl-C: exit code 143 and one line on how to go on; the
+    handler before is restored. A rank's own failure under torchrun: exit code 1, one line."""
+    import argparse
+    import os
+    import signal
+    import time
+
+    from benchmarks import harness
+
+    args = argparse.Namespace(plugin=[], results_folder=tmp_path, continue_with="the command")
+
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert harness.run_main(terminated, args) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert capsys.readouterr().err == (f"terminated; finished runs and the last checkpoint are kept in {tmp_path}: "
+                                       "the command continues\n")
+
+    def failed():
+        raise harness.RankFailure("[mtsl seed 0] failed on rank 1: out of memory")
+
+    assert harness.run_main(failed, args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: [mtsl seed 0] failed on rank 1: out of memory; finished runs") and \
+        len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("method, changes, culprit", [
+    ("bmtas", {}, "bmtas: bilevel architecture search (BMTAS) runs in one process"),
+    ("stn", {"weighting": "PCGrad"}, "stn: weighting PCGrad backpropagates each task separately"),
+    ("mtsl", {"compile": True}, "mtsl: compiled training (--compile) runs in one process"),
+])
+def test_under_torchrun_what_ddp_cannot_train_is_refused_before_any_training(monkeypatch, method, changes, culprit):
+    from benchmarks import harness
+    from conftest import smoke_config
+
+    as_rank_1_of_2(monkeypatch)
+    job = harness.Job(method, method, smoke_config().replace(**changes))
+    monkeypatch.setattr(harness, "check_config", lambda *a, **k: pytest.fail("refused after the configuration check"))
+    with pytest.raises(harness.UsageError, match=re.escape(culprit)):
+        harness.check_jobs([job])
+    monkeypatch.setattr(harness.distributed, "active", lambda: False)  # one process: all three train
+    monkeypatch.setattr(harness, "check_config", lambda *a, **k: None)
+    harness.check_jobs([job])

@@ -1,5 +1,7 @@
 """Any kill survived: a real compare.py process is SIGKILLed inside a task-learning epoch, inside amalgamation and
-while a checkpoint is being written; ``--resume`` then ends with the uninterrupted run's table and plans, exactly."""
+while a checkpoint is being written, then SIGTERMed while one is being written (it unwinds: the write's temporary
+file goes, the last checkpoint stays); ``--resume`` then ends with the uninterrupted run's table and plans,
+exactly."""
 import json
 import os
 import signal
@@ -49,6 +51,12 @@ def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_result(tmp_path
         assert not (run / "result.json").exists()
         assert load_checkpoint(run / "checkpoint.pt")["epochs_done"] == 1  # intact, whatever was cut short
     assert list(run.glob("checkpoint.pt.*.tmp"))  # the write that was cut short; the old checkpoint is intact
+    terminated = compare_process("checkpoint-term", "--resume", str(out), "--no-progress")  # SIGTERM: unwinds
+    assert terminated.returncode == 128 + signal.SIGTERM, terminated.stderr
+    assert terminated.stderr.strip().splitlines()[-1] == (f"terminated; finished runs and the last checkpoint are "
+                                                          f"kept in {out}: python benchmarks/compare.py --resume "
+                                                          f"{out} continues")
+    assert not list(run.glob("*.tmp")) and load_checkpoint(run / "checkpoint.pt")["epochs_done"] == 1
     finished = compare_process("none", "--resume", str(out), "--no-progress")
     assert finished.returncode == 0, finished.stderr
 
