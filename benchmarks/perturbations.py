@@ -2,7 +2,8 @@
 
 * **Natural corruptions** (Hendrycks & Dietterich, ICLR 2019) from the ``imagecorruptions-imaug`` package: 15
   corruptions in four categories (:data:`CATEGORIES`), each at severities 1-5. :func:`corrupt_images` applies one
-  to a batch; the result depends only on the images, the corruption, the severity and the seed.
+  to a batch; the result depends only on the images, the corruption, the severity and the seed. The elastic
+  transform is our port of the package's (:func:`elastic_transform`), which warps every image size alike.
 * **PGD** (untargeted L∞ projected gradient descent without random start, the iteration count of Kurakin et al.):
   :func:`pgd_attack` raises one task's loss within an ε-ball around the clean images. ε and the step are on the
   0-255 pixel scale (:data:`EPSILONS` are the paper's).
@@ -33,8 +34,12 @@ SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 MIN_SIZE = 32
 #: The paper's PGD budgets, on the 0-255 pixel scale.
 EPSILONS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+#: The shorter image side at which the package's elastic_transform parameters hold (ImageNet's 224-pixel crops).
+ELASTIC_REFERENCE_SIZE = 224
 # Corruptions that draw from their own generator (a ``seed`` argument) instead of numpy's global one.
 _SEEDED_BY_ARGUMENT = ("impulse_noise", "glass_blur")
+# The package's elastic_transform displacement scale (alpha) per severity.
+_ELASTIC_ALPHA = (250 * 0.05, 250 * 0.065, 250 * 0.085, 250 * 0.1, 250 * 0.12)
 
 
 @contextlib.contextmanager
@@ -84,11 +89,57 @@ def corrupt_images(images: Tensor, name: str, severity: int, seed: int) -> Tenso
     out = np.empty_like(pixels)
     for i, image in enumerate(pixels):
         image_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        if name == "elastic_transform":
+            out[i] = elastic_transform(image, int(severity), np.random.RandomState(image_seed))
+            continue
         kwargs = {"seed": image_seed} if name in _SEEDED_BY_ARGUMENT else {}
         with seeded_numpy(image_seed):
             out[i] = corrupt(np.ascontiguousarray(image), severity=int(severity), corruption_name=name, **kwargs)
     result = torch.from_numpy(out).permute(0, 3, 1, 2).to(device=images.device, dtype=images.dtype)
     return result / 255
+
+
+def elastic_transform(image: np.ndarray, severity: int, rng: np.random.RandomState) -> np.ndarray:
+    """The package's ``elastic_transform`` made to warp every image size as it warps one of shorter side 224.
+
+    The package displaces each pixel by uniform noise (amplitude 0.5 % of the height) smoothed with a Gaussian of σ
+    = 1 % of each side and scaled by alpha: the smoothing divides the amplitude by σ, so the displacement is about the
+    same number of pixels at every size (RMS 1 to 2.5). That is a smooth warp of 0.5-1 % of a 224-pixel image, but
+    3-8 % of a 32-pixel one, where σ < 1 pixel leaves independent jitter. Here the displacement field is drawn as
+    the package draws it for the image scaled to :data:`ELASTIC_REFERENCE_SIZE`, resized to the image (averaged
+    when shrunk) and scaled by the size ratio; the image is warped at its own size, as the package does.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 pixels.
+        severity: 1 to 5.
+        rng: draws the field (``RandomState(s)`` draws what the package draws after ``np.random.seed(s)``).
+
+    Returns:
+        ``(H, W, 3)`` uint8 pixels; at a shorter side of 224 exactly the package's result for the same draws.
+    """
+    import cv2  # deferred like the package, whose dependencies these are
+    from scipy.ndimage import map_coordinates
+    from skimage.filters import gaussian
+
+    height, width = image.shape[:2]
+    scale = ELASTIC_REFERENCE_SIZE / min(height, width)
+    ref_height, ref_width = round(height * scale), round(width * scale)
+    amplitude = ref_height * 0.005
+    interpolation = cv2.INTER_AREA if ref_height > height else cv2.INTER_LINEAR
+
+    def displacement(ratio: float) -> np.ndarray:
+        """One axis's ``(H, W)`` displacement in the image's pixels (``ratio``: image over reference pixels)."""
+        noise = rng.uniform(-amplitude, amplitude, size=(ref_height, ref_width))
+        field = gaussian(noise, np.array((ref_height, ref_width)) * 0.01, mode="reflect", truncate=3)
+        field = (field * _ELASTIC_ALPHA[severity - 1]).astype(np.float32)
+        return cv2.resize(field, (width, height), interpolation=interpolation) * np.float32(ratio)
+
+    dx = displacement(width / ref_width)  # drawn before dy, as the package draws them
+    dy = displacement(height / ref_height)
+    y, x, z = np.meshgrid(np.arange(height), np.arange(width), np.arange(3), indexing="ij")
+    coordinates = ((y + dy[..., None]).reshape(-1, 1), (x + dx[..., None]).reshape(-1, 1), z.reshape(-1, 1))
+    warped = map_coordinates(image.astype(np.float32) / 255, coordinates, order=1, mode="reflect")
+    return np.uint8(np.clip(warped.reshape(image.shape), 0, 1) * 255)
 
 
 # ----------------------------------------------------------------------------------------------- PGD

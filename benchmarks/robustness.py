@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from benchmarks.harness import (UsageError, add_out_arg, add_run_args, check_jobs, config_from_args, exit_code,
                                 method_jobs, out_folder, parse_list, parse_seeds, run_main, train, with_sources)
-from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, MIN_SIZE, SEVERITIES, corrupt_images,
-                                      pgd_attack)
+from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, ELASTIC_REFERENCE_SIZE, EPSILONS, MIN_SIZE,
+                                      SEVERITIES, corrupt_images, pgd_attack)
 from benchmarks.report import earlier_report
 from mtsl_plugin import distributed
 from mtsl_plugin.config import RunConfig
@@ -83,7 +83,7 @@ def parse_categories(text: str) -> list[str]:
 
 
 def parse_epsilons(text: str) -> list[float]:
-    """``none`` or comma-separated positive budgets on the 0-255 scale."""
+    """``none`` or comma-separated positive budgets on the 0-255 scale, no two with one :func:`eps_key`."""
     if text.strip() == "none":
         return []
     epsilons = []
@@ -95,6 +95,7 @@ def parse_epsilons(text: str) -> list[float]:
         if not np.isfinite(eps) or eps <= 0:
             raise UsageError(f"--epsilons must be positive numbers (0-255 scale), got {item!r}")
         epsilons.append(eps)
+    check_budgets(epsilons)
     return sorted(set(epsilons))
 
 
@@ -110,15 +111,32 @@ def parse_attack_tasks(text: str | None, tasks: Sequence[str]) -> list[str]:
 
 
 def settings_of(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """What makes two reports' numbers comparable: the runs' configuration (seed and device aside) and the
-    corruptions, severities, budgets and attacked tasks."""
+    """What makes two reports' numbers comparable: the runs' configuration (seed and device aside), the corruptions
+    (with elastic_transform, the image size its parameters are scaled from: reports without one hold the package's
+    own elastic numbers), severities, budgets and the set of attacked tasks (each attack is evaluated on its own, so
+    their order changes no number)."""
+    elastic = any("elastic_transform" in names for names in meta["categories"].values())
     return {"config": RunConfig.from_dict(meta["config"]).fingerprint(exclude=("device", "seed")),
-            **{k: meta[k] for k in ("categories", "severities", "epsilons", "attack_tasks")}}
+            **{k: meta[k] for k in ("categories", "severities", "epsilons")},
+            "attack_tasks": sorted(meta["attack_tasks"]),
+            "elastic_reference_size": meta.get("elastic_reference_size") if elastic else None}
 
 
 def eps_key(eps: float) -> str:
-    """The JSON/CSV key of a budget: ``0.25``, ``0.5``, ``1``, ``2``."""
+    """The JSON/CSV key and table label of a budget: ``0.25``, ``0.5``, ``1``, ``2`` (``{:g}``, as in every report
+    so far; budgets that agree to its 6 significant digits are refused by :func:`check_budgets`)."""
     return f"{eps:g}"
+
+
+def check_budgets(epsilons: Iterable[float]) -> None:
+    """Refuse, with a ``ValueError`` of one sentence, two distinct budgets with one :func:`eps_key`: the numbers of
+    one would overwrite the other's."""
+    seen: dict[str, float] = {}
+    for eps in epsilons:
+        other = seen.setdefault(eps_key(eps), eps)
+        if other != eps:
+            raise ValueError(f"the PGD budgets {other!r} and {eps!r} agree to 6 significant digits, so their numbers "
+                             f"would share the key {eps_key(eps)}; give budgets that differ in those digits")
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -181,6 +199,7 @@ def evaluate_runs(trainers: Sequence[MTLTrainer], batches: Callable[[], IndexedB
     "categories": {category: {task: mean over its corruptions and severities}},
     "pgd": {attacked task: {eps: {task: m}}}}`` (severity and ε keys are strings).
     """
+    check_budgets(epsilons)
     n_batches = sum(1 for _ in batches())
     names = [n for c in categories for n in CATEGORIES[c]]
     attacks = [(t, e) for t in attack_tasks for e in epsilons]
@@ -456,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = out_folder(args, "robustness", config)
         meta = {"config": config.to_dict(), "methods": methods, "seeds": seeds,
                 "categories": {c: list(CATEGORIES[c]) for c in categories}, "severities": list(SEVERITIES),
-                "epsilons": epsilons, "attack_tasks": attack_tasks}
+                "epsilons": epsilons, "attack_tasks": attack_tasks, "elastic_reference_size": ELASTIC_REFERENCE_SIZE}
         # before any training: a report of other settings is refused (and kept), one of these settings extended
         earlier = earlier_report(out / "robustness" / "robustness.json",
                                  lambda e: settings_of(e) == settings_of(meta), "a robustness report")

@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks import robustness
-from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, corrupt_images, pgd_attack,
-                                      pgd_iterations)
+from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, SEVERITIES, corrupt_images,
+                                      elastic_transform, pgd_attack, pgd_iterations, seeded_numpy)
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.data import build_dataset
 from mtsl_plugin.experiment import load_run, run_method
@@ -72,6 +73,37 @@ def test_images_smaller_than_32_pixels_are_refused_not_upsampled():
         corrupt_images(torch.rand(1, 3, 31, 32), "fog", 1, seed=0)
 
 
+@pytest.mark.parametrize("height, width", [(32, 32), (48, 64)])
+def test_elastic_changes_a_small_image_as_it_does_the_image_enlarged_to_224_pixels(height, width):
+    """Elastic's parameters hold at 224 pixels: a small image changes about as much as the same image enlarged to
+    224 pixels, corrupted and shrunk back (the package's own warp, drawn at the small size, changed a 32x32 image
+    eight times as much: about 1 to 2.5 pixels of independent jitter per pixel, as at every size)."""
+    data = build_dataset("synthetic", "test", height=height, width=width, n=4, seed=0)
+    small = torch.stack([data[i][0] for i in range(len(data))])
+    scale = 224 / min(height, width)
+    large = F.interpolate(small, size=(round(height * scale), round(width * scale)), mode="bicubic",
+                          align_corners=False).clamp(0, 1)
+
+    def shrink(x):
+        return F.interpolate(x, size=(height, width), mode="area")
+
+    for severity in SEVERITIES:
+        here = (corrupt_images(small, "elastic_transform", severity, seed=1) - small).abs().mean()
+        there = (shrink(corrupt_images(large, "elastic_transform", severity, seed=1)) - shrink(large)).abs().mean()
+        assert 2 / 3 < here / there < 3 / 2, (severity, float(here / there))
+
+
+@pytest.mark.parametrize("shape", [(224, 300, 3), (300, 224, 3)])
+def test_elastic_is_the_packages_at_a_shorter_side_of_224_pixels(shape):
+    from imagecorruptions import corrupt
+
+    image = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    for severity in SEVERITIES:
+        with seeded_numpy(11):
+            expected = corrupt(image, severity=severity, corruption_name="elastic_transform")
+        assert np.array_equal(elastic_transform(image, severity, np.random.RandomState(11)), expected), severity
+
+
 # ----------------------------------------------------------------------------------------------- PGD
 def test_pgd_iterations_follow_the_formula():
     assert [pgd_iterations(e) for e in EPSILONS] == [1, 1, 2, 3]
@@ -116,6 +148,24 @@ def test_pgd_raises_the_attacked_loss_within_the_budget(trained, task):
     assert (adv - images).abs().max() <= eps / 255 + 1e-6
     assert adv.min() >= 0 and adv.max() <= 1 and adv.shape == images.shape
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_the_order_of_the_attacked_tasks_changes_no_number(trained):
+    trainer, batch = trained
+    (first,) = robustness.evaluate_runs([trainer], lambda: enumerate([batch]), [], [1.0], ["S", "D"], False)
+    (second,) = robustness.evaluate_runs([trainer], lambda: enumerate([batch]), [], [1.0], ["D", "S"], False)
+    assert first["pgd"] == second["pgd"] and first["clean"] == second["clean"]
+
+
+def test_budgets_that_would_share_a_key_are_refused_not_overwritten(trained):
+    trainer, batch = trained
+    with pytest.raises(ValueError, match="1.0000001 and 1.0000002"):
+        robustness.evaluate_runs([trainer], lambda: enumerate([batch]), [], [1.0000001, 1.0000002], ["D"], False)
+
+
+def test_ordinary_budgets_keep_the_keys_of_earlier_reports():
+    assert [robustness.eps_key(e) for e in (0.25, 0.5, 1.0, 2.0, 8.0, 0.01, 1e-07, 2e-07)] == \
+        ["0.25", "0.5", "1", "2", "8", "0.01", "1e-07", "2e-07"]
 
 
 # ----------------------------------------------------------------------------------------------- the command
@@ -176,12 +226,33 @@ def test_a_report_is_extended_with_other_methods_and_never_replaced_by_other_set
     assert report.read_bytes() == before
 
 
+def test_a_report_of_the_packages_elastic_numbers_is_extended_only_without_them(cli_run):
+    """Reports made before the port lack ``elastic_reference_size``: with the digital category they hold the
+    package's elastic numbers, which new ones must not join; without it they hold no elastic number."""
+    _, out = cli_run
+    meta = json.loads((out / "robustness" / "robustness.json").read_text())
+    old = {k: v for k, v in meta.items() if k != "elastic_reference_size"}
+    assert robustness.settings_of(old) == robustness.settings_of(meta)  # noise only
+    digital = {"categories": {"digital": list(CATEGORIES["digital"])}}
+    assert robustness.settings_of({**old, **digital}) != robustness.settings_of({**meta, **digital})
+
+
+def test_the_attacked_tasks_in_another_order_extend_the_report(cli_run):
+    _, out = cli_run
+    report = out / "robustness" / "robustness.json"
+    before = next(r for r in json.loads(report.read_text())["runs"] if r["label"] == "onenet")
+    assert robustness.main([*CLI_ARGS, "--attack-tasks", "D,S", "--out", str(out)]) == 0
+    after = next(r for r in json.loads(report.read_text())["runs"] if r["label"] == "onenet")
+    assert after == before
+
+
 @pytest.mark.parametrize("argv, culprit", [
     (["--corruptions", "none", "--epsilons", "none"], "nothing to evaluate"),
     (["--corruptions", "none", "--attack-tasks", "E"], "no task E"),
     (["--corruptions", "noise,rain"], "rain"),
     (["--epsilons", "1,abc"], "abc"),
     (["--epsilons", "-1"], "-1"),
+    (["--epsilons", "0.1234561,0.1234564"], "0.1234561 and 0.1234564"),  # one key, 0.123456, for both
     (["--attack-tasks", "S,X"], "X"),
     (["--tasks", "D", "--attack-tasks", "S,D"], "no task S"),  # named explicitly, the default's tasks too
     (["--methods", "nope"], "nope"),
