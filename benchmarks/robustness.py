@@ -36,8 +36,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from benchmarks.harness import (UsageError, add_out_arg, add_run_args, check_jobs, config_from_args, exit_code,
-                                method_jobs, out_folder, parse_list, parse_seeds, run_main, train, with_sources)
+from benchmarks.harness import (RankFailure, UsageError, add_out_arg, add_run_args, check_jobs, config_from_args,
+                                exit_code, method_jobs, out_folder, parse_list, parse_seeds, run_main, train,
+                                with_sources)
 from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, ELASTIC_REFERENCE_SIZE, EPSILONS, MIN_SIZE,
                                       SEVERITIES, corrupt_images, pgd_attack)
 from benchmarks.report import earlier_report
@@ -234,23 +235,26 @@ def evaluate_each(labels: Sequence[str], evaluate: Callable[[Sequence[str]], lis
     """Each label's record of ``evaluate(labels)`` (e.g. :func:`evaluate_runs` of those runs' models), or the
     exception its evaluation raised. All labels are evaluated in one pass (each batch perturbed once for all
     models); when that pass fails, each label alone, so that one run's failure (out of memory, a model or task
-    loss the attack cannot take a gradient through) loses no other run's numbers."""
-    try:
-        return dict(zip(labels, evaluate(labels)))
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # recorded in the run's row, as a failed training is
-        if len(labels) == 1:
-            return {labels[0]: exc}
-    outcome: dict[str, dict[str, Any] | Exception] = {}
-    for label in labels:
+    loss the attack cannot take a gradient through) loses no other run's numbers. Under torchrun a failure
+    stops the command instead (:class:`~benchmarks.harness.RankFailure`): the other ranks may be waiting in a
+    collective of the failed pass."""
+
+    def attempt(some: Sequence[str]) -> list[dict[str, Any]] | Exception:
         try:
-            (outcome[label],) = evaluate([label])
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            outcome[label] = exc
-    return outcome
+            return evaluate(some)
+        except Exception as exc:  # recorded in the run's row, as a failed training is
+            if not distributed.raised_on_every_rank(exc):
+                raise RankFailure(f"evaluating {', '.join(some)} failed on rank {distributed.rank()}: {exc} (under "
+                                  "torchrun a failure of one rank stops every rank)") from exc
+            return exc
+
+    whole = attempt(labels)
+    if not isinstance(whole, Exception):
+        return dict(zip(labels, whole))
+    if len(labels) == 1:
+        return {labels[0]: whole}
+    alone = {label: attempt([label]) for label in labels}
+    return {label: r if isinstance(r, Exception) else r[0] for label, r in alone.items()}
 
 
 def merge_runs(earlier: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

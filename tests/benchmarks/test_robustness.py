@@ -306,3 +306,22 @@ def test_a_run_whose_evaluation_fails_loses_no_other_number_and_no_earlier_one(t
     broken.add("stn")
     assert robustness.main(argv) == 1
     assert json.loads(report.read_text())["runs"] == good  # the earlier numbers of stn stay
+
+
+def test_under_torchrun_a_failed_evaluation_stops_the_command(monkeypatch):
+    """One process: the failing label's exception, the others' records. Under torchrun the other ranks may wait in a
+    collective of the failed pass, so the failure stops the command (torchrun then stops the others)."""
+    from benchmarks.harness import RankFailure
+    from mtsl_plugin import distributed
+
+    def evaluate(labels):
+        if "stn" in labels:
+            raise RuntimeError("out of memory")
+        return [{"label": label} for label in labels]
+
+    outcome = robustness.evaluate_each(["onenet", "stn"], evaluate)
+    assert outcome["onenet"] == {"label": "onenet"} and str(outcome["stn"]) == "out of memory"
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    with pytest.raises(RankFailure, match="evaluating onenet, stn failed on rank 1: out of memory"):
+        robustness.evaluate_each(["onenet", "stn"], evaluate)
