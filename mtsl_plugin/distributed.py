@@ -3,8 +3,8 @@ model replicated and wrapped in ``DistributedDataParallel``, each rank training 
 batch.
 
 What this module holds is plain: who we are (:func:`rank`, :func:`world_size`), starting the process group from
-torchrun's environment (:func:`init_from_env`), sharding a global batch order (:func:`shard_batches`) and an
-evaluation set (:func:`shard_samples`, :func:`own_batches`), and
+torchrun's environment (:func:`init_from_env`), sharding a global batch order (:func:`shard_batches`; a user's
+loader: :class:`RankShares`) and an evaluation set (:func:`shard_samples`, :func:`own_batches`), and
 keeping replicas identical through structural edits (:func:`check_structure`, :func:`broadcast_module`,
 :func:`check_replicas`).
 Without a process group every function is the single-process identity, so the rest of the code calls them
@@ -16,10 +16,11 @@ import hashlib
 import os
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
@@ -92,6 +93,50 @@ def shard_batches(batches: Sequence[Sequence[int]]) -> list[list[int]]:
     ...``, so the ranks' parts of one step together are that step's global batch."""
     size, me = world_size(), rank()
     return [list(batch[me::size]) for batch in batches]
+
+
+class GlobalBatchShards(Sampler[list[int]]):
+    """This rank's share of every batch of a user's ``batch_sampler``: the global batches are rank 0's (every
+    rank draws its own, so the ranks' RNGs stay alike, and takes rank 0's, so ranks seeded differently still
+    split one order), each cut to a multiple of the number of processes (a last, partial batch; every rank gets
+    as many samples and none an empty batch) and split as :func:`shard_batches` splits ours."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]]):
+        self.batch_sampler = batch_sampler
+
+    def __len__(self) -> int:  # the progress bar's; one over when a last batch under N samples is dropped
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:  # a generator: the user's sampler draws when the loader's does
+        size = world_size()
+        batches = broadcast_object([list(batch) for batch in self.batch_sampler])
+        batches = [batch[:len(batch) - len(batch) % size] for batch in batches]
+        yield from shard_batches([batch for batch in batches if batch])
+
+
+#: What :class:`RankShares` keeps of the user's training loader (all but its sampling and its workers' seeds).
+LOADER_OPTIONS = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
+                  "prefetch_factor", "persistent_workers")
+
+
+class RankShares(DataLoader):
+    """A user's training loader as one rank of a ``torch.distributed`` job iterates it: its dataset, collate_fn and
+    workers, over this rank's share of every batch it draws (:class:`GlobalBatchShards`). Every iteration first
+    draws what iterating the user's loader draws first, the seed of its workers (from its ``generator``, else
+    the global RNG: the ranks' streams stay alike and a checkpoint resumes them), and folds the rank into it, so
+    the workers augment each rank's samples in their own way (ranks seeded alike would give the k-th sample of
+    every share the same draws; :func:`~mtsl_plugin.data.real.random_window` does the same in the main process)."""
+
+    def __init__(self, loader: DataLoader):
+        super().__init__(loader.dataset, batch_sampler=GlobalBatchShards(loader.batch_sampler),
+                         **{name: getattr(loader, name) for name in LOADER_OPTIONS})
+        self.shared_generator = loader.generator
+
+    def __iter__(self):
+        shared = torch.empty((), dtype=torch.int64).random_(generator=self.shared_generator).item()
+        self.generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([shared, rank()]).generate_state(1)[0]))
+        return super().__iter__()
 
 
 def shard_samples(dataset: Dataset) -> Dataset:

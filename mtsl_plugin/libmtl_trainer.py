@@ -30,6 +30,18 @@ result (MTSL's architecture changes during training; the paper reports the final
 evaluated once, after training, and never selects anything. ``val_dataloaders``, when given, is evaluated after
 training too and its data is what grouping decisions are measured on; without it, grouping decisions use the
 first 800 training samples (as the authors do, through the training set's own transform).
+
+Under ``torchrun`` (LibMTL has no data parallelism) a :class:`Trainer` joins the process group torchrun
+describes, unless the script joined it (gloo on CPU; NCCL and ``cuda:<LOCAL_RANK>`` on CUDA), and trains a
+``DistributedDataParallel`` model as our commands do: the training loader's ``batch_size`` is the global batch and
+each of the N processes trains on its share of every batch the loader draws (batch/N; a batch N does not divide,
+an iterable dataset and ``batch_size=None`` are refused before training), so every sample is trained on once an
+epoch; a loader whose sampler is a ``DistributedSampler`` already splits the data and is kept (see
+:class:`LoaderData`). Each rank augments its samples in its own way in the loader's workers
+(:class:`~mtsl_plugin.distributed.RankShares`) and, with our data sets, in the main process too
+(:func:`~mtsl_plugin.data.real.random_window`); a dataset of yours that draws from the global RNG in the main
+process (``num_workers=0``) draws alike on every rank. Rank 0 writes ``save_path``; every rank evaluates the whole
+test and validation loaders.
 """
 from __future__ import annotations
 
@@ -44,8 +56,9 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
+from mtsl_plugin import distributed
 from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
@@ -141,18 +154,40 @@ def _resolve(value: Any, namespace: Any, kind: str) -> type:
 
 
 class LoaderData(RunData):
-    """:class:`RunData` over a user's loaders: training batches come from the user's loader as it is (its own
-    sampler, order and transforms, so a resumed run sees other batches than an uninterrupted one); everything
-    else (grouping data, amalgamation, BMTAS's split) is batched at the loader's batch size."""
+    """:class:`RunData` over a user's loaders: training batches come from the user's loader (its own sampler,
+    order and transforms, so a resumed run sees other batches than an uninterrupted one); everything else
+    (grouping data, amalgamation, BMTAS's split) is batched at the loader's batch size.
+
+    Under ``torch.distributed`` each rank trains on its share of every batch the loader draws
+    (:class:`~mtsl_plugin.distributed.RankShares`): the user's batch_size is the global batch, batch/N a rank's,
+    and a batch N does not divide is refused. A loader whose sampler is a ``DistributedSampler`` already splits the
+    data: it is used as it is (batch_size per rank). Its ``set_epoch`` is called before every epoch, as a torch
+    training loop does, in one process too."""
 
     def __init__(self, loader: DataLoader, grouping: Dataset, test: Dataset, seed: int = 0):
         super().__init__(train=loader.dataset, holdout=grouping, test=test, batch_size=loader.batch_size or 1,
                          seed=seed)
-        self.loader = loader
+        self.loader = self.train_loader = loader
+        size, sampler = distributed.world_size(), loader.sampler
+        if size == 1:
+            return
+        if isinstance(sampler, DistributedSampler):
+            if (sampler.num_replicas, sampler.rank) != (size, distributed.rank()):
+                raise ValueError(f"train_dataloaders' DistributedSampler splits the data for rank {sampler.rank} of "
+                                 f"{sampler.num_replicas} processes, but this is rank {distributed.rank()} of {size}")
+            return
+        if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None:
+            raise ValueError(f"train_dataloaders cannot be split over {size} processes: it does not draw batches of "
+                             "sample indices (an iterable dataset, or batch_size=None); start it without torchrun")
+        if loader.batch_size is not None:
+            distributed.per_rank_batch(loader.batch_size)
+        self.train_loader = distributed.RankShares(loader)
 
     def batches(self, dataset: Dataset, key: Iterable[int] | None = None, shard: bool = True) -> DataLoader:
         if dataset is self.train and key is not None and key[0] == 0:  # the epochs' training batches
-            return self.loader
+            if isinstance(self.loader.sampler, DistributedSampler):
+                self.loader.sampler.set_epoch(key[1])
+            return self.train_loader
         return super().batches(dataset, key, shard)
 
 
@@ -178,7 +213,7 @@ class TrainerLearner(StructuralLearner):
 
 
 class Trainer(MTLTrainer):
-    """LibMTL's ``Trainer`` interface with MTSL's training (see the module docstring)."""
+    """LibMTL's ``Trainer`` interface with MTSL's training (see the module docstring, torchrun included)."""
 
     def __init__(self, task_dict, weighting, architecture, encoder_class, decoders, rep_grad=False,
                  multi_input=False, optim_param=None, scheduler_param=None, save_path=None, load_path=None, *,
@@ -221,7 +256,7 @@ class Trainer(MTLTrainer):
             arch_args["plan"] = plan or BranchingPlan.single_task(list(task_dict), stages.num_locations)
         elif mtsl is not None:
             raise ValueError(f"arch_args['mtsl'] is for the MTSL architecture, not {architecture.__name__}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = distributed.init_from_env(str(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         super().__init__(task_dict, weighting, architecture, encoder_class, decoders, rep_grad, multi_input,
                          optim_param, scheduler_param, device=device, learner=learner,
                          **{**kwargs, "arch_args": arch_args})

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtsl_plugin import distributed
 from mtsl_plugin.data.common import (IGNORE_INDEX, RESIZE_BY_LAYOUT, normalize_normals, ordered_tasks, resize_depth,
                                      resize_image, resize_labels, resize_normals, semantic_edges)
 
@@ -51,11 +52,22 @@ LETTER_LAYOUTS: dict[str, str] = {"S": "labels", "D": "dense", "N": "normals"}
 
 def random_window(hw: tuple[int, int]) -> tuple[float, int, int, bool]:
     """A random ``(zoom, top, left, flip)`` for :func:`augment_sample` on an image of size ``hw``, drawn from
-    torch's global RNG (a run's checkpoints carry it, so a resumed run draws the same)."""
-    zoom = ZOOMS[int(torch.randint(len(ZOOMS), ()))]
-    top = int(torch.randint(hw[0] - int(hw[0] / zoom) + 1, ()))
-    left = int(torch.randint(hw[1] - int(hw[1] / zoom) + 1, ()))
-    return zoom, top, left, bool(torch.rand(()) < 0.5)
+    torch's global RNG (a run's checkpoints carry it, so a resumed run draws the same).
+
+    Under ``torch.distributed`` every rank's global RNG is alike (seeded alike, drawing alike; a checkpoint keeps
+    rank 0's and every rank resumes it), so drawn from it alone the k-th sample of every rank's share would get
+    the same window: 1/N of one process's variety. There one number is drawn from it instead (alike on every rank,
+    keeping the ranks' streams alike and resumable) and the window from a generator seeded with that number and
+    the rank. One process draws as before (same windows, same results)."""
+    generator = None
+    if distributed.world_size() > 1:
+        shared = int(torch.randint(1 << 62, ()))
+        generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([shared, distributed.rank()]).generate_state(1)[0]))
+    zoom = ZOOMS[int(torch.randint(len(ZOOMS), (), generator=generator))]
+    top = int(torch.randint(hw[0] - int(hw[0] / zoom) + 1, (), generator=generator))
+    left = int(torch.randint(hw[1] - int(hw[1] / zoom) + 1, (), generator=generator))
+    return zoom, top, left, bool(torch.rand((), generator=generator) < 0.5)
 
 
 def augment_sample(image: torch.Tensor, targets: dict[str, torch.Tensor], zoom: float, top: int, left: int,
@@ -140,8 +152,9 @@ class NpyLayoutDataset(Dataset):
         height, width: output size; both ``None`` keeps the stored size (all samples must then share it).
         n: keep only the first ``n`` samples (in numeric file order); ``None`` keeps all.
         edge_radius: neighbourhood radius of the ``E`` target derived from the labels.
-        augment: zoom and flip every sample at random (:func:`augment_sample`; draws from torch's global RNG,
-            so a run's checkpoints, which carry it, resume the same draws).
+        augment: zoom and flip every sample at random (:func:`augment_sample`; windows from torch's global RNG,
+            so a run's checkpoints, which carry it, resume the same draws; each rank of a torchrun job its own,
+            :func:`random_window`).
     """
 
     def __init__(self, root: str | Path, split: str, folders: dict[str, str], class_names: tuple[str, ...],
