@@ -2,8 +2,9 @@
 
 Two kinds of ``torch.save`` file of plain containers and tensors (loadable with ``weights_only=True``):
 
-* a **checkpoint** (:func:`save_checkpoint`): the plan (JSON), model, optimizer and scheduler state, RNG states,
-  the epoch position and the structural learner's position; it exists while a run is unfinished;
+* a **checkpoint** (:func:`save_checkpoint`): the plan (JSON), model, optimizer and scheduler state, the state a
+  weighting method keeps outside the model, RNG states, the epoch position, the structural learner's position and
+  the kind of run that wrote it; it exists while a run is unfinished;
 * the **trained weights** (:func:`save_weights`): the plan and the model's state only, about a third of a
   checkpoint with Adam (no moments, no RNG); it is what a finished run keeps.
 

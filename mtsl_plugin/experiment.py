@@ -187,6 +187,9 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     saved = run_dir / "config.json"
     if saved.exists() and json.loads(saved.read_text()).get("fingerprint") != fingerprint:
         raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another folder")
+    if resume and (run_dir / CHECKPOINT).exists() and not saved.exists():  # it is written before any checkpoint
+        raise ValueError(f"{run_dir / CHECKPOINT} has no config.json beside it to say which run wrote it; it is "
+                         "kept: choose another folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():  # under torchrun rank 0 owns the folder
         for partial in run_dir.glob("*.tmp"):  # a write cut short by a kill (the file it was replacing is intact)
