@@ -351,21 +351,22 @@ def run_main(main_body, args: argparse.Namespace, distributed_ok: bool = False) 
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RankFailure as exc:
-        print(f"error: {exc}; {how_to_go_on(args)}", file=sys.stderr)
+        print(f"error: {exc}{how_to_go_on(args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: one line on how to go on, not a traceback
         if distributed.is_main():
-            print(("terminated" if isinstance(exc, Terminated) else "interrupted") + "; " + how_to_go_on(args),
+            print(("terminated" if isinstance(exc, Terminated) else "interrupted") + how_to_go_on(args),
                   file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
 
 
 def how_to_go_on(args: argparse.Namespace) -> str:
-    """Where a stopped command's finished runs are and the command that continues it."""
+    """``; <where a stopped command's finished runs are and the command that continues it>``, or nothing for a
+    command that keeps no results folder."""
     folder = getattr(args, "results_folder", None)
     if folder is None:
-        return "nothing was written"
-    return (f"finished runs and the last checkpoint are kept in {folder}: "
+        return ""
+    return (f"; finished runs and the last checkpoint are kept in {folder}: "
             f"{getattr(args, 'continue_with', 'the same command again')} continues")
 
 
