@@ -1,6 +1,6 @@
 """Make PyPI's LibMTL 1.1.5 importable and usable on current PyTorch, in one place.
 
-LibMTL 1.1.5 has three problems on today's stack; everything that touches LibMTL goes through this module:
+LibMTL 1.1.5 has these problems on today's stack; everything that touches LibMTL goes through this module:
 
 1. ``LibMTL.model.resnet`` imports ``torchvision.models.utils``, which torchvision removed (0.13). The same function
    lives in ``torch.hub``; we register a tiny alias module under the old name before importing LibMTL.
@@ -11,6 +11,14 @@ LibMTL 1.1.5 has three problems on today's stack; everything that touches LibMTL
 4. Its weighting methods read their hyperparameters from ``weight_args``, which only LibMTL's own command line
    fills in (``LibMTL.config.prepare_args``): built any other way, DWA, GradNorm, MGDA, GradVac, GradDrop, CAGrad
    and RLW raise a KeyError at their first step. :func:`weight_args` gives them LibMTL's command-line defaults.
+5. Its architectures clear the shared gradients between the tasks' backward passes of a gradient-combining
+   weighting (MGDA, PCGrad, ...) with ``Module.zero_grad()``, which sets them to None since torch 2.0; the
+   weighting's ``_reset_grad`` then writes into ``param.grad.data`` and fails at the first step.
+   :func:`zero_grads_in_place` gives an architecture class that zeroes them in place, as torch 1.x did.
+
+It also says, in one line each, which of LibMTL's ``Trainer`` arguments and overrides ``mtsl_plugin.Trainer``
+cannot use (:func:`check_trainer_args`, :func:`check_trainer_hooks`), and reads the bare state dict LibMTL's
+``save_path`` writes (:func:`read_bare_state_dict`).
 
 Nothing here changes LibMTL's files or global torch state beyond adding the alias module.
 """
@@ -19,7 +27,9 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+from pathlib import Path
 from types import ModuleType
+from typing import Any, Mapping
 
 import torch
 
@@ -101,3 +111,111 @@ def weight_args(weighting: str, given: dict | None = None) -> dict[str, float | 
             raise ValueError(f"weight_args: {weighting}'s {key} must be one of "
                              f"{', '.join(WEIGHT_ARG_CHOICES[key])}, got {value!r}")
     return result
+
+
+#: The optimizers and learning-rate schedulers LibMTL 1.1.5's ``Trainer._prepare_optimizer`` builds (dictionaries
+#: local to it), by the names its ``optim_param['optim']`` and ``scheduler_param['scheduler']`` take.
+LIBMTL_OPTIMIZERS = ("sgd", "adam", "adagrad", "rmsprop")
+LIBMTL_SCHEDULERS = ("exp", "step", "cos")
+#: LibMTL weighting methods that combine the gradients of the shared representation (``rep_grad=True`` only), and
+#: those that combine the shared parameters' gradients (``rep_grad=False`` only); each refuses the other setting
+#: with a ValueError at its first step.
+REPRESENTATION_WEIGHTINGS = ("GradDrop",)
+PARAMETER_WEIGHTINGS = ("PCGrad", "GradVac", "CAGrad")
+
+
+_ZEROING: dict[type, type] = {}  # LibMTL architecture -> its in-place-zeroing subclass
+
+
+def zero_grads_in_place(architecture: type) -> type:
+    """A subclass of LibMTL architecture ``architecture`` (same name, so checkpoints and messages name it) whose
+    ``zero_grad_share_params`` zeroes the gradients of ``get_share_params()`` in place (see the module doc, 5)."""
+    cached = _ZEROING.get(architecture)
+    if cached is None:
+        def zero_grad_share_params(self) -> None:
+            for param in self.get_share_params():
+                if param.grad is not None:
+                    param.grad.zero_()
+
+        cached = type(architecture.__name__, (architecture,),
+                      {"zero_grad_share_params": zero_grad_share_params, "__module__": architecture.__module__,
+                       "__qualname__": architecture.__qualname__, "__doc__": architecture.__doc__})
+        _ZEROING[architecture] = cached
+    return cached
+
+
+def check_trainer_args(weighting: str, rep_grad: bool, multi_input: bool, optim_param: Mapping | None,
+                       scheduler_param: Mapping | None, kwargs: Mapping[str, Any]) -> None:
+    """Refuse, in one line naming the argument, what LibMTL's ``Trainer`` takes and a run of ``mtsl_plugin.Trainer``
+    cannot use: ``multi_input=True``; an optimizer or scheduler LibMTL does not build (or one that cannot be built
+    with the given arguments); a weighting method with the ``rep_grad`` setting it refuses at its first step;
+    ``bilevel_param`` (later LibMTL versions) other than None; a keyword argument LibMTL does not take (LibMTL
+    ignores it: a misspelt ``weight_args`` would silently run with the defaults)."""
+    if multi_input:
+        raise ValueError("multi_input=True (a DataLoader per task, as in LibMTL's Office-31 and Office-Home examples) "
+                         "is not supported: this Trainer trains every task on each batch of one DataLoader whose "
+                         "samples hold all the tasks' targets")
+    unknown = sorted(set(kwargs) - {"weight_args", "arch_args", "bilevel_param"})
+    if unknown:
+        raise ValueError(f"Trainer got unexpected keyword argument(s) {unknown}; LibMTL's keyword arguments are "
+                         "weight_args and arch_args")
+    if kwargs.get("bilevel_param") is not None:
+        raise ValueError("bilevel_param (later LibMTL versions' bilevel methods) is not supported: pass "
+                         "bilevel_param=None")
+    if weighting in REPRESENTATION_WEIGHTINGS and not rep_grad:
+        raise ValueError(f"weighting {weighting} combines the gradients of the shared representation: pass "
+                         "rep_grad=True")
+    if weighting in PARAMETER_WEIGHTINGS and rep_grad:
+        raise ValueError(f"weighting {weighting} combines the gradients of the shared parameters, not of the "
+                         "representation: pass rep_grad=False")
+    if optim_param is not None:
+        if "optim" not in optim_param:
+            raise ValueError(f"optim_param names no 'optim' (one of {', '.join(LIBMTL_OPTIMIZERS)}), got "
+                             f"{dict(optim_param)}")
+        if optim_param["optim"] not in LIBMTL_OPTIMIZERS:
+            raise ValueError(f"optim_param['optim'] {optim_param['optim']!r} is not an optimizer LibMTL builds; "
+                             f"choose from {', '.join(LIBMTL_OPTIMIZERS)}")
+    if scheduler_param is not None:
+        name = scheduler_param.get("scheduler")
+        if name not in (*LIBMTL_SCHEDULERS, "multistep"):  # multistep: added by mtsl_plugin.trainer.MTLTrainer
+            raise ValueError(f"scheduler_param['scheduler'] {name!r} is not a scheduler LibMTL 1.1.5 builds; choose "
+                             f"from {', '.join(LIBMTL_SCHEDULERS)} (or multistep)")
+        schedulers = {"exp": torch.optim.lr_scheduler.ExponentialLR, "step": torch.optim.lr_scheduler.StepLR,
+                      "cos": torch.optim.lr_scheduler.CosineAnnealingLR,
+                      "multistep": torch.optim.lr_scheduler.MultiStepLR}
+        if name in schedulers:  # built once over a stand-in, so a missing argument is named before the model is
+            stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            try:
+                schedulers[name](stand_in, **{k: v for k, v in scheduler_param.items() if k != "scheduler"})
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"scheduler_param {dict(scheduler_param)} cannot be built: {exc}") from None
+
+
+#: LibMTL ``Trainer`` methods a LibMTL user may override that ``mtsl_plugin.Trainer``'s loop never calls (it draws
+#: the batches and computes the losses itself), and what to override instead.
+UNCALLED_HOOKS = {"_process_data": "process_preds (predictions) or a Dataset that returns the batches' tensors",
+                  "_compute_loss": "task_losses (preds, gts -> (T,) losses) or the task dict's loss_fn",
+                  "_prepare_dataloaders": "nothing: pass the DataLoaders to train() and test()"}
+
+
+def check_trainer_hooks(trainer_class: type, base: type) -> None:
+    """Refuse, in one line, a subclass ``trainer_class`` of ``base`` that overrides one of :data:`UNCALLED_HOOKS`
+    (its override would be silently ignored)."""
+    for hook, instead in UNCALLED_HOOKS.items():
+        if getattr(trainer_class, hook) is not getattr(base, hook):
+            raise ValueError(f"{trainer_class.__name__} overrides LibMTL's {hook}, which this Trainer never calls (it "
+                             f"draws (inputs, {{task: target}}) batches itself): override {instead} instead")
+
+
+def read_bare_state_dict(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The state dict in ``path`` if it is a bare one (``torch.save(model.state_dict(), path)``, what LibMTL's
+    ``save_path`` writes as ``best.pt``); None for any other file (e.g. this package's checkpoints, which
+    :func:`mtsl_plugin.checkpoint.load_checkpoint` reads and judges)."""
+    try:  # memory-mapped: a checkpoint of this package is not read twice
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable (or of torch's legacy format): load_checkpoint names it
+        return None
+    if isinstance(data, Mapping) and data and "format" not in data and \
+            all(isinstance(k, str) and torch.is_tensor(v) for k, v in data.items()):
+        return dict(data)
+    return None

@@ -7,22 +7,36 @@ that and runs MTSL's loop (:meth:`MTLTrainer.fit`: alignment loss, structural ph
 architecture is MTSL, or our loop without a structural learner for any other architecture:
 
 * LibMTL's own architectures (HPS, MMoE, ...) get ``encoder_class`` and ``decoders`` exactly as LibMTL passes
-  them; the points below are about this project's architectures (MTSL, cross-stitch, MTAN, LTB, BMTAS);
+  them (their shared gradients are zeroed in place, so LibMTL's gradient weightings run on torch >= 2:
+  :func:`~mtsl_plugin.libmtl_compat.zero_grads_in_place`); the points below are about this project's
+  architectures (MTSL, cross-stitch, MTAN, LTB, BMTAS);
 
 * ``weighting`` / ``architecture``: LibMTL classes or their names (``"EW"``, ``"MTSL"``);
 * ``encoder_class``: a zero-argument callable returning our stages (:func:`~mtsl_plugin.network.create_stages`)
   or a timm CNN (e.g. ``lambda: timm.create_model("resnet18")`` or ``"convnext_atto"``), whose stages become the
   merge locations (:meth:`TimmStages.from_model` for other families than ResNets);
 * ``decoders``: task -> head; a LibMTL head (``head(features)`` on one tensor) reads the last location's output
-  and is upsampled to the input size; our heads (``head(features, size)``) are used as they are;
+  and is upsampled to the input size (one whose first layer is ``nn.Linear`` reads it average-pooled, ``(N, C)``:
+  classification and regression heads); our heads (``head(features, size)``) are used as they are;
 * ``kwargs``: LibMTL's ``weight_args`` and ``arch_args``; ``arch_args["mtsl"]`` holds MTSL's options (an
   :class:`~mtsl_plugin.learner.schedule.MTSLConfig` or a dict of its fields; without ``task_epochs``, the
   paper's schedule scaled to the epochs of the ``train()`` call that starts the run, kept by a resumed run),
   ``arch_args["plan"]`` a starting plan (a :class:`~mtsl_plugin.plan.BranchingPlan` or its dict form),
   ``arch_args["network"]`` / ``arch_args["setting"]`` the stages built over a timm ResNet;
   ``save_path`` (a folder: the resume checkpoint ``checkpoint.pt``, continued by a new ``Trainer`` on the same
-  folder, and the final weights ``model.pt``), ``load_path`` (weights or a checkpoint to start from; its plan
-  is used), ``device`` (default CUDA when available).
+  folder, and the final weights ``model.pt``), ``load_path`` (weights or a checkpoint to start from, its plan
+  used; a folder means its ``model.pt``, where LibMTL reads ``best.pt``; a bare state dict, LibMTL's
+  ``best.pt``, is loaded as LibMTL loads it, ``strict=False``, into architectures without a plan),
+  ``device`` (default CUDA when available);
+* ``process_preds``: a subclass's override is applied to every batch's predictions before the losses (training)
+  and the metrics (:meth:`Trainer.test`), as in LibMTL; overrides of ``_process_data``, ``_compute_loss`` and
+  ``_prepare_dataloaders``, which this loop never calls, are refused;
+* refused in one line when the Trainer is built: ``multi_input=True`` (a loader per task), optimizers and
+  schedulers LibMTL 1.1.5 does not build (``reduce`` of later versions), a ``rep_grad`` setting the weighting
+  method refuses, ``bilevel_param`` other than None, unknown keyword arguments; ``train(return_weight=True)``
+  is refused when called.
+
+``test()`` prints every metric of the task dict with its name and returns each task's first metric.
 
 Evaluation and best-epoch selection: LibMTL evaluates the test loader after every epoch and reports the best
 epoch by the test results when no validation loader is given. Here the model of the **last** epoch is the
@@ -63,7 +77,8 @@ from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.learner.structural import StructuralLearner
-from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.libmtl_compat import (check_trainer_args, check_trainer_hooks, import_libmtl, read_bare_state_dict,
+                                       zero_grads_in_place)
 from mtsl_plugin.network.backbones import TimmStages
 from mtsl_plugin.network.stages import ResNetStages, StageFactory
 from mtsl_plugin.plan import BranchingPlan
@@ -72,20 +87,30 @@ from mtsl_plugin.trainer import MTLTrainer, RunData
 
 AUTHORS_SIMILARITY_SAMPLES = 800  # the authors measure similarity on the first 800 training images
 CHECKPOINT, WEIGHTS = "checkpoint.pt", "model.pt"
+#: MTLTrainer's own keyword arguments (``device``, ``channels_last``, ...), taken by :class:`Trainer` besides
+#: LibMTL's ``weight_args`` and ``arch_args``.
+_OWN_KEYWORDS = frozenset(name for name, p in inspect.signature(MTLTrainer.__init__).parameters.items()
+                          if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 class LibMTLHead(nn.Module):
     """A LibMTL decoder (``decoder(x (N, C, h, w))``) as one of our heads: it reads the last head location's
-    output and its prediction is upsampled (bilinear) to the input size."""
+    output and a dense prediction ``(N, C', h', w')`` is upsampled (bilinear) to the input size. A decoder whose
+    first layer is an ``nn.Linear`` (a classification or regression head, as in LibMTL's Office-31 example) reads
+    that output average-pooled, ``(N, C)``, and its prediction is used as it is."""
 
     def __init__(self, decoder: nn.Module):
         super().__init__()
         self.decoder = decoder
+        first = next((m for m in decoder.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))), None)
+        self.pooled = isinstance(first, nn.Linear)
 
     def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        out = self.decoder(features[-1])
-        return out if tuple(out.shape[-2:]) == tuple(size) else F.interpolate(out, size=size, mode="bilinear",
-                                                                              align_corners=False)
+        x = features[-1]
+        out = self.decoder(x.mean(dim=(2, 3)) if self.pooled else x)
+        if out.dim() != 4 or tuple(out.shape[-2:]) == tuple(size):
+            return out
+        return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
 
 
 def as_head(decoder: nn.Module) -> nn.Module:
@@ -219,19 +244,30 @@ class Trainer(MTLTrainer):
                  multi_input=False, optim_param=None, scheduler_param=None, save_path=None, load_path=None, *,
                  device: str | torch.device | None = None, **kwargs):
         libmtl = import_libmtl()
+        check_trainer_hooks(type(self), MTLTrainer)  # a subclass's override that would be silently ignored
         weighting = _resolve(weighting, libmtl.weighting, "weighting method")
-        check_weighting(weighting.__name__, len(task_dict))  # before training: GradDrop, CAGrad on other than 3 tasks
         architecture = _resolve(architecture, libmtl.architecture, "architecture")
+        ours = architecture.__module__.split(".")[0] in ("mtsl_plugin", "baselines")
+        if ours or weighting.__name__ != "GradDrop":  # GradDrop works on LibMTL's architectures' representation
+            check_weighting(weighting.__name__, len(task_dict))  # before training: CAGrad on other than 3 tasks
+        check_trainer_args(weighting.__name__, rep_grad, multi_input, optim_param, scheduler_param,
+                           {k: v for k, v in kwargs.items() if k not in _OWN_KEYWORDS})
         check_encoder_class(encoder_class)
         arch_args = dict(kwargs.get("arch_args") or {})
         mtsl = arch_args.pop("mtsl", None)
-        ours = architecture.__module__.split(".")[0] in ("mtsl_plugin", "baselines")
         if ours:  # our architectures run on merge-location stages and call heads with the output size
             stages = as_stages(encoder_class, arch_args.pop("network", "compact"),
                                arch_args.pop("setting", "encoder-decoder"))
             encoder_class, decoders = (lambda: stages), {t: as_head(d) for t, d in dict(decoders).items()}
+        else:  # LibMTL's (or a user's) architecture, its gradient-combining weightings working on torch >= 2
+            architecture = zero_grads_in_place(architecture)
         self.save_path = None if save_path is None else Path(save_path)
         load_path = None if load_path is None else Path(load_path)
+        if load_path is not None and load_path.is_dir():  # LibMTL reads <folder>/best.pt; our save_path holds model.pt
+            if not (load_path / WEIGHTS).is_file():
+                raise FileNotFoundError(f"load_path {str(load_path)!r} is a folder without {WEIGHTS} (the weights a "
+                                        "Trainer writes to its save_path)")
+            load_path = load_path / WEIGHTS
         if load_path is not None and not load_path.is_file():
             raise FileNotFoundError(f"load_path {str(load_path)!r} is not a file")
         resume = self.save_path / CHECKPOINT if self.save_path is not None else None
@@ -240,12 +276,17 @@ class Trainer(MTLTrainer):
         origin, advice = ((f"save_path's checkpoint {start} (an unfinished run, which a Trainer on that save_path "
                            "resumes)", "choose another save_path to start afresh") if start == resume else
                           (f"load_path {start}", "check load_path"))
+        bare = read_bare_state_dict(start) if start is not None and start != resume else None
+        if bare is not None and (issubclass(architecture, MTSL) or "plan" in arch_args):
+            raise ValueError(f"load_path {start} is a bare state dict (as LibMTL's save_path writes best.pt), without "
+                             f"the {architecture.__name__} network's plan: give a {WEIGHTS} or {CHECKPOINT} written "
+                             "by this package")
         learner = None
         if issubclass(architecture, MTSL):
             options = mtsl.to_dict() if isinstance(mtsl, MTSLConfig) else dict(mtsl or {})
             learner = TrainerLearner(MTSLConfig.from_dict(options), scaled="task_epochs" not in options)
             plan = as_plan(arch_args.get("plan"))
-            if start is not None:
+            if start is not None and bare is None:
                 plan = MTLTrainer.checkpoint_plan(start)
                 if plan is not None and list(plan.tasks) != list(task_dict):
                     raise ValueError(f"{origin} holds a network of tasks {list(plan.tasks)}, not this trainer's "
@@ -260,7 +301,9 @@ class Trainer(MTLTrainer):
         super().__init__(task_dict, weighting, architecture, encoder_class, decoders, rep_grad, multi_input,
                          optim_param, scheduler_param, device=device, learner=learner,
                          **{**kwargs, "arch_args": arch_args})
-        if start is not None:
+        if bare is not None:  # as LibMTL loads its load_path: the weights only, keys of other modules left out
+            self.load_bare(start, bare)
+        elif start is not None:
             try:
                 self.load(start)
             except CheckpointError:  # unreadable: its message names the file
@@ -271,6 +314,19 @@ class Trainer(MTLTrainer):
                 reason = reason if len(reason) <= 300 else reason[:297] + "..."
                 raise ValueError(f"{origin} does not fit this trainer ({reason}): {advice}") from None
 
+    def load_bare(self, path: Path, state: dict[str, torch.Tensor]) -> None:
+        """Take the weights of a bare state dict (LibMTL's ``best.pt``) as LibMTL's ``load_path`` does
+        (``load_state_dict(strict=False)``); a file holding none of the model's parameters is refused."""
+        if not set(state) & set(self.model.state_dict()):
+            raise ValueError(f"load_path {path} holds none of this model's parameters (its keys start "
+                             f"{sorted(state)[:3]}): check load_path")
+        try:
+            self.model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a parameter of another shape
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise ValueError(f"load_path {path} does not fit this trainer ({' '.join(lines[:2])[:300]}): check "
+                             "load_path") from None
+
     def train(self, train_dataloaders, test_dataloaders, epochs: int, val_dataloaders=None,
               return_weight: bool = False, progress: bool = True) -> dict[str, dict[str, float]]:
         """Train for ``epochs`` epochs (MTSL's phases, alignment and checkpoints included), then evaluate.
@@ -279,8 +335,9 @@ class Trainer(MTLTrainer):
         model's results. With ``save_path`` an unfinished run in that folder is resumed. Before any training, the
         loaders are checked against the task dict (one sample of each) and MTSL's needs (see :meth:`check_loaders`).
         """
-        if self.multi_input or isinstance(train_dataloaders, Mapping):
-            raise ValueError("MTSL trains all tasks on one input: pass one training DataLoader (multi_input=False)")
+        if isinstance(train_dataloaders, Mapping):
+            raise ValueError("train_dataloaders must be one DataLoader whose samples hold every task's target, not a "
+                             "dict of loaders (LibMTL's multi_input setting, which this Trainer does not support)")
         if return_weight:
             raise ValueError("return_weight is not supported: the task weights are not recorded per batch")
         require("epochs", epochs, int, 1)
@@ -381,7 +438,11 @@ class Trainer(MTLTrainer):
                                  "CKA on each batch and needs at least 4: use drop_last=True or a larger batch_size")
 
     def test(self, test_dataloaders, epoch: int | None = None, mode: str = "test") -> dict[str, float]:
-        """Each task's metric on ``test_dataloaders`` (printed, and returned as ``{task: value}``)."""
-        scores = self.evaluate(test_dataloaders)
-        print(f"{mode}: " + "  ".join(f"{t} {v:.4f}" for t, v in scores.items()))
-        return scores
+        """Evaluate ``test_dataloaders``: every metric of the task dict is printed with its name (one line, tasks
+        separated by ``|``, as LibMTL prints them), each task's first metric is returned (``{task: value}``)."""
+        scores = self.scores(test_dataloaders)
+        names = {t: list(self.task_dict[t].get("metrics", [])) for t in self.task_name}
+        print(f"{mode}: " + " | ".join(
+            f"{t} " + " ".join(f"{names[t][i] if i < len(names[t]) else f'metric{i}'} {v:.4f}"
+                               for i, v in enumerate(values)) for t, values in scores.items()))
+        return {t: values[0] for t, values in scores.items()}

@@ -217,11 +217,17 @@ class MTLTrainer(LibMTL.Trainer):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def process_preds(self, preds: dict[str, torch.Tensor], task_name: str | None = None) -> dict[str, torch.Tensor]:
+        """LibMTL's hook on every batch's predictions (``{task: tensor}``, float32) before the losses and the
+        metrics; it changes nothing here, and a LibMTL script's ``Trainer`` subclass may override it (LibMTL's
+        NYUv2 example interpolates there, with the signature ``process_preds(self, preds)``)."""
+        return preds
+
     def task_losses(self, preds: dict[str, torch.Tensor], gts: dict[str, torch.Tensor]) -> torch.Tensor:
         """The (T,) vector of task losses LibMTL's weighting methods take, each times its fixed weight
         (``task_weights``, 1 by default)."""
-        losses = torch.stack([self.task_dict[t]["loss_fn"].compute_loss(preds[t].float(), gts[t])
-                              for t in self.task_name])
+        preds = self.process_preds({t: p.float() for t, p in preds.items()})
+        losses = torch.stack([self.task_dict[t]["loss_fn"].compute_loss(preds[t], gts[t]) for t in self.task_name])
         return losses * self.loss_weights
 
     def train_step(self, images: torch.Tensor, gts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -255,10 +261,11 @@ class MTLTrainer(LibMTL.Trainer):
         return losses.detach(), 0.0 if align is None else float(align.detach())
 
     @torch.no_grad()
-    def evaluate(self, loader: Iterable) -> dict[str, float]:
-        """Each task's metric over ``loader`` (LibMTL metric objects of ``task_dict``). Under ``torch.distributed``
-        every rank must call it, each with its share of the data: the metrics' states are summed across the ranks
-        (torchmetrics' sync in ``compute()``), so every rank returns the metric of the whole set."""
+    def scores(self, loader: Iterable) -> dict[str, list[float]]:
+        """Every metric of every task over ``loader`` (the LibMTL metric objects of ``task_dict``: each one's
+        ``score_fun()``, in the order of its ``metrics`` names), on the predictions :meth:`process_preds` gives.
+        Under ``torch.distributed`` every rank must call it, each with its share of the data: the metrics' states
+        are summed across the ranks (torchmetrics' sync in ``compute()``), so every rank gets the whole set's."""
         self.model.eval()
         for task in self.task_name:
             self.task_dict[task]["metrics_fn"].reinit()
@@ -266,9 +273,14 @@ class MTLTrainer(LibMTL.Trainer):
             images = self.images_to_device(images)
             with self.autocast():
                 preds = self.model(images)
+            preds = self.process_preds({t: p.float() for t, p in preds.items()})
             for task in self.task_name:
-                self.task_dict[task]["metrics_fn"].update_fun(preds[task].float(), gts[task].to(self.device))
-        return {task: float(self.task_dict[task]["metrics_fn"].score_fun()[0]) for task in self.task_name}
+                self.task_dict[task]["metrics_fn"].update_fun(preds[task], gts[task].to(self.device))
+        return {task: [float(v) for v in self.task_dict[task]["metrics_fn"].score_fun()] for task in self.task_name}
+
+    def evaluate(self, loader: Iterable) -> dict[str, float]:
+        """Each task's first metric over ``loader`` (:meth:`scores`)."""
+        return {task: values[0] for task, values in self.scores(loader).items()}
 
     # ------------------------------------------------------------------ the loop
     def fit(self, data: RunData, total_epochs: int, *, checkpoint: str | Path | None = None,
