@@ -8,7 +8,8 @@ one line (``error: <sentence naming the culprit>``, exit code 2) instead of a fo
 * the data set: its name, its root, and for real data **every sample** of the training and test splits (each file
   readable, shapes consistent, images finite and in [0, 1]; non-finite labels, depths or normals are allowed and
   mean "invalid pixel", see :mod:`mtsl_plugin.data`), and that the training split is larger than the held-out slice;
-* the backbone (built once, so a bad name or weights file is found here) and the device;
+* the backbone (built once, so a bad name or weights file is found here; one zero image of the data's size
+  runs through it, so a size it cannot run on is named) and the device;
 * the LibMTL weighting method, and the optimizer (built once, by LibMTL's own code);
 * MTSL's plugins, each called once on a tiny random input (a plugin returning NaN or a mis-shaped value fails
   here).
@@ -58,7 +59,7 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True)
     missing = [t for t in config.tasks if t not in dataset.tasks]
     if missing:
         raise ValueError(f"dataset {d.name!r} has no target for task(s) {missing}; it has {list(dataset.tasks)}")
-    build_stages(config)
+    build_stages(config).check_input_size(dataset.height, dataset.width)  # some CNNs need a least size or multiple
 
 
 def check_device(device: str) -> None:

@@ -5,15 +5,17 @@ ResNet, ResNeXt, SE-ResNet, ...) gets :class:`~mtsl_plugin.network.stages.ResNet
 and ``authors``, unchanged, so every earlier run keeps its fingerprint and numbers); any other timm CNN whose
 ``features_only`` model runs its modules in sequence gets :class:`TimmStages`, the ``compact`` network over it.
 
-:class:`TimmStages` cuts timm's ``features_only`` model into one location per entry of its ``feature_info``
-(``k`` feature stages): location ``i`` runs the modules after feature ``i - 1`` up to and including feature ``i``,
-so running locations ``0 .. k-1`` in turn gives timm's feature maps exactly (tested). Widths and reductions
-are ``feature_info``'s. Then, as ``compact`` on a ResNet (:func:`~mtsl_plugin.network.stages.add_compact_tail`):
-location ``k`` is one more residual block (timm's ResNet ``BasicBlock``) at the deepest width, and with the
-decoder, locations ``k+1 .. 2k-1`` upsample, concatenate the skip of feature stage ``k-2 .. 0`` and map to its
-width with one ``BasicBlock``; the heads (``Head``) read the last location, at the first feature stage's
-reduction (``DeepLabHead`` on location ``k`` in the encoder setting). ``2k`` locations with the decoder, ``k+1``
-without:
+:class:`TimmStages` cuts timm's ``features_only`` model into one location per feature it returns (``k`` feature
+stages; ``feature_info`` may list more, e.g. DLA's stride-1 ``level0``, which then runs inside the first stage):
+location ``i`` runs the modules after feature ``i - 1`` up to and including feature ``i``, so running locations
+``0 .. k-1`` in turn gives timm's feature maps exactly (tested). Widths and reductions are ``feature_info``'s. A
+feature stage without parameters (VGG's last max-pool) would be a location with nothing to share; it joins the
+stage before it (:func:`join_parameter_free`), so VGG has 5 feature stages, not 6. Then, as ``compact`` on a
+ResNet (:func:`~mtsl_plugin.network.stages.add_compact_tail`): location ``k`` is one more residual block (timm's
+ResNet ``BasicBlock``) at the deepest width, and with the decoder, locations ``k+1 .. 2k-1`` upsample,
+concatenate the skip of feature stage ``k-2 .. 0`` and map to its width with one ``BasicBlock``; the heads
+(``Head``) read the last location, at the first feature stage's reduction (``DeepLabHead`` on location ``k`` in
+the encoder setting). ``2k`` locations with the decoder, ``k+1`` without:
 
 =======================  ====================================  ====================  ==========  =========
 family (timm name)       feature stages (timm module names)    widths                reductions  locations
@@ -30,8 +32,12 @@ Which ``features_only`` models can be cut: timm's ``FeatureListNet`` / ``Feature
 modules run in order and the features are the outputs of ``return_layers``) and the ``EfficientNetFeatures`` /
 ``MobileNetV3Features`` of the EfficientNet, MobileNet and related families (stem, then ``blocks``; feature ``i``
 after block stage ``i - 1``, feature 0 after the stem). Models whose features come from hooks or from
-``forward_intermediates`` (``FeatureHookNet``, ``FeatureGetterNet``: vision transformers, Xception, HRNet, ...)
-and those whose features are channels-last (MambaOut, Sequencer) are refused in one line.
+``forward_intermediates`` (``FeatureHookNet``, ``FeatureGetterNet``: vision transformers, Xception, HRNet, ...),
+those whose features are channels-last (MambaOut, Sequencer) and those whose stages pass anything but one
+``(N, C, H, W)`` tensor of the listed width (SelecSLS passes lists; found by running the stages once on one image
+of timm's input size when the table is built) are refused in one line. Some CNNs need a least image size or
+multiples of one (DLA: multiples of 32; Inception: about 75 pixels); :meth:`StageFactory.check_input_size
+<mtsl_plugin.network.stages.StageFactory.check_input_size>` refuses a size the network cannot run on.
 """
 from __future__ import annotations
 
@@ -65,9 +71,9 @@ def architecture_family(backbone: str) -> str | None:
 
 
 def feature_stages(model: nn.Module, backbone: str) -> list[nn.Sequential]:
-    """timm's ``features_only`` ``model`` cut into one ``nn.Sequential`` per feature stage (the modules keep
+    """timm's ``features_only`` ``model`` cut into one ``nn.Sequential`` per feature it returns (the modules keep
     their timm names, dots as underscores): stage ``i`` maps feature ``i - 1`` (the image for ``i = 0``)
-    ``(N, C_{i-1}, H_{i-1}, W_{i-1})`` to feature ``i`` ``(N, feature_info[i].num_chs, H / reduction_i, ...)``."""
+    ``(N, C_{i-1}, H_{i-1}, W_{i-1})`` to feature ``i`` ``(N, feature_info.channels()[i], H / reduction_i, ...)``."""
     if isinstance(model, FeatureDictNet) and model.output_fmt != "NCHW":
         raise ValueError(f"backbone {backbone!r}: timm gives its features channels-last ({model.output_fmt.value}); "
                          "the stages need (N, C, H, W) feature maps")
@@ -89,10 +95,33 @@ def feature_stages(model: nn.Module, backbone: str) -> list[nn.Sequential]:
         if ends_stage:
             stages.append(nn.Sequential(current))
             current = OrderedDict()
-    if len(stages) != len(model.feature_info):
-        raise ValueError(f"backbone {backbone!r}: cut into {len(stages)} stages but timm's feature_info lists "
-                         f"{len(model.feature_info)}")
+    wanted = len(model.feature_info.channels())  # the features it returns (out_indices), not every entry listed
+    if len(stages) != wanted:
+        raise ValueError(f"backbone {backbone!r}: cut into {len(stages)} stages but timm's features_only model "
+                         f"returns {wanted} features")
     return stages
+
+
+def join_parameter_free(stages: list[nn.Sequential], backbone: str) -> tuple[list[nn.Sequential], list[int]]:
+    """``stages`` with every stage that holds no parameters (VGG's last max-pool) joined to the stage before it
+    (a leading one to the stage after it): a merge location needs weights that tasks can share or keep apart.
+    Returns the joined stages and, for each, the index of the feature stage it ends with (its timm feature)."""
+    joined: list[nn.Sequential] = []
+    ends: list[int] = []
+    leading: list[tuple[str, nn.Module]] = []
+    for index, stage in enumerate(stages):
+        if any(True for _ in stage.parameters()):
+            joined.append(nn.Sequential(OrderedDict(leading + list(stage.named_children()))) if leading else stage)
+            ends.append(index)
+            leading = []
+        elif joined:
+            joined[-1] = nn.Sequential(OrderedDict(list(joined[-1].named_children()) + list(stage.named_children())))
+            ends[-1] = index
+        else:
+            leading += list(stage.named_children())
+    if leading:
+        raise ValueError(f"backbone {backbone!r}: its feature stages hold no parameters")
+    return joined, ends
 
 
 class TimmStages(StageFactory):
@@ -145,11 +174,13 @@ class TimmStages(StageFactory):
         return stages
 
     def _build(self, model: nn.Module, backbone: str, decoder: bool, seed: int, normalise: bool) -> None:
-        templates: list[nn.Module] = list(feature_stages(model, backbone))
+        joined, ends = join_parameter_free(feature_stages(model, backbone), backbone)
+        templates: list[nn.Module] = list(joined)
         info = model.feature_info
-        channels = info.channels()
+        channels = [info.channels()[i] for i in ends]
         specs = [StageSpec(name, c_in, c_out, reduction) for name, c_in, c_out, reduction
-                 in zip(info.module_name(), [3] + channels, channels, info.reduction())]
+                 in zip([info.module_name()[i] for i in ends], [3] + channels, channels,
+                        [info.reduction()[i] for i in ends])]
         add_compact_tail(templates, specs, BasicBlock, decoder)
         if normalise:  # the weights expect the inputs they were trained on
             templates[0] = normalised_stem(templates[0], model)
@@ -159,6 +190,11 @@ class TimmStages(StageFactory):
         self.specs = tuple(specs)
         self.feature_locations = tuple(range(len(channels)))
         self._templates = templates
+        # timm lists the features, but only running them shows that each stage gives the next one a tensor of
+        # the listed width (SelecSLS's stages pass lists): once, at the size timm's configuration names
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        height, width = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
+        self._run_one_image(height, width, len(channels), "cannot be cut into merge locations")
 
 
 def create_stages(backbone: str = "resnet18", *, pretrained: bool = False, weights: str | Path | None = None,

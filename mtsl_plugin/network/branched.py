@@ -64,6 +64,35 @@ def _autocast_by_hand(template: nn.Module, params: dict[str, torch.Tensor], devi
             handle.remove()
 
 
+def _cumulative_momenta(modules: list[nn.Module]) -> dict[nn.Module, float] | None:
+    """For a training call of ``modules`` (nodes of one architecture) as one ``torch.vmap``: the batch norms of
+    ``modules[0]`` that keep a cumulative average (``momentum=None``), each with the momentum it uses in this
+    step, ``1 / (batches tracked + 1)``, a Python float as batch norm computes it (it cannot read its counter
+    inside ``vmap``); ``None`` when the nodes have tracked different numbers of batches (e.g. a fresh group node
+    beside trained task nodes), so that no one value serves them all."""
+    momenta: dict[nn.Module, float] = {}
+    for name, module in modules[0].named_modules():
+        if (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None and module.training
+                and module.track_running_stats and module.num_batches_tracked is not None):
+            counts = {int(m.get_submodule(name).num_batches_tracked) for m in modules}
+            if len(counts) > 1:
+                return None
+            momenta[module] = 1.0 / float(counts.pop() + 1)
+    return momenta
+
+
+@contextlib.contextmanager
+def _momenta_set(momenta: Mapping[nn.Module, float]):
+    """Give each batch norm in ``momenta`` that momentum for the duration of the block, then ``None`` again."""
+    for module, momentum in momenta.items():
+        module.momentum = momentum
+    try:
+        yield
+    finally:
+        for module in momenta:
+            module.momentum = None
+
+
 class BranchedNetwork(nn.Module):
     """The network a :class:`BranchingPlan` describes.
 
@@ -138,29 +167,47 @@ class BranchedNetwork(nn.Module):
         node of a location is built from the same template, so they share one architecture): convolutions become
         one grouped convolution over the nodes, batch norm stays per node and per channel. Inputs (and skips)
         that all nodes read, e.g. the image at location 0 or a shared parent's output, are passed once;
-        different ones are stacked. Equal to :meth:`run_node` per group up to float rounding (tested): the
-        parameters are stacked on the fly, so gradients reach each node's own parameters and the optimizer,
-        checkpoints and structural edits see the unfused network; batch-norm running statistics updated in
-        training are written back to each node. Under autocast the call is cast by hand (:func:`_autocast_by_hand`:
-        autocast does not reach inside ``vmap``)."""
+        different ones are stacked (shared ones too where a random draw needs them per node). Equal to
+        :meth:`run_node` per group up to float rounding (tested): the parameters are stacked on the fly, so
+        gradients reach each node's own parameters and the optimizer, checkpoints and structural edits see the
+        unfused network; batch-norm running statistics updated in training are written back to each node.
+        Random operations inside the nodes (timm's ``drop_path_rate``, dropout) draw independently per node, as
+        separate nodes would (equal in distribution, not in value). Batch norms with a cumulative average
+        (``momentum=None``) use this step's momentum as a fixed one; where the nodes have counted different
+        numbers of batches the location runs node by node. Under autocast the call is cast by hand
+        (:func:`_autocast_by_hand`: autocast does not reach inside ``vmap``)."""
         modules = [self.node(location, g) for g in groups]
+        momenta = _cumulative_momenta(modules) if modules[0].training else {}
+        if momenta is None:  # one counter per node, different ones: no one momentum serves the stacked call
+            return {g: self.run_node(location, g, outputs, x) for g in groups}
         parents = [self.plan.parent_of(location, g) for g in groups]
-        inputs = [x if p is None else outputs[location - 1][p] for p in parents]
+        reads = [[x if p is None else outputs[location - 1][p] for p in parents]]
         spec = self.specs[location]
-        args = [self._stack_or_share(inputs)]
         if spec.skip_from is not None:
-            args.append(self._stack_or_share([outputs[spec.skip_from][self.plan.group_of(spec.skip_from, g[0])]
-                                              for g in groups]))
-        dims = [0 if stacked else None for _, stacked in args]
+            reads.append([outputs[spec.skip_from][self.plan.group_of(spec.skip_from, g[0])] for g in groups])
         names = [n for n, _ in modules[0].named_parameters()]
         params = {n: torch.stack([m.get_parameter(n) for m in modules]) for n in names}
-        buffers = {n: torch.stack([m.get_buffer(n) for m in modules]) for n, _ in modules[0].named_buffers()}
 
         def call(p, b, *tensors):
             return functional_call(modules[0], {**p, **b}, tensors)
 
-        with _autocast_by_hand(modules[0], params, x.device.type) as params:
-            out = torch.vmap(call, in_dims=(0, 0, *dims))(params, buffers, *[a for a, _ in args])
+        def vmapped(args: list[tuple[torch.Tensor, bool]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            buffers = {n: torch.stack([m.get_buffer(n) for m in modules]) for n, _ in modules[0].named_buffers()}
+            dims = [0 if stacked else None for _, stacked in args]
+            with _autocast_by_hand(modules[0], params, x.device.type) as cast, _momenta_set(momenta):
+                out = torch.vmap(call, in_dims=(0, 0, *dims), randomness="different")(cast, buffers,
+                                                                                      *[a for a, _ in args])
+            return out, buffers
+
+        shared = [self._stack_or_share(tensors) for tensors in reads]
+        try:
+            out, buffers = vmapped(shared)
+        except RuntimeError as error:
+            # a random draw on an input the nodes share (timm's ResNeSt drops paths of its block's input) must
+            # differ per node, so vmap needs that input per node: run again with it stacked (and fresh buffers)
+            if "randomness" not in str(error) or all(stacked for _, stacked in shared):
+                raise
+            out, buffers = vmapped([(torch.stack(tensors), True) for tensors in reads])
         if modules[0].training:  # running statistics were updated in the stacked copies
             with torch.no_grad():
                 for name, stacked in buffers.items():

@@ -276,6 +276,38 @@ class StageFactory:
             raise IndexError(f"location {location} is outside 0..{self.num_locations - 1}")
         return copy.deepcopy(self._templates[location])
 
+    def check_input_size(self, height: int, width: int) -> None:
+        """Refuse an image size the network cannot run on: a ``ValueError`` of one sentence naming the backbone,
+        the size and the location that fails. Some timm CNNs need images of a least size (ConvNeXt, DenseNet and
+        VGG 32 pixels, Inception about 75) or of multiples of one (DLA 32, TResNet 4); ResNets run on any size.
+        Runs one zero image ``(1, 3, height, width)`` through one fresh node per location, in evaluation mode and
+        without gradients (no weights change)."""
+        self._run_one_image(height, width, self.num_locations, f"cannot run on {height}x{width} images")
+
+    def _run_one_image(self, height: int, width: int, locations: int, failure: str) -> None:
+        """One zero image through fresh nodes of locations ``0 .. locations - 1`` (evaluation mode, no
+        gradients); ``ValueError`` ``"backbone <name> <failure>: ..."`` where a location raises or returns anything
+        but a ``(1, C, h, w)`` tensor of its width ``C``."""
+        like = next(self._templates[0].parameters())
+        outputs: list[torch.Tensor] = []
+        with torch.no_grad():
+            for location in range(locations):
+                spec = self.specs[location]
+                node = self.build(location).eval()
+                x = torch.zeros(1, 3, height, width, dtype=like.dtype, device=like.device) if location == 0 \
+                    else outputs[-1]
+                try:
+                    out = node(x) if spec.skip_from is None else node(x, outputs[spec.skip_from])
+                except Exception as exc:  # noqa: BLE001 - whatever the backbone raises, named in one line
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise ValueError(f"backbone {self.backbone!r} {failure}: location {location} ({spec.name}) "
+                                     f"fails ({reason})") from None
+                if not (torch.is_tensor(out) and out.dim() == 4 and out.shape[1] == spec.out_channels):
+                    got = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
+                    raise ValueError(f"backbone {self.backbone!r} {failure}: location {location} ({spec.name}) "
+                                     f"gives {got}, not an (N, {spec.out_channels}, H, W) tensor")
+                outputs.append(out)
+
     def build_head(self, out_channels: int, task: str | None = None) -> nn.Module:
         """A task head reading the outputs of :attr:`head_locations` (:class:`MultiScaleHead` in the ``authors``
         network, :class:`Head` after the compact decoder, :class:`DeepLabHead` in the encoder-only setting); seeded
