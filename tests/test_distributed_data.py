@@ -1,5 +1,6 @@
 """What each rank of a two-process gloo job trains on: its own augmentations of its share of every global batch,
 with our data (``RunData``) and with a LibMTL script's own loader (``mtsl_plugin.Trainer``)."""
+import gc
 import os
 
 import pytest
@@ -118,8 +119,11 @@ def libmtl_script(root, batch_size=4, epochs=2, sampler=None):
     sizes, step = [], trainer.train_step
     trainer.train_step = lambda images, gts: sizes.append(images.shape[0]) or step(images, gts)
     trainer.train(train_loader, test_loader, epochs, progress=False)
-    return {"seen": train.seen[1:], "sizes": sizes, "ddp": trainer.ddp is not None,
-            "state": {k: v.clone() for k, v in trainer.model.state_dict().items()}}
+    result = {"seen": train.seen[1:], "sizes": sizes, "ddp": trainer.ddp is not None,
+              "state": {k: v.clone() for k, v in trainer.model.state_dict().items()}}
+    trainer.ddp = None  # its reducer holds the process group: released before the group is destroyed (else the
+    gc.collect()  # process may abort at exit, "terminate called without an active exception")
+    return result
 
 
 def libmtl_worker(rank, world, port, root, folder, joins, sampler):
