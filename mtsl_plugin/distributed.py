@@ -133,10 +133,14 @@ class RankShares(DataLoader):
         self.shared_generator = loader.generator
 
     def __iter__(self):
-        shared = torch.empty((), dtype=torch.int64).random_(generator=self.shared_generator).item()
-        self.generator = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([shared, rank()]).generate_state(1)[0]))
+        self.generator = rank_generator(torch.empty((), dtype=torch.int64).random_(generator=self.shared_generator))
         return super().__iter__()
+
+
+def rank_generator(shared: int | torch.Tensor) -> torch.Generator:
+    """A generator of this rank's own, seeded with ``shared`` (a number drawn alike on every rank, so their streams
+    stay alike and a checkpoint resumes them) and the rank folded in."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([int(shared), rank()]).generate_state(1)[0]))
 
 
 def shard_samples(dataset: Dataset) -> Dataset:

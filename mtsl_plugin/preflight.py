@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data import build_dataset
 from mtsl_plugin.learner.schedule import MTSLConfig
-from mtsl_plugin.libmtl_compat import SINGLE_BACKWARD_WEIGHTINGS, import_libmtl
+from mtsl_plugin.libmtl_compat import LIBMTL_OPTIMIZERS, SINGLE_BACKWARD_WEIGHTINGS, import_libmtl
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
 from mtsl_plugin.tasks import TASKS
 
@@ -106,13 +106,8 @@ def check_distributed(weighting: str, bilevel: bool, compiled: bool) -> None:
         raise ValueError("compiled training (--compile) runs in one process; start it without torchrun")
 
 
-#: The optimizers LibMTL's ``Trainer._prepare_optimizer`` builds (a dictionary local to it), for messages only:
-#: :func:`check_optimizer` asks LibMTL's code itself.
-LIBMTL_OPTIMIZERS = ("adam", "sgd", "adagrad", "rmsprop")
-
-
 def check_optimizer(optimizer: Mapping[str, Any]) -> None:
-    """Build the optimizer once, with LibMTL's own code (as every run does) over a one-parameter stand-in model,
+    """Build the optimizer once (:data:`~mtsl_plugin.libmtl_compat.LIBMTL_OPTIMIZERS` only names them in messages), with LibMTL's own code (as every run does) over a one-parameter stand-in model,
     so a missing or unknown ``optim``, an argument it does not take or a value it refuses (a negative ``lr``) is
     named here."""
     if "optim" not in optimizer:

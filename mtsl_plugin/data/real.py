@@ -61,9 +61,7 @@ def random_window(hw: tuple[int, int]) -> tuple[float, int, int, bool]:
     the rank. One process draws as before (same windows, same results)."""
     generator = None
     if distributed.world_size() > 1:
-        shared = int(torch.randint(1 << 62, ()))
-        generator = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([shared, distributed.rank()]).generate_state(1)[0]))
+        generator = distributed.rank_generator(torch.randint(1 << 62, ()))
     zoom = ZOOMS[int(torch.randint(len(ZOOMS), (), generator=generator))]
     top = int(torch.randint(hw[0] - int(hw[0] / zoom) + 1, (), generator=generator))
     left = int(torch.randint(hw[1] - int(hw[1] / zoom) + 1, (), generator=generator))
