@@ -91,19 +91,27 @@ def build_jobs(methods: list[str], config: RunConfig, seeds: list[int], plan_fro
     return jobs
 
 
-def report(results: list[dict[str, Any]], out: Path) -> str:
+def report(results: list[dict[str, Any]], out: Path, config: RunConfig) -> str:
+    """Write the comparison's table and figures into ``out`` and return the table. The alignment figure (paper
+    Fig. 4) compares ``mtsl`` with ``mtsl_noalign``, so it is drawn only when ``config``'s MTSL aligns (not under
+    ``--no-align`` or an alignment weight of 0, where both rows run without alignment)."""
     table = write_results(results, out)
-    with_align, without_align = first_similarities(out, "mtsl"), first_similarities(out, "mtsl_noalign")
-    if with_align and without_align:
-        alignment_figure(with_align, without_align, out / "alignment.png")
+    if config.mtsl.align and config.mtsl.align_weight > 0:
+        with_align = first_similarities(out, "mtsl", results)
+        without_align = first_similarities(out, "mtsl_noalign", results)
+        if with_align and without_align:
+            alignment_figure(with_align, without_align, out / "alignment.png")
     if any(r.get("history") and "gate_entropy" in r["history"][0] for r in results):
         search_figure(results, out / "search.png")
     return table
 
 
-def first_similarities(out: Path, method: str) -> list[dict]:
-    """The similarity record of the first structural phase of every seed of ``method`` (paper Fig. 4)."""
-    records = [json.loads(p.read_text()) for p in sorted(out.glob(f"{method}/seed*/phase_0.json"))]
+def first_similarities(out: Path, label: str, results: Sequence[dict[str, Any]]) -> list[dict]:
+    """The similarity record of the first structural phase of every finished run of ``label`` in ``results``
+    (paper Fig. 4); a failed run's phase record is left out, as the table leaves out its numbers."""
+    paths = [out / label / f"seed{r['seed']}" / "phase_0.json" for r in results
+             if r["status"] == "ok" and (r.get("label") or r["method"]) == label]
+    records = [json.loads(p.read_text()) for p in paths if p.is_file()]
     return [r["similarities"][0] for r in records if r["similarities"]]
 
 
@@ -196,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_config(out / "config.yaml", config)  # the effective configuration, itself a valid --config
         results = train(jobs, out, args)
         if distributed.is_main():  # under torchrun every rank trains; rank 0 alone reports
-            print(report(results, out))
+            print(report(results, out, config))
             print(f"\nresults in {out}")
         return exit_code(results)
 

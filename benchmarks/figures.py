@@ -48,7 +48,9 @@ def alignment_figure(with_align: Sequence[Mapping], without_align: Sequence[Mapp
 def sweep_figure(xs: Sequence[float], panels: Mapping[str, Sequence[float | None]], path: str | Path,
                  xlabel: str, kind: str = "line") -> Path:
     """One subplot per entry of ``panels`` (y label → one value per x, ``None`` where a run failed), as lines
-    over numeric ``xs`` (``kind="line"``) or bars over categorical ``xs`` (``kind="bar"``)."""
+    over numeric ``xs`` (``kind="line"``, joined in increasing x whatever their order in ``xs``) or bars over
+    categorical ``xs`` (``kind="bar"``). A failed run draws no point, and no bar but the word "failed" (a bar of 0
+    would read as a result)."""
     if kind not in ("line", "bar"):
         raise ValueError(f"kind must be 'line' or 'bar', got {kind!r}")
     fig = Figure(figsize=(3.6 * len(panels), 3.0))
@@ -57,9 +59,12 @@ def sweep_figure(xs: Sequence[float], panels: Mapping[str, Sequence[float | None
         ax = fig.add_subplot(1, len(panels), index + 1)
         ys = np.array([np.nan if v is None else v for v in values], dtype=float)
         if kind == "line":
-            ax.plot(np.asarray(xs, dtype=float), ys, marker="o")
+            order = np.argsort(np.asarray(xs, dtype=float), kind="stable")
+            ax.plot(np.asarray(xs, dtype=float)[order], ys[order], marker="o")
         else:
-            ax.bar(np.arange(len(xs)), np.nan_to_num(ys))
+            ax.bar(np.arange(len(xs)), ys)
+            for i in np.flatnonzero(np.isnan(ys)):
+                ax.text(i, 0, "failed", ha="center", va="bottom", rotation=90, fontsize=8, color="grey")
             ax.set_xticks(np.arange(len(xs)), [str(x) for x in xs], rotation=30, fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

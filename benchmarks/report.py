@@ -114,20 +114,26 @@ def _decimals(value: float, significant: int = 4) -> int:
     return min(6, max(0, significant - 1 - math.floor(math.log10(abs(value)))))
 
 
-def _cell(stat: Mapping[str, float] | None, decimals: int | None = None, signed: bool = False) -> str:
-    """``"mean ± std"``, or just the mean for a single seed; ``decimals=None`` keeps 4 significant figures."""
+def _cell(stat: Mapping[str, float] | None, decimals: int | None = None, signed: bool = False,
+          seeds: int | None = None) -> str:
+    """``"mean ± std"``, or just the mean for a single seed; ``decimals=None`` keeps 4 significant figures. A stat
+    over fewer than the row's ``seeds`` successful runs (a Δ where the STN of some seed failed) adds
+    ``"(n of seeds seeds)"``, so that it is not read as covering the same seeds as the rest of its row."""
     if stat is None:
         return _MISSING
     places = _decimals(stat["mean"]) if decimals is None else decimals
     mean = f"{stat['mean']:{'+' if signed else ''}.{places}f}"
-    return mean if stat["n"] <= 1 else f"{mean} ± {stat['std']:.{places}f}"
+    text = mean if stat["n"] <= 1 else f"{mean} ± {stat['std']:.{places}f}"
+    return text if seeds is None or stat["n"] >= seeds else f"{text} ({stat['n']} of {seeds} seeds)"
 
 
-def _escape(text: str) -> str:
+def escape_cell(text: str) -> str:
+    """``text`` as one Markdown table cell: on one line, its ``|`` escaped."""
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _short(error: str, limit: int = 60) -> str:
+def first_line_of(error: str, limit: int = 60) -> str:
+    """The first line of an error message, cut to ``limit`` characters."""
     first_line = (error.strip().splitlines() or ["unknown error"])[0]
     return first_line if len(first_line) <= limit else first_line[: limit - 1] + "…"
 
@@ -142,8 +148,9 @@ def format_table(
 
     Columns: Method, one per task (``"S mIoU ↑"``: task, metric name, direction), Δ_SD (%), Δ_MTL (%),
     Params (M), GMac, Train (s). Cells read ``mean ± std`` (just the mean for one seed); ``—`` marks a missing
-    value. ``metric_names`` defaults to the built-in tasks' names (a task without one shows its name only). A
-    method whose runs all failed shows ``failed: <first error>``; a partly failed one notes the count.
+    value, and ``(n of k seeds)`` a value that fewer of the row's k successful seeds have (a Δ without its STN).
+    ``metric_names`` defaults to the built-in tasks' names (a task without one shows its name only). A method whose
+    runs all failed shows ``failed: <first error>``; a partly failed one notes the count.
     """
     if metric_names is None:
         from mtsl_plugin.tasks import METRIC_NAMES  # deferred: the tasks module pulls in torch
@@ -160,16 +167,18 @@ def format_table(
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
     for method, entry in aggregated.items():
-        label = _escape(method)
+        label = escape_cell(method)
         if entry["ok"] == 0:
             first_error = entry["errors"][0] if entry["errors"] else "unknown error"
-            cells = [f"failed: {_escape(_short(first_error))}"] + [_MISSING] * (len(headers) - 2)
+            cells = [f"failed: {escape_cell(first_line_of(first_error))}"] + [_MISSING] * (len(headers) - 2)
         else:
             if entry["failed"]:
                 label += f" ({entry['failed']} of {entry['runs']} runs failed)"
-            cells = [_cell(entry["metrics"].get(task)) for task in tasks]
-            cells += [_cell(entry["delta_sd"], 2, signed=True), _cell(entry["delta_mtl"], 2, signed=True),
-                      _cell(entry["params_m"], 2), _cell(entry["gmac"], 2), _cell(entry["train_seconds"], 1)]
+            seeds = entry["ok"]
+            cells = [_cell(entry["metrics"].get(task), seeds=seeds) for task in tasks]
+            cells += [_cell(entry["delta_sd"], 2, signed=True, seeds=seeds),
+                      _cell(entry["delta_mtl"], 2, signed=True, seeds=seeds), _cell(entry["params_m"], 2, seeds=seeds),
+                      _cell(entry["gmac"], 2, seeds=seeds), _cell(entry["train_seconds"], 1, seeds=seeds)]
         lines.append("| " + " | ".join([label] + cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -177,8 +186,9 @@ def format_table(
 def summary_table(results: Sequence[Mapping[str, Any]], lead: Sequence[str],
                   rows: Sequence[tuple[Sequence[str], str]]) -> str:
     """A sweep's or an ablation's table in Markdown: per row its ``lead`` cells (e.g. the threshold), then Δ_SD,
-    Δ_MTL, params, GMac (mean ± std over seeds) and the first seed's converged plan of the runs labelled
-    ``label``. ``rows`` holds ``(lead cells, label)`` pairs; a row whose runs all failed says so."""
+    Δ_MTL, params, GMac (mean ± std over seeds, ``(n of k seeds)`` as in :func:`format_table`) and the first seed's
+    converged plan of the runs labelled ``label``. ``rows`` holds ``(lead cells, label)`` pairs; a row whose runs
+    all failed says so."""
     entries = aggregate(results)
     plans: dict[str, str] = {}
     for r in results:
@@ -189,11 +199,13 @@ def summary_table(results: Sequence[Mapping[str, Any]], lead: Sequence[str],
     for cells, label in rows:
         entry = entries.get(label)
         if entry is None or entry["ok"] == 0:
-            error = _short(entry["errors"][0]) if entry and entry["errors"] else "not run"
-            values = [f"failed: {_escape(error)}"] + [_MISSING] * 4
+            error = first_line_of(entry["errors"][0]) if entry and entry["errors"] else "not run"
+            values = [f"failed: {escape_cell(error)}"] + [_MISSING] * 4
         else:
-            values = [_cell(entry["delta_sd"], 2, signed=True), _cell(entry["delta_mtl"], 2, signed=True),
-                      _cell(entry["params_m"], 2), _cell(entry["gmac"], 2), _escape(plans.get(label, _MISSING))]
+            seeds = entry["ok"]
+            values = [_cell(entry["delta_sd"], 2, signed=True, seeds=seeds),
+                      _cell(entry["delta_mtl"], 2, signed=True, seeds=seeds), _cell(entry["params_m"], 2, seeds=seeds),
+                      _cell(entry["gmac"], 2, seeds=seeds), escape_cell(plans.get(label, _MISSING))]
         lines.append("| " + " | ".join([*cells, *values]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -27,7 +27,7 @@ from baselines.bmtas import DEFAULT_RESOURCE_WEIGHT
 from benchmarks.figures import sweep_figure
 from benchmarks.harness import (Job, UsageError, add_out_arg, add_run_args, check_jobs, config_from_args, distinct,
                                 exit_code, out_folder, parse_list, parse_seeds, publish, run_main, train)
-from benchmarks.report import aggregate, summary_table
+from benchmarks.report import aggregate, escape_cell, first_line_of, summary_table
 from mtsl_plugin import distributed
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.learner.schedule import MTSLConfig
@@ -124,7 +124,9 @@ def seeds_jobs(config: RunConfig, seeds: Sequence[int], inits: Sequence[str]) ->
 # ------------------------------------------------------------------------------------------------ tables
 def grouping_table(results: list[dict[str, Any]], inits: dict[str, str]) -> str:
     """The converged plan of every run, one column per location (paper Table 5): a cell lists the groups,
-    e.g. ``SE DNA``; ``inits`` maps a run's label to the initialisation shown."""
+    e.g. ``SE DNA`` (``parts+flow heat`` for task names of several letters, as the plans' text writes them);
+    ``inits`` maps a run's label to the initialisation shown. A failed run's row shows the first line of its
+    error, escaped, so that the row stays one row of the table."""
     ok = [r for r in results if r["status"] == "ok" and r.get("plan")]
     failed = [r for r in results if r["status"] != "ok"]
     if not ok:
@@ -134,9 +136,11 @@ def grouping_table(results: list[dict[str, Any]], inits: dict[str, str]) -> str:
              "|:---|---:|" + ":---:|" * locations]
     for r in ok:
         plan = BranchingPlan.from_dict(r["plan"])
-        cells = [" ".join("".join(g) for g in partition) for partition in plan.partitions]
+        cells = [" ".join("".join(g) if all(len(t) == 1 for t in g) else "+".join(g) for g in partition)
+                 for partition in plan.partitions]
         lines.append(f"| {inits[r['label']]} | {r['seed']} | " + " | ".join(cells) + " |")
-    lines += [f"| {inits[r['label']]} | {r['seed']} | failed: {str(r['error'])[:60]} |" for r in failed]
+    lines += [f"| {inits[r['label']]} | {r['seed']} | failed: {escape_cell(first_line_of(str(r['error'])))} |"
+              for r in failed]
     return "\n".join(lines) + "\n"
 
 
