@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
-from tqdm.auto import tqdm
 
 from baselines import gates
 from baselines.supernet import GatedSupernet
 from mtsl_plugin.methods import MethodSpec, register_method
+from mtsl_plugin.progress import each_batch
 
 DEFAULT_RESOURCE_WEIGHT = 0.05
 REFERENCE_COST_SIZE = (512, 512)
@@ -161,7 +161,7 @@ class BMTAS(GatedSupernet):
         for m in norms:
             m.track_running_stats = False
         try:
-            for images, gts in tqdm(loader, desc="architecture", leave=False, disable=None if progress else True):
+            for images, gts in each_batch(loader, "architecture", progress):
                 images = trainer.images_to_device(images)
                 gts = {t: gts[t].to(trainer.device, non_blocking=True) for t in trainer.task_name}
                 with trainer.autocast():

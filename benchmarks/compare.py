@@ -32,7 +32,8 @@ from mtsl_plugin.plan import BranchingPlan
 
 REFERENCES = ("stn", "onenet")
 #: The options --resume takes besides the folder: how the saved runs compute and report, not what they compute.
-RESUME_OPTIONS = ("resume", "device", "fused", "channels_last", "compile", "no_progress", "keep_checkpoints", "plugin")
+RESUME_OPTIONS = ("resume", "device", "fused", "channels_last", "compile", "workers", "no_progress", "keep_checkpoints",
+                  "plugin")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,7 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="results folder; one holding a comparison of the same settings is extended")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the comparison whose results are in DIR, as it was saved (with it only --device, "
-                        "--fused, --channels-last, --compile, --no-progress, --keep-checkpoints, --plugin)")
+                        "--fused, --channels-last, --compile, --workers, --no-progress, --keep-checkpoints, "
+                        "--plugin)")
     p.add_argument("--plan-from", default=None, metavar="DIR",
                    help="retrain ('-R' methods) the final plans of the compare.py results in DIR, e.g. the plan "
                         "MTSL converged to on another data set (MTSL-R-Switch)")
@@ -181,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--resume {out}: its config.json lists no seed a run can use; choose a new folder")
             config = config.replace(device=args.device or config.device, fused=args.fused or config.fused,
                                     channels_last=args.channels_last or config.channels_last,
-                                    compile=args.compile or config.compile)
+                                    compile=args.compile or config.compile,
+                                    workers=config.workers if args.workers is None else args.workers)
             plan_from = meta.get("plan_from")
         else:
             config = config_from_args(args)

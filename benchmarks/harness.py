@@ -103,6 +103,9 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and images")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward (compiled again after every structural edit; one process)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes that read and augment the samples besides the main one (default 0; real data "
+                        "on a GPU: e.g. 4); the samples and their augmentations do not depend on it")
     p.add_argument("--backbone", default=None,
                    help="timm CNN name (default resnet18), e.g. resnet50, convnext_atto, efficientnet_b0, "
                         "regnetx_002, mobilenetv3_small_100; another family than the preset's drops its "
@@ -229,6 +232,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         changes["channels_last"] = True
     if args.compile:
         changes["compile"] = True
+    if args.workers is not None:
+        changes["workers"] = args.workers
     if args.tasks is not None:
         changes["tasks"] = parse_tasks(args.tasks)
     if getattr(args, "task_weights", None):

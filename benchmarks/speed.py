@@ -2,14 +2,16 @@
 with each plan's parameters and GMac (one image at the given resolution); plans with several nodes at a
 location are timed fused too (``--fused``: one vmapped call per location). Then, with steps, the ratios the
 trainer is judged by, all from this run: a plain PyTorch step over One-Net ÷ our trainer's One-Net step; STN ÷
-One-Net, unfused and fused; the alignment loss's share of an STN step; drawing a synthetic batch ÷ a One-Net
-step; One-Net's and STN's steps with ``--channels-last`` ÷ without; with ``--compile``, One-Net's and STN's steps
-compiled (``torch.compile``, after two warm-up steps that compile) ÷ eager.
+One-Net, unfused and fused; the alignment loss's share of an STN step; drawing a training batch ÷ a One-Net step
+(synthetic, or read and augmented from a real data set with ``--dataset nyuv2 --data-root DIR``, by ``--workers
+N`` loader processes); One-Net's and STN's steps with ``--channels-last`` ÷ without; with ``--compile``, One-Net's
+and STN's steps compiled (``torch.compile``, after two warm-up steps that compile) ÷ eager.
 
     python benchmarks/speed.py --device cuda --height 256 --width 512 --batch 16
     python benchmarks/speed.py --plans stn,onenet,results/demo/mtsl/seed0/plan.json
     python benchmarks/speed.py --network authors --height 256 --width 512 --steps 0   # size and GMac only
     python benchmarks/speed.py --backbone convnext_atto --steps 0                       # another timm CNN
+    python benchmarks/speed.py --device cuda --height 288 --width 384 --batch 8 --dataset nyuv2 --data-root DIR --workers 4
 
 One process (several processes under torchrun: ``scaling.py``). Each plan is timed on the same random batch
 (after warm-up steps), with bf16 autocast on CUDA. The network is
@@ -148,12 +150,20 @@ def measure_plain(plan: BranchingPlan, device: str, batch: int, height: int, wid
     return timed(plain_step(build(plan, device, stages), images, gts), steps, device)[0]
 
 
-def measure_data(batch: int, height: int, width: int, steps: int) -> float:
-    """Median seconds to draw one training batch of the synthetic data at this size (the trainer's loader)."""
+def measure_data(batch: int, height: int, width: int, steps: int, dataset: str = "synthetic",
+                 root: str | None = None, workers: int = 0) -> float:
+    """Median seconds to draw one training batch at this size from the trainer's loader: of the synthetic data,
+    or read and augmented from a real data set's folder (``dataset`` nyuv2, cityscapes or folder data declared in
+    the preset: its first ``batch * (steps + 2)`` training samples), by the main process or by ``workers``
+    processes. Batches are drawn back to back, so with workers this is the time per batch they sustain."""
     config = load_preset("smoke")
-    config = config.replace(batch_size=batch, data=dataclasses.replace(config.data, height=height, width=width,
-                                                                       train=batch * (steps + 2), holdout=4, test=2))
+    config = config.replace(batch_size=batch, workers=workers,
+                            data=dataclasses.replace(config.data, name=dataset, root=root, height=height, width=width,
+                                                     train=batch * (steps + 2), holdout=4, test=2))
     data, _ = build_data(config)
+    if len(data.train) < batch * (steps + 2):
+        raise ValueError(f"--data-root {root}: {len(data.train)} training samples, fewer than the "
+                         f"{batch * (steps + 2)} of {steps} timed batches and 2 warm-up ones")
     batches = iter(data.batches(data.train, key=(0, 0)))
     return timed(lambda: next(batches), steps, "cpu")[0]
 
@@ -168,6 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps (0: parameters and GMac only)")
     p.add_argument("--network", default="compact", choices=NETWORKS)
     p.add_argument("--backbone", default="resnet18", help="timm CNN name (full width, random weights)")
+    p.add_argument("--dataset", default="synthetic", choices=("synthetic", "nyuv2", "cityscapes"),
+                   help="the data whose batches are timed against a step (default synthetic; a real one reads "
+                        "and augments the files in --data-root)")
+    p.add_argument("--data-root", default=None, help="folder of the real data set (--dataset)")
+    p.add_argument("--workers", type=int, default=0, help="loader processes besides the main one (default 0)")
     p.add_argument("--compile", action="store_true",
                    help="also time One-Net and STN compiled (torch.compile: minutes of compiling on a CPU)")
     args = p.parse_args(argv)
@@ -175,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         check_step_options(args.device, args.batch, args.height, args.width, args.steps)
+        if (args.dataset == "synthetic") != (args.data_root is None):
+            raise ValueError("--data-root goes with --dataset nyuv2 or cityscapes, and they with it")
+        if args.workers < 0:
+            raise ValueError(f"--workers must be 0 or more, got {args.workers}")
         stages = create_stages(args.backbone, network=args.network)
         locations = stages.num_locations
         plans = {name: resolve_plan(name, locations) for name in args.plans.split(",")}
@@ -200,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     base_time, base_mem, _ = next(iter(rows.values()))
     print(f"{args.backbone}, {args.network} network ({locations} locations), device {args.device}, "
-          f"batch {args.batch}, {args.height}x{args.width}, median of {args.steps} steps")
+          f"batch {args.batch}, {args.height}x{args.width}, median of {args.steps} steps; data: {args.dataset}, "
+          f"{args.workers} loader workers")
     print(f"{'plan':<24}{'s/step':>10}{'× first':>10}{'peak GiB':>10}{'× first':>10}{'params M':>10}{'GMac':>10}")
     for name, (seconds, peak, cost) in rows.items():
         ratio_mem = peak / base_mem if base_mem else float("nan")
@@ -213,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plain_step = measure_plain(one_net, args.device, args.batch, args.height, args.width, args.steps, stages)
         stn_fused = step("stn fused", stn, fused=True)
         stn_align = step(None, stn, align=True)
-        data_step = measure_data(args.batch, args.height, args.width, args.steps)
+        data_step = measure_data(args.batch, args.height, args.width, args.steps, args.dataset, args.data_root,
+                                 args.workers)
         onenet_nhwc, stn_nhwc = step(None, one_net, channels_last=True), step(None, stn, channels_last=True)
         ratios = {"plain_over_trainer_onenet": plain_step / trainer_step,
                   "stn_over_onenet": stn_step / trainer_step, "stn_fused_over_onenet": stn_fused / trainer_step,

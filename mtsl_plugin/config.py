@@ -23,7 +23,7 @@ PRESETS = ("smoke", "quick", "paper")
 SETTINGS = ("encoder-decoder", "encoder")
 #: Where MTSL's grouping data comes from: a held-out slice of the training split, or its first images (trained on).
 GROUPING_DATA = ("holdout", "train")
-EXECUTION_OPTIONS = ("fused", "channels_last", "compile")  # how a run computes, not what: not in fingerprints
+EXECUTION_OPTIONS = ("fused", "channels_last", "compile", "workers")  # how a run computes, not what: not in fingerprints
 
 
 @dataclass(frozen=True)
@@ -92,13 +92,15 @@ class RunConfig:
     fused: bool = False  # run the nodes of a location as one call (an execution option, like the device)
     channels_last: bool = False  # NHWC memory format for weights and images (an execution option too)
     compile: bool = False  # torch.compile the forward (an execution option too)
+    workers: int = 0  # processes that read and augment training samples besides the main one (execution option)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)} (a --config file's "
                              "'preset' only names the preset it was made from)")
-        for key, kind, least in (("epochs", int, 1), ("batch_size", int, 1), ("seed", int, 0), ("lr_steps", list, 0),
+        for key, kind, least in (("epochs", int, 1), ("batch_size", int, 1), ("seed", int, 0), ("workers", int, 0),
+                                 ("lr_steps", list, 0),
                                  ("pretrained", bool, None), ("fused", bool, None), ("channels_last", bool, None),
                                  ("compile", bool, None), ("optimizer", Mapping, None),
                                  ("backbone_args", Mapping, None), ("task_specs", Mapping, None),

@@ -105,7 +105,8 @@ def build_data(config: RunConfig) -> tuple[RunData, Any]:
     split = len(full) - d.holdout if cut else len(full)
     grouping = range(split, len(full)) if cut else range(d.holdout)
     data = RunData(train=Subset(trained, range(split)), holdout=Subset(full, grouping), test=test,
-                   batch_size=config.batch_size, seed=config.seed)
+                   batch_size=config.batch_size, seed=config.seed, workers=config.workers,
+                   pin_memory=config.workers > 0 and torch.device(config.device).type == "cuda")
     return data, full
 
 

@@ -33,11 +33,13 @@ from tqdm.auto import tqdm
 from mtsl_plugin import distributed
 from mtsl_plugin.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_weights,
                                     set_rng_state)
+from mtsl_plugin.data.real import SampleDraws
 from mtsl_plugin.libmtl_compat import GRADIENT_WEIGHTINGS, import_libmtl, weight_args
 from mtsl_plugin.learner.structural import StructuralLearner, pooled
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.preflight import check_distributed
+from mtsl_plugin.progress import each_batch
 
 LibMTL = import_libmtl()
 _PerformanceMeter = LibMTL._record._PerformanceMeter
@@ -62,13 +64,18 @@ class NonFiniteLossError(ArithmeticError):
 @dataclass
 class RunData:
     """The data of one run: training set, held-out slice of the training data (for grouping decisions),
-    evaluation set, and how to batch them. Batch order depends only on ``seed`` and the key asked for."""
+    evaluation set, and how to batch them. Batch order depends only on ``seed`` and the key asked for, and so do
+    the random augmentations of shuffled (training) batches (:class:`~mtsl_plugin.data.real.SampleDraws`), so
+    ``workers``, the number of processes that read and augment samples besides the main one, changes no result;
+    ``pin_memory`` puts the batches in page-locked memory (faster copies to a GPU)."""
 
     train: Dataset
     holdout: Dataset | None
     test: Dataset
     batch_size: int
     seed: int = 0
+    workers: int = 0
+    pin_memory: bool = False
 
     def batches(self, dataset: Dataset, key: Iterable[int] | None = None, shard: bool = True) -> DataLoader:
         """A loader over ``dataset``; shuffled with a generator seeded by (seed, *key) when ``key`` is given.
@@ -82,10 +89,12 @@ class RunData:
         if key is not None:
             seed = np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]
             generator = torch.Generator().manual_seed(int(seed))
+            dataset = SampleDraws(dataset, (self.seed, *key))
         drop_last = key is not None and len(dataset) >= 2 * self.batch_size
+        reading = {"num_workers": self.workers, "pin_memory": self.pin_memory}
         if key is None or not shard or distributed.world_size() == 1:
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=key is not None, generator=generator,
-                              drop_last=drop_last)
+                              drop_last=drop_last, **reading)
         distributed.per_rank_batch(self.batch_size)
         order = torch.randperm(len(dataset), generator=generator).tolist()  # what shuffle=True draws
         steps = len(order) // self.batch_size if drop_last else -(-len(order) // self.batch_size)
@@ -95,7 +104,7 @@ class RunData:
         # an empty batch; the up to n - 1 samples left out are others every epoch
         size = distributed.world_size()
         global_batches = [batch[:len(batch) - len(batch) % size] for batch in global_batches]
-        return DataLoader(dataset, batch_sampler=distributed.shard_batches([b for b in global_batches if b]))
+        return DataLoader(dataset, batch_sampler=distributed.shard_batches([b for b in global_batches if b]), **reading)
 
 
 class MTLTrainer(LibMTL.Trainer):
@@ -310,7 +319,7 @@ class MTLTrainer(LibMTL.Trainer):
                 self.model.architecture_epoch(self, data.batches(architecture, key=(2, self.epochs_done)), progress)
             sums, align_sum, steps = torch.zeros(self.task_num), 0.0, 0
             loader = data.batches(train, key=(0, self.epochs_done))
-            for images, gts in tqdm(loader, desc=f"epoch {self.epochs_done + 1}", leave=False, disable=disable):
+            for images, gts in each_batch(loader, f"epoch {self.epochs_done + 1}", progress):
                 images = self.images_to_device(images)
                 gts = {t: gts[t].to(self.device, non_blocking=True) for t in self.task_name}
                 losses, align = self.train_step(images, gts)

@@ -24,7 +24,7 @@ from test_distributed import free_port, join_group
 # ------------------------------------------------------------------------------ augmentation of real data sets
 def augmented_run(root, folder, draws):
     """One-Net on a tiny augmented NYUv2: one epoch (checkpointed), a second one, then the second again from the
-    checkpoint; ``draws`` collects every (epoch, window) that ``random_window`` gives."""
+    checkpoint; ``draws`` collects every (epoch, window) that ``random_window`` gives (in this process)."""
     from mtsl_plugin.data import real
 
     window, epoch = real.random_window, [0]
@@ -34,21 +34,24 @@ def augmented_run(root, folder, draws):
         return draws[-1][1]
 
     real.random_window = recorded
-    data_config = DataConfig(name="nyuv2", root=str(root), height=32, width=32, train=16, holdout=4, test=4)
-    config = smoke_config(tasks=("S", "D")).replace(data=data_config)
-    seed_everything(0)
-    data, dataset = build_data(config)
-    tasks = build_tasks(config.tasks, dataset.num_classes)
-    plan = BranchingPlan.one_net(config.tasks, 10)
-    trainer = build_trainer(config, tasks, plan, build_stages(config))
-    checkpoint = os.path.join(folder, "checkpoint.pt")
-    trainer.fit(data, 1, checkpoint=checkpoint, progress=False)
-    epoch[0] = 1
-    trainer.fit(data, 2, progress=False)
-    epoch[0] = "resumed"
-    resumed = build_trainer(config, tasks, plan, build_stages(config))
-    resumed.load(checkpoint)
-    resumed.fit(data, 2, progress=False)
+    try:
+        data_config = DataConfig(name="nyuv2", root=str(root), height=32, width=32, train=16, holdout=4, test=4)
+        config = smoke_config(tasks=("S", "D")).replace(data=data_config)
+        seed_everything(0)
+        data, dataset = build_data(config)
+        tasks = build_tasks(config.tasks, dataset.num_classes)
+        plan = BranchingPlan.one_net(config.tasks, 10)
+        trainer = build_trainer(config, tasks, plan, build_stages(config))
+        checkpoint = os.path.join(folder, "checkpoint.pt")
+        trainer.fit(data, 1, checkpoint=checkpoint, progress=False)
+        epoch[0] = 1
+        trainer.fit(data, 2, progress=False)
+        epoch[0] = "resumed"
+        resumed = build_trainer(config, tasks, plan, build_stages(config))
+        resumed.load(checkpoint)
+        resumed.fit(data, 2, progress=False)
+    finally:
+        real.random_window = window
 
 
 def augment_worker(rank, world, port, root, folder):
@@ -59,24 +62,28 @@ def augment_worker(rank, world, port, root, folder):
     dist.destroy_process_group()
 
 
-def test_each_rank_draws_its_own_augmentations_and_resumes_them_exactly(tmp_path):
-    """Every rank seeds the global RNG alike, so a window drawn from it alone would zoom and flip the k-th sample
-    of every rank's share alike (half the variety of one process); each rank's windows are its own, and a run
-    resumed from a checkpoint (rank 0's RNG state, restored on every rank) draws those of the uninterrupted run."""
+def test_the_ranks_augment_their_shares_as_one_process_would_and_resume_exactly(tmp_path):
+    """Every rank seeds the global RNG alike, so windows drawn from it alone would zoom and flip the k-th sample
+    of every rank's share alike (half the variety of one process). Each sample's window is its own (the run's
+    seed, the epoch, the sample): the two ranks' windows of an epoch are together those one process draws, and a
+    run resumed from a checkpoint draws those of the uninterrupted run."""
     root = write_nyuv2(tmp_path / "nyuv2", n_train=20, n_val=4)
     mp.spawn(augment_worker, args=(2, free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"draws{r}.pt", weights_only=False) for r in range(2)]
+    single = []
+    augmented_run(root, str(tmp_path), single)
     for draws in ranks:
         assert [e for e, _ in draws] == [0] * 8 + [1] * 8 + ["resumed"] * 8  # 16 samples an epoch, 8 a rank
         assert [w for e, w in draws if e == "resumed"] == [w for e, w in draws if e == 1]
     for e in (0, 1):
         windows = [[w for epoch, w in draws if epoch == e] for draws in ranks]
         assert windows[0] != windows[1], f"epoch {e}: both ranks drew the same windows"
+        assert sorted(windows[0] + windows[1]) == sorted(w for epoch, w in single if epoch == e)
 
 
-def test_one_process_draws_its_windows_from_the_global_rng_as_before():
-    """Without a process group a window is the global RNG's next four draws, as before (fingerprinted results of
-    augmented runs stay as they were)."""
+def test_a_window_read_outside_a_runs_loaders_is_the_global_rngs_next_draws():
+    """A sample read by a loader of yours (one process, no process group) draws its window from the global RNG:
+    its next four draws, as before."""
     from mtsl_plugin.data.real import ZOOMS, random_window
 
     torch.manual_seed(3)

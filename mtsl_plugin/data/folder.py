@@ -79,9 +79,9 @@ class FolderDataset(Dataset):
         targets: task name -> :class:`TargetFiles`, in the order the tasks are returned.
         height, width: output size; both ``None`` keeps the stored size (all samples must then share it).
         n: keep only the first ``n`` samples (in file-name order).
-        augment: random zoom and mirror of every sample (:func:`~mtsl_plugin.data.real.augment_sample`, windows
-            from torch's global RNG, each rank's own under torchrun: :func:`~mtsl_plugin.data.real.random_window`;
-            values unchanged but the normals' x, which mirroring negates).
+        augment: random zoom and mirror of every sample (:func:`~mtsl_plugin.data.real.augment_sample`, with a
+            window of :func:`~mtsl_plugin.data.real.random_window`; values unchanged but the normals' x, which
+            mirroring negates).
     """
 
     def __init__(self, root: str | Path, split: str, targets: Mapping[str, TargetFiles], height: int | None = None,

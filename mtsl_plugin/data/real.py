@@ -16,7 +16,9 @@ never the held-out slice or the test split) every sample is randomly zoomed and 
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -50,17 +52,46 @@ ZOOMS: tuple[float, ...] = (1.0, 1.2, 1.5)
 LETTER_LAYOUTS: dict[str, str] = {"S": "labels", "D": "dense", "N": "normals"}
 
 
-def random_window(hw: tuple[int, int]) -> tuple[float, int, int, bool]:
-    """A random ``(zoom, top, left, flip)`` for :func:`augment_sample` on an image of size ``hw``, drawn from
-    torch's global RNG (a run's checkpoints carry it, so a resumed run draws the same).
+#: The key of the sample being read through :class:`SampleDraws` (``None`` outside one).
+_SAMPLE_KEY: ContextVar[tuple[int, ...] | None] = ContextVar("sample_key", default=None)
 
-    Under ``torch.distributed`` every rank's global RNG is alike (seeded alike, drawing alike; a checkpoint keeps
-    rank 0's and every rank resumes it), so drawn from it alone the k-th sample of every rank's share would get
-    the same window: 1/N of one process's variety. There one number is drawn from it instead (alike on every rank,
-    keeping the ranks' streams alike and resumable) and the window from a generator seeded with that number and
-    the rank. One process draws as before (same windows, same results)."""
+
+class SampleDraws(Dataset):
+    """``dataset`` whose sample ``i`` draws its augmentation window (:func:`random_window`) from a generator
+    seeded with ``(*key, i)``. A run's training loaders (:class:`~mtsl_plugin.trainer.RunData`) read through one
+    keyed by the run's seed and the epoch, so a sample of an epoch is augmented alike whichever process reads it:
+    the main process or a loader's worker (any number of them), any rank of a torchrun job (whose shares hold
+    other samples, so the ranks' windows differ), a run resumed from a checkpoint. The global RNG is left alone."""
+
+    def __init__(self, dataset: Dataset, key: Iterable[int]):
+        self.dataset, self.key = dataset, tuple(int(k) for k in key)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        token = _SAMPLE_KEY.set((*self.key, int(index)))
+        try:
+            return self.dataset[index]
+        finally:
+            _SAMPLE_KEY.reset(token)
+
+
+def random_window(hw: tuple[int, int]) -> tuple[float, int, int, bool]:
+    """A random ``(zoom, top, left, flip)`` for :func:`augment_sample` on an image of size ``hw`` (one per sample).
+
+    Read through :class:`SampleDraws` (a run's training data) it is drawn from the sample's own generator.
+    Otherwise (a loader of yours, e.g. for :class:`mtsl_plugin.Trainer`) it is drawn from torch's global RNG (a
+    run's checkpoints carry it, so a resumed run draws the same; in a loader's workers, the worker's RNG, which
+    torch seeds from the loader's generator). Under ``torch.distributed`` every rank's global RNG is alike (seeded
+    alike, drawing alike; a checkpoint keeps rank 0's and every rank resumes it), so drawn from it alone the k-th
+    sample of every rank's share would get the same window: 1/N of one process's variety. There one number is
+    drawn from it instead (alike on every rank, keeping the ranks' streams alike and resumable) and the window
+    from a generator seeded with that number and the rank."""
     generator = None
-    if distributed.world_size() > 1:
+    if (key := _SAMPLE_KEY.get()) is not None:
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+    elif distributed.world_size() > 1:
         generator = distributed.rank_generator(torch.randint(1 << 62, ()))
     zoom = ZOOMS[int(torch.randint(len(ZOOMS), (), generator=generator))]
     top = int(torch.randint(hw[0] - int(hw[0] / zoom) + 1, (), generator=generator))
@@ -150,9 +181,8 @@ class NpyLayoutDataset(Dataset):
         height, width: output size; both ``None`` keeps the stored size (all samples must then share it).
         n: keep only the first ``n`` samples (in numeric file order); ``None`` keeps all.
         edge_radius: neighbourhood radius of the ``E`` target derived from the labels.
-        augment: zoom and flip every sample at random (:func:`augment_sample`; windows from torch's global RNG,
-            so a run's checkpoints, which carry it, resume the same draws; each rank of a torchrun job its own,
-            :func:`random_window`).
+        augment: zoom and flip every sample at random (:func:`augment_sample`, with a window of
+            :func:`random_window`: a run's own draws, alike in any process that reads the sample).
     """
 
     def __init__(self, root: str | Path, split: str, folders: dict[str, str], class_names: tuple[str, ...],

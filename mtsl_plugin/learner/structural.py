@@ -25,7 +25,6 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mtsl_plugin import distributed
 from mtsl_plugin.learner.optim import average_module_state, average_parameter_state, sync_parameters
@@ -34,6 +33,7 @@ from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.plan import BranchingPlan, Group
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
 from mtsl_plugin.plugins.builtin_grouping import group_value
+from mtsl_plugin.progress import each_batch
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, dict[str, torch.Tensor]]]]
 
@@ -238,8 +238,7 @@ class StructuralLearner:
         for epoch in range(epochs):
             total, count = 0.0, 0
             batches = train_batches()
-            for images, _ in tqdm(batches, desc=f"amalgamate phase {phase} ep {epoch}", leave=False,
-                                  disable=None if progress else True):
+            for images, _ in each_batch(batches, f"amalgamate phase {phase} ep {epoch}", progress):
                 images = images.to(device)
                 with torch.no_grad():
                     outputs = network.run_locations(images, until=max(location for location, _ in losses))
