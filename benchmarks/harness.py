@@ -104,8 +104,8 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward (compiled again after every structural edit; one process)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="processes that read and augment the samples besides the main one (default 0; real data "
-                        "on a GPU: e.g. 4); the samples and their augmentations do not depend on it")
+                   help="processes that read and augment the samples besides the main one (default: none for "
+                        "synthetic data or on the CPU, up to 8 for real data on a GPU); no result depends on it")
     p.add_argument("--backbone", default=None,
                    help="timm CNN name (default resnet18), e.g. resnet50, convnext_atto, efficientnet_b0, "
                         "regnetx_002, mobilenetv3_small_100; another family than the preset's drops its "

@@ -151,13 +151,15 @@ def measure_plain(plan: BranchingPlan, device: str, batch: int, height: int, wid
 
 
 def measure_data(batch: int, height: int, width: int, steps: int, dataset: str = "synthetic",
-                 root: str | None = None, workers: int = 0) -> float:
+                 root: str | None = None, workers: int | None = None, device: str = "cpu") -> tuple[float, int]:
     """Median seconds to draw one training batch at this size from the trainer's loader: of the synthetic data,
     or read and augmented from a real data set's folder (``dataset`` nyuv2, cityscapes or folder data declared in
     the preset: its first ``batch * (steps + 2)`` training samples), by the main process or by ``workers``
-    processes. Batches are drawn back to back, so with workers this is the time per batch they sustain."""
+    processes (default: as many as a run on ``device`` takes, :func:`~mtsl_plugin.experiment.loader_workers`).
+    Batches are drawn back to back, so with workers this is the time per batch they sustain. Returns the median
+    seconds and the number of workers."""
     config = load_preset("smoke")
-    config = config.replace(batch_size=batch, workers=workers,
+    config = config.replace(batch_size=batch, workers=workers, device=device,
                             data=dataclasses.replace(config.data, name=dataset, root=root, height=height, width=width,
                                                      train=batch * (steps + 2), holdout=4, test=2))
     data, _ = build_data(config)
@@ -165,7 +167,7 @@ def measure_data(batch: int, height: int, width: int, steps: int, dataset: str =
         raise ValueError(f"--data-root {root}: {len(data.train)} training samples, fewer than the "
                          f"{batch * (steps + 2)} of {steps} timed batches and 2 warm-up ones")
     batches = iter(data.batches(data.train, key=(0, 0)))
-    return timed(lambda: next(batches), steps, "cpu")[0]
+    return timed(lambda: next(batches), steps, "cpu")[0], data.workers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the data whose batches are timed against a step (default synthetic; a real one reads "
                         "and augments the files in --data-root)")
     p.add_argument("--data-root", default=None, help="folder of the real data set (--dataset)")
-    p.add_argument("--workers", type=int, default=0, help="loader processes besides the main one (default 0)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader processes besides the main one (default: as many as a run on --device takes)")
     p.add_argument("--compile", action="store_true",
                    help="also time One-Net and STN compiled (torch.compile: minutes of compiling on a CPU)")
     args = p.parse_args(argv)
@@ -192,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_step_options(args.device, args.batch, args.height, args.width, args.steps)
         if (args.dataset == "synthetic") != (args.data_root is None):
             raise ValueError("--data-root goes with --dataset nyuv2 or cityscapes, and they with it")
-        if args.workers < 0:
+        if args.workers is not None and args.workers < 0:
             raise ValueError(f"--workers must be 0 or more, got {args.workers}")
         stages = create_stages(args.backbone, network=args.network)
         locations = stages.num_locations
@@ -219,8 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     base_time, base_mem, _ = next(iter(rows.values()))
     print(f"{args.backbone}, {args.network} network ({locations} locations), device {args.device}, "
-          f"batch {args.batch}, {args.height}x{args.width}, median of {args.steps} steps; data: {args.dataset}, "
-          f"{args.workers} loader workers")
+          f"batch {args.batch}, {args.height}x{args.width}, median of {args.steps} steps")
     print(f"{'plan':<24}{'s/step':>10}{'× first':>10}{'peak GiB':>10}{'× first':>10}{'params M':>10}{'GMac':>10}")
     for name, (seconds, peak, cost) in rows.items():
         ratio_mem = peak / base_mem if base_mem else float("nan")
@@ -233,8 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plain_step = measure_plain(one_net, args.device, args.batch, args.height, args.width, args.steps, stages)
         stn_fused = step("stn fused", stn, fused=True)
         stn_align = step(None, stn, align=True)
-        data_step = measure_data(args.batch, args.height, args.width, args.steps, args.dataset, args.data_root,
-                                 args.workers)
+        data_step, workers = measure_data(args.batch, args.height, args.width, args.steps, args.dataset,
+                                          args.data_root, args.workers, args.device)
         onenet_nhwc, stn_nhwc = step(None, one_net, channels_last=True), step(None, stn, channels_last=True)
         ratios = {"plain_over_trainer_onenet": plain_step / trainer_step,
                   "stn_over_onenet": stn_step / trainer_step, "stn_fused_over_onenet": stn_fused / trainer_step,
@@ -245,7 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compile:
             ratios.update({"onenet_compiled_over_eager": step(None, one_net, compile=True) / trainer_step,
                            "stn_compiled_over_eager": step(None, stn, compile=True) / stn_step})
-        print("\nratios (one run): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+        print(f"\n{args.dataset} batches, read by {workers} loader workers besides the main process: "
+              f"{data_step:.4f} s each")
+        print("ratios (one run): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     print(json.dumps({"rows": {name: {"seconds": s, "peak_gib": m, "params": c.params, "gmac": c.gmac}
                                for name, (s, m, c) in rows.items()}, "ratios": ratios}))
     return 0

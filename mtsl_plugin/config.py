@@ -92,20 +92,20 @@ class RunConfig:
     fused: bool = False  # run the nodes of a location as one call (an execution option, like the device)
     channels_last: bool = False  # NHWC memory format for weights and images (an execution option too)
     compile: bool = False  # torch.compile the forward (an execution option too)
-    workers: int = 0  # processes that read and augment training samples besides the main one (execution option)
+    workers: int | None = None  # processes that read samples besides the main one; None: experiment.loader_workers
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)} (a --config file's "
                              "'preset' only names the preset it was made from)")
-        for key, kind, least in (("epochs", int, 1), ("batch_size", int, 1), ("seed", int, 0), ("workers", int, 0),
-                                 ("lr_steps", list, 0),
+        for key, kind, least in (("epochs", int, 1), ("batch_size", int, 1), ("seed", int, 0), ("lr_steps", list, 0),
                                  ("pretrained", bool, None), ("fused", bool, None), ("channels_last", bool, None),
                                  ("compile", bool, None), ("optimizer", Mapping, None),
                                  ("backbone_args", Mapping, None), ("task_specs", Mapping, None),
                                  ("task_weights", Mapping, None), ("weight_args", Mapping, None)):
             require(key, getattr(self, key), kind, least)
+        require("workers", self.workers, int, 0, optional=True)
         if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
             raise ValueError(f"tasks must be a list of task names (or one string, comma-separated: S,D), got "
                              f"{self.tasks!r}")

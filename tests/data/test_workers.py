@@ -1,6 +1,7 @@
 """Loader workers and each sample's own augmentation: a run's training batches, their zooms and flips, and so its
 results do not depend on how many processes read them (``--workers``), and every loop iterates its loader once."""
 import json
+import os
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import smoke_config, write_nyuv2
 from mtsl_plugin.config import DataConfig, RunConfig
 from mtsl_plugin.data import real
 from mtsl_plugin.data.real import NYUv2, SampleDraws, random_window
-from mtsl_plugin.experiment import build_data
+from mtsl_plugin.experiment import build_data, loader_workers
 from mtsl_plugin.progress import each_batch
 
 
@@ -103,11 +104,17 @@ def test_a_run_with_workers_gives_the_results_of_one_without_and_resumes_with_ot
     assert compare.main(["--resume", str(tmp_path / "w2"), "--workers", "0", "--no-progress"]) == 0
 
 
-def test_workers_are_an_execution_option():
+def test_workers_are_an_execution_option_chosen_by_default_where_they_help():
     config = RunConfig()
     assert config.replace(workers=4).fingerprint() == config.fingerprint()
     with pytest.raises(ValueError, match="workers"):
         config.replace(workers=-1)
+    nyuv2 = config.replace(data=DataConfig(name="nyuv2", root="x"))
+    assert loader_workers(config) == loader_workers(nyuv2) == 0  # synthetic data; the CPU's cores train
+    assert loader_workers(config.replace(device="cuda")) == 0  # drawn from memory faster than workers hand over
+    cores = len(os.sched_getaffinity(0))
+    assert loader_workers(nyuv2.replace(device="cuda")) == max(0, min(8, cores - 1))
+    assert loader_workers(nyuv2.replace(device="cuda", workers=3)) == 3
 
 
 def test_speed_times_a_real_data_sets_batches_read_by_workers(tmp_path, capsys):
@@ -115,7 +122,7 @@ def test_speed_times_a_real_data_sets_batches_read_by_workers(tmp_path, capsys):
     assert speed.main(["--plans", "onenet", "--batch", "4", "--height", "32", "--width", "32", "--steps", "2",
                        "--dataset", "nyuv2", "--data-root", str(root), "--workers", "2"]) == 0
     out = capsys.readouterr().out
-    assert "data: nyuv2, 2 loader workers" in out
+    assert "nyuv2 batches, read by 2 loader workers besides the main process" in out
     assert json.loads(out.splitlines()[-1])["ratios"]["data_over_onenet_step"] > 0
     assert speed.main(["--steps", "1", "--data-root", str(root)]) == 2
     assert "--data-root goes with --dataset" in capsys.readouterr().err
