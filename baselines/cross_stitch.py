@@ -124,6 +124,8 @@ class CrossStitch(AbsArchitecture):
     ``rep_grad`` and ``multi_input`` are not supported.
     """
 
+    reads_stages = True  # encoder_class() gives a StageFactory, heads are called with the output size (Trainer)
+
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
         check_architecture_args("cross-stitch", task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))

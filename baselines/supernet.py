@@ -38,6 +38,8 @@ class GatedSupernet(AbsArchitecture):
     ``forward(x (N, 3, H, W))`` returns task -> prediction ``(N, C_t, H, W)``.
     """
 
+    reads_stages = True  # encoder_class() gives a StageFactory, heads are called with the output size (Trainer)
+
     label = "supernet"  # for messages (LibMTL subclasses the architecture, so the class name is not ours)
     known_args: frozenset[str] = frozenset({"plan"})
 

@@ -42,6 +42,8 @@ def check_architecture_args(name: str, task_name, decoders, rep_grad: bool, mult
 class MTSL(AbsArchitecture):
     """Multi-Task Structural Learning (Gurulingan et al., ICML 2023) on a branched timm ResNet."""
 
+    reads_stages = True  # encoder_class() gives a StageFactory, heads are called with the output size (Trainer)
+
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         decoders = dict(decoders)  # a plain dict: the heads are registered once, inside the branched network
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)

@@ -77,8 +77,7 @@ from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.learner.structural import StructuralLearner
-from mtsl_plugin.libmtl_compat import (check_trainer_args, check_trainer_hooks, import_libmtl, read_bare_state_dict,
-                                       zero_grads_in_place)
+from mtsl_plugin.libmtl_compat import check_trainer_args, check_trainer_hooks, import_libmtl, read_bare_state_dict
 from mtsl_plugin.network.backbones import TimmStages
 from mtsl_plugin.network.stages import ResNetStages, StageFactory
 from mtsl_plugin.plan import BranchingPlan
@@ -247,7 +246,7 @@ class Trainer(MTLTrainer):
         check_trainer_hooks(type(self), MTLTrainer)  # a subclass's override that would be silently ignored
         weighting = _resolve(weighting, libmtl.weighting, "weighting method")
         architecture = _resolve(architecture, libmtl.architecture, "architecture")
-        ours = architecture.__module__.split(".")[0] in ("mtsl_plugin", "baselines")
+        ours = getattr(architecture, "reads_stages", False)  # MTSL, the baselines, and subclasses of theirs
         if ours or weighting.__name__ != "GradDrop":  # GradDrop works on LibMTL's architectures' representation
             check_weighting(weighting.__name__, len(task_dict))  # before training: CAGrad on other than 3 tasks
         check_trainer_args(weighting.__name__, rep_grad, multi_input, optim_param, scheduler_param,
@@ -259,8 +258,6 @@ class Trainer(MTLTrainer):
             stages = as_stages(encoder_class, arch_args.pop("network", "compact"),
                                arch_args.pop("setting", "encoder-decoder"))
             encoder_class, decoders = (lambda: stages), {t: as_head(d) for t, d in dict(decoders).items()}
-        else:  # LibMTL's (or a user's) architecture, its gradient-combining weightings working on torch >= 2
-            architecture = zero_grads_in_place(architecture)
         self.save_path = None if save_path is None else Path(save_path)
         load_path = None if load_path is None else Path(load_path)
         if load_path is not None and load_path.is_dir():  # LibMTL reads <folder>/best.pt; our save_path holds model.pt

@@ -34,7 +34,7 @@ from mtsl_plugin import distributed
 from mtsl_plugin.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_weights,
                                     set_rng_state)
 from mtsl_plugin.data.real import SampleDraws
-from mtsl_plugin.libmtl_compat import GRADIENT_WEIGHTINGS, import_libmtl, weight_args
+from mtsl_plugin.libmtl_compat import GRADIENT_WEIGHTINGS, import_libmtl, weight_args, zero_grads_in_place
 from mtsl_plugin.learner.structural import StructuralLearner, pooled
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.plan import BranchingPlan
@@ -151,6 +151,9 @@ class MTLTrainer(LibMTL.Trainer):
 
     # ------------------------------------------------------------------ LibMTL overrides
     def _prepare_model(self, weighting, architecture, encoder_class, decoders):
+        if not getattr(architecture, "reads_stages", False):  # LibMTL's (or a user's): its gradient-combining
+            architecture = zero_grads_in_place(architecture)  # weightings work on torch >= 2 (libmtl_compat)
+
         class MTLmodel(architecture, weighting):
             def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, kwargs):
                 super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)

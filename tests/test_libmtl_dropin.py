@@ -145,6 +145,27 @@ def test_an_office_style_task_dict_and_linear_heads_run_mtsl():
     assert set(results["test"]) == {"amazon", "dslr"} and all(0 <= v <= 1 for v in results["test"].values())
 
 
+def test_a_users_subclass_of_mtsl_runs_as_mtsl():
+    """An architecture of the user's own that subclasses MTSL (in the user's module, not ours) is built on the
+    merge-location stages and learns its structure as MTSL does."""
+    class Logged(mtsl_plugin.MTSL):
+        def forward(self, inputs, task_name=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().forward(inputs, task_name)
+
+    torch.manual_seed(0)
+    trainer = mtsl_plugin.Trainer(
+        task_dict={t: {"metrics": ["Acc"], "metrics_fn": AccMetric(), "loss_fn": CELoss(), "weight": [1]}
+                   for t in ("amazon", "dslr")},
+        weighting="EW", architecture=Logged, encoder_class=tiny_resnet,
+        decoders=nn.ModuleDict({t: nn.Linear(64, 5) for t in ("amazon", "dslr")}), rep_grad=False, multi_input=False,
+        optim_param={"optim": "adam", "lr": 1e-3, "weight_decay": 0}, scheduler_param=None, device="cpu",
+        weight_args={}, arch_args=MTSL_SHORT)
+    train = DataLoader(Classes(8), batch_size=4, shuffle=True, drop_last=True)
+    trainer.train(train, DataLoader(Classes(4, seed=1), batch_size=4), 2, progress=False)
+    assert trainer.learner.phases_done == 2 and trainer.model.calls > 0
+
+
 # ------------------------------------------------------------------------- LibMTL's architectures and weightings
 @pytest.mark.parametrize("weighting", ["MGDA", "IMTL", "PCGrad", "GradVac", "CAGrad", "GradNorm"])
 def test_gradient_weightings_train_libmtl_architectures(weighting):
@@ -157,6 +178,20 @@ def test_gradient_weightings_train_libmtl_architectures(weighting):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.get_share_params()))
     assert type(trainer.model).__bases__[0].__name__ == "HPS"  # checkpoints still name LibMTL's architecture
     assert isinstance(trainer.model, LibMTL.architecture.HPS)
+
+
+def test_mtltrainer_itself_runs_libmtl_architectures_with_gradient_weightings():
+    """The in-place zeroing is MTLTrainer's, so a script that builds it directly (as build_trainer does) gets it."""
+    from mtsl_plugin.trainer import MTLTrainer
+
+    torch.manual_seed(0)
+    trainer = MTLTrainer(regression_task_dict(), LibMTL.weighting.PCGrad, LibMTL.architecture.HPS, MLP,
+                         nn.ModuleDict({t: nn.Linear(16, 1) for t in TASKS}),
+                         optim_param={"optim": "adam", "lr": 1e-3, "weight_decay": 0}, device="cpu", weight_args={},
+                         arch_args={})
+    before = [p.detach().clone() for p in trainer.model.get_share_params()]
+    trainer.train_step(*next(iter(regression_loaders()[0])))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.get_share_params()))
 
 
 def test_rep_grad_weightings_on_a_libmtl_architecture():
