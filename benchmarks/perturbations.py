@@ -13,6 +13,7 @@ Pure functions: no files, no global state left changed.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import math
 from typing import Callable, Iterator
 
@@ -40,6 +41,12 @@ ELASTIC_REFERENCE_SIZE = 224
 _SEEDED_BY_ARGUMENT = ("impulse_noise", "glass_blur")
 # The package's elastic_transform displacement scale (alpha) per severity.
 _ELASTIC_ALPHA = (250 * 0.05, 250 * 0.065, 250 * 0.085, 250 * 0.1, 250 * 0.12)
+
+
+def corruptions_package() -> str:
+    """The corruptions' package and version, e.g. ``imagecorruptions-imaug 1.1.5`` (reports record it: another
+    version may corrupt otherwise)."""
+    return f"imagecorruptions-imaug {importlib.metadata.version('imagecorruptions-imaug')}"
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ from benchmarks.harness import (RankFailure, UsageError, add_out_arg, add_run_ar
                                 exit_code, method_jobs, out_folder, parse_list, parse_seeds, run_main, train,
                                 with_sources)
 from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, ELASTIC_REFERENCE_SIZE, EPSILONS, MIN_SIZE,
-                                      SEVERITIES, corrupt_images, pgd_attack)
+                                      SEVERITIES, corrupt_images, corruptions_package, pgd_attack)
 from benchmarks.report import earlier_report
 from mtsl_plugin import distributed
 from mtsl_plugin.config import RunConfig
@@ -114,13 +114,15 @@ def parse_attack_tasks(text: str | None, tasks: Sequence[str]) -> list[str]:
 def settings_of(meta: Mapping[str, Any]) -> dict[str, Any]:
     """What makes two reports' numbers comparable: the runs' configuration (seed and device aside), the corruptions
     (with elastic_transform, the image size its parameters are scaled from: reports without one hold the package's
-    own elastic numbers), severities, budgets and the set of attacked tasks (each attack is evaluated on its own, so
-    their order changes no number)."""
+    own elastic numbers) and the package and version that corrupted (reports without one: unknown), severities,
+    budgets and the set of attacked tasks (each attack is evaluated on its own, so their order changes no
+    number)."""
     elastic = any("elastic_transform" in names for names in meta["categories"].values())
     return {"config": RunConfig.from_dict(meta["config"]).fingerprint(exclude=("device", "seed")),
             **{k: meta[k] for k in ("categories", "severities", "epsilons")},
             "attack_tasks": sorted(meta["attack_tasks"]),
-            "elastic_reference_size": meta.get("elastic_reference_size") if elastic else None}
+            "elastic_reference_size": meta.get("elastic_reference_size") if elastic else None,
+            "corruptions_package": meta.get("corruptions_package") if meta["categories"] else None}
 
 
 def eps_key(eps: float) -> str:
@@ -444,7 +446,8 @@ def write_report(folder: Path, meta: Mapping[str, Any], runs: list[dict[str, Any
         writer.writerows(csv_rows(runs))
     parts = []
     if categories:
-        parts.append("## Natural corruptions\n\nEach category: the mean over its corruptions and severities 1-5.\n\n"
+        parts.append(f"## Natural corruptions\n\nEach category: the mean over its corruptions and severities 1-5 "
+                     f"({meta.get('corruptions_package') or 'package version not recorded'}).\n\n"
                      + corruption_table(summary, tasks, categories, labels))
         corruption_figure(summary, tasks, categories, folder / "corruptions.png", labels)
     if epsilons and attack_tasks:
@@ -479,7 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = out_folder(args, "robustness", config)
         meta = {"config": config.to_dict(), "methods": methods, "seeds": seeds,
                 "categories": {c: list(CATEGORIES[c]) for c in categories}, "severities": list(SEVERITIES),
-                "epsilons": epsilons, "attack_tasks": attack_tasks, "elastic_reference_size": ELASTIC_REFERENCE_SIZE}
+                "epsilons": epsilons, "attack_tasks": attack_tasks, "elastic_reference_size": ELASTIC_REFERENCE_SIZE,
+                "corruptions_package": corruptions_package() if categories else None}
         # before any training: a report of other settings is refused (and kept), one of these settings extended
         earlier = earlier_report(out / "robustness" / "robustness.json",
                                  lambda e: settings_of(e) == settings_of(meta), "a robustness report")

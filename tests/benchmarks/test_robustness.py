@@ -1,5 +1,6 @@
 """Robustness benchmark: corruptions, PGD on a trained smoke model, and the command end to end."""
 import csv
+import importlib.metadata
 import json
 
 import numpy as np
@@ -235,6 +236,19 @@ def test_a_report_of_the_packages_elastic_numbers_is_extended_only_without_them(
     assert robustness.settings_of(old) == robustness.settings_of(meta)  # noise only
     digital = {"categories": {"digital": list(CATEGORIES["digital"])}}
     assert robustness.settings_of({**old, **digital}) != robustness.settings_of({**meta, **digital})
+
+
+def test_a_report_records_the_corruptions_package_and_is_not_extended_by_another_version(cli_run):
+    _, out = cli_run
+    meta = json.loads((out / "robustness" / "robustness.json").read_text())
+    version = importlib.metadata.version("imagecorruptions-imaug")
+    assert meta["corruptions_package"] == f"imagecorruptions-imaug {version}"
+    assert f"(imagecorruptions-imaug {version})" in (out / "robustness" / "robustness.md").read_text()
+    for other in ("imagecorruptions-imaug 0.0.1", None):  # another version, or a report that did not record one
+        assert robustness.settings_of({**meta, "corruptions_package": other}) != robustness.settings_of(meta)
+    no_corruptions = {"categories": {}}  # PGD only: no package involved
+    assert (robustness.settings_of({**meta, **no_corruptions, "corruptions_package": None})
+            == robustness.settings_of({**meta, **no_corruptions}))
 
 
 def test_the_attacked_tasks_in_another_order_extend_the_report(cli_run):
