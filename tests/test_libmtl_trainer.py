@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import mtsl_plugin
 from mtsl_plugin.data.real import NYUv2
+from mtsl_plugin.libmtl_adapters import as_head, as_stages
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.tasks import build_tasks, libmtl_task_dict
 
@@ -83,13 +84,13 @@ def test_a_libmtl_script_with_too_few_epochs_for_the_phases_is_refused(nyuv2_roo
 
 
 def test_libmtl_heads_and_timm_encoders_are_adapted():
-    head = mtsl_plugin.libmtl_trainer.as_head(nn.Conv2d(8, 2, 1))
+    head = as_head(nn.Conv2d(8, 2, 1))
     out = head([torch.randn(1, 4, 5, 5), torch.randn(1, 8, 6, 7)], (12, 14))
     assert out.shape == (1, 2, 12, 14)  # the last location's output, upsampled to the input size
-    stages = mtsl_plugin.libmtl_trainer.as_stages(lambda: timm.create_model("resnet18", num_classes=0))
+    stages = as_stages(lambda: timm.create_model("resnet18", num_classes=0))
     assert stages.num_locations == 10 and stages.specs[4].out_channels == 512
     with pytest.raises(ValueError, match="encoder_class must return"):
-        mtsl_plugin.libmtl_trainer.as_stages(lambda: "resnet18")
+        as_stages(lambda: "resnet18")
 
 
 @pytest.mark.parametrize("name, locations", [("convnext_atto", 8), ("mobilenetv3_small_050", 10)])
@@ -98,7 +99,7 @@ def test_a_timm_cnn_built_by_the_user_is_cut_into_its_feature_stages(name, locat
     stages as locations; running them in turn gives the model's own ``forward_features``."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
-    stages = mtsl_plugin.libmtl_trainer.as_stages(lambda: model)
+    stages = as_stages(lambda: model)
     assert stages.num_locations == locations and stages.feature_locations == tuple(range(locations // 2))
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
@@ -107,9 +108,9 @@ def test_a_timm_cnn_built_by_the_user_is_cut_into_its_feature_stages(name, locat
             out = stages.build(location).eval()(out)
         torch.testing.assert_close(out, model.forward_features(x))
     with pytest.raises(ValueError, match="takes network 'compact'"):
-        mtsl_plugin.libmtl_trainer.as_stages(lambda: model, network="authors")
+        as_stages(lambda: model, network="authors")
     with pytest.raises(ValueError, match="not a timm model"):
-        mtsl_plugin.libmtl_trainer.as_stages(lambda: nn.Conv2d(3, 8, 3))
+        as_stages(lambda: nn.Conv2d(3, 8, 3))
 
 
 def test_libmtl_own_architectures_run_as_libmtl_builds_them(nyuv2_root):
