@@ -41,9 +41,10 @@ from torchmetrics import Metric
 from torchmetrics.classification import BinaryJaccardIndex, MulticlassAccuracy, MulticlassJaccardIndex
 
 from mtsl_plugin.learner.schedule import require
-from mtsl_plugin.tasks import (IGNORE_INDEX, TASKS, VALID_RULES, MeanBCE, MeanCosine, Task, _as_float, _masked_mean,
-                               _RatioMetric, build_tasks, edge_loss, holds_value, normal_loss, normalise_normals,
-                               reconstruction_loss, segmentation_loss)
+from mtsl_plugin.losses import as_float, edge_loss, masked_mean, normal_loss, reconstruction_loss, segmentation_loss
+from mtsl_plugin.metrics import MeanBCE, MeanCosine, RatioMetric
+from mtsl_plugin.tasks import TASKS, VALID_RULES, Task, build_tasks, normalise_normals
+from mtsl_plugin.valid_pixels import IGNORE_INDEX, holds_value
 
 #: Keys of a declaration that the caller reads (never passed to the kind).
 DECLARATION_KEYS = ("kind", "folder")
@@ -51,14 +52,15 @@ DECLARATION_KEYS = ("kind", "folder")
 
 # ----------------------------------------------------------------------------------------------- regression
 def regression_loss(pred: Tensor, target: Tensor, *, power: int, valid: str) -> Tensor:
-    """Mean of ``|pred - target| ** power`` over the valid target values (:func:`~mtsl_plugin.tasks.holds_value`);
-    both ``(N, C, H, W)``. Invalid values are replaced before the difference, so a NaN target never reaches the gradient."""
+    """Mean of ``|pred - target| ** power`` over the valid target values
+    (:func:`~mtsl_plugin.valid_pixels.holds_value`); both ``(N, C, H, W)``. Invalid values are replaced before the
+    difference, so a NaN target never reaches the gradient."""
     mask = holds_value(target, valid)
-    error = (_as_float(pred) - torch.where(mask, target, 0.0)).abs()
-    return _masked_mean(error if power == 1 else error ** power, mask)
+    error = (as_float(pred) - torch.where(mask, target, 0.0)).abs()
+    return masked_mean(error if power == 1 else error ** power, mask)
 
 
-class RegressionError(_RatioMetric):
+class RegressionError(RatioMetric):
     """Mean of ``|pred - target| ** power`` over every valid target value of the data set, its square root when
     ``root`` (``power=2, root=True``: RMSE; ``power=1``: MAE; ``power=2``: MSE). ``(N, C, H, W)`` each."""
 
@@ -79,7 +81,7 @@ class RegressionError(_RatioMetric):
 # ----------------------------------------------------------------------------------------------- binary
 def binary_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Plain BCE with logits, mean over all pixels; both ``(N, 1, H, W)``, target in {0, 1}."""
-    return F.binary_cross_entropy_with_logits(_as_float(pred), target.to(_as_float(pred).dtype))
+    return F.binary_cross_entropy_with_logits(as_float(pred), target.to(as_float(pred).dtype))
 
 
 class BinaryIoU(BinaryJaccardIndex):

@@ -1,4 +1,5 @@
-"""The five dense tasks: losses, metrics and the direction in which each metric improves.
+"""The five built-in dense tasks: what each predicts, its head width, loss, metric and the direction in which the
+metric improves; and the LibMTL adapters around a task.
 
 Letters follow the MTSL paper: ``S`` semantic segmentation, ``D`` depth, ``E`` edges, ``N`` surface normals,
 ``A`` auto-encoding (reconstructing the image). Every prediction is a raw head output at full resolution:
@@ -9,28 +10,30 @@ Letters follow the MTSL paper: ``S`` semantic segmentation, ``D`` depth, ``E`` e
 - ``N``: unnormalised normals ``(N, 3, H, W)``; target unit normals ``(N, 3, H, W)``, zero vector = invalid.
 - ``A``: image ``(N, 3, H, W)``; target the input image in ``[0, 1]``.
 
-The losses below are the ``standard`` set (the usual forms of the multi-task literature: LibMTL's and MTAN's
-cross-entropy, L1 depth and cosine normals, HED's balanced edge BCE); ``losses: authors`` trains with the MTSL
-authors' forms instead (:data:`AUTHORS_LOSSES`). Metrics are :class:`torchmetrics.Metric` objects that accumulate sums across batches, so a dataset score is
-exact (pixel-weighted), never a mean of batch scores. Losses are means over valid pixels; a batch without any
-valid pixel gives a zero loss that still belongs to the graph (no NaN).
+The losses are in :mod:`mtsl_plugin.losses` (the ``standard`` set, and the MTSL authors' forms that
+``losses: authors`` trains with: :data:`~mtsl_plugin.losses.AUTHORS_LOSSES`). Metrics are :class:`torchmetrics.Metric`
+objects (:mod:`mtsl_plugin.metrics`) that accumulate sums across batches, so a dataset score is exact
+(pixel-weighted), never a mean of batch scores. Losses are means over valid pixels; a batch without any valid pixel
+gives a zero loss that still belongs to the graph (no NaN).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanSquaredError, Metric
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from mtsl_plugin.losses import (AUTHORS_LOSSES, depth_loss, edge_loss, normal_loss, reconstruction_loss,
+                                segmentation_loss)
+from mtsl_plugin.metrics import MaskedRMSE, MeanBCE, MeanCosine
+from mtsl_plugin.valid_pixels import IGNORE_INDEX
+
 TASKS: tuple[str, ...] = ("S", "D", "E", "N", "A")
-IGNORE_INDEX = -1
 #: Each built-in task's metric name (plain data, so that reports can label columns without building tasks).
 METRIC_NAMES: dict[str, str] = {"S": "mIoU", "D": "RMSE", "E": "BCE", "N": "cos", "A": "MSE"}
 #: Each built-in task's metric direction.
@@ -44,133 +47,8 @@ TARGET_LAYOUTS: tuple[str, ...] = ("labels", "binary", "dense", "normals", "imag
 #: Which values of a ``dense`` target hold a value: ``finite`` (NaN and inf are none) or ``positive`` (0 and
 #: negative values are none too, as depth maps store it).
 VALID_RULES: tuple[str, ...] = ("finite", "positive")
-
-
-def holds_value(target: Tensor, rule: str) -> Tensor:
-    """Where a dense target holds a value under ``rule`` (:data:`VALID_RULES`): finite, and ``> 0`` under
-    ``positive`` (D's rule: NaN, inf and 0 are no depth). Same shape as ``target``."""
-    valid = torch.isfinite(target)
-    return valid & (target > 0) if rule == "positive" else valid
-
-
-def has_normal(target: Tensor) -> Tensor:
-    """Where a normal target ``(N, 3, H, W)`` holds a normal: every component finite and not all zero;
-    ``(N, H, W)``."""
-    return torch.isfinite(target).all(dim=1) & (target.abs().sum(dim=1) > 0)
-
-
-def _as_float(x: Tensor) -> Tensor:
-    """``x`` in at least float32, so sums over many pixels do not lose precision under bf16/fp16 autocast."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` where ``mask`` is true; zero (with a graph) when nothing is valid. Same shapes."""
-    total = torch.where(mask, values, torch.zeros_like(values)).sum()
-    return total / mask.sum().clamp_min(1)
-
-
-# ----------------------------------------------------------------------------------------------- losses
-def segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy over pixels whose class is not ``-1``. pred ``(N, C, H, W)`` logits, target ``(N, H, W)``."""
-    summed = F.cross_entropy(_as_float(pred), target, ignore_index=IGNORE_INDEX, reduction="sum")
-    return summed / (target != IGNORE_INDEX).sum().clamp_min(1)
-
-
-def depth_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """L1 in metres over pixels with a depth (:func:`holds_value` ``positive``). Both ``(N, 1, H, W)``."""
-    valid = holds_value(target, "positive")
-    return _masked_mean((_as_float(pred) - torch.where(valid, target, 0.0)).abs(), valid)
-
-
-def edge_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Class-balanced BCE with logits (HED): edge pixels are weighted by the batch's fraction of non-edge
-    pixels and non-edge pixels by the fraction of edge pixels; mean over all pixels. Both ``(N, 1, H, W)``.
-
-    A batch with no edge (or only edges) therefore gives a zero loss, as in HED.
-    """
-    pred = _as_float(pred)
-    target = target.to(pred.dtype)
-    positive_fraction = target.mean()
-    weight = torch.where(target > 0.5, 1.0 - positive_fraction, positive_fraction).detach()
-    return F.binary_cross_entropy_with_logits(pred, target, weight=weight)
-
-
-def normal_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """``1 - cosine similarity`` over pixels with a normal (:func:`has_normal`). Both ``(N, 3, H, W)``; a
-    non-finite target component gives neither a loss nor a NaN gradient."""
-    valid = has_normal(target)
-    target = torch.where(valid.unsqueeze(1), _as_float(target), 0.0)
-    cosine = F.cosine_similarity(_as_float(pred), target, dim=1, eps=1e-8)
-    return _masked_mean(1.0 - cosine, valid)
-
-
-def reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error over all pixels and channels. Both ``(N, 3, H, W)``."""
-    return F.mse_loss(_as_float(pred), _as_float(target))
-
-
-# The authors' losses (NeurAI-Lab/MTSL, ``encoding_custom/losses``), chosen with ``losses: authors``.
-#: Their class-balanced cross-entropy's beta (effective number of samples, Cui et al. 2019).
-CLASS_BALANCE_BETA = 1 - 1e-3
-#: Their edge loss's weight of an edge pixel (a non-edge pixel weighs 1 minus it): ``MISC.SEM_CONT_POS_WEIGHT``.
-EDGE_POSITIVE_WEIGHT = 0.95
-#: ImageNet's per-channel standard deviation: the authors' A target is the ImageNet-normalised input image.
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def class_balanced_segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy weighted per class by the inverse effective number of the batch's pixels of that class,
-    ``(1 - beta) / (1 - beta ** n_c)`` (classes absent from the batch weigh 0), as the authors'
-    ``ClassBalancedSegmentationLosses``; a weighted mean over pixels whose class is not ``-1``.
-    pred ``(N, C, H, W)`` logits, target ``(N, H, W)``."""
-    pred = _as_float(pred)
-    valid = target != IGNORE_INDEX
-    counts = torch.bincount(target[valid], minlength=pred.shape[1]).to(pred.dtype)
-    weights = torch.where(counts > 0, (1 - CLASS_BALANCE_BETA) / (1 - CLASS_BALANCE_BETA ** counts), 0.0)
-    summed = F.cross_entropy(pred, target, weight=weights, ignore_index=IGNORE_INDEX, reduction="sum")
-    return summed / weights[target[valid]].sum().clamp_min(1e-12)
-
-
-def depth_rmse_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Root mean squared error over pixels with a depth (the authors' ``RMSE``). Both ``(N, 1, H, W)``; a batch
-    without depth gives zero (the square root's gradient is kept finite there)."""
-    valid = holds_value(target, "positive")
-    squared = _masked_mean((_as_float(pred) - torch.where(valid, target, 0.0)) ** 2, valid)
-    return squared.clamp_min(1e-12).sqrt() * valid.any()
-
-
-def fixed_weight_edge_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """BCE with logits, edge pixels weighted :data:`EDGE_POSITIVE_WEIGHT` and the others one minus it, mean over
-    all pixels (the authors' ``BalancedBinaryCrossEntropyLoss``). Both ``(N, 1, H, W)``."""
-    pred = _as_float(pred)
-    target = target.to(pred.dtype)
-    weight = torch.where(target > 0.5, EDGE_POSITIVE_WEIGHT, 1.0 - EDGE_POSITIVE_WEIGHT)
-    return F.binary_cross_entropy_with_logits(pred, target, weight=weight)
-
-
-def normal_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """L1 between the unit-length prediction and the target normal, mean over the components of pixels with a
-    normal (the authors' ``NormalsL1Loss``). Both ``(N, 3, H, W)``."""
-    valid = has_normal(target).unsqueeze(1).expand_as(target)
-    unit = F.normalize(_as_float(pred), dim=1, eps=1e-12)
-    return _masked_mean((unit - torch.where(valid, _as_float(target), 0.0)).abs(), valid)
-
-
-def standardised_reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error after dividing each channel's error by ImageNet's standard deviation: the authors' MSE
-    to the ImageNet-normalised image, with the head predicting the image itself. Both ``(N, 3, H, W)``."""
-    error = _as_float(pred) - _as_float(target)
-    std = torch.tensor(IMAGENET_STD, dtype=error.dtype, device=error.device).view(1, -1, 1, 1)
-    return ((error / std) ** 2).mean()
-
-
-#: ``losses: authors``: each built-in task's loss as the authors' code computes it (metrics do not change).
-AUTHORS_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "S": class_balanced_segmentation_loss, "D": depth_rmse_loss, "E": fixed_weight_edge_loss,
-    "N": normal_l1_loss, "A": standardised_reconstruction_loss,
-}
-#: The loss sets of the built-in tasks: ``standard`` (this package's default, below) and ``authors``.
+#: The loss sets of the built-in tasks: ``standard`` (this package's default) and ``authors``
+#: (:data:`~mtsl_plugin.losses.AUTHORS_LOSSES`).
 LOSS_SETS: tuple[str, ...] = ("standard", "authors")
 
 
@@ -181,79 +59,6 @@ def normalise_normals(pred: Tensor) -> Tensor:
 
 def _identity(pred: Tensor) -> Tensor:
     return pred
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-class _RatioMetric(Metric):
-    """Accumulates a float64 ``total`` and a pixel ``count``; subclasses say what one batch adds.
-
-    ``compute()`` returns NaN when no valid pixel was ever seen.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        if pred.shape != target.shape:  # every ratio metric compares them value by value: never broadcast
-            raise ValueError(
-                f"{type(self).__name__} got prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
-                "of different shapes (batch, channel or spatial sizes)"
-            )
-        total, count = self._batch(pred.detach().double(), target.detach().double())
-        self.total += total
-        self.count += count
-
-    def _ratio(self) -> Tensor:
-        if self.count == 0:
-            return torch.tensor(math.nan, dtype=torch.float64, device=self.total.device)
-        return self.total / self.count
-
-
-class MaskedRMSE(_RatioMetric):
-    """Root mean squared error over all valid pixels of the dataset: finite and ``> 0`` (the ``positive`` rule of
-    :data:`VALID_RULES`, the D task's own; NaN, inf and 0 are no depth). ``(N, 1, H, W)`` each."""
-
-    higher_is_better = False
-
-    def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        valid = holds_value(target, "positive")
-        return ((pred - target)[valid] ** 2).sum(), valid.sum()
-
-    def compute(self) -> Tensor:
-        return self._ratio().sqrt()
-
-
-class MeanCosine(_RatioMetric):
-    """Mean cosine similarity over all pixels with a finite, non-zero target normal. ``(N, 3, H, W)`` each."""
-
-    higher_is_better = True
-
-    def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        valid = has_normal(target)
-        cosine = F.cosine_similarity(pred, target, dim=1, eps=1e-12)
-        return cosine[valid].sum(), valid.sum()
-
-    def compute(self) -> Tensor:
-        return self._ratio()
-
-
-class MeanBCE(_RatioMetric):
-    """Unbalanced binary cross-entropy with logits, averaged over every pixel. ``(N, 1, H, W)`` each."""
-
-    higher_is_better = False
-
-    def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        return F.binary_cross_entropy_with_logits(pred, target, reduction="sum"), torch.tensor(target.numel(), device=target.device)
-
-    def compute(self) -> Tensor:
-        return self._ratio()
 
 
 # ----------------------------------------------------------------------------------------------- tasks
@@ -380,8 +185,8 @@ def build_tasks(names: Sequence[str], num_classes: int, losses: str = "standard"
     """The tasks named by ``names`` (letters from :data:`TASKS`), in that order.
 
     ``num_classes`` is the number of semantic classes; it must be at least 2 when ``S`` is requested. ``losses``
-    (:data:`LOSS_SETS`) picks the training losses: ``standard`` (this module's first section) or ``authors``
-    (:data:`AUTHORS_LOSSES`); the metrics are the same for both.
+    (:data:`LOSS_SETS`) picks the training losses: ``standard`` (the first ones of :mod:`mtsl_plugin.losses`) or
+    ``authors`` (:data:`~mtsl_plugin.losses.AUTHORS_LOSSES`); the metrics are the same for both.
     """
     if losses not in LOSS_SETS:
         raise ValueError(f"unknown loss set {losses!r}; choose one of {', '.join(LOSS_SETS)}")

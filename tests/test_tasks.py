@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtsl_plugin.tasks import TASKS, MaskedRMSE, MeanBCE, MeanCosine, Task, build_tasks, libmtl_task_dict
+from mtsl_plugin.metrics import MaskedRMSE, MeanBCE, MeanCosine
+from mtsl_plugin.tasks import TASKS, Task, build_tasks, libmtl_task_dict
 
 N, H, W = 2, 4, 5
 
