@@ -17,8 +17,8 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from benchmarks.harness import (Job, add_out_arg, add_run_args, check_jobs, config_from_args, exit_code, out_folder,
-                                parse_seeds, publish, run_main, train)
+from benchmarks.cli import add_out_arg, add_run_args, config_from_args, out_folder, parse_seeds, run_main
+from benchmarks.harness import Job, check_jobs, exit_code, publish, train
 from benchmarks.report import summary_table
 from mtsl_plugin import distributed
 from mtsl_plugin.config import RunConfig

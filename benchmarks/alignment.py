@@ -34,8 +34,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from benchmarks.harness import (Job, UsageError, add_out_arg, add_run_args, check_jobs, config_from_args,
-                                out_folder, parse_list, parse_seeds, run_main)
+from benchmarks.cli import (UsageError, add_out_arg, add_run_args, config_from_args, out_folder, parse_list,
+                            parse_seeds, run_main)
+from benchmarks.harness import Job, check_jobs
 from benchmarks.report import earlier_report
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.experiment import (build_data, build_run_tasks, build_stages, build_trainer, num_locations,

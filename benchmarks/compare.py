@@ -22,9 +22,10 @@ from typing import Any, Sequence
 
 from benchmarks.figures import alignment_figure, search_figure
 from mtsl_plugin import distributed
-from benchmarks.harness import (MAX_SEED, Job, UsageError, add_run_args, check_jobs, check_out, config_from_args,
-                                exit_code, method_jobs, parse_list, parse_seeds, read_json, run_main, source_of, train,
-                                with_sources, write_results)
+from benchmarks.cli import (MAX_SEED, UsageError, add_run_args, check_out, config_from_args, parse_list, parse_seeds,
+                            run_main)
+from benchmarks.harness import (Job, check_jobs, exit_code, method_jobs, read_json, source_of, train, with_sources,
+                                write_results)
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.experiment import num_locations, write_config, write_json
 from mtsl_plugin.methods import method_names

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.harness import refuse_torchrun
+import baselines  # noqa: F401  (registers the baseline methods: load_run rebuilds a run of any of them)
+from benchmarks.cli import refuse_torchrun
 from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.experiment import load_run
 from mtsl_plugin.export import FORMATS, export, static_network

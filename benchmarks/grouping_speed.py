@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from benchmarks.harness import refuse_torchrun
+from benchmarks.cli import refuse_torchrun
 from mtsl_plugin.plugins.builtin_grouping import MAX_TASKS, authors, exhaustive, fewest_groups
 
 SOLVERS = {"authors": authors, "exhaustive": exhaustive, "fewest_groups": fewest_groups}

@@ -25,8 +25,9 @@ from typing import Any, Sequence
 
 from baselines.bmtas import DEFAULT_RESOURCE_WEIGHT
 from benchmarks.figures import sweep_figure
-from benchmarks.harness import (Job, UsageError, add_out_arg, add_run_args, check_jobs, config_from_args, distinct,
-                                exit_code, out_folder, parse_list, parse_seeds, publish, run_main, train)
+from benchmarks.cli import (UsageError, add_out_arg, add_run_args, config_from_args, distinct, out_folder, parse_list,
+                            parse_seeds, run_main)
+from benchmarks.harness import Job, check_jobs, exit_code, publish, train
 from benchmarks.report import aggregate, escape_cell, first_line_of, summary_table
 from mtsl_plugin import distributed
 from mtsl_plugin.config import RunConfig

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from benchmarks.harness import refuse_torchrun
+from benchmarks.cli import refuse_torchrun
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.experiment import build_data, build_trainer
 from mtsl_plugin.learner.structural import StructuralLearner

@@ -9,7 +9,7 @@ from timm.models.resnet import Bottleneck
 
 from baselines.cross_stitch import CrossStitch, CrossStitchUnit  # importing registers "cross_stitch"
 from baselines.mtan import MTAN, last_block  # importing registers "mtan"
-from benchmarks import compare, harness
+from benchmarks import cli, compare
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.experiment import (build_data, build_stages, build_trainer, load_run, run_fingerprint, run_method,
                                    seed_everything)
@@ -333,7 +333,7 @@ def test_compare_trains_both_and_reports_params_and_gmac(tmp_path, monkeypatch):
         data = dataclasses.replace(config.data, train=8, holdout=4, test=4)
         return config.replace(epochs=1, lr_steps=(), data=data, mtsl=scale_schedule(config.mtsl, 1, 1))
 
-    monkeypatch.setattr(harness, "load_preset", one_step_smoke)
+    monkeypatch.setattr(cli, "load_preset", one_step_smoke)
     out = tmp_path / "r"
     assert compare.main(["--methods", "cross_stitch,mtan", "--preset", "smoke", "--tasks", "S,D",
                          "--out", str(out), "--no-progress"]) == 0

@@ -16,7 +16,7 @@ from mtsl_plugin.config import load_preset
 from mtsl_plugin.experiment import build_data, build_stages, build_trainer, run_method, seed_everything
 from mtsl_plugin.methods import build_method
 from mtsl_plugin.network.branched import BranchedNetwork
-from mtsl_plugin.network.stages import ResNetStages, StageSpec
+from mtsl_plugin.network.stages import StageSpec
 from mtsl_plugin.plan import BranchingPlan, StageCost
 from mtsl_plugin.tasks import build_tasks
 

@@ -6,7 +6,7 @@ import timm
 import torch
 
 from benchmarks import ablation, compare, sensitivity
-from benchmarks.harness import UsageError
+from benchmarks.cli import UsageError
 from conftest import hand_delta, table_row
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.plan import BranchingPlan

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import ablation, compare, harness, robustness, sensitivity
+from benchmarks import ablation, cli, compare, harness, robustness, sensitivity
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plugins import reset_plugin_manager
@@ -195,7 +195,7 @@ def test_out_in_a_read_only_folder_is_one_line(tmp_path, capsys, no_training, mo
     parent = tmp_path / "read-only"
     parent.mkdir()
     parent.chmod(0o500)  # what the check asks the system (root may write anyway, so it is asked as a user would be)
-    monkeypatch.setattr(harness.os, "access", lambda path, mode: Path(path) != parent)
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != parent)
     try:
         assert ablation.main(["--out", str(parent / "out"), *ARGS]) == 2
         err = capsys.readouterr().err.strip()

@@ -1,9 +1,10 @@
-"""The harness: Δs (each run against the STN run of its own configuration, never a lost table), and how a
-command ends under torchrun, on SIGTERM and on a rank's own failure."""
+"""The harness: Δs (each run against the STN run of its own configuration, never a lost table), and how its jobs
+fail under torchrun (a failure of every rank, a rank's own failure, what DDP cannot train)."""
 import re
 
 import pytest
 
+from benchmarks.cli import RankFailure, UsageError
 from benchmarks.harness import add_deltas
 
 HIGHER = {"S": True, "D": False}
@@ -62,7 +63,7 @@ def test_under_torchrun_only_failures_of_every_rank_let_the_sweep_go_on(tmp_path
     monkeypatch.setattr(harness, "run_job", run_job)
     as_rank_1_of_2(monkeypatch)
     jobs = [harness.Job(label, "stn", smoke_config()) for label in outcomes]
-    with pytest.raises(harness.RankFailure, match=r"\[alone seed 0\] failed on rank 1: cannot read image 7"):
+    with pytest.raises(RankFailure, match=r"\[alone seed 0\] failed on rank 1: cannot read image 7"):
         harness.run_jobs(jobs, tmp_path, progress=False)
     assert "[together seed 0] failed: loss is nan" in capsys.readouterr().err
     assert not (tmp_path / "together" / "seed0" / "error.txt").exists()  # rank 0 writes that one
@@ -71,38 +72,6 @@ def test_under_torchrun_only_failures_of_every_rank_let_the_sweep_go_on(tmp_path
     outcomes["alone"] = None
     rows = harness.run_jobs(jobs, tmp_path, progress=False)
     assert [r["status"] for r in rows] == ["failed", "ok", "ok"]
-
-
-def test_a_rank_failure_and_sigterm_end_the_command_in_one_line(tmp_path, monkeypatch, capsys):
-    """SIGTERM (a scheduler's preemption) unwinds like Ctrl-C: exit code 143 and one line on how to go on; the
-    handler before is restored. A rank's own failure under torchrun: exit code 1, one line."""
-    import argparse
-    import os
-    import signal
-    import time
-
-    from benchmarks import harness
-
-    args = argparse.Namespace(plugin=[], results_folder=tmp_path, continue_with="the command")
-
-    def terminated():
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler raises before this ends
-        return 0
-
-    before = signal.getsignal(signal.SIGTERM)
-    assert harness.run_main(terminated, args) == 128 + signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is before
-    assert capsys.readouterr().err == (f"terminated; finished runs and the last checkpoint are kept in {tmp_path}: "
-                                       "the command continues\n")
-
-    def failed():
-        raise harness.RankFailure("[mtsl seed 0] failed on rank 1: out of memory")
-
-    assert harness.run_main(failed, args) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: [mtsl seed 0] failed on rank 1: out of memory; finished runs") and \
-        len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("method, changes, culprit", [
@@ -117,7 +86,7 @@ def test_under_torchrun_what_ddp_cannot_train_is_refused_before_any_training(mon
     as_rank_1_of_2(monkeypatch)
     job = harness.Job(method, method, smoke_config().replace(**changes))
     monkeypatch.setattr(harness, "check_config", lambda *a, **k: pytest.fail("refused after the configuration check"))
-    with pytest.raises(harness.UsageError, match=re.escape(culprit)):
+    with pytest.raises(UsageError, match=re.escape(culprit)):
         harness.check_jobs([job])
     monkeypatch.setattr(harness.distributed, "active", lambda: False)  # one process: all three train
     monkeypatch.setattr(harness, "check_config", lambda *a, **k: None)

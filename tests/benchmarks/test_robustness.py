@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import robustness
+from benchmarks import robustness, robustness_report
 from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, SEVERITIES, corrupt_images,
                                       elastic_transform, pgd_attack, pgd_iterations, seeded_numpy)
 from mtsl_plugin.config import load_preset
@@ -165,7 +165,7 @@ def test_budgets_that_would_share_a_key_are_refused_not_overwritten(trained):
 
 
 def test_ordinary_budgets_keep_the_keys_of_earlier_reports():
-    assert [robustness.eps_key(e) for e in (0.25, 0.5, 1.0, 2.0, 8.0, 0.01, 1e-07, 2e-07)] == \
+    assert [robustness_report.eps_key(e) for e in (0.25, 0.5, 1.0, 2.0, 8.0, 0.01, 1e-07, 2e-07)] == \
         ["0.25", "0.5", "1", "2", "8", "0.01", "1e-07", "2e-07"]
 
 
@@ -325,7 +325,7 @@ def test_a_run_whose_evaluation_fails_loses_no_other_number_and_no_earlier_one(t
 def test_under_torchrun_a_failed_evaluation_stops_the_command(monkeypatch):
     """One process: the failing label's exception, the others' records. Under torchrun the other ranks may wait in a
     collective of the failed pass, so the failure stops the command (torchrun then stops the others)."""
-    from benchmarks.harness import RankFailure
+    from benchmarks.cli import RankFailure
     from mtsl_plugin import distributed
 
     def evaluate(labels):
