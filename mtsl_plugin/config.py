@@ -23,7 +23,8 @@ PRESETS = ("smoke", "quick", "paper")
 SETTINGS = ("encoder-decoder", "encoder")
 #: Where MTSL's grouping data comes from: a held-out slice of the training split, or its first images (trained on).
 GROUPING_DATA = ("holdout", "train")
-EXECUTION_OPTIONS = ("fused", "channels_last", "compile", "workers")  # how a run computes, not what: not in fingerprints
+#: How a run computes, not what it computes: not in fingerprints, and a resumed run may change them.
+EXECUTION_OPTIONS = ("fused", "channels_last", "compile", "workers")
 
 
 @dataclass(frozen=True)

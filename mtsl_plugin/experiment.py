@@ -90,8 +90,8 @@ def build_split(config: RunConfig, split: str, *, n: int | None = None, augment:
 
 def loader_workers(config: RunConfig) -> int:
     """How many processes read and augment samples besides the main one: ``config.workers``, or when it is None
-    (the default) those that help. None for synthetic data, which is drawn from memory faster than workers hand
-    batches over (8 ms against 44 ms a batch of 16 at 256x512 on a 2-core CPU), and none on the CPU, where
+    (the default) as many as help: no workers for synthetic data, which is drawn from memory faster than workers
+    hand batches over (8 ms against 44 ms a batch of 16 at 256x512 on a 2-core CPU), and none on the CPU, where
     workers would take the training's cores. For files on a GPU, one less than this process's share of the cores
     (torchrun's processes on the machine share them), at most 8: reading and augmenting a batch of 8 NYUv2-size
     samples (288x384) takes 0.17 s in the main process of that CPU, longer than a GPU's training step. The
@@ -121,9 +121,10 @@ def build_data(config: RunConfig) -> tuple[RunData, Any]:
                          f"{d.holdout} (data.holdout){' besides training' if cut else ''}")
     split = len(full) - d.holdout if cut else len(full)
     grouping = range(split, len(full)) if cut else range(d.holdout)
+    workers = loader_workers(config)
     data = RunData(train=Subset(trained, range(split)), holdout=Subset(full, grouping), test=test,
-                   batch_size=config.batch_size, seed=config.seed, workers=loader_workers(config),
-                   pin_memory=torch.device(config.device).type == "cuda" and loader_workers(config) > 0)
+                   batch_size=config.batch_size, seed=config.seed, workers=workers,
+                   pin_memory=workers > 0 and torch.device(config.device).type == "cuda")
     return data, full
 
 
