@@ -7,7 +7,7 @@ import torch
 
 from benchmarks import ablation, compare, sensitivity
 from benchmarks.cli import UsageError
-from conftest import hand_delta, table_row
+from conftest import fake_record, hand_delta, table_row
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.plan import BranchingPlan
 
@@ -118,12 +118,7 @@ def test_a_failed_sweep_row_shows_as_failed_not_as_its_neighbours_numbers(tmp_pa
         if config.mtsl.threshold == 0.1234562:
             raise RuntimeError("broken on purpose")
         s = {"stn": 0.5, "mtsl": 0.4}[method]
-        return {"method": method, "seed": config.seed, "status": "ok", "error": None,
-                "metrics": {"S": s, "D": 1.0}, "higher_is_better": {"S": True, "D": False},
-                "metric_names": {"S": "mIoU", "D": "RMSE"}, "plan": None, "plan_text": None, "params_m": 1.0,
-                "gmac": 0.1, "train_seconds": 1.0, "wall_seconds": 1.0, "history": [], "fingerprint": "x",
-                "config_fingerprint": config.fingerprint(),
-                "reference_key": config.fingerprint(exclude=("device", "mtsl"))}
+        return fake_record(config, method, s)
 
     monkeypatch.setattr("benchmarks.harness.run_method", fake_run)
     out = tmp_path / "sens"

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import compare, figures, sensitivity
 from benchmarks.report import aggregate, format_table, summary_table
-from conftest import table_row
+from conftest import fake_record, table_row
 from mtsl_plugin.plan import BranchingPlan
 
 ARGS = ["--preset", "smoke", "--tasks", "S,D", "--no-progress"]
@@ -27,12 +27,7 @@ def fake_runner(fail=(), similarity=None):
         if similarity is not None and (method, config.seed) in similarity:
             write_phase(run_dir, similarity[(method, config.seed)])
         s = {"stn": 0.5, "onenet": 0.45, "mtsl": 0.4, "mtsl_noalign": 0.42}[method] + 0.01 * config.seed
-        return {"method": method, "seed": config.seed, "status": "ok", "error": None,
-                "metrics": {"S": s, "D": 1.0}, "higher_is_better": {"S": True, "D": False},
-                "metric_names": {"S": "mIoU", "D": "RMSE"}, "plan": None, "plan_text": None, "params_m": 1.0,
-                "gmac": 0.1, "train_seconds": 1.0, "wall_seconds": 1.0, "history": [], "fingerprint": "x",
-                "config_fingerprint": config.fingerprint(),
-                "reference_key": config.fingerprint(exclude=("device", "mtsl"))}
+        return fake_record(config, method, s)
 
     return run
 
