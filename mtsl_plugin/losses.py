@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtsl_plugin.network.weights import IMAGENET_STD  # the authors' A target: the ImageNet-normalised image
 from mtsl_plugin.valid_pixels import IGNORE_INDEX, has_normal, holds_value
 
 
@@ -74,8 +75,6 @@ def reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:
 CLASS_BALANCE_BETA = 1 - 1e-3
 #: Their edge loss's weight of an edge pixel (a non-edge pixel weighs 1 minus it): ``MISC.SEM_CONT_POS_WEIGHT``.
 EDGE_POSITIVE_WEIGHT = 0.95
-#: ImageNet's per-channel standard deviation: the authors' A target is the ImageNet-normalised input image.
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def class_balanced_segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:

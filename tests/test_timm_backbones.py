@@ -17,7 +17,8 @@ from mtsl_plugin.experiment import build_stages, num_locations
 from mtsl_plugin.network.backbones import TimmStages, create_stages
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.heads import Head
-from mtsl_plugin.network.stages import IMAGENET_MEAN, DecoderStage, NormalizedStem, ResNetStages
+from mtsl_plugin.network.stages import DecoderStage, ResNetStages
+from mtsl_plugin.network.weights import IMAGENET_MEAN, NormalizedStem
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plan
 from tests.network.test_branched import assert_fused_locations_match_under_autocast

@@ -55,8 +55,8 @@ from timm.models.mobilenetv3 import MobileNetV3Features
 from timm.models.resnet import BasicBlock
 from torch import nn
 
-from mtsl_plugin.network.stages import (NETWORKS, ResNetStages, StageFactory, StageSpec, add_compact_tail,
-                                        create_timm_model, normalised_stem)
+from mtsl_plugin.network.stages import NETWORKS, ResNetStages, StageFactory, StageSpec, add_compact_tail
+from mtsl_plugin.network.weights import create_timm_model, normalised_stem
 
 
 def is_timm_resnet(backbone: str) -> bool:

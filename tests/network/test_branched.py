@@ -5,7 +5,8 @@ import torch
 
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.cost import model_cost
-from mtsl_plugin.network.stages import NormalizedStem, ResNetStages
+from mtsl_plugin.network.stages import ResNetStages
+from mtsl_plugin.network.weights import NormalizedStem
 from mtsl_plugin.plan import BranchingPlan, PlanError
 
 OUT = {"S": 5, "D": 1, "E": 1, "N": 3, "A": 3}
