@@ -39,11 +39,12 @@ from benchmarks.cli import (UsageError, add_out_arg, add_run_args, config_from_a
 from benchmarks.harness import Job, check_jobs
 from benchmarks.report import earlier_report
 from mtsl_plugin.config import RunConfig
+from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.experiment import (build_data, build_run_tasks, build_stages, build_trainer, num_locations,
                                     seed_everything, write_json)
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.plan import BranchingPlan
-from mtsl_plugin.trainer import MTLTrainer, RunData
+from mtsl_plugin.trainer import MTLTrainer
 
 
 def prefix_plan(tasks: Sequence[str], location: int, locations: int) -> BranchingPlan:

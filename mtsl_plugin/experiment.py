@@ -32,6 +32,7 @@ from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.checkpoint import CheckpointError, atomic_write
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data import TargetFiles, build_dataset
+from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, build_method
 from mtsl_plugin.network.cost import model_cost
@@ -41,7 +42,7 @@ from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.preflight import check_weighting
 from mtsl_plugin.task_kinds import build_task_set
 from mtsl_plugin.tasks import Task, libmtl_task_dict
-from mtsl_plugin.trainer import MTLTrainer, RunData
+from mtsl_plugin.trainer import MTLTrainer
 
 
 CHECKPOINT = "checkpoint.pt"  # an unfinished run's resume state
@@ -95,7 +96,7 @@ def loader_workers(config: RunConfig) -> int:
     workers would take the training's cores. For files on a GPU, one less than this process's share of the cores
     (torchrun's processes on the machine share them), at most 8: reading and augmenting a batch of 8 NYUv2-size
     samples (288x384) takes 0.17 s in the main process of that CPU, longer than a GPU's training step. The
-    samples and their augmentations do not depend on the number (:class:`~mtsl_plugin.trainer.RunData`)."""
+    samples and their augmentations do not depend on the number (:class:`~mtsl_plugin.data.run_data.RunData`)."""
     if config.workers is not None:
         return config.workers
     if config.data.name == "synthetic" or torch.device(config.device).type == "cpu":

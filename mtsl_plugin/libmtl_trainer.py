@@ -72,13 +72,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from mtsl_plugin import distributed
 from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.checkpoint import CheckpointError
+from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.libmtl_adapters import as_head, as_plan, as_stages, check_encoder_class
 from mtsl_plugin.libmtl_compat import check_trainer_args, check_trainer_hooks, import_libmtl, read_bare_state_dict
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.preflight import check_weighting
-from mtsl_plugin.trainer import MTLTrainer, RunData
+from mtsl_plugin.trainer import MTLTrainer
 
 AUTHORS_SIMILARITY_SAMPLES = 800  # the authors measure similarity on the first 800 training images
 CHECKPOINT, WEIGHTS = "checkpoint.pt", "model.pt"

@@ -20,20 +20,18 @@ import contextlib
 import io
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mtsl_plugin import distributed
 from mtsl_plugin.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_weights,
                                     set_rng_state)
-from mtsl_plugin.data.real import SampleDraws
+from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.libmtl_compat import GRADIENT_WEIGHTINGS, import_libmtl, weight_args, zero_grads_in_place
 from mtsl_plugin.learner.structural import StructuralLearner, pooled
 from mtsl_plugin.network.branched import BranchedNetwork
@@ -59,52 +57,6 @@ def _describe_run(kind: dict) -> str:
 
 class NonFiniteLossError(ArithmeticError):
     """A task loss (or the alignment loss) became NaN or infinite; the run stops before writing a checkpoint."""
-
-
-@dataclass
-class RunData:
-    """The data of one run: training set, held-out slice of the training data (for grouping decisions),
-    evaluation set, and how to batch them. Batch order depends only on ``seed`` and the key asked for, and so do
-    the random augmentations of shuffled (training) batches (:class:`~mtsl_plugin.data.real.SampleDraws`), so
-    ``workers``, the number of processes that read and augment samples besides the main one, changes no result;
-    ``pin_memory`` puts the batches in page-locked memory (faster copies to a GPU)."""
-
-    train: Dataset
-    holdout: Dataset | None
-    test: Dataset
-    batch_size: int
-    seed: int = 0
-    workers: int = 0
-    pin_memory: bool = False
-
-    def batches(self, dataset: Dataset, key: Iterable[int] | None = None, shard: bool = True) -> DataLoader:
-        """A loader over ``dataset``; shuffled with a generator seeded by (seed, *key) when ``key`` is given.
-
-        Under ``torch.distributed`` a shuffled loader gives this rank its share of every global batch
-        (:func:`mtsl_plugin.distributed.shard_batches`; the global batches are those of one process, a last
-        partial one cut to a multiple of the number of processes), unless ``shard`` is False; unshuffled loaders
-        give every rank all of ``dataset`` (the grouping data, decided on rank 0's measurements; the test split is
-        sharded before, :func:`mtsl_plugin.distributed.shard_samples`)."""
-        generator = None
-        if key is not None:
-            seed = np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]
-            generator = torch.Generator().manual_seed(int(seed))
-            dataset = SampleDraws(dataset, (self.seed, *key))
-        drop_last = key is not None and len(dataset) >= 2 * self.batch_size
-        reading = {"num_workers": self.workers, "pin_memory": self.pin_memory}
-        if key is None or not shard or distributed.world_size() == 1:
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=key is not None, generator=generator,
-                              drop_last=drop_last, **reading)
-        distributed.per_rank_batch(self.batch_size)
-        order = torch.randperm(len(dataset), generator=generator).tolist()  # what shuffle=True draws
-        steps = len(order) // self.batch_size if drop_last else -(-len(order) // self.batch_size)
-        global_batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(steps)]
-        # a last, partial batch (kept when the set holds under two batches) is cut to a multiple of the number
-        # of processes: every rank trains on as many samples (DDP weighs the ranks' gradients alike) and none on
-        # an empty batch; the up to n - 1 samples left out are others every epoch
-        size = distributed.world_size()
-        global_batches = [batch[:len(batch) - len(batch) % size] for batch in global_batches]
-        return DataLoader(dataset, batch_sampler=distributed.shard_batches([b for b in global_batches if b]), **reading)
 
 
 class MTLTrainer(LibMTL.Trainer):

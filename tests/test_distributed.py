@@ -445,7 +445,7 @@ def test_a_partial_last_batch_is_cut_to_a_multiple_of_the_processes(monkeypatch)
     share of it (never an empty batch, which fails in collation on that rank alone)."""
     from torch.utils.data import TensorDataset
 
-    from mtsl_plugin.trainer import RunData
+    from mtsl_plugin.data.run_data import RunData
 
     for size, expected in ((17, [16]), (21, [16, 4]), (20, [16, 4])):
         data = RunData(train=TensorDataset(torch.arange(size)), holdout=None, test=None, batch_size=16)

@@ -58,10 +58,11 @@ _SAMPLE_KEY: ContextVar[tuple[int, ...] | None] = ContextVar("sample_key", defau
 
 class SampleDraws(Dataset):
     """``dataset`` whose sample ``i`` draws its augmentation window (:func:`random_window`) from a generator
-    seeded with ``(*key, i)``. A run's training loaders (:class:`~mtsl_plugin.trainer.RunData`) read through one
-    keyed by the run's seed and the epoch, so a sample of an epoch is augmented alike whichever process reads it:
-    the main process or a loader's worker (any number of them), any rank of a torchrun job (whose shares hold
-    other samples, so the ranks' windows differ), a run resumed from a checkpoint. The global RNG is left alone."""
+    seeded with ``(*key, i)``. A run's training loaders (:class:`~mtsl_plugin.data.run_data.RunData`) read
+    through one keyed by the run's seed and the epoch, so a sample of an epoch is augmented alike whichever process
+    reads it: the main process or a loader's worker (any number of them), any rank of a torchrun job (whose shares
+    hold other samples, so the ranks' windows differ), a run resumed from a checkpoint. The global RNG is left
+    alone."""
 
     def __init__(self, dataset: Dataset, key: Iterable[int]):
         self.dataset, self.key = dataset, tuple(int(k) for k in key)
