@@ -22,9 +22,10 @@ from test_distributed import free_port, join_group
 
 
 # ------------------------------------------------------------------------------ augmentation of real data sets
-def augmented_run(root, folder, draws):
+def augmented_run(root, folder, draws, workers=None):
     """One-Net on a tiny augmented NYUv2: one epoch (checkpointed), a second one, then the second again from the
-    checkpoint; ``draws`` collects every (epoch, window) that ``random_window`` gives (in this process)."""
+    checkpoint; ``draws`` collects every (epoch, window) that ``random_window`` gives (in this process: none when
+    ``workers`` read the samples). Returns the resumed run's final weights."""
     from mtsl_plugin.data import real
 
     window, epoch = real.random_window, [0]
@@ -36,7 +37,7 @@ def augmented_run(root, folder, draws):
     real.random_window = recorded
     try:
         data_config = DataConfig(name="nyuv2", root=str(root), height=32, width=32, train=16, holdout=4, test=4)
-        config = smoke_config(tasks=("S", "D")).replace(data=data_config)
+        config = smoke_config(tasks=("S", "D")).replace(data=data_config, workers=workers)
         seed_everything(0)
         data, dataset = build_data(config)
         tasks = build_tasks(config.tasks, dataset.num_classes)
@@ -50,6 +51,7 @@ def augmented_run(root, folder, draws):
         resumed = build_trainer(config, tasks, plan, build_stages(config))
         resumed.load(checkpoint)
         resumed.fit(data, 2, progress=False)
+        return {k: v.clone() for k, v in resumed.model.state_dict().items()}
     finally:
         real.random_window = window
 
@@ -79,6 +81,25 @@ def test_the_ranks_augment_their_shares_as_one_process_would_and_resume_exactly(
         windows = [[w for epoch, w in draws if epoch == e] for draws in ranks]
         assert windows[0] != windows[1], f"epoch {e}: both ranks drew the same windows"
         assert sorted(windows[0] + windows[1]) == sorted(w for epoch, w in single if epoch == e)
+
+
+def run_data_workers_worker(rank, world, port, root, folder):
+    join_group(rank, world, port)
+    states = [augmented_run(root, os.path.join(folder, f"w{workers}"), [], workers) for workers in (0, 1)]
+    torch.save(states, os.path.join(folder, f"states{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_under_torchrun_loader_workers_train_what_the_main_process_trains(tmp_path):
+    """Each rank's samples read and augmented by a worker process (forked after the group was joined) train the
+    weights the rank's main process trains reading them itself, bit for bit."""
+    root = write_nyuv2(tmp_path / "nyuv2", n_train=20, n_val=4)
+    for workers in (0, 1):
+        (tmp_path / f"w{workers}").mkdir()
+    mp.spawn(run_data_workers_worker, args=(2, free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        main_process, worker = torch.load(tmp_path / f"states{rank}.pt", weights_only=False)
+        assert all(torch.equal(main_process[k], worker[k]) for k in main_process)
 
 
 def test_a_window_read_outside_a_runs_loaders_is_the_global_rngs_next_draws():
