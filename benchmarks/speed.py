@@ -4,7 +4,8 @@ location are timed fused too (``--fused``: one vmapped call per location). Then,
 trainer is judged by, all from this run: a plain PyTorch step over One-Net ÷ our trainer's One-Net step; STN ÷
 One-Net, unfused and fused; the alignment loss's share of an STN step; drawing a training batch ÷ a One-Net step
 (synthetic, or read and augmented from a real data set with ``--dataset nyuv2 --data-root DIR``, by ``--workers
-N`` loader processes); One-Net's and STN's steps with ``--channels-last`` ÷ without; with ``--compile``, One-Net's
+N`` loader processes; and the epoch's first batch, which waits for the loader's workers to start); One-Net's and
+STN's steps with ``--channels-last`` ÷ without; with ``--compile``, One-Net's
 and STN's steps compiled (``torch.compile``, after two warm-up steps that compile) ÷ eager.
 
     python benchmarks/speed.py --device cuda --height 256 --width 512 --batch 16
@@ -151,23 +152,28 @@ def measure_plain(plan: BranchingPlan, device: str, batch: int, height: int, wid
 
 
 def measure_data(batch: int, height: int, width: int, steps: int, dataset: str = "synthetic",
-                 root: str | None = None, workers: int | None = None, device: str = "cpu") -> tuple[float, int]:
+                 root: str | None = None, workers: int | None = None, device: str = "cpu"
+                 ) -> tuple[float, float, int]:
     """Median seconds to draw one training batch at this size from the trainer's loader: of the synthetic data,
     or read and augmented from a real data set's folder (``dataset`` nyuv2, cityscapes or folder data declared in
-    the preset: its first ``batch * (steps + 2)`` training samples), by the main process or by ``workers``
+    the preset: its first ``batch * (steps + 3)`` training samples), by the main process or by ``workers``
     processes (default: as many as a run on ``device`` takes, :func:`~mtsl_plugin.experiment.loader_workers`).
     Batches are drawn back to back, so with workers this is the time per batch they sustain. Returns the median
-    seconds and the number of workers."""
+    seconds, the seconds to the epoch's first batch (the loader's iterator made, its workers started: paid once
+    an epoch) and the number of workers."""
     config = load_preset("smoke")
     config = config.replace(batch_size=batch, workers=workers, device=device,
                             data=dataclasses.replace(config.data, name=dataset, root=root, height=height, width=width,
-                                                     train=batch * (steps + 2), holdout=4, test=2))
+                                                     train=batch * (steps + 3), holdout=4, test=2))
     data, _ = build_data(config)
-    if len(data.train) < batch * (steps + 2):
+    if len(data.train) < batch * (steps + 3):
         raise ValueError(f"--data-root {root}: {len(data.train)} training samples, fewer than the "
-                         f"{batch * (steps + 2)} of {steps} timed batches and 2 warm-up ones")
+                         f"{batch * (steps + 3)} of {steps} timed batches, the first and 2 warm-up ones")
+    start = time.perf_counter()
     batches = iter(data.batches(data.train, key=(0, 0)))
-    return timed(lambda: next(batches), steps, "cpu")[0], data.workers
+    next(batches)
+    first = time.perf_counter() - start
+    return timed(lambda: next(batches), steps, "cpu")[0], first, data.workers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -235,20 +241,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         plain_step = measure_plain(one_net, args.device, args.batch, args.height, args.width, args.steps, stages)
         stn_fused = step("stn fused", stn, fused=True)
         stn_align = step(None, stn, align=True)
-        data_step, workers = measure_data(args.batch, args.height, args.width, args.steps, args.dataset,
+        data_step, data_first, workers = measure_data(args.batch, args.height, args.width, args.steps, args.dataset,
                                           args.data_root, args.workers, args.device)
         onenet_nhwc, stn_nhwc = step(None, one_net, channels_last=True), step(None, stn, channels_last=True)
         ratios = {"plain_over_trainer_onenet": plain_step / trainer_step,
                   "stn_over_onenet": stn_step / trainer_step, "stn_fused_over_onenet": stn_fused / trainer_step,
                   "alignment_share_of_stn_step": max(stn_align - stn_step, 0.0) / stn_align,
                   "data_over_onenet_step": data_step / trainer_step,
+                  "epoch_first_batch_over_onenet_step": data_first / trainer_step,
                   "onenet_channels_last_over_contiguous": onenet_nhwc / trainer_step,
                   "stn_channels_last_over_contiguous": stn_nhwc / stn_step}
         if args.compile:
             ratios.update({"onenet_compiled_over_eager": step(None, one_net, compile=True) / trainer_step,
                            "stn_compiled_over_eager": step(None, stn, compile=True) / stn_step})
         print(f"\n{args.dataset} batches, read by {workers} loader workers besides the main process: "
-              f"{data_step:.4f} s each")
+              f"{data_step:.4f} s each, the first of an epoch {data_first:.4f} s (iterator and workers starting)")
         print("ratios (one run): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     print(json.dumps({"rows": {name: {"seconds": s, "peak_gib": m, "params": c.params, "gmac": c.gmac}
                                for name, (s, m, c) in rows.items()}, "ratios": ratios}))
