@@ -5,8 +5,8 @@ trainer is judged by, all from this run: a plain PyTorch step over One-Net ÷ ou
 One-Net, unfused and fused; the alignment loss's share of an STN step; drawing a training batch ÷ a One-Net step
 (synthetic, or read and augmented from a real data set with ``--dataset nyuv2 --data-root DIR``, by ``--workers
 N`` loader processes; and the epoch's first batch, which waits for the loader's workers to start); One-Net's and
-STN's steps with ``--channels-last`` ÷ without; with ``--compile``, One-Net's
-and STN's steps compiled (``torch.compile``, after two warm-up steps that compile) ÷ eager.
+STN's steps with ``--channels-last`` ÷ without; with ``--compile``, One-Net's and STN's steps compiled
+(``torch.compile``, after two warm-up steps that compile) ÷ eager.
 
     python benchmarks/speed.py --device cuda --height 256 --width 512 --batch 16
     python benchmarks/speed.py --plans stn,onenet,results/demo/mtsl/seed0/plan.json
