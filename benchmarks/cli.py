@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mtsl_plugin import distributed
+from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.config import GROUPING_DATA, NETWORKS, PRESETS, SETTINGS, RunConfig, load_config_file, load_preset
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.network.backbones import architecture_family
-from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.plugins import PluginError, load_plugin
 from mtsl_plugin.tasks import LOSS_SETS
 
