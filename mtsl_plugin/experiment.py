@@ -95,7 +95,7 @@ def loader_workers(config: RunConfig) -> int:
     hand batches over (8 ms against 44 ms a batch of 16 at 256x512 on a 2-core CPU), and none on the CPU, where
     workers would take the training's cores. For files on a GPU, one less than this process's share of the cores
     (torchrun's processes on the machine share them), at most 8: reading and augmenting a batch of 8 NYUv2-size
-    samples (288x384) takes 0.17 s in the main process of that CPU, longer than a GPU's training step. The
+    samples (288x384) takes 0.17 s in the main process of that CPU, likely longer than a GPU's step. The
     samples and their augmentations do not depend on the number (:class:`~mtsl_plugin.data.run_data.RunData`)."""
     if config.workers is not None:
         return config.workers
