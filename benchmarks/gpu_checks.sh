@@ -37,28 +37,15 @@ fi
 step speed_authors 240 python benchmarks/speed.py --device "$DEVICE" --network authors "${SIZE[@]}" --batch "$BATCH" \
   --steps "$STEPS"
 root="$OUT/nyuv2-like"
-python - "$root" "$FILES" <<'EOF'
-import sys
-from pathlib import Path
-
-import numpy as np
-
-root, (h, w) = Path(sys.argv[1]), map(int, sys.argv[2].split("x"))
-rng = np.random.default_rng(0)
-for split, n in (("train", 96), ("val", 4)):  # random samples in the NYUv2 layout: reading and augmenting cost alike
-    for folder, shape, draw in (("image", (h, w, 3), lambda s: rng.uniform(0, 1, s)),
-                                ("label", (h, w), lambda s: rng.integers(-1, 13, s)),
-                                ("depth", (h, w, 1), lambda s: rng.uniform(0.5, 8, s)),
-                                ("normal", (h, w, 3), lambda s: rng.normal(size=s))):
-        (root / split / folder).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            np.save(root / split / folder / f"{i}.npy", draw(shape).astype(np.float32))
-EOF
+# random samples in the NYUv2 layout (reading and augmenting cost alike), written as the tests write theirs
+TORCHINDUCTOR_CACHE_DIR="$OUT/inductor" python -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path
+from conftest import write_nyuv2
+write_nyuv2(Path(sys.argv[1]), n_train=96, n_val=4, size=tuple(map(int, sys.argv[2].split('x'))))" "$root" "$FILES"
 step speed_nyuv2_workers 240 python benchmarks/speed.py --device "$DEVICE" --plans onenet "${DATA[@]}" --steps "$STEPS" \
   --dataset nyuv2 --data-root "$root"
 step speed_nyuv2_main_process 240 python benchmarks/speed.py --device "$DEVICE" --plans onenet "${DATA[@]}" \
   --steps "$STEPS" --dataset nyuv2 --data-root "$root" --workers 0
-rm -rf "$root"
+rm -rf "$root" "$OUT/inductor"
 printf 'epochs: 2\nlr_steps: []\nmtsl: {phases: 1}\n' > "$OUT/one_epoch.yaml"
 step paper_one_epoch "$LIMIT" python benchmarks/compare.py --preset "$PRESET" --config "$OUT/one_epoch.yaml" \
   --methods stn,onenet,mtsl --device "$DEVICE" --no-progress --out "$OUT/paper1"

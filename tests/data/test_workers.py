@@ -17,18 +17,19 @@ from mtsl_plugin.experiment import build_data, loader_workers
 from mtsl_plugin.progress import each_batch
 
 
-def nyuv2_data(root, workers):
+def training_batches(root, workers, epochs=(0, 1)):
+    """The training batches of ``epochs`` of a tiny augmented NYUv2 run read by ``workers`` processes."""
     config = smoke_config(tasks=("S", "D")).replace(workers=workers, data=DataConfig(
         name="nyuv2", root=str(root), height=32, width=32, train=16, holdout=4, test=4))
-    return build_data(config)[0]
+    data = build_data(config)[0]
+    return [batch for epoch in epochs for batch in data.batches(data.train, key=(0, epoch))]
 
 
 def test_the_training_batches_are_the_same_with_and_without_workers_and_leave_the_global_rng(tmp_path):
     root = write_nyuv2(tmp_path / "nyuv2", n_train=20, n_val=4)
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    batches = {workers: [batch for epoch in (0, 1) for batch in nyuv2_data(root, workers).batches(
-        nyuv2_data(root, workers).train, key=(0, epoch))] for workers in (0, 2)}
+    batches = {workers: training_batches(root, workers) for workers in (0, 2)}
     assert torch.equal(torch.get_rng_state(), before)  # only the shuffles' own generators drew
     assert len(batches[0]) == 4
     for (images, gts), (images2, gts2) in zip(batches[0], batches[2]):
