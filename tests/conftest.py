@@ -8,15 +8,16 @@ import tempfile
 # torch.compile's caches (inductor's generated code, Triton's kernels) go to a folder of this test session, removed
 # when it ends. Set before torch is imported (importing the package fixes inductor's folder); the processes the
 # tests start inherit it, and a folder the user set is kept as it is. Inductor's precompiled C++ headers go to its
-# default folder whatever the variable says (/tmp/torchinductor_<user>, about 150 MB here); that folder is removed
-# at the end too when this session made it (disabling the headers made the compile tests 70 s slower).
+# default folder whatever the variable says (/tmp/torchinductor_<user>/precompiled_headers, about 150 MB here; the
+# folder itself is made by any process that imports timm); they are removed at the end too when this session made
+# them (disabling the headers made the compile tests 70 s slower).
 COMPILE_CACHE = None
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     COMPILE_CACHE = tempfile.mkdtemp(prefix="mtsl-tests-compile-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(COMPILE_CACHE, "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(COMPILE_CACHE, "triton"))
-INDUCTOR_DEFAULT = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
-INDUCTOR_DEFAULT_MADE_HERE = not os.path.exists(INDUCTOR_DEFAULT)
+INDUCTOR_HEADERS = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}", "precompiled_headers")
+INDUCTOR_HEADERS_MADE_HERE = not os.path.exists(INDUCTOR_HEADERS)
 
 import pytest  # noqa: E402
 
@@ -25,7 +26,7 @@ from mtsl_plugin.learner.schedule import MTSLConfig  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for folder, ours in ((COMPILE_CACHE, COMPILE_CACHE is not None), (INDUCTOR_DEFAULT, INDUCTOR_DEFAULT_MADE_HERE)):
+    for folder, ours in ((COMPILE_CACHE, COMPILE_CACHE is not None), (INDUCTOR_HEADERS, INDUCTOR_HEADERS_MADE_HERE)):
         if ours:
             shutil.rmtree(folder, ignore_errors=True)
 
