@@ -4,7 +4,8 @@ location are timed fused too (``--fused``: one vmapped call per location). Then,
 trainer is judged by, all from this run: a plain PyTorch step over One-Net ÷ our trainer's One-Net step; STN ÷
 One-Net, unfused and fused; the alignment loss's share of an STN step; drawing a training batch ÷ a One-Net step
 (synthetic, or read and augmented from a real data set with ``--dataset nyuv2 --data-root DIR``, by ``--workers
-N`` loader processes; and the epoch's first batch, which waits for the loader's workers to start); One-Net's and
+N`` loader processes; and the epoch's first batch, which waits for the loader's workers to start); a step of the
+trainer's loop over those batches (reading them, logging and checking the losses) ÷ a One-Net step; One-Net's and
 STN's steps with ``--channels-last`` ÷ without; with ``--compile``, One-Net's and STN's steps compiled
 (``torch.compile``, after two warm-up steps that compile) ÷ eager.
 
@@ -34,6 +35,7 @@ import torch
 
 from benchmarks.cli import refuse_torchrun
 from mtsl_plugin.config import load_preset
+from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.experiment import build_data, build_trainer
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.network.backbones import create_stages
@@ -102,11 +104,11 @@ def timed(step: Callable[[], object], steps: int, device: str) -> tuple[float, f
 
 
 def build(plan: BranchingPlan, device: str, stages: StageFactory, fused: bool = False, align: bool = False,
-          channels_last: bool = False, compile: bool = False):
+          channels_last: bool = False, compile: bool = False, classes: int = 10):
     config = load_preset("smoke").replace(device=device, tasks=plan.tasks, fused=fused, channels_last=channels_last,
                                           compile=compile)
     learner = StructuralLearner(config.mtsl) if align else None
-    return build_trainer(config, build_tasks(plan.tasks, 10), plan, stages, learner)
+    return build_trainer(config, build_tasks(plan.tasks, classes), plan, stages, learner)
 
 
 def measure(plan: BranchingPlan, device: str, batch: int, height: int, width: int, steps: int,
@@ -151,29 +153,42 @@ def measure_plain(plan: BranchingPlan, device: str, batch: int, height: int, wid
     return timed(plain_step(build(plan, device, stages), images, gts), steps, device)[0]
 
 
-def measure_data(batch: int, height: int, width: int, steps: int, dataset: str = "synthetic",
-                 root: str | None = None, workers: int | None = None, device: str = "cpu"
-                 ) -> tuple[float, float, int]:
-    """Median seconds to draw one training batch at this size from the trainer's loader: of the synthetic data,
-    or read and augmented from a real data set's folder (``dataset`` nyuv2, cityscapes or folder data declared in
-    the preset: its first ``batch * (steps + 3)`` training samples), by the main process or by ``workers``
-    processes (default: as many as a run on ``device`` takes, :func:`~mtsl_plugin.experiment.loader_workers`).
-    Batches are drawn back to back, so with workers this is the time per batch they sustain. Returns the median
-    seconds, the seconds to the epoch's first batch (the loader's iterator made, its workers started: paid once
-    an epoch) and the number of workers."""
+def timing_data(batch: int, height: int, width: int, steps: int, dataset: str = "synthetic",
+                root: str | None = None, workers: int | None = None, device: str = "cpu") -> tuple[RunData, int]:
+    """``steps + 3`` training batches at this size, as a run reads them: the synthetic data, or a real data set's
+    folder (``dataset`` nyuv2, cityscapes or folder data declared in the preset: its first ``batch * (steps + 3)``
+    training samples, read and augmented), by the main process or by ``workers`` processes (default: as many as a
+    run on ``device`` takes, :func:`~mtsl_plugin.experiment.loader_workers`), and the data set's number of
+    classes."""
     config = load_preset("smoke")
     config = config.replace(batch_size=batch, workers=workers, device=device,
                             data=dataclasses.replace(config.data, name=dataset, root=root, height=height, width=width,
                                                      train=batch * (steps + 3), holdout=4, test=2))
-    data, _ = build_data(config)
+    data, dataset = build_data(config)
     if len(data.train) < batch * (steps + 3):
         raise ValueError(f"--data-root {root}: {len(data.train)} training samples, fewer than the "
                          f"{batch * (steps + 3)} of {steps} timed batches, the first and 2 warm-up ones")
+    return data, dataset.num_classes
+
+
+def measure_data(data: RunData, steps: int) -> tuple[float, float]:
+    """Median seconds to draw one of ``data``'s training batches from the trainer's loader, drawn back to back (with
+    workers: the time per batch they sustain), and the seconds to the epoch's first batch (the loader's iterator
+    made, its workers started: paid once an epoch)."""
     start = time.perf_counter()
     batches = iter(data.batches(data.train, key=(0, 0)))
     next(batches)
     first = time.perf_counter() - start
-    return timed(lambda: next(batches), steps, "cpu")[0], first, data.workers
+    return timed(lambda: next(batches), steps, "cpu")[0], first
+
+
+def measure_loop(plan: BranchingPlan, data: RunData, classes: int, device: str, stages: StageFactory) -> float:
+    """Seconds per step of :meth:`~mtsl_plugin.trainer.MTLTrainer.fit`'s loop over ``data``, batches read and
+    losses logged and checked as in a run: the second of two epochs (the first warms up), divided by its steps.
+    Against the step alone, this is what reading the data and waiting for each step's losses add."""
+    trainer = build(plan, device, stages, classes=classes)
+    trainer.fit(data, 2, progress=False)
+    return trainer.history[1]["seconds"] / len(data.batches(data.train, key=(0, 1)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,21 +256,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         plain_step = measure_plain(one_net, args.device, args.batch, args.height, args.width, args.steps, stages)
         stn_fused = step("stn fused", stn, fused=True)
         stn_align = step(None, stn, align=True)
-        data_step, data_first, workers = measure_data(args.batch, args.height, args.width, args.steps, args.dataset,
-                                          args.data_root, args.workers, args.device)
+        data, classes = timing_data(args.batch, args.height, args.width, args.steps, args.dataset, args.data_root,
+                           args.workers, args.device)
+        data_step, data_first = measure_data(data, args.steps)
+        loop_step = measure_loop(one_net, data, classes, args.device, stages)
         onenet_nhwc, stn_nhwc = step(None, one_net, channels_last=True), step(None, stn, channels_last=True)
         ratios = {"plain_over_trainer_onenet": plain_step / trainer_step,
                   "stn_over_onenet": stn_step / trainer_step, "stn_fused_over_onenet": stn_fused / trainer_step,
                   "alignment_share_of_stn_step": max(stn_align - stn_step, 0.0) / stn_align,
                   "data_over_onenet_step": data_step / trainer_step,
                   "epoch_first_batch_over_onenet_step": data_first / trainer_step,
+                  "training_loop_over_onenet_step": loop_step / trainer_step,
                   "onenet_channels_last_over_contiguous": onenet_nhwc / trainer_step,
                   "stn_channels_last_over_contiguous": stn_nhwc / stn_step}
         if args.compile:
             ratios.update({"onenet_compiled_over_eager": step(None, one_net, compile=True) / trainer_step,
                            "stn_compiled_over_eager": step(None, stn, compile=True) / stn_step})
-        print(f"\n{args.dataset} batches, read by {workers} loader workers besides the main process: "
-              f"{data_step:.4f} s each, the first of an epoch {data_first:.4f} s (iterator and workers starting)")
+        print(f"\n{args.dataset} batches, read by {data.workers} loader workers besides the main process: "
+              f"{data_step:.4f} s each, the first of an epoch {data_first:.4f} s (iterator and workers starting); "
+              f"One-Net's training loop over them {loop_step:.4f} s a step")
         print("ratios (one run): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     print(json.dumps({"rows": {name: {"seconds": s, "peak_gib": m, "params": c.params, "gmac": c.gmac}
                                for name, (s, m, c) in rows.items()}, "ratios": ratios}))

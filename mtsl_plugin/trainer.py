@@ -195,7 +195,14 @@ class MTLTrainer(LibMTL.Trainer):
         return losses * self.loss_weights
 
     def train_step(self, images: torch.Tensor, gts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """One optimisation step: task losses through the weighting method, plus the alignment term."""
+        """One optimisation step: task losses through the weighting method, plus the alignment term. Returns the
+        (T,) task losses and the alignment loss (0 without one) as a number, which waits for the device."""
+        losses, align = self.queue_step(images, gts)
+        return losses, float(align)
+
+    def queue_step(self, images: torch.Tensor, gts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`train_step` without waiting for the device: the (T,) task losses and the alignment loss (a
+        0-d tensor, 0 without one), both detached, on the device, maybe not computed yet."""
         self.model.train()
         with self.autocast():
             preds = (self.ddp or self.model)(images)
@@ -222,7 +229,7 @@ class MTLTrainer(LibMTL.Trainer):
             for (p, _), grad in zip(reached, averaged):
                 p.grad = grad if p.grad is None else p.grad + grad
         self.optimizer.step()
-        return losses.detach(), 0.0 if align is None else float(align.detach())
+        return losses.detach(), losses.new_zeros(()) if align is None else align.detach()
 
     @torch.no_grad()
     def scores(self, loader: Iterable) -> dict[str, list[float]]:
@@ -274,19 +281,23 @@ class MTLTrainer(LibMTL.Trainer):
                 self.model.architecture_epoch(self, data.batches(architecture, key=(2, self.epochs_done)), progress)
             sums, align_sum, steps = torch.zeros(self.task_num), 0.0, 0
             loader = data.batches(train, key=(0, self.epochs_done))
+            queued = None  # the last step's losses, still on the device
             for images, gts in each_batch(loader, f"epoch {self.epochs_done + 1}", progress):
+                # this batch was read while the device ran the step before; only now wait for that step's losses
                 images = self.images_to_device(images)
                 gts = {t: gts[t].to(self.device, non_blocking=True) for t in self.task_name}
-                losses, align = self.train_step(images, gts)
+                if queued is not None:
+                    losses, align = self._settle(*queued, steps - 1, checkpoint)
+                    sums, align_sum = sums + losses, align_sum + align
+                queued = self.queue_step(images, gts)
                 if self.ddp is not None:  # the global batch's losses on every rank: logged alike, and a NaN on
                     # one rank stops every rank at the same step (a rank left alone would wait in DDP's all-reduce)
-                    losses, align_mean = distributed.mean_all([losses.float(), losses.new_tensor([align]).float()])
-                    align = float(align_mean)
-                losses = losses.float().cpu()
-                self._check_finite(losses, align, steps, checkpoint)
-                sums += losses
-                align_sum += align
+                    losses, align = distributed.mean_all([queued[0].float(), queued[1].reshape(1).float()])
+                    queued = losses, align[0]
                 steps += 1
+            if queued is not None:
+                losses, align = self._settle(*queued, steps - 1, checkpoint)
+                sums, align_sum = sums + losses, align_sum + align
             if self.scheduler is not None:
                 self.scheduler.step()
             self.epochs_done += 1
@@ -351,9 +362,14 @@ class MTLTrainer(LibMTL.Trainer):
         self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids,
                                                        find_unused_parameters=hasattr(self.model, "gates"))
 
-    def _check_finite(self, losses: torch.Tensor, align: float, step: int, checkpoint: str | Path | None) -> None:
-        """Stop the run when a loss is NaN or infinite: the weights are already spoilt by this step, so nothing
-        is saved and the last good checkpoint stays as it is."""
+    def _settle(self, losses: torch.Tensor, align: torch.Tensor, step: int, checkpoint: str | Path | None
+                ) -> tuple[torch.Tensor, float]:
+        """A queued step's losses on the CPU (float32) and its alignment loss as a number, once the device has
+        computed them. :meth:`fit` calls it only after reading the next batch, so that reading overlaps the
+        device's step, and before queueing the next step, so that no step runs on weights a non-finite loss has
+        spoilt: then the run stops here, naming the step; nothing is saved and the last good checkpoint stays
+        as it is."""
+        losses, align = losses.float().cpu(), float(align)
         bad = [f"task {t} loss is {float(v)}" for t, v in zip(self.task_name, losses) if not torch.isfinite(v)]
         if not np.isfinite(align):
             bad.append(f"alignment loss is {align}")
@@ -363,6 +379,7 @@ class MTLTrainer(LibMTL.Trainer):
             raise distributed.on_every_rank(NonFiniteLossError(  # the losses are the global batch's: every rank
                 f"{', '.join(bad)} at epoch {self.epochs_done + 1} (step {step + 1}; epochs count from 1, as in "
                 f"the run's history){kept}"))
+        return losses, align
 
     # ------------------------------------------------------------------ checkpoints
     def save_weights(self, path: str | Path) -> Path:

@@ -179,19 +179,55 @@ def test_a_non_finite_loss_stops_the_run_naming_task_and_epoch_and_keeps_the_las
     config = smoke()
     task_losses = MTLTrainer.task_losses
 
+    spoilt_steps = []
+
     def nan_depth_from_epoch_2(self, preds, gts):
         losses = task_losses(self, preds, gts)
+        spoilt_steps.extend([None] if self.epochs_done >= 2 else [])
         return losses * torch.tensor([1.0, float("nan") if self.epochs_done >= 2 else 1.0, 1.0])
 
     monkeypatch.setattr(MTLTrainer, "task_losses", nan_depth_from_epoch_2)
     with pytest.raises(NonFiniteLossError) as info:
         run_method(config, "mtsl", tmp_path / "run", progress=False)
+    assert len(spoilt_steps) == 1  # fit waits for a step's losses before it queues the next step
     message = str(info.value)
     assert "task D loss is nan at epoch 3 (step 1" in message and str(tmp_path / "run" / "checkpoint.pt") in message
     kept = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert kept["epochs_done"] == 2 and all(torch.isfinite(v).all() for v in kept["model"].values()
                                             if v.is_floating_point())
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_fit_reads_the_next_batch_before_it_waits_for_a_steps_losses(smoke, monkeypatch):
+    """On a GPU the device runs a step while the host reads the next batch: ``fit`` queues step k, reads batch k+1,
+    and only then waits for step k's losses (``_settle``), before it queues step k+1. The losses logged are the
+    steps' own, as ``train_step`` returns them."""
+    trainer, data = make(smoke(tasks=("S", "D")), plan=BranchingPlan.one_net(("S", "D"), 10))
+    events, returned = [], []
+    batches, queue_step, settle = data.batches, trainer.queue_step, trainer._settle
+
+    def read(*args, **kwargs):
+        for batch in batches(*args, **kwargs):
+            events.append("read")
+            yield batch
+
+    def queued(images, gts):
+        events.append("step")
+        losses, align = queue_step(images, gts)
+        returned.append(losses.clone())
+        return losses, align
+
+    def settled(*args):
+        events.append("wait")
+        return settle(*args)
+
+    monkeypatch.setattr(data, "batches", read)
+    monkeypatch.setattr(trainer, "queue_step", queued)
+    monkeypatch.setattr(trainer, "_settle", settled)
+    trainer.fit(data, 1, progress=False)
+    assert len(returned) == 3 and events == ["read", "step", "read", "wait", "step", "read", "wait", "step", "wait"]
+    logged = trainer.history[0]
+    assert [logged[t] for t in ("S", "D")] == pytest.approx((sum(returned) / 3).tolist())
 
 
 def test_a_finished_run_keeps_its_weights_not_its_resume_checkpoint(smoke, tmp_path):

@@ -26,7 +26,8 @@ def test_speed_prints_one_row_per_plan_with_ratios_to_the_first(tmp_path, capsys
     ratios = report["ratios"]
     assert set(ratios) == {"plain_over_trainer_onenet", "stn_over_onenet", "stn_fused_over_onenet",
                            "alignment_share_of_stn_step", "data_over_onenet_step",
-                           "epoch_first_batch_over_onenet_step", "onenet_channels_last_over_contiguous",
+                           "epoch_first_batch_over_onenet_step", "training_loop_over_onenet_step",
+                           "onenet_channels_last_over_contiguous",
                            "stn_channels_last_over_contiguous"}
     assert all(v > 0 for k, v in ratios.items() if k != "alignment_share_of_stn_step")
     assert 0 <= ratios["alignment_share_of_stn_step"] < 1
