@@ -144,8 +144,8 @@ def libmtl_script(root, batch_size=4, epochs=2, sampler=None):
                       architecture="HPS", encoder_class=lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()),
                       decoders=decoders, optim_param={"optim": "adam", "lr": 1e-3, "weight_decay": 0}, device="cpu",
                       weight_args={}, arch_args={})
-    sizes, step = [], trainer.train_step
-    trainer.train_step = lambda images, gts: sizes.append(images.shape[0]) or step(images, gts)
+    sizes, step = [], trainer.queue_step
+    trainer.queue_step = lambda images, gts: sizes.append(images.shape[0]) or step(images, gts)
     trainer.train(train_loader, test_loader, epochs, progress=False)
     result = {"seen": train.seen[1:], "sizes": sizes, "ddp": trainer.ddp is not None,
               "state": {k: v.clone() for k, v in trainer.model.state_dict().items()}}

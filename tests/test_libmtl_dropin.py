@@ -257,8 +257,8 @@ def test_test_prints_every_metric_of_the_task_dict(capsys):
 def test_libmtl_schedulers_step_once_an_epoch(scheduler_param, lrs):
     trainer = regression_trainer(optim_param={"optim": "sgd", "lr": 1e-2, "weight_decay": 0, "momentum": 0.9},
                                  scheduler_param=scheduler_param)
-    seen, step = [], trainer.train_step
-    trainer.train_step = lambda *a: seen.append(trainer.optimizer.param_groups[0]["lr"]) or step(*a)
+    seen, step = [], trainer.queue_step
+    trainer.queue_step = lambda *a: seen.append(trainer.optimizer.param_groups[0]["lr"]) or step(*a)
     trainer.train(*regression_loaders(), 3, progress=False)  # 4 batches an epoch, stepped after each epoch
     assert seen == pytest.approx([lr for lr in lrs for _ in range(4)])
 

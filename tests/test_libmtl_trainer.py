@@ -168,14 +168,14 @@ def test_a_resumed_trainer_keeps_the_schedule_scaled_to_its_epochs(tiny_nyuv2, t
     assert straight.learner.config.task_epochs == (1,) * 10 and straight.learner.phases_done == 10
 
     first = tiny_trainer(tmp_path / "run")
-    step = first.train_step
+    step = first.queue_step
 
     def interrupted(*args):
         if first.epochs_done == 4:
             raise KeyboardInterrupt  # Ctrl-C in the fifth epoch: the checkpoint holds four epochs and phases
         return step(*args)
 
-    first.train_step = interrupted
+    first.queue_step = interrupted
     with pytest.raises(KeyboardInterrupt):
         first.train(*loaders(tiny_nyuv2), 10, progress=False)
     torch.manual_seed(1234)  # another process: the checkpoint restores the RNG

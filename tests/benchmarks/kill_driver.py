@@ -51,7 +51,7 @@ def die_at_call(method, number, counts=lambda self: True):
 
 
 def kill_in_epoch() -> None:
-    MTLTrainer.train_step = die_at_call(MTLTrainer.train_step, 2,
+    MTLTrainer.queue_step = die_at_call(MTLTrainer.queue_step, 2,
                                         lambda trainer: trainer.learner is not None and trainer.epochs_done == 1)
 
 
