@@ -2,7 +2,8 @@
 
 Layout (``<id>`` is any file stem; every task folder holds one file for every image)::
 
-    root/train/image/<id>.png|.jpg|.npy     RGB; .npy: (H, W, 3) float in [0, 1] or uint8
+    root/train/image/<id>.png|.jpg|.npy     RGB (a grey, 16-bit grey or palette file too, read as RGB);
+                                            .npy: (H, W, 3) float in [0, 1] or uint8
     root/train/<folder>/<id>.png|.npy       one folder per task that reads a file (see below)
     root/val/...                            the same; the test split reads root/test/ when it exists, else val/
 
@@ -16,9 +17,13 @@ labels     ``(H, W)`` class index: PNG (1-bit, grey, 16-bit, palette indices, or
 binary     ``(H, W)``: PNG (as labels; non-zero = 1) or .npy (> 0.5 = 1; NaN or inf refused: no "no value" here)
 dense      .npy ``(H, W)`` or ``(H, W, C)`` float, C the task's channels; NaN or inf = no value at that pixel, and
            under the ``positive`` rule (:class:`TargetFiles`) 0 and negative values too
-normals    .npy ``(H, W, 3)``; re-normalised on load, zero or non-finite = invalid
+normals    .npy ``(H, W, 3)`` float or signed integers; re-normalised on load, zero or non-finite = invalid
+           (unsigned integers are refused: an 8-bit normal map stores (n + 1) / 2 * 255, decode it first)
 image      no file: the target is the input image (reconstruction)
 =========  ====================================================================================================
+
+Every task folder holds one file per image and none without one (a target file whose image is missing is
+refused, not skipped); a ``.npy`` file holds bool, integer or float values.
 
 Samples are returned as the other data sets return them (``(image (3, H, W), {task: target})``), resized to
 ``height`` x ``width`` when both are given (labels and binary maps nearest-neighbour, dense maps and normals
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -38,12 +43,25 @@ from torch.utils.data import Dataset
 
 from mtsl_plugin.data.common import RESIZE_BY_LAYOUT, normalize_normals, resize_image
 from mtsl_plugin.data.real import augment_sample, image_from_array, labels_from_array, random_window, read_npy
-from mtsl_plugin.tasks import VALID_RULES
+from mtsl_plugin.tasks import TARGET_LAYOUTS, VALID_RULES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 TARGET_SUFFIXES = {"labels": (".png", ".npy"), "binary": (".png", ".npy"), "dense": (".npy",),
                    "normals": (".npy",)}
 SPLITS = {"train": ("train",), "val": ("val",), "test": ("test", "val")}
+#: 16-bit (and 32-bit integer) grey image modes of PIL, whose own conversion to RGB would clip every value at 255.
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I")
+
+
+def folder_problem(folder: Any) -> str | None:
+    """Why ``folder`` cannot be a task's sub-folder (``None`` when it can): it must be a non-empty name or relative
+    path (``masks``, ``masks/v2``) inside each split's folder, so every split reads its own files (an absolute path
+    or one with ``..`` would read one split's targets for another's images)."""
+    if not isinstance(folder, str) or not folder.strip():
+        return f"must be a non-empty folder name, got {folder!r}"
+    if Path(folder).is_absolute() or ".." in Path(folder).parts:
+        return f"must be a folder inside each split's folder (e.g. masks or masks/v2), got {folder!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,11 @@ class TargetFiles:
     valid: str = "finite"
 
     def __post_init__(self) -> None:
+        if self.layout not in TARGET_LAYOUTS:
+            raise ValueError(f"TargetFiles layout must be one of {TARGET_LAYOUTS}, got {self.layout!r}.")
+        problem = folder_problem(self.folder) if self.layout != "image" else None  # the image layout reads no file
+        if problem:
+            raise ValueError(f"TargetFiles folder {problem}.")
         if self.valid not in VALID_RULES:
             raise ValueError(f"TargetFiles valid must be one of {VALID_RULES}, got {self.valid!r}.")
 
@@ -90,13 +113,17 @@ class FolderDataset(Dataset):
             raise ValueError(f"Unknown split {split!r}; choose from {tuple(SPLITS)}.")
         if (height is None) != (width is None):
             raise ValueError(f"folder data needs both height and width to resize, or neither; got {height}x{width}.")
+        if height is not None and (height < 1 or width < 1):
+            raise ValueError(f"folder data needs a positive height and width, got {height}x{width}.")
+        if n is not None and n < 0:
+            raise ValueError(f"folder data needs n >= 0, got {n}.")
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"data folder {root} does not exist.")
         folders = [root / name for name in SPLITS[split] if (root / name).is_dir()]
         if not folders:
-            raise FileNotFoundError(f"data folder {root} has no {' or '.join(SPLITS[split])}/ folder for the "
-                                    f"{split} split.")
+            raise FileNotFoundError(f"data folder {root} has no {' or '.join(f'{s}/' for s in SPLITS[split])} folder "
+                                    f"for the {split} split.")
         self.split, self.split_dir = split, folders[0]
         self.targets = dict(targets)
         self.tasks = tuple(self.targets)
@@ -108,18 +135,26 @@ class FolderDataset(Dataset):
         self.files = {task: self._files(spec.folder, TARGET_SUFFIXES[spec.layout])
                       for task, spec in self.targets.items() if spec.layout != "image"}
         for task, files in self.files.items():
+            folder, layout = self.split_dir / self.targets[task].folder, self.targets[task].layout
             missing = [i for i in self.ids if i not in files]
             if missing:
-                folder = self.split_dir / self.targets[task].folder
+                unread = sorted(f.name for f in folder.iterdir() if f.stem == missing[0])
+                why = (f"; {unread[0]} is not read: a {layout} target is a {'/'.join(TARGET_SUFFIXES[layout])} file"
+                       if unread else "")
                 raise FileNotFoundError(f"task {task!r}: {folder} has no file for sample {missing[0]!r} "
-                                        f"({len(missing)} sample(s) missing there).")
-        if n is not None:
-            self.ids = self.ids[:n]
+                                        f"({len(missing)} sample(s) missing there){why}.")
+            orphans = [i for i in files if i not in self.images]
+            if orphans:  # a sample whose image went missing would be dropped without a word
+                raise FileNotFoundError(f"task {task!r}: {files[orphans[0]]} has no image: {self.split_dir / 'image'} "
+                                        f"holds no file for sample {orphans[0]!r} ({len(orphans)} target file(s) "
+                                        "without an image there).")
         self.resize = height is not None
         if self.resize:
             self.height, self.width = height, width
         else:
             self.height, self.width = self._image(self.ids[0]).shape[-2:]
+        if n is not None:
+            self.ids = self.ids[:n]
 
     def _files(self, folder: str, suffixes: tuple[str, ...]) -> dict[str, Path]:
         """File stem -> path of the files with one of ``suffixes`` in ``split_dir / folder``."""
@@ -134,16 +169,24 @@ class FolderDataset(Dataset):
                                      f"and {file.name}.")
                 files[file.stem] = file
         if not files:
-            raise FileNotFoundError(f"{path} holds no {'/'.join(suffixes)} file.")
+            others = sorted(f.name for f in path.iterdir() if not f.name.startswith("."))
+            held = f" (it holds {len(others)} other file(s), e.g. {others[0]})" if others else ""
+            raise FileNotFoundError(f"{path} holds no {'/'.join(suffixes)} file{held}.")
         return files
 
     @staticmethod
     def _read(path: Path, single_channel: bool = False) -> np.ndarray:
-        """A file's array: ``.npy`` as stored; an image as ``(H, W, 3)`` RGB, or ``(H, W)`` when it is grey, 16-bit
-        or palette. ``single_channel`` (label and mask files) also reads a 1-bit PNG as 0/1 and a grey+alpha one as
-        its grey channel; colour ones stay ``(H, W, 3)`` (and are refused by their shape)."""
+        """A file's array: ``.npy`` as stored (bool, integer or float values; other types raise ``ValueError``
+        naming the file); an image file as ``(H, W, 3)`` RGB (a 16-bit grey one scaled to [0, 1], as PIL's own
+        conversion would clip it at 255). ``single_channel`` (label and mask files) reads a grey, 16-bit or palette
+        file as its ``(H, W)`` values or palette indices instead, a 1-bit one as 0/1 and a grey+alpha one as its
+        grey channel; colour ones stay ``(H, W, 3)`` (and are refused by their shape)."""
         if path.suffix.lower() == ".npy":
-            return read_npy(path)
+            array = read_npy(path)
+            if array.dtype.kind not in "biuf":  # complex, strings, records, dates: no value to read
+                raise ValueError(f"File {path} holds {array.dtype} values; a sample's .npy file holds bool, integer "
+                                 "or float values.")
+            return array
         from PIL import Image  # torchvision's dependency
 
         try:
@@ -152,7 +195,11 @@ class FolderDataset(Dataset):
                     return np.asarray(image).astype(np.uint8)
                 if single_channel and image.mode == "LA":
                     return np.asarray(image.getchannel("L"))
-                return np.asarray(image.convert("RGB") if image.mode not in ("L", "P", "I", "I;16") else image)
+                if single_channel and image.mode in ("L", "P", *_WIDE_GREY):
+                    return np.asarray(image)
+                if image.mode in _WIDE_GREY:
+                    return np.repeat(np.asarray(image).astype(np.float32)[..., None] / 65535, 3, axis=-1)
+                return np.asarray(image.convert("RGB"))
         except OSError as exc:
             raise ValueError(f"File {path} cannot be read as an image: {exc}") from None
 
@@ -168,7 +215,8 @@ class FolderDataset(Dataset):
         array = self._read(path, single_channel=spec.layout in ("labels", "binary"))
         if array.ndim == 3 and array.shape[-1] == 1 and spec.layout in ("labels", "binary"):
             array = array[..., 0]
-        if array.ndim not in _NDIMS[spec.layout] or array.shape[:2] != hw:
+        if (array.ndim not in _NDIMS[spec.layout] or array.shape[:2] != hw
+                or (spec.layout == "normals" and array.shape[-1] != 3)):
             raise ValueError(f"task {task!r}: file {path} has shape {array.shape}; a {spec.layout} target of this "
                              f"sample is {_SHAPES[spec.layout]} with (H, W) = {hw}.")
         if spec.layout == "labels":
@@ -181,6 +229,9 @@ class FolderDataset(Dataset):
                                  "missing value (store 0 or 1).")
             threshold = 0 if path.suffix.lower() == ".png" else 0.5
             return torch.from_numpy((values > threshold).astype(np.float32))[None]
+        if spec.layout == "normals" and array.dtype.kind in "bu":  # signed integers re-normalise to their direction
+            raise ValueError(f"task {task!r}: file {path} holds {array.dtype} normals, but a normal's components are "
+                             "signed: decode an 8-bit normal map (n + 1) / 2 * 255 as n = value / 127.5 - 1.")
         values = array.astype(np.float32)
         if values.ndim == 2:
             values = values[..., None]
