@@ -69,6 +69,7 @@ def test_binary_iou_by_hand_and_direction_override():
 @pytest.mark.parametrize("declaration, culprit", [
     ({"kind": "regression", "chanels": 2}, "chanels"),
     ({"kind": "segmentation"}, "classes"),
+    ({"kind": "segmentation", "clases": 3}, "unknown option 'clases' (did you mean 'classes'?)"),  # not "missing"
     ({"kind": "segmentation", "classes": 1}, "classes"),
     ({"kind": "regression", "loss": "huber"}, "huber"),
     ({"kind": "regression", "valid": "nonzero"}, "nonzero"),

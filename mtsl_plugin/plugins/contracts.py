@@ -8,6 +8,7 @@ exception a third-party plugin raises, is a one-line :class:`PluginContractError
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -211,8 +212,18 @@ class CheckedTaskKind(_Checked):
         """The task ``task`` of this kind with ``options`` (the declaration's keys but ``kind`` and ``folder``)."""
         from mtsl_plugin.tasks import Task  # deferred: the tasks module pulls in torchmetrics
 
+        signature = inspect.signature(self.__wrapped__)
+        named = [p.name for p in list(signature.parameters.values())[1:]
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+        unknown = [option for option in options if option not in named and not takes_any]
+        if unknown:  # before missing ones: a misspelt option would otherwise be reported as a missing one
+            close = difflib.get_close_matches(unknown[0], named, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"task {task!r} of kind {self.name!r}: unknown option {unknown[0]!r}{hint}; its options "
+                             f"are {', '.join(named) or 'none'}")
         try:
-            inspect.signature(self.__wrapped__).bind(task, **options)
+            signature.bind(task, **options)
         except TypeError as error:
             raise ValueError(f"task {task!r} of kind {self.name!r}: {error}") from None
         try:
