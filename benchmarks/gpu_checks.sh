@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements the open issues wait for, as one script for a machine with one CUDA GPU and a short lease:
 # the GPU-only tests, benchmarks/speed.py on the authors' network at the paper's size (issue 11, item 2), the data
-# time of NYUv2-size files read by loader workers against a step (item 2d), one epoch of the paper preset for STN,
+# time of NYUv2-size files read by loader workers against a step and the training loop's step over them (item 2d:
+# does reading overlap the device's step?), one epoch of the paper preset for STN,
 # One-Net and MTSL (item 3's wall-clock, a first look), and the compact network compiled. Every step has its own
 # time limit and writes its output to $OUT/<step>.txt, so a step that fails or runs out of time leaves the others.
 #
