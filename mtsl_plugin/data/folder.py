@@ -157,13 +157,15 @@ class FolderDataset(Dataset):
             self.ids = self.ids[:n]
 
     def _files(self, folder: str, suffixes: tuple[str, ...]) -> dict[str, Path]:
-        """File stem -> path of the files with one of ``suffixes`` in ``split_dir / folder``."""
+        """File stem -> path of the files with one of ``suffixes`` in ``split_dir / folder``; hidden files (a name
+        starting with ``.``, such as the ``._<id>.png`` metadata files macOS leaves in copied folders) are not
+        samples."""
         path = self.split_dir / folder
         if not path.is_dir():
             raise FileNotFoundError(f"data folder {path} does not exist.")
         files: dict[str, Path] = {}
         for file in sorted(path.iterdir()):
-            if file.suffix.lower() in suffixes:
+            if file.suffix.lower() in suffixes and not file.name.startswith("."):
                 if file.stem in files:
                     raise ValueError(f"{path} holds two files for sample {file.stem!r}: {files[file.stem].name} "
                                      f"and {file.name}.")

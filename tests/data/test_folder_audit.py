@@ -144,3 +144,11 @@ def test_a_kind_that_is_no_name_is_refused_naming_the_task(kind):
     with pytest.raises(ValueError, match="task 'parts'.*kind") as caught:
         declare_task("parts", {"kind": kind, "classes": 3})
     assert len(str(caught.value).splitlines()) == 1
+
+
+def test_hidden_files_such_as_macos_metadata_are_not_samples(tmp_path):
+    root = _sample(tmp_path, "a.png", _rgb(), {"seg/a.png": Image.fromarray(GREY % 3),
+                                              "seg/._a.png": Image.fromarray(GREY % 3)})
+    (root / "train" / "image" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # not an image
+    data = build_dataset("folder", "train", root=str(root), targets={"seg": TargetFiles("labels", "seg", 3)})
+    assert data.ids == ["a"] and data[0][1]["seg"].shape == (8, 8)
