@@ -148,10 +148,12 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
         check_run_folders(jobs, out)
     checked, scanned = set(), set()
     for job in jobs:
-        key = json.dumps(job.config.replace(seed=0).to_dict(), sort_keys=True)
+        learner = method_spec(job.method, job.config, dict(job.arch_args)).learner
+        aligns = learner is not None and learner.config.aligns
+        key = json.dumps([job.config.replace(seed=0).to_dict(), aligns], sort_keys=True)
         if key in checked:
             continue
-        check_config(job.config, scan=job.config.data not in scanned, progress=progress)
+        check_config(job.config, scan=job.config.data not in scanned, progress=progress, aligns=aligns)
         checked.add(key)
         scanned.add(job.config.data)
 

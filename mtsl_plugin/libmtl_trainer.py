@@ -360,7 +360,7 @@ class Trainer(MTLTrainer):
             on = "them" if val_dataloaders is not None else "the training set (no val_dataloaders given)"
             raise ValueError(f"{grouping} holds {sizes[grouping]} sample(s), but MTSL measures task similarity "
                              f"(CKA) on {on} and needs at least 4")
-        if batch is not None and learner.config.align and learner.config.align_weight > 0:
+        if batch is not None and learner.config.aligns:
             smallest = min(size, batch) if drop_last or size % batch == 0 else size % batch
             if smallest < 4:
                 raise ValueError(f"train_dataloaders yields a batch of {smallest} sample(s) ({size} samples, "

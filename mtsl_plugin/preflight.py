@@ -28,15 +28,17 @@ from tqdm.auto import tqdm
 
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data import build_dataset
+from mtsl_plugin.data.run_data import smallest_training_batch
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.libmtl_compat import LIBMTL_OPTIMIZERS, SINGLE_BACKWARD_WEIGHTINGS, import_libmtl
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
 from mtsl_plugin.tasks import TASKS
 
 
-def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True) -> None:
+def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True, aligns: bool = False) -> None:
     """Raise ``ValueError`` (one sentence naming the culprit) if ``config`` cannot train; see the module doc.
-    ``scan=False`` skips reading every sample of real data (when the same data was checked already)."""
+    ``scan=False`` skips reading every sample of real data (when the same data was checked already); ``aligns``:
+    the method adds MTSL's alignment loss, whose CKA needs at least 4 images in every training batch."""
     from mtsl_plugin.experiment import build_data, build_run_tasks, build_split, build_stages  # experiment imports us
 
     check_device(config.device)
@@ -46,8 +48,10 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True)
     d = config.data
     if d.name == "synthetic":  # generated scenes are valid by construction: render none of them here
         dataset = build_dataset(d.name, "train", height=d.height, width=d.width, n=0)
+        trained = d.train
     else:
-        _, dataset = build_data(config)
+        data, dataset = build_data(config)
+        trained = len(data.train)
         if scan:
             read_every_sample(dataset, f"{d.name} train split", progress)
             read_every_sample(build_split(config, "test", n=d.test), f"{d.name} test split", progress)
@@ -60,6 +64,11 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True)
     if missing:
         raise ValueError(f"dataset {d.name!r} has no target for task(s) {missing}; it has {list(dataset.tasks)}")
     build_stages(config).check_input_size(dataset.height, dataset.width)  # some CNNs need a least size or multiple
+    smallest = smallest_training_batch(trained, config.batch_size)
+    if aligns and smallest < 4:
+        raise ValueError(f"MTSL's alignment loss measures CKA on every training batch and needs at least 4 images, "
+                         f"but batch_size {config.batch_size} over {trained} training samples gives a batch of "
+                         f"{smallest}: use a batch_size of at least 4 (and at least 4 training samples)")
 
 
 def check_device(device: str) -> None:

@@ -1,4 +1,6 @@
 """Preflight (mtsl_plugin.preflight): what only building things finds, refused in one line before any training."""
+import dataclasses
+
 import pytest
 
 from mtsl_plugin.preflight import LIBMTL_OPTIMIZERS, check_optimizer
@@ -59,3 +61,22 @@ def test_segmentation_labels_missing_some_classes_pass(tmp_path):
     root = _masks(tmp_path, (1, 3))  # classes 0, 1 and 3 of 5: a small subset of a data set may lack some
     data = build_dataset("folder", "train", root=str(root), targets={"fg": TargetFiles("labels", "fg", 5)})
     read_every_sample(data, "train split", False)
+
+
+@pytest.mark.parametrize("batch_size, train, smallest", [(3, 24, 3), (16, 18, 2), (16, 31, 15), (16, 20, 4)])
+def test_a_training_batch_under_4_images_is_refused_for_aligning_mtsl_only(smoke, tmp_path, batch_size, train,
+                                                                          smallest):
+    """MTSL's alignment loss measures CKA on every training batch (at least 4 images); a batch_size under 4, or a
+    set under two batches whose last batch is that small, crashed MTSL in its first epoch. Other methods train."""
+    from mtsl_plugin.experiment import run_method
+    from mtsl_plugin.preflight import check_config
+
+    config = smoke(tasks=("S", "D"))
+    config = config.replace(batch_size=batch_size, data=dataclasses.replace(config.data, train=train))
+    check_config(config, aligns=False)
+    if smallest >= 4:
+        check_config(config, aligns=True)
+        return
+    with pytest.raises(ValueError, match=f"gives a batch of {smallest}: use a batch_size of at least 4") as caught:
+        run_method(config, "mtsl", tmp_path / "mtsl", progress=False)
+    assert len(str(caught.value).splitlines()) == 1 and not (tmp_path / "mtsl").exists()

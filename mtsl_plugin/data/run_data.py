@@ -13,6 +13,18 @@ from mtsl_plugin import distributed
 from mtsl_plugin.data.real import SampleDraws
 
 
+def drops_last_batch(samples: int, batch_size: int) -> bool:
+    """Whether a training epoch over ``samples`` leaves out its last, partial batch: it does unless the set holds
+    under two batches (its one partial batch is then a third of the data or more)."""
+    return samples >= 2 * batch_size
+
+
+def smallest_training_batch(samples: int, batch_size: int) -> int:
+    """The fewest samples a training batch of an epoch over ``samples`` holds (:meth:`RunData.batches`)."""
+    partial = samples % batch_size
+    return partial if partial and not drops_last_batch(samples, batch_size) else min(samples, batch_size)
+
+
 @dataclass
 class RunData:
     """The data of one run: training set, held-out slice of the training data (for grouping decisions),
@@ -42,7 +54,7 @@ class RunData:
             seed = np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]
             generator = torch.Generator().manual_seed(int(seed))
             dataset = SampleDraws(dataset, (self.seed, *key))
-        drop_last = key is not None and len(dataset) >= 2 * self.batch_size
+        drop_last = key is not None and drops_last_batch(len(dataset), self.batch_size)
         reading = {"num_workers": self.workers, "pin_memory": self.pin_memory}
         if key is None or not shard or distributed.world_size() == 1:
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=key is not None, generator=generator,

@@ -82,6 +82,11 @@ class MTSLConfig:
     def num_phases(self) -> int:
         return len(self.task_epochs)
 
+    @property
+    def aligns(self) -> bool:
+        """Whether task learning adds the alignment loss (which measures CKA on every training batch)."""
+        return self.align and self.align_weight > 0
+
     def phase_ends(self) -> list[int]:
         """The task-learning epoch count after which each structural phase runs."""
         return list(itertools.accumulate(self.task_epochs))

@@ -90,7 +90,7 @@ class StructuralLearner:
         """``λ · Σ_sets mean_pairs (1 − sim(F_i, F_j))`` over every set of sibling task nodes, or ``None`` when
         alignment is off, the phases are over, or no task node has a sibling. ``sim`` is the ``align_similarity``
         plugin (CKA), independent of the ``similarity`` that grouping decisions use."""
-        if not self.config.align or self.finished or self.config.align_weight == 0:
+        if not self.config.aligns or self.finished:
             return None
         terms = []
         for _, tasks in plan.siblings():
