@@ -209,8 +209,9 @@ class StructuralLearner:
                     device: torch.device, phase: int, progress: bool) -> list[float]:
         """Distil each group node (``created``, keyed by location and group) from its frozen task nodes, all in
         one loop over the data; only group nodes and amalgamator modules learn, with an Adam of their own at the
-        learning rate and weight decay of ``optimizer`` (the run's), as in the authors' code
-        (``KnowledgeAmalgamation.fuse``). The group nodes' state in ``optimizer`` (the averaged task-node state)
+        run's learning rate (``optimizer``'s initial one: a phase after a learning-rate step still distils at the
+        run's rate) and weight decay, as in the authors' code (``KnowledgeAmalgamation.fuse`` builds it from the
+        command line's rate). The group nodes' state in ``optimizer`` (the averaged task-node state)
         is what task learning continues from; amalgamation does not touch it.
 
         The k-th phase that merges amalgamates for ``amalgamation_epochs[k]`` epochs (the last entry once the list
@@ -229,7 +230,8 @@ class StructuralLearner:
         settings = optimizer.param_groups[0]
         own = torch.optim.Adam([*(p for key in losses for p in created[key].parameters()),
                                 *(p for m in losses.values() for p in m.parameters())],
-                               lr=settings["lr"], weight_decay=settings.get("weight_decay", 0.0))
+                               lr=settings.get("initial_lr", settings["lr"]),  # set by the LR scheduler
+                               weight_decay=settings.get("weight_decay", 0.0))
         was_training = network.training
         network.eval()
         for key in losses:

@@ -219,3 +219,22 @@ def test_amalgamation_epochs_are_consumed_by_the_phases_that_merge(smoke):
     learner.measure = lambda *args: [(0, ("S", "D"), np.array([[1.0, 0.9], [0.9, 1.0]]))]
     record = learner.structural_phase(*phase_args)
     assert record.merged == [["S", "D"]] and len(record.amalgamation_losses) == 1
+
+
+def test_amalgamation_distils_at_the_runs_learning_rate_after_a_learning_rate_step(smoke, monkeypatch):
+    """A phase after a learning-rate step still amalgamates with the run's rate, as the authors' code builds its
+    amalgamation Adam from the command line's rate (it took the decayed rate of the moment)."""
+    config = smoke(tasks=("S", "D"), amalgamation_epochs=(1, 1), grouping="fewest_groups")
+    trainer, data = trainer_for(config, BranchingPlan.single_task("SD", 10))
+    run_rate = trainer.optimizer.param_groups[0]["lr"]
+    trainer.scheduler.milestones.update({1: 1})  # a step after the first epoch, as the paper's at 60 and 70
+    trainer.optimizer.step()  # (no gradients: changes nothing) the order the scheduler expects
+    trainer.scheduler.step()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(run_rate * 0.1)
+    rates, adam = [], torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr, **kw: rates.append(lr) or adam(params, lr=lr, **kw))
+    trainer.learner.measure = lambda *args: [(0, ("S", "D"), np.array([[1.0, 0.9], [0.9, 1.0]]))]
+    record = trainer.learner.structural_phase(trainer.network, trainer.model, trainer.optimizer,
+                                              lambda: data.batches(data.train, key=(1, 0)),
+                                              lambda: data.batches(data.holdout), torch.device("cpu"))
+    assert record.merged == [["S", "D"]] and rates == [run_rate]
