@@ -109,7 +109,8 @@ def build_data(config: RunConfig) -> tuple[RunData, Any]:
     """The run's data and its whole (not augmented) training split. Grouping decisions measure
     ``config.data.holdout`` images of the training split (never validation/test): a slice cut from its end and
     trained on by no method (``grouping_data: holdout``), or its first images, trained on too (``train``, the
-    authors'). Only the samples trained on are augmented (``config.data.augments``): grouping decisions see their
+    authors': all of them when the split holds fewer, as their ``max_images``, so ``holdout: 800`` measures all
+    795 NYUv2 training images as they do). Only the samples trained on are augmented (``config.data.augments``): grouping decisions see their
     images as they are, like the authors' similarity data."""
     d = config.data
     cut = d.grouping_data == "holdout"
@@ -117,11 +118,11 @@ def build_data(config: RunConfig) -> tuple[RunData, Any]:
     full = build_split(config, "train", n=n_train)
     trained = full if not d.augments else build_split(config, "train", n=n_train, augment=True)
     test = build_split(config, "test", n=d.test)
-    if len(full) <= d.holdout * cut or len(full) < d.holdout:
+    if len(full) <= d.holdout * cut or len(full) < 4:
         raise ValueError(f"the training split of {d.name!r} has {len(full)} samples, too few for a grouping slice of "
-                         f"{d.holdout} (data.holdout){' besides training' if cut else ''}")
+                         f"{d.holdout if cut else 4} (data.holdout){' besides training' if cut else ''}")
     split = len(full) - d.holdout if cut else len(full)
-    grouping = range(split, len(full)) if cut else range(d.holdout)
+    grouping = range(split, len(full)) if cut else range(min(d.holdout, len(full)))
     workers = loader_workers(config)
     data = RunData(train=Subset(trained, range(split)), holdout=Subset(full, grouping), test=test,
                    batch_size=config.batch_size, seed=config.seed, workers=workers,

@@ -59,7 +59,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Numerics: computed in float64 with autocast disabled. Each input is first centred over samples and divided
     by its (uncentred, detached) root-mean-square row norm; CKA is invariant to both, so the value and the
     gradient are unchanged. If either self-HSIC is below :data:`CKA_EPS` (a representation that is constant
-    up to rounding, which has no defined CKA), the result is 0 by convention, with zero gradient.
+    up to rounding, which has no defined CKA), the result is 0 by convention, with zero gradient (the authors'
+    ``CKASimilarity`` gives 0 with a NaN gradient there, which would spoil an aligned network's weights).
     """
     _check_pair(x, y, 4, "Linear CKA")
     with torch.autocast(device_type=x.device.type, enabled=False):

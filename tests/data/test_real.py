@@ -248,6 +248,8 @@ def test_grouping_data_from_the_training_split_as_the_authors_measure(nyuv2_root
     assert len(authors.train) == len(full) and len(authors.holdout) == config.data.holdout
     for index in range(len(authors.holdout)):
         assert torch.equal(authors.holdout[index][0], full[index][0])
+    capped, full = build_data(authors_config.replace(data=dataclasses.replace(authors_config.data, holdout=800)))
+    assert len(capped.holdout) == len(capped.train) == len(full) < 800  # the first up to 800, as the authors'
     synthetic = smoke().replace(data=dataclasses.replace(smoke().data, grouping_data="train"))
     data, full = build_data(synthetic)  # synthetic: the scenes generated are the training ones only
     assert len(data.train) == len(full) == smoke().data.train
