@@ -8,7 +8,7 @@ scheduler (the paper's steps at epochs 60 and 70), and replaces LibMTL's epoch l
 * draws batches in an order fixed by (seed, epoch), so a resumed run sees the same data;
 * adds the structural learner's alignment loss and runs its phases at epoch boundaries;
 * writes an atomic checkpoint after structural phases, every minute or so at epoch ends, and at the end,
-  and resumes from one;
+  and resumes from one (:class:`~mtsl_plugin.trainer_checkpoints.TrainerCheckpoints`);
 * runs a bilevel architecture search's own architecture pass before each epoch (BMTAS);
 * under ``torch.distributed`` trains a ``DistributedDataParallel`` wrapper, rebuilt after structural edits
   (:mod:`mtsl_plugin.distributed`);
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -29,37 +28,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mtsl_plugin import distributed
-from mtsl_plugin.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_weights,
-                                    set_rng_state)
+from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.libmtl_compat import GRADIENT_WEIGHTINGS, import_libmtl, weight_args, zero_grads_in_place
 from mtsl_plugin.learner.structural import StructuralLearner, pooled
 from mtsl_plugin.network.branched import BranchedNetwork
-from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.preflight import check_distributed
 from mtsl_plugin.progress import each_batch
+from mtsl_plugin.trainer_checkpoints import TrainerCheckpoints
 
 LibMTL = import_libmtl()
 _PerformanceMeter = LibMTL._record._PerformanceMeter
-
-
-#: State LibMTL weighting methods keep in plain attributes, outside the model's state dict, which a checkpoint must
-#: keep too: GradVac's moving average of the tasks' gradient similarities (``rho_T``, ``(T, T)``).
-WEIGHTING_STATE: dict[str, tuple[str, ...]] = {"GradVac": ("rho_T",)}
-
-
-def _describe_run(kind: dict) -> str:
-    """A :meth:`MTLTrainer.run_kind` in words, for messages."""
-    learner = "with" if kind["structural"] else "without"
-    return (f"{kind['architecture']} architecture, {kind['weighting']} weighting, tasks {' '.join(kind['tasks'])}, "
-            f"{learner} a structural learner")
 
 
 class NonFiniteLossError(ArithmeticError):
     """A task loss (or the alignment loss) became NaN or infinite; the run stops before writing a checkpoint."""
 
 
-class MTLTrainer(LibMTL.Trainer):
+class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
     """LibMTL's Trainer on any device, with MTSL's structural phases and checkpoints.
 
     Arguments are LibMTL's (``task_dict``, ``weighting``, ``architecture``, ``encoder_class``, ``decoders``,
@@ -380,74 +366,3 @@ class MTLTrainer(LibMTL.Trainer):
                 f"{', '.join(bad)} at epoch {self.epochs_done + 1} (step {step + 1}; epochs count from 1, as in "
                 f"the run's history){kept}"))
         return losses, align
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_weights(self, path: str | Path) -> Path:
-        """Write the trained weights only (plan and model state; no optimizer, scheduler or RNG state): what a
-        finished run keeps, about a third of a checkpoint's size with Adam."""
-        return save_weights(path, self.model.plan.to_json() if hasattr(self.model, "plan") else "",
-                            self.model.state_dict())
-
-    def save_on_every_rank(self, path: str | Path) -> None:
-        """:meth:`save` as every rank of a ``torch.distributed`` job calls it: rank 0 writes, the others wait for
-        the write, and a failed write (:class:`CheckpointError`, e.g. a full disk) raises on every rank, so no rank
-        goes on training (or on to the next run) while the others stop."""
-        distributed.fail_together(lambda: self.save(path), CheckpointError)
-
-    def run_kind(self) -> dict:
-        """What a checkpoint must have been written by for this trainer to continue it: the architecture, the
-        weighting method, the tasks and whether a structural learner edits the plan."""
-        return {"architecture": type(self.model).__bases__[0].__name__, "weighting": self.weighting,
-                "tasks": list(self.task_name), "structural": self.learner is not None}
-
-    def save(self, path: str | Path) -> Path:
-        weighting_state = {name: getattr(self.model, name) for name in WEIGHTING_STATE.get(self.weighting, ())
-                           if hasattr(self.model, name)}
-        return save_checkpoint(path, {
-            "run_kind": self.run_kind(),
-            "plan": self.model.plan.to_json() if hasattr(self.model, "plan") else "",
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
-            "weighting_state": weighting_state,
-            "epochs_done": self.epochs_done,
-            "history": json.dumps(self.history),
-            "learner": json.dumps(self.learner.state_dict()) if self.learner is not None else "",
-        }, device=self.device)
-
-    @staticmethod
-    def checkpoint_plan(path: str | Path) -> BranchingPlan | None:
-        """The plan stored in a checkpoint or weights file (build the trainer with it, then :meth:`load`);
-        ``None`` for architectures that are not plan-based."""
-        text = load_checkpoint(path)["plan"]
-        return BranchingPlan.from_json(text) if text else None
-
-    def load(self, path: str | Path) -> None:
-        """Continue from a checkpoint, or take the trained weights of a weights file (:meth:`save_weights`) for
-        evaluation; the trainer must have been built with the file's plan. A checkpoint written by another kind of
-        run (:meth:`run_kind`) is refused in one line: its weights and optimizer state mean nothing here."""
-        # read onto the CPU: load_state_dict copies the weights and moments to the parameters' device, while
-        # Adam's step counts stay on the CPU as in a fresh run (on a GPU each would cost a sync per parameter and
-        # step, in Adam's bias correction)
-        state = load_checkpoint(path)
-        written = state.get("run_kind")  # files written before it was kept are not checked
-        if written is not None and written != self.run_kind():
-            raise CheckpointError(f"checkpoint {path} was written by a run of {_describe_run(written)}, not of this "
-                                  f"trainer's {_describe_run(self.run_kind())}; continue it with the method and "
-                                  "settings that wrote it")
-        saved = BranchingPlan.from_json(state["plan"]) if state["plan"] else None
-        if saved != getattr(self.model, "plan", None):
-            raise ValueError(f"checkpoint {path} holds a different plan than this trainer was built with")
-        self.model.load_state_dict(state["model"])
-        if state["kind"] == "weights":
-            return
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        for name, value in state.get("weighting_state", {}).items():
-            setattr(self.model, name, value.to(self.device))
-        self.epochs_done = int(state["epochs_done"])
-        self.history = json.loads(state["history"])
-        if self.learner is not None and state["learner"]:
-            self.learner.load_state_dict(json.loads(state["learner"]))
-        set_rng_state(state["rng"], self.device)
