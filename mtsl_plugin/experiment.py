@@ -110,8 +110,8 @@ def build_data(config: RunConfig) -> tuple[RunData, Any]:
     ``config.data.holdout`` images of the training split (never validation/test): a slice cut from its end and
     trained on by no method (``grouping_data: holdout``), or its first images, trained on too (``train``, the
     authors': all of them when the split holds fewer, as their ``max_images``, so ``holdout: 800`` measures all
-    795 NYUv2 training images as they do). Only the samples trained on are augmented (``config.data.augments``): grouping decisions see their
-    images as they are, like the authors' similarity data."""
+    795 NYUv2 training images as they do). Only the samples trained on are augmented (``config.data.augments``):
+    grouping decisions see their images as they are, like the authors' similarity data."""
     d = config.data
     cut = d.grouping_data == "holdout"
     n_train = None if d.train is None else d.train + d.holdout * cut
@@ -120,7 +120,8 @@ def build_data(config: RunConfig) -> tuple[RunData, Any]:
     test = build_split(config, "test", n=d.test)
     if len(full) <= d.holdout * cut or len(full) < 4:
         raise ValueError(f"the training split of {d.name!r} has {len(full)} samples, too few for a grouping slice of "
-                         f"{d.holdout if cut else 4} (data.holdout){' besides training' if cut else ''}")
+                         f"{d.holdout} (data.holdout) besides training" if cut else f"the training split of "
+                         f"{d.name!r} has {len(full)} samples; grouping decisions measure at least 4 of them")
     split = len(full) - d.holdout if cut else len(full)
     grouping = range(split, len(full)) if cut else range(min(d.holdout, len(full)))
     workers = loader_workers(config)
