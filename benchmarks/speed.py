@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stn_fused = step("stn fused", stn, fused=True)
         stn_align = step(None, stn, align=True)
         data, classes = timing_data(args.batch, args.height, args.width, args.steps, args.dataset, args.data_root,
-                           args.workers, args.device)
+                                    args.workers, args.device)
         data_step, data_first = measure_data(data, args.steps)
         loop_step = measure_loop(one_net, data, classes, args.device, stages)
         onenet_nhwc, stn_nhwc = step(None, one_net, channels_last=True), step(None, stn, channels_last=True)
