@@ -183,8 +183,8 @@ def test_cross_stitch_units_start_as_the_reference_configures_them(num_tasks, sa
 
 @pytest.mark.parametrize("multiplier", [100.0, 1.0])
 def test_cross_stitch_units_learn_at_their_own_multiple_of_the_learning_rate(setup, multiplier):
-    """The units form a parameter group at ``unit_lr_multiplier`` x the run's rate (the reference trains them at
-    100x); everything else stays in LibMTL's group, the LR steps scale both, and the first Adam step moves each
+    """The units form a parameter group at ``unit_lr_multiplier`` x the run's rate (the reference's optimizer builds
+    them a 100x group); everything else stays in LibMTL's group, the LR steps scale both, and the first Adam step moves each
     unit weight by its group's rate (Adam's first step is lr x sign of the gradient)."""
     config, tasks, stages, images, gts = setup("encoder-decoder")
     seed_everything(0)
