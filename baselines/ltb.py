@@ -105,7 +105,10 @@ class LTB(GatedSupernet):
                        for level in self.gated_levels}
             selections = {level: s for level, (s, _) in sampled.items()}
             parents = self.full_parents({level: p for level, (_, p) in sampled.items()})
-        return self.run_trunk(x, parents, [selections.get(level) for level in range(1, self.num_locations + 1)])
+        features = self.run_trunk(x, parents, [selections.get(level) for level in range(1, self.num_locations + 1)])
+        # in the warm-up every node below the last gated level feeds every task (the chains say only who is whose)
+        self._shared_prefix = max(self.gated_levels) if self.in_warmup() else 0
+        return features
 
     def run_trunk(self, x: Tensor, parents: Sequence[Sequence[int]], selections: Sequence[Tensor | None]
                   ) -> dict[str, list[Tensor]]:

@@ -63,6 +63,7 @@ class GatedSupernet(AbsArchitecture):
         self.epoch, self.total_epochs = 0, 1
         self.input_size: tuple[int, int] | None = None
         self._chains: list[list[int]] | None = []  # the last forward's chains; None: every node reached every task
+        self._shared_prefix = 0  # locations below it reached every task in the last forward, whatever the chains
         self._stage_gmac_cache: dict[tuple[int, int], list[float]] = {}
 
     def node(self, location: int, slot: int) -> nn.Module:
@@ -93,6 +94,7 @@ class GatedSupernet(AbsArchitecture):
         """Every task's head inputs when it runs on its chain; tasks whose chains agree up to a location share
         the computation there (one node call per group of the plan the chains describe)."""
         self._chains = [list(c) for c in chains]
+        self._shared_prefix = 0
         outputs: dict[tuple[int, ...], Tensor] = {}  # chain prefix -> output of its last node
         for chain in chains:
             for location, spec in enumerate(self.specs):
@@ -111,7 +113,9 @@ class GatedSupernet(AbsArchitecture):
         if self._chains is None:
             return list(self.nodes.values())
         slots = {(l, chain[l]) for chain in self._chains for l in range(self.num_locations)}
-        return [self.node(l, j) for l, j in sorted(slots) if sum(chain[l] == j for chain in self._chains) > 1]
+        prefix = [self.node(l, j) for l in range(self._shared_prefix) for j in range(len(self.tasks))]
+        return prefix + [self.node(l, j) for l, j in sorted(slots)
+                         if l >= self._shared_prefix and sum(chain[l] == j for chain in self._chains) > 1]
 
     def get_share_params(self):
         return iter([p for node in self.shared_nodes() for p in node.parameters()])

@@ -478,3 +478,21 @@ def node_weights(state):
             node, rest = key.split("nodes.", 1)[1].split(".", 1)
             nodes.setdefault((node.split("-")[0], rest), value)
     return nodes
+
+
+def test_ltb_warmup_shares_every_node_below_its_last_gate_with_every_task(stages):
+    """In the warm-up every gated child reads the sum of its parents, so every node below the last gated level
+    feeds every task's loss: LibMTL's gradient weightings (PCGrad, MGDA, ...) must see them as shared (they saw
+    none, so those methods fell back to the summed loss for the warm-up). After it, only nodes on more than one
+    sampled chain are."""
+    model = make(LTB, stages)
+    model.train()
+    model.epoch, model.total_epochs = 0, 80
+    model(torch.randn(4, 3, 32, 32))
+    last_gate = max(model.gated_levels)
+    expected = {id(p) for l in range(last_gate) for j in range(3) for p in model.node(l, j).parameters()}
+    assert {id(p) for p in model.get_share_params()} == expected and 0 < last_gate < model.num_locations
+    model.epoch = 1
+    set_gates(model, [[0, 1, 2]] * len(model.gated_levels), scale=50.0)  # every task keeps its own chain
+    model(torch.randn(4, 3, 32, 32))
+    assert list(model.get_share_params()) == []
