@@ -72,7 +72,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from mtsl_plugin import distributed
 from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.checkpoint import CheckpointError
-from mtsl_plugin.data.run_data import RunData
+from mtsl_plugin.data.run_data import RunData, smallest_batch
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.libmtl_adapters import as_head, as_plan, as_stages, check_encoder_class
@@ -361,7 +361,7 @@ class Trainer(MTLTrainer):
             raise ValueError(f"{grouping} holds {sizes[grouping]} sample(s), but MTSL measures task similarity "
                              f"(CKA) on {on} and needs at least 4")
         if batch is not None and learner.config.aligns:
-            smallest = min(size, batch) if drop_last or size % batch == 0 else size % batch
+            smallest = smallest_batch(size, batch, drop_last)
             if smallest < 4:
                 raise ValueError(f"train_dataloaders yields a batch of {smallest} sample(s) ({size} samples, "
                                  f"batch_size {batch}, drop_last={drop_last}), but MTSL's alignment loss measures "

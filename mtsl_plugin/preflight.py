@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data import build_dataset
-from mtsl_plugin.data.run_data import smallest_training_batch
+from mtsl_plugin.data.run_data import drops_last_batch, smallest_batch
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.libmtl_compat import LIBMTL_OPTIMIZERS, SINGLE_BACKWARD_WEIGHTINGS, import_libmtl
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
@@ -64,7 +64,7 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
     if missing:
         raise ValueError(f"dataset {d.name!r} has no target for task(s) {missing}; it has {list(dataset.tasks)}")
     build_stages(config).check_input_size(dataset.height, dataset.width)  # some CNNs need a least size or multiple
-    smallest = smallest_training_batch(trained, config.batch_size)
+    smallest = smallest_batch(trained, config.batch_size, drops_last_batch(trained, config.batch_size))
     if aligns and smallest < 4:
         raise ValueError(f"MTSL's alignment loss measures CKA on every training batch and needs at least 4 images, "
                          f"but batch_size {config.batch_size} over {trained} training samples gives a batch of "

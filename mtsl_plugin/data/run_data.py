@@ -19,10 +19,11 @@ def drops_last_batch(samples: int, batch_size: int) -> bool:
     return samples >= 2 * batch_size
 
 
-def smallest_training_batch(samples: int, batch_size: int) -> int:
-    """The fewest samples a training batch of an epoch over ``samples`` holds (:meth:`RunData.batches`)."""
+def smallest_batch(samples: int, batch_size: int, drop_last: bool) -> int:
+    """The fewest samples a batch of an epoch over ``samples`` holds (a training epoch of :meth:`RunData.batches`
+    drops its last, partial batch where :func:`drops_last_batch` says so)."""
     partial = samples % batch_size
-    return partial if partial and not drops_last_batch(samples, batch_size) else min(samples, batch_size)
+    return partial if partial and not drop_last else min(samples, batch_size)
 
 
 @dataclass
