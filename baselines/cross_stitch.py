@@ -1,7 +1,10 @@
 """Cross-stitch networks (Misra et al., CVPR 2016) on the timm stages, as a LibMTL architecture.
 
-One network per task, every node built with ``stages.build(location)`` (so the task networks start identical,
-like STN's), and a channel-wise cross-stitch unit after **every** location: after each of the 6 encoder
+One network per task, each from its own draw of the network's random initialisation (``candidates="independent"``,
+:func:`~mtsl_plugin.network.stages.candidate_factories`), as LibMTL's ``Cross_stitch`` calls ``encoder_class()``
+once per task and the reference starts from separately trained single-task networks; pretrained or file weights
+are the same in every task's network; ``candidates="identical"`` starts them all as one network, like STN's. A
+channel-wise cross-stitch unit after **every** location: after each of the 6 encoder
 locations and, in the encoder-decoder setting, after each of the 4 decoder locations too (10 units), the last
 one mixing the features the task heads read. A unit mixes the tasks' outputs at its location, per channel c::
 
@@ -26,7 +29,7 @@ from torch import nn
 from mtsl_plugin.architecture import check_architecture_args
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, register_method
-from mtsl_plugin.network.stages import StageFactory
+from mtsl_plugin.network.stages import StageFactory, candidate_factories
 
 AbsArchitecture = import_libmtl().architecture.AbsArchitecture
 
@@ -85,12 +88,14 @@ class CrossStitchNetwork(nn.Module):
     Attributes: ``nodes[location][task]`` (the task networks' nodes), ``units[location]``.
     """
 
-    def __init__(self, stages: StageFactory, tasks: Sequence[str], self_weight: float | None = None):
+    def __init__(self, stages: StageFactory, tasks: Sequence[str], self_weight: float | None = None,
+                 candidates: str = "independent"):
         super().__init__()
         self.tasks = tuple(tasks)
         self.specs = stages.specs
         self.head_locations = stages.head_locations
-        self.nodes = nn.ModuleList(nn.ModuleDict({t: stages.build(location) for t in self.tasks})
+        networks = candidate_factories(stages, len(self.tasks), candidates)
+        self.nodes = nn.ModuleList(nn.ModuleDict({t: net.build(location) for t, net in zip(self.tasks, networks)})
                                    for location in range(stages.num_locations))
         self.units = nn.ModuleList(CrossStitchUnit(len(self.tasks), spec.out_channels, self_weight)
                                    for spec in self.specs)
@@ -120,8 +125,8 @@ class CrossStitch(AbsArchitecture):
     (``head(features, size)``, e.g. ``stages.build_head``); ``forward(inputs)`` returns task -> prediction
     ``(N, K_t, H, W)``; the shared parameters (``get_share_params``) are the cross-stitch units, the only
     parameters that belong to no single task. ``arch_args``: ``self_weight`` (initial α_ii, default by the number of
-    tasks, :func:`default_self_weight`);
-    ``unit_lr_multiplier`` (the units learn at this multiple of the run's learning rate, in a parameter group of
+    tasks, :func:`default_self_weight`); ``candidates`` (``"independent"``, default, or ``"identical"``: see the module
+    docstring); ``unit_lr_multiplier`` (the units learn at this multiple of the run's learning rate, in a parameter group of
     their own: default 100, the rate the reference implementation, ``SimonVandenhende/Multi-Task-Learning-PyTorch``
     ``get_optimizer``, gives them, see :data:`UNIT_LR_MULTIPLIER`; 1 = the weights' rate);
     ``plan`` must be ``None`` (the harness passes it to every architecture; cross-stitch is not plan-based).
@@ -133,7 +138,8 @@ class CrossStitch(AbsArchitecture):
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
         check_architecture_args("cross-stitch", task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
-        self.encoder = CrossStitchNetwork(encoder_class(), task_name, kwargs.get("self_weight"))
+        self.encoder = CrossStitchNetwork(encoder_class(), task_name, kwargs.get("self_weight"),
+                                          kwargs.get("candidates", "independent"))
         self.decoders = nn.ModuleDict({t: decoders[t] for t in task_name})
         self.unit_lr_multiplier = float(kwargs.get("unit_lr_multiplier", UNIT_LR_MULTIPLIER))
         if not self.unit_lr_multiplier > 0:
@@ -162,4 +168,5 @@ class CrossStitch(AbsArchitecture):
 @register_method("cross_stitch")
 def cross_stitch(config, num_locations: int) -> MethodSpec:
     """Cross-stitch networks: one network per task, channel-wise units after every location."""
-    return MethodSpec(architecture=CrossStitch, arch_args={"unit_lr_multiplier": UNIT_LR_MULTIPLIER})
+    return MethodSpec(architecture=CrossStitch, arch_args={"unit_lr_multiplier": UNIT_LR_MULTIPLIER,
+                                                           "candidates": "independent"})

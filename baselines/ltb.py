@@ -42,11 +42,12 @@ class LTB(GatedSupernet):
     """The LTB supernet as a LibMTL architecture (arguments: :class:`~baselines.supernet.GatedSupernet`).
 
     ``arch_args``: ``search_space`` (``"reference"``, default, or ``"all"``; see the module docstring),
-    ``warmup_epochs`` (default: LibMTL's ``epoch < epochs / 100``), ``plan`` (must be ``None``).
+    ``warmup_epochs`` (default: LibMTL's ``epoch < epochs / 100``), ``candidates``
+    (:class:`~baselines.supernet.GatedSupernet`), ``plan`` (must be ``None``).
     """
 
     label = "LTB"
-    known_args = frozenset({"plan", "search_space", "warmup_epochs"})
+    known_args = GatedSupernet.known_args | {"search_space", "warmup_epochs"}
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
@@ -149,7 +150,8 @@ class LTB(GatedSupernet):
 @register_method("ltb")
 def ltb(config, num_locations: int) -> MethodSpec:
     """Learning to Branch: the plan of the trained gates; reported cost is that of the derived network."""
-    return MethodSpec(architecture=LTB, arch_args={"search_space": "reference"}, final_plan=lambda model: model.derived_plan())
+    return MethodSpec(architecture=LTB, arch_args={"search_space": "reference", "candidates": "independent"},
+                      final_plan=lambda model: model.derived_plan())
 
 
 @register_method("ltb_r")

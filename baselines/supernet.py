@@ -1,7 +1,11 @@
 """The supernet LTB and BMTAS search in, as a LibMTL architecture: ``T`` candidate nodes per merge location.
 
-Every location ``l`` holds one node per task slot (``stages.build(l)``, so all start identical, like the
-single-task networks). A subclass decides how tasks pick nodes while searching (:meth:`search_forward`) and
+Every location ``l`` holds one node per task slot. By default (``arch_args`` ``candidates="independent"``) slot
+``j``'s nodes come from its own draw of the network's random initialisation
+(:func:`~mtsl_plugin.network.stages.candidate_factories`), as both references start theirs: LibMTL's LTB calls
+``encoder_class()`` once per task, and brdav's supernet initialises every candidate operation on its own (its
+encoder's then all load one set of ImageNet weights); pretrained or file weights are the same in every slot.
+``candidates="identical"`` starts every slot as one network, like MTSL's single-task networks. A subclass decides how tasks pick nodes while searching (:meth:`search_forward`) and
 which node each task keeps (:meth:`derived_chains`: for every task its *chain*, the slot it uses at every
 location; see :mod:`baselines.gates`). In evaluation every task runs on its derived chain, one node per group
 of the derived plan, which is exactly the derived branched network (tested).
@@ -24,6 +28,7 @@ from mtsl_plugin.architecture import check_architecture_args
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.cost import count_gmac
+from mtsl_plugin.network.stages import candidate_factories
 from mtsl_plugin.plan import BranchingPlan, Group
 
 AbsArchitecture = import_libmtl().architecture.AbsArchitecture
@@ -41,7 +46,7 @@ class GatedSupernet(AbsArchitecture):
     reads_stages = True  # encoder_class() gives a StageFactory, heads are called with the output size (Trainer)
 
     label = "supernet"  # for messages (LibMTL subclasses the architecture, so the class name is not ours)
-    known_args: frozenset[str] = frozenset({"plan"})
+    known_args: frozenset[str] = frozenset({"plan", "candidates"})
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         decoders = dict(decoders)  # a plain dict: the heads are registered once, as ``self.heads``
@@ -56,8 +61,9 @@ class GatedSupernet(AbsArchitecture):
         self.head_locations = stages.head_locations
         self.tasks: tuple[str, ...] = tuple(task_name)
         self.num_locations = stages.num_locations
-        self.nodes = nn.ModuleDict({f"{l}-{t}": stages.build(l) for l in range(self.num_locations)
-                                    for t in self.tasks})
+        slots = candidate_factories(stages, len(self.tasks), kwargs.get("candidates", "independent"))
+        self.nodes = nn.ModuleDict({f"{l}-{t}": slots[j].build(l) for l in range(self.num_locations)
+                                    for j, t in enumerate(self.tasks)})
         self.heads = nn.ModuleDict({t: decoders[t] for t in self.tasks})
         self.gates = nn.ParameterDict()  # the subclass's logits, one ``(T, T)`` matrix per key
         self.epoch, self.total_epochs = 0, 1

@@ -3,6 +3,7 @@
 :class:`~mtsl_plugin.plan.BranchingPlan` (:func:`as_plan`). Used by :class:`mtsl_plugin.Trainer`."""
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Mapping
 
@@ -46,20 +47,32 @@ def as_head(decoder: nn.Module) -> nn.Module:
 def as_stages(encoder_class: Callable[[], Any], network: str = "compact", setting: str = "encoder-decoder"
               ) -> StageFactory:
     """The stages of LibMTL's ``encoder_class``: our stages as they are; a timm model split into locations (a
-    ResNet into the ``compact`` or ``authors`` table, any other timm CNN into its feature stages, ``compact``)."""
+    ResNet into the ``compact`` or ``authors`` table, any other timm CNN into its feature stages, ``compact``).
+    A timm model's stages build their :meth:`~StageFactory.redrawn` copies by calling ``encoder_class()`` again,
+    as LibMTL builds every task's encoder."""
     check_encoder_class(encoder_class)
     built = encoder_class()
     if isinstance(built, StageFactory):
         return built
+    stages = _model_stages(built, network, setting)
+    stages._remake = functools.partial(_called_again, encoder_class, network, setting)
+    return stages
+
+
+def _model_stages(built: Any, network: str, setting: str, seed: int = 0) -> StageFactory:
     decoder = setting == "encoder-decoder"
     if isinstance(built, timm.models.ResNet):
-        return ResNetStages.from_model(built, decoder=decoder, network=network)
+        return ResNetStages.from_model(built, decoder=decoder, network=network, seed=seed)
     if isinstance(built, nn.Module):
         if network != "compact":
             raise ValueError(f"network {network!r} is built on a timm ResNet; encoder {type(built).__name__} takes "
                              "network 'compact'")
-        return TimmStages.from_model(built, decoder=decoder)
+        return TimmStages.from_model(built, decoder=decoder, seed=seed)
     raise ValueError(f"encoder_class must return our stages or a timm model, got {type(built).__name__}")
+
+
+def _called_again(encoder_class: Callable[[], Any], network: str, setting: str, *, seed: int) -> StageFactory:
+    return _model_stages(encoder_class(), network, setting, seed)
 
 
 def check_encoder_class(encoder_class: Any) -> None:

@@ -87,8 +87,12 @@ def test_libmtl_heads_and_timm_encoders_are_adapted():
     head = as_head(nn.Conv2d(8, 2, 1))
     out = head([torch.randn(1, 4, 5, 5), torch.randn(1, 8, 6, 7)], (12, 14))
     assert out.shape == (1, 2, 12, 14)  # the last location's output, upsampled to the input size
-    stages = as_stages(lambda: timm.create_model("resnet18", num_classes=0))
+    calls = []
+    stages = as_stages(lambda: calls.append(1) or timm.create_model("resnet18", num_classes=0))
     assert stages.num_locations == 10 and stages.specs[4].out_channels == 512
+    other = stages.redrawn(3)  # as LibMTL builds another task's encoder: encoder_class() called again
+    assert len(calls) == 2 and other.seed == 3 and not torch.equal(other.build(1)[1][0].conv1.weight,
+                                                                   stages.build(1)[1][0].conv1.weight)
     with pytest.raises(ValueError, match="encoder_class must return"):
         as_stages(lambda: "resnet18")
 

@@ -149,6 +149,8 @@ class TimmStages(StageFactory):
             model = create_timm_model(backbone, pretrained=pretrained, weights=weights, backbone_args=backbone_args,
                                       features_only=True)
             self._build(model, backbone, decoder, seed, normalise=pretrained or weights is not None)
+        self._remake = functools.partial(TimmStages, backbone, pretrained=pretrained, weights=weights,
+                                         decoder=decoder, backbone_args=backbone_args)
 
     @classmethod
     def from_model(cls, model: nn.Module, *, decoder: bool = True, seed: int = 0) -> "TimmStages":
@@ -171,6 +173,7 @@ class TimmStages(StageFactory):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             stages._build(wrapped, name, decoder, seed, normalise=False)
+        stages._remake = functools.partial(TimmStages.from_model, model, decoder=decoder)
         return stages
 
     def _build(self, model: nn.Module, backbone: str, decoder: bool, seed: int, normalise: bool) -> None:
@@ -186,7 +189,7 @@ class TimmStages(StageFactory):
             templates[0] = normalised_stem(templates[0], model)
         self.backbone = backbone
         self.decoder = decoder
-        self._head_seed = seed
+        self.seed = seed
         self.specs = tuple(specs)
         self.feature_locations = tuple(range(len(channels)))
         self._templates = templates

@@ -48,15 +48,20 @@ feature locations); :class:`ResNetStages` is the factory over a timm ResNet, and
 :class:`~mtsl_plugin.network.backbones.TimmStages` the ``compact`` network over any other timm CNN
 (:func:`~mtsl_plugin.network.backbones.create_stages` picks one for a backbone name). A factory builds fresh
 modules for any location; every build of a location starts from the same weights (the backbone's, random or
-pretrained), so the single-task networks MTSL starts from are identical. Heads (:mod:`mtsl_plugin.network.heads`)
+pretrained), so the single-task networks MTSL starts from are identical. :meth:`StageFactory.redrawn` gives the same
+network with its random initialisation drawn again (what the baselines whose references build every task's
+network anew use, :func:`candidate_factories`). Heads (:mod:`mtsl_plugin.network.heads`)
 are called ``head(features, size)`` with the outputs of :attr:`StageFactory.head_locations`, in order.
 """
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,6 +72,7 @@ from mtsl_plugin.network.weights import create_timm_model, normalised_stem
 ENCODER_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4", "extra")
 DECODER_NAMES = ("dec1", "dec2", "dec3", "dec4")
 NETWORKS = ("compact", "authors")
+CANDIDATES = ("independent", "identical")
 
 
 @dataclass(frozen=True)
@@ -174,8 +180,10 @@ class StageFactory:
 
     A subclass sets ``backbone`` (the timm name), ``decoder`` (the encoder-decoder setting), ``network``
     (``compact`` or ``authors``), ``specs`` (one :class:`StageSpec` per location), ``feature_locations`` (the
-    locations that end with one of the backbone's feature stages, timm's ``feature_info``, shallow to deep) and
-    ``_templates`` (one module per location; :meth:`build` copies them), ``_head_seed`` (seeds the heads).
+    locations that end with one of the backbone's feature stages, timm's ``feature_info``, shallow to deep),
+    ``_templates`` (one module per location; :meth:`build` copies them), ``seed`` (the seed of everything random
+    in the templates, and of the heads) and ``_remake`` (``_remake(seed=s)`` builds the factory again from seed
+    ``s``: :meth:`redrawn`).
     """
 
     backbone: str
@@ -184,7 +192,8 @@ class StageFactory:
     specs: tuple[StageSpec, ...]
     feature_locations: tuple[int, ...]
     _templates: list[nn.Module]
-    _head_seed: int
+    seed: int
+    _remake: Callable[..., "StageFactory"]
 
     @property
     def num_locations(self) -> int:
@@ -202,6 +211,15 @@ class StageFactory:
         if not 0 <= location < self.num_locations:
             raise IndexError(f"location {location} is outside 0..{self.num_locations - 1}")
         return copy.deepcopy(self._templates[location])
+
+    def redrawn(self, seed: int) -> "StageFactory":
+        """The same network with its random initialisation drawn from ``seed``, as a second call of LibMTL's
+        ``encoder_class()`` builds another task's encoder: pretrained or file weights are the same, everything they
+        do not cover (the whole network without weights; with weights the extra and decoder blocks) is drawn
+        again. A factory over a caller's model (``from_model``) keeps that model's weights and redraws the
+        blocks added to it; the LibMTL drop-in calls the caller's ``encoder_class()`` again instead
+        (:func:`~mtsl_plugin.libmtl_adapters.as_stages`)."""
+        return self._remake(seed=seed)
 
     def check_input_size(self, height: int, width: int) -> None:
         """Refuse an image size the network cannot run on: a ``ValueError`` of one sentence naming the backbone,
@@ -248,13 +266,40 @@ class StageFactory:
         ``forward([x_l (N, C_l, h_l, w_l) for l in head_locations], size (H, W)) -> (N, out_channels, H, W)``."""
         in_channels = [self.specs[l].out_channels for l in self.head_locations]
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self._head_seed + out_channels)
+            torch.default_generator.manual_seed(self.seed + out_channels)
             if self.network == "authors":  # the authors' head width is their decoder's planes (64 on ResNet18)
                 return MultiScaleHead(in_channels, in_channels[0] // BottleneckDecoderStage.expansion, out_channels,
                                       AUTHORS_HEADS.get(task, PLAIN_HEAD))
             if self.decoder:
                 return Head(in_channels[0], out_channels)
             return DeepLabHead(in_channels[0], out_channels)
+
+
+def slot_seed(seed: int, slot: int) -> int:
+    """The seed of copy ``slot`` of a network built from ``seed``: ``seed`` itself for slot 0, for the others one
+    that numpy's ``SeedSequence`` derives from ``(seed, slot)``, so that no two copies, and no copy and another
+    run's seed, share their initialisation."""
+    if slot == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % (1 << 64), slot]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def candidate_factories(stages: StageFactory, count: int, candidates: str = "independent") -> list[StageFactory]:
+    """The factories of ``count`` copies of ``stages``' network, one per task slot of a baseline that holds a
+    network (or a candidate node per location) for every task.
+
+    ``independent``: slot 0 is ``stages``, slot ``j`` its :meth:`~StageFactory.redrawn` copy from
+    :func:`slot_seed`, as the baselines' references start: LibMTL calls ``encoder_class()`` once per task
+    (LTB, cross-stitch), and brdav/bmtas initialises every candidate operation on its own before loading the
+    ImageNet weights into the encoder's. With pretrained or file weights the copies differ only where those
+    weights do not reach. ``identical``: ``stages`` for every slot (all copies start as one network, as MTSL's
+    single-task networks do).
+    """
+    if candidates not in CANDIDATES:
+        raise ValueError(f"candidates must be one of {CANDIDATES}, got {candidates!r}")
+    if candidates == "identical":
+        return [stages] * count
+    return [stages] + [stages.redrawn(slot_seed(stages.seed, j)) for j in range(1, count)]
 
 
 class ResNetStages(StageFactory):
@@ -282,6 +327,8 @@ class ResNetStages(StageFactory):
             model = create_timm_model(backbone, pretrained=pretrained, weights=weights, backbone_args=backbone_args,
                                       num_classes=0)
             self._build(model, backbone, decoder, network, seed, normalise=pretrained or weights is not None)
+        self._remake = functools.partial(ResNetStages, backbone, pretrained=pretrained, weights=weights,
+                                         decoder=decoder, backbone_args=backbone_args, network=network)
 
     @classmethod
     def from_model(cls, model: nn.Module, *, decoder: bool = True, network: str = "compact", seed: int = 0
@@ -294,6 +341,7 @@ class ResNetStages(StageFactory):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             stages._build(model, type(model).__name__, decoder, network, seed, normalise=False)
+        stages._remake = functools.partial(ResNetStages.from_model, model, decoder=decoder, network=network)
         return stages
 
     def _build(self, model: nn.Module, backbone: str, decoder: bool, network: str, seed: int, normalise: bool
@@ -312,7 +360,7 @@ class ResNetStages(StageFactory):
         self.backbone = backbone
         self.decoder = decoder
         self.network = network
-        self._head_seed = seed
+        self.seed = seed
         self.specs: tuple[StageSpec, ...] = tuple(specs)
         self.feature_locations = (0, 1, 2, 3, 4)  # stem (with the max-pool in 'authors'), layer1-4
         self._templates = templates

@@ -248,6 +248,19 @@ def test_identity_units_make_the_task_networks_independent(setup):
     assert independent["S"] > 0 and independent["D"] == 0 and independent["E"] == 0
 
 
+@pytest.mark.parametrize("candidates", ["independent", "identical"])
+def test_cross_stitch_task_networks_start_from_independent_draws(setup, candidates):
+    """As LibMTL's ``Cross_stitch`` builds them (``encoder_class()`` once per task); ``identical`` as STN's."""
+    config, tasks, stages, _, _ = setup("encoder-decoder")
+    model = CrossStitch(list("SDE"), lambda: stages, {t: stages.build_head(1) for t in "SDE"}, False, False, "cpu",
+                        candidates=candidates)
+    for location, nodes in enumerate(model.encoder.nodes):
+        own = stages.build(location).state_dict()
+        for task, node in nodes.items():
+            same = all(torch.equal(v, own[k]) for k, v in node.state_dict().items())
+            assert same == (task == "S" or candidates == "identical"), (location, task)
+
+
 # ---------------------------------------------------------------------------------------------- MTAN
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_mtan_masks_lie_in_the_open_unit_interval_and_gate_the_shared_features(setup, setting):

@@ -5,7 +5,7 @@ import torch
 
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.cost import model_cost
-from mtsl_plugin.network.stages import ResNetStages
+from mtsl_plugin.network.stages import ResNetStages, candidate_factories, slot_seed
 from mtsl_plugin.network.weights import NormalizedStem
 from mtsl_plugin.plan import BranchingPlan, PlanError
 
@@ -158,6 +158,38 @@ def test_local_weights_file_is_loaded(tmp_path):
     (tmp_path / "broken.pth").write_bytes(b"")
     with pytest.raises(ValueError, match="broken.pth"):
         ResNetStages("resnet18", weights=tmp_path / "broken.pth")
+
+
+def differs(a, b):
+    """Some floating-point tensor of two modules' states differs."""
+    a, b = a.state_dict(), b.state_dict()
+    return any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+def test_redrawn_stages_draw_random_weights_again_and_keep_loaded_ones(tmp_path):
+    """What a second ``encoder_class()`` gives in LibMTL: another random draw of everything no weights file covers."""
+    stages = ResNetStages("resnet18", backbone_args={"channels": (8, 8, 8, 8)})
+    again = stages.redrawn(slot_seed(stages.seed, 1))
+    assert again.specs == stages.specs and again.seed != stages.seed
+    assert all(differs(stages.build(l), again.build(l)) for l in range(stages.num_locations))
+    assert not differs(stages.redrawn(stages.seed).build(3), stages.build(3))  # a seed gives one network
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / "resnet18.pth")
+    loaded = ResNetStages("resnet18", weights=tmp_path / "resnet18.pth")
+    other = loaded.redrawn(slot_seed(loaded.seed, 1))
+    assert [differs(loaded.build(l), other.build(l)) for l in range(10)] == [False] * 5 + [True] * 5  # decoder
+    model = timm.create_model("resnet18", num_classes=0, channels=(8, 8, 8, 8))
+    users = ResNetStages.from_model(model).redrawn(7)  # a caller's model keeps its weights
+    assert not differs(users.build(2), ResNetStages.from_model(model).build(2)) and users.seed == 7
+
+
+def test_candidate_factories_and_slot_seeds(stages):
+    seeds = [slot_seed(s, j) for s in range(3) for j in range(1, 6)]
+    assert slot_seed(4, 0) == 4 and len(set(seeds) | {0, 1, 2}) == len(seeds) + 3  # no copy shares a seed
+    assert candidate_factories(stages, 3, "identical") == [stages] * 3
+    independent = candidate_factories(stages, 3)
+    assert independent[0] is stages and [f.seed for f in independent[1:]] == [slot_seed(stages.seed, j) for j in (1, 2)]
+    with pytest.raises(ValueError, match="candidates must be one of"):
+        candidate_factories(stages, 3, "same")
 
 
 @pytest.mark.parametrize("content", [
