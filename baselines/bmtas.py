@@ -12,8 +12,9 @@ of :mod:`baselines.supernet`.
 * resource loss: ``sum_l GFLOPs_l * E[#nodes at l]`` under ``softmax(alpha)`` (no temperature), in GFLOPs
   (two per multiply-add) of one node on one image of ``cost_size`` (default 512x512, the size of the
   reference's look-up table ``get_flops``), **not normalised**, weighted by λ = 0.05, the value tuned for those
-  units; the expectation is exact (:func:`baselines.gates.expected_group_counts`, which also says how the
-  reference's approximation differs);
+  units; the expectation is exact by default (:func:`baselines.gates.expected_group_counts`, which also says how
+  the reference's approximation differs); ``resource="brdav"`` takes the reference's approximation instead
+  (:func:`baselines.gates.brdav_group_counts`);
 * bilevel search (:meth:`BMTAS.search_split`, :meth:`BMTAS.architecture_epoch`, called by the trainer): 20 %
   of the training data is held for the architecture. Every search epoch first runs an architecture pass over it
   (Adam lr 0.01, weight decay 5e-5, state reset every epoch; loss = task losses + T·λ·resource, the resource
@@ -48,7 +49,9 @@ ARCH_FRACTION = 0.2  # of the training data, for the architecture steps
 class BMTAS(GatedSupernet):
     """The BMTAS supernet as a LibMTL architecture (arguments: :class:`~baselines.supernet.GatedSupernet`).
 
-    ``arch_args``: ``resource_weight`` (λ, default 0.05), ``cost_size`` (``(H, W)`` the node costs are counted
+    ``arch_args``: ``resource_weight`` (λ, default 0.05), ``resource`` (``"exact"``, default, or ``"brdav"``: the
+    expected number of nodes the resource loss uses, see the module docstring), ``candidates``
+    (:class:`~baselines.supernet.GatedSupernet`), ``cost_size`` (``(H, W)`` the node costs are counted
     at, default 512x512), ``stage_gflops`` (``L`` per-node GFLOPs, instead of counting), ``warmup_epochs``
     (default ``epochs // 20``), ``plan`` (must be ``None``).
     The trainer's interface for the bilevel search: :meth:`architecture_parameters` and :attr:`arch_optimizer`
@@ -56,13 +59,17 @@ class BMTAS(GatedSupernet):
     """
 
     label = "BMTAS"
-    known_args = frozenset({"plan", "resource_weight", "cost_size", "stage_gflops", "warmup_epochs"})
+    known_args = GatedSupernet.known_args | {"resource_weight", "resource", "cost_size", "stage_gflops",
+                                             "warmup_epochs"}
     arch_optimizer = ARCH_OPTIMIZER
     arch_fraction = ARCH_FRACTION
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
         self.resource_weight = float(kwargs.get("resource_weight", DEFAULT_RESOURCE_WEIGHT))
+        self.resource = kwargs.get("resource", "exact")
+        if self.resource not in gates.RESOURCE_FORMS:
+            raise ValueError(f"BMTAS resource must be one of {gates.RESOURCE_FORMS}, got {self.resource!r}")
         self.cost_size = tuple(kwargs.get("cost_size", REFERENCE_COST_SIZE))
         self.warmup_epochs: int | None = kwargs.get("warmup_epochs")
         costs = kwargs.get("stage_gflops")
@@ -120,8 +127,10 @@ class BMTAS(GatedSupernet):
         return torch.tensor(self._stage_gflops, device=self.gates["loc0"].device)
 
     def expected_gflops(self) -> Tensor:
-        """Expected trunk GFLOPs per image of the derived network under ``softmax(alpha)`` (0-d tensor)."""
-        counts = gates.expected_group_counts([logits.softmax(dim=-1) for logits in self.choice_logits()])
+        """Expected trunk GFLOPs per image of the derived network under ``softmax(alpha)`` (0-d tensor), exactly or
+        as brdav approximates it (:attr:`resource`)."""
+        expected = gates.brdav_group_counts if self.resource == "brdav" else gates.expected_group_counts
+        counts = expected([logits.softmax(dim=-1) for logits in self.choice_logits()])
         return (counts * self.stage_gflops().to(counts.dtype)).sum()
 
     def architecture_parameters(self) -> list[nn.Parameter]:
@@ -182,7 +191,8 @@ class BMTAS(GatedSupernet):
 @register_method("bmtas")
 def bmtas(config, num_locations: int) -> MethodSpec:
     """BMTAS: brdav's bilevel search with the resource loss; reported cost is that of the derived network."""
-    return MethodSpec(architecture=BMTAS, arch_args={"resource_weight": DEFAULT_RESOURCE_WEIGHT},
+    return MethodSpec(architecture=BMTAS, arch_args={"resource_weight": DEFAULT_RESOURCE_WEIGHT, "resource": "exact",
+                                                     "candidates": "independent"},
                       final_plan=lambda model: model.derived_plan())
 
 

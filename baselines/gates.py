@@ -9,8 +9,12 @@ parting each get a copy of it (brdav/bmtas ``BranchMobileNetV2._get_branch_mappi
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from typing import Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,9 @@ from mtsl_plugin.plan import BranchingPlan
 
 # BMTAS's exact expectation sums over the 2^T subsets of tasks; beyond this it is slow and cancels badly
 MAX_EXACT_TASKS = 12
+# brdav's approximation sums over the T^T choices of operations (brdav enumerates them for every partition)
+MAX_BRDAV_TASKS = 7
+RESOURCE_FORMS = ("exact", "brdav")
 
 
 def sample_parents(logits: Tensor, temperature: float) -> tuple[Tensor, list[int]]:
@@ -146,3 +153,49 @@ def expected_group_counts(probabilities: Sequence[Tensor]) -> Tensor:
         agree = agree * per_op.prod(dim=1).sum(dim=1)
         counts.append((sign * agree).sum())
     return torch.stack(counts).to(probabilities[0].dtype)
+
+
+def brdav_group_counts(probabilities: Sequence[Tensor]) -> Tensor:
+    """BMTAS: the expected number of nodes at each location as brdav's ``BranchingLoss`` computes it, shape ``(L,)``
+    (the option ``resource="brdav"``; :func:`expected_group_counts` is the exact value, our default).
+
+    For every partition ``k`` of the tasks but the fully split one, ``q_l(k)`` is the probability that the
+    operations chosen at ``l`` group the tasks exactly as ``k`` (under ``probabilities[l]``, rows independent);
+    ``P_0(k) = q_0(k)`` and ``P_l(k) = q_l(k) * sum_c P_{l-1}(c)`` over the partitions ``c`` (not fully split) that
+    ``k`` refines, ``k`` itself included; the fully split partition gets ``1 - sum_k P_l(k)``. The count is
+    ``sum_k P_l(k) * |k|``. The outcomes in which the choices at ``l`` group tasks that parted before are counted
+    as fully split, so the count is too high wherever tasks are not all certain. Differentiable.
+    """
+    num_tasks = probabilities[0].shape[0]
+    if num_tasks > MAX_BRDAV_TASKS:
+        raise ValueError(f"brdav's resource loss sums over the T^T choices of operations; {num_tasks} tasks is more "
+                         f"than the {MAX_BRDAV_TASKS} it supports (resource 'exact' serves up to {MAX_EXACT_TASKS})")
+    choices, partition_of, refines, blocks, split = (
+        torch.as_tensor(a, device=probabilities[0].device) for a in _brdav_tables(num_tasks))
+    dtype = torch.float64
+    rows = torch.arange(num_tasks, device=choices.device)
+    refines, blocks = refines.to(dtype), blocks.to(dtype)
+    counts, previous = [], None
+    for probs in probabilities:
+        chance = probs.to(dtype)[rows, choices].prod(dim=1)  # (T^T,): every choice of operations
+        exactly = torch.zeros(len(blocks), dtype=dtype, device=chance.device).index_add(0, partition_of, chance)
+        together = exactly if previous is None else exactly * (refines @ previous)
+        together = torch.where(split, 1 - torch.where(split, 0.0, together).sum(), together)
+        counts.append((together * blocks).sum())
+        previous = together
+    return torch.stack(counts).to(probabilities[0].dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _brdav_tables(num_tasks: int) -> tuple[np.ndarray, ...]:
+    """Every choice of operations ``(T^T, T)``, the partition each one makes (index into the ``B`` partitions),
+    ``refines[k, c]`` (every group of ``k`` lies in one of ``c``), the partitions' sizes, and which one is fully
+    split."""
+    choices = np.array(list(itertools.product(range(num_tasks), repeat=num_tasks)), dtype=np.int64)
+    # a partition's canonical form: every task labelled by the first task that chose its operation
+    first = (choices[:, :, None] == choices[:, None, :]).argmax(axis=2)
+    labels, partition_of = np.unique(first, axis=0, return_inverse=True)
+    together = labels[:, :, None] == labels[:, None, :]  # (B, T, T)
+    refines = (together[:, None] <= together[None, :]).all(axis=(2, 3))
+    blocks = np.array([len(set(row)) for row in labels.tolist()])
+    return choices, partition_of.reshape(-1), refines, blocks, blocks == num_tasks

@@ -43,6 +43,27 @@ def set_gates(model, choices, scale=1.0):
                 gate[row, choice] = scale
 
 
+@pytest.mark.parametrize("architecture", [LTB, BMTAS])
+def test_candidate_nodes_start_from_independent_draws(stages, architecture):
+    """As LibMTL's LTB (``encoder_class()`` once per task) and brdav's supernet (every candidate operation
+    initialised on its own): slot 0 holds the run's own network, the other slots other draws of it."""
+    model = make(architecture, stages)
+    for location in range(stages.num_locations):
+        assert not differs(model.node(location, 0), stages.build(location))
+        assert differs(model.node(location, 1), model.node(location, 0))
+        assert differs(model.node(location, 2), model.node(location, 1))
+    identical = make(architecture, stages, candidates="identical")
+    assert not any(differs(identical.node(l, j), stages.build(l)) for l in range(stages.num_locations) for j in (1, 2))
+    with pytest.raises(ValueError, match="candidates must be one of"):
+        make(architecture, stages, candidates="same")
+
+
+def differs(a, b):
+    """Some floating-point tensor of two modules' states differs."""
+    a, b = a.state_dict(), b.state_dict()
+    return any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
 # ------------------------------------------------------------------------------------ training in both settings
 @pytest.mark.parametrize("architecture", [LTB, BMTAS])
 @pytest.mark.parametrize("setting", ["encoder-decoder", "encoder", "authors"])
@@ -297,7 +318,7 @@ def brute_force_gflops(model, costs):
 def test_resource_loss_equals_the_brute_force_expectation(seed):
     costs = [0.7, 1.3]
     model = BMTAS(list("SDE"), TinyStages, {t: TinyHead() for t in "SDE"}, False, False, "cpu",
-                  stage_gflops=costs, resource_weight=0.5)
+                  stage_gflops=costs, resource_weight=0.5, candidates="identical")
     torch.manual_seed(seed)
     with torch.no_grad():
         for gate in model.gates.values():
@@ -305,6 +326,75 @@ def test_resource_loss_equals_the_brute_force_expectation(seed):
     expected = brute_force_gflops(model, costs)
     assert float(model.expected_gflops().detach()) == pytest.approx(expected, rel=1e-6)
     assert float(model.architecture_loss().detach()) == pytest.approx(0.5 * expected, rel=1e-6)
+
+
+def brdav_brute_force(probabilities):
+    """brdav's ``BranchingLoss`` written out over the set partitions (not the package's tables): per location, the
+    probability that the operations group the tasks exactly as ``k`` (all joint choices enumerated) times the
+    previous location's probabilities of the non-split partitions ``k`` refines; the fully split one takes the
+    rest; the expected number of groups."""
+    num = probabilities[0].shape[0]
+    tasks = list(range(num))
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for smaller in partitions(rest):
+            for i in range(len(smaller)):
+                yield smaller[:i] + [[first] + smaller[i]] + smaller[i + 1:]
+            yield [[first]] + smaller
+
+    canon = lambda part: frozenset(frozenset(g) for g in part)  # noqa: E731
+    parts = [canon(p) for p in partitions(tasks) if len(p) < num]
+    refines = lambda k, c: all(any(g <= h for h in c) for g in k)  # noqa: E731
+    counts, previous = [], None
+    for probs in probabilities:
+        exactly = dict.fromkeys(parts, 0.0)
+        for ops in itertools.product(tasks, repeat=num):
+            groups = canon([[t for t in tasks if ops[t] == op] for op in set(ops)])
+            if groups in exactly:
+                exactly[groups] += float(torch.prod(torch.stack([probs[t, ops[t]] for t in tasks])))
+        current = {k: exactly[k] * (1.0 if previous is None else sum(previous[c] for c in parts if refines(k, c)))
+                   for k in parts}
+        counts.append(sum(p * len(k) for k, p in current.items()) + (1 - sum(current.values())) * num)
+        previous = current
+    return counts
+
+
+@pytest.mark.parametrize("num", [2, 3, 4])
+def test_brdav_resource_form_is_its_branching_loss(num):
+    torch.manual_seed(num)
+    probabilities = [torch.randn(num, num, dtype=torch.float64).mul(2).softmax(-1) for _ in range(3)]
+    got = gates.brdav_group_counts(probabilities)
+    assert got.tolist() == pytest.approx(brdav_brute_force(probabilities), rel=1e-9)
+    assert got[0] == pytest.approx(float(gates.expected_group_counts(probabilities)[0]))  # the same at the first
+
+
+def test_brdav_resource_form_counts_tasks_that_regroup_after_parting_as_split():
+    """Operations that group tasks across an earlier split: brdav counts every task apart, the exact form (and the
+    derived network, which gives each regrouped task its own copy) the groups that are left."""
+    eye = torch.eye(4, dtype=torch.float64)
+    choices = [eye[[0, 0, 1, 1]], eye[[0, 0, 0, 1]]]  # {SD}{EN}, then operations {SDE}{N}: groups {SD}{E}{N}
+    assert gates.brdav_group_counts(choices).tolist() == [2.0, 4.0]
+    assert gates.expected_group_counts(choices).tolist() == [2.0, 3.0]
+    nested = [eye[[0, 0, 1, 1]], eye[[2, 2, 1, 3]]]  # a refinement: both forms are exact
+    assert gates.brdav_group_counts(nested).tolist() == gates.expected_group_counts(nested).tolist() == [2.0, 3.0]
+
+
+def test_bmtas_resource_option(stages):
+    exact = make(BMTAS, stages, stage_gflops=[1.0] * stages.num_locations)
+    brdav = make(BMTAS, stages, stage_gflops=[1.0] * stages.num_locations, resource="brdav")
+    brdav.load_state_dict(exact.state_dict())
+    probs = [logits.detach().softmax(-1) for logits in exact.choice_logits()]
+    got, exact_cost = float(brdav.expected_gflops().detach()), float(exact.expected_gflops().detach())
+    assert got == pytest.approx(float(gates.brdav_group_counts(probs).sum()))
+    assert got > exact_cost + 0.1  # uniform choices: brdav overstates (28.79 against 28.63 nodes in all)
+    with pytest.raises(ValueError, match="resource must be one of"):
+        make(BMTAS, stages, resource="approximate")
+    with pytest.raises(ValueError, match="8 tasks is more than the 7"):
+        gates.brdav_group_counts([torch.full((8, 8), 1 / 8)])
 
 
 def test_extremes_of_the_resource_loss(stages):
