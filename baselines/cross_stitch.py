@@ -38,8 +38,8 @@ UNIT_LR_MULTIPLIER = 100.0
 """The units' learning rate as a multiple of the run's: the group the reference's ``get_optimizer`` builds (with
 SGD; Misra et al. train the units faster than the weights). The reference's ``main.py`` then calls
 ``adjust_learning_rate`` before its first epoch, which sets every group to the base rate, so its units in fact
-learn at 1×: a bug we do not copy. Measured on the quick preset, seed 0, under the run's Adam: Δ_MTL −0.29 % at
-100× and −3.69 % at 1× (``arch_args={"unit_lr_multiplier": 1.0}``; README, "Baselines")."""
+learn at 1×: a bug we do not copy. Measured on the quick preset, seed 0, under the run's Adam: Δ_MTL +0.75 % at
+100× and −4.15 % at 1× (``arch_args={"unit_lr_multiplier": 1.0}``; README, "Baselines")."""
 
 
 def default_self_weight(num_tasks: int) -> float:
@@ -125,10 +125,11 @@ class CrossStitch(AbsArchitecture):
     (``head(features, size)``, e.g. ``stages.build_head``); ``forward(inputs)`` returns task -> prediction
     ``(N, K_t, H, W)``; the shared parameters (``get_share_params``) are the cross-stitch units, the only
     parameters that belong to no single task. ``arch_args``: ``self_weight`` (initial α_ii, default by the number of
-    tasks, :func:`default_self_weight`); ``candidates`` (``"independent"``, default, or ``"identical"``: see the module
-    docstring); ``unit_lr_multiplier`` (the units learn at this multiple of the run's learning rate, in a parameter group of
-    their own: default 100, the rate the reference implementation, ``SimonVandenhende/Multi-Task-Learning-PyTorch``
-    ``get_optimizer``, gives them, see :data:`UNIT_LR_MULTIPLIER`; 1 = the weights' rate);
+    tasks, :func:`default_self_weight`); ``candidates`` (``"independent"``, default, or ``"identical"``: see the
+    module docstring); ``unit_lr_multiplier`` (the units learn at this multiple of the run's learning rate, in a
+    parameter group of their own: default 100, the rate the reference implementation,
+    ``SimonVandenhende/Multi-Task-Learning-PyTorch`` ``get_optimizer``, gives them, see :data:`UNIT_LR_MULTIPLIER`;
+    1 = the weights' rate);
     ``plan`` must be ``None`` (the harness passes it to every architecture; cross-stitch is not plan-based).
     ``rep_grad`` and ``multi_input`` are not supported.
     """

@@ -15,7 +15,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

@@ -5,10 +5,12 @@ Every location ``l`` holds one node per task slot. By default (``arch_args`` ``c
 (:func:`~mtsl_plugin.network.stages.candidate_factories`), as both references start theirs: LibMTL's LTB calls
 ``encoder_class()`` once per task, and brdav's supernet initialises every candidate operation on its own (its
 encoder's then all load one set of ImageNet weights); pretrained or file weights are the same in every slot.
-``candidates="identical"`` starts every slot as one network, like MTSL's single-task networks. A subclass decides how tasks pick nodes while searching (:meth:`search_forward`) and
-which node each task keeps (:meth:`derived_chains`: for every task its *chain*, the slot it uses at every
-location; see :mod:`baselines.gates`). In evaluation every task runs on its derived chain, one node per group
-of the derived plan, which is exactly the derived branched network (tested).
+``candidates="identical"`` starts every slot as one network, like MTSL's single-task networks.
+
+A subclass decides how tasks pick nodes while searching (:meth:`search_forward`) and which node each task keeps
+(:meth:`derived_chains`: for every task its *chain*, the slot it uses at every location; see
+:mod:`baselines.gates`). In evaluation every task runs on its derived chain, one node per group of the derived
+plan, which is exactly the derived branched network (tested).
 
 Skips: a decoder node at ``l`` of a chain concatenates the output of the same chain at ``spec.skip_from``, as
 the derived branched network does (a group reads the skip of the group holding its tasks there).

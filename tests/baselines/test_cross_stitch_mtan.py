@@ -252,8 +252,8 @@ def test_identity_units_make_the_task_networks_independent(setup):
 def test_cross_stitch_task_networks_start_from_independent_draws(setup, candidates):
     """As LibMTL's ``Cross_stitch`` builds them (``encoder_class()`` once per task); ``identical`` as STN's."""
     config, tasks, stages, _, _ = setup("encoder-decoder")
-    model = CrossStitch(list("SDE"), lambda: stages, {t: stages.build_head(1) for t in "SDE"}, False, False, "cpu",
-                        candidates=candidates)
+    heads = {t: stages.build_head(1) for t in "SDE"}
+    model = CrossStitch(list("SDE"), lambda: stages, heads, False, False, "cpu", candidates=candidates)
     for location, nodes in enumerate(model.encoder.nodes):
         own = stages.build(location).state_dict()
         for task, node in nodes.items():

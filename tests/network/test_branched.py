@@ -187,7 +187,8 @@ def test_candidate_factories_and_slot_seeds(stages):
     assert slot_seed(4, 0) == 4 and len(set(seeds) | {0, 1, 2}) == len(seeds) + 3  # no copy shares a seed
     assert candidate_factories(stages, 3, "identical") == [stages] * 3
     independent = candidate_factories(stages, 3)
-    assert independent[0] is stages and [f.seed for f in independent[1:]] == [slot_seed(stages.seed, j) for j in (1, 2)]
+    assert independent[0] is stages
+    assert [f.seed for f in independent[1:]] == [slot_seed(stages.seed, j) for j in (1, 2)]
     with pytest.raises(ValueError, match="candidates must be one of"):
         candidate_factories(stages, 3, "same")
 
