@@ -186,7 +186,9 @@ def test_torchrun_with_a_killed_rank_stops_and_resumes(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py")
     args = ["--methods", "mtsl", "--preset", "smoke", "--tasks", "S,D", "--config", str(config), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    scratch = tmp_path / "tmp"  # torchrun's log folders (torchelastic_*) go there, not to the system's
+    scratch.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     job = subprocess.Popen([*launcher, script, *args, "--out", str(out)], env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     started = out / "mtsl" / "seed0" / "checkpoint.pt"
