@@ -6,7 +6,8 @@ import pytest
 from benchmarks import scaling
 
 
-def test_two_gloo_processes_time_every_row_and_write_the_numbers(tmp_path, capsys):
+def test_two_gloo_processes_time_every_row_and_write_the_numbers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # torchrun's log folders (torchelastic_*) go there, not to /tmp
     out = tmp_path / "scaling.json"
     assert scaling.main(["--nproc", "2", "--steps", "1", "--batch", "4", "--height", "32", "--width", "32",
                          "--backbone", "resnet10t", "--tasks", "S,D", "--json", str(out)]) == 0
