@@ -299,6 +299,9 @@ def candidate_factories(stages: StageFactory, count: int, candidates: str = "ind
         raise ValueError(f"candidates must be one of {CANDIDATES}, got {candidates!r}")
     if candidates == "identical":
         return [stages] * count
+    if getattr(stages, "_remake", None) is None or getattr(stages, "seed", None) is None:
+        raise ValueError(f"stages {type(stages).__name__} cannot draw their initialisation again (no seed and "
+                         "_remake, see StageFactory); pass arch_args candidates='identical'")
     return [stages] + [stages.redrawn(slot_seed(stages.seed, j)) for j in range(1, count)]
 
 

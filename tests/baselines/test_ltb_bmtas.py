@@ -56,6 +56,8 @@ def test_candidate_nodes_start_from_independent_draws(stages, architecture):
     assert not any(differs(identical.node(l, j), stages.build(l)) for l in range(stages.num_locations) for j in (1, 2))
     with pytest.raises(ValueError, match="candidates must be one of"):
         make(architecture, stages, candidates="same")
+    with pytest.raises(ValueError, match="stages TinyStages cannot draw their initialisation again.*'identical'"):
+        architecture(list("SDE"), TinyStages, {t: TinyHead() for t in "SDE"}, False, False, "cpu")
 
 
 def differs(a, b):
