@@ -73,6 +73,12 @@ def hand_delta(run, reference, tasks=None):
                      for t in tasks) / len(tasks)
 
 
+def differs(a, b):
+    """Some floating-point tensor of two modules' states differs."""
+    a, b = a.state_dict(), b.state_dict()
+    return any(not a[k].equal(b[k]) for k in a if a[k].is_floating_point())
+
+
 def fake_record(config, method, s):
     """What ``run_method`` returns for a finished run of ``method`` under ``config`` with S's metric ``s`` and D's 1:
     the harness and the tables run on it without training."""

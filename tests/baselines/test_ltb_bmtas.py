@@ -12,6 +12,7 @@ from baselines import gates
 from baselines.bmtas import BMTAS
 from baselines.ltb import LTB
 from benchmarks import compare
+from conftest import differs
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.experiment import build_data, build_stages, build_trainer, run_method, seed_everything
 from mtsl_plugin.methods import build_method
@@ -58,12 +59,6 @@ def test_candidate_nodes_start_from_independent_draws(stages, architecture):
         make(architecture, stages, candidates="same")
     with pytest.raises(ValueError, match="stages TinyStages cannot draw their initialisation again.*'identical'"):
         architecture(list("SDE"), TinyStages, {t: TinyHead() for t in "SDE"}, False, False, "cpu")
-
-
-def differs(a, b):
-    """Some floating-point tensor of two modules' states differs."""
-    a, b = a.state_dict(), b.state_dict()
-    return any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
 
 # ------------------------------------------------------------------------------------ training in both settings

@@ -3,6 +3,7 @@ import pytest
 import timm
 import torch
 
+from conftest import differs
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.cost import model_cost
 from mtsl_plugin.network.stages import ResNetStages, candidate_factories, slot_seed
@@ -158,12 +159,6 @@ def test_local_weights_file_is_loaded(tmp_path):
     (tmp_path / "broken.pth").write_bytes(b"")
     with pytest.raises(ValueError, match="broken.pth"):
         ResNetStages("resnet18", weights=tmp_path / "broken.pth")
-
-
-def differs(a, b):
-    """Some floating-point tensor of two modules' states differs."""
-    a, b = a.state_dict(), b.state_dict()
-    return any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
 
 def test_redrawn_stages_draw_random_weights_again_and_keep_loaded_ones(tmp_path):
