@@ -108,8 +108,9 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--task-weights", default=None, metavar="T=W,...",
                    help="fixed factors on the task losses before the weighting method, e.g. E=10,A=100 (default 1)")
     p.add_argument("--similarity", default=None, help="similarity plugin: cka (default) or rsa")
-    p.add_argument("--grouping", default=None, help="grouping-solver plugin: authors (default, the authors' code), fewest_groups or exhaustive "
-                        "(the paper's text's score)")
+    p.add_argument("--grouping", default=None, help="grouping-solver plugin: authors (default, the authors' code), "
+                   "fewest_groups or exhaustive (the paper's text's score), exact up to 16 tasks; authors_local, "
+                   "fewest_groups_local, exhaustive_local: the same rules by local search, any number of tasks")
     p.add_argument("--amalgamator", default=None, help="amalgamator plugin (default att)")
     p.add_argument("--threshold", type=float, default=None, help="grouping threshold γ (default 0.8)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import a plugin module")

@@ -16,8 +16,11 @@ All three solvers are exact and reduce to one dynamic programme over subsets (:m
 scores are additive over groups once the number of groups ``k`` is fixed (mean over tasks: ``sum_G |G| v(G) / T``;
 mean over groups: ``sum_G v(G) / k``), so the best partition for every ``k`` at once decides every rule. Up to
 :data:`MAX_TASKS` tasks (16 tasks in seconds on one core: ``python benchmarks/grouping_speed.py``); more are
-refused. Among equal values the first partition in restricted-growth order wins, as an enumeration of all
-partitions would find it. Group values are compared in integer units of 10^-12 (:func:`partition_dp.to_units`),
+refused, naming ``authors_local``, ``fewest_groups_local`` and ``exhaustive_local``: the same three rules on the
+best partition for every ``k`` that local search finds (:mod:`.partition_search`), for any number of tasks and
+without a guarantee of optimality (``grouping_speed.py --gap-cases`` measures the gap). Among equal values the
+exact solvers take the first partition in restricted-growth order, as an enumeration of all partitions would find
+it. Group values are compared in integer units of 10^-12 (:func:`partition_dp.to_units`),
 so float noise never breaks a tie; the threshold is rounded to the same units.
 """
 from __future__ import annotations
@@ -28,12 +31,13 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from mtsl_plugin.plugins import hookimpl, partition_dp
+from mtsl_plugin.plugins import hookimpl, partition_dp, partition_search
 
 MAX_TASKS = partition_dp.MAX_ELEMENTS
 """Largest number of tasks the solvers accept (the dynamic programme visits 3^T / 2 subset pairs)."""
 
 Partition = tuple[tuple[int, ...], ...]
+SEARCHES = ("exact", "local")
 
 
 def set_partitions(n: int) -> Iterator[Partition]:
@@ -95,17 +99,20 @@ def task_mean_value(similarity: np.ndarray, partition: Sequence[Sequence[int]]) 
     return float(sum(size * group_value(similarity, group) for size, group in zip(sizes, partition)) / sum(sizes))
 
 
-def _validated(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], threshold: float) -> np.ndarray:
-    """Return ``similarity`` as a float64 array after checking it, ``tasks`` and ``threshold``."""
+def _validated(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], threshold: float,
+               search: str) -> np.ndarray:
+    """Return ``similarity`` as a float64 array after checking it, ``tasks`` and ``threshold`` (the number of
+    tasks against the exact limit when ``search`` is ``"exact"``)."""
     names = list(tasks)
     if not names:
         raise ValueError("Grouping needs at least one task.")
     if len(set(names)) != len(names):
         raise ValueError(f"Grouping needs distinct task names, got {names!r}.")
-    if len(names) > MAX_TASKS:
+    if search == "exact" and len(names) > MAX_TASKS:
         raise ValueError(
             f"Exact grouping supports at most {MAX_TASKS} tasks (its dynamic programme grows as 3^T), got "
-            f"{len(names)}."
+            f"{len(names)}; the local-search solvers (authors_local, fewest_groups_local, exhaustive_local) "
+            f"take any number, without a guarantee of optimality."
         )
     if isinstance(similarity, torch.Tensor):
         similarity = similarity.detach().to("cpu", torch.float64).numpy()
@@ -123,21 +130,39 @@ def _validated(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thre
 
 
 class _Best:
-    """The best partition for every number of groups under one score, in integer units (see the module)."""
+    """The best partition for every number of groups under one score, in integer units (see the module): exact
+    (``search="exact"``, the dynamic programme) or the best that local search finds (``"local"``)."""
 
-    def __init__(self, matrix: np.ndarray, score: str):
+    def __init__(self, matrix: np.ndarray, score: str, search: str = "exact"):
         n = matrix.shape[0]
-        pairs = partition_dp.ordered_pair_sums(matrix)
-        size = partition_dp.subset_members(n).sum(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            value = np.where(size > 1, pairs / (size * (size - 1)), 0.0)  # a group's value: mean over its pairs
+        if search == "exact":
+            pairs = partition_dp.ordered_pair_sums(matrix)
+            size = partition_dp.subset_members(n).sum(axis=1)
+            groups = None
+        else:
+            found = partition_search.best_partitions(matrix, score)
+            groups = sorted({group for _, partition in found for group in partition})
+            pairs = np.array([matrix[np.ix_(group, group)].sum() for group in groups])  # diagonal is 0
+            size = np.array([len(group) for group in groups])
+        value = partition_search.group_weights(pairs, size, "groups")  # a group's value: mean over its pairs
         weight = value if score == "groups" else size * value  # "tasks": each task counts its own value
-        (self.weight, self.value), self.scale = partition_dp.to_units(weight, value)
-        self.n = n
-        self.by_count = partition_dp.best_partitions(self.weight)  # index k - 1: (sum of weights, partition)
+        (self.weight, self.value), self.scale = partition_dp.to_units(
+            weight, value, count=max(n, partition_dp.MAX_ELEMENTS))
+        if groups is None:
+            self.by_count = partition_dp.best_partitions(self.weight)  # index k - 1: (sum of weights, partition)
+            self._index = _bits
+        else:
+            index = {group: i for i, group in enumerate(groups)}
+            self.by_count = [(int(sum(self.weight[index[g]] for g in partition)), partition)
+                             for _, partition in found]
+            self._index = index.__getitem__
 
     def units(self, threshold: float) -> int:
         return round(float(threshold) * self.scale)
+
+    def group_value(self, group: tuple[int, ...]) -> int:
+        """A group's value (mean similarity over its pairs), in units."""
+        return int(self.value[self._index(group)])
 
     def highest_mean(self) -> Partition:
         """The highest mean over groups (sum / k) over all k; the RG-first among equal means."""
@@ -147,9 +172,58 @@ class _Best:
         return min(tied, key=partition_dp.rg_string)
 
 
+def best_partitions(similarity: torch.Tensor | np.ndarray, score: str, search: str = "exact") -> list[
+        tuple[float, Partition]]:
+    """For ``k = 1 .. T`` (index ``k - 1``): the best partition of the tasks (indices) into exactly ``k`` groups
+    and its score, the sum of its groups' values (``score="groups"``, the paper's text: divide by ``k`` for the
+    mean) or of their values times their sizes (``"tasks"``, the authors' code: divide by ``T``); exact
+    (``search="exact"``, at most :data:`MAX_TASKS` tasks) or the best that local search finds (``"local"``)."""
+    if score not in partition_search.SCORES or search not in SEARCHES:
+        raise ValueError(f"score must be one of {partition_search.SCORES} and search one of {SEARCHES}, got "
+                         f"{score!r} and {search!r}")
+    best = _Best(_validated(similarity, [str(i) for i in range(len(similarity))], 0.0, search), score, search)
+    return [(total / best.scale, partition) for total, partition in best.by_count]
+
+
 def _named(partition: Partition, tasks: Sequence[str]) -> list[list[str]]:
     """Translate a partition of indices into a partition of task names."""
     return [[tasks[index] for index in group] for group in partition]
+
+
+def _highest(best: _Best, n: int, bar: int) -> Partition:
+    return best.highest_mean()
+
+
+def _fewest(best: _Best, n: int, bar: int) -> Partition:
+    for k, (total, partition) in enumerate(best.by_count, start=1):
+        if total >= bar * k:  # the best with k groups reaches the threshold: none with fewer did
+            return partition
+    return best.highest_mean()
+
+
+def _authors(best: _Best, n: int, bar: int) -> Partition:
+    if n == 1:
+        return ((0,),)
+    chosen = None
+    for total, partition in best.by_count[: n - 1]:  # exactly k groups; "at most k" keeps the earlier on ties
+        if chosen is None or total > chosen[0]:
+            chosen = (total, partition)
+        if chosen[0] >= bar * n:  # the mean over the n tasks reaches the threshold
+            break
+    merged = [group for group in chosen[1] if len(group) > 1 and best.group_value(group) > bar]
+    alone = [(index,) for index in range(n) if not any(index in group for group in merged)]
+    return tuple(sorted(merged + alone))
+
+
+_RULES = {"exhaustive": (_highest, "groups"), "fewest_groups": (_fewest, "groups"), "authors": (_authors, "tasks")}
+
+
+def _solve(rule: str, search: str, similarity: torch.Tensor | np.ndarray, tasks: Sequence[str],
+           threshold: float) -> list[list[str]]:
+    matrix = _validated(similarity, tasks, threshold, search)
+    decide, score = _RULES[rule]
+    best = _Best(matrix, score, search)
+    return _named(decide(best, matrix.shape[0], best.units(threshold)), list(tasks))
 
 
 def exhaustive(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], threshold: float) -> list[list[str]]:
@@ -164,8 +238,7 @@ def exhaustive(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thre
         Groups of task names in canonical order; among equal values the first partition in restricted-growth
         order wins.
     """
-    matrix = _validated(similarity, tasks, threshold)
-    return _named(_Best(matrix, "groups").highest_mean(), list(tasks))
+    return _solve("exhaustive", "exact", similarity, tasks, threshold)
 
 
 def fewest_groups(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], threshold: float) -> list[list[str]]:
@@ -185,13 +258,7 @@ def fewest_groups(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], t
     Returns:
         Groups of task names in canonical order.
     """
-    matrix = _validated(similarity, tasks, threshold)
-    best = _Best(matrix, "groups")
-    bar = best.units(threshold)
-    for k, (total, partition) in enumerate(best.by_count, start=1):
-        if total >= bar * k:  # the best with k groups reaches the threshold: none with fewer did
-            return _named(partition, list(tasks))
-    return _named(best.highest_mean(), list(tasks))
+    return _solve("fewest_groups", "exact", similarity, tasks, threshold)
 
 
 def authors(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], threshold: float) -> list[list[str]]:
@@ -215,21 +282,24 @@ def authors(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thresho
         tasks: T distinct task names, in the order of the matrix's rows.
         threshold: the similarity threshold gamma.
     """
-    matrix = _validated(similarity, tasks, threshold)
-    n = matrix.shape[0]
-    if n == 1:
-        return [list(tasks)]
-    best = _Best(matrix, "tasks")
-    bar = best.units(threshold)
-    chosen = None
-    for total, partition in best.by_count[: n - 1]:  # exactly k groups; "at most k" keeps the earlier on ties
-        if chosen is None or total > chosen[0]:
-            chosen = (total, partition)
-        if chosen[0] >= bar * n:  # the mean over the n tasks reaches the threshold
-            break
-    merged = [group for group in chosen[1] if len(group) > 1 and best.value[_bits(group)] > bar]
-    alone = [(index,) for index in range(n) if not any(index in group for group in merged)]
-    return _named(tuple(sorted(merged + alone)), list(tasks))
+    return _solve("authors", "exact", similarity, tasks, threshold)
+
+
+def authors_local(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], threshold: float) -> list[list[str]]:
+    """:func:`authors`'s rule on the best partitions that local search finds (:mod:`.partition_search`): any
+    number of tasks, no guarantee of optimality (its gap: ``python benchmarks/grouping_speed.py --gap-cases``)."""
+    return _solve("authors", "local", similarity, tasks, threshold)
+
+
+def fewest_groups_local(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str],
+                        threshold: float) -> list[list[str]]:
+    """:func:`fewest_groups`'s rule on the best partitions that local search finds (see :func:`authors_local`)."""
+    return _solve("fewest_groups", "local", similarity, tasks, threshold)
+
+
+def exhaustive_local(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], threshold: float) -> list[list[str]]:
+    """:func:`exhaustive`'s rule on the best partitions that local search finds (see :func:`authors_local`)."""
+    return _solve("exhaustive", "local", similarity, tasks, threshold)
 
 
 def _bits(group: Sequence[int]) -> int:
@@ -239,5 +309,9 @@ def _bits(group: Sequence[int]) -> int:
 @hookimpl
 def mtsl_grouping_solvers() -> dict:
     """Offer ``authors`` (the authors' code, the default), ``exhaustive`` (highest mean-over-groups value) and
-    ``fewest_groups`` (fewest groups whose mean-over-groups value reaches the threshold)."""
-    return {"authors": authors, "exhaustive": exhaustive, "fewest_groups": fewest_groups}
+    ``fewest_groups`` (fewest groups whose mean-over-groups value reaches the threshold), exact up to
+    :data:`MAX_TASKS` tasks, and the same three rules on partitions found by local search for more tasks
+    (``authors_local``, ``exhaustive_local``, ``fewest_groups_local``)."""
+    return {"authors": authors, "exhaustive": exhaustive, "fewest_groups": fewest_groups,
+            "authors_local": authors_local, "exhaustive_local": exhaustive_local,
+            "fewest_groups_local": fewest_groups_local}

@@ -45,14 +45,14 @@ def first_first_key(n: int) -> np.ndarray:
     return (subset_members(n) * (1 << np.arange(n - 1, -1, -1))).sum(axis=1).astype(np.int64)
 
 
-def to_units(*weights: np.ndarray, decimals: int = 12) -> tuple[list[np.ndarray], int]:
+def to_units(*weights: np.ndarray, decimals: int = 12, count: int = MAX_ELEMENTS) -> tuple[list[np.ndarray], int]:
     """The weights as int64 multiples of ``10^-d`` (rounded), with ``d <= decimals`` as large as keeps every
-    sum of up to :data:`MAX_ELEMENTS` of them below ``2^58``; returns the arrays and the scale ``10^d``."""
+    sum of up to ``count`` of them below ``2^58``; returns the arrays and the scale ``10^d``."""
     largest = max(float(np.abs(w).max(initial=0.0)) for w in weights)
     scale = 10 ** decimals
-    while scale > 1 and largest * scale * MAX_ELEMENTS >= 2.0 ** 58:
+    while scale > 1 and largest * scale * count >= 2.0 ** 58:
         scale //= 10
-    if largest * scale * MAX_ELEMENTS >= 2.0 ** 58:
+    if largest * scale * count >= 2.0 ** 58:
         raise ValueError(f"similarities of magnitude {largest:g} are too large to group exactly")
     return [np.round(np.asarray(w, dtype=np.float64) * scale).astype(np.int64) for w in weights], scale
 

@@ -1,20 +1,33 @@
-"""benchmarks/grouping_speed.py: the exact solvers' time per task count."""
+"""benchmarks/grouping_speed.py: the solvers' time per task count and local search's gap to the exact optimum."""
 import pytest
 
 from benchmarks import grouping_speed
 
 
 def test_one_row_per_task_count_with_a_time_per_solver(capsys):
-    assert grouping_speed.main(["--tasks", "3,5", "--repeats", "1"]) == 0
+    assert grouping_speed.main(["--tasks", "3,5,20", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].count("(s)") == len(grouping_speed.SOLVERS)
+    assert lines[0].count("(s)") == len(grouping_speed.SOLVERS) == 6
     rows = [line.strip("|").split("|") for line in lines[2:]]
-    assert [int(r[0]) for r in rows] == [3, 5] and all(float(c) >= 0 for r in rows for c in r[1:])
+    assert [int(r[0]) for r in rows] == [3, 5, 20] and all(float(c) >= 0 for r in rows[:2] for c in r[1:])
+    local = [i for i, name in enumerate(grouping_speed.SOLVERS, start=1) if name.endswith("_local")]
+    assert all(float(rows[2][i]) >= 0 for i in local)  # 20 tasks: local search only
+    assert [c.strip() for i, c in enumerate(rows[2]) if i and i not in local] == ["—"] * 3
+
+
+def test_gap_table_compares_local_search_with_the_exact_optimum(capsys):
+    assert grouping_speed.main(["--tasks", "4,20", "--repeats", "1", "--gap-cases", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.strip("|").split("|") for line in out.split("\n\n")[1].splitlines()[2:]]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("4", "uniform"), ("4", "planted")]  # not 20: no optimum
+    for row in rows:
+        # 4 tasks: the coarse start is exact, so no k falls below the optimum and every decision is the exact one.
+        assert row[3].strip() == "0/16" and float(row[4]) == 0 and row[5].strip() == "2/2 / 2/2 / 2/2"
 
 
 @pytest.mark.parametrize("argv, culprit", [
-    (["--tasks", "4,x"], "'4,x'"), (["--tasks", ""], "''"), (["--tasks", "17"], "'17'"),
-    (["--repeats", "0"], "--repeats"), (["--seed", "-1"], "--seed"),
+    (["--tasks", "4,x"], "'4,x'"), (["--tasks", ""], "''"), (["--tasks", "257"], "'257'"),
+    (["--repeats", "0"], "--repeats"), (["--gap-cases", "-1"], "--gap-cases"), (["--seed", "-1"], "--seed"),
 ])
 def test_bad_input_is_one_line_naming_it(capsys, argv, culprit):
     assert grouping_speed.main(argv) == 2

@@ -52,7 +52,7 @@ def test_threshold_above_one_merges_nothing(smoke, tmp_path):
     assert BranchingPlan.from_dict(result["plan"]) == BranchingPlan.single_task(("S", "D", "E"), 10)
 
 
-@pytest.mark.parametrize("grouping", ["authors", "fewest_groups"])
+@pytest.mark.parametrize("grouping", ["authors", "fewest_groups", "authors_local"])
 def test_threshold_zero_shares_every_location(smoke, tmp_path, grouping):
     """Trained (not frozen) branches whose similarities are below one still all merge at γ = 0."""
     config = smoke(task_epochs=(1,) + (0,) * 9, amalgamation_epochs=(0,) * 10, threshold=0.0, grouping=grouping)

@@ -51,7 +51,8 @@ def _write_module(directory: Path, name: str, source: str, monkeypatch, forget_m
 
 def test_builtins_are_listed_and_registered_like_any_plugin() -> None:
     assert available("similarity") == ["cka", "rsa"]
-    assert available("grouping") == ["authors", "exhaustive", "fewest_groups"]
+    assert available("grouping") == ["authors", "authors_local", "exhaustive", "exhaustive_local", "fewest_groups",
+                                     "fewest_groups_local"]
     assert available("amalgamator") == ["att", "average"]
     pm = plugin_manager()
     assert plugin_manager() is pm
@@ -66,7 +67,7 @@ def test_unknown_name_lists_the_choices() -> None:
     with pytest.raises(UnknownNameError, match="Unknown similarity metric 'cca'; available: cka, rsa") as info:
         similarity("cca")
     assert isinstance(info.value, KeyError) and isinstance(info.value, PluginError)
-    with pytest.raises(UnknownNameError, match="authors, exhaustive, fewest_groups"):
+    with pytest.raises(UnknownNameError, match="authors, authors_local, exhaustive, exhaustive_local"):
         grouping_solver("greedy")
     with pytest.raises(UnknownNameError, match="att, average"):
         amalgamator("kd")
