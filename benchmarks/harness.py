@@ -152,11 +152,11 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
             learner = method_spec(job.method, job.config, dict(job.arch_args)).learner
         except Exception:  # noqa: BLE001  a method that cannot be built fails in its own row (run_job)
             learner = None
-        aligns = learner is not None and learner.config.aligns
-        key = json.dumps([job.config.replace(seed=0).to_dict(), aligns], sort_keys=True)
+        mtsl = learner.config if learner is not None else None
+        key = json.dumps([job.config.replace(seed=0).to_dict(), mtsl and mtsl.to_dict()], sort_keys=True)
         if key in checked:
             continue
-        check_config(job.config, scan=job.config.data not in scanned, progress=progress, aligns=aligns)
+        check_config(job.config, scan=job.config.data not in scanned, progress=progress, learner=mtsl)
         checked.add(key)
         scanned.add(job.config.data)
 

@@ -204,7 +204,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         raise ValueError(f"method {method!r} retrains the final plan of {spec.retrains!r}: pass that plan")
     if check:
         from mtsl_plugin.preflight import check_config  # preflight imports this module
-        check_config(config, progress=progress, aligns=spec.learner is not None and spec.learner.config.aligns)
+        check_config(config, progress=progress, learner=spec.learner.config if spec.learner else None)
     fingerprint = run_fingerprint(method, config, spec, plan)
     saved = run_dir / "config.json"
     if saved.exists() and json.loads(saved.read_text()).get("fingerprint") != fingerprint:

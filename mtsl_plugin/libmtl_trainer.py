@@ -78,7 +78,7 @@ from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.libmtl_adapters import as_head, as_plan, as_stages, check_encoder_class
 from mtsl_plugin.libmtl_compat import check_trainer_args, check_trainer_hooks, import_libmtl, read_bare_state_dict
 from mtsl_plugin.plan import BranchingPlan
-from mtsl_plugin.preflight import check_weighting
+from mtsl_plugin.preflight import check_mtsl, check_weighting
 from mtsl_plugin.trainer import MTLTrainer
 
 AUTHORS_SIMILARITY_SAMPLES = 800  # the authors measure similarity on the first 800 training images
@@ -215,6 +215,7 @@ class Trainer(MTLTrainer):
         if issubclass(architecture, MTSL):
             options = mtsl.to_dict() if isinstance(mtsl, MTSLConfig) else dict(mtsl or {})
             learner = TrainerLearner(MTSLConfig.from_dict(options), scaled="task_epochs" not in options)
+            check_mtsl(learner.config, tuple(task_dict))  # its plugins, the grouping solver on these tasks
             plan = as_plan(arch_args.get("plan"))
             if start is not None and bare is None:
                 plan = MTLTrainer.checkpoint_plan(start)

@@ -22,7 +22,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -35,16 +34,18 @@ from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
 from mtsl_plugin.tasks import TASKS
 
 
-def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True, aligns: bool = False) -> None:
+def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
+                 learner: MTSLConfig | None = None) -> None:
     """Raise ``ValueError`` (one sentence naming the culprit) if ``config`` cannot train; see the module doc.
-    ``scan=False`` skips reading every sample of real data (when the same data was checked already); ``aligns``:
-    the method adds MTSL's alignment loss, whose CKA needs at least 4 images in every training batch."""
+    ``scan=False`` skips reading every sample of real data (when the same data was checked already); ``learner``:
+    the MTSL configuration the method runs (``None`` for a method without structural phases), whose grouping
+    solver must accept the run's tasks and whose alignment loss (CKA) needs at least 4 images in every batch."""
     from mtsl_plugin.experiment import build_data, build_run_tasks, build_split, build_stages  # experiment imports us
 
     check_device(config.device)
     check_weighting(config.weighting, len(config.tasks))
     check_optimizer(config.optimizer)
-    check_mtsl(config.mtsl)
+    check_mtsl(learner or config.mtsl, config.tasks if learner is not None else None)
     d = config.data
     if d.name == "synthetic":  # generated scenes are valid by construction: render none of them here
         dataset = build_dataset(d.name, "train", height=d.height, width=d.width, n=0)
@@ -65,7 +66,7 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
         raise ValueError(f"dataset {d.name!r} has no target for task(s) {missing}; it has {list(dataset.tasks)}")
     build_stages(config).check_input_size(dataset.height, dataset.width)  # some CNNs need a least size or multiple
     smallest = smallest_batch(trained, config.batch_size, drops_last_batch(trained, config.batch_size))
-    if aligns and smallest < 4:
+    if learner is not None and learner.aligns and smallest < 4:
         raise ValueError(f"MTSL's alignment loss measures CKA on every training batch and needs at least 4 images, "
                          f"but batch_size {config.batch_size} over {trained} training samples gives a batch of "
                          f"{smallest}: use a batch_size of at least 4 (and at least 4 training samples)")
@@ -132,9 +133,10 @@ def check_optimizer(optimizer: Mapping[str, Any]) -> None:
         raise ValueError(f"optimizer {dict(optimizer)} cannot be built: {exc}") from None
 
 
-def check_mtsl(config: MTSLConfig) -> None:
+def check_mtsl(config: MTSLConfig, tasks: tuple[str, ...] | None = None) -> None:
     """Every plugin the configuration names is called once on a tiny random input, so a plugin that returns NaN or
-    a mis-shaped value is stopped here, naming the plugin (``PluginContractError``)."""
+    a mis-shaped value is stopped here, naming the plugin (``PluginContractError``); the grouping solver on a
+    random similarity matrix of ``tasks`` when given (a solver may refuse their number), else of three tasks."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(8, 4, generator=generator, requires_grad=True)
     y = torch.randn(8, 6, generator=generator)
@@ -143,12 +145,13 @@ def check_mtsl(config: MTSLConfig) -> None:
         if config.align and name == config.align_similarity and not value.requires_grad:
             raise ValueError(f"similarity {name!r} returns no gradient, so it cannot drive the alignment loss "
                              "(align_similarity); use a differentiable one such as cka")
-    tasks = ["S", "D", "E"]
-    matrix = np.array([[1.0, 0.9, 0.2], [0.9, 1.0, 0.3], [0.2, 0.3, 1.0]])
-    grouping_solver(config.grouping)(matrix, tasks, config.threshold)
-    loss = amalgamator(config.amalgamator)(4, tasks[:2])
+    names = list(tasks) if tasks else ["S", "D", "E"]
+    matrix = torch.rand(len(names), len(names), generator=generator, dtype=torch.float64).numpy()
+    grouping_solver(config.grouping)((matrix + matrix.T) / 2, names, config.threshold)
+    pair = names[:2] if len(names) > 1 else ["S", "D"]
+    loss = amalgamator(config.amalgamator)(4, pair)
     if loss is not None:
-        features = {t: torch.randn(2, 4, 3, 3, generator=generator) for t in tasks[:2]}
+        features = {t: torch.randn(2, 4, 3, 3, generator=generator) for t in pair}
         loss(torch.randn(2, 4, 3, 3, generator=generator, requires_grad=True), features)  # a loss must train it
 
 

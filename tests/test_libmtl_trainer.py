@@ -152,6 +152,22 @@ def tiny_trainer(save_path=None, tasks=("S", "D"), mtsl=None, encoder_class=tiny
                                arch_args={"mtsl": {"threshold": 0.5} if mtsl is None else mtsl, **kwargs})
 
 
+def test_an_exact_grouping_solver_is_refused_for_seventeen_tasks_when_the_trainer_is_built():
+    """The grouping solver is tried on the trainer's tasks when it is built: the exact default refuses 17 tasks in
+    one line naming the local-search solvers, which take them."""
+    entry = libmtl_task_dict(build_tasks(["D"], num_classes=13))["D"]
+    task_dict = {f"d{i}": entry for i in range(17)}
+
+    def trainer(mtsl):
+        return mtsl_plugin.Trainer(task_dict=task_dict, weighting="EW", architecture="MTSL",
+                                   encoder_class=tiny_encoder, decoders={t: nn.Conv2d(64, 1, 1) for t in task_dict},
+                                   device="cpu", weight_args={}, arch_args={"mtsl": mtsl})
+
+    with pytest.raises(ValueError, match=r"^Exact grouping supports at most 16 tasks .* got 17; .*authors_local"):
+        trainer({})
+    assert trainer({"grouping": "authors_local"}).learner.config.grouping == "authors_local"
+
+
 @pytest.fixture
 def tiny_nyuv2(tmp_path):
     from conftest import write_nyuv2

@@ -73,9 +73,10 @@ def test_a_training_batch_under_4_images_is_refused_for_aligning_mtsl_only(smoke
 
     config = smoke(tasks=("S", "D"))
     config = config.replace(batch_size=batch_size, data=dataclasses.replace(config.data, train=train))
-    check_config(config, aligns=False)
+    check_config(config)
+    check_config(config, learner=dataclasses.replace(config.mtsl, align=False))
     if smallest >= 4:
-        check_config(config, aligns=True)
+        check_config(config, learner=config.mtsl)
         return
     with pytest.raises(ValueError, match=f"gives a batch of {smallest}: use a batch_size of at least 4") as caught:
         run_method(config, "mtsl", tmp_path / "mtsl", progress=False)

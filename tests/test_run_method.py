@@ -1,5 +1,8 @@
 """``run_method``, the README's Python entry point, checks its configuration before any training, as the benchmark
 commands do (they check every job first and then call it with ``check=False``)."""
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -8,6 +11,7 @@ from conftest import FOLDER_TASKS, write_folder_data
 from mtsl_plugin import experiment
 from mtsl_plugin.config import config_from_mapping, load_preset
 from mtsl_plugin.experiment import run_method
+from mtsl_plugin.plan import BranchingPlan
 
 
 @pytest.fixture
@@ -44,3 +48,33 @@ def test_run_method_skips_the_check_for_callers_that_made_it(bad_test_label, tmp
     monkeypatch.setattr(experiment, "build_trainer", build_trainer)
     with pytest.raises(Started):
         run_method(bad_test_label, "mtsl", tmp_path / "run", progress=False, check=False)
+
+
+def test_twenty_tasks_group_by_local_search_and_an_exact_solver_is_refused_before_training(tmp_path, monkeypatch):
+    """Twenty declared tasks (all reading one target folder): the default exact solver is refused in one line
+    before any training, naming the local-search solvers; other methods are not held to it; with
+    ``authors_local`` MTSL runs its structural phase over all twenty task nodes."""
+    root = write_folder_data(tmp_path / "data", n_train=16, n_val=8)
+    tasks = {f"heat{i}": {"kind": "regression", "folder": "heat"} for i in range(20)}
+    config = config_from_mapping({"dataset": {"name": "folder", "root": str(root), "height": 32, "width": 32,
+                                              "holdout": 8}, "tasks": tasks, "mtsl": {"phases": 1}},
+                                 load_preset("smoke"))
+
+    class Started(Exception):
+        pass
+
+    def build_trainer(*args, **kwargs):
+        raise Started
+
+    with monkeypatch.context() as patch:
+        patch.setattr(experiment, "build_trainer", build_trainer)
+        with pytest.raises(ValueError, match=r"at most 16 tasks .*got 20; the local-search solvers \(authors_local"):
+            run_method(config, "mtsl", tmp_path / "exact", progress=False)
+        with pytest.raises(Started):  # STN groups nothing: the exact solver's limit is not its concern
+            run_method(config, "stn", tmp_path / "stn", progress=False)
+    local = config.replace(mtsl=dataclasses.replace(config.mtsl, grouping="authors_local"))
+    result = run_method(local, "mtsl", tmp_path / "local", progress=False)
+    assert list(BranchingPlan.from_dict(result["plan"]).tasks) == list(tasks)
+    record = json.loads((tmp_path / "local" / "phase_0.json").read_text())
+    measured = record["similarities"][0]
+    assert len(measured["matrix"]) == 20 and sorted(t for g in measured["partition"] for t in g) == sorted(tasks)
