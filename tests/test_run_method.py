@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import baselines  # noqa: F401  (registers the baselines' methods)
 from conftest import FOLDER_TASKS, write_folder_data
 from mtsl_plugin import experiment
 from mtsl_plugin.config import config_from_mapping, load_preset

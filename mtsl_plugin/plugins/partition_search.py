@@ -51,6 +51,11 @@ class _State:
         self.sizes = np.bincount(labels, minlength=k).astype(np.float64)
         self.pairs = np.bincount(labels, weights=self.member[np.arange(len(labels)), labels], minlength=k)
 
+    def cross(self) -> np.ndarray:
+        """``(k, k)``: the similarity summed over the pairs of a member of group ``g`` and one of group ``h``
+        (ordered pairs within a group on the diagonal)."""
+        return np.eye(self.k)[self.labels].T @ self.member
+
     def total(self, score: str) -> float:
         return float(group_weights(self.pairs, self.sizes, score).sum())
 
@@ -115,7 +120,7 @@ class _State:
 def _merged(matrix: np.ndarray, labels: np.ndarray, k: int, score: str) -> np.ndarray:
     """``labels`` (``k`` groups) with the two groups whose union gains most merged, relabelled ``0 .. k-2``."""
     state = _State(matrix, labels, k)
-    cross = np.eye(k)[labels].T @ state.member  # [g, h]: similarity summed over g's members to h's
+    cross = state.cross()
     union = group_weights(state.pairs[:, None] + state.pairs[None, :] + 2 * cross,
                           state.sizes[:, None] + state.sizes[None, :], score)
     before = group_weights(state.pairs, state.sizes, score)
@@ -131,9 +136,9 @@ def _coarse_exact(matrix: np.ndarray, labels: np.ndarray, score: str) -> dict[in
     are unions of ``labels``' groups, by the dynamic programme over those groups (as task labels)."""
     count = int(labels.max()) + 1
     state = _State(matrix, labels, count)
-    cross = np.eye(count)[labels].T @ state.member  # [g, h]: similarity summed over g's members to h's
+    cross = state.cross()
     members = partition_dp.subset_members(count).astype(np.float64)
-    pairs = partition_dp.ordered_pair_sums(cross) + members @ np.diag(cross)
+    pairs = partition_dp.ordered_pair_sums(cross) + members @ np.diag(cross)  # across groups + within them
     weights = group_weights(pairs, members @ state.sizes, score)
     (units,), _ = partition_dp.to_units(weights, count=max(count, partition_dp.MAX_ELEMENTS))
     found = partition_dp.best_partitions(units)
