@@ -89,7 +89,9 @@ def mtsl_grouping_solvers() -> dict[str, GroupingSolver]:
     The canonical order is: groups ordered by the position of their first task in ``tasks``, tasks within a
     group in ``tasks`` order; ties between equally good partitions are broken deterministically. The manager
     passes the solver a copy of the matrix (so editing it in place is harmless), checks that the result is a
-    partition of ``tasks`` and returns it in the canonical order.
+    partition of ``tasks`` and returns it in the canonical order. Before any training a run calls its solver
+    once on a random matrix of its own tasks, so a solver that cannot serve them (the exact built-ins refuse
+    more than 16 tasks) should raise ``ValueError`` with a one-line message then.
     """
 
 
