@@ -45,7 +45,7 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
     check_device(config.device)
     check_weighting(config.weighting, len(config.tasks))
     check_optimizer(config.optimizer)
-    check_mtsl(learner or config.mtsl, config.tasks if learner is not None else None)
+    check_mtsl(config.mtsl if learner is None else learner, None if learner is None else config.tasks)
     d = config.data
     if d.name == "synthetic":  # generated scenes are valid by construction: render none of them here
         dataset = build_dataset(d.name, "train", height=d.height, width=d.width, n=0)
