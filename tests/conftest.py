@@ -5,24 +5,48 @@ import shutil
 import sys
 import tempfile
 
-# torch.compile's caches (inductor's generated code, Triton's kernels) go to a folder of this test session, removed
-# when it ends. Set before torch is imported (importing the package fixes inductor's folder); the processes the
-# tests start inherit it, and a folder the user set is kept as it is. Inductor's precompiled C++ headers go to its
-# default folder whatever the variable says (/tmp/torchinductor_<user>/precompiled_headers, about 150 MB here; the
-# folder itself is made by any process that imports timm); they are removed at the end too when this session made
-# them (disabling the headers made the compile tests 70 s slower).
+# torch.compile's caches (inductor's generated code, Triton's kernels, inductor's precompiled C++ headers, about
+# 450 MB a run) go to a folder of this test session, removed when it ends. Set before torch is imported (importing
+# the package fixes inductor's folder); the processes the tests start inherit it, and a folder the user set is kept
+# as it is. The headers' folder is a global of inductor's, not an environment variable: it is pointed into this
+# session's folder once imported (should a torch have no such global, its default folder,
+# /tmp/torchinductor_<user>/precompiled_headers, is removed at the end when this session made it). The folder's
+# name holds the session's process id, so that the folder of a session that was killed (which never reached its
+# end) is removed by the next session; a live session's folder is never touched.
+COMPILE_PREFIX = "mtsl-tests-compile-"
+
+
+def _remove_dead_sessions_caches() -> None:
+    for entry in os.scandir(tempfile.gettempdir()):
+        pid = entry.name[len(COMPILE_PREFIX):].split("-")[0]
+        if not (entry.name.startswith(COMPILE_PREFIX) and entry.is_dir() and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:  # alive, under another user
+            pass
+
+
 COMPILE_CACHE = None
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    COMPILE_CACHE = tempfile.mkdtemp(prefix="mtsl-tests-compile-")
+    _remove_dead_sessions_caches()
+    COMPILE_CACHE = tempfile.mkdtemp(prefix=f"{COMPILE_PREFIX}{os.getpid()}-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(COMPILE_CACHE, "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(COMPILE_CACHE, "triton"))
-INDUCTOR_HEADERS = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}", "precompiled_headers")
-INDUCTOR_HEADERS_MADE_HERE = not os.path.exists(INDUCTOR_HEADERS)
 
 import pytest  # noqa: E402
+import torch._inductor.codecache as inductor_codecache  # noqa: E402
 
 from mtsl_plugin.config import load_preset  # noqa: E402
 from mtsl_plugin.learner.schedule import MTSLConfig  # noqa: E402
+
+INDUCTOR_HEADERS = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}", "precompiled_headers")
+INDUCTOR_HEADERS_MADE_HERE = not os.path.exists(INDUCTOR_HEADERS)
+if COMPILE_CACHE is not None and all(hasattr(inductor_codecache, g) for g in ("_HEADER_DIR", "_HEADER_LOCK_DIR")):
+    inductor_codecache._HEADER_DIR = os.path.join(COMPILE_CACHE, "precompiled_headers")
+    inductor_codecache._HEADER_LOCK_DIR = os.path.join(inductor_codecache._HEADER_DIR, "locks")
 
 
 def pytest_sessionfinish(session, exitstatus):
