@@ -9,7 +9,9 @@ location shallower and reads its sampled parent's output; ungated children read 
   timm CNN the analogue: the inputs of its feature stages after the first (``stages.feature_locations[1:]``,
   locations 1 .. k-1 for k feature stages; 1-3 on a ConvNeXt, so at most 0-2 are shared). Option
   ``search_space="all"``: every location's input and the heads (the derived plan may then share anything);
-* gates: logits initialised to ones, trained by the run's optimizer at the weights' learning rate;
+* gates: logits initialised to ones, trained by the run's optimizer at the weights' learning rate (option
+  ``gate_lr_multiplier``: a parameter group of their own at that multiple of it, a departure from LibMTL; measured
+  in the README, "Baselines");
 * warm-up: while ``epoch < epochs / 100`` (the first epoch of any run shorter than 200 epochs), every gated
   child reads the **sum** of all its candidate parents' outputs (LibMTL's all-ones ``alpha``);
 * search: ``F.gumbel_softmax(logits, tau, hard=True)`` per row: a child picks parent ``k`` with probability
@@ -42,12 +44,13 @@ class LTB(GatedSupernet):
     """The LTB supernet as a LibMTL architecture (arguments: :class:`~baselines.supernet.GatedSupernet`).
 
     ``arch_args``: ``search_space`` (``"reference"``, default, or ``"all"``; see the module docstring),
-    ``warmup_epochs`` (default: LibMTL's ``epoch < epochs / 100``), ``candidates``
+    ``warmup_epochs`` (default: LibMTL's ``epoch < epochs / 100``), ``gate_lr_multiplier`` (the gates learn at
+    this multiple of the run's learning rate; default 1, LibMTL's), ``candidates``
     (:class:`~baselines.supernet.GatedSupernet`), ``plan`` (must be ``None``).
     """
 
     label = "LTB"
-    known_args = GatedSupernet.known_args | {"search_space", "warmup_epochs"}
+    known_args = GatedSupernet.known_args | {"search_space", "warmup_epochs", "gate_lr_multiplier"}
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
@@ -55,6 +58,9 @@ class LTB(GatedSupernet):
         if self.search_space not in SEARCH_SPACES:
             raise ValueError(f"LTB search_space must be one of {SEARCH_SPACES}, got {self.search_space!r}")
         self.warmup_epochs: int | None = kwargs.get("warmup_epochs")
+        self.gate_lr_multiplier = float(kwargs.get("gate_lr_multiplier", 1.0))
+        if not self.gate_lr_multiplier > 0:
+            raise ValueError(f"LTB gate_lr_multiplier must be positive, got {self.gate_lr_multiplier}")
         if self.search_space == "all":
             self.gated_levels = list(range(1, self.num_locations + 1))  # level L: the heads
         else:
@@ -64,6 +70,10 @@ class LTB(GatedSupernet):
             self.gates[self.gate_key(level)] = nn.Parameter(torch.ones(num, num))
 
     # ------------------------------------------------------------------ gates
+    def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The gates' parameter group and its multiple of the learning rate (read by the trainer); none at 1."""
+        return [] if self.gate_lr_multiplier == 1 else [(list(self.gates.parameters()), self.gate_lr_multiplier)]
+
     def gate_key(self, level: int) -> str:
         """``loc{l}`` for the nodes of location ``l``, ``heads`` for level ``L``."""
         return "heads" if level == self.num_locations else f"loc{level}"

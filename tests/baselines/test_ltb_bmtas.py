@@ -110,6 +110,31 @@ def test_search_trains_gates_and_yields_a_valid_plan(smoke, architecture, settin
     assert all(first[t].shape == (images.shape[0], tasks[t].out_channels, 32, 32) for t in "SDE")
 
 
+@pytest.mark.parametrize("multiplier", [1.0, 100.0])
+def test_ltb_gates_learn_at_their_own_multiple_of_the_learning_rate(smoke, multiplier):
+    """Option ``gate_lr_multiplier``: the gates form a parameter group at that multiple of the run's rate and their
+    first search step moves each logit by it (Adam's first step is lr x sign of the gradient); at 1, LibMTL's,
+    they stay in the one group. Not a positive number: refused."""
+    config = smoke(tasks="SDE")
+    seed_everything(0)
+    data, dataset = build_data(config)
+    stages = build_stages(config)
+    trainer = build_trainer(config, build_tasks(config.tasks, dataset.num_classes), None, stages, architecture=LTB,
+                            arch_args={"search_space": "reference", "gate_lr_multiplier": multiplier})
+    model, lr = trainer.model, config.optimizer["lr"]
+    gate_ids = {id(g) for g in model.gates.values()}
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == (1 if multiplier == 1 else 2)
+    assert {id(p) for p in groups[-1]["params"]} >= gate_ids and groups[-1]["lr"] == pytest.approx(lr * multiplier)
+    model.warmup_epochs, model.total_epochs, model.epoch = 0, 40, 0  # searching from the first step
+    before = {k: g.detach().clone() for k, g in model.gates.items()}
+    trainer.train_step(*next(iter(data.batches(data.train, key=(0, 0)))))
+    moved = torch.cat([(g.detach() - before[k]).abs().flatten() for k, g in model.gates.items()])
+    assert float(moved.max()) <= lr * multiplier * 1.0001 and float(moved.max()) > lr * multiplier * 0.5
+    with pytest.raises(ValueError, match="gate_lr_multiplier must be positive, got 0.0"):
+        make(LTB, stages, gate_lr_multiplier=0)
+
+
 def test_schedules_are_the_references():
     """LibMTL's LTB: warm-up while epoch < E/100, tau = (E/20)/sqrt(epoch + 1). brdav's BMTAS: E//20 warm-up
     epochs, then tau linear from 5.0 to 0.1."""
