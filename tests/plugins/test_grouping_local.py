@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks.grouping_speed import KINDS, random_similarity
 from mtsl_plugin.plugins import grouping_solver, partition_search
 from mtsl_plugin.plugins.builtin_grouping import (authors, authors_local, best_partitions, exhaustive_local,
                                                   fewest_groups_local, group_value,
@@ -12,17 +13,6 @@ from mtsl_plugin.plugins.builtin_grouping import (authors, authors_local, best_p
 
 RULES = ("authors", "fewest_groups", "exhaustive")
 LOCAL = (authors_local, fewest_groups_local, exhaustive_local)
-
-
-def _similarity(generator: np.random.Generator, t: int, planted: bool) -> np.ndarray:
-    if planted:
-        labels = generator.integers(0, max(2, t // 3), t)
-        matrix = np.where(labels[:, None] == labels[None, :], 0.85, 0.5) + generator.uniform(-0.15, 0.15, (t, t))
-    else:
-        matrix = generator.uniform(0.0, 1.0, (t, t))
-    matrix = (matrix + matrix.T) / 2
-    np.fill_diagonal(matrix, 1.0)
-    return matrix
 
 
 @pytest.mark.parametrize("t", [2, 3, 4, 5, 6, 7, 8, 9, 12, 14])
@@ -33,7 +23,7 @@ def test_local_search_reaches_the_exact_optimum_and_decides_as_the_exact_solvers
     generator = np.random.default_rng(4000 + t)
     tasks = [f"t{i}" for i in range(t)]
     for trial in range(8 if t < 12 else 4):
-        similarity = _similarity(generator, t, planted=bool(trial % 2))
+        similarity = random_similarity(generator, t, KINDS[trial % 2])
         for score in ("groups", "tasks"):
             exact = [v for v, _ in best_partitions(similarity, score, "exact")]
             local = best_partitions(similarity, score, "local")
@@ -50,7 +40,7 @@ def test_local_search_reaches_the_exact_optimum_and_decides_as_the_exact_solvers
 
 
 def test_best_partitions_scores_are_the_sums_of_their_groups_values() -> None:
-    similarity = _similarity(np.random.default_rng(5), 7, planted=False)
+    similarity = random_similarity(np.random.default_rng(5), 7)
     for search in ("exact", "local"):
         for total, partition in best_partitions(similarity, "groups", search):
             assert total == pytest.approx(sum(group_value(similarity, g) for g in partition))
@@ -108,7 +98,7 @@ def test_local_input_validation(solver) -> None:
 def test_search_steps_keep_their_sums_and_the_arguments_are_checked() -> None:
     """After the search, the kept pair sums and per-task group sums equal those computed from scratch."""
     generator = np.random.default_rng(2)
-    matrix = _similarity(generator, 12, planted=False)
+    matrix = random_similarity(generator, 12)
     matrix = np.where(np.eye(12, dtype=bool), 0.0, matrix)
     state = partition_search._State(matrix, generator.permutation(12) % 4, 4)
     state.improve("tasks", 1e-12)
