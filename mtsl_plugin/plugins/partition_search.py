@@ -37,8 +37,7 @@ def group_weights(pair_sums: np.ndarray, sizes: np.ndarray, score: str) -> np.nd
     """The weight of groups of ``sizes`` whose ordered pairs sum to ``pair_sums`` (0 for a size below 2)."""
     sizes = np.asarray(sizes, dtype=np.float64)
     divisor = sizes * (sizes - 1) if score == "groups" else sizes - 1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(sizes > 1, pair_sums / divisor, 0.0)
+    return np.where(sizes > 1, pair_sums, 0.0) / np.maximum(divisor, 1.0)  # the divisor is >= 1 where sizes > 1
 
 
 class _State:
