@@ -133,26 +133,27 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
     a run of another fingerprint (:func:`check_run_folders`). Under torchrun every job must be one that
     DistributedDataParallel can train (:func:`~mtsl_plugin.preflight.check_distributed`)."""
     folders: dict[tuple[str, int], Job] = {}
+    learners = []
     for job in jobs:
         if folders.setdefault((job.label, job.config.seed), job) is not job:
             raise UsageError(f"two of the requested runs would share the folder {job.label}/seed{job.config.seed}; "
                              "give them distinct names")
+        try:
+            spec = method_spec(job.method, job.config, dict(job.arch_args))
+        except Exception:  # noqa: BLE001  a method that cannot be built fails in its own row (run_job)
+            learners.append(None)
+            continue
+        learners.append(spec.learner.config if spec.learner is not None else None)
         if distributed.active():
-            architecture = method_spec(job.method, job.config, dict(job.arch_args)).architecture
             try:
-                check_distributed(job.config.weighting, getattr(architecture, "arch_optimizer", None) is not None,
+                check_distributed(job.config.weighting, getattr(spec.architecture, "arch_optimizer", None) is not None,
                                   job.config.compile)
             except ValueError as exc:
                 raise UsageError(f"{job.label}: {exc}") from None
     if out is not None:
         check_run_folders(jobs, out)
     checked, scanned = set(), set()
-    for job in jobs:
-        try:
-            learner = method_spec(job.method, job.config, dict(job.arch_args)).learner
-        except Exception:  # noqa: BLE001  a method that cannot be built fails in its own row (run_job)
-            learner = None
-        mtsl = learner.config if learner is not None else None
+    for job, mtsl in zip(jobs, learners):
         key = json.dumps([job.config.replace(seed=0).to_dict(), mtsl and mtsl.to_dict()], sort_keys=True)
         if key in checked:
             continue

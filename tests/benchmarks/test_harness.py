@@ -91,3 +91,20 @@ def test_under_torchrun_what_ddp_cannot_train_is_refused_before_any_training(mon
     monkeypatch.setattr(harness.distributed, "active", lambda: False)  # one process: all three train
     monkeypatch.setattr(harness, "check_config", lambda *a, **k: None)
     harness.check_jobs([job])
+
+
+def test_under_torchrun_a_method_that_cannot_be_built_is_left_to_fail_in_its_own_row(monkeypatch):
+    """As in one process: ``run_job`` reports its failure in the method's row on every rank and the sweep goes on
+    (the check used to raise it from ``check_jobs``, stopping the whole command)."""
+    from benchmarks import harness
+    from conftest import smoke_config
+
+    def spec(method, config, arch_args):
+        raise ValueError(f"{method} cannot be built")
+
+    as_rank_1_of_2(monkeypatch)
+    monkeypatch.setattr(harness, "method_spec", spec)
+    checked = []
+    monkeypatch.setattr(harness, "check_config", lambda config, **k: checked.append(k["learner"]))
+    harness.check_jobs([harness.Job("mtsl", "mtsl", smoke_config())])
+    assert checked == [None]
