@@ -50,7 +50,8 @@ class BMTAS(GatedSupernet):
     """The BMTAS supernet as a LibMTL architecture (arguments: :class:`~baselines.supernet.GatedSupernet`).
 
     ``arch_args``: ``resource_weight`` (λ, default 0.05), ``resource`` (``"exact"``, default, or ``"brdav"``: the
-    expected number of nodes the resource loss uses, see the module docstring), ``candidates``
+    expected number of nodes the resource loss uses, see the module docstring; up to 12 and 7 tasks, more are
+    refused when the supernet is built), ``candidates``
     (:class:`~baselines.supernet.GatedSupernet`), ``cost_size`` (``(H, W)`` the node costs are counted
     at, default 512x512), ``stage_gflops`` (``L`` per-node GFLOPs, instead of counting), ``warmup_epochs``
     (default ``epochs // 20``), ``plan`` (must be ``None``).
@@ -70,6 +71,11 @@ class BMTAS(GatedSupernet):
         self.resource = kwargs.get("resource", "exact")
         if self.resource not in gates.RESOURCE_FORMS:
             raise ValueError(f"BMTAS resource must be one of {gates.RESOURCE_FORMS}, got {self.resource!r}")
+        limit = gates.MAX_BRDAV_TASKS if self.resource == "brdav" else gates.MAX_EXACT_TASKS
+        if len(self.tasks) > limit:  # refused now: the resource loss is first computed after the first epoch
+            raise ValueError(f"BMTAS resource {self.resource!r} serves at most {limit} tasks, got {len(self.tasks)}"
+                             + (f" (resource 'exact' serves up to {gates.MAX_EXACT_TASKS})"
+                                if self.resource == "brdav" else ""))
         self.cost_size = tuple(kwargs.get("cost_size", REFERENCE_COST_SIZE))
         self.warmup_epochs: int | None = kwargs.get("warmup_epochs")
         costs = kwargs.get("stage_gflops")
