@@ -28,6 +28,8 @@ torch's global generator (seeded by the run, restored on resume).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -58,9 +60,10 @@ class LTB(GatedSupernet):
         if self.search_space not in SEARCH_SPACES:
             raise ValueError(f"LTB search_space must be one of {SEARCH_SPACES}, got {self.search_space!r}")
         self.warmup_epochs: int | None = kwargs.get("warmup_epochs")
-        self.gate_lr_multiplier = float(kwargs.get("gate_lr_multiplier", 1.0))
-        if not self.gate_lr_multiplier > 0:
-            raise ValueError(f"LTB gate_lr_multiplier must be positive, got {self.gate_lr_multiplier}")
+        multiplier = kwargs.get("gate_lr_multiplier", 1.0)
+        if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) or not 0 < multiplier < math.inf:
+            raise ValueError(f"LTB gate_lr_multiplier must be a positive finite number, got {multiplier!r}")
+        self.gate_lr_multiplier = float(multiplier)
         if self.search_space == "all":
             self.gated_levels = list(range(1, self.num_locations + 1))  # level L: the heads
         else:

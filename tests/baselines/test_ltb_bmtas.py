@@ -131,8 +131,16 @@ def test_ltb_gates_learn_at_their_own_multiple_of_the_learning_rate(smoke, multi
     trainer.train_step(*next(iter(data.batches(data.train, key=(0, 0)))))
     moved = torch.cat([(g.detach() - before[k]).abs().flatten() for k, g in model.gates.items()])
     assert float(moved.max()) <= lr * multiplier * 1.0001 and float(moved.max()) > lr * multiplier * 0.5
-    with pytest.raises(ValueError, match="gate_lr_multiplier must be positive, got 0.0"):
+    with pytest.raises(ValueError, match="gate_lr_multiplier must be a positive finite number, got 0"):
         make(LTB, stages, gate_lr_multiplier=0)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("inf"), float("nan"), "fast", None, True])
+def test_ltb_gate_lr_multiplier_that_is_not_a_positive_number_is_refused_naming_it(stages, value):
+    """Refused in one line naming the option when the supernet is built: an infinite rate would only show as a NaN
+    loss once the gates learn, a string or None as float()'s message, which names no option."""
+    with pytest.raises(ValueError, match=r"^LTB gate_lr_multiplier must be a positive finite number, got "):
+        make(LTB, stages, gate_lr_multiplier=value)
 
 
 def test_schedules_are_the_references():
@@ -417,6 +425,22 @@ def test_bmtas_resource_option(stages):
         make(BMTAS, stages, resource="approximate")
     with pytest.raises(ValueError, match="8 tasks is more than the 7"):
         gates.brdav_group_counts([torch.full((8, 8), 1 / 8)])
+
+
+@pytest.mark.parametrize("resource,limit", [("brdav", gates.MAX_BRDAV_TASKS), ("exact", gates.MAX_EXACT_TASKS)])
+def test_bmtas_refuses_more_tasks_than_its_resource_form_serves_when_built(stages, resource, limit):
+    """The resource loss is first computed after the first epoch (the search's record, the architecture step): a
+    task count its form cannot serve is refused when the supernet is built, before any training, in one line."""
+    def build(count):
+        tasks = [f"t{i}" for i in range(count)]
+        return BMTAS(tasks, lambda: stages, {t: stages.build_head(1) for t in tasks}, False, False, "cpu",
+                     resource=resource, candidates="identical", stage_gflops=[1.0] * stages.num_locations)
+
+    assert float(build(limit).expected_gflops().detach()) > 0
+    with pytest.raises(ValueError, match=rf"^BMTAS resource '{resource}' serves at most {limit} tasks, got "
+                                         rf"{limit + 1}") as caught:
+        build(limit + 1)
+    assert "\n" not in str(caught.value)
 
 
 def test_extremes_of_the_resource_loss(stages):
