@@ -196,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--locations {args.locations} names a location twice")
         if len(config.tasks) < 2:
             raise UsageError("the alignment loss needs at least two tasks")
-        check_jobs([Job("onenet", "onenet", config)], progress=not args.no_progress)
+        # the probe trains and groups as aligned MTSL does, on every task of the run: check that configuration
+        aligned = config.replace(mtsl=dataclasses.replace(config.mtsl, align=True))
+        check_jobs([Job("mtsl", "mtsl", aligned)], progress=not args.no_progress)
         folder = out_folder(args, "alignment", config) / "alignment"
         args.results_folder = None  # the probe writes at its end: an interrupted one has nothing to keep
         report = {"config": config.to_dict(), "epochs": args.epochs, "steps": args.steps}

@@ -106,3 +106,21 @@ def test_a_probe_is_extended_by_new_locations_and_never_replaced_by_other_settin
     for argv, culprit in ((["--locations", "5,5"], "twice"), (["--steps", "4"], "3 steps here")):
         assert alignment.main([*common, *argv, "--out", str(tmp_path / "fresh")]) == 2
         assert culprit in capsys.readouterr().err
+
+
+def test_a_solver_that_refuses_the_runs_tasks_is_refused_before_any_probe(tmp_path, capsys, monkeypatch):
+    """The probe groups the task nodes of all the run's tasks with the run's solver, so that solver is tried on
+    them before any training: seventeen declared tasks and the exact default are one line, and no probe starts."""
+    from conftest import write_folder_data
+
+    root = write_folder_data(tmp_path / "data", n_train=16, n_val=8)
+    tasks = {f"heat{i}": {"kind": "regression", "folder": "heat"} for i in range(17)}
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({"dataset": {"name": "folder", "root": str(root), "height": 32, "width": 32,
+                                              "holdout": 8}, "tasks": tasks}))
+    probes = []
+    monkeypatch.setattr(alignment, "probe", lambda *args: probes.append(args) or pytest.fail("a probe started"))
+    assert alignment.main(["--preset", "smoke", "--config", str(config), "--locations", "9", "--epochs", "1",
+                           "--no-progress", "--out", str(tmp_path / "probe")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "at most 16 tasks" in err and "authors_local" in err and len(err.splitlines()) == 1 and not probes
