@@ -1,4 +1,5 @@
 """Shared fixtures: the smoke preset, shrunk further where a test only needs the code path."""
+import fcntl
 import getpass
 import os
 import shutil
@@ -10,29 +11,40 @@ import tempfile
 # the package fixes inductor's folder); the processes the tests start inherit it, and a folder the user set is kept
 # as it is. The headers' folder is a global of inductor's, not an environment variable: it is pointed into this
 # session's folder once imported (should a torch have no such global, its default folder,
-# /tmp/torchinductor_<user>/precompiled_headers, is removed at the end when this session made it). The folder's
-# name holds the session's process id, so that the folder of a session that was killed (which never reached its
-# end) is removed by the next session; a live session's folder is never touched.
+# /tmp/torchinductor_<user>/precompiled_headers, is removed at the end when this session made it). A session holds
+# an exclusive lock on a file in its folder while it lives (the system releases it when the process ends, however
+# it ends), so the next session removes the folder of a session that was killed (which never reached its end) and
+# never a live session's, even one in another process-id namespace sharing this temporary folder.
 COMPILE_PREFIX = "mtsl-tests-compile-"
+SESSION_LOCK = "session.lock"
 
 
 def _remove_dead_sessions_caches() -> None:
     for entry in os.scandir(tempfile.gettempdir()):
-        pid = entry.name[len(COMPILE_PREFIX):].split("-")[0]
-        if not (entry.name.startswith(COMPILE_PREFIX) and entry.is_dir() and pid.isdigit()):
+        if not (entry.name.startswith(COMPILE_PREFIX) and entry.is_dir(follow_symlinks=False)):
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry.path, ignore_errors=True)
-        except OSError:  # alive, under another user
+            with open(os.path.join(entry.path, SESSION_LOCK), "rb") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:  # locked by a live session, another user's, or no lock file: not a dead session's folder
             pass
+
+
+def _locked_session_folder() -> tuple[str, object]:
+    """A new folder of this session and its lock file, open and locked (locked before it takes its name, so that
+    no other session ever sees the folder's lock file free)."""
+    folder = tempfile.mkdtemp(prefix=f"{COMPILE_PREFIX}{os.getpid()}-")
+    lock = open(os.path.join(folder, SESSION_LOCK + ".new"), "wb")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    os.rename(lock.name, os.path.join(folder, SESSION_LOCK))
+    return folder, lock
 
 
 COMPILE_CACHE = None
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     _remove_dead_sessions_caches()
-    COMPILE_CACHE = tempfile.mkdtemp(prefix=f"{COMPILE_PREFIX}{os.getpid()}-")
+    COMPILE_CACHE, SESSION_LOCK_FILE = _locked_session_folder()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(COMPILE_CACHE, "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(COMPILE_CACHE, "triton"))
 
@@ -43,10 +55,13 @@ from mtsl_plugin.config import load_preset  # noqa: E402
 from mtsl_plugin.learner.schedule import MTSLConfig  # noqa: E402
 
 INDUCTOR_HEADERS = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}", "precompiled_headers")
-INDUCTOR_HEADERS_MADE_HERE = not os.path.exists(INDUCTOR_HEADERS)
-if COMPILE_CACHE is not None and all(hasattr(inductor_codecache, g) for g in ("_HEADER_DIR", "_HEADER_LOCK_DIR")):
+HEADERS_REDIRECTED = COMPILE_CACHE is not None and all(
+    hasattr(inductor_codecache, g) for g in ("_HEADER_DIR", "_HEADER_LOCK_DIR"))
+if HEADERS_REDIRECTED:
     inductor_codecache._HEADER_DIR = os.path.join(COMPILE_CACHE, "precompiled_headers")
     inductor_codecache._HEADER_LOCK_DIR = os.path.join(inductor_codecache._HEADER_DIR, "locks")
+# inductor's default headers folder is this session's only if its headers still go there and it did not exist yet
+INDUCTOR_HEADERS_MADE_HERE = not HEADERS_REDIRECTED and not os.path.exists(INDUCTOR_HEADERS)
 
 
 def pytest_sessionfinish(session, exitstatus):
