@@ -28,7 +28,8 @@ of :mod:`baselines.supernet`.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import numbers
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from torch.utils.data import Dataset, Subset
 
 from baselines import gates
 from baselines.supernet import GatedSupernet
+from mtsl_plugin.architecture import one_of, positive_number
 from mtsl_plugin.methods import MethodSpec, register_method
 from mtsl_plugin.progress import each_batch
 
@@ -69,22 +71,36 @@ class BMTAS(GatedSupernet):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
         self.resource_weight = float(kwargs.get("resource_weight", DEFAULT_RESOURCE_WEIGHT))
         self.resource = kwargs.get("resource", "exact")
-        if self.resource not in gates.RESOURCE_FORMS:
-            raise ValueError(f"BMTAS resource must be one of {gates.RESOURCE_FORMS}, got {self.resource!r}")
-        limit = gates.MAX_BRDAV_TASKS if self.resource == "brdav" else gates.MAX_EXACT_TASKS
-        if len(self.tasks) > limit:  # refused now: the resource loss is first computed after the first epoch
-            raise ValueError(f"BMTAS resource {self.resource!r} serves at most {limit} tasks, got {len(self.tasks)}"
-                             + (f" (resource 'exact' serves up to {gates.MAX_EXACT_TASKS})"
-                                if self.resource == "brdav" else ""))
         self.cost_size = tuple(kwargs.get("cost_size", REFERENCE_COST_SIZE))
         self.warmup_epochs: int | None = kwargs.get("warmup_epochs")
         costs = kwargs.get("stage_gflops")
-        if costs is not None and len(costs) != self.num_locations:
-            raise ValueError(f"stage_gflops has {len(costs)} entries but there are {self.num_locations} locations")
         self._stage_gflops = None if costs is None else [float(c) for c in costs]
         num = len(self.tasks)
         for location in range(self.num_locations):
             self.gates[f"loc{location}"] = nn.Parameter(torch.zeros(num, num))
+
+    @classmethod
+    def check_args(cls, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
+        super().check_args(task_count, num_locations, arch_args)
+        weight = arch_args.get("resource_weight", DEFAULT_RESOURCE_WEIGHT)
+        positive_number("BMTAS", "resource_weight", weight, zero=True)
+        resource = arch_args.get("resource", "exact")
+        one_of("BMTAS", "resource", resource, gates.RESOURCE_FORMS)
+        limit = gates.MAX_BRDAV_TASKS if resource == "brdav" else gates.MAX_EXACT_TASKS
+        if task_count > limit:  # refused now: the resource loss is first computed after the first epoch
+            raise ValueError(f"BMTAS resource {resource!r} serves at most {limit} tasks, got {task_count}"
+                             + (f" (resource 'exact' serves up to {gates.MAX_EXACT_TASKS})"
+                                if resource == "brdav" else ""))
+        size = arch_args.get("cost_size", REFERENCE_COST_SIZE)
+        if not (isinstance(size, (tuple, list)) and len(size) == 2
+                and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in size)):
+            raise ValueError(f"BMTAS cost_size must be (height, width) in pixels, got {size!r}")
+        costs = arch_args.get("stage_gflops")
+        if costs is not None:
+            if not isinstance(costs, (tuple, list)) or len(costs) != num_locations:
+                raise ValueError(f"BMTAS stage_gflops must give one cost per location ({num_locations}), got {costs!r}")
+            for cost in costs:
+                positive_number("BMTAS", "stage_gflops", cost, zero=True)
 
     # ------------------------------------------------------------------ schedule
     @property

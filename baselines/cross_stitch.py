@@ -21,15 +21,17 @@ Registered as ``cross_stitch``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+import numbers
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from mtsl_plugin.architecture import check_architecture_args
+from mtsl_plugin.architecture import check_arch_args, check_architecture_args, one_of, positive_number
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, register_method
-from mtsl_plugin.network.stages import StageFactory, candidate_factories
+from mtsl_plugin.network.stages import CANDIDATES, StageFactory, candidate_factories
 
 AbsArchitecture = import_libmtl().architecture.AbsArchitecture
 
@@ -135,16 +137,28 @@ class CrossStitch(AbsArchitecture):
     """
 
     reads_stages = True  # encoder_class() gives a StageFactory, heads are called with the output size (Trainer)
+    label = "cross-stitch"  # for messages (LibMTL subclasses the architecture, so the class name is not ours)
+    known_args = frozenset({"plan", "self_weight", "candidates", "unit_lr_multiplier"})
+
+    @classmethod
+    def check_args(cls, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
+        """The checks of :func:`~mtsl_plugin.architecture.check_arch_args`."""
+        one_of("cross-stitch", "candidates", arch_args.get("candidates", "independent"), CANDIDATES)
+        positive_number("cross-stitch", "unit_lr_multiplier", arch_args.get("unit_lr_multiplier", UNIT_LR_MULTIPLIER))
+        self_weight = arch_args.get("self_weight")
+        if self_weight is not None and not (isinstance(self_weight, numbers.Real) and not isinstance(self_weight, bool)
+                                            and math.isfinite(self_weight)):
+            raise ValueError(f"cross-stitch self_weight must be None or a finite number, got {self_weight!r}")
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
         check_architecture_args("cross-stitch", task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
-        self.encoder = CrossStitchNetwork(encoder_class(), task_name, kwargs.get("self_weight"),
+        stages = encoder_class()
+        check_arch_args(type(self), len(task_name), stages.num_locations, kwargs)
+        self.encoder = CrossStitchNetwork(stages, task_name, kwargs.get("self_weight"),
                                           kwargs.get("candidates", "independent"))
         self.decoders = nn.ModuleDict({t: decoders[t] for t in task_name})
         self.unit_lr_multiplier = float(kwargs.get("unit_lr_multiplier", UNIT_LR_MULTIPLIER))
-        if not self.unit_lr_multiplier > 0:
-            raise ValueError(f"unit_lr_multiplier must be positive, got {self.unit_lr_multiplier}")
 
     def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:
         """The cross-stitch units' parameter group and its learning-rate multiple (read by the trainer)."""

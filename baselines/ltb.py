@@ -28,15 +28,14 @@ torch's global generator (seeded by the run, restored on resume).
 """
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from baselines import gates
 from baselines.supernet import GatedSupernet
+from mtsl_plugin.architecture import one_of, positive_number
 from mtsl_plugin.methods import MethodSpec, register_method
 
 SEARCH_SPACES = ("reference", "all")
@@ -57,13 +56,8 @@ class LTB(GatedSupernet):
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
         self.search_space = kwargs.get("search_space", "reference")
-        if self.search_space not in SEARCH_SPACES:
-            raise ValueError(f"LTB search_space must be one of {SEARCH_SPACES}, got {self.search_space!r}")
         self.warmup_epochs: int | None = kwargs.get("warmup_epochs")
-        multiplier = kwargs.get("gate_lr_multiplier", 1.0)
-        if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) or not 0 < multiplier < math.inf:
-            raise ValueError(f"LTB gate_lr_multiplier must be a positive finite number, got {multiplier!r}")
-        self.gate_lr_multiplier = float(multiplier)
+        self.gate_lr_multiplier = float(kwargs.get("gate_lr_multiplier", 1.0))
         if self.search_space == "all":
             self.gated_levels = list(range(1, self.num_locations + 1))  # level L: the heads
         else:
@@ -71,6 +65,12 @@ class LTB(GatedSupernet):
         num = len(self.tasks)
         for level in self.gated_levels:
             self.gates[self.gate_key(level)] = nn.Parameter(torch.ones(num, num))
+
+    @classmethod
+    def check_args(cls, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
+        super().check_args(task_count, num_locations, arch_args)
+        one_of("LTB", "search_space", arch_args.get("search_space", "reference"), SEARCH_SPACES)
+        positive_number("LTB", "gate_lr_multiplier", arch_args.get("gate_lr_multiplier", 1.0))
 
     # ------------------------------------------------------------------ gates
     def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:

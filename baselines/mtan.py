@@ -32,14 +32,15 @@ Registered as ``mtan``.
 from __future__ import annotations
 
 import importlib
-from typing import Sequence
+import numbers
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.models.resnet import Bottleneck
 from torch import nn
 
-from mtsl_plugin.architecture import check_architecture_args
+from mtsl_plugin.architecture import check_arch_args, check_architecture_args
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, register_method
 from mtsl_plugin.network.stages import BottleneckDecoderStage, StageFactory
@@ -183,11 +184,22 @@ class MTAN(AbsArchitecture):
     """
 
     reads_stages = True  # encoder_class() gives a StageFactory, heads are called with the output size (Trainer)
+    label = "MTAN"  # for messages (LibMTL subclasses the architecture, so the class name is not ours)
+    known_args = frozenset({"plan", "attention_reduction"})
+
+    @classmethod
+    def check_args(cls, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
+        """The checks of :func:`~mtsl_plugin.architecture.check_arch_args`."""
+        reduction = arch_args.get("attention_reduction", 4)
+        if isinstance(reduction, bool) or not isinstance(reduction, numbers.Integral) or reduction < 1:
+            raise ValueError(f"MTAN attention_reduction must be a positive integer, got {reduction!r}")
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
         check_architecture_args("MTAN", task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
-        self.encoder = AttentionNetwork(encoder_class(), task_name, kwargs.get("attention_reduction", 4))
+        stages = encoder_class()
+        check_arch_args(type(self), len(task_name), stages.num_locations, kwargs)
+        self.encoder = AttentionNetwork(stages, task_name, kwargs.get("attention_reduction", 4))
         self.decoders = nn.ModuleDict({t: decoders[t] for t in task_name})
 
     def forward(self, inputs: torch.Tensor, task_name: str | None = None) -> dict[str, torch.Tensor]:

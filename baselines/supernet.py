@@ -20,17 +20,18 @@ The trainer sets ``model.epoch`` (0-based) and ``model.total_epochs`` before eve
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import numbers
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from baselines import gates
-from mtsl_plugin.architecture import check_architecture_args
+from mtsl_plugin.architecture import check_arch_args, check_architecture_args, one_of
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.cost import count_gmac
-from mtsl_plugin.network.stages import candidate_factories
+from mtsl_plugin.network.stages import CANDIDATES, candidate_factories
 from mtsl_plugin.plan import BranchingPlan, Group
 
 AbsArchitecture = import_libmtl().architecture.AbsArchitecture
@@ -53,11 +54,9 @@ class GatedSupernet(AbsArchitecture):
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         decoders = dict(decoders)  # a plain dict: the heads are registered once, as ``self.heads``
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
-        unknown = sorted(set(kwargs) - self.known_args)
-        if unknown:
-            raise ValueError(f"{self.label} got unknown arch_args {unknown}; known: {sorted(self.known_args)}")
         check_architecture_args(self.label, task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
         stages = encoder_class()
+        check_arch_args(type(self), len(task_name), stages.num_locations, kwargs)
         self.stages = stages  # a plain attribute: the derived network is built from the same stages
         self.specs = stages.specs
         self.head_locations = stages.head_locations
@@ -73,6 +72,14 @@ class GatedSupernet(AbsArchitecture):
         self._chains: list[list[int]] | None = []  # the last forward's chains; None: every node reached every task
         self._shared_prefix = 0  # locations below it reached every task in the last forward, whatever the chains
         self._stage_gmac_cache: dict[tuple[int, int], list[float]] = {}
+
+    @classmethod
+    def check_args(cls, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
+        """The checks of :func:`~mtsl_plugin.architecture.check_arch_args` (the subclasses add theirs)."""
+        one_of(cls.label, "candidates", arch_args.get("candidates", "independent"), CANDIDATES)
+        warmup = arch_args.get("warmup_epochs")
+        if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0):
+            raise ValueError(f"{cls.label} warmup_epochs must be None or a whole number of epochs, got {warmup!r}")
 
     def node(self, location: int, slot: int) -> nn.Module:
         return self.nodes[f"{location}-{self.tasks[slot]}"]

@@ -24,6 +24,7 @@ import baselines  # noqa: F401  (registers the baseline methods)
 from benchmarks.cli import RankFailure, UsageError
 from benchmarks.report import aggregate, delta_mtl, format_table, write_csv, write_markdown
 from mtsl_plugin import distributed
+from mtsl_plugin.architecture import check_arch_args
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.experiment import method_spec, num_locations, run_fingerprint, run_method, write_json
 from mtsl_plugin.methods import build_method
@@ -144,6 +145,10 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
             learners.append(None)
             continue
         learners.append(spec.learner.config if spec.learner is not None else None)
+        try:
+            check_arch_args(spec.architecture, len(job.config.tasks), num_locations(job.config), spec.arch_args)
+        except ValueError as exc:
+            raise UsageError(f"{job.label}: {exc}") from None
         if distributed.active():
             try:
                 check_distributed(job.config.weighting, getattr(spec.architecture, "arch_optimizer", None) is not None,

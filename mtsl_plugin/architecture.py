@@ -15,6 +15,10 @@ LibMTL composes an architecture with a weighting method (``class MTLmodel(archit
 """
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Any, Mapping
+
 import torch
 
 from mtsl_plugin.libmtl_compat import import_libmtl
@@ -39,16 +43,50 @@ def check_architecture_args(name: str, task_name, decoders, rep_grad: bool, mult
         raise ValueError(f"no head given for task(s) {missing}")
 
 
+def check_arch_args(architecture: type, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
+    """Refuse, in one line and before anything is built, ``arch_args`` that an architecture of this project does
+    not take: a name outside its ``known_args``, or a value its ``check_args(task_count, num_locations,
+    arch_args)``, where it has one, refuses. Its constructor makes the same check; the commands make it before any
+    training. Architectures without ``known_args`` (LibMTL's own, a user's) are not checked here."""
+    known = getattr(architecture, "known_args", None)
+    if known is None:
+        return
+    unknown = sorted(set(arch_args) - set(known))
+    if unknown:
+        raise ValueError(f"{architecture.label} got unknown arch_args {unknown}; known: {sorted(known)}")
+    if hasattr(architecture, "check_args"):
+        architecture.check_args(task_count, num_locations, arch_args)
+
+
+def one_of(label: str, name: str, value: Any, options: tuple) -> None:
+    """One line naming ``label``'s option ``name`` unless ``value`` is one of ``options``."""
+    if value not in options:
+        raise ValueError(f"{label} {name} must be one of {options}, got {value!r}")
+
+
+def positive_number(label: str, name: str, value: Any, zero: bool = False) -> float:
+    """``value`` as a float if it is a finite real number above 0 (or 0 itself, with ``zero``); else one line
+    naming ``label``'s option ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            (0 <= value if zero else 0 < value) and value < math.inf):
+        kind = "0 or a positive finite number" if zero else "a positive finite number"
+        raise ValueError(f"{label} {name} must be {kind}, got {value!r}")
+    return float(value)
+
+
 class MTSL(AbsArchitecture):
     """Multi-Task Structural Learning (Gurulingan et al., ICML 2023) on a branched timm ResNet."""
 
     reads_stages = True  # encoder_class() gives a StageFactory, heads are called with the output size (Trainer)
+    label = "MTSL"  # for messages (LibMTL subclasses the architecture, so the class name is not ours)
+    known_args = frozenset({"plan", "fused"})
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         decoders = dict(decoders)  # a plain dict: the heads are registered once, inside the branched network
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
         check_architecture_args("MTSL", task_name, decoders, rep_grad, multi_input, plan_based=True)
         stages = encoder_class()
+        check_arch_args(type(self), len(task_name), stages.num_locations, kwargs)
         plan = kwargs.get("plan") or BranchingPlan.single_task(task_name, stages.num_locations)
         if list(plan.tasks) != list(task_name):
             raise ValueError(f"the plan's tasks {list(plan.tasks)} differ from the trainer's {list(task_name)}")

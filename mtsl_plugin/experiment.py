@@ -28,7 +28,7 @@ import yaml
 from torch.utils.data import Subset
 
 from mtsl_plugin import distributed
-from mtsl_plugin.architecture import MTSL
+from mtsl_plugin.architecture import MTSL, check_arch_args
 from mtsl_plugin.checkpoint import CheckpointError, atomic_write
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data import TargetFiles, build_dataset
@@ -200,6 +200,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     """
     run_dir = Path(run_dir)
     spec = method_spec(method, config, arch_args)
+    check_arch_args(spec.architecture, len(config.tasks), num_locations(config), spec.arch_args)
     if spec.retrains is not None and plan is None:
         raise ValueError(f"method {method!r} retrains the final plan of {spec.retrains!r}: pass that plan")
     if check:

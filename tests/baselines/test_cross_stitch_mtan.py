@@ -148,6 +148,8 @@ def test_unsupported_uses_are_refused_with_a_clear_error(setup, architecture):
         architecture(["S"], lambda: stages, heads, True, False, "cpu")
     with pytest.raises(ValueError, match="multi_input"):
         architecture(["S"], lambda: stages, heads, False, True, "cpu")
+    with pytest.raises(ValueError, match=r"got unknown arch_args \['candidate'\]"):  # a typo does not run the default
+        architecture(["S"], lambda: stages, heads, False, False, "cpu", candidate="identical")
 
 
 @pytest.mark.parametrize("architecture", [CrossStitch, MTAN])

@@ -1,0 +1,84 @@
+"""``arch_args`` an architecture does not take are refused in one line naming it, before anything is built: by the
+architecture itself, by ``run_method`` before any folder and by the benchmark commands before the first run trains
+(a typo such as ``candidate`` used to run with the default and a different fingerprint)."""
+import math
+
+import pytest
+
+import baselines  # noqa: F401  (registers the baseline methods)
+from baselines.bmtas import BMTAS
+from baselines.cross_stitch import CrossStitch
+from baselines.ltb import LTB
+from baselines.mtan import MTAN
+from benchmarks import harness
+from benchmarks.cli import UsageError
+from conftest import smoke_config
+from mtsl_plugin.architecture import MTSL, check_arch_args
+from mtsl_plugin.experiment import run_method
+
+
+@pytest.mark.parametrize("architecture, label", [
+    (MTSL, "MTSL"), (CrossStitch, "cross-stitch"), (MTAN, "MTAN"), (LTB, "LTB"), (BMTAS, "BMTAS")])
+def test_a_name_the_architecture_does_not_take_is_refused(architecture, label):
+    with pytest.raises(ValueError, match=rf"^{label} got unknown arch_args \['candidate'\]; known: \[") as caught:
+        check_arch_args(architecture, 3, 10, {"candidate": "identical"})
+    assert "\n" not in str(caught.value)
+    check_arch_args(architecture, 3, 10, {"plan": None})  # every one takes (a missing) plan
+
+
+@pytest.mark.parametrize("architecture, arch_args, culprit", [
+    (CrossStitch, {"unit_lr_multiplier": math.inf}, "cross-stitch unit_lr_multiplier must be a positive finite"),
+    (CrossStitch, {"unit_lr_multiplier": "fast"}, "cross-stitch unit_lr_multiplier must be a positive finite"),
+    (CrossStitch, {"self_weight": "high"}, "cross-stitch self_weight must be None or a finite number"),
+    (CrossStitch, {"candidates": "same"}, "cross-stitch candidates must be one of ('independent', 'identical')"),
+    (MTAN, {"attention_reduction": 0}, "MTAN attention_reduction must be a positive integer, got 0"),
+    (MTAN, {"attention_reduction": 2.5}, "MTAN attention_reduction must be a positive integer, got 2.5"),
+    (LTB, {"gate_lr_multiplier": math.nan}, "LTB gate_lr_multiplier must be a positive finite number, got nan"),
+    (LTB, {"search_space": "every"}, "LTB search_space must be one of ('reference', 'all'), got 'every'"),
+    (LTB, {"warmup_epochs": -1}, "LTB warmup_epochs must be None or a whole number of epochs, got -1"),
+    (LTB, {"candidates": "same"}, "LTB candidates must be one of"),
+    (BMTAS, {"resource_weight": -1.0}, "BMTAS resource_weight must be 0 or a positive finite number, got -1.0"),
+    (BMTAS, {"resource_weight": "0.05"}, "BMTAS resource_weight must be 0 or a positive finite number"),
+    (BMTAS, {"resource": "rough"}, "BMTAS resource must be one of ('exact', 'brdav'), got 'rough'"),
+    (BMTAS, {"cost_size": 512}, "BMTAS cost_size must be (height, width) in pixels, got 512"),
+    (BMTAS, {"stage_gflops": [1.0] * 9}, "BMTAS stage_gflops must give one cost per location (10)"),
+    (BMTAS, {"stage_gflops": [1.0] * 9 + [-1.0]}, "BMTAS stage_gflops must be 0 or a positive finite number"),
+    (BMTAS, {"warmup_epochs": 1.5}, "BMTAS warmup_epochs must be None or a whole number of epochs, got 1.5"),
+])
+def test_a_value_the_architecture_cannot_use_is_refused(architecture, arch_args, culprit):
+    with pytest.raises(ValueError) as caught:
+        check_arch_args(architecture, 3, 10, arch_args)
+    assert str(caught.value).startswith(culprit) and "\n" not in str(caught.value), caught.value
+
+
+def test_good_values_pass():
+    check_arch_args(CrossStitch, 3, 10, {"unit_lr_multiplier": 1, "self_weight": 0.9, "candidates": "identical"})
+    check_arch_args(MTAN, 3, 10, {"attention_reduction": 1})
+    check_arch_args(LTB, 3, 10, {"gate_lr_multiplier": 100, "search_space": "all", "warmup_epochs": 0})
+    check_arch_args(BMTAS, 3, 10, {"resource_weight": 0, "resource": "brdav", "cost_size": [256, 512],
+                                   "stage_gflops": [0.0] * 10, "warmup_epochs": None})
+    check_arch_args(object, 3, 10, {"anything": 1})  # no known_args (LibMTL's own, a user's): not ours to check
+
+
+def test_mtsl_refuses_a_name_it_does_not_take_when_built():
+    from mtsl_plugin.experiment import build_stages
+
+    stages = build_stages(smoke_config())
+    with pytest.raises(ValueError, match=r"^MTSL got unknown arch_args \['fuse'\]"):
+        MTSL(["S"], lambda: stages, {"S": stages.build_head(1)}, False, False, "cpu", fuse=True)
+
+
+def test_run_method_refuses_before_any_folder(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^cross-stitch got unknown arch_args \['candidate'\]"):
+        run_method(smoke_config(), "cross_stitch", run, arch_args={"candidate": "identical"})
+    assert not run.exists()
+
+
+def test_the_commands_refuse_before_the_first_run_trains(monkeypatch):
+    """The STN job comes first and would train; the cross-stitch job's typo is found before it."""
+    monkeypatch.setattr(harness, "check_config", lambda *a, **k: None)
+    jobs = [harness.Job("stn", "stn", smoke_config()),
+            harness.Job("cs", "cross_stitch", smoke_config(), arch_args=(("unit_lr_multiplier", -1.0),))]
+    with pytest.raises(UsageError, match=r"^cs: cross-stitch unit_lr_multiplier must be a positive finite number"):
+        harness.check_jobs(jobs)
