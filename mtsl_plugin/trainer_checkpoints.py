@@ -18,8 +18,10 @@ WEIGHTING_STATE: dict[str, tuple[str, ...]] = {"GradVac": ("rho_T",)}
 def _describe_run(kind: dict) -> str:
     """A :meth:`TrainerCheckpoints.run_kind` in words, for messages."""
     learner = "with" if kind["structural"] else "without"
+    multiples = kind.get("lr_multipliers") or []
+    rates = f", parameter groups at {', '.join(f'{m:g}x' for m in multiples)} the learning rate" if multiples else ""
     return (f"{kind['architecture']} architecture, {kind['weighting']} weighting, tasks {' '.join(kind['tasks'])}, "
-            f"{learner} a structural learner")
+            f"{learner} a structural learner{rates}")
 
 
 class TrainerCheckpoints:
@@ -41,9 +43,13 @@ class TrainerCheckpoints:
 
     def run_kind(self) -> dict:
         """What a checkpoint must have been written by for this trainer to continue it: the architecture, the
-        weighting method, the tasks and whether a structural learner edits the plan."""
+        weighting method, the tasks, whether a structural learner edits the plan, and the multiples of the
+        learning rate of the architecture's own parameter groups (the optimizer state would otherwise restore the
+        saved rates, or fail on another number of groups)."""
+        multiples = self.model.lr_multipliers() if hasattr(self.model, "lr_multipliers") else []
         return {"architecture": type(self.model).__bases__[0].__name__, "weighting": self.weighting,
-                "tasks": list(self.task_name), "structural": self.learner is not None}
+                "tasks": list(self.task_name), "structural": self.learner is not None,
+                "lr_multipliers": [float(m) for _, m in multiples]}
 
     def save(self, path: str | Path) -> Path:
         weighting_state = {name: getattr(self.model, name) for name in WEIGHTING_STATE.get(self.weighting, ())
@@ -75,10 +81,10 @@ class TrainerCheckpoints:
         # Adam's step counts stay on the CPU as in a fresh run (on a GPU each would cost a sync per parameter and
         # step, in Adam's bias correction)
         state = load_checkpoint(path)
-        written = state.get("run_kind")  # files written before it was kept are not checked
-        if written is not None and written != self.run_kind():
+        written, kind = state.get("run_kind"), self.run_kind()  # files written before it was kept are not checked
+        if written is not None and any(written.get(key, value) != value for key, value in kind.items()):
             raise CheckpointError(f"checkpoint {path} was written by a run of {_describe_run(written)}, not of this "
-                                  f"trainer's {_describe_run(self.run_kind())}; continue it with the method and "
+                                  f"trainer's {_describe_run(kind)}; continue it with the method and "
                                   "settings that wrote it")
         saved = BranchingPlan.from_json(state["plan"]) if state["plan"] else None
         if saved != getattr(self.model, "plan", None):

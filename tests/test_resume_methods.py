@@ -176,6 +176,30 @@ def test_a_checkpoint_of_another_kind_of_run_is_refused_in_one_line(smoke, tmp_p
     assert message.endswith("continue it with the method and settings that wrote it")
 
 
+@pytest.mark.parametrize("method, option, saved", [("ltb", "gate_lr_multiplier", 10.0),
+                                                   ("cross_stitch", "unit_lr_multiplier", 100.0)])
+def test_a_checkpoint_of_other_learning_rate_multiples_is_refused_in_one_line(smoke, tmp_path, method, option, saved):
+    """A trainer (a LibMTL script's, on its save_path) refuses a checkpoint whose architecture kept its parameter
+    groups at other multiples of the learning rate: the optimizer state used to restore the saved rate silently (10x
+    resumed as 100x ran at 10x) or fail in torch's message on another number of groups (1x has no group of its
+    own). ``run_method`` refuses it earlier, by the fingerprint."""
+    config = smoke(tasks=TASKS)
+    spec = method_spec(method, config)
+    tasks = build_run_tasks(config, build_data(config)[1].num_classes)
+
+    def trainer(multiple):
+        return build_trainer(config, tasks, None, build_stages(config), spec.learner, spec.architecture,
+                             {**spec.arch_args, option: multiple})
+
+    trainer(saved).save(tmp_path / "checkpoint.pt")
+    trainer(saved).load(tmp_path / "checkpoint.pt")
+    for other in (saved * 10, 1.0):
+        with pytest.raises(CheckpointError) as info:
+            trainer(other).load(tmp_path / "checkpoint.pt")
+        message = str(info.value)
+        assert len(message.splitlines()) == 1 and f"parameter groups at {saved:g}x the learning rate, not" in message
+
+
 @pytest.mark.parametrize("option", ["fused", "channels_last"])
 @pytest.mark.parametrize("before", [False, True], ids=["turned-on", "turned-off"])
 def test_execution_options_may_change_on_resume(smoke, tmp_path, trainers, monkeypatch, option, before):
