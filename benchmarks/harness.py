@@ -131,8 +131,9 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
     """Check every configuration of ``jobs`` (:func:`~mtsl_plugin.preflight.check_config`) before any training;
     the seed only changes which synthetic scenes are drawn, so each configuration is checked once, and each real
     data set is read through once. No two jobs may share a folder, and with ``out`` no job's folder there may hold
-    a run of another fingerprint (:func:`check_run_folders`). Under torchrun every job must be one that
-    DistributedDataParallel can train (:func:`~mtsl_plugin.preflight.check_distributed`)."""
+    a run of another fingerprint (:func:`check_run_folders`). Every job's ``arch_args`` must be ones its
+    architecture takes (:func:`~mtsl_plugin.architecture.check_arch_args`), and under torchrun every job must be one
+    that DistributedDataParallel can train (:func:`~mtsl_plugin.preflight.check_distributed`)."""
     folders: dict[tuple[str, int], Job] = {}
     learners = []
     for job in jobs:
@@ -147,14 +148,11 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
         learners.append(spec.learner.config if spec.learner is not None else None)
         try:
             check_arch_args(spec.architecture, len(job.config.tasks), num_locations(job.config), spec.arch_args)
-        except ValueError as exc:
-            raise UsageError(f"{job.label}: {exc}") from None
-        if distributed.active():
-            try:
+            if distributed.active():
                 check_distributed(job.config.weighting, getattr(spec.architecture, "arch_optimizer", None) is not None,
                                   job.config.compile)
-            except ValueError as exc:
-                raise UsageError(f"{job.label}: {exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"{job.label}: {exc}") from None
     if out is not None:
         check_run_folders(jobs, out)
     checked, scanned = set(), set()
