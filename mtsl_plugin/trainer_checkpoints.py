@@ -81,7 +81,7 @@ class TrainerCheckpoints:
         # Adam's step counts stay on the CPU as in a fresh run (on a GPU each would cost a sync per parameter and
         # step, in Adam's bias correction)
         state = load_checkpoint(path)
-        written, kind = state.get("run_kind"), self.run_kind()  # what files written before it was kept lack is not checked
+        written, kind = state.get("run_kind"), self.run_kind()  # what older files lack is not checked
         if written is not None and any(written.get(key, value) != value for key, value in kind.items()):
             raise CheckpointError(f"checkpoint {path} was written by a run of {_describe_run(written)}, not of this "
                                   f"trainer's {_describe_run(kind)}; continue it with the method and "
