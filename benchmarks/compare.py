@@ -5,11 +5,12 @@
     python benchmarks/compare.py --resume results/demo          # continue an interrupted run
 
 STN and One-Net are always trained too: STN is the reference of Δ_MTL and Δ_SD, One-Net the other extreme.
-Results go to ``--out`` (default ``results/<preset>-<time>``): per run ``<method>/seed<k>/`` (config, checkpoint,
-plan after each structural phase with its similarity matrices, final plan, result JSON), and at the top
-``config.json``, ``results.json``, ``results.csv``, ``table.md`` and ``architecture.png``. An ``--out`` that holds
-a comparison of the same settings is extended: its finished runs (STN's included) are reused and the new table
-covers the old and the new methods and seeds; one of other settings is refused.
+Results go to ``--out`` (default ``results/<preset>-<date>-<time>``): per run ``<method>/seed<k>/`` (config,
+weights, checkpoint while unfinished, plan after each structural phase with its similarity matrices, final plan,
+result JSON), and at the top ``config.json``, ``config.yaml``, ``results.json``, ``results.csv``, ``table.md`` and
+``architecture.png``. An ``--out`` that holds a comparison of the same settings is extended: its finished runs
+(STN's included) are reused and the new table covers the old and the new methods and seeds; one of other settings
+is refused.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
     python benchmarks/export.py results/demo/ltb/seed0 --format exported --out ltb.pt2
 
 The file takes an image batch ``(N, 3, H, W)`` (the run's inputs, as its data feeds them) and returns one output
-per task, in the run's task order. It is checked against the trained model on a batch of the run's test images
-(the largest difference is printed).
+per task, in the run's task order. It is checked against the trained model on two of the run's test images (the
+largest difference is printed).
 """
 from __future__ import annotations
 
