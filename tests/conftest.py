@@ -44,7 +44,7 @@ def _locked_session_folder() -> tuple[str, object]:
 COMPILE_CACHE = None
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     _remove_dead_sessions_caches()
-    COMPILE_CACHE, SESSION_LOCK_FILE = _locked_session_folder()
+    COMPILE_CACHE, SESSION_LOCK_FILE = _locked_session_folder()  # kept open: the lock lasts as long as the process
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(COMPILE_CACHE, "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(COMPILE_CACHE, "triton"))
 
