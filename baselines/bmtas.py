@@ -28,7 +28,6 @@ of :mod:`baselines.supernet`.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -38,7 +37,8 @@ from torch.utils.data import Dataset, Subset
 
 from baselines import gates
 from baselines.supernet import GatedSupernet
-from mtsl_plugin.architecture import one_of, positive_number
+from mtsl_plugin.architecture import one_of
+from mtsl_plugin.learner.schedule import require
 from mtsl_plugin.methods import MethodSpec, register_method
 from mtsl_plugin.progress import each_batch
 
@@ -82,8 +82,7 @@ class BMTAS(GatedSupernet):
     @classmethod
     def check_args(cls, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
         super().check_args(task_count, num_locations, arch_args)
-        weight = arch_args.get("resource_weight", DEFAULT_RESOURCE_WEIGHT)
-        positive_number("BMTAS", "resource_weight", weight, zero=True)
+        require("BMTAS resource_weight", arch_args.get("resource_weight", DEFAULT_RESOURCE_WEIGHT), float, least=0)
         resource = arch_args.get("resource", "exact")
         one_of("BMTAS", "resource", resource, gates.RESOURCE_FORMS)
         limit = gates.MAX_BRDAV_TASKS if resource == "brdav" else gates.MAX_EXACT_TASKS
@@ -92,15 +91,15 @@ class BMTAS(GatedSupernet):
                              + (f" (resource 'exact' serves up to {gates.MAX_EXACT_TASKS})"
                                 if resource == "brdav" else ""))
         size = arch_args.get("cost_size", REFERENCE_COST_SIZE)
-        if not (isinstance(size, (tuple, list)) and len(size) == 2
-                and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in size)):
+        require("BMTAS cost_size (height, width)", size, list, least=1)
+        if len(size) != 2:
             raise ValueError(f"BMTAS cost_size must be (height, width) in pixels, got {size!r}")
         costs = arch_args.get("stage_gflops")
         if costs is not None:
             if not isinstance(costs, (tuple, list)) or len(costs) != num_locations:
                 raise ValueError(f"BMTAS stage_gflops must give one cost per location ({num_locations}), got {costs!r}")
             for cost in costs:
-                positive_number("BMTAS", "stage_gflops", cost, zero=True)
+                require("BMTAS stage_gflops", cost, float, least=0)
 
     # ------------------------------------------------------------------ schedule
     @property

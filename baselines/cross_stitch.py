@@ -21,14 +21,13 @@ Registered as ``cross_stitch``.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from mtsl_plugin.architecture import check_arch_args, check_architecture_args, one_of, positive_number
+from mtsl_plugin.architecture import check_arch_args, check_architecture_args, one_of
+from mtsl_plugin.learner.schedule import require
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, register_method
 from mtsl_plugin.network.stages import CANDIDATES, StageFactory, candidate_factories
@@ -144,11 +143,9 @@ class CrossStitch(AbsArchitecture):
     def check_args(cls, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
         """The checks of :func:`~mtsl_plugin.architecture.check_arch_args`."""
         one_of("cross-stitch", "candidates", arch_args.get("candidates", "independent"), CANDIDATES)
-        positive_number("cross-stitch", "unit_lr_multiplier", arch_args.get("unit_lr_multiplier", UNIT_LR_MULTIPLIER))
-        self_weight = arch_args.get("self_weight")
-        if self_weight is not None and not (isinstance(self_weight, numbers.Real) and not isinstance(self_weight, bool)
-                                            and math.isfinite(self_weight)):
-            raise ValueError(f"cross-stitch self_weight must be None or a finite number, got {self_weight!r}")
+        require("cross-stitch unit_lr_multiplier", arch_args.get("unit_lr_multiplier", UNIT_LR_MULTIPLIER), float,
+                above=0)
+        require("cross-stitch self_weight", arch_args.get("self_weight"), float, optional=True)
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)

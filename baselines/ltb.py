@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from baselines import gates
 from baselines.supernet import GatedSupernet
-from mtsl_plugin.architecture import one_of, positive_number
+from mtsl_plugin.architecture import one_of
+from mtsl_plugin.learner.schedule import require
 from mtsl_plugin.methods import MethodSpec, register_method
 
 SEARCH_SPACES = ("reference", "all")
@@ -70,7 +71,7 @@ class LTB(GatedSupernet):
     def check_args(cls, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
         super().check_args(task_count, num_locations, arch_args)
         one_of("LTB", "search_space", arch_args.get("search_space", "reference"), SEARCH_SPACES)
-        positive_number("LTB", "gate_lr_multiplier", arch_args.get("gate_lr_multiplier", 1.0))
+        require("LTB gate_lr_multiplier", arch_args.get("gate_lr_multiplier", 1.0), float, above=0)
 
     # ------------------------------------------------------------------ gates
     def lr_multipliers(self) -> list[tuple[list[nn.Parameter], float]]:

@@ -32,7 +32,6 @@ Registered as ``mtan``.
 from __future__ import annotations
 
 import importlib
-import numbers
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -41,6 +40,7 @@ from timm.models.resnet import Bottleneck
 from torch import nn
 
 from mtsl_plugin.architecture import check_arch_args, check_architecture_args
+from mtsl_plugin.learner.schedule import require
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, register_method
 from mtsl_plugin.network.stages import BottleneckDecoderStage, StageFactory
@@ -190,9 +190,7 @@ class MTAN(AbsArchitecture):
     @classmethod
     def check_args(cls, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
         """The checks of :func:`~mtsl_plugin.architecture.check_arch_args`."""
-        reduction = arch_args.get("attention_reduction", 4)
-        if isinstance(reduction, bool) or not isinstance(reduction, numbers.Integral) or reduction < 1:
-            raise ValueError(f"MTAN attention_reduction must be a positive integer, got {reduction!r}")
+        require("MTAN attention_reduction", arch_args.get("attention_reduction", 4), int, least=1)
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)

@@ -20,7 +20,6 @@ The trainer sets ``model.epoch`` (0-based) and ``model.total_epochs`` before eve
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from baselines import gates
 from mtsl_plugin.architecture import check_arch_args, check_architecture_args, one_of
+from mtsl_plugin.learner.schedule import require
 from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.cost import count_gmac
@@ -77,9 +77,7 @@ class GatedSupernet(AbsArchitecture):
     def check_args(cls, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
         """The checks of :func:`~mtsl_plugin.architecture.check_arch_args` (the subclasses add theirs)."""
         one_of(cls.label, "candidates", arch_args.get("candidates", "independent"), CANDIDATES)
-        warmup = arch_args.get("warmup_epochs")
-        if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0):
-            raise ValueError(f"{cls.label} warmup_epochs must be None or a whole number of epochs, got {warmup!r}")
+        require(f"{cls.label} warmup_epochs", arch_args.get("warmup_epochs"), int, least=0, optional=True)
 
     def node(self, location: int, slot: int) -> nn.Module:
         return self.nodes[f"{location}-{self.tasks[slot]}"]

@@ -15,8 +15,6 @@ LibMTL composes an architecture with a weighting method (``class MTLmodel(archit
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Mapping
 
 import torch
@@ -46,8 +44,9 @@ def check_architecture_args(name: str, task_name, decoders, rep_grad: bool, mult
 def check_arch_args(architecture: type, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
     """Refuse, in one line and before anything is built, ``arch_args`` that an architecture of this project does
     not take: a name outside its ``known_args``, or a value its ``check_args(task_count, num_locations,
-    arch_args)``, where it has one, refuses. Its constructor makes the same check; the commands make it before any
-    training. Architectures without ``known_args`` (LibMTL's own, a user's) are not checked here."""
+    arch_args)``, where it has one, refuses (with :func:`one_of` and
+    :func:`~mtsl_plugin.learner.schedule.require`). Its constructor makes the same check; the commands make it
+    before any training. Architectures without ``known_args`` (LibMTL's own, a user's) are not checked here."""
     known = getattr(architecture, "known_args", None)
     if known is None:
         return
@@ -62,16 +61,6 @@ def one_of(label: str, name: str, value: Any, options: tuple) -> None:
     """One line naming ``label``'s option ``name`` unless ``value`` is one of ``options``."""
     if value not in options:
         raise ValueError(f"{label} {name} must be one of {options}, got {value!r}")
-
-
-def positive_number(label: str, name: str, value: Any, zero: bool = False) -> float:
-    """``value`` as a float if it is a finite real number above 0 (or 0 itself, with ``zero``); else one line
-    naming ``label``'s option ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            (0 <= value if zero else 0 < value) and value < math.inf):
-        kind = "0 or a positive finite number" if zero else "a positive finite number"
-        raise ValueError(f"{label} {name} must be {kind}, got {value!r}")
-    return float(value)
 
 
 class MTSL(AbsArchitecture):

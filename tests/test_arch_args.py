@@ -27,23 +27,24 @@ def test_a_name_the_architecture_does_not_take_is_refused(architecture, label):
 
 
 @pytest.mark.parametrize("architecture, arch_args, culprit", [
-    (CrossStitch, {"unit_lr_multiplier": math.inf}, "cross-stitch unit_lr_multiplier must be a positive finite"),
-    (CrossStitch, {"unit_lr_multiplier": "fast"}, "cross-stitch unit_lr_multiplier must be a positive finite"),
-    (CrossStitch, {"self_weight": "high"}, "cross-stitch self_weight must be None or a finite number"),
+    (CrossStitch, {"unit_lr_multiplier": math.inf}, "cross-stitch unit_lr_multiplier must be a finite number > 0, got inf"),
+    (CrossStitch, {"unit_lr_multiplier": "fast"}, "cross-stitch unit_lr_multiplier must be a finite number > 0"),
+    (CrossStitch, {"self_weight": "high"}, "cross-stitch self_weight must be a finite number or null, got 'high'"),
     (CrossStitch, {"candidates": "same"}, "cross-stitch candidates must be one of ('independent', 'identical')"),
-    (MTAN, {"attention_reduction": 0}, "MTAN attention_reduction must be a positive integer, got 0"),
-    (MTAN, {"attention_reduction": 2.5}, "MTAN attention_reduction must be a positive integer, got 2.5"),
-    (LTB, {"gate_lr_multiplier": math.nan}, "LTB gate_lr_multiplier must be a positive finite number, got nan"),
+    (MTAN, {"attention_reduction": 0}, "MTAN attention_reduction must be an integer >= 1, got 0"),
+    (MTAN, {"attention_reduction": 2.5}, "MTAN attention_reduction must be an integer >= 1, got 2.5"),
+    (LTB, {"gate_lr_multiplier": math.nan}, "LTB gate_lr_multiplier must be a finite number > 0, got nan"),
     (LTB, {"search_space": "every"}, "LTB search_space must be one of ('reference', 'all'), got 'every'"),
-    (LTB, {"warmup_epochs": -1}, "LTB warmup_epochs must be None or a whole number of epochs, got -1"),
+    (LTB, {"warmup_epochs": -1}, "LTB warmup_epochs must be an integer >= 0 or null, got -1"),
     (LTB, {"candidates": "same"}, "LTB candidates must be one of"),
-    (BMTAS, {"resource_weight": -1.0}, "BMTAS resource_weight must be 0 or a positive finite number, got -1.0"),
-    (BMTAS, {"resource_weight": "0.05"}, "BMTAS resource_weight must be 0 or a positive finite number"),
+    (BMTAS, {"resource_weight": -1.0}, "BMTAS resource_weight must be a finite number >= 0, got -1.0"),
+    (BMTAS, {"resource_weight": "0.05"}, "BMTAS resource_weight must be a finite number >= 0, got '0.05'"),
     (BMTAS, {"resource": "rough"}, "BMTAS resource must be one of ('exact', 'brdav'), got 'rough'"),
-    (BMTAS, {"cost_size": 512}, "BMTAS cost_size must be (height, width) in pixels, got 512"),
+    (BMTAS, {"cost_size": 512}, "BMTAS cost_size (height, width) must be a list of integers >= 1, got 512"),
+    (BMTAS, {"cost_size": (512, 512, 3)}, "BMTAS cost_size must be (height, width) in pixels"),
     (BMTAS, {"stage_gflops": [1.0] * 9}, "BMTAS stage_gflops must give one cost per location (10)"),
-    (BMTAS, {"stage_gflops": [1.0] * 9 + [-1.0]}, "BMTAS stage_gflops must be 0 or a positive finite number"),
-    (BMTAS, {"warmup_epochs": 1.5}, "BMTAS warmup_epochs must be None or a whole number of epochs, got 1.5"),
+    (BMTAS, {"stage_gflops": [1.0] * 9 + [-1.0]}, "BMTAS stage_gflops must be a finite number >= 0, got -1.0"),
+    (BMTAS, {"warmup_epochs": 1.5}, "BMTAS warmup_epochs must be an integer >= 0 or null, got 1.5"),
 ])
 def test_a_value_the_architecture_cannot_use_is_refused(architecture, arch_args, culprit):
     with pytest.raises(ValueError) as caught:
@@ -80,5 +81,5 @@ def test_the_commands_refuse_before_the_first_run_trains(monkeypatch):
     monkeypatch.setattr(harness, "check_config", lambda *a, **k: None)
     jobs = [harness.Job("stn", "stn", smoke_config()),
             harness.Job("cs", "cross_stitch", smoke_config(), arch_args=(("unit_lr_multiplier", -1.0),))]
-    with pytest.raises(UsageError, match=r"^cs: cross-stitch unit_lr_multiplier must be a positive finite number"):
+    with pytest.raises(UsageError, match=r"^cs: cross-stitch unit_lr_multiplier must be a finite number > 0, got -1.0"):
         harness.check_jobs(jobs)

@@ -22,21 +22,23 @@ def _is(value: Any, kind: type) -> bool:
 
 
 def require(key: str, value: Any, kind: type, least: float | None = None, most: float | None = None,
-            optional: bool = False) -> None:
+            optional: bool = False, above: float | None = None) -> None:
     """Refuse, with a one-sentence ``ValueError`` naming ``key``, a configuration value that is not of ``kind`` or
-    lies outside [``least``, ``most``]; ``None`` passes where ``optional``. ``kind`` is ``bool``, ``int`` (a bool
-    is not one), ``float`` (any finite real number), ``list`` (a list or tuple of integers, each within the bounds)
-    or ``Mapping``."""
+    lies outside [``least``, ``most``] or not strictly above ``above``; ``None`` passes where ``optional``.
+    ``kind`` is ``bool``, ``int`` (a bool is not one), ``float`` (any finite real number), ``list`` (a list or
+    tuple of integers, each within the bounds) or ``Mapping``."""
     if optional and value is None:
         return
     items = list(value) if kind is list and isinstance(value, (list, tuple)) else [value]
     element = int if kind is list else kind
     ok = (kind is not list or isinstance(value, (list, tuple))) and all(_is(v, element) for v in items)
     if ok and element in (int, float):
-        ok = all((least is None or v >= least) and (most is None or v <= most) for v in items)
+        ok = all((least is None or v >= least) and (most is None or v <= most) and (above is None or v > above)
+                 for v in items)
     if not ok:
         bound = (f" from {least} to {most}" if least is not None and most is not None else
                  f" >= {least}" if least is not None else f" <= {most}" if most is not None else "")
+        bound += f" > {above}" if above is not None else ""
         raise ValueError(f"{key} must be {_KINDS[kind]}{bound}{' or null' if optional else ''}, got {value!r}")
 
 

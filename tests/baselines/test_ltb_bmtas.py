@@ -131,7 +131,7 @@ def test_ltb_gates_learn_at_their_own_multiple_of_the_learning_rate(smoke, multi
     trainer.train_step(*next(iter(data.batches(data.train, key=(0, 0)))))
     moved = torch.cat([(g.detach() - before[k]).abs().flatten() for k, g in model.gates.items()])
     assert float(moved.max()) <= lr * multiplier * 1.0001 and float(moved.max()) > lr * multiplier * 0.5
-    with pytest.raises(ValueError, match="gate_lr_multiplier must be a positive finite number, got 0"):
+    with pytest.raises(ValueError, match="gate_lr_multiplier must be a finite number > 0, got 0"):
         make(LTB, stages, gate_lr_multiplier=0)
 
 
@@ -139,7 +139,7 @@ def test_ltb_gates_learn_at_their_own_multiple_of_the_learning_rate(smoke, multi
 def test_ltb_gate_lr_multiplier_that_is_not_a_positive_number_is_refused_naming_it(stages, value):
     """Refused in one line naming the option when the supernet is built: an infinite rate would only show as a NaN
     loss once the gates learn, a string or None as float()'s message, which names no option."""
-    with pytest.raises(ValueError, match=r"^LTB gate_lr_multiplier must be a positive finite number, got "):
+    with pytest.raises(ValueError, match=r"^LTB gate_lr_multiplier must be a finite number > 0, got "):
         make(LTB, stages, gate_lr_multiplier=value)
 
 
