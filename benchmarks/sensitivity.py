@@ -1,18 +1,20 @@
-"""How MTSL's result depends on the grouping threshold, the set of tasks, and the seed / initialisation
-(paper Tables 6, 7 and 5).
+"""How MTSL's result depends on the grouping threshold, the alignment weight, the set of tasks, and the seed /
+initialisation (paper Tables 6, 7 and 5).
 
     python benchmarks/sensitivity.py --sweep threshold --values 0.5,0.6,0.7,0.8,0.9,0.95
+    python benchmarks/sensitivity.py --sweep align-weight --values 0,0.02,0.05,0.1,0.2   # λ of λ·(1 − CKA)
     python benchmarks/sensitivity.py --sweep tasks                      # every subset leaving one task out
     python benchmarks/sensitivity.py --sweep tasks --values S,E,D,N     # one named subset
     python benchmarks/sensitivity.py --sweep seeds --seeds 0,1,2 --inits random,resnet18.pth
     python benchmarks/sensitivity.py --sweep bmtas-lambda --values 0.01,0.05,0.2,1   # BMTAS's λ (paper Table 8)
 
-``threshold`` trains MTSL once per γ (and STN, the Δ reference, once); ``tasks`` trains STN and MTSL on each
-subset; ``seeds`` trains MTSL per seed and per initialisation (``random``, ``pretrained`` for timm's weights, or
-a local weights file) and prints the converged plan layer by layer; ``bmtas-lambda`` trains BMTAS once per
-resource-loss weight λ (and STN) and tabulates Δ_MTL against the derived network's cost. Runs already in ``--out`` (e.g. an earlier
-``compare.py`` folder) are reused. Writes ``<out>/sensitivity-<sweep>/``: ``sensitivity.md`` (the sweep's
-table), ``table.md``, ``results.csv``, ``results.json``, ``architecture.png`` and ``sensitivity.png``.
+``threshold`` trains MTSL once per γ (and STN, the Δ reference, once), ``align-weight`` once per alignment
+weight λ (0: no alignment loss); ``tasks`` trains STN and MTSL on each subset; ``seeds`` trains MTSL per seed and
+per initialisation (``random``, ``pretrained`` for timm's weights, or a local weights file) and prints the
+converged plan layer by layer; ``bmtas-lambda`` trains BMTAS once per resource-loss weight λ (and STN) and
+tabulates Δ_MTL against the derived network's cost. Runs already in ``--out`` (e.g. an earlier ``compare.py``
+folder) are reused. Writes ``<out>/sensitivity-<sweep>/``: ``sensitivity.md`` (the sweep's table), ``table.md``,
+``results.csv``, ``results.json``, ``architecture.png`` and ``sensitivity.png``.
 """
 from __future__ import annotations
 
@@ -35,16 +37,20 @@ from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
 
-SWEEPS = ("threshold", "tasks", "seeds", "bmtas-lambda")
+SWEEPS = ("threshold", "align-weight", "tasks", "seeds", "bmtas-lambda")
+MTSL_OPTIONS = {"threshold": ("threshold", "threshold"), "align-weight": ("align_weight", "align")}  # sweep: option,
+# and the label's prefix (``mtsl_threshold0.7``, ``mtsl_align0.05``)
 
 
 # ------------------------------------------------------------------------------------------------ jobs
-def threshold_jobs(config: RunConfig, seeds: Sequence[int], values: Sequence[float]) -> list[Job]:
-    """STN, then MTSL at every threshold γ in ``values``, for every seed."""
+def mtsl_option_jobs(config: RunConfig, seeds: Sequence[int], sweep: str, values: Sequence[float]) -> list[Job]:
+    """STN, then MTSL at every value in ``values`` of the option the sweep varies (:data:`MTSL_OPTIONS`), for every
+    seed."""
+    option = MTSL_OPTIONS[sweep][0]
     jobs = [Job("stn", "stn", config.replace(seed=s)) for s in seeds]
     for value in values:
-        variant = config.replace(mtsl=MTSLConfig.from_dict({**config.mtsl.to_dict(), "threshold": value}))
-        jobs += [Job(threshold_label(config, value), "mtsl", variant.replace(seed=s)) for s in seeds]
+        variant = config.replace(mtsl=MTSLConfig.from_dict({**config.mtsl.to_dict(), option: value}))
+        jobs += [Job(mtsl_option_label(config, sweep, value), "mtsl", variant.replace(seed=s)) for s in seeds]
     return jobs
 
 
@@ -55,9 +61,11 @@ def number_text(value: float) -> str:
     return text if float(text) == value else repr(value)
 
 
-def threshold_label(config: RunConfig, value: float) -> str:
-    """``mtsl`` for the configuration's own threshold (so compare.py's run is reused), else ``mtsl_threshold<γ>``."""
-    return "mtsl" if value == config.mtsl.threshold else f"mtsl_threshold{number_text(value)}"
+def mtsl_option_label(config: RunConfig, sweep: str, value: float) -> str:
+    """``mtsl`` for the configuration's own value (so compare.py's run is reused), else e.g.
+    ``mtsl_threshold<γ>`` or ``mtsl_align<λ>``."""
+    option, prefix = MTSL_OPTIONS[sweep]
+    return "mtsl" if value == getattr(config.mtsl, option) else f"mtsl_{prefix}{number_text(value)}"
 
 
 def bmtas_lambda_jobs(config: RunConfig, seeds: Sequence[int], values: Sequence[float]) -> list[Job]:
@@ -165,10 +173,10 @@ def seeds_report(results: list[dict[str, Any]], shown: dict[str, str], folder: P
 
 def sweep_report(sweep: str, results: list[dict[str, Any]], rows: Sequence[tuple[str, str]],
                  values: Sequence[float], folder: Path) -> str:
-    """The table of a threshold, tasks or bmtas-lambda sweep (one row per ``(shown value, run label)``) and its
-    figure: Δ_MTL and parameters (and GMac for BMTAS) against the swept value."""
+    """The table of a threshold, align-weight, tasks or bmtas-lambda sweep (one row per ``(shown value, run
+    label)``) and its figure: Δ_MTL and parameters (and GMac for BMTAS) against the swept value."""
     numeric = sweep != "tasks"
-    name = {"threshold": "γ", "tasks": "Tasks", "bmtas-lambda": "λ"}[sweep]
+    name = {"threshold": "γ", "align-weight": "Alignment λ", "tasks": "Tasks", "bmtas-lambda": "λ"}[sweep]
     table = summary_table(results, [name], [([shown], label) for shown, label in rows])
     labels = [label for _, label in rows]
     xs = values if numeric else [shown for shown, _ in rows]
@@ -177,7 +185,8 @@ def sweep_report(sweep: str, results: list[dict[str, Any]], rows: Sequence[tuple
     if sweep == "bmtas-lambda":
         panels["GMac"] = _series(results, labels, "gmac")
     sweep_figure(xs, panels, folder / "sensitivity.png",
-                 {"threshold": "threshold γ", "tasks": "tasks", "bmtas-lambda": "BMTAS λ"}[sweep],
+                 {"threshold": "threshold γ", "align-weight": "alignment weight λ", "tasks": "tasks",
+                  "bmtas-lambda": "BMTAS λ"}[sweep],
                  kind="line" if numeric else "bar")
     return table
 
@@ -187,8 +196,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", required=True, choices=SWEEPS)
     p.add_argument("--values", default=None,
-                   help="threshold: comma-separated γ (default 0.5,0.6,0.7,0.8,0.9,0.95); tasks: 'all' (default) "
-                        "or one subset, e.g. S,E,D,N; bmtas-lambda: comma-separated λ (default 0.01,0.05,0.2,1)")
+                   help="threshold: comma-separated γ (default 0.5,0.6,0.7,0.8,0.9,0.95); align-weight: "
+                        "comma-separated λ (default 0,0.02,0.05,0.1,0.2); tasks: 'all' (default) or one subset, e.g. "
+                        "S,E,D,N; bmtas-lambda: comma-separated λ (default 0.01,0.05,0.2,1)")
     p.add_argument("--inits", default="random",
                    help="seeds sweep: comma-separated initialisations: random, pretrained, or weights files")
     add_run_args(p, default_seeds=None)
@@ -209,16 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "torchrun")
         values: list[float] = []
         shown: dict[str, str] = {}
-        if args.sweep in ("threshold", "bmtas-lambda"):
-            text = args.values or ("0.5,0.6,0.7,0.8,0.9,0.95" if args.sweep == "threshold" else "0.01,0.05,0.2,1")
+        if args.sweep in ("threshold", "align-weight", "bmtas-lambda"):
+            text = args.values or {"threshold": "0.5,0.6,0.7,0.8,0.9,0.95", "align-weight": "0,0.02,0.05,0.1,0.2",
+                                   "bmtas-lambda": "0.01,0.05,0.2,1"}[args.sweep]
             try:
                 values = distinct([float(v) for v in parse_list(text, "values")], "values")
             except ValueError:
                 raise UsageError(f"--values must be comma-separated numbers for the {args.sweep} sweep, got "
                                  f"{text!r}") from None
-            if args.sweep == "threshold":  # γ itself is checked with every configuration (finite)
-                jobs = threshold_jobs(config, seeds, values)
-                rows = [(number_text(v), threshold_label(config, v)) for v in values]
+            if args.sweep in MTSL_OPTIONS:  # γ and λ are checked with every configuration (finite, λ ≥ 0)
+                jobs = mtsl_option_jobs(config, seeds, args.sweep, values)
+                rows = [(number_text(v), mtsl_option_label(config, args.sweep, v)) for v in values]
             else:
                 bad = [v for v in values if not 0 <= v < math.inf]
                 if bad:

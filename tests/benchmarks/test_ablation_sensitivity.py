@@ -60,7 +60,7 @@ def test_threshold_sweep_extremes_give_the_single_task_and_shared_plans(tmp_path
     runs = results_of(out / "sensitivity-threshold")
     stn_plan = BranchingPlan.from_dict(runs[("stn", 0)]["plan"])
     assert BranchingPlan.from_dict(runs[("mtsl_threshold1.01", 0)]["plan"]) == stn_plan  # above every similarity
-    assert sensitivity.threshold_label(load_preset("smoke"), 0.8) == "mtsl"  # the default γ: compare's run
+    assert sensitivity.mtsl_option_label(load_preset("smoke"), "threshold", 0.8) == "mtsl"  # default γ: compare's
     merged = BranchingPlan.from_dict(runs[("mtsl_threshold0", 0)]["plan"])  # γ = 0: all merge
     phases = 2  # the smoke preset's structural phases, one location each
     assert all(len(merged.partitions[l]) == 1 for l in range(phases))
@@ -70,6 +70,23 @@ def test_threshold_sweep_extremes_give_the_single_task_and_shared_plans(tmp_path
     # every row has the header's number of cells: the plan's own "|" separators are escaped
     assert {line.replace("\\|", "").count("|") for line in table.splitlines()} == {7}
     assert (out / "sensitivity-threshold" / "sensitivity.png").stat().st_size > 0
+
+
+def test_align_weight_sweep_trains_mtsl_per_weight_and_reuses_the_default(tmp_path):
+    """λ = 0 trains without the alignment loss (its history's alignment term stays 0); the default λ (0.2) is
+    compare.py's ``mtsl`` run, whose alignment term is positive."""
+    out = tmp_path / "sens"
+    assert sensitivity.main(["--sweep", "align-weight", "--values", "0,0.2", "--out", str(out), *ARGS]) == 0
+    runs = results_of(out / "sensitivity-align-weight")
+    assert set(runs) == {("stn", 0), ("mtsl_align0", 0), ("mtsl", 0)}
+    assert sensitivity.mtsl_option_label(load_preset("smoke"), "align-weight", 0.05) == "mtsl_align0.05"
+    history = {label: json.loads((out / label / "seed0" / "result.json").read_text())["history"]
+               for label in ("mtsl_align0", "mtsl")}
+    assert all(epoch["align"] == 0 for epoch in history["mtsl_align0"])
+    assert any(epoch["align"] > 0 for epoch in history["mtsl"])
+    table = (out / "sensitivity-align-weight" / "sensitivity.md").read_text()
+    assert "Alignment λ" in table and "| 0 |" in table and "| 0.2 |" in table
+    assert (out / "sensitivity-align-weight" / "sensitivity.png").stat().st_size > 0
 
 
 def test_bmtas_lambda_sweep_trains_one_search_per_weight(tmp_path):
@@ -103,11 +120,11 @@ def test_sweep_labels_are_exact_and_keep_their_earlier_names():
     """Values {:g} would round get their exact repr (0.1234561 and 0.1234562 were both mtsl_threshold0.123456);
     values {:g} writes exactly keep their labels, so earlier results folders are still reused."""
     config = load_preset("smoke")
-    assert sensitivity.threshold_label(config, 0.1234561) == "mtsl_threshold0.1234561"
-    assert sensitivity.threshold_label(config, 0.1234562) == "mtsl_threshold0.1234562"
+    assert sensitivity.mtsl_option_label(config, "threshold", 0.1234561) == "mtsl_threshold0.1234561"
+    assert sensitivity.mtsl_option_label(config, "threshold", 0.1234562) == "mtsl_threshold0.1234562"
     for value, label in ((0.7, "mtsl_threshold0.7"), (0.0, "mtsl_threshold0"), (1.01, "mtsl_threshold1.01"),
                          (1e-7, "mtsl_threshold1e-07")):
-        assert sensitivity.threshold_label(config, value) == label
+        assert sensitivity.mtsl_option_label(config, "threshold", value) == label
     assert sensitivity.bmtas_label(50.0) == "bmtas_lambda50" and sensitivity.bmtas_label(0.01) == "bmtas_lambda0.01"
     assert sensitivity.bmtas_label(1 / 3) == "bmtas_lambda0.3333333333333333"
 
@@ -163,6 +180,7 @@ def test_seed_sweep_prints_the_grouping_table_per_init(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, culprit", [
     (["--sweep", "threshold", "--values", "0.5,high"], "--values"),
+    (["--sweep", "align-weight", "--values=-0.1"], "align_weight must be a finite number >= 0, got -0.1"),
     (["--sweep", "tasks", "--values", "S,Q"], "S,Q"),
     (["--sweep", "seeds", "--inits", "nowhere.pth"], "nowhere.pth"),
 ])
