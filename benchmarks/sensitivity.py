@@ -38,8 +38,8 @@ from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
 
 SWEEPS = ("threshold", "align-weight", "tasks", "seeds", "bmtas-lambda")
-MTSL_OPTIONS = {"threshold": ("threshold", "threshold"), "align-weight": ("align_weight", "align")}  # sweep: option,
-# and the label's prefix (``mtsl_threshold0.7``, ``mtsl_align0.05``)
+# the sweeps over one MTSL option: sweep -> (the option, its runs' label prefix: mtsl_threshold0.7, mtsl_align0.05)
+MTSL_OPTIONS = {"threshold": ("threshold", "threshold"), "align-weight": ("align_weight", "align")}
 
 
 # ------------------------------------------------------------------------------------------------ jobs
