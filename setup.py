@@ -33,7 +33,11 @@ setup(
     extras_require={"export": ["onnx>=1.15", "onnxruntime>=1.17"],
                     "test": ["pytest>=7.4", "onnx>=1.15", "onnxruntime>=1.17"]},
     entry_points={
+        # one command per benchmarks/<name>.py that the README runs as `python benchmarks/<name>.py`
         "console_scripts": ["mtsl-compare=benchmarks.compare:main", "mtsl-robustness=benchmarks.robustness:main",
-                            "mtsl-ablation=benchmarks.ablation:main", "mtsl-sensitivity=benchmarks.sensitivity:main"],
+                            "mtsl-ablation=benchmarks.ablation:main", "mtsl-sensitivity=benchmarks.sensitivity:main",
+                            "mtsl-alignment=benchmarks.alignment:main", "mtsl-export=benchmarks.export:main",
+                            "mtsl-speed=benchmarks.speed:main", "mtsl-scaling=benchmarks.scaling:main",
+                            "mtsl-grouping-speed=benchmarks.grouping_speed:main"],
     },
 )
