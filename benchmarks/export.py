@@ -18,7 +18,7 @@ import baselines  # noqa: F401  (registers the baseline methods: load_run rebuil
 from benchmarks.cli import refuse_torchrun
 from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.experiment import load_run
-from mtsl_plugin.export import FORMATS, export, static_network
+from mtsl_plugin.export import FORMATS, check_format, export, static_network
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refuse_torchrun():
         return 2
     try:
+        check_format(args.format)  # before the run is loaded
         if Path(args.out).resolve().is_relative_to(Path(args.run_dir).resolve()):
             raise ValueError(f"--out {args.out} lies in the run folder {args.run_dir}, whose files are the run's "
                              "own (weights, records); write the export elsewhere")

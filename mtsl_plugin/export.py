@@ -9,6 +9,7 @@ the module on a sample batch.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,17 @@ from torch import nn
 from mtsl_plugin.network.branched import BranchedNetwork
 
 FORMATS = ("onnx", "exported")
+NEEDS = {"onnx": ("onnx", "onnxruntime"), "exported": ()}  # the packages each format needs besides torch
+
+
+def check_format(fmt: str) -> None:
+    """Refuse, in one line, a format that is unknown or whose packages are not installed (the ``export`` extra)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    missing = [name for name in NEEDS[fmt] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"format {fmt!r} needs {', '.join(missing)} (not installed): "
+                         "pip install \"mtsl-plugin[export]\", or pip install -e \".[export]\" in a clone")
 
 
 class StaticNetwork(nn.Module):
@@ -57,8 +69,7 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
     largest absolute difference between the file's and the module's outputs on ``sample`` (N, 3, H, W). The file
     is written and checked under a temporary name beside ``path``, then renamed: a failed export leaves ``path``
     as it was."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_format(fmt)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sample = sample.to("cpu")

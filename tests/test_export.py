@@ -1,5 +1,6 @@
 """Export of a finished run's network: ONNX (checked with onnxruntime) and torch.export, equal to the model."""
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,16 @@ def test_the_command_writes_the_file_and_refuses_a_missing_run(runs, tmp_path, c
     assert target.stat().st_size > 0 and "largest difference" in capsys.readouterr().out
     assert export_cli.main([str(tmp_path / "nowhere"), "--format", "onnx", "--out", str(target)]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+def test_onnx_without_the_export_extra_is_one_line_before_the_run_is_read(tmp_path, capsys, monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: find_spec gives None
+    target = tmp_path / "net.onnx"
+    assert export_cli.main([str(tmp_path / "nowhere"), "--format", "onnx", "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"needs {missing} (not installed)" in err and "[export]" in err and len(err.splitlines()) == 1
+    assert not target.exists()
 
 
 def test_the_command_never_writes_into_the_run_folder_nor_reads_a_damaged_run(runs, tmp_path, capsys):
