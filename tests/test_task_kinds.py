@@ -66,6 +66,24 @@ def test_binary_iou_by_hand_and_direction_override():
     assert not flipped.higher_is_better
 
 
+@pytest.mark.parametrize("declaration, label, higher", [
+    ({"kind": "segmentation", "classes": 3}, "mIoU", True),
+    ({"kind": "segmentation", "classes": 3, "metric": "accuracy"}, "acc", True),
+    ({"kind": "regression"}, "RMSE", False),
+    ({"kind": "regression", "metric": "mae"}, "MAE", False),
+    ({"kind": "regression", "metric": "mse"}, "MSE", False),
+    ({"kind": "binary"}, "BCE", False),
+    ({"kind": "binary", "metric": "iou"}, "IoU", True),
+    ({"kind": "normals"}, "cos", True),
+    ({"kind": "reconstruction"}, "MSE", False),
+])
+def test_every_built_in_metric_has_its_documented_direction(declaration, label, higher):
+    """The direction Δ_MTL signs each task's change with: ↑ for mIoU, accuracy, IoU and cosine, ↓ for the errors
+    (the module's table)."""
+    task = declare_task("t", declaration)
+    assert (task.metric_name, task.higher_is_better) == (label, higher)
+
+
 @pytest.mark.parametrize("declaration, culprit", [
     ({"kind": "regression", "chanels": 2}, "chanels"),
     ({"kind": "segmentation"}, "classes"),

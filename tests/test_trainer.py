@@ -131,6 +131,24 @@ def test_resume_continues_exactly(smoke, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_the_learning_rate_steps_once_the_epochs_named_by_lr_steps_are_done(smoke):
+    """``lr_steps: [2]`` (the paper's 60 and 70 alike): epochs 1 and 2 train at the run's rate, epoch 3 at a
+    tenth of it."""
+    config = smoke()
+    assert config.lr_steps == (2,)
+    trainer, data = make(config)
+    seen, step = {}, trainer.queue_step
+
+    def recording_step(*args):
+        seen.setdefault(trainer.epochs_done + 1, trainer.optimizer.param_groups[0]["lr"])
+        return step(*args)
+
+    trainer.queue_step = recording_step
+    trainer.fit(data, 3, progress=False)
+    lr = config.optimizer["lr"]
+    assert seen == pytest.approx({1: lr, 2: lr, 3: lr * 0.1})
+
+
 def test_bad_checkpoints_are_refused_and_never_overwritten(smoke, tmp_path):
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"not a checkpoint")

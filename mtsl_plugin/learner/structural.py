@@ -32,7 +32,7 @@ from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.plan import BranchingPlan, Group
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
-from mtsl_plugin.plugins.builtin_grouping import group_value
+from mtsl_plugin.plugins.builtin_grouping import group_value, reaches
 from mtsl_plugin.progress import each_batch
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, dict[str, torch.Tensor]]]]
@@ -139,10 +139,11 @@ class StructuralLearner:
 
     def decide(self, matrix: np.ndarray, tasks: Group) -> tuple[list[list[str]], list[Group]]:
         """The grouping solver's partition of one sibling set (``matrix`` over ``tasks``) and the groups of it
-        that merge: those of two or more tasks whose value reaches the threshold."""
+        that merge: those of two or more tasks whose value reaches the threshold, in the built-in solvers' units
+        (:func:`~mtsl_plugin.plugins.builtin_grouping.reaches`)."""
         partition = self.solver(matrix, list(tasks), self.config.threshold)
-        chosen = [tuple(g) for g in partition
-                  if len(g) > 1 and group_value(matrix, [tasks.index(t) for t in g]) >= self.config.threshold]
+        chosen = [tuple(g) for g in partition if len(g) > 1
+                  and reaches(group_value(matrix, [tasks.index(t) for t in g]), self.config.threshold)]
         return partition, chosen
 
     def structural_phase(self, network: BranchedNetwork, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -185,6 +185,13 @@ def best_partitions(similarity: torch.Tensor | np.ndarray, score: str, search: s
     return [(total / best.scale, partition) for total, partition in best.by_count]
 
 
+def reaches(value: float, threshold: float) -> bool:
+    """``value >= threshold`` compared in the solvers' units (:func:`partition_dp.to_units`), so that a group a
+    solver chose for reaching the threshold is not dropped by float noise (0.19999999999999998 reaches 0.2)."""
+    (units, bar), _ = partition_dp.to_units(np.float64(value), np.float64(threshold))
+    return bool(units >= bar)
+
+
 def _named(partition: Partition, tasks: Sequence[str]) -> list[list[str]]:
     """Translate a partition of indices into a partition of task names."""
     return [[tasks[index] for index in group] for group in partition]

@@ -156,6 +156,12 @@ def test_schedules_are_the_references():
     assert gates.bmtas_warmup_epochs(40) == 2 and gates.bmtas_warmup_epochs(19) == 0
 
 
+def test_ltb_warmup_ends_exactly_at_one_percent_of_the_epochs():
+    """epoch < E/100 strictly: a 100-epoch run warms up for its first epoch only, a 200-epoch run for two."""
+    assert [gates.ltb_warmup(e, 100) for e in range(3)] == [True, False, False]
+    assert [gates.ltb_warmup(e, 200) for e in range(4)] == [True, True, False, False]
+
+
 def test_ltb_search_space(stages):
     """LibMTL gates the inputs of layer1-4 only; the wide option gates every location and the heads."""
     assert make(LTB, stages).gate_keys() == ["loc1", "loc2", "loc3", "loc4"]

@@ -9,6 +9,7 @@ from mtsl_plugin.experiment import build_data, build_stages, build_trainer, run_
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plugins import similarity
+from mtsl_plugin.plugins.builtin_grouping import group_value
 from mtsl_plugin.tasks import build_tasks
 
 
@@ -86,6 +87,24 @@ def test_alignment_loss_is_lambda_times_mean_dissimilarity(smoke):
     assert learner.alignment_loss(BranchingPlan.one_net("SDE", 10), {}) is None
 
 
+def test_alignment_loss_sums_the_sibling_sets_each_its_mean_over_pairs(smoke):
+    """Two sibling sets, (S, D, E) and (N, A), of different sizes and dissimilarities: λ times the sum over the
+    sets of each set's mean (1 − CKA), not a mean over the sets nor one mean over all pairs."""
+    learner = StructuralLearner(smoke(tasks="SDENA").mtsl)
+    plan = BranchingPlan.single_task("SDENA", 10).merge(0, ["SDE", "NA"])
+    assert plan.siblings() == [(1, ("S", "D", "E")), (1, ("N", "A"))]
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(8, 16, 2, 2, generator=gen)
+    feats = {t: base + scale * torch.randn(8, 16, 2, 2, generator=gen)
+             for t, scale in zip("SDENA", (0.1, 0.2, 0.3, 1.0, 3.0))}
+    cka = similarity("cka")
+    pooled = {t: f.mean(dim=(2, 3)) for t, f in feats.items()}
+    first = torch.stack([1 - cka(pooled[a], pooled[b]) for a, b in ("SD", "SE", "DE")]).mean()
+    second = 1 - cka(pooled["N"], pooled["A"])
+    assert abs(float(second - first)) > 0.05  # the ways of averaging differ here
+    torch.testing.assert_close(learner.alignment_loss(plan, feats), 0.2 * (first + second))
+
+
 def test_a_similarity_without_gradient_cannot_drive_the_alignment(smoke):
     """RSA decides groupings (MTSL-RSA) but has no gradient: as the alignment measure it is refused clearly."""
     plan = BranchingPlan.single_task("SD", 10)
@@ -138,6 +157,21 @@ def test_alignment_gradients_pull_sibling_task_nodes_together(smoke):
         aligned()[0].backward()
         optimizer.step()
     assert aligned()[1] > before
+
+
+@pytest.mark.parametrize("grouping, merged", [("fewest_groups", [("S", "D", "E")]),
+                                              ("exhaustive", [("S", "D", "E")]),
+                                              ("authors", [])])  # the authors' rule: strictly above γ
+def test_a_group_whose_value_is_the_threshold_up_to_float_noise_reaches_it(smoke, grouping, merged):
+    """Pairs 0.05, 0.2 and 0.35: the group's value is 0.2, computed as 0.19999999999999998. At γ = 0.2 the
+    solvers compare in units of 1e-12 (float noise never breaks a tie), and the learner merges what they return
+    as reaching γ: it compares alike."""
+    learner = StructuralLearner(smoke(threshold=0.2, grouping=grouping).mtsl)
+    matrix = np.array([[1.0, 0.05, 0.2], [0.05, 1.0, 0.35], [0.2, 0.35, 1.0]])
+    assert group_value(matrix, [0, 1, 2]) < 0.2
+    partition, chosen = learner.decide(matrix, ("S", "D", "E"))
+    assert chosen == merged
+    assert partition == ([["S", "D", "E"]] if merged else [["S"], ["D"], ["E"]])
 
 
 def test_a_phase_merges_each_sibling_set_by_its_own_similarities_and_amalgamation_touches_nothing_else(smoke):
@@ -238,3 +272,44 @@ def test_amalgamation_distils_at_the_runs_learning_rate_after_a_learning_rate_st
                                               lambda: data.batches(data.train, key=(1, 0)),
                                               lambda: data.batches(data.holdout), torch.device("cpu"))
     assert record.merged == [["S", "D"]] and rates == [run_rate]
+
+
+def test_amalgamation_adam_takes_the_runs_weight_decay(smoke, monkeypatch):
+    """The amalgamation Adam has the run's weight decay as well as its rate (the authors' ``fuse`` builds it
+    from the command line's), not Adam's default of none."""
+    config = smoke(tasks=("S", "D"), amalgamation_epochs=(1, 1), grouping="fewest_groups")
+    trainer, data = trainer_for(config, BranchingPlan.single_task("SD", 10))
+    decay = trainer.optimizer.param_groups[0]["weight_decay"]
+    assert decay == config.optimizer["weight_decay"] > 0
+    decays, adam = [], torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, **kw: decays.append(kw.get("weight_decay", 0.0))
+                        or adam(params, **kw))
+    trainer.learner.measure = lambda *args: [(0, ("S", "D"), np.array([[1.0, 0.9], [0.9, 1.0]]))]
+    record = trainer.learner.structural_phase(trainer.network, trainer.model, trainer.optimizer,
+                                              lambda: data.batches(data.train, key=(1, 0)),
+                                              lambda: data.batches(data.holdout), torch.device("cpu"))
+    assert record.merged == [["S", "D"]] and decays == [decay]
+
+
+def test_the_group_node_distils_in_training_mode_and_its_batch_norms_count_every_amalgamation_batch(smoke):
+    """The frozen task nodes run in evaluation mode, the new group node in training mode: its batch-norm
+    statistics follow the amalgamation batches (each counted once per epoch) instead of staying the average."""
+    config = smoke(tasks=("S", "D"), amalgamation_epochs=(2, 2), grouping="fewest_groups")
+    trainer, data = trainer_for(config, BranchingPlan.single_task("SD", 10))
+    net, learner = trainer.network, trainer.learner
+    norms = [name for name, m in net.node(0, ("S",)).named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms
+    average = {k: v.clone() for k, v in net.node(0, ("S",)).state_dict().items()}  # both task nodes start equal
+    assert all(torch.equal(v, net.node(0, ("D",)).state_dict()[k]) for k, v in average.items())
+    batches = len(list(data.batches(data.train, key=(1, 0))))
+    learner.measure = lambda *args: [(0, ("S", "D"), np.array([[1.0, 0.9], [0.9, 1.0]]))]
+    record = learner.structural_phase(net, trainer.model, trainer.optimizer,
+                                      lambda: data.batches(data.train, key=(1, 0)),
+                                      lambda: data.batches(data.holdout), torch.device("cpu"))
+    assert record.merged == [["S", "D"]] and len(record.amalgamation_losses) == 2
+    group = net.node(0, ("S", "D")).state_dict()
+    for name in norms:
+        prefix = f"{name}." if name else ""
+        assert int(group[prefix + "num_batches_tracked"]) == int(average[prefix + "num_batches_tracked"]) + 2 * batches
+        assert not torch.equal(group[prefix + "running_mean"], average[prefix + "running_mean"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtsl_plugin.plugins import grouping_solver
+from mtsl_plugin.plugins import grouping_solver, partition_dp
 from mtsl_plugin.plugins.builtin_grouping import (authors, exhaustive, fewest_groups, group_value, partition_value,
                                                   set_partitions, task_mean_value)
 
@@ -148,6 +148,19 @@ def test_authors_and_paper_scores_differ_where_large_groups_weigh_more() -> None
     assert task_mean_value(similarity, [[0, 1, 2], [3]]) == pytest.approx(0.525)
     assert partition_value(similarity, [[0, 1, 2], [3]]) == pytest.approx(0.35)
     assert fewest_groups(similarity, tasks, 0.5) == [["a", "b", "c", "d"]]
+
+
+def test_authors_tie_between_k_and_more_groups_goes_to_fewer_groups() -> None:
+    """{a, b, c} (pairs 0.9, 0.45, 0.45: mean 0.6) with d apart (-1 to all): the best two groups, {a, b, c} {d},
+    and the best three, {a, b} {c} {d}, both score 1.8 over the tasks, short of γ · T = 2. The tie keeps the
+    partition with fewer groups, so {a, b, c} (0.6 > γ = 0.5) merges, not just {a, b}."""
+    similarity = np.full((4, 4), -1.0)
+    similarity[0, 1] = similarity[1, 0] = 0.9
+    similarity[0, 2] = similarity[2, 0] = similarity[1, 2] = similarity[2, 1] = 0.45
+    np.fill_diagonal(similarity, 1.0)
+    assert 4 * task_mean_value(similarity, [[0, 1, 2], [3]]) == pytest.approx(1.8)
+    assert 4 * task_mean_value(similarity, [[0, 1], [2], [3]]) == pytest.approx(1.8)
+    assert authors(similarity, list("abcd"), 0.5) == [["a", "b", "c"], ["d"]]
 
 
 def test_set_partitions_canonical_order() -> None:
@@ -291,6 +304,17 @@ def _enumerated(similarity: np.ndarray, solver: str, threshold: float) -> list[l
     merged = [g for g in chosen[0] if len(g) > 1 and units(value(g)) > bar]
     alone = [(i,) for i in range(n) if not any(i in g for g in merged)]
     return [list(g) for g in sorted(merged + alone)]
+
+
+def test_ordered_pair_sums_ignore_the_diagonal() -> None:
+    """Every subset's sum over its ordered pairs of distinct members, written with loops, whatever the diagonal
+    holds (the local search's coarse start passes within-group sums there)."""
+    generator = np.random.default_rng(9)
+    matrix = generator.uniform(-1.0, 1.0, size=(5, 5))
+    np.fill_diagonal(matrix, generator.uniform(2.0, 3.0, size=5))
+    expected = [sum(matrix[a, b] for a in range(5) for b in range(5) if a != b and mask >> a & 1 and mask >> b & 1)
+                for mask in range(1 << 5)]
+    assert partition_dp.ordered_pair_sums(matrix) == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 6, 7, 8, 9])

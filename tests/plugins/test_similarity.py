@@ -76,6 +76,19 @@ def test_cka_invariant_to_orthogonal_transform_and_isotropic_scaling() -> None:
     torch.testing.assert_close(linear_cka(x, 1e-3 * y), reference)
 
 
+def test_cka_invariant_to_a_common_offset_of_the_features() -> None:
+    """Features far from zero mean (post-ReLU activations, say) give the CKA of their centred selves: the
+    offset drowns neither the value nor its float32 version in rounding."""
+    x = _random(16, 8, 11)
+    y = x @ _random(8, 6, 12) + _random(16, 6, 13)
+    reference = linear_cka(x, y)
+    assert 0.3 < reference.item() < 0.95
+    for offset in (10.0, 1e4):
+        torch.testing.assert_close(linear_cka(x + offset, y - offset), reference, rtol=1e-9, atol=0)
+        torch.testing.assert_close(linear_cka((x + offset).float(), y.float()), reference.float(),
+                                   rtol=1e-4, atol=0)
+
+
 def test_cka_is_symmetric_and_bounded() -> None:
     for seed in range(5):
         x, y = _random(10, 3, seed), _random(10, 7, seed + 100)
