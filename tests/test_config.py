@@ -1,4 +1,5 @@
 """Presets and run configuration."""
+import dataclasses
 from importlib import resources
 
 import pytest
@@ -71,6 +72,8 @@ def test_round_trip_and_errors():
         RunConfig.from_dict({**config.to_dict(), "lr": 1})
     with pytest.raises(ValueError, match="unknown MTSL option"):
         MTSLConfig.from_dict({"gamma": 0.8})
+    with pytest.raises(ValueError, match="the held-out slice needs at least 4 samples for the unbiased CKA"):
+        config.replace(data=dataclasses.replace(config.data, holdout=3))
     with pytest.raises(ValueError, match="the phases need 3 task-learning epochs"):
         MTSLConfig(task_epochs=(1, 2), amalgamation_epochs=(1, 1), total_epochs=2)
 

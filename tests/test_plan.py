@@ -68,6 +68,14 @@ def test_merge_builds_the_tree_one_location_at_a_time():
     assert plan.describe() == "0: SDENA | 1: SE DNA | 2: S DN E A | 3: S D E N A"
 
 
+def test_describe_spans_runs_of_identical_locations_inclusively():
+    """``describe`` joins a run of identical locations into one ``first-last`` span, both ends included."""
+    plan = BranchingPlan.single_task("SDE", 8).merge(0, ["SDE"]).merge(1, ["SDE"]).merge(2, ["SDE"])
+    plan = plan.merge(3, ["SD", "E"]).merge(4, ["SD", "E"])
+    assert plan.describe() == "0-2: SDE | 3-4: SD E | 5-7: S D E"
+    assert BranchingPlan.from_json(plan.to_json()) == plan
+
+
 def test_merge_rejects_non_siblings():
     plan = BranchingPlan.single_task(TASKS, 3).merge(0, [["S", "E"], ["D", "N", "A"]])
     with pytest.raises(PlanError, match="different parents"):

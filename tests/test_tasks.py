@@ -142,6 +142,17 @@ def test_depth_rmse_ignores_invalid_pixels_and_accumulates_exactly(tasks):
         assert math.isnan(metric.compute().item())  # no valid pixel seen: undefined, not 0
 
 
+def test_depth_rmse_weighs_batches_by_their_valid_pixels(tasks):
+    """The data set's RMSE weighs each batch by its valid pixels: not a mean of batch MSEs (nor of batch RMSEs)."""
+    metric = tasks["D"].make_metric()
+    metric.update(torch.tensor([3.0, 0.5, 9.0]).view(1, 1, 1, 3), torch.tensor([2.0, 0.5, 0.0]).view(1, 1, 1, 3))
+    metric.update(torch.tensor([5.0]).view(1, 1, 1, 1), torch.tensor([2.0]).view(1, 1, 1, 1))  # errors 1, 0 | 3
+    exact = math.sqrt((1 + 0 + 9) / 3)
+    mean_of_batch_mse = math.sqrt((1 / 2 + 9) / 2)
+    assert metric.compute().item() == pytest.approx(exact)
+    assert abs(exact - mean_of_batch_mse) > 0.1
+
+
 def test_depth_and_normal_metrics_skip_non_finite_targets(tasks):
     """D's valid rule is ``positive`` (finite and > 0) and a normal with a non-finite component holds no value: a
     target an own loader hands over with inf there (e.g. through the LibMTL Trainer) must not make the data set's

@@ -291,6 +291,20 @@ def test_a_run_whose_loss_turns_nan_is_a_failed_row_naming_task_and_epoch(tmp_pa
     assert "[stn seed 0] failed: task D loss is inf" in capsys.readouterr().err
 
 
+def test_mtsl_options_are_part_of_the_fingerprint_of_methods_with_a_learner_only(smoke):
+    """A finished MTSL run is reused only by one of the same MTSL options (here the alignment weight); STN and
+    One-Net runs, which have no structural learner, keep theirs and are shared by every MTSL variant."""
+    from mtsl_plugin.experiment import method_spec, run_fingerprint
+
+    config, heavier = smoke(), smoke(align_weight=0.7)
+
+    def fingerprint(method, config):
+        return run_fingerprint(method, config, method_spec(method, config))
+
+    assert fingerprint("mtsl", heavier) != fingerprint("mtsl", config)
+    assert fingerprint("stn", heavier) == fingerprint("stn", config)
+
+
 def test_fused_execution_is_a_run_option_that_keeps_the_fingerprint(tmp_path, monkeypatch):
     """``--fused``: MTSL trains with every location's nodes fused (through its structural phases); the run's
     fingerprint is the unfused run's (fused execution changes float rounding only)."""

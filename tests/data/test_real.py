@@ -117,6 +117,19 @@ def test_resize_keeps_labels_depth_and_normals_valid(nyu: tuple[Path, dict], siz
     assert torch.all(((norms - 1).abs() < 1e-5) | (norms == 0))
 
 
+@pytest.mark.parametrize("size", [(6, 8), (24, 40), (9, 11)])
+def test_resized_labels_are_nearest_source_labels_never_blends(nyu: tuple[Path, dict], size: tuple[int, int]) -> None:
+    """Labels resize by nearest neighbour: each pixel takes one source pixel's class (or -1), never a rounded mean
+    of neighbouring classes (between class 0 and 2, not class 1; beside an ignored pixel, not class 0)."""
+    root, data = nyu
+    h, w = size
+    _, t = NYUv2(root, "train", height=h, width=w)[0]
+    label = torch.from_numpy(data["train"][3]["label"]).long()
+    rows = ((torch.arange(h) + 0.5) * H / h).floor().long().clamp_max(H - 1)
+    cols = ((torch.arange(w) + 0.5) * W / w).floor().long().clamp_max(W - 1)
+    assert torch.equal(t["S"], label[rows][:, cols])
+
+
 def test_depth_resize_does_not_blend_invalid_zeros(tmp_path: Path) -> None:
     root = tmp_path / "nyu"
     _write(root, {"image": "image", "label": "label", "depth": "depth", "normal": "normal"}, 13, 3)

@@ -96,6 +96,21 @@ def test_depth_positive_and_normals_unit_facing_camera(scenes: SyntheticScenes) 
         assert ((scenes.normals[i] * ray).sum(0) < 0).all()
 
 
+def test_depth_is_z_depth_that_back_projects_onto_the_floor(scenes: SyntheticScenes) -> None:
+    """Depth is the distance along the optical axis (z-depth), not along the ray: a floor pixel's depth times its
+    pixel ray (x, y, 1) / focal lands on the floor (y = 0 in the world)."""
+    for i in range(4):
+        scene = sample_scene(np.random.default_rng([0, SPLIT_STREAMS["train"], i]))
+        focal = 0.5 * 32 / np.tan(0.5 * scene.vfov)
+        u = (np.arange(32) + 0.5 - 16) / focal
+        ray = np.stack([np.broadcast_to(u[None, :], (32, 32)), np.broadcast_to(u[:, None], (32, 32)),
+                        np.ones((32, 32))])
+        point = scene.cam_pos[:, None, None] + np.einsum("ij,jhw->ihw", scene.cam_rot, ray * scenes.depth[i].numpy())
+        floor = scenes.labels[i].numpy() == CLASS_NAMES.index("floor")
+        assert floor.any()
+        assert np.abs(point[1][floor]).max() < 1e-3
+
+
 def test_all_classes_appear_and_class_is_not_a_function_of_geometry(scenes: SyntheticScenes) -> None:
     present = {scenes.class_names[c] for c in scenes.labels.unique().tolist()}
     assert len(present) >= 7

@@ -61,6 +61,19 @@ def test_a_sample_draws_its_window_from_the_run_the_epoch_and_its_index(tmp_path
     assert random_window((32, 32)) == unkeyed
 
 
+def test_a_runs_training_loader_augments_each_epoch_anew(tmp_path):
+    """RunData keys each sample's window by the run's seed and the epoch: sample i is zoomed and flipped otherwise in
+    the next epoch (not once for the whole run), and alike when the epoch is read again."""
+    root = write_nyuv2(tmp_path / "nyuv2", n_train=10, n_val=2)
+    config = smoke_config(tasks=("S", "D")).replace(data=DataConfig(
+        name="nyuv2", root=str(root), height=32, width=32, train=6, holdout=4, test=2))
+    data = build_data(config)[0]
+    images = {epoch: [data.batches(data.train, key=(0, epoch)).dataset[i][0] for i in range(6)] for epoch in (0, 1)}
+    again = [data.batches(data.train, key=(0, 0)).dataset[i][0] for i in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(images[0], again))
+    assert not all(torch.equal(a, b) for a, b in zip(images[0], images[1]))
+
+
 class Counted(DataLoader):
     iterations = 0
 

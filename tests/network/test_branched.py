@@ -138,6 +138,24 @@ def test_cost_table_equals_counting_the_whole_network(stages, plan):
     assert table.gmac == pytest.approx(counted.gmac, rel=1e-9)
 
 
+def test_model_cost_counts_multiply_accumulates_and_submodule_parameters_only():
+    """GMac is multiply-accumulates / 1e9 (not FLOPs): a 3x3 convolution 3 -> 8 on 10 x 12 makes 8*3*9*120 of them
+    plus the linear layer's 8*4; a parameter registered on the model itself (a weighting's loss scale) is not part of
+    the inference network."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.Linear(8, 4, bias=False)
+            self.loss_scale = torch.nn.Parameter(torch.zeros(5))
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    cost = model_cost(Net(), 10, 12)
+    assert cost.params == 8 * 3 * 9 + 8 * 4
+    assert cost.gmac == pytest.approx((8 * 3 * 9 * 120 + 8 * 4) / 1e9)
+
+
 def test_local_weights_file_is_loaded(tmp_path):
     reference = timm.create_model("resnet18", num_classes=0)
     with torch.no_grad():
