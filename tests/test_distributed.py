@@ -85,6 +85,11 @@ def test_a_batch_the_processes_do_not_divide_is_refused(monkeypatch):
         distributed.per_rank_batch(16)
 
 
+def test_each_process_trains_an_equal_share_of_the_global_batch(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    assert distributed.per_rank_batch(16) == 4  # what the scaling benchmark's ranks each run per step
+
+
 def test_shards_of_a_global_batch_make_it_up(monkeypatch):
     batches = [[5, 1, 4, 0], [2, 3, 7, 6]]
     parts = []
@@ -316,6 +321,7 @@ def test_robustness_under_two_processes_evaluates_shares_of_whole_batches_like_o
 
 @pytest.mark.parametrize("world, me, count, expected", [
     (2, 0, 3, [0, 2]), (2, 1, 3, [1]), (3, 2, 7, [2, 5]), (1, 0, 3, [0, 1, 2]),
+    (2, 1, 2, [1]),  # as many batches as ranks: one each
     (4, 1, 3, [0, 1, 2]),  # fewer batches than ranks: not split (every rank evaluates all; ratios of sums hold)
 ])
 def test_each_rank_owns_every_nth_whole_batch_with_its_index(monkeypatch, world, me, count, expected):

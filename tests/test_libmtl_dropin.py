@@ -194,6 +194,29 @@ def test_mtltrainer_itself_runs_libmtl_architectures_with_gradient_weightings():
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.get_share_params()))
 
 
+def test_gradient_weightings_on_libmtl_architectures_see_each_tasks_own_gradient():
+    """Between the tasks' backward passes the shared gradients are zeroed (in place): the gradient LibMTL's method
+    combines for task t is that of t's loss alone, not the sum of the tasks' before it."""
+    trainer = regression_trainer(weighting="PCGrad")
+    images, gts = next(iter(regression_loaders()[0]))
+    losses = trainer.task_losses(trainer.model(images), gts)
+    shared = list(trainer.model.get_share_params())
+    expected = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+                            for loss in losses])
+    trainer.model._compute_grad_dim()
+    torch.testing.assert_close(trainer.model._compute_grad(losses, mode="backward"), expected)
+
+
+def test_without_val_dataloaders_grouping_data_is_the_first_800_training_samples():
+    """As the authors measure task similarity: on the first 800 training images, not on the whole training set."""
+    trainer = regression_trainer()
+    seen = []
+    trainer.fit = lambda data, epochs, **kwargs: seen.append(data)
+    train = DataLoader(Regression(1000, 0), batch_size=100)
+    trainer.train(train, regression_loaders()[1], 1, progress=False)
+    assert [int(i) for i in seen[0].holdout.indices] == list(range(800)) and seen[0].holdout.dataset is train.dataset
+
+
 def test_rep_grad_weightings_on_a_libmtl_architecture():
     """GradDrop needs rep_grad=True on LibMTL's architectures (as LibMTL says at its first step); PCGrad, GradVac
     and CAGrad refuse rep_grad=True: both in one line before training."""

@@ -54,6 +54,24 @@ def test_segmentation_labels_with_one_class_only_are_refused(tmp_path, values, c
     assert len(message.splitlines()) == 1
 
 
+def test_a_two_class_mask_of_background_0_and_foreground_1_passes(tmp_path):
+    from mtsl_plugin.data import TargetFiles, build_dataset
+    from mtsl_plugin.preflight import read_every_sample
+
+    root = _masks(tmp_path, (1,))  # class 0 (background) counts as a class like any other
+    data = build_dataset("folder", "train", root=str(root), targets={"fg": TargetFiles("labels", "fg", 2)})
+    read_every_sample(data, "train split", False)
+
+
+@pytest.mark.parametrize("tasks", [2, 4, 5])
+def test_cagrad_on_other_than_three_tasks_is_refused(tasks):
+    from mtsl_plugin.preflight import check_weighting
+
+    check_weighting("CAGrad", 3)
+    with pytest.raises(ValueError, match=f"exactly 3 tasks .*got {tasks}$"):
+        check_weighting("CAGrad", tasks)
+
+
 def test_segmentation_labels_missing_some_classes_pass(tmp_path):
     from mtsl_plugin.data import TargetFiles, build_dataset
     from mtsl_plugin.preflight import read_every_sample
@@ -81,3 +99,14 @@ def test_a_training_batch_under_4_images_is_refused_for_aligning_mtsl_only(smoke
     with pytest.raises(ValueError, match=f"gives a batch of {smallest}: use a batch_size of at least 4") as caught:
         run_method(config, "mtsl", tmp_path / "mtsl", progress=False)
     assert len(str(caught.value).splitlines()) == 1 and not (tmp_path / "mtsl").exists()
+
+
+def test_an_alignment_similarity_without_gradient_is_refused_before_training(smoke):
+    """RSA may decide groupings but cannot drive the alignment loss: refused by the preflight check, in one line,
+    not at the first training step (after the run's folder exists)."""
+    from mtsl_plugin.preflight import check_mtsl
+
+    check_mtsl(smoke(tasks="SD", similarity="rsa").mtsl)
+    check_mtsl(dataclasses.replace(smoke(tasks="SD", align_similarity="rsa").mtsl, align=False))
+    with pytest.raises(ValueError, match="^similarity 'rsa' returns no gradient, so it cannot drive the alignment"):
+        check_mtsl(smoke(tasks="SD", align_similarity="rsa").mtsl)

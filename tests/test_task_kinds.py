@@ -194,12 +194,17 @@ class _CheckedKinds:
             "badmetric": partial(_plugin_task, metric=_not_a_metric),
             "failingmetric": partial(_plugin_task, metric=_FailingMetric),
             "raising": _raising_kind,
+            "renamed": _renamed_kind,
             "good": partial(_plugin_task, channels=2),
         }
 
 
 def _raising_kind(name, *, size=1):
     raise TypeError(f"size must be str, got {size}")
+
+
+def _renamed_kind(name):
+    return _plugin_task(f"{name}_2")  # a task under another name than the one declared
 
 
 @pytest.fixture
@@ -230,6 +235,7 @@ def test_a_plugin_task_breaking_its_layout_or_direction_is_refused_naming_task_k
     ("badmetric", "metric_factory returned 'not a metric', expected a torchmetrics Metric"),
     ("failingmetric", "metric .* raised RuntimeError: update needs a mask"),
     ("raising", "raised TypeError: size must be str, got 1"),
+    ("renamed", r"returned Task\(name='heat_2'.*expected a mtsl_plugin.tasks.Task named 'heat'"),
 ])
 def test_a_plugin_task_whose_loss_or_metric_fails_is_refused_when_declared(checked_kinds, kind, culprit):
     with pytest.raises(PluginContractError, match=culprit) as caught:
@@ -263,3 +269,21 @@ def test_the_five_built_in_tasks_under_both_loss_sets_pass_the_task_probe():
     for losses in ("standard", "authors"):
         for task in build_tasks(TASKS, num_classes=4, losses=losses).values():
             probe_task(task)
+
+
+def test_reconstruction_mse_is_the_mean_squared_error_not_its_root():
+    task = declare_task("img", {"kind": "reconstruction"})
+    metric = task.make_metric()
+    metric.update(torch.full((1, 3, 2, 2), 3.0), torch.ones(1, 3, 2, 2))
+    assert (task.metric_name, task.higher_is_better, metric.compute().item()) == ("MSE", False, pytest.approx(4.0))
+
+
+def test_the_libmtl_metric_reads_the_postprocessed_prediction_of_any_task():
+    """A task's ``postprocess_fn`` maps the raw head output to what its metric reads, in every run's evaluation
+    (the LibMTL task dict's metric), not only for the built-in normals, whose cosine metric ignores the scale."""
+    from mtsl_plugin.tasks import libmtl_task_dict
+
+    task = Task("p", "probability", 1, "MAE", False, _l1, _mae, postprocess_fn=torch.sigmoid)
+    metrics = libmtl_task_dict({"p": task})["p"]["metrics_fn"]
+    metrics.update_fun(torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 0.5))  # sigmoid(0) = 0.5: no error
+    assert metrics.score_fun() == [pytest.approx(0.0)]

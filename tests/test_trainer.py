@@ -131,6 +131,35 @@ def test_resume_continues_exactly(smoke, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_each_epoch_draws_its_own_batch_order_fixed_by_seed_and_epoch():
+    """fit's batches of epoch e are ``data.batches(train, key=(0, e))``: the same for the same seed and epoch (a
+    resumed run sees the same data), another for every other epoch or seed (not one order repeated every epoch)."""
+    from torch.utils.data import TensorDataset
+
+    from mtsl_plugin.data.run_data import RunData
+
+    def order(seed, *key):
+        data = RunData(train=TensorDataset(torch.arange(64)), holdout=None, test=None, batch_size=8, seed=seed)
+        return [int(i) for (batch,) in data.batches(data.train, key=key) for i in batch]
+
+    assert order(0, 0, 1) == order(0, 0, 1) and sorted(order(0, 0, 1)) == list(range(64))
+    assert len({tuple(order(0, 0, e)) for e in range(4)} | {tuple(order(1, 0, 1)), tuple(order(0, 2, 1))}) == 6
+
+
+def test_weight_args_defaults_are_libmtls_command_line_defaults():
+    """A weighting method built here without weight_args behaves as under LibMTL's own command line."""
+    import importlib
+
+    from mtsl_plugin.libmtl_compat import WEIGHT_ARG_DEFAULTS
+
+    import_libmtl()
+    libmtl_defaults = importlib.import_module("LibMTL.config").LibMTL_args.parse_args([])
+    for method, defaults in WEIGHT_ARG_DEFAULTS.items():
+        for key, value in defaults.items():
+            expected = getattr(libmtl_defaults, key)
+            assert (value, type(value)) == (expected, type(expected)), (method, key)
+
+
 def test_the_learning_rate_steps_once_the_epochs_named_by_lr_steps_are_done(smoke):
     """``lr_steps: [2]`` (the paper's 60 and 70 alike): epochs 1 and 2 train at the run's rate, epoch 3 at a
     tenth of it."""
@@ -147,6 +176,21 @@ def test_the_learning_rate_steps_once_the_epochs_named_by_lr_steps_are_done(smok
     trainer.fit(data, 3, progress=False)
     lr = config.optimizer["lr"]
     assert seen == pytest.approx({1: lr, 2: lr, 3: lr * 0.1})
+
+
+def test_architectures_read_the_0_based_epoch_they_train(smoke):
+    """LibMTL's convention, which LTB's warm-up (epoch < E/100: the first epoch of a short run) and the LTB and
+    BMTAS temperatures read: ``model.epoch`` is the 0-based epoch being trained, ``model.total_epochs`` the run's."""
+    trainer, data = make(smoke())
+    seen, step = set(), trainer.queue_step
+
+    def recording_step(*args):
+        seen.add((trainer.epochs_done, trainer.model.epoch, trainer.model.total_epochs))
+        return step(*args)
+
+    trainer.queue_step = recording_step
+    trainer.fit(data, 3, progress=False)
+    assert sorted(seen) == [(0, 0, 3), (1, 1, 3), (2, 2, 3)]
 
 
 def test_bad_checkpoints_are_refused_and_never_overwritten(smoke, tmp_path):
@@ -216,6 +260,22 @@ def test_a_non_finite_loss_stops_the_run_naming_task_and_epoch_and_keeps_the_las
     assert not (tmp_path / "run" / "result.json").exists()
 
 
+def test_a_non_finite_alignment_loss_stops_the_run_naming_it_and_the_epoch(smoke):
+    """The task losses stay finite; the alignment term turns NaN in epoch 2: the run stops at its first step there,
+    naming the alignment loss (a NaN alignment gradient spoils the weights as surely as a task loss's)."""
+    trainer, data = make(smoke(), learner=True)
+    alignment_loss = trainer.learner.alignment_loss
+
+    def nan_from_epoch_2(plan, features):
+        loss = alignment_loss(plan, features)
+        return loss * float("nan") if trainer.epochs_done >= 1 and loss is not None else loss
+
+    trainer.learner.alignment_loss = nan_from_epoch_2
+    with pytest.raises(NonFiniteLossError, match=r"^alignment loss is nan at epoch 2 \(step 1;"):
+        trainer.fit(data, 3, progress=False)
+    assert trainer.epochs_done == 1
+
+
 def test_fit_reads_the_next_batch_before_it_waits_for_a_steps_losses(smoke, monkeypatch):
     """On a GPU the device runs a step while the host reads the next batch: ``fit`` queues step k, reads batch k+1,
     and only then waits for step k's losses (``_settle``), before it queues step k+1. The losses logged are the
@@ -246,6 +306,14 @@ def test_fit_reads_the_next_batch_before_it_waits_for_a_steps_losses(smoke, monk
     assert len(returned) == 3 and events == ["read", "step", "read", "wait", "step", "read", "wait", "step", "wait"]
     logged = trainer.history[0]
     assert [logged[t] for t in ("S", "D")] == pytest.approx((sum(returned) / 3).tolist())
+
+
+def test_each_evaluation_scores_only_its_own_loader(smoke):
+    """The metrics start afresh at every call: scoring the held-out data in between changes no test score."""
+    trainer, data = make(smoke())
+    test_only = trainer.scores(data.batches(data.test))
+    assert trainer.scores(data.batches(data.holdout)) != test_only
+    assert trainer.evaluate(data.batches(data.test)) == pytest.approx({t: v[0] for t, v in test_only.items()})
 
 
 def test_a_finished_run_keeps_its_weights_not_its_resume_checkpoint(smoke, tmp_path):

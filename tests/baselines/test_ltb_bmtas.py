@@ -1,6 +1,7 @@
 """LTB and BMTAS: gated supernet training, plan extraction, the exact resource loss, and runs through the harness."""
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -235,10 +236,15 @@ def test_evaluation_runs_exactly_the_derived_branched_network(stages, seed, netw
     for (location, group), slot in model.derived_nodes().items():
         branched.node(location, group).load_state_dict(model.node(location, slot).state_dict())
     branched.eval()
+    derived = model.derived_network().eval()  # what a retrained or exported search result starts from
     with torch.no_grad():
         expected, _ = branched(x)
+        built, _ = derived(x)
     for task in "SDE":
         torch.testing.assert_close(preds[task], expected[task])
+        torch.testing.assert_close(built[task], expected[task])
+    costs = model.stage_gmac(32, 32)  # the logged cost: every node the derived network runs, one per group
+    assert model.search_record()["derived_gmac"] == pytest.approx(sum(costs[int(n.split("-")[0])] for n in calls))
 
 
 # ------------------------------------------------------------------------------------ LTB's sampling
@@ -638,3 +644,19 @@ def test_ltb_warmup_shares_every_node_below_its_last_gate_with_every_task(stages
     set_gates(model, [[0, 1, 2]] * len(model.gated_levels), scale=50.0)  # every task keeps its own chain
     model(torch.randn(4, 3, 32, 32))
     assert list(model.get_share_params()) == []
+
+
+def test_gate_entropy_is_log_t_when_uniform_and_falls_as_the_gates_decide(stages):
+    model = make(LTB, stages)
+    with torch.no_grad():
+        for gate in model.gates.values():
+            gate.zero_()
+    assert model.gate_entropy() == pytest.approx(math.log(3)) == model.search_record()["max_entropy"]
+    set_gates(model, [[0, 1, 2]] * len(model.gates), scale=30.0)
+    assert 0 <= model.gate_entropy() < 1e-6
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_counting_the_stage_cost_keeps_the_models_mode(stages, training):
+    model = make(BMTAS, stages).train(training)
+    assert model.stage_gmac(32, 32) and model.training == training

@@ -54,6 +54,19 @@ def test_ablation_trains_the_six_rows_and_reuses_the_comparison(shared, capsys):
         assert (shared / "ablation" / name).stat().st_size > 0
 
 
+def test_ablation_table_rows_carry_their_switches_and_their_own_runs_numbers():
+    """Row i of ablation.md is ROWS[i]: its alignment / avg / ATT marks and its own run's numbers."""
+    config = load_preset("smoke").replace(tasks=("S", "D"))
+    results = [{**fake_record(config, method, 0.5), "label": label, "params_m": 1.0 + index}
+               for index, (label, method, *_) in enumerate(ablation.ROWS)]
+    lines = ablation.ablation_table(results).splitlines()[2:]
+    assert len(lines) == len(ablation.ROWS)
+    mark = {True: "✓", False: "✗"}
+    for index, (line, (label, _, align, avg, att)) in enumerate(zip(lines, ablation.ROWS)):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[:3] == [mark[align], mark[avg], mark[att]] and cells[5] == f"{1.0 + index:.2f}", label
+
+
 def test_threshold_sweep_extremes_give_the_single_task_and_shared_plans(tmp_path):
     out = tmp_path / "sens"
     assert sensitivity.main(["--sweep", "threshold", "--values", "0,1.01", "--out", str(out), *ARGS]) == 0

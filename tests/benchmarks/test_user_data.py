@@ -94,3 +94,16 @@ def test_a_declaration_the_data_cannot_serve_is_refused_before_training(data_roo
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and culprit in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_weight_on_a_declared_task_passes_the_preflight_check(data_root, tmp_path):
+    """task_weights may name declared tasks as well as built-in ones; only names that are neither are refused."""
+    from mtsl_plugin.preflight import check_config
+
+    path = write_config(tmp_path / "mine.yaml", data_root, FOLDER_TASKS)
+    path.write_text(path.read_text() + "task_weights: {flow: 2}\n")
+    config = load_config_file(path, base=load_preset("smoke"))
+    assert config.task_weights == {"flow": 2} and "flow" in config.tasks
+    check_config(config, scan=False, progress=False)
+    with pytest.raises(ValueError, match=r"task_weights names task\(s\) \['blob'\]"):
+        check_config(config.replace(task_weights={"blob": 2}), scan=False, progress=False)

@@ -54,6 +54,25 @@ def test_authors_network_is_their_stage_table():
         ResNetStages("resnet18", network="authors", decoder=False)
 
 
+@pytest.mark.parametrize("in_channels", [8, 16])
+def test_authors_decoder_block_adds_its_upsampled_input_to_the_bottleneck(in_channels):
+    """out = relu(bottleneck(cat(up(x), skip)) + projection(up(x))): with the bottleneck's last BN zeroed only the
+    residual path is left (identity where the widths agree, the 1x1 projection where they differ)."""
+    import torch.nn.functional as F
+
+    from mtsl_plugin.network.stages import BottleneckDecoderStage
+
+    torch.manual_seed(0)
+    stage = BottleneckDecoderStage(in_channels, 4, planes=2).eval()
+    torch.nn.init.zeros_(stage.body[-1].weight)
+    torch.nn.init.zeros_(stage.body[-1].bias)
+    x, skip = torch.randn(2, in_channels, 3, 3), torch.randn(2, 4, 6, 6)
+    up = F.interpolate(x, size=(6, 6), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        torch.testing.assert_close(stage(x, skip), F.relu(stage.projection(up)))
+    assert isinstance(stage.projection, torch.nn.Identity) == (in_channels == 8)  # out: 4 x planes = 8 channels
+
+
 def test_authors_heads_read_their_tasks_four_decoder_outputs():
     """Each head reads the four decoder locations of its own branch: a change to S's node at location 8 (S and D
     split there, shared at 9) moves S's prediction only, and D's head gets gradients from all four locations."""

@@ -83,6 +83,9 @@ def test_similarity_wrapper_names_the_bad_argument() -> None:
         metric(torch.randn(8, 3), torch.randn(9, 3))
     with pytest.raises(ValueError, match="at least 4 samples"):
         metric(torch.randn(3, 3), torch.randn(3, 3))
+    plugin_manager().register(_plugin("lenient_metrics", mtsl_similarity_metrics={"lenient": lambda x, y: x.sum()}))
+    with pytest.raises(ValueError, match="'lenient' needs at least 4 samples"):  # checked for every plugin's metric
+        similarity("lenient")(torch.randn(3, 3), torch.randn(3, 3))
 
 
 @pytest.mark.parametrize(
@@ -102,7 +105,8 @@ def test_misbehaving_similarity_is_named(returned, described) -> None:
 
 @pytest.mark.parametrize(
     "returned",
-    [[["a", "b"]], [["a", "b"], ["c", "a"]], [["a"], ["b"], ["c"], ["x"]], [["a", "b"], []], "abc", [["a"], "bc"]],
+    [[["a", "b"]], [["a", "b"], ["c", "a"]], [["a"], ["b"], ["c"], ["x"]], [["a", "b"], []], "abc", [["a"], "bc"],
+     [["a", "a"], ["b"]], [["a", "b"], ["x"]]],  # as many names as tasks, but one twice or one unknown
 )
 def test_non_partition_is_a_contract_error_naming_the_plugin(returned) -> None:
     plugin_manager().register(
