@@ -20,8 +20,8 @@ from torch import nn
 
 from mtsl_plugin.network.branched import BranchedNetwork
 
-FORMATS = ("onnx", "exported")
-NEEDS = {"onnx": ("onnx", "onnxruntime"), "exported": ()}  # the packages each format needs besides torch
+NEEDS = {"onnx": ("onnx", "onnxruntime"), "exported": ()}  # each format and the packages it needs besides torch
+FORMATS = tuple(NEEDS)
 
 
 def check_format(fmt: str) -> None:
