@@ -110,6 +110,38 @@ def _resolve(value: Any, namespace: Any, kind: str) -> type:
     return value
 
 
+def _start_file(save_path: Path | None, load_path: str | Path | None) -> tuple[Path | None, bool]:
+    """The file a Trainer starts from and whether it resumes: ``save_path``'s checkpoint of an unfinished run
+    wins over ``load_path`` (a file, or a folder holding ``model.pt``); a ``load_path`` that is neither is
+    refused."""
+    load_path = None if load_path is None else Path(load_path)
+    if load_path is not None and load_path.is_dir():  # LibMTL reads <folder>/best.pt; our save_path holds model.pt
+        if not (load_path / WEIGHTS).is_file():
+            raise FileNotFoundError(f"load_path {str(load_path)!r} is a folder without {WEIGHTS} (the weights a "
+                                    "Trainer writes to its save_path)")
+        load_path = load_path / WEIGHTS
+    if load_path is not None and not load_path.is_file():
+        raise FileNotFoundError(f"load_path {str(load_path)!r} is not a file")
+    resume = save_path / CHECKPOINT if save_path is not None else None
+    if resume is not None and resume.is_file():
+        return resume, True
+    return load_path, False
+
+
+def _checkpoint_plan(start: Path, tasks: list[str], num_locations: int, origin: str,
+                     advice: str) -> BranchingPlan | None:
+    """The plan held by the checkpoint or weights ``start`` (``None`` for a file without one), refused in one line
+    naming ``origin`` when its tasks or merge locations are not the trainer's."""
+    plan = MTLTrainer.checkpoint_plan(start)
+    if plan is not None and list(plan.tasks) != tasks:
+        raise ValueError(f"{origin} holds a network of tasks {list(plan.tasks)}, not this trainer's {tasks}: "
+                         f"{advice}")
+    if plan is not None and plan.num_locations != num_locations:
+        raise ValueError(f"{origin} holds a network of {plan.num_locations} merge locations, not the "
+                         f"{num_locations} of this trainer's encoder: {advice}")
+    return plan
+
+
 class LoaderData(RunData):
     """:class:`RunData` over a user's loaders: training batches come from the user's loader (its own sampler,
     order and transforms, so a resumed run sees other batches than an uninterrupted one); everything else
@@ -159,6 +191,15 @@ class TrainerLearner(StructuralLearner):
         self.base, self.scaled = config, scaled
         self.scaled_for: int | None = None
 
+    @classmethod
+    def from_options(cls, options: MTSLConfig | Mapping | None, tasks: tuple[str, ...]) -> "TrainerLearner":
+        """The learner of ``arch_args['mtsl']`` (a config, a dict of its fields or ``None``), its plugins and
+        grouping solver checked on ``tasks`` before any training."""
+        options = options.to_dict() if isinstance(options, MTSLConfig) else dict(options or {})
+        learner = cls(MTSLConfig.from_dict(options), scaled="task_epochs" not in options)
+        check_mtsl(learner.config, tasks)
+        return learner
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "scaled_for": self.scaled_for}
 
@@ -192,39 +233,22 @@ class Trainer(MTLTrainer):
                                arch_args.pop("setting", "encoder-decoder"))
             encoder_class, decoders = (lambda: stages), {t: as_head(d) for t, d in dict(decoders).items()}
         self.save_path = None if save_path is None else Path(save_path)
-        load_path = None if load_path is None else Path(load_path)
-        if load_path is not None and load_path.is_dir():  # LibMTL reads <folder>/best.pt; our save_path holds model.pt
-            if not (load_path / WEIGHTS).is_file():
-                raise FileNotFoundError(f"load_path {str(load_path)!r} is a folder without {WEIGHTS} (the weights a "
-                                        "Trainer writes to its save_path)")
-            load_path = load_path / WEIGHTS
-        if load_path is not None and not load_path.is_file():
-            raise FileNotFoundError(f"load_path {str(load_path)!r} is not a file")
-        resume = self.save_path / CHECKPOINT if self.save_path is not None else None
-        start = resume if resume is not None and resume.is_file() else load_path  # an unfinished run wins
-        self._start = start
+        start, resuming = _start_file(self.save_path, load_path)
+        self._start = start  # named when a resumed run's schedule does not fit
         origin, advice = ((f"save_path's checkpoint {start} (an unfinished run, which a Trainer on that save_path "
-                           "resumes)", "choose another save_path to start afresh") if start == resume else
+                           "resumes)", "choose another save_path to start afresh") if resuming else
                           (f"load_path {start}", "check load_path"))
-        bare = read_bare_state_dict(start) if start is not None and start != resume else None
+        bare = read_bare_state_dict(start) if start is not None and not resuming else None
         if bare is not None and (issubclass(architecture, MTSL) or "plan" in arch_args):
             raise ValueError(f"load_path {start} is a bare state dict (as LibMTL's save_path writes best.pt), without "
                              f"the {architecture.__name__} network's plan: give a {WEIGHTS} or {CHECKPOINT} written "
                              "by this package")
         learner = None
         if issubclass(architecture, MTSL):
-            options = mtsl.to_dict() if isinstance(mtsl, MTSLConfig) else dict(mtsl or {})
-            learner = TrainerLearner(MTSLConfig.from_dict(options), scaled="task_epochs" not in options)
-            check_mtsl(learner.config, tuple(task_dict))  # its plugins, the grouping solver on these tasks
+            learner = TrainerLearner.from_options(mtsl, tuple(task_dict))
             plan = as_plan(arch_args.get("plan"))
             if start is not None and bare is None:
-                plan = MTLTrainer.checkpoint_plan(start)
-                if plan is not None and list(plan.tasks) != list(task_dict):
-                    raise ValueError(f"{origin} holds a network of tasks {list(plan.tasks)}, not this trainer's "
-                                     f"{list(task_dict)}: {advice}")
-                if plan is not None and plan.num_locations != stages.num_locations:
-                    raise ValueError(f"{origin} holds a network of {plan.num_locations} merge locations, not the "
-                                     f"{stages.num_locations} of this trainer's encoder: {advice}")
+                plan = _checkpoint_plan(start, list(task_dict), stages.num_locations, origin, advice)
             arch_args["plan"] = plan or BranchingPlan.single_task(list(task_dict), stages.num_locations)
         elif mtsl is not None:
             raise ValueError(f"arch_args['mtsl'] is for the MTSL architecture, not {architecture.__name__}")
@@ -235,15 +259,19 @@ class Trainer(MTLTrainer):
         if bare is not None:  # as LibMTL loads its load_path: the weights only, keys of other modules left out
             self.load_bare(start, bare)
         elif start is not None:
-            try:
-                self.load(start)
-            except CheckpointError:  # unreadable: its message names the file
-                raise
-            except (ValueError, RuntimeError) as exc:  # another architecture, or modules of other shapes
-                lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-                reason = " ".join(lines[:2])  # load_state_dict's first mismatch is on its second line
-                reason = reason if len(reason) <= 300 else reason[:297] + "..."
-                raise ValueError(f"{origin} does not fit this trainer ({reason}): {advice}") from None
+            self._load_start(start, origin, advice)
+
+    def _load_start(self, start: Path, origin: str, advice: str) -> None:
+        """Load the checkpoint or weights the run starts from; one that does not fit is refused naming ``origin``."""
+        try:
+            self.load(start)
+        except CheckpointError:  # unreadable: its message names the file
+            raise
+        except (ValueError, RuntimeError) as exc:  # another architecture, or modules of other shapes
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            reason = " ".join(lines[:2])  # load_state_dict's first mismatch is on its second line
+            reason = reason if len(reason) <= 300 else reason[:297] + "..."
+            raise ValueError(f"{origin} does not fit this trainer ({reason}): {advice}") from None
 
     def load_bare(self, path: Path, state: dict[str, torch.Tensor]) -> None:
         """Take the weights of a bare state dict (LibMTL's ``best.pt``) as LibMTL's ``load_path`` does
