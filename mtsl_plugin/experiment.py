@@ -184,6 +184,24 @@ def run_fingerprint(method: str, config: RunConfig, spec: MethodSpec, plan: Bran
     return config.fingerprint(exclude=exclude, extra=extra)
 
 
+def _claim_run_dir(run_dir: Path, fingerprint: str, resume: bool) -> Path:
+    """Make ``run_dir`` this run's folder and return its ``config.json`` path. A folder holding a run of another
+    fingerprint, or (``resume``) a checkpoint without the ``config.json`` that says which run wrote it, is refused
+    and kept as it is; files a kill cut short (``*.tmp``, beside the intact files they were replacing) go."""
+    saved = run_dir / "config.json"
+    if saved.exists() and json.loads(saved.read_text()).get("fingerprint") != fingerprint:
+        raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another folder")
+    if resume and (run_dir / CHECKPOINT).exists() and not saved.exists():  # it is written before any checkpoint
+        raise ValueError(f"{run_dir / CHECKPOINT} has no config.json beside it to say which run wrote it; it is "
+                         "kept: choose another folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():  # under torchrun rank 0 owns the folder
+        for partial in run_dir.glob("*.tmp"):
+            partial.unlink()
+    distributed.barrier()
+    return saved
+
+
 def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: bool = False,
                progress: bool = True, plan: BranchingPlan | None = None,
                keep_checkpoint: bool = False, arch_args: dict | None = None, check: bool = True
@@ -207,17 +225,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         from mtsl_plugin.preflight import check_config  # preflight imports this module
         check_config(config, progress=progress, learner=spec.learner.config if spec.learner else None)
     fingerprint = run_fingerprint(method, config, spec, plan)
-    saved = run_dir / "config.json"
-    if saved.exists() and json.loads(saved.read_text()).get("fingerprint") != fingerprint:
-        raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another folder")
-    if resume and (run_dir / CHECKPOINT).exists() and not saved.exists():  # it is written before any checkpoint
-        raise ValueError(f"{run_dir / CHECKPOINT} has no config.json beside it to say which run wrote it; it is "
-                         "kept: choose another folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():  # under torchrun rank 0 owns the folder
-        for partial in run_dir.glob("*.tmp"):  # a write cut short by a kill (the file it was replacing is intact)
-            partial.unlink()
-    distributed.barrier()
+    saved = _claim_run_dir(run_dir, fingerprint, resume)
     seed_everything(config.seed)
     data, dataset = build_data(config)
     missing = [t for t in config.tasks if t not in dataset.tasks]
@@ -248,11 +256,9 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     train_seconds = sum(h["seconds"] for h in history) + phase_seconds  # structural phases included
     metrics = trainer.evaluate(data.batches(distributed.shard_samples(data.test)))  # each rank its share
     final_plan = spec.final_plan(trainer.model) if spec.final_plan else getattr(trainer.model, "plan", None)
-    if spec.final_plan is not None:  # a searched plan: its cost is that of the derived branched network
-        derived = build_trainer(config, tasks, final_plan, stages)
-        cost = model_cost(derived.model, config.data.height, config.data.width)
-    else:
-        cost = model_cost(trainer.model, config.data.height, config.data.width)
+    # a searched plan (LTB, BMTAS) costs what the branched network derived from it costs, not the supernet
+    costed = build_trainer(config, tasks, final_plan, stages).model if spec.final_plan is not None else trainer.model
+    cost = model_cost(costed, config.data.height, config.data.width)
 
     def write_weights() -> None:
         if final_plan is not None:
