@@ -210,14 +210,9 @@ def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -
     if unknown:
         raise ValueError(f"unknown data key(s) {unknown}; known: {[f.name for f in dataclasses.fields(DataConfig)]}")
     if isinstance(raw.get("tasks"), Mapping):
-        declared = raw.pop("tasks")
         if "task_specs" in raw:
             raise ValueError("declare the tasks once, as a 'tasks' mapping or as 'task_specs', not both")
-        bad = [name for name, spec in declared.items() if spec and not isinstance(spec, Mapping)]
-        if bad:
-            raise ValueError(f"task {bad[0]!r}: a declaration is a mapping with a 'kind', got {declared[bad[0]]!r}")
-        raw["tasks"] = list(declared)
-        raw["task_specs"] = {name: dict(spec) for name, spec in declared.items() if spec}
+        raw["tasks"], raw["task_specs"] = _task_declarations(raw["tasks"])
     if not isinstance(raw.get("task_specs", {}), Mapping):
         raise ValueError(f"task_specs must map task names to declarations, got {raw['task_specs']!r}")
     mtsl_raw = dict(raw.pop("mtsl", None) or {})
@@ -225,16 +220,32 @@ def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -
     fields = {**{k: v for k, v in base.to_dict().items() if k not in ("data", "mtsl")}, **raw}
     mtsl = base.mtsl.to_dict()
     if phases is not None or "epochs" in raw:  # the fields mtsl_raw gives stay as it gives them
-        paper = MTSLConfig()
-        require("epochs", fields["epochs"], int, 1)
-        require("mtsl.phases", phases, int, 1, paper.num_phases, optional=True)
-        schedule = scale_schedule(paper, fields["epochs"], base.mtsl.num_phases if phases is None else phases)
-        mtsl.update({k: getattr(schedule, k) for k in ("task_epochs", "amalgamation_epochs", "total_epochs")})
-        if "task_epochs" in mtsl_raw and "total_epochs" not in mtsl_raw:  # phases of its own: fine-tune to epochs
-            require("mtsl.task_epochs", mtsl_raw["task_epochs"], list, 0)
-            mtsl["total_epochs"] = max(fields["epochs"], sum(mtsl_raw["task_epochs"]))
+        mtsl.update(_scaled_schedule(fields["epochs"], phases, base.mtsl.num_phases, mtsl_raw))
     return RunConfig.from_dict({**fields, "data": {**dataclasses.asdict(base.data), **data_raw},
                                 "mtsl": {**mtsl, **mtsl_raw}})
+
+
+def _task_declarations(declared: Mapping[str, Any]) -> tuple[list[str], dict[str, dict]]:
+    """The task names and ``task_specs`` of a ``tasks`` mapping (name -> declaration, empty for a built-in)."""
+    bad = [name for name, spec in declared.items() if spec and not isinstance(spec, Mapping)]
+    if bad:
+        raise ValueError(f"task {bad[0]!r}: a declaration is a mapping with a 'kind', got {declared[bad[0]]!r}")
+    return list(declared), {name: dict(spec) for name, spec in declared.items() if spec}
+
+
+def _scaled_schedule(epochs: Any, phases: Any, base_phases: int, mtsl_raw: Mapping[str, Any]) -> dict[str, Any]:
+    """MTSL's schedule fields for a budget of ``epochs`` and ``phases`` phases (``base_phases`` when ``None``): the
+    paper's scaled to them; with phases of the user's own (``task_epochs`` in ``mtsl_raw`` without
+    ``total_epochs``), fine-tuning up to ``epochs``."""
+    paper = MTSLConfig()
+    require("epochs", epochs, int, 1)
+    require("mtsl.phases", phases, int, 1, paper.num_phases, optional=True)
+    schedule = scale_schedule(paper, epochs, base_phases if phases is None else phases)
+    fields = {k: getattr(schedule, k) for k in ("task_epochs", "amalgamation_epochs", "total_epochs")}
+    if "task_epochs" in mtsl_raw and "total_epochs" not in mtsl_raw:
+        require("mtsl.task_epochs", mtsl_raw["task_epochs"], list, 0)
+        fields["total_epochs"] = max(epochs, sum(mtsl_raw["task_epochs"]))
+    return fields
 
 
 def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConfig:
