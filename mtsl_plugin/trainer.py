@@ -252,7 +252,6 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
         Returns the per-epoch history (mean task losses, alignment loss, seconds).
         """
         disable = None if progress else True
-        holdout = (lambda: data.batches(data.holdout)) if data.holdout is not None else None
         bar = tqdm(total=total_epochs, initial=self.epochs_done, desc="epochs", disable=disable)
         self.model.total_epochs = total_epochs
         train, architecture = (self.model.search_split(data.train, data.seed) if self.arch_optimizer is not None
@@ -265,25 +264,8 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
             start = time.perf_counter()
             if architecture is not None and self.model.train().searching:  # bilevel search: the model's own pass
                 self.model.architecture_epoch(self, data.batches(architecture, key=(2, self.epochs_done)), progress)
-            sums, align_sum, steps = torch.zeros(self.task_num), 0.0, 0
-            loader = data.batches(train, key=(0, self.epochs_done))
-            queued = None  # the last step's losses, still on the device
-            for images, gts in each_batch(loader, f"epoch {self.epochs_done + 1}", progress):
-                # this batch was read while the device ran the step before; only now wait for that step's losses
-                images = self.images_to_device(images)
-                gts = {t: gts[t].to(self.device, non_blocking=True) for t in self.task_name}
-                if queued is not None:
-                    losses, align = self._settle(*queued, steps - 1, checkpoint)
-                    sums, align_sum = sums + losses, align_sum + align
-                queued = self.queue_step(images, gts)
-                if self.ddp is not None:  # the global batch's losses on every rank: logged alike, and a NaN on
-                    # one rank stops every rank at the same step (a rank left alone would wait in DDP's all-reduce)
-                    losses, align = distributed.mean_all([queued[0].float(), queued[1].reshape(1).float()])
-                    queued = losses, align[0]
-                steps += 1
-            if queued is not None:
-                losses, align = self._settle(*queued, steps - 1, checkpoint)
-                sums, align_sum = sums + losses, align_sum + align
+            sums, align_sum, steps = self._train_epoch(data.batches(train, key=(0, self.epochs_done)), checkpoint,
+                                                       progress)
             if self.scheduler is not None:
                 self.scheduler.step()
             self.epochs_done += 1
@@ -291,20 +273,7 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
                                  "align": align_sum / max(steps, 1),
                                  **{t: float(v) / max(steps, 1) for t, v in zip(self.task_name, sums)},
                                  **(self.model.search_record() if hasattr(self.model, "search_record") else {})})
-            changed = False
-            while self.learner is not None and self.learner.phase_due(self.epochs_done):
-                if holdout is None:
-                    raise ValueError("MTSL needs a held-out slice of the training data for grouping decisions")
-                phase = self.learner.phases_done
-                counter = iter(range(1 << 30))
-                distributed.broadcast_module(self.model)  # batch-norm statistics drift apart between ranks
-                record = self.learner.structural_phase(  # every rank decides alike on all the held-out data
-                    self.network, self.model, self.optimizer,
-                    lambda: data.batches(data.train, key=(1, phase, next(counter)), shard=False), holdout,
-                    self.device, progress=progress)
-                if on_phase is not None:  # e.g. rank 0 writes the record: a failed write stops every rank
-                    distributed.fail_together(lambda: on_phase(record.to_dict()), CheckpointError)
-                changed = True
+            changed = self._structural_phases(data, on_phase, progress)
             if changed:
                 self.model.to(memory_format=self.memory_format)  # the new group nodes too
                 if self.compiled:
@@ -319,6 +288,48 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
         bar.close()
         distributed.broadcast_module(self.model)  # evaluation and saved weights: rank 0's statistics everywhere
         return self.history
+
+    def _train_epoch(self, loader: Iterable, checkpoint: str | Path | None,
+                     progress: bool) -> tuple[torch.Tensor, float, int]:
+        """One epoch's training steps over ``loader``: the sums of the (T,) task losses and of the alignment loss,
+        and the number of steps. Each batch is read while the device runs the step before; only then does the loop
+        wait for that step's losses (:meth:`_settle`: logged, and a NaN stops the run)."""
+        sums, align_sum, steps = torch.zeros(self.task_num), 0.0, 0
+        queued = None  # the last step's losses, still on the device
+        for images, gts in each_batch(loader, f"epoch {self.epochs_done + 1}", progress):
+            images = self.images_to_device(images)
+            gts = {t: gts[t].to(self.device, non_blocking=True) for t in self.task_name}
+            if queued is not None:
+                losses, align = self._settle(*queued, steps - 1, checkpoint)
+                sums, align_sum = sums + losses, align_sum + align
+            queued = self.queue_step(images, gts)
+            if self.ddp is not None:  # the global batch's losses on every rank: logged alike, and a NaN on one
+                # rank stops every rank at the same step (a rank left alone would wait in DDP's all-reduce)
+                losses, align = distributed.mean_all([queued[0].float(), queued[1].reshape(1).float()])
+                queued = losses, align[0]
+            steps += 1
+        if queued is not None:
+            losses, align = self._settle(*queued, steps - 1, checkpoint)
+            sums, align_sum = sums + losses, align_sum + align
+        return sums, align_sum, steps
+
+    def _structural_phases(self, data: RunData, on_phase: Callable[[dict], None] | None, progress: bool) -> bool:
+        """Run the structural phases due after the epochs done (usually none or one); whether any ran."""
+        changed = False
+        while self.learner is not None and self.learner.phase_due(self.epochs_done):
+            if data.holdout is None:
+                raise ValueError("MTSL needs a held-out slice of the training data for grouping decisions")
+            phase = self.learner.phases_done
+            counter = iter(range(1 << 30))
+            distributed.broadcast_module(self.model)  # batch-norm statistics drift apart between ranks
+            record = self.learner.structural_phase(  # every rank decides alike on all the held-out data
+                self.network, self.model, self.optimizer,
+                lambda: data.batches(data.train, key=(1, phase, next(counter)), shard=False),
+                lambda: data.batches(data.holdout), self.device, progress=progress)
+            if on_phase is not None:  # e.g. rank 0 writes the record: a failed write stops every rank
+                distributed.fail_together(lambda: on_phase(record.to_dict()), CheckpointError)
+            changed = True
+        return changed
 
     def loss_buffer(self, total_epochs: int) -> np.ndarray:
         """LibMTL's ``train_loss_buffer``: each task's mean loss of every epoch done (``(T, total_epochs)``, zeros
