@@ -4,7 +4,7 @@ from importlib import resources
 
 import pytest
 
-from mtsl_plugin.config import PRESETS, RunConfig, config_from_mapping, load_preset
+from mtsl_plugin.config import PRESETS, DataConfig, RunConfig, config_from_mapping, load_preset
 from mtsl_plugin.learner.schedule import MTSLConfig, scale_schedule
 
 
@@ -78,6 +78,23 @@ def test_round_trip_and_errors():
         MTSLConfig(task_epochs=(1, 2), amalgamation_epochs=(1, 1), total_epochs=2)
 
 
+def test_an_empty_backbone_args_keeps_the_fingerprint_of_runs_from_before_the_field():
+    """The paper preset gives no backbone_args: its runs' fingerprint is the one of a configuration without the
+    field (their results folders stay reusable); a non-empty one counts."""
+    paper, smoke = load_preset("paper"), load_preset("smoke")
+    assert paper.backbone_args == {} and smoke.backbone_args
+    assert paper.fingerprint() == paper.fingerprint(exclude=("device", "backbone_args"))
+    assert smoke.fingerprint() != smoke.fingerprint(exclude=("device", "backbone_args"))
+
+
+def test_only_the_real_data_sets_augment_by_default_and_folder_data_only_when_asked():
+    """A declared dense task's values may depend on scale or direction: folder data augments with augment: true
+    only; NYUv2 and Cityscapes unless augment: false; synthetic data never."""
+    assert not DataConfig().augments and not DataConfig(augment=True).augments
+    assert DataConfig(name="nyuv2").augments and not DataConfig(name="nyuv2", augment=False).augments
+    assert not DataConfig(name="folder").augments and DataConfig(name="folder", augment=True).augments
+
+
 @pytest.mark.parametrize("raw, culprit", [
     ({"epochs": 0}, "epochs"), ({"epochs": -1}, "epochs"), ({"epochs": 3.7}, "epochs"), ({"epochs": True}, "epochs"),
     ({"epochs": "three"}, "epochs"), ({"mtsl": {"phases": 0}}, "mtsl.phases"),
@@ -114,6 +131,13 @@ def test_mtsl_never_trains_longer_than_the_references():
     with pytest.raises(ValueError, match="trains 4 task-learning epochs .* is 2;"):
         config_from_mapping({"epochs": 2, "mtsl": {"task_epochs": [2, 2], "amalgamation_epochs": [1, 1]}},
                             load_preset("paper"))
+
+
+def test_a_mapping_that_gives_the_epochs_keeps_the_bases_number_of_phases():
+    """The paper's schedule is scaled to the new epochs in the base's phases (the smoke preset's 2), not 10."""
+    smoke = load_preset("smoke")
+    config = config_from_mapping({"epochs": 20}, smoke)
+    assert config.mtsl.num_phases == smoke.mtsl.num_phases == 2 and config.mtsl.total_epochs == 20
 
 
 def test_every_shipped_preset_loads_with_its_schedule():

@@ -91,6 +91,24 @@ def test_shared_nodes_look_different_from_task_nodes():
     assert len(colours) == 6
 
 
+def test_every_node_box_covers_the_rows_of_its_tasks_and_no_other():
+    plan = _mtsl_plan()
+    ax, rows = draw_plan(plan), task_rows(plan)
+    nodes = [group for partition in plan.partitions for group in partition]
+    for group, box in zip(nodes, ax.patches[1:]):  # after the input's box, in drawing order
+        covered = {t for t, row in rows.items() if box.get_y() <= row <= box.get_y() + box.get_height()}
+        assert covered == set(group), group
+
+
+def test_colour_max_gives_a_group_size_one_colour_in_every_panel():
+    """A node shared by 2 tasks of a 2-task plan drawn with ``colour_max=5`` (as beside a 5-task plan) has the
+    colour of a 2-task node of a 5-task plan, not the darkest colour of its own plan."""
+    pair = draw_plan(BranchingPlan.one_net(("S", "E"), 3), colour_max=5).patches[1].get_facecolor()
+    five = draw_plan(BranchingPlan(TASKS, [[("S", "E"), ("D", "N", "A")]] * 3)).patches[1].get_facecolor()
+    alone = draw_plan(BranchingPlan.one_net(("S", "E"), 3)).patches[1].get_facecolor()
+    assert np.allclose(pair, five) and not np.allclose(pair, alone)
+
+
 def test_task_rows_keep_every_group_contiguous():
     rng = np.random.default_rng(0)
     for _ in range(50):

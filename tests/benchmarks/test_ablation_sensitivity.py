@@ -168,6 +168,34 @@ def test_task_subsets_leave_one_out_in_canonical_order():
             sensitivity.task_subsets(("S", "D", "E"), bad)
 
 
+def test_the_seeds_sweep_trains_three_seeds_unless_told_and_the_others_one(tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def train(jobs, out, args):
+        raise Stop  # the jobs are what this test checks: nothing trains
+
+    checked = []
+    monkeypatch.setattr(sensitivity, "check_jobs", lambda jobs, *args: checked.append(jobs))
+    monkeypatch.setattr(sensitivity, "train", train)
+    for sweep in ("seeds", "threshold"):
+        with pytest.raises(Stop):
+            sensitivity.main(["--sweep", sweep, "--out", str(tmp_path / sweep), *ARGS])
+    seeds, threshold = checked
+    assert sorted({job.config.seed for job in seeds}) == [0, 1, 2]
+    assert {job.config.seed for job in threshold} == {0}
+
+
+def test_the_grouping_table_writes_each_locations_groups_as_the_plans_text_does():
+    """Task names of several letters are joined by + (``parts+flow heat``), single letters run together (SD)."""
+    for tasks in (("parts", "flow", "heat"), ("S", "D", "E")):
+        plan = BranchingPlan(tasks, [[tasks], [tasks[:2], tasks[2:]]])
+        table = sensitivity.grouping_table([{"label": "mtsl", "seed": 0, "status": "ok", "plan": plan.to_dict()}],
+                                           {"mtsl": "random"})
+        cells = [part.split(": ", 1)[1] for part in plan.describe().split(" | ")]  # one part per location here
+        assert f"| random | 0 | {' | '.join(cells)} |" in table
+
+
 def test_seed_sweep_prints_the_grouping_table_per_init(tmp_path, capsys):
     weights = tmp_path / "other_init.pth"
     torch.manual_seed(123)
@@ -196,6 +224,7 @@ def test_seed_sweep_prints_the_grouping_table_per_init(tmp_path, capsys):
     (["--sweep", "align-weight", "--values=-0.1"], "align_weight must be a finite number >= 0, got -0.1"),
     (["--sweep", "tasks", "--values", "S,Q"], "S,Q"),
     (["--sweep", "seeds", "--inits", "nowhere.pth"], "nowhere.pth"),
+    (["--sweep", "bmtas-lambda", "--values", "0,-1"], "λ must be a finite number ≥ 0, got -1"),  # 0: no λ loss
 ])
 def test_sensitivity_bad_input_is_one_line(tmp_path, capsys, argv, culprit):
     assert sensitivity.main([*argv, "--out", str(tmp_path / "x"), *ARGS]) == 2

@@ -1,15 +1,27 @@
-"""How a benchmark command ends: on SIGTERM and on a rank's own failure under torchrun, in one line."""
+"""How a benchmark command ends: on SIGTERM and on a rank's own failure under torchrun, in one line; the
+configuration the shared run options give."""
+import argparse
+
+import numpy as np
+import pytest
+
+from benchmarks import cli
+from mtsl_plugin.config import load_preset
+
+
+def run_config(*argv):
+    """The configuration of the shared run options ``argv``."""
+    parser = argparse.ArgumentParser()
+    cli.add_run_args(parser)
+    return cli.config_from_args(parser.parse_args(list(argv)))
 
 
 def test_a_rank_failure_and_sigterm_end_the_command_in_one_line(tmp_path, monkeypatch, capsys):
     """SIGTERM (a scheduler's preemption) unwinds like Ctrl-C: exit code 143 and one line on how to go on; the
     handler before is restored. A rank's own failure under torchrun: exit code 1, one line."""
-    import argparse
     import os
     import signal
     import time
-
-    from benchmarks import cli
 
     args = argparse.Namespace(plugin=[], results_folder=tmp_path, continue_with="the command")
 
@@ -31,3 +43,27 @@ def test_a_rank_failure_and_sigterm_end_the_command_in_one_line(tmp_path, monkey
     err = capsys.readouterr().err
     assert err.startswith("error: [mtsl seed 0] failed on rank 1: out of memory; finished runs") and \
         len(err.splitlines()) == 1
+
+
+def test_real_data_augments_unless_told_not_and_reads_whole_splits_beyond_the_smoke_preset():
+    """--dataset nyuv2: the quick preset trains and tests on every sample of the splits (its synthetic counts do not
+    apply), the smoke preset keeps its small counts; --no-augment turns the zoom and flip off."""
+    quick = run_config("--preset", "quick", "--dataset", "nyuv2", "--data-root", "/data/nyu")
+    assert (quick.data.train, quick.data.test, quick.data.augments) == (None, None, True)
+    smoke = load_preset("smoke").data
+    plain = run_config("--preset", "smoke", "--dataset", "nyuv2", "--data-root", "/data/nyu", "--no-augment")
+    assert (plain.data.train, plain.data.test, plain.data.augments) == (smoke.train, smoke.test, False)
+
+
+def test_the_largest_seed_numpy_takes_is_accepted():
+    np.random.RandomState(cli.MAX_SEED)  # numpy takes it, and refuses one more
+    with pytest.raises(ValueError):
+        np.random.RandomState(cli.MAX_SEED + 1)
+    assert cli.parse_seeds(f"0,{cli.MAX_SEED}") == [0, cli.MAX_SEED]
+
+
+def test_task_weights_on_the_command_line_go_over_those_of_the_config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("task_weights: {E: 10, D: 2}\n")
+    config = run_config("--preset", "smoke", "--config", str(path), "--task-weights", "D=3,A=100")
+    assert config.task_weights == {"E": 10, "D": 3.0, "A": 100.0}

@@ -1,4 +1,5 @@
 """benchmarks/grouping_speed.py: the solvers' time per task count and local search's gap to the exact optimum."""
+import numpy as np
 import pytest
 
 from benchmarks import grouping_speed
@@ -33,3 +34,23 @@ def test_bad_input_is_one_line_naming_it(capsys, argv, culprit):
     assert grouping_speed.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert culprit in err and len(err.splitlines()) == 1
+
+
+def test_a_gap_row_counts_the_ks_below_the_optimum_and_the_worst_relative_gap(monkeypatch):
+    """Per matrix and score, each k whose local best scores below the exact best counts once; the worst gap is
+    (optimum - found) / |optimum| (faked optima here: 1.5 found 1.0, -2.0 found -2.5)."""
+    from mtsl_plugin.plugins import builtin_grouping
+
+    optima = {"exact": [(2.0, None), (1.5, None), (-2.0, None)], "local": [(2.0, None), (1.0, None), (-2.5, None)]}
+    monkeypatch.setattr(builtin_grouping, "best_partitions", lambda matrix, score, search: optima[search])
+    row = grouping_speed.gap_row(np.random.default_rng(0), 4, "uniform", 1).strip("|").split("|")
+    worst = max((1.5 - 1.0) / 1.5, (-2.0 - -2.5) / 2.0)
+    assert row[3].strip() == "4/6" and float(row[4]) == pytest.approx(100 * worst, abs=0.005)
+
+
+def test_the_exact_solvers_are_timed_up_to_their_limit_inclusive(monkeypatch, capsys):
+    monkeypatch.setattr(grouping_speed, "MAX_TASKS", 4)  # the limit (16) made small enough to time quickly
+    assert grouping_speed.main(["--tasks", "4,5", "--repeats", "1"]) == 0
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    exact = [i for i, name in enumerate(grouping_speed.SOLVERS, start=1) if not name.endswith("_local")]
+    assert all(float(rows[0][i]) >= 0 for i in exact) and all(rows[1][i].strip() == "—" for i in exact)

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from matplotlib.container import BarContainer
 
 from benchmarks import compare, figures, sensitivity
 from benchmarks.report import aggregate, format_table, summary_table
@@ -143,6 +144,22 @@ def test_alignment_figure_averages_the_finished_runs_only(tmp_path, monkeypatch)
     (with_align, without_align), = captured
     assert [r["matrix"][0][1] for r in with_align] == [0.9]
     assert sorted(r["matrix"][0][1] for r in without_align) == [0.5, 0.6]
+
+
+def test_alignment_figure_bars_are_the_mean_and_sample_std_over_the_seeds(tmp_path, drawn):
+    """As the tables: each bar is the mean over the seeds of a task's summed similarity, its error bar the sample
+    std (n - 1); one seed draws no error bar."""
+    def record(similarity):
+        return {"tasks": ["S", "D"], "matrix": [[1.0, similarity], [similarity, 1.0]]}
+
+    seeds = [0.2, 0.6, 0.7]  # S's and D's summed similarity with the other task, per seed
+    figures.alignment_figure([record(v) for v in seeds], [record(0.5)], tmp_path / "a.png")
+    mean = sum(seeds) / 3
+    std = (sum((v - mean) ** 2 for v in seeds) / (3 - 1)) ** 0.5
+    aligned, plain = [c for c in drawn[0].axes[0].containers if isinstance(c, BarContainer)]
+    assert [bar.get_height() for bar in aligned] == pytest.approx([mean, mean])
+    half = [(end[1] - start[1]) / 2 for start, end in aligned.errorbar.lines[2][0].get_segments()]
+    assert half == pytest.approx([std, std]) and plain.errorbar is None
 
 
 def test_no_alignment_figure_when_mtsl_itself_runs_without_alignment(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 import csv
 import importlib.metadata
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from benchmarks import robustness, robustness_report
 from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, SEVERITIES, corrupt_images,
                                       elastic_transform, pgd_attack, pgd_iterations, seeded_numpy)
+from conftest import table_row
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.data import build_dataset
 from mtsl_plugin.experiment import load_run, run_method
@@ -67,6 +69,12 @@ def test_an_image_corruption_does_not_depend_on_the_rest_of_the_batch(images):
 def test_bad_corruption_arguments_are_one_sentence_naming_them(images, name, severity, culprit):
     with pytest.raises(ValueError, match=culprit):
         corrupt_images(images, name, severity, seed=0)
+
+
+def test_each_image_of_a_batch_draws_its_own_corruption(images):
+    """Image i's seed comes from (seed, i): one image twice in a batch gets two noise draws, not one twice."""
+    twice = corrupt_images(images[[0, 0]], "gaussian_noise", 3, seed=4)
+    assert not torch.equal(twice[0], twice[1])
 
 
 def test_images_smaller_than_32_pixels_are_refused_not_upsampled():
@@ -167,6 +175,89 @@ def test_budgets_that_would_share_a_key_are_refused_not_overwritten(trained):
 def test_ordinary_budgets_keep_the_keys_of_earlier_reports():
     assert [robustness_report.eps_key(e) for e in (0.25, 0.5, 1.0, 2.0, 8.0, 0.01, 1e-07, 2e-07)] == \
         ["0.25", "0.5", "1", "2", "8", "0.01", "1e-07", "2e-07"]
+
+
+# ----------------------------------------------------------------------------------------------- the report
+SD = (("S", "mIoU", True), ("D", "RMSE", False))
+
+
+def robust_run(label, seed, offset, status="ok", tasks=SD):
+    """A robustness record of ``tasks`` (name, metric, higher is better) whose every number is its own base number
+    plus ``offset``: clean, gaussian_noise at severities 1 and 2, the noise category, and PGD at ε 1 and 2."""
+    record = {"label": label, "method": label, "seed": seed, "status": status,
+              "error": None if status == "ok" else "broken", "metric_names": {t: m for t, m, _ in tasks},
+              "higher_is_better": {t: h for t, _, h in tasks}}
+    if status != "ok":
+        return record
+    (first, *_), (second, *_) = tasks
+
+    def scores(a, b):
+        return {first: a + offset, second: b + offset}
+
+    record.update(clean=scores(0.61, 0.31), corruptions={"gaussian_noise": {"1": scores(0.52, 0.42),
+                                                                            "2": scores(0.44, 0.46)}},
+                  categories={"noise": scores(0.48, 0.44)},
+                  pgd={first: {"1": scores(0.37, 0.33), "2": scores(0.23, 0.35)},
+                       second: {"1": scores(0.58, 0.51), "2": scores(0.57, 0.72)}})
+    return record
+
+
+def test_the_summary_is_the_mean_and_sample_std_over_a_labels_successful_seeds():
+    runs = [robust_run("mtsl", 0, 0.0), robust_run("mtsl", 1, 0.1), robust_run("mtsl", 2, 0.0, "failed"),
+            robust_run("stn", 0, 0.02)]
+    summary = robustness_report.summarise(runs)
+    assert list(summary) == ["mtsl", "stn"]
+    assert (summary["mtsl"]["ok"], summary["mtsl"]["runs"], summary["mtsl"]["errors"]) == (2, 3, ["broken"])
+    for value, stat in ((0.61, summary["mtsl"]["clean"]["S"]), (0.57, summary["mtsl"]["pgd"]["D"]["2"]["S"])):
+        seeds = [value, value + 0.1]
+        mean = sum(seeds) / 2
+        assert stat == pytest.approx([mean, math.sqrt(sum((v - mean) ** 2 for v in seeds) / (2 - 1)), 2])
+    assert summary["stn"]["categories"]["noise"]["D"] == pytest.approx([0.46, 0.0, 1])
+
+
+def test_every_number_of_the_tables_stands_under_its_own_column():
+    runs = [robust_run("mtsl", 0, 0.0)]
+    summary, labels = robustness_report.summarise(runs), robustness_report.task_labels(runs)
+    row = table_row(robustness_report.corruption_table(summary, ["S", "D"], ["noise"], labels), "mtsl")
+    assert {k: float(v) for k, v in row.items() if k != "Method"} == pytest.approx(
+        {"S mIoU ↑ clean": 0.61, "S noise": 0.48, "D RMSE ↓ clean": 0.31, "D noise": 0.44})
+    lines = robustness_report.pgd_table(summary, ["S", "D"], ["S", "D"], [1.0, 2.0], labels).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    assert [(r["Method"], r["Attacked"]) for r in rows] == [("mtsl", "S"), ("mtsl", "D")]
+    assert {k: float(v) for k, v in rows[1].items() if k not in ("Method", "Attacked")} == pytest.approx(
+        {"S mIoU ↑ ε=1": 0.58, "S ε=2": 0.57, "D RMSE ↓ ε=1": 0.51, "D ε=2": 0.72})
+
+
+def test_table_cells_keep_four_significant_digits_at_every_scale():
+    """A mIoU in % and an RMSE of 0.01 alike show 4 significant digits; a std has its mean's decimals."""
+    def stat(mean, std=0.0, n=1):
+        return [mean, std, n]
+
+    summary = {"m": {"ok": 1, "clean": {"S": stat(61.234), "D": stat(0.012345)},
+                     "categories": {"noise": {"S": stat(0.5), "D": stat(2.5, 0.25, 2)}}}}
+    row = table_row(robustness_report.corruption_table(summary, ["S", "D"], ["noise"]), "m")
+    assert [row["S mIoU ↑ clean"], row["D RMSE ↓ clean"], row["S noise"]] == [
+        f"{v:#.4g}" for v in (61.234, 0.012345, 0.5)]
+    mean, std = row["D noise"].split(" ± ")
+    assert mean == f"{2.5:#.4g}" and float(std) == 0.25 and len(std.split(".")[1]) == len(mean.split(".")[1])
+
+
+def test_the_csv_has_one_row_per_number_of_the_successful_runs():
+    rows = robustness_report.csv_rows([robust_run("mtsl", 3, 0.0), robust_run("stn", 0, 0.0, "failed")])
+    assert len(rows) == 2 * (1 + 2 + 1 + 4)  # tasks x (clean, two corrupted sets, category, attacks)
+    values = {(r["kind"], r["perturbation"], r["level"], r["task"]): float(r["value"]) for r in rows}
+    assert values[("clean", "", "", "D")] == 0.31 and values[("corruption", "gaussian_noise", "2", "D")] == 0.46
+    assert values[("category", "noise", "", "S")] == 0.48 and values[("pgd", "D", "2", "S")] == 0.57
+    assert {(r["label"], r["seed"], r["metric"]) for r in rows if r["task"] == "S"} == {("mtsl", 3, "mIoU")}
+
+
+def test_the_report_labels_declared_tasks_with_their_own_metric_and_direction(tmp_path):
+    tasks = (("parts", "mIoU", True), ("flow", "EPE", False))  # neither is a built-in task
+    runs = [robust_run("mtsl", 0, 0.0, tasks=tasks)]
+    text = robustness_report.write_report(tmp_path, {}, runs, ["parts", "flow"], ["noise"], [1.0, 2.0],
+                                          ["parts", "flow"])
+    assert "| flow EPE ↓ clean |" in text and "| flow EPE ↓ ε=1 |" in text and "| parts mIoU ↑ clean |" in text
 
 
 # ----------------------------------------------------------------------------------------------- the command

@@ -1,5 +1,8 @@
 """benchmarks/scaling.py: training steps with 1 and N torchrun processes, ours against plain DDP."""
+import argparse
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -50,10 +53,6 @@ def test_bad_input_is_refused_in_one_line_before_any_launch(capsys, argv, culpri
 def test_every_process_count_gets_all_the_cores(monkeypatch, tmp_path):
     """torchrun gives each of n > 1 processes one thread but leaves one process all the cores: each count must get
     the same cores in total, or a CPU speed-up compares n threads with all of them."""
-    import argparse
-    import subprocess
-    from pathlib import Path
-
     launched = {}
 
     def run(command, env, **kwargs):
@@ -73,3 +72,50 @@ def test_every_process_count_gets_all_the_cores(monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
     scaling.launch(args, 1, tmp_path / "again.json")
     assert launched[1] == "3"
+
+
+def test_the_launch_forwards_every_option_to_the_workers(monkeypatch, tmp_path):
+    commands = []
+
+    def run(command, env, **kwargs):
+        commands.append(command)
+        Path(command[command.index("--json") + 1]).write_text("{}")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(scaling.subprocess, "run", run)
+    options = {"device": "cpu", "batch": 12, "height": 40, "width": 56, "steps": 3, "network": "authors",
+               "backbone": "resnet34", "tasks": "S,E,D"}
+    for fused in (True, False):
+        scaling.launch(argparse.Namespace(**options, fused=fused), 2, tmp_path / "n2.json")
+    for command, fused in zip(commands, (True, False)):
+        forwarded = command[command.index("--worker"):]
+        assert all(forwarded[forwarded.index(f"--{key}") + 1] == str(value) for key, value in options.items())
+        assert ("--fused" in forwarded) == fused
+
+
+def test_each_rank_times_its_share_of_the_global_batch(monkeypatch):
+    """Under n processes every rank's step trains batch / n images (the global batch is the same for every n)."""
+    from mtsl_plugin import distributed
+
+    class Stop(Exception):
+        pass
+
+    batches = []
+
+    def synthetic_batch(plan, device, batch, height, width):
+        batches.append(batch)
+        raise Stop  # the batch is what this test checks: no step runs
+
+    monkeypatch.setattr(distributed, "init_from_env", lambda device: device)
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    monkeypatch.setattr(scaling, "synthetic_batch", synthetic_batch)
+    args = argparse.Namespace(device="cpu", batch=16, height=32, width=32, steps=1, network="compact",
+                              backbone="resnet18", tasks="S,D", fused=False, json=None)
+    with pytest.raises(Stop):
+        scaling.worker(args)
+    assert batches == [16 // 4]
+
+
+def test_a_process_count_given_twice_is_refused():
+    with pytest.raises(ValueError, match="distinct process counts.*'1,2,1'"):
+        scaling.parse_counts("1,2,1")

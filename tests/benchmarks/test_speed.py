@@ -1,5 +1,6 @@
 """benchmarks/speed.py: step time and peak memory of plans, measured in one run, as ratios to the first."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -64,3 +65,49 @@ def test_speed_reports_each_plans_size_and_gmac_without_timing(capsys):
         cost = BranchedNetwork(plan, stages, heads).cost(64, 128)
         assert rows[name]["params"] == cost.params and rows[name]["gmac"] == pytest.approx(cost.gmac)
     assert rows["onenet"]["params"] < rows["stn"]["params"] / 4
+
+
+def test_timed_is_the_median_of_the_steps_after_two_warm_up_steps(monkeypatch):
+    durations = iter([50.0, 40.0, 3.0, 1.0, 2.0])  # two slow warm-up steps, then the timed ones
+    clock = [0.0]
+
+    def step():
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(speed, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert speed.timed(step, 3, "cpu") == (2.0, 0.0)
+    assert next(durations, None) is None  # every step ran once
+
+
+def test_each_ratio_divides_the_measurements_it_names(monkeypatch, capsys):
+    """The ratios of one run, from measurements faked per plan and option (no step is timed here)."""
+    seconds = {("onenet", ()): 1.0, ("stn", ()): 4.0, ("stn", ("fused",)): 2.0, ("stn", ("align",)): 5.0,
+               ("onenet", ("channels_last",)): 0.8, ("stn", ("channels_last",)): 3.0}
+
+    def measure(plan, device, batch, height, width, steps, stages, **options):
+        name = "stn" if max(len(p) for p in plan.partitions) > 1 else "onenet"
+        return seconds[name, tuple(k for k, on in options.items() if on)], 0.0, SimpleNamespace(params=1e6, gmac=1.0)
+
+    monkeypatch.setattr(speed, "measure", measure)
+    monkeypatch.setattr(speed, "measure_plain", lambda *args: 0.5)
+    monkeypatch.setattr(speed, "timing_data", lambda *args: (SimpleNamespace(workers=0), 10))
+    monkeypatch.setattr(speed, "measure_data", lambda data, steps: (0.25, 2.0))  # a batch, an epoch's first batch
+    monkeypatch.setattr(speed, "measure_loop", lambda *args: 1.5)
+    assert speed.main(["--steps", "1"]) == 0
+    ratios = json.loads(capsys.readouterr().out.splitlines()[-1])["ratios"]
+    assert ratios == pytest.approx({
+        "plain_over_trainer_onenet": 0.5 / 1.0, "stn_over_onenet": 4.0 / 1.0, "stn_fused_over_onenet": 2.0 / 1.0,
+        "alignment_share_of_stn_step": (5.0 - 4.0) / 5.0, "data_over_onenet_step": 0.25 / 1.0,
+        "epoch_first_batch_over_onenet_step": 2.0 / 1.0, "training_loop_over_onenet_step": 1.5 / 1.0,
+        "onenet_channels_last_over_contiguous": 0.8 / 1.0, "stn_channels_last_over_contiguous": 3.0 / 4.0})
+
+
+def test_the_loop_time_is_the_second_epochs_per_step(monkeypatch):
+    """The first of the two epochs warms up (the loader's workers start): only the second is timed."""
+    class Trainer:
+        def fit(self, data, epochs, progress):
+            self.history = [{"seconds": 30.0}, {"seconds": 6.0}][:epochs]
+
+    monkeypatch.setattr(speed, "build", lambda *args, **kwargs: Trainer())
+    data = SimpleNamespace(train=None, batches=lambda dataset, key: [0, 1, 2])  # three steps an epoch
+    assert speed.measure_loop(BranchingPlan.one_net(speed.TASKS, 10), data, 10, "cpu", None) == 6.0 / 3

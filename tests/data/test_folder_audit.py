@@ -78,6 +78,15 @@ def test_signed_integer_normals_are_re_normalised(tmp_path):
     assert torch.equal(t["N"][:, 0, :2], torch.tensor([[-1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
 
 
+def test_255_in_a_npy_label_file_is_a_class_not_the_pngs_ignore_value(tmp_path):
+    """Only a PNG stores "ignore" as 255; a .npy file stores it as a negative value or NaN, so its 255 is a class
+    (refused for 3 classes) and is never dropped silently."""
+    labels = np.zeros((8, 8), np.int64)
+    labels[0, 0] = 255
+    root = _sample(tmp_path, "a.png", _rgb(), {"seg/a.npy": labels})
+    _one_line_error(root, {"seg": TargetFiles("labels", "seg", 3)}, "holds class 255")
+
+
 def test_a_target_file_without_an_image_is_named(tmp_path):
     root = _sample(tmp_path, "a.png", _rgb(), {"seg/a.png": Image.fromarray(np.ones((8, 8), np.uint8)),
                                                 "seg/b.png": Image.fromarray(np.ones((8, 8), np.uint8))})

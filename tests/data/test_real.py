@@ -90,6 +90,14 @@ def test_nyuv2_reads_samples_in_numeric_order_with_all_targets(nyu: tuple[Path, 
         assert torch.allclose(t["N"][:, valid], direction / direction.norm(dim=0), atol=1e-5)
 
 
+def test_the_edge_target_has_the_asked_radius(nyu: tuple[Path, dict]) -> None:
+    root, _ = nyu
+    halves = np.where(np.arange(W) < W // 2, 1, 2).astype(np.float32)[None].repeat(H, 0)  # one boundary
+    np.save(root / "train" / "label" / "3.npy", halves)
+    _, t = NYUv2(root, "train", edge_radius=2)[0]
+    assert torch.equal(t["E"], semantic_edges(t["S"], 2)) and not torch.equal(t["E"], semantic_edges(t["S"], 1))
+
+
 def test_test_split_reads_the_val_folder(nyu: tuple[Path, dict]) -> None:
     root, data = nyu
     image, _ = NYUv2(root, "test")[0]

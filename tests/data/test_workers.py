@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from benchmarks import compare, speed
@@ -13,6 +13,7 @@ from conftest import smoke_config, write_nyuv2
 from mtsl_plugin.config import DataConfig, RunConfig
 from mtsl_plugin.data import real
 from mtsl_plugin.data.real import NYUv2, SampleDraws, random_window
+from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.experiment import build_data, loader_workers
 from mtsl_plugin.progress import each_batch
 
@@ -72,6 +73,24 @@ def test_a_runs_training_loader_augments_each_epoch_anew(tmp_path):
     again = [data.batches(data.train, key=(0, 0)).dataset[i][0] for i in range(6)]
     assert all(torch.equal(a, b) for a, b in zip(images[0], again))
     assert not all(torch.equal(a, b) for a, b in zip(images[0], images[1]))
+
+
+def test_a_runs_seed_draws_its_own_windows():
+    """RunData keys each sample's window by the run's seed too: under another seed, sample i of an epoch is zoomed
+    and flipped otherwise (not every seed's run augmented alike)."""
+    class Windows(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return random_window((32, 32))
+
+    def windows(seed):
+        data = RunData(train=Windows(), holdout=None, test=None, batch_size=4, seed=seed)
+        keyed = data.batches(data.train, key=(0, 0)).dataset
+        return [keyed[i] for i in range(len(keyed))]
+
+    assert windows(0) == windows(0) and windows(0) != windows(1)
 
 
 class Counted(DataLoader):
