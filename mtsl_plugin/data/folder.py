@@ -135,19 +135,7 @@ class FolderDataset(Dataset):
         self.files = {task: self._files(spec.folder, TARGET_SUFFIXES[spec.layout])
                       for task, spec in self.targets.items() if spec.layout != "image"}
         for task, files in self.files.items():
-            folder, layout = self.split_dir / self.targets[task].folder, self.targets[task].layout
-            missing = [i for i in self.ids if i not in files]
-            if missing:
-                unread = sorted(f.name for f in folder.iterdir() if f.stem == missing[0])
-                why = (f"; {unread[0]} is not read: a {layout} target is a {'/'.join(TARGET_SUFFIXES[layout])} file"
-                       if unread else "")
-                raise FileNotFoundError(f"task {task!r}: {folder} has no file for sample {missing[0]!r} "
-                                        f"({len(missing)} sample(s) missing there){why}.")
-            orphans = [i for i in files if i not in self.images]
-            if orphans:  # a sample whose image went missing would be dropped without a word
-                raise FileNotFoundError(f"task {task!r}: {files[orphans[0]]} has no image: {self.split_dir / 'image'} "
-                                        f"holds no file for sample {orphans[0]!r} ({len(orphans)} target file(s) "
-                                        "without an image there).")
+            self._check_pairs(task, files)
         self.resize = height is not None
         if self.resize:
             self.height, self.width = height, width
@@ -155,6 +143,23 @@ class FolderDataset(Dataset):
             self.height, self.width = self._image(self.ids[0]).shape[-2:]
         if n is not None:
             self.ids = self.ids[:n]
+
+    def _check_pairs(self, task: str, files: Mapping[str, Path]) -> None:
+        """Refuse, naming the first culprit, a sample without a ``task`` file and a ``task`` file without an image
+        (its sample would be dropped without a word)."""
+        folder, layout = self.split_dir / self.targets[task].folder, self.targets[task].layout
+        missing = [i for i in self.ids if i not in files]
+        if missing:
+            unread = sorted(f.name for f in folder.iterdir() if f.stem == missing[0])
+            why = (f"; {unread[0]} is not read: a {layout} target is a {'/'.join(TARGET_SUFFIXES[layout])} file"
+                   if unread else "")
+            raise FileNotFoundError(f"task {task!r}: {folder} has no file for sample {missing[0]!r} "
+                                    f"({len(missing)} sample(s) missing there){why}.")
+        orphans = [i for i in files if i not in self.images]
+        if orphans:
+            raise FileNotFoundError(f"task {task!r}: {files[orphans[0]]} has no image: {self.split_dir / 'image'} "
+                                    f"holds no file for sample {orphans[0]!r} ({len(orphans)} target file(s) "
+                                    "without an image there).")
 
     def _files(self, folder: str, suffixes: tuple[str, ...]) -> dict[str, Path]:
         """File stem -> path of the files with one of ``suffixes`` in ``split_dir / folder``; hidden files (a name
