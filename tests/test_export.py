@@ -102,3 +102,30 @@ def test_a_run_trained_with_fused_siblings_exports_unfused(tmp_path):
         fused, plain = trainer.model(images[:2]), static(images[:2])
     for task, prediction in zip(config.tasks, plain):
         torch.testing.assert_close(prediction, fused[task], rtol=1e-4, atol=1e-5)
+
+
+class _Drifting(torch.nn.Module):
+    """Predictions scaled by how often it has run: an exported graph freezes the count of its tracing, so the
+    written file computes something else than the module's first (eager) call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, image):
+        self.calls += 1
+        return {"S": image * self.calls, "D": image[:, :1] + 1.0}
+
+
+def test_export_reports_the_files_difference_from_the_module_and_refuses_unknown_formats(tmp_path):
+    """The number ``export`` returns is the file's largest deviation from the module on the sample (here the
+    module's first call, x, against the traced file's k x): a check that compares the right outputs."""
+    sample = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    difference = export(StaticNetwork(_Drifting(), ("S", "D")), "exported", tmp_path / "net.pt2", sample)
+    with torch.no_grad():
+        s, d = torch.export.load(tmp_path / "net.pt2").module()(sample)
+    expected = max(float((s - sample).abs().max()), float((d - sample[:, :1] - 1.0).abs().max()))
+    assert difference > 0 and difference == pytest.approx(expected)
+    with pytest.raises(ValueError, match="unknown export format 'tflite'"):
+        export(StaticNetwork(_Drifting(), ("S", "D")), "tflite", tmp_path / "net.tflite", sample)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2"]

@@ -297,3 +297,14 @@ def test_an_encoder_instance_or_a_plan_dict_as_arguments():
     with pytest.raises(ValueError, match=r"^arch_args\['plan'\] must be a BranchingPlan or its dict form .* got a "
                                          r"list$"):
         tiny_trainer(plan=[["S", "D"]] * 10)
+
+
+def test_a_libmtl_linear_decoder_reads_the_last_location_average_pooled():
+    """A decoder whose first layer is an ``nn.Linear`` reads the last head location's output averaged over its
+    pixels, ``(N, C)``, and its prediction is returned as it is (no upsampling of a non-dense output)."""
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Linear(8, 3), nn.ReLU(), nn.Linear(3, 2))
+    head = as_head(decoder)
+    last = torch.randn(2, 8, 3, 5)
+    out = head([torch.randn(2, 4, 6, 6), last], (12, 20))
+    torch.testing.assert_close(out, decoder(last.sum(dim=(2, 3)) / 15))

@@ -120,3 +120,16 @@ def test_every_merge_sequence_stays_valid():
         for loc in range(1, 3):
             for group in plan.partitions[loc]:
                 assert set(group) <= set(plan.group_of(loc - 1, group[0]))
+
+
+def test_json_of_another_shape_is_a_plan_error():
+    """A JSON value that is not a plan's dict (a list, a number) is refused as a PlanError, not a raw TypeError."""
+    for text in ("[1, 2]", "3"):
+        with pytest.raises(PlanError, match="needs the keys"):
+            BranchingPlan.from_json(text)
+
+
+def test_describe_joins_multi_letter_task_names_with_plus():
+    """Multi-letter task names stay readable in ``describe``: a group's names are joined with ``+``."""
+    plan = BranchingPlan(["seg", "depth", "E"], [[["seg", "depth", "E"]], [["seg", "depth"], ["E"]]])
+    assert plan.describe() == "0: seg+depth+E | 1: seg+depth E"

@@ -328,3 +328,44 @@ def test_fused_execution_is_a_run_option_that_keeps_the_fingerprint(tmp_path, mo
     run = json.loads((fused / "mtsl" / "seed0" / "result.json").read_text())
     assert run["fingerprint"] == json.loads((plain / "mtsl" / "seed0" / "result.json").read_text())["fingerprint"]
     assert json.loads((fused / "mtsl" / "seed0" / "config.json").read_text())["config"]["fused"] is True
+
+
+def test_the_mtsl_variants_differ_from_mtsl_in_their_one_option_and_names_are_registered_once(smoke):
+    """The registry's MTSL variants: ``mtsl_noalign`` only drops the alignment loss, ``mtsl_rsa`` only decides on
+    RSA, ``mtsl_r`` retrains MTSL's plan; every variant starts from the single-task plan. A second builder under a
+    registered name is refused (the first stays)."""
+    config = smoke(tasks=("S", "D"))
+    base = methods.build_method("mtsl", config, 4)
+    assert base.plan == BranchingPlan.single_task(("S", "D"), 4) and base.learner.config.align
+    for name, option, value in (("mtsl_noalign", "align", False), ("mtsl_rsa", "similarity", "rsa")):
+        variant = methods.build_method(name, config, 4)
+        assert variant.plan == base.plan and getattr(variant.learner.config, option) == value
+        assert {**variant.learner.config.to_dict(), option: None} == {**base.learner.config.to_dict(), option: None}
+    assert methods.build_method("mtsl_r", config, 4).retrains == "mtsl"
+    with pytest.raises(ValueError, match="'mtsl' is already registered"):
+        methods.register_method("mtsl")(lambda config, num_locations: methods.MethodSpec())
+    assert methods.build_method("mtsl", config, 4).learner is not None
+
+
+def test_an_extended_comparison_merges_methods_and_seeds_and_resume_takes_only_run_options(smoke, tmp_path, capsys):
+    """Extending a saved comparison keeps its methods (first) and seeds and adds the new ones, dropping a seed
+    no run can use; one of other settings is refused. ``--resume`` accepts the run options only. The alignment
+    figure reads the first phase of finished runs of its row only."""
+    from benchmarks.cli import UsageError
+
+    config = smoke()
+    (tmp_path / "config.json").write_text(json.dumps({"config": config.to_dict(), "methods": ["stn", "onenet", "mtsl"],
+                                                      "seeds": [2, 0, -1, 2], "plan_from": None}))
+    merged = compare.extend_comparison(tmp_path, config, ["stn", "onenet", "mtsl_r"], [1, 0], None)
+    assert merged == (["stn", "onenet", "mtsl", "mtsl_r"], [0, 1, 2])
+    assert "seed(s) [-1] outside" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="holds a comparison with other settings"):
+        compare.extend_comparison(tmp_path, config.replace(tasks=("S", "D")), ["stn"], [0], None)
+    args = compare.parse_args(["--resume", "x", "--device", "cpu", "--workers", "2", "--seeds", "1", "--no-align"])
+    assert compare.options_besides_resume(args) == ["--seeds", "--no-align"]
+    for seed in (0, 1):
+        (tmp_path / "mtsl" / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / "mtsl" / f"seed{seed}" / "phase_0.json").write_text(json.dumps({"similarities": [{"s": seed}]}))
+    rows = [{"method": "mtsl", "seed": 0, "status": "ok"}, {"method": "mtsl", "seed": 1, "status": "failed"},
+            {"method": "mtsl_noalign", "seed": 1, "status": "ok"}]
+    assert compare.first_similarities(tmp_path, "mtsl", rows) == [{"s": 0}]

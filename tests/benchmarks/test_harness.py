@@ -108,3 +108,42 @@ def test_under_torchrun_a_method_that_cannot_be_built_is_left_to_fail_in_its_own
     monkeypatch.setattr(harness, "check_config", lambda config, **k: checked.append(k["learner"]))
     harness.check_jobs([harness.Job("mtsl", "mtsl", smoke_config())])
     assert checked == [None]
+
+
+def test_delta_sd_needs_both_s_and_d_and_a_failed_stn_run_is_no_reference():
+    """Δ_SD is the mean over S and D only, so a run without D has none (its Δ_MTL is still computed); a failed
+    STN run (a record without metrics or reference key, as ``run_jobs`` writes it) is no reference."""
+    from conftest import hand_delta
+
+    def without_d(method, s, e):
+        return {"method": method, "label": method, "seed": 0, "status": "ok", "reference_key": "k",
+                "metrics": {"S": s, "E": e}, "higher_is_better": {"S": True, "E": True}}
+
+    results = [without_d("stn", 0.5, 0.2), without_d("mtsl", 0.6, 0.1)]
+    add_deltas(results)
+    assert results[1]["delta_sd"] is None
+    assert results[1]["delta_mtl"] == pytest.approx(hand_delta(results[1], results[0]))
+    failed = {"method": "stn", "label": "stn", "seed": 0, "status": "failed", "error": "boom"}
+    results = [failed, run("onenet", 0, 0.44, 0.9)]
+    add_deltas(results)
+    assert results[1]["delta_mtl"] is None and results[1]["delta_sd"] is None
+
+
+def test_sources_come_first_folders_of_other_runs_are_refused_and_rows_keep_their_first_plan(tmp_path, smoke):
+    """A "-R" method's source is inserted right before it (the other methods keep their order); a run folder
+    holding another fingerprint is refused, never reused; a row's plan is that of its first finished seed."""
+    import json
+
+    from benchmarks.harness import final_plans, saved_run, with_sources
+    from mtsl_plugin.plan import BranchingPlan
+
+    assert with_sources(["onenet", "mtsl_r", "mtsl"], smoke()) == ["onenet", "mtsl", "mtsl_r"]
+    assert saved_run(tmp_path, "a") is None
+    (tmp_path / "result.json").write_text(json.dumps({"fingerprint": "a", "status": "ok"}))
+    assert saved_run(tmp_path, "a")["status"] == "ok"
+    with pytest.raises(ValueError, match="holds a run of another configuration"):
+        saved_run(tmp_path, "b")
+    first, second = BranchingPlan.single_task("SD", 2), BranchingPlan.one_net("SD", 2)
+    records = [{"method": "mtsl", "status": "failed"}, {"method": "mtsl", "status": "ok", "plan": first.to_dict()},
+               {"method": "mtsl", "status": "ok", "plan": second.to_dict()}]
+    assert final_plans(records) == {"mtsl": first}

@@ -160,3 +160,27 @@ def test_only_location_5_is_he_initialised(backbone_args):
         std, default, he = _std(conv)
         assert std == pytest.approx(he, rel=0.1)
         assert abs(math.log(std / he)) < abs(math.log(std / default)) / 2
+
+
+def test_multiscale_head_works_at_a_quarter_of_each_side_of_a_non_square_input():
+    """The head's working resolution is (H // 4, W // 4), each side its own: a location already at that size
+    passes through unresized, so the output is the classifier's, upsampled once to (H, W)."""
+    torch.manual_seed(0)
+    head = MultiScaleHead([4], width=3, out_channels=2).eval()
+    x = torch.randn(1, 4, 2, 5)  # a quarter of (8, 20)
+    expected = nn.functional.interpolate(head.classifier(head.reduce[0](x)), size=(8, 20), mode="bilinear",
+                                         align_corners=False)
+    with torch.no_grad():
+        assert torch.allclose(head([x], (8, 20)), expected.detach(), atol=1e-6)
+
+
+def test_heads_refuse_another_number_of_locations_and_unknown_activations():
+    """A head given more (or fewer) locations' outputs than it reads, or built with an unknown activation, is
+    refused in one line instead of silently ignoring inputs."""
+    x = torch.randn(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="reads 1 locations"):
+        MultiScaleHead([4], width=3, out_channels=2)([x, x], (8, 8))
+    with pytest.raises(ValueError, match="reads one location"):
+        Head(4, 2)([x, x], (8, 8))
+    with pytest.raises(ValueError, match="unknown head activation"):
+        MultiScaleHead([4], width=3, out_channels=2, form=HeadForm(activation="sigmoid"))

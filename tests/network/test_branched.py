@@ -225,6 +225,23 @@ def test_candidate_factories_and_slot_seeds(stages):
         candidate_factories(stages, 3, "same")
 
 
+def test_a_weights_file_holding_only_a_minority_of_the_tensors_is_refused(tmp_path):
+    """A file that would leave most of the backbone at its random initialisation (here a third of a perturbed
+    ResNet-18's tensors, so no default-initialised tensor matches by chance) is refused, not half loaded."""
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet18", num_classes=0)
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in reference.state_dict().items()}
+    floats = [k for k, v in state.items() if v.is_floating_point()]
+    kept = floats[: len(floats) // 3]
+    torch.save({k: state[k] for k in kept}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=rf"partial.pth' holds only {len(kept)} of the {len(floats)} tensors"):
+        ResNetStages("resnet18", weights=tmp_path / "partial.pth")
+    torch.save(state, tmp_path / "whole.pth")  # the whole file loads
+    whole = ResNetStages("resnet18", weights=tmp_path / "whole.pth")
+    assert torch.equal(whole.build(0)[0].weight, state["conv1.weight"])
+
+
 @pytest.mark.parametrize("content", [
     {"foo": torch.zeros(3)},  # nothing of the backbone: timm would log and go on with random weights
     {"format": 1, "model": {"encoder.stage.weight": torch.zeros(4, 3, 1, 1)}},  # e.g. a results model.pt

@@ -109,3 +109,18 @@ def test_search_steps_keep_their_sums_and_the_arguments_are_checked() -> None:
         partition_search.best_partitions(matrix, "tasks", restarts=-1)
     with pytest.raises(ValueError, match="score"):
         partition_search.best_partitions(matrix, "pairs")
+
+
+def test_up_to_coarse_tasks_the_coarse_start_alone_is_the_exact_optimum(monkeypatch) -> None:
+    """The documented guarantee behind the exact answers up to ``COARSE`` tasks: the coarse start (the dynamic
+    programme over the agglomerative partition's ``COARSE`` groups) is itself optimal, with no improving step and
+    no random start."""
+    monkeypatch.setattr(partition_search._State, "improve", lambda self, score, tolerance: None)
+    generator = np.random.default_rng(7)
+    t = partition_search.COARSE
+    for trial in range(4):
+        similarity = random_similarity(generator, t, KINDS[trial % 2])
+        for score in ("groups", "tasks"):
+            exact = [v for v, _ in best_partitions(similarity, score, "exact")]
+            found = [v for v, _ in partition_search.best_partitions(similarity, score, restarts=0)]
+            assert found == pytest.approx(exact, abs=1e-9)

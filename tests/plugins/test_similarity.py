@@ -167,3 +167,29 @@ def test_rsa_returns_zero_when_a_dissimilarity_matrix_is_constant() -> None:
     x = torch.ones(6, 3) * torch.arange(1.0, 7.0)[:, None] + torch.tensor([0.0, 1.0, 2.0])  # all rows correlate 1
     y = _random(6, 3, 60)
     assert rsa(x, y).item() == 0.0
+
+
+def test_rsa_returns_zero_when_the_second_dissimilarity_matrix_is_constant() -> None:
+    """Protects the constant-RDM convention for either argument (not only x): y whose rows all correlate 1."""
+    y = torch.ones(6, 3) * torch.arange(1.0, 7.0)[:, None] + torch.tensor([0.0, 1.0, 2.0])
+    assert rsa(_random(6, 3, 61), y).item() == 0.0
+
+
+def test_rsa_takes_a_zero_variance_row_as_uncorrelated_with_every_other_row() -> None:
+    """Protects the documented convention that a constant row correlates 0 with the others (RDM entries 1)."""
+    x = _random(7, 4, 62)
+    x[2] = 3.0  # no variance across its features
+    y = torch.relu(x @ _random(4, 5, 63)) + 0.5 * _random(7, 5, 64)
+    upper = np.triu_indices(7, k=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        correlation = np.nan_to_num(np.corrcoef(x.numpy()), nan=0.0)
+    expected = spearmanr((1.0 - correlation)[upper], (1.0 - np.corrcoef(y.numpy()))[upper]).statistic
+    assert rsa(x, y).item() == pytest.approx(expected, abs=1e-9)
+
+
+def test_rsa_needs_three_samples_and_returns_the_promoted_dtype() -> None:
+    """Protects RSA's argument check (N >= 3) and its result's dtype (promoted from x's and y's)."""
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        rsa(_random(2, 3, 65), _random(2, 3, 66))
+    x32, y64 = _random(5, 3, 67, torch.float32), _random(5, 2, 68)
+    assert rsa(x32, y64).dtype == torch.float64 and rsa(y64, x32).dtype == torch.float64
