@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 from mtsl_plugin import distributed
 from mtsl_plugin.checkpoint import CheckpointError
-from mtsl_plugin.config import GROUPING_DATA, NETWORKS, PRESETS, SETTINGS, RunConfig, load_config_file, load_preset
+from mtsl_plugin.config import (GROUPING_DATA, NETWORKS, PRESETS, SETTINGS, DataConfig, RunConfig, load_config_file,
+                                load_preset)
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.network.backbones import architecture_family
 from mtsl_plugin.plugins import PluginError, load_plugin
@@ -148,11 +149,35 @@ def check_out(out: Path) -> Path:
     return out
 
 
+#: Options copied into the configuration when given, and flags that switch a configuration field on.
+_VALUE_OPTIONS = ("device", "setting", "workers", "backbone", "network", "weights", "weighting", "losses")
+_FLAG_OPTIONS = ("fused", "channels_last", "compile", "pretrained")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The :class:`RunConfig` of :func:`add_run_args`' options (plugins named there must be loaded already)."""
     config = load_preset(args.preset)
     if args.config:
         config = load_config_file(args.config, base=config)
+    changes: dict[str, Any] = {"data": _data_from_args(args, config), "mtsl": _mtsl_from_args(args, config.mtsl)}
+    changes.update({key: getattr(args, key) for key in _VALUE_OPTIONS if getattr(args, key) is not None})
+    changes.update({key: True for key in _FLAG_OPTIONS if getattr(args, key)})
+    if args.tasks is not None:
+        changes["tasks"] = parse_tasks(args.tasks)
+    if getattr(args, "task_weights", None):
+        changes["task_weights"] = {**config.task_weights, **parse_task_weights(args.task_weights)}
+    if getattr(args, "weight_args", None):
+        changes["weight_args"] = {**config.weight_args, **parse_pairs(args.weight_args, "weight-args", "mgda_gn=l2")}
+    if args.backbone is not None and architecture_family(args.backbone) is None:
+        raise UsageError(f"--backbone {args.backbone!r} is not a timm model name (e.g. resnet18, convnext_atto, "
+                         "efficientnet_b0, regnetx_002, mobilenetv3_small_100)")
+    if args.backbone is not None and architecture_family(args.backbone) != architecture_family(config.backbone):
+        changes["backbone_args"] = {}  # the preset's (e.g. a ResNet's channels) are another family's arguments
+    return config.replace(**changes)  # the rest is checked with every job's configuration: check_jobs
+
+
+def _data_from_args(args: argparse.Namespace, config: RunConfig) -> DataConfig:
+    """The data options (``--dataset``, ``--data-root``, ``--no-augment``, ``--grouping-data``) over ``config``'s."""
     data = config.data
     if args.no_augment:
         data = dataclasses.replace(data, augment=False)
@@ -163,50 +188,25 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                          "--dataset nyuv2, cityscapes or folder too")
     if args.dataset is not None:  # a root of the configuration's own data set stays unless --data-root replaces it
         root = args.data_root if args.data_root is not None or args.dataset != data.name else data.root
-        data = type(data)(**{**data.__dict__, "name": args.dataset, "root": root})
-        if args.dataset != "synthetic":  # real data: use the whole split unless the preset is a smoke test
-            data = type(data)(**{**data.__dict__, "train": data.train if config.preset == "smoke" else None,
-                                 "test": data.test if config.preset == "smoke" else None})
+        data = dataclasses.replace(data, name=args.dataset, root=root)
+        if args.dataset != "synthetic" and config.preset != "smoke":  # real data: the whole splits
+            data = dataclasses.replace(data, train=None, test=None)
     elif args.data_root is not None:  # the real data set of the preset or --config, read from another folder
         data = dataclasses.replace(data, root=args.data_root)
-    mtsl = config.mtsl.to_dict()
-    for key, value in (("similarity", args.similarity), ("grouping", args.grouping),
-                       ("amalgamator", args.amalgamator), ("threshold", args.threshold)):
-        if value is not None:
-            mtsl[key] = value
-    mtsl.update({k: False for k, flag in (("align", getattr(args, "no_align", False)),
-                                          ("average_init", getattr(args, "no_average_init", False)),
-                                          ("amalgamate", getattr(args, "no_amalgamation", False))) if flag})
-    changes: dict[str, Any] = {"data": data, "mtsl": MTSLConfig.from_dict(mtsl)}
-    for key in ("device", "setting"):
+    return data
+
+
+def _mtsl_from_args(args: argparse.Namespace, mtsl: MTSLConfig) -> MTSLConfig:
+    """MTSL's options (``--similarity``, ``--grouping``, ``--amalgamator``, ``--threshold`` and the ``--no-*``
+    ablation flags of the commands that have them) over ``mtsl``."""
+    fields = mtsl.to_dict()
+    for key in ("similarity", "grouping", "amalgamator", "threshold"):
         if getattr(args, key) is not None:
-            changes[key] = getattr(args, key)
-    if args.fused:
-        changes["fused"] = True
-    if args.channels_last:
-        changes["channels_last"] = True
-    if args.compile:
-        changes["compile"] = True
-    if args.workers is not None:
-        changes["workers"] = args.workers
-    if args.tasks is not None:
-        changes["tasks"] = parse_tasks(args.tasks)
-    if getattr(args, "task_weights", None):
-        changes["task_weights"] = {**config.task_weights, **parse_task_weights(args.task_weights)}
-    if getattr(args, "weight_args", None):
-        changes["weight_args"] = {**config.weight_args, **parse_pairs(args.weight_args, "weight-args", "mgda_gn=l2")}
-    for key in ("backbone", "network", "weights", "weighting", "losses"):
-        if getattr(args, key) is not None:
-            changes[key] = getattr(args, key)
-    if args.backbone is not None and architecture_family(args.backbone) is None:
-        raise UsageError(f"--backbone {args.backbone!r} is not a timm model name (e.g. resnet18, convnext_atto, "
-                         "efficientnet_b0, regnetx_002, mobilenetv3_small_100)")
-    if args.backbone is not None and architecture_family(args.backbone) != architecture_family(config.backbone):
-        changes["backbone_args"] = {}  # the preset's (e.g. a ResNet's channels) are another family's arguments
-    if args.pretrained:
-        changes["pretrained"] = True
-    config = config.replace(**changes)
-    return config  # the rest is checked with every job's configuration: check_jobs
+            fields[key] = getattr(args, key)
+    for key, flag in (("align", "no_align"), ("average_init", "no_average_init"), ("amalgamate", "no_amalgamation")):
+        if getattr(args, flag, False):
+            fields[key] = False
+    return MTSLConfig.from_dict(fields)
 
 
 def load_plugins(args: argparse.Namespace) -> None:
