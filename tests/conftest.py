@@ -128,14 +128,18 @@ def fake_record(config, method, s):
             "config_fingerprint": config.fingerprint(), "reference_key": config.fingerprint(exclude=("device", "mtsl"))}
 
 
-def table_row(table, label):
-    """The cells of row ``label`` of a Markdown table, by column header."""
+def table_rows(table):
+    """Every row of a Markdown table, in order, as its cells by column header."""
     lines = [line for line in table.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    for line in lines[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] == label:
-            return dict(zip(header, cells))
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def table_row(table, label):
+    """The cells of the first row ``label`` (first column) of a Markdown table, by column header."""
+    for row in table_rows(table):
+        if next(iter(row.values())) == label:
+            return row
     raise KeyError(f"no row {label!r} in the table")
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from benchmarks import robustness, robustness_report
 from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, EPSILONS, SEVERITIES, corrupt_images,
                                       elastic_transform, pgd_attack, pgd_iterations, seeded_numpy)
-from conftest import table_row
+from conftest import table_row, table_rows
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.data import build_dataset
 from mtsl_plugin.experiment import load_run, run_method
@@ -221,9 +221,7 @@ def test_every_number_of_the_tables_stands_under_its_own_column():
     row = table_row(robustness_report.corruption_table(summary, ["S", "D"], ["noise"], labels), "mtsl")
     assert {k: float(v) for k, v in row.items() if k != "Method"} == pytest.approx(
         {"S mIoU ↑ clean": 0.61, "S noise": 0.48, "D RMSE ↓ clean": 0.31, "D noise": 0.44})
-    lines = robustness_report.pgd_table(summary, ["S", "D"], ["S", "D"], [1.0, 2.0], labels).splitlines()
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    rows = table_rows(robustness_report.pgd_table(summary, ["S", "D"], ["S", "D"], [1.0, 2.0], labels))
     assert [(r["Method"], r["Attacked"]) for r in rows] == [("mtsl", "S"), ("mtsl", "D")]
     assert {k: float(v) for k, v in rows[1].items() if k not in ("Method", "Attacked")} == pytest.approx(
         {"S mIoU ↑ ε=1": 0.58, "S ε=2": 0.57, "D RMSE ↓ ε=1": 0.51, "D ε=2": 0.72})
