@@ -50,44 +50,46 @@ def test_bad_input_is_refused_in_one_line_before_any_launch(capsys, argv, culpri
     assert culprit in err and len(err.splitlines()) == 1
 
 
-def test_every_process_count_gets_all_the_cores(monkeypatch, tmp_path):
-    """torchrun gives each of n > 1 processes one thread but leaves one process all the cores: each count must get
-    the same cores in total, or a CPU speed-up compares n threads with all of them."""
-    launched = {}
+@pytest.fixture
+def launches(monkeypatch):
+    """The (command, environment) of every torchrun launch, none of which runs: each writes an empty result."""
+    calls = []
 
     def run(command, env, **kwargs):
-        nproc = int(next(a for a in command if a.startswith("--nproc_per_node=")).split("=")[1])
-        launched[nproc] = env.get("OMP_NUM_THREADS")
+        calls.append((command, env))
         Path(command[command.index("--json") + 1]).write_text("{}")
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(scaling.subprocess, "run", run)
+    return calls
+
+
+def nproc(command):
+    return int(next(a for a in command if a.startswith("--nproc_per_node=")).split("=")[1])
+
+
+def test_every_process_count_gets_all_the_cores(monkeypatch, tmp_path, launches):
+    """torchrun gives each of n > 1 processes one thread but leaves one process all the cores: each count must get
+    the same cores in total, or a CPU speed-up compares n threads with all of them."""
     monkeypatch.setattr(scaling.os, "cpu_count", lambda: 8)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     args = argparse.Namespace(device="cpu", batch=16, height=32, width=32, steps=1, network="compact",
                               backbone="resnet18", tasks="S,D", fused=False)
     for n in (1, 2, 4, 16):
         scaling.launch(args, n, tmp_path / f"n{n}.json")
-    assert launched == {1: "8", 2: "4", 4: "2", 16: "1"}
+    threads = {nproc(command): env.get("OMP_NUM_THREADS") for command, env in launches}
+    assert threads == {1: "8", 2: "4", 4: "2", 16: "1"}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
     scaling.launch(args, 1, tmp_path / "again.json")
-    assert launched[1] == "3"
+    assert nproc(launches[-1][0]) == 1 and launches[-1][1].get("OMP_NUM_THREADS") == "3"
 
 
-def test_the_launch_forwards_every_option_to_the_workers(monkeypatch, tmp_path):
-    commands = []
-
-    def run(command, env, **kwargs):
-        commands.append(command)
-        Path(command[command.index("--json") + 1]).write_text("{}")
-        return subprocess.CompletedProcess(command, 0, "", "")
-
-    monkeypatch.setattr(scaling.subprocess, "run", run)
+def test_the_launch_forwards_every_option_to_the_workers(tmp_path, launches):
     options = {"device": "cpu", "batch": 12, "height": 40, "width": 56, "steps": 3, "network": "authors",
                "backbone": "resnet34", "tasks": "S,E,D"}
     for fused in (True, False):
         scaling.launch(argparse.Namespace(**options, fused=fused), 2, tmp_path / "n2.json")
-    for command, fused in zip(commands, (True, False)):
+    for (command, _), fused in zip(launches, (True, False)):
         forwarded = command[command.index("--worker"):]
         assert all(forwarded[forwarded.index(f"--{key}") + 1] == str(value) for key, value in options.items())
         assert ("--fused" in forwarded) == fused
