@@ -19,8 +19,8 @@ import errno
 import json
 import os
 import random
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -92,6 +92,15 @@ def write_failure(path: Path, exc: BaseException) -> str:
     return f"could not write {path}: {reason}"
 
 
+def scratch_file(folder: str | Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new empty file ``folder/<prefix><random><suffix>``, open for writing: its descriptor and path. Unlike
+    ``tempfile.mkstemp``, whose files are private (mode 0o600), it gets the mode ``open()`` gives a new file
+    (0o666 less the umask), so a file renamed from it over a destination (results, weights, an export) is as
+    readable as the user's other files, e.g. by the group on a shared cluster."""
+    name = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{suffix}")
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), name
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync it and rename it
     over ``path``. On any failure the temporary file is removed, ``path`` keeps its previous content, and an
@@ -102,7 +111,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        fd, tmp = scratch_file(path.parent, path.name + ".", ".tmp")
     except OSError as exc:
         raise CheckpointError(write_failure(path, exc)) from None
     try:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from mtsl_plugin.checkpoint import scratch_file
 from mtsl_plugin.network.branched import BranchedNetwork
 
 NEEDS = {"onnx": ("onnx", "onnxruntime"), "exported": ()}  # each format and the packages it needs besides torch
@@ -76,7 +76,7 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
     static = static.to("cpu").eval()
     with torch.no_grad():
         expected = static(sample)
-    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    handle, scratch = scratch_file(path.parent, f".{path.name}.", path.suffix or ".tmp")
     os.close(handle)
     try:
         if fmt == "onnx":

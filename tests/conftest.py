@@ -180,6 +180,15 @@ FOLDER_TASKS = {"parts": {"kind": "segmentation", "classes": 3},
                 "flow": {"kind": "regression", "channels": 2, "loss": "l1", "metric": "rmse"}}
 
 
+@pytest.fixture(params=[0o022, 0o027, 0o077], ids=["umask022", "umask027", "umask077"])
+def umask(request):
+    """The process's umask set to each of three values for the test (restored after it): the mode a new file
+    should get is ``0o666 & ~umask``."""
+    before = os.umask(request.param)
+    yield request.param
+    os.umask(before)
+
+
 @pytest.fixture
 def fresh_manager():
     """Give the test its own plugin manager and leave none of its plugins behind (the plugin tests use it for

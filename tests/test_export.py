@@ -1,5 +1,6 @@
 """Export of a finished run's network: ONNX (checked with onnxruntime) and torch.export, equal to the model."""
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -117,15 +118,17 @@ class _Drifting(torch.nn.Module):
         return {"S": image * self.calls, "D": image[:, :1] + 1.0}
 
 
-def test_export_reports_the_files_difference_from_the_module_and_refuses_unknown_formats(tmp_path):
+def test_export_reports_the_files_difference_from_the_module_and_refuses_unknown_formats(tmp_path, umask):
     """The number ``export`` returns is the file's largest deviation from the module on the sample (here the
-    module's first call, x, against the traced file's k x): a check that compares the right outputs."""
+    module's first call, x, against the traced file's k x): a check that compares the right outputs. The file
+    has the mode a new file gets under the user's umask (it was private, 0o600, as its scratch file was)."""
     sample = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     difference = export(StaticNetwork(_Drifting(), ("S", "D")), "exported", tmp_path / "net.pt2", sample)
     with torch.no_grad():
         s, d = torch.export.load(tmp_path / "net.pt2").module()(sample)
     expected = max(float((s - sample).abs().max()), float((d - sample[:, :1] - 1.0).abs().max()))
     assert difference > 0 and difference == pytest.approx(expected)
+    assert stat.S_IMODE((tmp_path / "net.pt2").stat().st_mode) == 0o666 & ~umask
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         export(StaticNetwork(_Drifting(), ("S", "D")), "tflite", tmp_path / "net.tflite", sample)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2"]
