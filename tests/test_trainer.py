@@ -32,6 +32,27 @@ def test_libmtl_finds_mtsl_by_name():
     assert issubclass(mtsl_plugin.MTSL, libmtl.architecture.AbsArchitecture)
 
 
+def test_libmtls_own_train_loop_reads_every_batch_once(smoke):
+    """``MTLTrainer.train`` is LibMTL's inherited loop; its batch reader calls ``iterator.next()``, which Python 3
+    iterators lack (an AttributeError on the first batch), so ``MTLTrainer._process_data`` reads with ``next``:
+    one epoch reads each training sample once and ends with LibMTL's test over the test loader."""
+    trainer, data = make(smoke(tasks=("S", "D")), plan=BranchingPlan.one_net("SD", 10))
+    read = []
+
+    class Watched(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data.train)
+
+        def __getitem__(self, i):
+            read.append(i)
+            return data.train[i]
+
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train(torch.utils.data.DataLoader(Watched(), batch_size=8), data.batches(data.test), 1)
+    assert sorted(read) == list(range(len(data.train)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
 @pytest.mark.parametrize("weighting", ["EW", "UW"])
 def test_train_step_with_libmtl_weighting(smoke, weighting):
     config = smoke().replace(weighting=weighting)
