@@ -148,6 +148,27 @@ def test_compare_refuses_a_backbone_it_cannot_cut_before_training(tmp_path, caps
     assert not out.exists()
 
 
+def test_pretrained_weights_out_of_reach_are_one_line_naming_the_offline_way(tmp_path, capsys, monkeypatch):
+    """``--pretrained`` without internet (the Hub's client raises an OSError: nothing cached, no connection) is
+    refused before any training, naming the backbone and ``--weights``, the way to start from a local file."""
+    create = timm.create_model
+
+    def offline(name, *args, pretrained=False, **kwargs):
+        if pretrained and "pretrained_cfg_overlay" not in kwargs:
+            raise OSError("We cannot find the requested files in the local cache.\nCheck your connection.")
+        return create(name, *args, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr("benchmarks.harness.run_method", lambda *a, **k: pytest.fail("training started"))
+    out = tmp_path / "out"
+    assert compare.main(["--methods", "mtsl", "--preset", "smoke", "--pretrained", "--no-progress", "--out",
+                         str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: timm could not fetch pretrained weights for 'resnet18' (We cannot find the requested "
+                   "files in the local cache.); pass a local weights file with --weights when offline"), err
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------ networks on the stages
 @pytest.mark.parametrize("setting", ["encoder-decoder", "encoder"])
 def test_stn_and_one_net_predict_at_the_input_size(narrow, setting):
