@@ -217,6 +217,33 @@ def test_without_val_dataloaders_grouping_data_is_the_first_800_training_samples
     assert [int(i) for i in seen[0].holdout.indices] == list(range(800)) and seen[0].holdout.dataset is train.dataset
 
 
+def test_val_dataloaders_are_the_grouping_data_and_are_evaluated_after_training():
+    """Given ``val_dataloaders``, grouping decisions are measured on its samples (not the training set's), and
+    ``train`` returns their results beside the test set's, both from the last epoch's model."""
+    trainer = regression_trainer()
+    seen = []
+    trainer.fit = lambda data, epochs, **kwargs: seen.append(data)
+    train, test = regression_loaders()
+    val = DataLoader(Regression(12, 7), batch_size=4)
+    results = trainer.train(train, test, 1, val_dataloaders=val, progress=False)
+    assert seen[0].holdout is val.dataset and seen[0].test is test.dataset
+    assert results.keys() == {"test", "val"} and results["val"] != results["test"]
+    assert results["val"] == trainer.test(val, mode="val")
+
+
+def test_loaders_per_task_and_return_weight_are_refused_in_one_line():
+    """LibMTL's ``multi_input`` form of ``train_dataloaders`` (a dict of loaders) and ``return_weight=True``, which
+    this Trainer does not support, are refused before any training."""
+    trainer = regression_trainer()
+    train, test = regression_loaders()
+    for args, kwargs, message in (((dict.fromkeys(TASKS, train), test, 1), {}, r"^train_dataloaders must be one "
+                                   r"DataLoader .*not a dict of loaders"),
+                                  ((train, test, 1), {"return_weight": True}, r"^return_weight is not supported")):
+        with pytest.raises(ValueError, match=message) as error:
+            trainer.train(*args, progress=False, **kwargs)
+        assert len(str(error.value).splitlines()) == 1 and trainer.epochs_done == 0
+
+
 def test_rep_grad_weightings_on_a_libmtl_architecture():
     """GradDrop needs rep_grad=True on LibMTL's architectures (as LibMTL says at its first step); PCGrad, GradVac
     and CAGrad refuse rep_grad=True: both in one line before training."""
