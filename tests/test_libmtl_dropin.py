@@ -231,13 +231,15 @@ def test_val_dataloaders_are_the_grouping_data_and_are_evaluated_after_training(
     assert results["val"] == trainer.test(val, mode="val")
 
 
-def test_loaders_per_task_and_return_weight_are_refused_in_one_line():
-    """LibMTL's ``multi_input`` form of ``train_dataloaders`` (a dict of loaders) and ``return_weight=True``, which
-    this Trainer does not support, are refused before any training."""
+def test_loaders_of_other_forms_and_return_weight_are_refused_in_one_line():
+    """LibMTL's ``multi_input`` form of ``train_dataloaders`` (a dict of loaders), batches that are not a
+    DataLoader and ``return_weight=True``, which this Trainer does not support, are refused before any training."""
     trainer = regression_trainer()
     train, test = regression_loaders()
     for args, kwargs, message in (((dict.fromkeys(TASKS, train), test, 1), {}, r"^train_dataloaders must be one "
                                    r"DataLoader .*not a dict of loaders"),
+                                  ((train, list(test), 1), {}, r"^test_dataloaders must be a torch DataLoader, "
+                                   r"got list$"),
                                   ((train, test, 1), {"return_weight": True}, r"^return_weight is not supported")):
         with pytest.raises(ValueError, match=message) as error:
             trainer.train(*args, progress=False, **kwargs)
@@ -277,6 +279,8 @@ def test_load_path_as_libmtl_scripts_give_it(tmp_path):
     torch.save({"lin.weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"^load_path .*other.pt holds none of this model's parameters"):
         regression_trainer(load_path=tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match=r"^load_path .*missing.pt' is not a file$"):  # a mistyped name
+        regression_trainer(load_path=tmp_path / "missing.pt")
 
 
 def test_a_bare_state_dict_for_mtsl_is_refused_in_one_line(tmp_path):

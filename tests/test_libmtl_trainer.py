@@ -284,6 +284,12 @@ def test_a_save_path_holding_another_run_is_named(tiny_nyuv2, tmp_path):
                                          r"choose another save_path"):
         tiny_trainer(tmp_path / "wider",
                      encoder_class=lambda: timm.create_model("resnet18", channels=(8, 8, 8, 8), num_classes=0))
+    tiny_trainer(encoder_class=lambda: timm.create_model("convnext_atto", dims=(8, 8, 8, 8), depths=(1, 1, 1, 1),
+                                                         num_classes=0)).save(tmp_path / "convnext" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"^save_path's checkpoint .*convnext/checkpoint.pt .* holds a network of 8 "
+                                         r"merge locations, not the 10 of this trainer's encoder: choose another "
+                                         r"save_path to start afresh$"):
+        tiny_trainer(tmp_path / "convnext")
 
 
 def test_an_encoder_instance_or_a_plan_dict_as_arguments():
