@@ -191,6 +191,18 @@ def test_out_that_cannot_be_created_is_one_line_for_every_command(tmp_path, caps
     assert file.read_text() == "my notes"
 
 
+def test_out_holding_other_files_is_refused_and_left_as_it_is(tmp_path, capsys, no_training):
+    """compare.py extends a folder only when it holds a comparison (its config.json); a folder of the user's other
+    files is refused in one line and not written into."""
+    out = tmp_path / "paper-draft"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    assert compare.main(["--methods", "mtsl", "--out", str(out), *ARGS]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {out} already holds files but no config.json, so it is "
+                                               "not a compare.py results folder; choose a new folder")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes"
+
+
 def test_out_in_a_read_only_folder_is_one_line(tmp_path, capsys, no_training, monkeypatch):
     parent = tmp_path / "read-only"
     parent.mkdir()

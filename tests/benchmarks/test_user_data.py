@@ -1,5 +1,6 @@
 """A user's own data set and tasks through compare.py: a config file declares two tasks that are not S D E N A."""
 import json
+import shutil
 import textwrap
 
 import pytest
@@ -93,6 +94,23 @@ def test_a_declaration_the_data_cannot_serve_is_refused_before_training(data_roo
     assert compare.main(["--config", str(config), "--methods", "mtsl", "--out", str(tmp_path / "out"), *ARGS]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and culprit in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, culprit", [
+    (shutil.rmtree, "data folder {root} does not exist."),  # a mistyped root
+    (lambda root: shutil.rmtree(root / "val"), "data folder {root} has no test/ or val/ folder for the test split."),
+    (lambda root: shutil.copy(root / "train/parts/s003.png", root / "train/parts/s003.npy"),
+     "{root}/train/parts holds two files for sample 's003': s003.npy and s003.png."),
+])
+def test_a_data_folder_that_cannot_be_read_is_one_line_before_training(tmp_path, capsys, monkeypatch, damage,
+                                                                       culprit):
+    monkeypatch.setattr("benchmarks.harness.run_method", lambda *a, **k: pytest.fail("training started"))
+    root = write_folder_data(tmp_path / "data", n_train=16, n_val=4)
+    damage(root)
+    config = write_config(tmp_path / "mine.yaml", root, FOLDER_TASKS)
+    assert compare.main(["--config", str(config), "--methods", "mtsl", "--out", str(tmp_path / "out"), *ARGS]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {culprit.format(root=root)}"
     assert not (tmp_path / "out").exists()
 
 
