@@ -42,7 +42,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mtsl_plugin.data.common import RESIZE_BY_LAYOUT, normalize_normals, resize_image
-from mtsl_plugin.data.real import augment_sample, image_from_array, labels_from_array, random_window, read_npy
+from mtsl_plugin.data.real import (augment_sample, check_read_options, image_from_array, labels_from_array, random_window,
+                                   read_npy)
 from mtsl_plugin.tasks import TARGET_LAYOUTS, VALID_RULES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
@@ -109,14 +110,7 @@ class FolderDataset(Dataset):
 
     def __init__(self, root: str | Path, split: str, targets: Mapping[str, TargetFiles], height: int | None = None,
                  width: int | None = None, n: int | None = None, augment: bool = False) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r}; choose from {tuple(SPLITS)}.")
-        if (height is None) != (width is None):
-            raise ValueError(f"folder data needs both height and width to resize, or neither; got {height}x{width}.")
-        if height is not None and (height < 1 or width < 1):
-            raise ValueError(f"folder data needs a positive height and width, got {height}x{width}.")
-        if n is not None and n < 0:
-            raise ValueError(f"folder data needs n >= 0, got {n}.")
+        check_read_options("folder data", split, SPLITS, height, width, n)
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"data folder {root} does not exist.")

@@ -171,6 +171,20 @@ def read_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
         raise ValueError(f"File {path} cannot be read as a .npy array: {reason}") from None
 
 
+def check_read_options(owner: str, split: str, splits: Iterable[str], height: int | None, width: int | None,
+                       n: int | None) -> None:
+    """Refuse, in one sentence naming ``owner`` (the data set), a split outside ``splits``, a size given by one
+    side only or with a side below 1, and a negative sample count ``n``."""
+    if split not in splits:
+        raise ValueError(f"Unknown {owner} split {split!r}; choose from {tuple(splits)}.")
+    if (height is None) != (width is None):
+        raise ValueError(f"{owner} needs both height and width to resize, or neither; got {height}x{width}.")
+    if height is not None and (height < 1 or width < 1):
+        raise ValueError(f"{owner} needs positive height and width, got {height}x{width}.")
+    if n is not None and n < 0:
+        raise ValueError(f"{owner} needs n >= 0, got {n}.")
+
+
 class NpyLayoutDataset(Dataset):
     """Shared reader of the one-file-per-sample-and-task ``.npy`` layout; subclasses name the folders.
 
@@ -190,14 +204,7 @@ class NpyLayoutDataset(Dataset):
                  height: int | None = None, width: int | None = None, n: int | None = None,
                  edge_radius: int = 1, augment: bool = False) -> None:
         name = type(self).__name__
-        if split not in SPLIT_FOLDERS:
-            raise ValueError(f"Unknown {name} split {split!r}; choose from {tuple(SPLIT_FOLDERS)}.")
-        if (height is None) != (width is None):
-            raise ValueError(f"{name} needs both height and width to resize, or neither; got {height}x{width}.")
-        if height is not None and (height < 1 or width < 1):
-            raise ValueError(f"{name} needs positive height and width, got {height}x{width}.")
-        if n is not None and n < 0:
-            raise ValueError(f"{name} needs n >= 0, got {n}.")
+        check_read_options(name, split, SPLIT_FOLDERS, height, width, n)
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{name} root folder {root} does not exist.")
