@@ -290,19 +290,21 @@ def test_a_retrained_plan_is_checked_up_front_only_when_known(tmp_path):
         harness.check_run_folders([harness.Job("mtsl_r", "mtsl_r", config, plan)], tmp_path)
 
 
-def test_a_plan_from_another_network_is_refused_before_any_training(tmp_path, capsys, no_training):
-    """--plan-from a 10-location plan for the encoder setting's 6 locations: refused before STN and One-Net."""
+@pytest.mark.parametrize("argv, message", [
+    (["--setting", "encoder", "--tasks", "S,D"], "the mtsl plan has 10 locations, this run's network has 6 (setting "
+                                                 "encoder)"),
+    (["--tasks", "S,E"], "the mtsl plan has tasks ['S', 'D'], this run has ['S', 'E']")])
+def test_a_plan_from_another_network_is_refused_before_any_training(tmp_path, capsys, no_training, argv, message):
+    """--plan-from a 10-location plan for the encoder setting's 6 locations, or a plan of other tasks: refused
+    before STN and One-Net."""
     source = tmp_path / "source"
     (source / "mtsl" / "seed0").mkdir(parents=True)
     plan = BranchingPlan.single_task(("S", "D"), 10).to_dict()
     (source / "mtsl" / "seed0" / "result.json").write_text(json.dumps({"plan": plan}))
     out = tmp_path / "out"
-    argv = ["--methods", "mtsl_r", "--setting", "encoder", "--plan-from", str(source), "--tasks", "S,D",
-            "--out", str(out), *ARGS]
-    assert compare.main(argv) == 2
+    assert compare.main(["--methods", "mtsl_r", *argv, "--plan-from", str(source), "--out", str(out), *ARGS]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: --plan-from {source}: the mtsl plan has 10 locations, this run's network has 6 "
-                   "(setting encoder)"), err
+    assert err == f"error: --plan-from {source}: {message}", err
     assert not out.exists()
 
 
