@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from mtsl_plugin import distributed
 from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.config import (GROUPING_DATA, NETWORKS, PRESETS, SETTINGS, DataConfig, RunConfig, load_config_file,
-                                load_preset)
+                                load_preset, switch_data_set)
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.network.backbones import architecture_family
 from mtsl_plugin.plugins import PluginError, load_plugin
@@ -187,11 +187,8 @@ def _data_from_args(args: argparse.Namespace, config: RunConfig) -> DataConfig:
         raise UsageError(f"--data-root {args.data_root}: the data set is synthetic (generated, no folder); pass "
                          "--dataset nyuv2, cityscapes or folder too")
     if args.dataset is not None:  # a root of the configuration's own data set stays unless --data-root replaces it
-        root = args.data_root if args.data_root is not None or args.dataset != data.name else data.root
-        data = dataclasses.replace(data, name=args.dataset, root=root)
-        if args.dataset != "synthetic" and config.preset != "smoke":  # real data: the whole splits
-            data = dataclasses.replace(data, train=None, test=None)
-    elif args.data_root is not None:  # the real data set of the preset or --config, read from another folder
+        data = switch_data_set(data, args.dataset, config.preset)
+    if args.data_root is not None:  # the real data set of --dataset, the preset or --config, from this folder
         data = dataclasses.replace(data, root=args.data_root)
     return data
 

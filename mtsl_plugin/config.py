@@ -221,8 +221,21 @@ def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -
     mtsl = base.mtsl.to_dict()
     if phases is not None or "epochs" in raw:  # the fields mtsl_raw gives stay as it gives them
         mtsl.update(_scaled_schedule(fields["epochs"], phases, base.mtsl.num_phases, mtsl_raw))
-    return RunConfig.from_dict({**fields, "data": {**dataclasses.asdict(base.data), **data_raw},
+    data = switch_data_set(base.data, data_raw["name"], base.preset) if "name" in data_raw else base.data
+    return RunConfig.from_dict({**fields, "data": {**dataclasses.asdict(data), **data_raw},
                                 "mtsl": {**mtsl, **mtsl_raw}})
+
+
+def switch_data_set(data: DataConfig, name: Any, preset: str) -> DataConfig:
+    """``data`` for the data set ``name``: unchanged when it is ``data``'s own; else without ``data``'s root (a
+    folder of the other data set) and, for a real data set, without its sample counts (a preset's numbers of
+    synthetic scenes), so that the whole splits are read, except on the smoke preset, whose small counts serve
+    its quick checks on any data. ``--dataset`` and a configuration file's ``dataset: {name: ...}`` both switch
+    through it."""
+    if name == data.name:
+        return data
+    counts = {} if name == "synthetic" or preset == "smoke" else {"train": None, "test": None}
+    return dataclasses.replace(data, name=name, root=None, **counts)
 
 
 def _task_declarations(declared: Mapping[str, Any]) -> tuple[list[str], dict[str, dict]]:
