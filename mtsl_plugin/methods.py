@@ -64,7 +64,8 @@ def method_names(setting: str | None = None) -> list[str]:
 def build_method(name: str, config, num_locations: int) -> MethodSpec:
     """The :class:`MethodSpec` of method ``name`` for ``config``."""
     if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; registered: {', '.join(sorted(_METHODS))}")
+        hint = "" if "stn" in _METHODS else " (stn, onenet and the other baselines register on `import baselines`)"
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(sorted(_METHODS))}{hint}")
     return _METHODS[name](config, num_locations)
 
 

@@ -79,3 +79,19 @@ def test_twenty_tasks_group_by_local_search_and_an_exact_solver_is_refused_befor
     record = json.loads((tmp_path / "local" / "phase_0.json").read_text())
     measured = record["similarities"][0]
     assert len(measured["matrix"]) == 20 and sorted(t for g in measured["partition"] for t in g) == sorted(tasks)
+
+
+def test_a_baseline_named_before_baselines_is_imported_says_how_to_register_it(tmp_path, monkeypatch):
+    """``import mtsl_plugin`` registers MTSL's methods only: ``run_method(..., "stn", ...)`` without ``import
+    baselines`` names the import that registers it; once registered, an unknown name gets no such hint."""
+    from mtsl_plugin import methods
+
+    only_mtsl = {name: builder for name, builder in methods._METHODS.items() if name.startswith("mtsl")}
+    monkeypatch.setattr(methods, "_METHODS", only_mtsl)
+    with pytest.raises(ValueError, match=r"^unknown method 'stn'; registered: mtsl, mtsl_noalign, mtsl_r, mtsl_rsa "
+                                         r"\(stn, onenet and the other baselines register on `import baselines`\)$"):
+        run_method(load_preset("smoke"), "stn", tmp_path / "stn")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"^unknown method 'stm'; registered: .*stn$"):
+        run_method(load_preset("smoke"), "stm", tmp_path / "stm")
+    assert not (tmp_path / "stn").exists() and not (tmp_path / "stm").exists()
