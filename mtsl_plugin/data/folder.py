@@ -42,8 +42,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mtsl_plugin.data.common import RESIZE_BY_LAYOUT, normalize_normals, resize_image
-from mtsl_plugin.data.real import (augment_sample, check_read_options, image_from_array, labels_from_array, random_window,
-                                   read_npy)
+from mtsl_plugin.data.real import (augment_sample, check_read_options, image_from_array, labels_from_array,
+                                   random_window, read_npy)
 from mtsl_plugin.tasks import TARGET_LAYOUTS, VALID_RULES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
