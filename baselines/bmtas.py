@@ -11,9 +11,10 @@ of :mod:`baselines.supernet`.
 * temperature: linear from 5.0 in the first search epoch to 0.1 in the last (``tools.train_search``);
 * resource loss: ``sum_l GFLOPs_l * E[#nodes at l]`` under ``softmax(alpha)`` (no temperature), in GFLOPs
   (two per multiply-add) of one node on one image of ``cost_size`` (default 512x512, the size of the
-  reference's look-up table ``get_flops``), **not normalised**, weighted by λ = 0.05, the value tuned for those
-  units; the expectation is exact by default (:func:`baselines.gates.expected_group_counts`, which also says how
-  the reference's approximation differs); ``resource="brdav"`` takes the reference's approximation instead
+  reference's look-up table ``get_flops``), **not normalised**, weighted by λ = 0.05, the reference's value, tuned
+  for its MobileNetV2 (4.76 GFLOPs a chain) and its fixed task weights, so it pulls differently on other
+  networks (README, BMTAS); the expectation is exact by default (:func:`baselines.gates.expected_group_counts`,
+  which also says how the reference's approximation differs); ``resource="brdav"`` takes the reference's approximation instead
   (:func:`baselines.gates.brdav_group_counts`);
 * bilevel search (:meth:`BMTAS.search_split`, :meth:`BMTAS.architecture_epoch`, called by the trainer): 20 %
   of the training data is held for the architecture. Every search epoch first runs an architecture pass over it
@@ -183,9 +184,10 @@ class BMTAS(GatedSupernet):
         its fixed-weighted task losses) plus ``T`` times :meth:`architecture_loss` (brdav backpropagates, for each
         of the ``T`` tasks, that task's loss *with* the resource term before one step, so the resource gradient
         counts once per task), a step of ``trainer.arch_optimizer`` only;
-        batch norm normalises with the batch and leaves its running statistics (brdav's
-        ``freeze_encoder_bn_running_stats``). The architecture optimizer's state starts afresh every epoch and the
-        weights optimizer's state is cleared afterwards (the architecture changed), as ``train_search`` does."""
+        batch norm normalises with the batch and leaves its running statistics, every batch norm's (brdav's
+        ``freeze_encoder_bn_running_stats`` freezes the searched encoder's only; its decoders keep updating). The
+        architecture optimizer's state starts afresh every epoch and the weights optimizer's state is cleared
+        afterwards (the architecture changed), as ``train_search`` does."""
         trainer.arch_optimizer.state.clear()
         norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for m in norms:
