@@ -35,7 +35,8 @@ def test_a_file_naming_a_real_data_set_reads_its_whole_splits_as_dataset_does(tm
                                                                               base.data.holdout)
     assert cli_config(preset, "--dataset", "folder").data.train == counts[0]  # the option: the same rule
     path.write_text("dataset: {name: folder, root: my_data, train: 100, test: 20}\n")
-    assert (load_config_file(path, base).data.train, load_config_file(path, base).data.test) == (100, 20)
+    given = load_config_file(path, base).data
+    assert (given.train, given.test) == (100, 20)
     assert cli_config(preset, "--config", str(path), "--dataset", "folder").data.train == 100  # the same data set
     path.write_text("dataset: {name: synthetic}\n")
     assert load_config_file(path, base).data == base.data
