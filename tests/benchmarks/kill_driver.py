@@ -6,7 +6,7 @@ MOMENT is one of
 
 * ``epoch``: at the second training step of MTSL's second task-learning epoch (after the first structural
   phase, so a checkpoint exists);
-* ``amalgamation``: at the second amalgamation step (the ATT loss's second forward);
+* ``amalgamation``: at the second amalgamation step (the ATT loss's second forward in a structural phase);
 * ``checkpoint``: while a checkpoint of the MTSL run is being written over an existing one (half of it written);
 * ``checkpoint-term``: the same moment, SIGTERM instead of SIGKILL (as a batch scheduler stops a job);
 * ``none``: no kill (the uninterrupted reference run, with the same process set-up).
@@ -55,18 +55,28 @@ def kill_in_epoch() -> None:
                                         lambda trainer: trainer.learner is not None and trainer.epochs_done == 1)
 
 
-def kill_in_amalgamation() -> None:
-    AttentionAmalgamation.forward = die_at_call(AttentionAmalgamation.forward, 2)
-
-
-def kill_in_checkpoint_write() -> None:
-    save = torch.save
+def phase_began() -> dict[str, bool]:
+    """``{"phase_ran": ...}``, set once a structural phase of the run has begun in this process (before it,
+    the command's checks call the amalgamator's loss on a tiny input, which is no training)."""
     phase = StructuralLearner.structural_phase
     state = {"phase_ran": False}
 
     def structural_phase(self, *args, **kwargs):
         state["phase_ran"] = True
         return phase(self, *args, **kwargs)
+
+    StructuralLearner.structural_phase = structural_phase
+    return state
+
+
+def kill_in_amalgamation() -> None:
+    state = phase_began()
+    AttentionAmalgamation.forward = die_at_call(AttentionAmalgamation.forward, 2, lambda _: state["phase_ran"])
+
+
+def kill_in_checkpoint_write() -> None:
+    save = torch.save
+    state = phase_began()
 
     def half_written(obj, handle, *args, **kwargs):
         if state["phase_ran"] and isinstance(obj, dict) and obj.get("kind") == "checkpoint":
@@ -78,7 +88,6 @@ def kill_in_checkpoint_write() -> None:
             die()
         return save(obj, handle, *args, **kwargs)
 
-    StructuralLearner.structural_phase = structural_phase
     torch.save = half_written
 
 

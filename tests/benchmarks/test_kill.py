@@ -48,6 +48,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_result(tmp_path
     for moment in ("amalgamation", "checkpoint"):
         killed = compare_process(moment, "--resume", str(out), "--no-progress")
         assert killed.returncode == -signal.SIGKILL, (moment, killed.stderr)
+        assert "[mtsl seed 0] training" in killed.stdout, moment  # killed in the run, not in the checks before it
         assert not (run / "result.json").exists()
         assert load_checkpoint(run / "checkpoint.pt")["epochs_done"] == 1  # intact, whatever was cut short
     assert list(run.glob("checkpoint.pt.*.tmp"))  # the write that was cut short; the old checkpoint is intact
