@@ -31,6 +31,7 @@ from mtsl_plugin.methods import build_method
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
 from mtsl_plugin.preflight import check_config, check_distributed
+from mtsl_plugin.provenance import describe
 
 
 @dataclass(frozen=True)
@@ -256,17 +257,45 @@ def final_plans(results: Sequence[dict[str, Any]]) -> dict[str, BranchingPlan]:
     return plans
 
 
+def provenance_note(results: Sequence[dict[str, Any]]) -> str | None:
+    """A line for under a table whose finished runs were trained by different software or on different machines
+    (their ``trained_by`` entries, :func:`~mtsl_plugin.provenance.describe`d): which rows each was, so that nobody
+    reads a Δ against an STN of other code, or compares timings of two machines, unwarned. ``None`` when all agree."""
+    rows: dict[str, list[str]] = {}
+    for r in results:
+        if r["status"] == "ok":
+            for entry in r.get("trained_by") or [None]:
+                labels = rows.setdefault(describe(entry), [])
+                label = f"{r.get('label') or r['method']} seed {r['seed']}"
+                if label not in labels:
+                    labels.append(label)
+    if len(rows) < 2:
+        return None
+    return ("Note: these runs were not all trained by the same software on the same machine, so their numbers, and "
+            "more so their times, may not compare (results.json: trained_by): "
+            + "; ".join(f"{', '.join(labels)}: {what}" for what, labels in rows.items()))
+
+
+def with_provenance_note(table: str, results: Sequence[dict[str, Any]]) -> str:
+    """``table`` with :func:`provenance_note` under it, when there is one."""
+    note = provenance_note(results)
+    return table if note is None else f"{table.rstrip()}\n\n{note}\n"
+
+
 def publish(results: list[dict[str, Any]], folder: Path, table: str, name: str) -> None:
-    """Write ``results`` (:func:`write_results`) and a command's own ``table`` as ``folder/name``, and print it."""
+    """Write ``results`` (:func:`write_results`) and a command's own ``table`` as ``folder/name``, and print it
+    (with :func:`provenance_note` under it when its runs disagree)."""
     write_results(results, folder)
+    table = with_provenance_note(table, results)
     write_markdown(table, folder / name)
     print(table)
     print(f"results in {folder}")
 
 
 def write_results(results: list[dict[str, Any]], folder: Path) -> str:
-    """Write the comparison table (``table.md``, ``results.csv``), every run's record (``results.json``) and the
-    final architectures side by side (``architecture.png``) into ``folder``; return the table."""
+    """Write the comparison table (``table.md``, with :func:`provenance_note` under it when its runs disagree;
+    ``results.csv``), every run's record (``results.json``) and the final architectures side by side
+    (``architecture.png``) into ``folder``; return the table."""
     ok = [r for r in results if r["status"] == "ok"]
     tasks: list[str] = []
     higher: dict[str, bool] = {}
@@ -276,7 +305,7 @@ def write_results(results: list[dict[str, Any]], folder: Path) -> str:
         higher.update(r["higher_is_better"])
         metric_names.update(r.get("metric_names") or {})
     aggregated = aggregate(results)
-    table = format_table(aggregated, tasks, higher, metric_names or None)
+    table = with_provenance_note(format_table(aggregated, tasks, higher, metric_names or None), results)
     write_markdown(table, folder / "table.md")
     write_csv(aggregated, folder / "results.csv")
     write_json(folder / "results.json", [{k: v for k, v in r.items() if k != "history"} for r in results])

@@ -3,14 +3,14 @@
 Every run writes into its own folder::
 
     run_dir/
-      config.json            the RunConfig and method
-      checkpoint.pt          while the run is unfinished: written after structural phases, about every minute,
-                             and at the end (what resume continues); removed once result.json is written
+      config.json            the RunConfig and method, and who trained it (``trained_by``: software, machine)
+      checkpoint.pt          while the run is unfinished: written after structural phases, at the first epoch
+                             end a minute after the last write, and at the end (what resume continues); removed once result.json is written
                              unless ``keep_checkpoint``
       model.pt               the trained weights (plan and model state only), what :func:`load_run` reads
       phase_<k>.json         plan after structural phase k, with the similarity matrices it was decided on
       plan.json              the final plan
-      result.json            metrics, Δs filled in by the harness, params, GMac, timings, history
+      result.json            metrics, Δs filled in by the harness, params, GMac, timings, history, trained_by
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from mtsl_plugin.network.backbones import create_stages, location_count
 from mtsl_plugin.network.stages import StageFactory
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.preflight import check_weighting
+from mtsl_plugin.provenance import provenance
 from mtsl_plugin.task_kinds import build_task_set
 from mtsl_plugin.tasks import Task, libmtl_task_dict
 from mtsl_plugin.trainer import MTLTrainer
@@ -242,8 +243,10 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         trainer.load(checkpoint)
     # rank 0 writes the run's files; a write that fails there stops every rank (fail_together), so no rank goes
     # on to collectives, or to the next run of a sweep, without the others
+    earlier = json.loads(saved.read_text()).get("trained_by", []) if resume and checkpoint.exists() else []
     meta = {"method": method, "config": config.to_dict(), "fingerprint": fingerprint,
-            **({"arch_args": arch_args} if arch_args else {})}
+            **({"arch_args": arch_args} if arch_args else {}),
+            "trained_by": [*earlier, provenance(config.device, distributed.world_size())]}  # one per process
     distributed.fail_together(lambda: write_json(saved, meta), CheckpointError)
 
     def on_phase(record: dict) -> None:
@@ -275,7 +278,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         "plan_text": final_plan.describe() if final_plan is not None else None,
         "params_m": cost.params / 1e6, "gmac": cost.gmac,
         "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - started,
-        "history": history, "fingerprint": fingerprint,
+        "history": history, "fingerprint": fingerprint, "trained_by": meta["trained_by"],
         "config_fingerprint": config.fingerprint(),  # to find the source run of a "-R" method
         "reference_key": config.fingerprint(exclude=("device", "mtsl")),  # runs with one STN reference
     }

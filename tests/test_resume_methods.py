@@ -104,7 +104,7 @@ def assert_same_run(expected_dir, expected, got_dir, got):
     for key in a:
         assert_equal(a[key], b[key], key)
     for record in (expected, got):
-        del record["train_seconds"], record["wall_seconds"]
+        del record["train_seconds"], record["wall_seconds"], record["trained_by"]
         for entry in record["history"]:
             del entry["seconds"]
     assert got == expected
@@ -141,6 +141,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(smoke, tmp_path,
     assert run(config, method, out, trainers, stop_in_evaluation=True, resume=True) == "evaluation"
     assert load_checkpoint(out / "checkpoint.pt")["epochs_done"] == len(expected["history"])  # all trained
     got = run(config, method, out, trainers, resume=True)
+    assert len(expected["trained_by"]) == 1 and len(got["trained_by"]) == 3  # one entry per process that trained
     assert_same_run(tmp_path / "straight", expected, out, got)
 
 

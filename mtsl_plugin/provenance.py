@@ -1,0 +1,97 @@
+"""Where a run's numbers come from: the software that trained it and the machine it ran on.
+
+Every run records, in its ``config.json`` and ``result.json`` (``trained_by``), one entry per process that trained
+it (a resumed run has one more for every resumption), so that a results folder extended after an upgrade, or on
+another machine, can say which of its runs were trained by what: a comparison whose STN was trained by other code
+than its MTSL compares more than the methods (:func:`describe` gives the line a table prints).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+#: The packages whose versions change a run's numbers (besides Python and mtsl-plugin itself).
+PACKAGES = ("torch", "timm", "LibMTL", "numpy")
+
+
+def _git(source: Path, *args: str) -> str | None:
+    """``git <args>`` run in ``source``, its output stripped; ``None`` when git is missing or fails."""
+    if shutil.which("git") is None:
+        return None
+    try:
+        done = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def source_commit(package: Path = Path(__file__).resolve().parent) -> str | None:
+    """The git commit (12 digits) of mtsl-plugin's sources in ``package`` (default: those this process imported)
+    when they lie in a git checkout of the project, ``+dirty`` when tracked files differ from it; else ``None`` (an
+    installed package, or a package folder inside some other repository)."""
+    package = Path(package).resolve()
+    top = _git(package, "rev-parse", "--show-toplevel")
+    if top is None or not (Path(top) / "setup.py").is_file() or Path(top).resolve() != package.parent:
+        return None
+    commit = _git(package, "rev-parse", "HEAD")
+    if commit is None:
+        return None
+    changed = _git(package, "status", "--porcelain", "--untracked-files=no")
+    return commit[:12] + ("+dirty" if changed else "")
+
+
+@functools.lru_cache(maxsize=1)
+def software() -> dict[str, Any]:
+    """mtsl-plugin's version and commit (:func:`source_commit`), Python's and :data:`PACKAGES`' versions: read
+    once per process, at its first run, since the code a process runs is the code it imported."""
+    from mtsl_plugin import __version__
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name.lower()] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name.lower()] = None
+    return {"mtsl_plugin": __version__, "commit": source_commit(), "python": platform.python_version(), **versions}
+
+
+def device_name(device: str) -> str:
+    """``device`` with its model: ``cuda: NVIDIA H100 80GB HBM3``, ``cpu: AMD EPYC`` (the model from
+    ``/proc/cpuinfo`` where there is one)."""
+    device = str(device)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device}: {torch.cuda.get_device_name(torch.device(device))}"
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text(errors="replace").splitlines()
+                 if line.startswith("model name") and ":" in line]
+        model = names[0] if names else model
+    return f"{device}: {model}" if model else device
+
+
+def provenance(device: str, processes: int = 1) -> dict[str, Any]:
+    """This process's entry of a run's ``trained_by``: :func:`software`, the machine (device and model, torch's CPU
+    threads, the number of processes training together) and when it started (UTC)."""
+    return {**software(), "device": device_name(device), "threads": torch.get_num_threads(),
+            "processes": processes, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def describe(entry: Mapping[str, Any] | None) -> str:
+    """``entry`` in a few words, without its date: what has to be equal for two runs' numbers and timings to
+    compare (``"unrecorded"`` for a run trained before runs recorded it)."""
+    if not entry:
+        return "unrecorded (trained before runs recorded their software)"
+    commit = f" at {entry['commit']}" if entry.get("commit") else ""
+    packages = ", ".join(f"{name} {entry.get(name.lower())}" for name in PACKAGES)
+    processes = f" x{entry['processes']} processes" if entry.get("processes", 1) > 1 else ""
+    return (f"mtsl-plugin {entry.get('mtsl_plugin')}{commit}, Python {entry.get('python')}, {packages}; "
+            f"{entry.get('device')}, {entry.get('threads')} threads{processes}")

@@ -1,0 +1,123 @@
+"""Every run says which software trained it on which machine (``trained_by``), and a table whose runs disagree
+says so under it: a folder extended after an upgrade or on another machine mixes runs a Δ or a time cannot
+compare."""
+import importlib.metadata
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import mtsl_plugin
+from benchmarks.harness import provenance_note, write_results
+from conftest import fake_record
+from mtsl_plugin.experiment import run_method
+from mtsl_plugin.provenance import describe, provenance, source_commit
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+PROJECT = Path(mtsl_plugin.__file__).resolve().parent.parent
+
+
+def git(folder, *args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=folder, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+@needs_git
+def test_the_commit_is_that_of_a_checkout_of_the_project_and_says_when_its_files_were_changed(tmp_path):
+    project = tmp_path / "project"
+    (project / "mtsl_plugin").mkdir(parents=True)
+    (project / "setup.py").write_text("")
+    (project / "mtsl_plugin" / "__init__.py").write_text("")
+    assert source_commit(project / "mtsl_plugin") is None  # not a repository
+    git(project, "init", "-q")
+    git(project, "add", ".")
+    git(project, "commit", "-q", "-m", "first")
+    head = git(project, "rev-parse", "HEAD")
+    assert source_commit(project / "mtsl_plugin") == head[:12]
+    (project / "notes.txt").write_text("untracked")
+    assert source_commit(project / "mtsl_plugin") == head[:12]  # untracked files change no code
+    (project / "mtsl_plugin" / "__init__.py").write_text("x = 1\n")
+    assert source_commit(project / "mtsl_plugin") == head[:12] + "+dirty"
+
+
+@needs_git
+def test_a_package_folder_inside_another_repository_has_no_commit(tmp_path):
+    """e.g. a virtual environment inside a user's own repository: its commit is not the package's."""
+    repository = tmp_path / "mine"
+    package = repository / "venv" / "site-packages" / "mtsl_plugin"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (repository / "setup.py").write_text("")
+    git(repository, "init", "-q")
+    git(repository, "add", ".")
+    git(repository, "commit", "-q", "-m", "first")
+    assert source_commit(package) is None
+
+
+@needs_git
+def test_this_process_records_the_commit_of_the_sources_it_imported():
+    inside = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=PROJECT, capture_output=True, text=True)
+    expected = None
+    if inside.returncode == 0 and Path(inside.stdout.strip()).resolve() == PROJECT:
+        expected = git(PROJECT, "rev-parse", "HEAD")[:12]
+    commit = provenance("cpu")["commit"]
+    assert (commit is None) if expected is None else commit.removesuffix("+dirty") == expected
+
+
+def test_a_run_records_who_trained_it(smoke, tmp_path):
+    config = smoke(tasks=("S", "D"))
+    result = run_method(config, "onenet", tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["trained_by"]
+    assert result["trained_by"] == saved and len(saved) == 1
+    entry = saved[0]
+    assert entry["mtsl_plugin"] == mtsl_plugin.__version__
+    assert entry["torch"] == importlib.metadata.version("torch")
+    assert entry["libmtl"] == importlib.metadata.version("LibMTL")
+    assert entry["device"].startswith("cpu") and entry["threads"] == torch.get_num_threads()
+    assert entry["processes"] == 1
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["trained_by"] == saved
+
+
+def entry(**changes):
+    return {"mtsl_plugin": "0.1.0", "commit": "abc", "python": "3.11.7", "torch": "2.14.1", "timm": "1.0",
+            "libmtl": "1.1.5", "numpy": "2.0", "device": "cpu: X", "threads": 2, "processes": 1,
+            "started": "2026-12-06T10:00:00Z", **changes}
+
+
+def records(smoke, trained_by):
+    """Finished fake runs labelled by method, ``trained_by[method]`` their entries (absent: none recorded)."""
+    out = []
+    for method, s in (("stn", 0.5), ("mtsl", 0.4), ("ltb", 0.45)):
+        record = {**fake_record(smoke(tasks=("S", "D")), method, s), "label": method}
+        if method in trained_by:
+            record["trained_by"] = trained_by[method]
+        out.append(record)
+    return out
+
+
+def test_a_table_of_runs_trained_alike_has_no_note(smoke, tmp_path):
+    same = {m: [entry(started=f"2026-12-0{i}T00:00:00Z")] for i, m in enumerate(("stn", "mtsl", "ltb"), 1)}
+    assert provenance_note(records(smoke, same)) is None  # the dates differ, the software and machine do not
+    assert "Note" not in write_results(records(smoke, same), tmp_path)
+    assert provenance_note(records(smoke, {})) is None
+
+
+@pytest.mark.parametrize("change", [{"commit": "def"}, {"torch": "2.13.0"}, {"device": "cuda: H100"},
+                                    {"threads": 16}, {"processes": 4}])
+def test_a_table_of_runs_trained_by_other_software_or_machines_says_which(smoke, tmp_path, change):
+    trained_by = {"stn": [entry()], "mtsl": [entry(), entry(**change)], "ltb": [entry(**change)]}
+    table = write_results(records(smoke, trained_by), tmp_path)
+    assert (tmp_path / "table.md").read_text() == table
+    note = table.rstrip().splitlines()[-1]
+    assert note.startswith("Note: these runs were not all trained by the same software on the same machine")
+    assert f"stn seed 0, mtsl seed 0: {describe(entry())}" in note
+    assert f"mtsl seed 0, ltb seed 0: {describe(entry(**change))}" in note
+
+
+def test_runs_from_before_the_record_are_named_as_such(smoke):
+    note = provenance_note(records(smoke, {"ltb": [entry()]}))
+    assert "stn seed 0, mtsl seed 0: unrecorded (trained before runs recorded their software)" in note
+    assert f"ltb seed 0: {describe(entry())}" in note
