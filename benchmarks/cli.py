@@ -207,7 +207,7 @@ def _mtsl_from_args(args: argparse.Namespace, mtsl: MTSLConfig) -> MTSLConfig:
 
 
 def load_plugins(args: argparse.Namespace) -> None:
-    for module in args.plugin:
+    for module in getattr(args, "plugin", ()):  # the commands that train take --plugin; speed, export... do not
         load_plugin(module)
 
 
@@ -285,9 +285,10 @@ def refuse_torchrun() -> bool:
 
 
 def run_main(main_body, args: argparse.Namespace, distributed_ok: bool = False) -> int:
-    """Run a command's body; user errors become one line on stderr and exit code 2. Under torchrun a command
-    that supports it (``distributed_ok``: compare, ablation, sensitivity, robustness) joins the process group;
-    the others refuse to start."""
+    """Run a command's body; user errors become one line on stderr and exit code 2, Ctrl-C and SIGTERM one line
+    too (exit codes 130, 143; with a results folder, how to go on). Under torchrun a command that supports it
+    (``distributed_ok``: compare, ablation, sensitivity, robustness) joins the process group; the others refuse to
+    start."""
     if not distributed_ok and refuse_torchrun():
         return 2
     try:

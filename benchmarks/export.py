@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import baselines  # noqa: F401  (registers the baseline methods: load_run rebuilds a run of any of them)
-from benchmarks.cli import refuse_torchrun
-from mtsl_plugin.checkpoint import CheckpointError
+from benchmarks.cli import run_main
 from mtsl_plugin.experiment import load_run
 from mtsl_plugin.export import FORMATS, check_format, export, static_network
 
@@ -27,22 +26,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="the file to write")
     args = p.parse_args(argv)
-    if refuse_torchrun():
-        return 2
-    try:
-        check_format(args.format)  # before the run is loaded
-        if Path(args.out).resolve().is_relative_to(Path(args.run_dir).resolve()):
-            raise ValueError(f"--out {args.out} lies in the run folder {args.run_dir}, whose files are the run's "
-                             "own (weights, records); write the export elsewhere")
-        trainer, data, config = load_run(args.run_dir, device="cpu")
-        images, _ = next(iter(data.batches(data.test)), (None, None))
-        if images is None:
-            raise ValueError(f"the run in {args.run_dir} has no test images to check the export against")
-        static = static_network(trainer.model, config.tasks)
-        difference = export(static, args.format, args.out, images[:2])
-    except (OSError, ValueError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(lambda: write_export(args), args)
+
+
+def write_export(args: argparse.Namespace) -> int:
+    """Export the run ``args`` name and say how far the export's outputs are from the trained model's."""
+    check_format(args.format)  # before the run is loaded
+    if Path(args.out).resolve().is_relative_to(Path(args.run_dir).resolve()):
+        raise ValueError(f"--out {args.out} lies in the run folder {args.run_dir}, whose files are the run's "
+                         "own (weights, records); write the export elsewhere")
+    trainer, data, config = load_run(args.run_dir, device="cpu")
+    images, _ = next(iter(data.batches(data.test)), (None, None))
+    if images is None:
+        raise ValueError(f"the run in {args.run_dir} has no test images to check the export against")
+    static = static_network(trainer.model, config.tasks)
+    difference = export(static, args.format, args.out, images[:2])
     print(f"wrote {args.out} ({args.format}; tasks {', '.join(static.tasks)}); largest difference to the trained "
           f"model on two test images: {difference:.2e}")
     return 0

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from benchmarks.cli import refuse_torchrun
+from benchmarks.cli import UsageError, run_main
 from mtsl_plugin.plugins import builtin_grouping
 from mtsl_plugin.plugins.builtin_grouping import MAX_TASKS
 
@@ -89,8 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the exact optimum on (default 0: no comparison)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if refuse_torchrun():
-        return 2
+    return run_main(lambda: report(args), args)
+
+
+def report(args: argparse.Namespace) -> int:
+    """Time the solvers as ``args`` ask and print the tables (bad options: ``UsageError`` before any timing)."""
     try:
         counts = [int(t) for t in args.tasks.split(",")]
     except ValueError:
@@ -101,8 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"--gap-cases must be 0 or more, got {args.gap_cases}" if args.gap_cases < 0 else
                f"--seed must be 0 or more, got {args.seed}" if args.seed < 0 else None)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        raise UsageError(problem)
     torch.set_num_threads(1)
     generator = np.random.default_rng(args.seed)
     print("| tasks | " + " | ".join(f"{name} (s)" for name in SOLVERS) + " |")

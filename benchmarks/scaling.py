@@ -32,6 +32,7 @@ from typing import Sequence
 
 import torch
 
+from benchmarks.cli import run_main
 from benchmarks.speed import TASKS, build, check_step_options, plain_step, synthetic_batch, timed
 from mtsl_plugin import distributed
 from mtsl_plugin.network.backbones import create_stages
@@ -154,25 +155,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    try:
-        counts = parse_counts(args.nproc)
-        if args.steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {args.steps}")
-        check_step_options(args.device, args.batch, args.height, args.width, args.steps)
-        bad = [t for t in args.tasks.split(",") if t not in TASKS]
-        if bad or len(args.tasks.split(",")) < 2:
-            raise ValueError(f"--tasks must name two or more of S, D, E, N, A; got {args.tasks!r}")
-        indivisible = [n for n in counts if args.batch % n]
-        if args.batch < 1 or indivisible:
-            raise ValueError(f"the global batch of {args.batch} cannot be split evenly over {indivisible or counts} "
-                             "processes; choose a batch every count divides")
-        if args.device.startswith("cuda") and max(counts) > torch.cuda.device_count():
-            raise ValueError(f"--nproc {max(counts)} needs as many GPUs; this machine has "
-                             f"{torch.cuda.device_count()}")
-        create_stages(args.backbone, network=args.network)  # a bad name fails here, before any launch
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(lambda: time_counts(args), args)
+
+
+def time_counts(args: argparse.Namespace) -> int:
+    """Time every process count ``args`` ask for and print the table (bad options: ``ValueError`` before any
+    launch; a launch that fails: its output's tail and exit code 1)."""
+    counts = parse_counts(args.nproc)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    check_step_options(args.device, args.batch, args.height, args.width, args.steps)
+    bad = [t for t in args.tasks.split(",") if t not in TASKS]
+    if bad or len(args.tasks.split(",")) < 2:
+        raise ValueError(f"--tasks must name two or more of S, D, E, N, A; got {args.tasks!r}")
+    indivisible = [n for n in counts if args.batch % n]
+    if args.batch < 1 or indivisible:
+        raise ValueError(f"the global batch of {args.batch} cannot be split evenly over {indivisible or counts} "
+                         "processes; choose a batch every count divides")
+    if args.device.startswith("cuda") and max(counts) > torch.cuda.device_count():
+        raise ValueError(f"--nproc {max(counts)} needs as many GPUs; this machine has "
+                         f"{torch.cuda.device_count()}")
+    create_stages(args.backbone, network=args.network)  # a bad name fails here, before any launch
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for n in counts:

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from benchmarks.cli import refuse_torchrun
+from benchmarks.cli import run_main
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.experiment import build_data, build_trainer
@@ -210,20 +210,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="also time One-Net and STN compiled (torch.compile: minutes of compiling on a CPU)")
     args = p.parse_args(argv)
-    if refuse_torchrun():
-        return 2
-    try:
-        check_step_options(args.device, args.batch, args.height, args.width, args.steps)
-        if (args.dataset == "synthetic") != (args.data_root is None):
-            raise ValueError("--data-root goes with --dataset nyuv2 or cityscapes, and they with it")
-        if args.workers is not None and args.workers < 0:
-            raise ValueError(f"--workers must be 0 or more, got {args.workers}")
-        stages = create_stages(args.backbone, network=args.network)
-        locations = stages.num_locations
-        plans = {name: resolve_plan(name, locations) for name in args.plans.split(",")}
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(lambda: report(args), args)
+
+
+def report(args: argparse.Namespace) -> int:
+    """Measure and print what ``args`` ask for (bad options: ``ValueError`` before any measurement)."""
+    check_step_options(args.device, args.batch, args.height, args.width, args.steps)
+    if (args.dataset == "synthetic") != (args.data_root is None):
+        raise ValueError("--data-root goes with --dataset nyuv2 or cityscapes, and they with it")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    stages = create_stages(args.backbone, network=args.network)
+    locations = stages.num_locations
+    plans = {name: resolve_plan(name, locations) for name in args.plans.split(",")}
     rows, row_plans = {}, {}
     for name, plan in plans.items():
         rows[Path(name).name] = measure(plan, args.device, args.batch, args.height, args.width, args.steps,

@@ -67,3 +67,31 @@ def test_task_weights_on_the_command_line_go_over_those_of_the_config_file(tmp_p
     path.write_text("task_weights: {E: 10, D: 2}\n")
     config = run_config("--preset", "smoke", "--config", str(path), "--task-weights", "D=3,A=100")
     assert config.task_weights == {"E": 10, "D": 3.0, "A": 100.0}
+
+
+@pytest.mark.parametrize("stop, code, line", [(KeyboardInterrupt, 130, "interrupted"),
+                                              (cli.Terminated, 143, "terminated")])
+@pytest.mark.parametrize("command, inside, argv", [
+    ("speed", "create_stages", ["--steps", "0"]),
+    ("scaling", "launch", ["--nproc", "1", "--steps", "1"]),
+    ("grouping_speed", "time_solver", ["--tasks", "4", "--repeats", "1"]),
+    ("export", "load_run", ["RUN", "--format", "onnx", "--out", "OUT"]),
+])
+def test_commands_without_a_results_folder_end_a_ctrl_c_or_sigterm_in_one_line(tmp_path, monkeypatch, capsys, stop,
+                                                                              code, line, command, inside, argv):
+    """speed, scaling, grouping_speed and export keep no results, so Ctrl-C or SIGTERM ends them with one line and
+    nothing on how to go on (they printed Python's traceback)."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{command}")
+
+    def stopped(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(module, inside, stopped)
+    argv = [str(tmp_path / "run") if a == "RUN" else str(tmp_path / "x.onnx") if a == "OUT" else a for a in argv]
+    try:
+        assert module.main(argv) == code
+    except KeyboardInterrupt:  # escaping, it would stop the test session instead of failing this test
+        pytest.fail(f"{command} let {stop.__name__} through")
+    assert capsys.readouterr().err == f"{line}\n"
