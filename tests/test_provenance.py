@@ -81,6 +81,20 @@ def test_a_run_records_who_trained_it(smoke, tmp_path):
     assert json.loads((tmp_path / "run" / "result.json").read_text())["trained_by"] == saved
 
 
+def test_a_resumed_run_adds_an_entry_and_one_from_before_the_record_says_so(smoke, tmp_path):
+    config = smoke(tasks=("S", "D"))
+    run = tmp_path / "run"
+    first = run_method(config, "onenet", run, progress=False, keep_checkpoint=True)["trained_by"]
+    (run / "result.json").unlink()  # as if it had stopped after its last checkpoint
+    again = run_method(config, "onenet", run, resume=True, progress=False, keep_checkpoint=True)["trained_by"]
+    assert again[0] == first[0] and len(again) == 2 and describe(again[1]) == describe(first[0])
+    meta = json.loads((run / "config.json").read_text())
+    del meta["trained_by"]  # a run from before runs recorded who trained them
+    (run / "config.json").write_text(json.dumps(meta))
+    (run / "result.json").unlink()
+    assert run_method(config, "onenet", run, resume=True, progress=False)["trained_by"][0] is None
+
+
 def entry(**changes):
     return {"mtsl_plugin": "0.1.0", "commit": "abc", "python": "3.11.7", "torch": "2.14.1", "timm": "1.0",
             "libmtl": "1.1.5", "numpy": "2.0", "device": "cpu: X", "threads": 2, "processes": 1,
