@@ -247,7 +247,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     earlier = json.loads(saved.read_text()).get("trained_by", [None]) if resume and checkpoint.exists() else []
     meta = {"method": method, "config": config.to_dict(), "fingerprint": fingerprint,
             **({"arch_args": arch_args} if arch_args else {}),
-            "trained_by": [*earlier, provenance(config.device, distributed.world_size())]}  # one per process
+            "trained_by": [*earlier, provenance(config.device, distributed.world_size(), config.data.root)]}
     distributed.fail_together(lambda: write_json(saved, meta), CheckpointError)
 
     def on_phase(record: dict) -> None:

@@ -1,4 +1,4 @@
-"""Where a run's numbers come from: the software that trained it and the machine it ran on.
+"""Where a run's numbers come from: the software that trained it, the machine it ran on, the data files it read.
 
 Every run records, in its ``config.json`` and ``result.json`` (``trained_by``), one entry per process that trained
 it (a resumed run has one more for every resumption), so that a results folder extended after an upgrade, or on
@@ -8,7 +8,9 @@ than its MTSL compares more than the methods (:func:`describe` gives the line a 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
+import os
 import platform
 import shutil
 import subprocess
@@ -17,6 +19,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from mtsl_plugin.data.folder import SPLITS
+from mtsl_plugin.data.real import SPLIT_FOLDERS
 
 #: The packages whose versions change a run's numbers (besides Python and mtsl-plugin itself).
 PACKAGES = ("torch", "timm", "LibMTL", "numpy")
@@ -78,11 +83,38 @@ def device_name(device: str) -> str:
     return f"{device}: {model}" if model else device
 
 
-def provenance(device: str, processes: int = 1) -> dict[str, Any]:
+def data_files(root: str | Path | None) -> str | None:
+    """The state of the data files under ``root``'s split folders (``train/``, ``val/``, ``test/``: what every real
+    layout reads, so a results folder elsewhere under ``root`` is no data), symbolic links followed: ``"<n> files,
+    <size>, <hash>"``, the hash over each file's path, size and modification time; ``None`` without a root
+    (synthetic scenes, which the configuration and the code determine). Reading names and sizes only, it takes
+    milliseconds; a file edited in place, added or removed changes it (so does a copy that does not keep
+    modification times)."""
+    if root is None:
+        return None
+    root = Path(root)
+    digest, count, size = hashlib.sha256(), 0, 0
+    splits = sorted({*SPLIT_FOLDERS.values(), *(name for names in SPLITS.values() for name in names)})
+    for folder, subfolders, names in (step for split in splits for step in os.walk(root / split, followlinks=True)):
+        subfolders.sort()
+        for name in sorted(names):
+            path = Path(folder) / name
+            try:
+                stat = path.stat()
+            except OSError:  # a dangling link: no data
+                continue
+            digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            count, size = count + 1, size + stat.st_size
+    return f"{count} files, {size / 2**20:.1f} MiB, {digest.hexdigest()[:12]}"
+
+
+def provenance(device: str, processes: int = 1, data_root: str | Path | None = None) -> dict[str, Any]:
     """This process's entry of a run's ``trained_by``: :func:`software`, the machine (device and model, torch's CPU
-    threads, the number of processes training together) and when it started (UTC)."""
+    threads, the number of processes training together), the data files (:func:`data_files` of ``data_root``) and
+    when it started (UTC)."""
     return {**software(), "device": device_name(device), "threads": torch.get_num_threads(),
-            "processes": processes, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "processes": processes, "data_files": data_files(data_root),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def describe(entry: Mapping[str, Any] | None) -> str:
@@ -93,5 +125,6 @@ def describe(entry: Mapping[str, Any] | None) -> str:
     commit = f" at {entry['commit']}" if entry.get("commit") else ""
     packages = ", ".join(f"{name} {entry.get(name.lower())}" for name in PACKAGES)
     processes = f" x{entry['processes']} processes" if entry.get("processes", 1) > 1 else ""
+    data = f"; data files: {entry['data_files']}" if entry.get("data_files") else ""
     return (f"mtsl-plugin {entry.get('mtsl_plugin')}{commit}, Python {entry.get('python')}, {packages}; "
-            f"{entry.get('device')}, {entry.get('threads')} threads{processes}")
+            f"{entry.get('device')}, {entry.get('threads')} threads{processes}{data}")

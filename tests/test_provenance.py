@@ -12,9 +12,9 @@ import torch
 
 import mtsl_plugin
 from benchmarks.harness import provenance_note, write_results
-from conftest import fake_record
+from conftest import fake_record, write_folder_data
 from mtsl_plugin.experiment import run_method
-from mtsl_plugin.provenance import describe, provenance, source_commit
+from mtsl_plugin.provenance import data_files, describe, provenance, source_commit
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 PROJECT = Path(mtsl_plugin.__file__).resolve().parent.parent
@@ -67,6 +67,28 @@ def test_this_process_records_the_commit_of_the_sources_it_imported():
     assert (commit is None) if expected is None else commit.removesuffix("+dirty") == expected
 
 
+def test_the_data_files_change_with_a_file_edited_added_or_removed_and_not_with_results_beside_them(tmp_path):
+    import os
+
+    root = write_folder_data(tmp_path / "data", n_train=4, n_val=2)
+    before = data_files(root)
+    assert before.startswith("24 files, ") and data_files(root) == before  # 6 samples: an image and 3 targets each
+    (root / "results" / "run").mkdir(parents=True)  # a results folder inside the data root is no data
+    (root / "results" / "run" / "table.md").write_text("| a |")
+    assert data_files(root) == before
+    heat = root / "train" / "heat" / "s000.npy"
+    stat = heat.stat()
+    os.utime(heat, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # edited in place: same size, later time
+    edited = data_files(root)
+    assert edited != before
+    extra = root / "val" / "heat" / "s009.npy"
+    extra.write_bytes(heat.read_bytes())
+    assert data_files(root) not in (before, edited)
+    extra.unlink()
+    assert data_files(root) == edited
+    assert data_files(None) is None
+
+
 def test_a_run_records_who_trained_it(smoke, tmp_path):
     config = smoke(tasks=("S", "D"))
     result = run_method(config, "onenet", tmp_path / "run", progress=False)
@@ -77,7 +99,7 @@ def test_a_run_records_who_trained_it(smoke, tmp_path):
     assert entry["torch"] == importlib.metadata.version("torch")
     assert entry["libmtl"] == importlib.metadata.version("LibMTL")
     assert entry["device"].startswith("cpu") and entry["threads"] == torch.get_num_threads()
-    assert entry["processes"] == 1
+    assert entry["processes"] == 1 and entry["data_files"] is None  # synthetic scenes: no files
     assert json.loads((tmp_path / "run" / "result.json").read_text())["trained_by"] == saved
 
 
@@ -98,7 +120,7 @@ def test_a_resumed_run_adds_an_entry_and_one_from_before_the_record_says_so(smok
 def entry(**changes):
     return {"mtsl_plugin": "0.1.0", "commit": "abc", "python": "3.11.7", "torch": "2.14.1", "timm": "1.0",
             "libmtl": "1.1.5", "numpy": "2.0", "device": "cpu: X", "threads": 2, "processes": 1,
-            "started": "2026-12-06T10:00:00Z", **changes}
+            "data_files": "8 files, 1.0 MiB, 9f8e", "started": "2026-12-06T10:00:00Z", **changes}
 
 
 def records(smoke, trained_by):
@@ -120,7 +142,7 @@ def test_a_table_of_runs_trained_alike_has_no_note(smoke, tmp_path):
 
 
 @pytest.mark.parametrize("change", [{"commit": "def"}, {"torch": "2.13.0"}, {"device": "cuda: H100"},
-                                    {"threads": 16}, {"processes": 4}])
+                                    {"threads": 16}, {"processes": 4}, {"data_files": "9 files, 1.0 MiB, 0a1b"}])
 def test_a_table_of_runs_trained_by_other_software_or_machines_says_which(smoke, tmp_path, change):
     trained_by = {"stn": [entry()], "mtsl": [entry(), entry(**change)], "ltb": [entry(**change)]}
     table = write_results(records(smoke, trained_by), tmp_path)
