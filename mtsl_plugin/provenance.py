@@ -95,7 +95,13 @@ def data_files(root: str | Path | None) -> str | None:
     root = Path(root)
     digest, count, size = hashlib.sha256(), 0, 0
     splits = sorted({*SPLIT_FOLDERS.values(), *(name for names in SPLITS.values() for name in names)})
+    seen = set()  # the folders walked, as (device, inode): a link back up the tree is walked once
     for folder, subfolders, names in (step for split in splits for step in os.walk(root / split, followlinks=True)):
+        here = os.stat(folder)
+        if (here.st_dev, here.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((here.st_dev, here.st_ino))
         subfolders.sort()
         for name in sorted(names):
             path = Path(folder) / name

@@ -87,6 +87,8 @@ def test_the_data_files_change_with_a_file_edited_added_or_removed_and_not_with_
     extra.unlink()
     assert data_files(root) == edited
     assert data_files(None) is None
+    (root / "train" / "heat" / "loop").symlink_to(root / "train")  # a link back up the tree ends
+    assert data_files(root).startswith("24 files, ")
 
 
 def test_a_run_records_who_trained_it(smoke, tmp_path):
