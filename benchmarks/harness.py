@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import baselines  # noqa: F401  (registers the baseline methods)
 from benchmarks.cli import RankFailure, UsageError
-from benchmarks.report import aggregate, delta_mtl, format_table, write_csv, write_markdown
+from benchmarks.report import aggregate, delta_mtl, format_table, with_provenance_note, write_csv, write_markdown
 from mtsl_plugin import distributed
 from mtsl_plugin.architecture import check_arch_args
 from mtsl_plugin.config import RunConfig
@@ -31,7 +31,6 @@ from mtsl_plugin.methods import build_method
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
 from mtsl_plugin.preflight import check_config, check_distributed
-from mtsl_plugin.provenance import describe
 
 
 @dataclass(frozen=True)
@@ -255,31 +254,6 @@ def final_plans(results: Sequence[dict[str, Any]]) -> dict[str, BranchingPlan]:
         if r["status"] == "ok" and r.get("plan"):
             plans.setdefault(r.get("label") or r["method"], BranchingPlan.from_dict(r["plan"]))
     return plans
-
-
-def provenance_note(results: Sequence[dict[str, Any]]) -> str | None:
-    """A line for under a table whose finished runs were trained by different software or on different machines
-    (their ``trained_by`` entries, :func:`~mtsl_plugin.provenance.describe`d): which rows each was, so that nobody
-    reads a Δ against an STN of other code, or compares timings of two machines, unwarned. ``None`` when all agree."""
-    rows: dict[str, list[str]] = {}
-    for r in results:
-        if r["status"] == "ok":
-            for entry in r.get("trained_by") or [None]:
-                labels = rows.setdefault(describe(entry), [])
-                label = f"{r.get('label') or r['method']} seed {r['seed']}"
-                if label not in labels:
-                    labels.append(label)
-    if len(rows) < 2:
-        return None
-    return ("Note: these runs were not all trained by the same software on the same machine, so their numbers, and "
-            "more so their times, may not compare (results.json: trained_by): "
-            + "; ".join(f"{', '.join(labels)}: {what}" for what, labels in rows.items()))
-
-
-def with_provenance_note(table: str, results: Sequence[dict[str, Any]]) -> str:
-    """``table`` with :func:`provenance_note` under it, when there is one."""
-    note = provenance_note(results)
-    return table if note is None else f"{table.rstrip()}\n\n{note}\n"
 
 
 def publish(results: list[dict[str, Any]], folder: Path, table: str, name: str) -> None:

@@ -17,6 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from mtsl_plugin.provenance import describe
+
 #: Numeric fields of a run other than the per-task metrics, in table order.
 SCALAR_FIELDS: tuple[str, ...] = ("delta_sd", "delta_mtl", "params_m", "gmac", "train_seconds")
 _HEADERS = {"delta_sd": "Δ_SD (%)", "delta_mtl": "Δ_MTL (%)", "params_m": "Params (M)", "gmac": "GMac",
@@ -270,3 +272,29 @@ def earlier_report(path: Path, matches: Callable[[dict[str, Any]], bool], what: 
         raise ValueError(f"{path.parent} holds {what} of other settings; it is kept: choose another --out or move "
                          "it away")
     return report
+
+
+def provenance_note(results: Sequence[dict[str, Any]]) -> str | None:
+    """A line for under a table whose finished runs were trained by different software, on different machines or
+    data files (each run's ``trained_by`` entries as :func:`~mtsl_plugin.provenance.describe` words them): which
+    runs each was, so that nobody reads a Δ against an STN of other code, or compares timings of two machines,
+    unwarned. ``None`` when all agree."""
+    rows: dict[str, list[str]] = {}
+    for r in results:
+        if r["status"] == "ok":
+            for entry in r.get("trained_by") or [None]:
+                labels = rows.setdefault(describe(entry), [])
+                label = f"{r.get('label') or r['method']} seed {r['seed']}"
+                if label not in labels:
+                    labels.append(label)
+    if len(rows) < 2:
+        return None
+    return ("Note: these runs were not all trained by the same software on the same machine, so their numbers, and "
+            "more so their times, may not compare (each run's result.json: trained_by): "
+            + "; ".join(f"{', '.join(labels)}: {what}" for what, labels in rows.items()))
+
+
+def with_provenance_note(table: str, results: Sequence[dict[str, Any]]) -> str:
+    """``table`` with :func:`provenance_note` under it, when there is one."""
+    note = provenance_note(results)
+    return table if note is None else f"{table.rstrip()}\n\n{note}\n"

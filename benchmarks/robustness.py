@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for job, r in pairs:
                 record = {"label": job.label, "method": job.method, "seed": seed, "status": r["status"],
                           "error": r.get("error"), "metric_names": r.get("metric_names", {}),
-                          "higher_is_better": r.get("higher_is_better", {})}
+                          "higher_is_better": r.get("higher_is_better", {}), "trained_by": r.get("trained_by")}
                 scores = outcome.get(job.label, {})
                 if isinstance(scores, Exception):
                     record.update(status="failed", error=f"evaluation failed: {scores}")

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from benchmarks.report import with_provenance_note
 from mtsl_plugin.experiment import write_json
 from mtsl_plugin.tasks import HIGHER_IS_BETTER, METRIC_NAMES
 
@@ -185,7 +186,8 @@ def pgd_figure(summary: Mapping[str, Mapping[str, Any]], attack_tasks: Sequence[
 
 def write_report(folder: Path, meta: Mapping[str, Any], runs: list[dict[str, Any]], tasks: Sequence[str],
                  categories: Sequence[str], epsilons: Sequence[float], attack_tasks: Sequence[str]) -> str:
-    """Write robustness.json/.csv/.md and the figures into ``folder``; return the Markdown."""
+    """Write robustness.json/.csv/.md and the figures into ``folder``; return the Markdown (with
+    :func:`~benchmarks.report.provenance_note` under it when the runs were trained by other software or machines)."""
     folder.mkdir(parents=True, exist_ok=True)
     labels = task_labels(runs)
     summary = summarise(runs)
@@ -206,5 +208,6 @@ def write_report(folder: Path, meta: Mapping[str, Any], runs: list[dict[str, Any
                      "metric under the attack.\n\n" + pgd_table(summary, tasks, attack_tasks, epsilons, labels))
         pgd_figure(summary, attack_tasks, epsilons, folder / "pgd.png", labels)
     text = "\n".join(parts) or "Nothing to evaluate: no corruption category and no PGD attack was asked for.\n"
+    text = with_provenance_note(text, runs)
     (folder / "robustness.md").write_text(text, encoding="utf-8")
     return text

@@ -3,10 +3,10 @@
 Every run writes into its own folder::
 
     run_dir/
-      config.json            the RunConfig and method, and who trained it (``trained_by``: software, machine)
+      config.json            the RunConfig and method, who trained it (``trained_by``: software, machine, data)
       checkpoint.pt          while the run is unfinished: written after structural phases, at the first epoch
-                             end a minute after the last write, and at the end (what resume continues); removed once result.json is written
-                             unless ``keep_checkpoint``
+                             end a minute after the last write, and at the end (what resume continues); removed
+                             once result.json is written unless ``keep_checkpoint``
       model.pt               the trained weights (plan and model state only), what :func:`load_run` reads
       phase_<k>.json         plan after structural phase k, with the similarity matrices it was decided on
       plan.json              the final plan

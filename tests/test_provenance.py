@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import mtsl_plugin
-from benchmarks.harness import provenance_note, write_results
+from benchmarks.harness import write_results
+from benchmarks.report import provenance_note
 from conftest import fake_record, write_folder_data
 from mtsl_plugin.experiment import run_method
 from mtsl_plugin.provenance import data_files, describe, provenance, source_commit

@@ -258,6 +258,18 @@ def test_the_report_labels_declared_tasks_with_their_own_metric_and_direction(tm
     assert "| flow EPE ↓ clean |" in text and "| flow EPE ↓ ε=1 |" in text and "| parts mIoU ↑ clean |" in text
 
 
+def test_the_report_says_when_its_runs_were_trained_by_other_software(tmp_path):
+    entry = {"mtsl_plugin": "0.1.0", "commit": "abc", "device": "cpu: X", "threads": 2, "processes": 1}
+    runs = [{**robust_run("mtsl", 0, 0.0), "trained_by": [entry]}, {**robust_run("stn", 0, 0.0), "trained_by": [entry]}]
+    text = robustness_report.write_report(tmp_path, {}, runs, ["S", "D"], ["noise"], [], [])
+    assert "Note:" not in text
+    runs[1]["trained_by"] = [{**entry, "commit": "def"}]
+    text = robustness_report.write_report(tmp_path, {}, runs, ["S", "D"], ["noise"], [], [])
+    assert text == (tmp_path / "robustness.md").read_text()
+    assert text.rstrip().splitlines()[-1].startswith("Note: these runs were not all trained by the same software")
+    assert "mtsl seed 0: mtsl-plugin 0.1.0 at abc" in text and "stn seed 0: mtsl-plugin 0.1.0 at def" in text
+
+
 # ----------------------------------------------------------------------------------------------- the command
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
@@ -284,6 +296,7 @@ def test_command_writes_every_number_table_and_figure(cli_run):
     levels = [s["D"] for n in CATEGORIES["noise"] for s in run["corruptions"][n].values()]
     assert run["categories"]["noise"]["D"] == pytest.approx(np.mean(levels))
     assert run["pgd"]["D"]["2"]["D"] > run["clean"]["D"]  # RMSE rises under an attack on depth
+    assert run["trained_by"] == trained["trained_by"]
     table = (folder / "robustness.md").read_text()
     assert "| onenet |" in table and "| onenet | S |" in table and "D RMSE ↓ ε=2" in table and "S noise" in table
     rows = list(csv.DictReader((folder / "robustness.csv").open()))
