@@ -307,21 +307,27 @@ def test_mtsl_options_are_part_of_the_fingerprint_of_methods_with_a_learner_only
 
 def test_fused_execution_is_a_run_option_that_keeps_the_fingerprint(tmp_path, monkeypatch):
     """``--fused``: MTSL trains with every location's nodes fused (through its structural phases); the run's
-    fingerprint is the unfused run's (fused execution changes float rounding only)."""
+    fingerprint is the unfused run's (fused execution changes float rounding only). The command trains STN
+    (fused too) before MTSL, so a fused call counts as MTSL's only where it trains a partly merged plan, which
+    neither STN nor One-Net has."""
     from mtsl_plugin.network.branched import BranchedNetwork
 
     calls = []
     run_fused = BranchedNetwork.run_fused
 
     def counting(self, *args, **kwargs):
-        calls.append(len(args[1]))
+        calls.append((len(args[1]), self.training, self.plan))
         return run_fused(self, *args, **kwargs)
 
     monkeypatch.setattr(BranchedNetwork, "run_fused", counting)
     fused, plain = tmp_path / "fused", tmp_path / "plain"
     args = ["--methods", "mtsl", "--preset", "smoke", "--tasks", "S,D", "--no-progress"]
     assert compare.main([*args, "--fused", "--out", str(fused)]) == 0
-    assert calls and all(n >= 2 for n in calls)
+    assert calls and all(n >= 2 for n, _, _ in calls)
+    references = (BranchingPlan.single_task(("S", "D"), 10), BranchingPlan.one_net(("S", "D"), 10))
+    final = BranchingPlan.from_dict(json.loads((fused / "mtsl" / "seed0" / "result.json").read_text())["plan"])
+    assert final not in references  # MTSL merged, and kept some siblings: a plan of its own
+    assert any(training and plan not in references for _, training, plan in calls)  # MTSL's steps after a merge
     calls.clear()
     assert compare.main([*args, "--out", str(plain)]) == 0
     assert not calls
