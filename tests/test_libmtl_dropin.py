@@ -219,16 +219,23 @@ def test_without_val_dataloaders_grouping_data_is_the_first_800_training_samples
 
 def test_val_dataloaders_are_the_grouping_data_and_are_evaluated_after_training():
     """Given ``val_dataloaders``, grouping decisions are measured on its samples (not the training set's), and
-    ``train`` returns their results beside the test set's, both from the last epoch's model."""
+    ``train`` returns their results beside the test set's, both from the last epoch's model (fit really trains
+    here: with it stubbed out, results from before training would equal those after it)."""
     trainer = regression_trainer()
-    seen = []
-    trainer.fit = lambda data, epochs, **kwargs: seen.append(data)
+    seen, fit = [], trainer.fit
+
+    def recording_fit(data, epochs, **kwargs):
+        seen.append(data)
+        return fit(data, epochs, **kwargs)
+
+    trainer.fit = recording_fit
     train, test = regression_loaders()
     val = DataLoader(Regression(12, 7), batch_size=4)
+    before = trainer.test(val, mode="val")
     results = trainer.train(train, test, 1, val_dataloaders=val, progress=False)
-    assert seen[0].holdout is val.dataset and seen[0].test is test.dataset
+    assert seen[0].holdout is val.dataset and seen[0].test is test.dataset and trainer.epochs_done == 1
     assert results.keys() == {"test", "val"} and results["val"] != results["test"]
-    assert results["val"] == trainer.test(val, mode="val")
+    assert results["val"] == trainer.test(val, mode="val") != before
 
 
 def test_loaders_of_other_forms_and_return_weight_are_refused_in_one_line():
