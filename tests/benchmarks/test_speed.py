@@ -68,14 +68,14 @@ def test_speed_reports_each_plans_size_and_gmac_without_timing(capsys):
 
 
 def test_timed_is_the_median_of_the_steps_after_two_warm_up_steps(monkeypatch):
-    durations = iter([50.0, 40.0, 3.0, 1.0, 2.0])  # two slow warm-up steps, then the timed ones
+    durations = iter([50.0, 40.0, 3.0, 1.0, 8.0])  # two slow warm-up steps, then the timed ones (mean 4, median 3)
     clock = [0.0]
 
     def step():
         clock[0] += next(durations)
 
     monkeypatch.setattr(speed, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    assert speed.timed(step, 3, "cpu") == (2.0, 0.0)
+    assert speed.timed(step, 3, "cpu") == (3.0, 0.0)
     assert next(durations, None) is None  # every step ran once
 
 
