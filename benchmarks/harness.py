@@ -258,7 +258,7 @@ def final_plans(results: Sequence[dict[str, Any]]) -> dict[str, BranchingPlan]:
 
 def publish(results: list[dict[str, Any]], folder: Path, table: str, name: str) -> None:
     """Write ``results`` (:func:`write_results`) and a command's own ``table`` as ``folder/name``, and print it
-    (with :func:`provenance_note` under it when its runs disagree)."""
+    (with :func:`~benchmarks.report.provenance_note` under it when its runs disagree)."""
     write_results(results, folder)
     table = with_provenance_note(table, results)
     write_markdown(table, folder / name)
@@ -267,8 +267,8 @@ def publish(results: list[dict[str, Any]], folder: Path, table: str, name: str) 
 
 
 def write_results(results: list[dict[str, Any]], folder: Path) -> str:
-    """Write the comparison table (``table.md``, with :func:`provenance_note` under it when its runs disagree;
-    ``results.csv``), every run's record (``results.json``) and the final architectures side by side
+    """Write the comparison table (``table.md``, with :func:`~benchmarks.report.provenance_note` under it when its
+    runs disagree; ``results.csv``), every run's record (``results.json``) and the final architectures side by side
     (``architecture.png``) into ``folder``; return the table."""
     ok = [r for r in results if r["status"] == "ok"]
     tasks: list[str] = []

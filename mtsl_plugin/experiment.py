@@ -241,10 +241,10 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     trainer = build_trainer(config, tasks, start_plan, stages, spec.learner, spec.architecture, spec.arch_args)
     if resume and checkpoint.exists():
         trainer.load(checkpoint)
+    # who trained the run: one entry per process; a checkpoint from before runs recorded it: null (unrecorded)
+    earlier = json.loads(saved.read_text()).get("trained_by", [None]) if resume and checkpoint.exists() else []
     # rank 0 writes the run's files; a write that fails there stops every rank (fail_together), so no rank goes
     # on to collectives, or to the next run of a sweep, without the others
-    # a checkpoint of a run from before runs recorded this was trained by unrecorded software: null
-    earlier = json.loads(saved.read_text()).get("trained_by", [None]) if resume and checkpoint.exists() else []
     meta = {"method": method, "config": config.to_dict(), "fingerprint": fingerprint,
             **({"arch_args": arch_args} if arch_args else {}),
             "trained_by": [*earlier, provenance(config.device, distributed.world_size(), config.data.root)]}
