@@ -135,12 +135,17 @@ def out_folder(args: argparse.Namespace, command: str, config: RunConfig) -> Pat
     return args.results_folder
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest parent that does (where it would be created)."""
+    return next(p for p in (path, *path.absolute().parents) if p.exists())
+
+
 def check_out(out: Path) -> Path:
     """``out`` if it can be a results folder: a folder this process can write in, or one it can create (checked
     on its nearest existing parent, creating nothing); a file there, or in the way, is refused."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder; name a folder for the results")
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    existing = nearest_existing(out)
     if not existing.is_dir():
         raise UsageError(f"--out {out} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):

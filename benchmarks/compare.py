@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 methods, seeds = extend_comparison(out, config, methods, seeds, plan_from)
         args.results_folder, args.continue_with = out, f"python benchmarks/compare.py --resume {out}"
         jobs = build_jobs(methods, config, seeds, plan_from)
-        check_jobs(jobs, not args.no_progress, out)  # before any training and before the results folder is made
+        # before any training and before the results folder is made
+        check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"config": config.to_dict(), "methods": methods, "seeds": seeds,
                                          "plan_from": plan_from})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import traceback
 from dataclasses import dataclass
@@ -21,12 +22,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import baselines  # noqa: F401  (registers the baseline methods)
-from benchmarks.cli import RankFailure, UsageError
+from benchmarks.cli import RankFailure, UsageError, nearest_existing
 from benchmarks.report import aggregate, delta_mtl, format_table, with_provenance_note, write_csv, write_markdown
 from mtsl_plugin import distributed
 from mtsl_plugin.architecture import check_arch_args
 from mtsl_plugin.config import RunConfig
-from mtsl_plugin.experiment import method_spec, num_locations, run_fingerprint, run_method, write_json
+from mtsl_plugin.experiment import (method_spec, num_locations, run_fingerprint, run_method, single_task_bytes,
+                                    write_json)
 from mtsl_plugin.methods import build_method
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
@@ -127,13 +129,59 @@ def check_run_folders(jobs: Sequence[Job], out: Path) -> None:
             saved_run(run_dir, run_fingerprint(job.method, job.config, spec, job.plan))
 
 
-def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = None) -> None:
+#: A resume checkpoint holds the weights and Adam's two moments, three times the weights; while one is written (to
+#: a temporary file, then renamed) the previous one stays, so a run in training holds up to twice that.
+CHECKPOINT_PEAK = 2 * 3
+#: The margin on the single-task networks' size for what a method holds besides (cross-stitch's units, the
+#: searches' gates, MTAN's attention, Adam's step counts, RNG states and records in a checkpoint).
+SIZE_MARGIN = 1.1
+
+
+def disk_need(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) -> int:
+    """Bytes the runs of ``jobs`` not yet finished in ``out`` may write there at most: each run's weights (bounded
+    by the single-task networks' size, :func:`~mtsl_plugin.experiment.single_task_bytes`, times
+    :data:`SIZE_MARGIN`), its checkpoint when ``keep_checkpoints`` keeps it, and the checkpoints of the run in
+    training (:data:`CHECKPOINT_PEAK` times its weights; removed when it finishes). JSON records and figures take
+    kilobytes."""
+    bounds, sizes = [], {}
+    for job in jobs:
+        if (job.run_dir(out) / "result.json").exists():  # finished: reused
+            continue
+        key = json.dumps({k: v for k, v in job.config.to_dict().items() if k not in ("seed", "mtsl")}, sort_keys=True)
+        if key not in sizes:  # the seed and MTSL's options change no network's size
+            sizes[key] = SIZE_MARGIN * single_task_bytes(job.config)
+        bounds.append(sizes[key])
+    if not bounds:
+        return 0
+    return int(sum(bounds) * (1 + CHECKPOINT_PEAK // 2 * keep_checkpoints) + CHECKPOINT_PEAK * max(bounds))
+
+
+def check_disk(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) -> None:
+    """Before any training: the disk holding ``out`` has room for :func:`disk_need` (a run that fills the disk
+    fails at its next checkpoint, keeping the one before, after hours on a large preset)."""
+    need = disk_need(jobs, out, keep_checkpoints)
+    free = shutil.disk_usage(nearest_existing(out)).free
+    if need > free:
+        raise UsageError(f"--out {out}: the runs to train may write up to {size_text(need)} (their weights, and "
+                         f"{'their' if keep_checkpoints else 'the'} checkpoints with Adam's state), but the disk "
+                         f"holding it has {size_text(free)} free; free some space or choose another --out")
+
+
+def size_text(size: float) -> str:
+    """``size`` bytes as MiB or GiB, one decimal."""
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = None,
+               keep_checkpoints: bool = False) -> None:
     """Check every configuration of ``jobs`` (:func:`~mtsl_plugin.preflight.check_config`) before any training;
     the seed only changes which synthetic scenes are drawn, so each configuration is checked once, and each real
     data set is read through once. No two jobs may share a folder, and with ``out`` no job's folder there may hold
     a run of another fingerprint (:func:`check_run_folders`). Every job's ``arch_args`` must be ones its
     architecture takes (:func:`~mtsl_plugin.architecture.check_arch_args`), and under torchrun every job must be one
-    that DistributedDataParallel can train (:func:`~mtsl_plugin.preflight.check_distributed`)."""
+    that DistributedDataParallel can train (:func:`~mtsl_plugin.preflight.check_distributed`). With ``out``, the
+    disk holding it must have room for the runs (:func:`check_disk`; ``keep_checkpoints`` as the command keeps
+    them)."""
     folders: dict[tuple[str, int], Job] = {}
     learners = []
     for job in jobs:
@@ -163,6 +211,8 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
         check_config(job.config, scan=job.config.data not in scanned, progress=progress, learner=mtsl)
         checked.add(key)
         scanned.add(job.config.data)
+    if out is not None:
+        check_disk(jobs, out, keep_checkpoints)
 
 
 def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,

@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         earlier = earlier_report(out / "robustness" / "robustness.json",
                                  lambda e: settings_of(e) == settings_of(meta), "a robustness report")
         jobs = method_jobs(methods, config, seeds)
-        check_jobs(jobs, not args.no_progress, out)
+        check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
         out.mkdir(parents=True, exist_ok=True)
         main = distributed.is_main()  # under torchrun every rank trains and evaluates its share; rank 0 reports
         results = train(jobs, out, args)

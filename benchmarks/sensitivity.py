@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs = seeds_jobs(config, seeds, inits)
             shown = {init_label(config, i): i if i in ("random", "pretrained") else Path(i).stem for i in inits}
             rows = []
-        check_jobs(jobs, not args.no_progress, out)
+        check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
         results = train(jobs, out, args)
         if distributed.is_main():  # under torchrun every rank trains; rank 0 alone reports
             table = (seeds_report(results, shown, folder) if args.sweep == "seeds"

@@ -138,9 +138,7 @@ def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan
     weighting ``config.weighting``; the heads come from ``stages`` (one per task)."""
     libmtl = import_libmtl()
     check_weighting(config.weighting, len(tasks))
-    # a built-in task's head takes its own form on the authors' network (a declared task keeps the plain one)
-    heads = {t: stages.build_head(task.out_channels, task=None if t in config.task_specs else t)
-             for t, task in tasks.items()}
+    heads = run_heads(config, tasks, stages)
     scheduler = {"scheduler": "multistep", "milestones": list(config.lr_steps), "gamma": 0.1}
     branched = architecture is None or issubclass(architecture, MTSL)  # fused execution is the branched network's
     return MTLTrainer(libmtl_task_dict(tasks), getattr(libmtl.weighting, config.weighting), architecture or MTSL,
@@ -148,6 +146,26 @@ def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan
                       device=config.device, learner=learner, channels_last=config.channels_last,
                       compile=config.compile, task_weights=config.task_weights, weight_args=config.weight_args,
                       arch_args={**(arch_args or {}), "plan": plan, **({"fused": config.fused} if branched else {})})
+
+
+def run_heads(config: RunConfig, tasks: dict[str, Task], stages: StageFactory) -> dict[str, torch.nn.Module]:
+    """One head per task from ``stages``: a built-in task's takes its own form on the authors' network, a declared
+    task keeps the plain one."""
+    return {t: stages.build_head(task.out_channels, task=None if t in config.task_specs else t)
+            for t, task in tasks.items()}
+
+
+def single_task_bytes(config: RunConfig) -> int:
+    """Bytes of the weights and buffers of ``config``'s single-task networks, one per task (the largest network a
+    method here holds, up to its own additions), counted on one node per location and the heads."""
+    stages = build_stages(config)
+    tasks = build_run_tasks(config, build_split(config, "train", n=1).num_classes)
+
+    def size(module: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+    nodes = sum(size(stages.build(location)) for location in range(stages.num_locations))
+    return len(tasks) * nodes + sum(size(head) for head in run_heads(config, tasks, stages).values())
 
 
 def build_stages(config: RunConfig) -> StageFactory:

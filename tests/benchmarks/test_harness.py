@@ -147,3 +147,44 @@ def test_sources_come_first_folders_of_other_runs_are_refused_and_rows_keep_thei
     records = [{"method": "mtsl", "status": "failed"}, {"method": "mtsl", "status": "ok", "plan": first.to_dict()},
                {"method": "mtsl", "status": "ok", "plan": second.to_dict()}]
     assert final_plans(records) == {"mtsl": first}
+
+
+def test_a_disk_without_room_for_the_runs_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """A run that fills the disk fails at its next checkpoint, after hours on a large preset: the command refuses
+    first, in one line with the sizes, and makes no folder."""
+    import shutil
+
+    from benchmarks import compare, harness
+
+    monkeypatch.setattr(harness.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 0, 2**20))
+    monkeypatch.setattr(harness, "run_method", lambda *a, **k: pytest.fail("training started"))
+    out = tmp_path / "cmp"
+    argv = ["--preset", "smoke", "--tasks", "S,D", "--methods", "mtsl", "--out", str(out), "--no-progress"]
+    assert compare.main(argv) == 2
+    line = capsys.readouterr().err
+    assert re.fullmatch(rf"error: --out {re.escape(str(out))}: the runs to train may write up to [0-9.]+ MiB \(their "
+                        r"weights, and the checkpoints with Adam's state\), but the disk holding it has 1\.0 MiB free; "
+                        r"free some space or choose another --out\n", line)
+    assert not out.exists()
+
+
+def test_the_disk_need_bounds_what_every_method_writes(tmp_path, smoke):
+    """Every method's weights fit the bound per run (the single-task networks' size with its margin), its
+    checkpoint three times it, and the bound is no loose guess: STN's weights take most of it."""
+    import baselines  # noqa: F401  (registers the baselines)
+    from benchmarks.harness import CHECKPOINT_PEAK, SIZE_MARGIN, disk_need, method_jobs, run_jobs
+    from mtsl_plugin.experiment import single_task_bytes
+
+    config = smoke(tasks=("S", "D"))
+    methods = ["stn", "onenet", "mtsl", "cross_stitch", "mtan", "ltb", "bmtas"]
+    jobs = method_jobs(methods, config, [0])
+    bound = SIZE_MARGIN * single_task_bytes(config)
+    assert disk_need(jobs, tmp_path, keep_checkpoints=True) == int(len(methods) * bound * 4 + CHECKPOINT_PEAK * bound)
+    results = run_jobs(jobs, tmp_path, progress=False, keep_checkpoints=True)
+    assert all(r["status"] == "ok" for r in results)
+    for method in methods:
+        run = tmp_path / method / "seed0"
+        assert (run / "model.pt").stat().st_size <= bound, method
+        assert (run / "checkpoint.pt").stat().st_size <= 3 * bound, method
+    assert (tmp_path / "stn" / "seed0" / "model.pt").stat().st_size > 0.8 * bound
+    assert disk_need(jobs, tmp_path, keep_checkpoints=True) == 0  # all finished: nothing more to write
