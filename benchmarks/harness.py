@@ -137,23 +137,35 @@ CHECKPOINT_PEAK = 2 * 3
 SIZE_MARGIN = 1.1
 
 
+def optimizer_copies(optimizer: dict[str, Any]) -> int:
+    """Copies of the weights the optimizer ``optimizer`` configures keeps per parameter, at least Adam's two
+    moments: three for Adam with ``amsgrad`` (the moments' running maximum) and for RMSprop with ``momentum`` and
+    ``centered`` (square average, momentum buffer, gradient average)."""
+    name = optimizer.get("optim")
+    copies = {"adam": 2 + bool(optimizer.get("amsgrad")),
+              "rmsprop": 1 + bool(optimizer.get("momentum")) + bool(optimizer.get("centered"))}.get(name, 2)
+    return max(2, copies)
+
+
 def disk_need(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) -> int:
     """Bytes the runs of ``jobs`` not yet finished in ``out`` may write there at most: each run's weights (bounded
     by the single-task networks' size, :func:`~mtsl_plugin.experiment.single_task_bytes`, times
     :data:`SIZE_MARGIN`), its checkpoint when ``keep_checkpoints`` keeps it, and the checkpoints of the run in
-    training (:data:`CHECKPOINT_PEAK` times its weights; removed when it finishes). JSON records and figures take
-    kilobytes."""
+    training (:data:`CHECKPOINT_PEAK` times its weights with Adam, more with an optimizer that keeps more,
+    :func:`optimizer_copies`; removed when it finishes). JSON records and figures take kilobytes."""
     bounds, sizes = [], {}
     for job in jobs:
         if (job.run_dir(out) / "result.json").exists():  # finished: reused
             continue
         key = json.dumps({k: v for k, v in job.config.to_dict().items() if k not in ("seed", "mtsl")}, sort_keys=True)
         if key not in sizes:  # the seed and MTSL's options change no network's size
-            sizes[key] = SIZE_MARGIN * single_task_bytes(job.config)
+            weights = SIZE_MARGIN * single_task_bytes(job.config)
+            sizes[key] = weights, (1 + optimizer_copies(job.config.optimizer)) * weights
         bounds.append(sizes[key])
     if not bounds:
         return 0
-    return int(sum(bounds) * (1 + CHECKPOINT_PEAK // 2 * keep_checkpoints) + CHECKPOINT_PEAK * max(bounds))
+    return int(sum(weights + keep_checkpoints * checkpoint for weights, checkpoint in bounds)
+               + 2 * max(checkpoint for _, checkpoint in bounds))  # the last checkpoint and the one written
 
 
 def check_disk(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) -> None:

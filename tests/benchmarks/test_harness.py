@@ -188,3 +188,21 @@ def test_the_disk_need_bounds_what_every_method_writes(tmp_path, smoke):
         assert (run / "checkpoint.pt").stat().st_size <= 3 * bound, method
     assert (tmp_path / "stn" / "seed0" / "model.pt").stat().st_size > 0.8 * bound
     assert disk_need(jobs, tmp_path, keep_checkpoints=True) == 0  # all finished: nothing more to write
+
+
+@pytest.mark.parametrize("optimizer", [{"optim": "adam", "lr": 1e-3, "amsgrad": True},
+                                       {"optim": "rmsprop", "lr": 1e-3, "momentum": 0.9, "centered": True}])
+def test_the_disk_need_counts_the_state_of_optimizers_that_keep_three_copies_of_the_weights(tmp_path, smoke,
+                                                                                             optimizer):
+    """Adam with amsgrad, and RMSprop with momentum and centred, keep three tensors per parameter, not Adam's
+    two: their checkpoints are four times the weights, which the bound must still cover."""
+    from benchmarks.harness import disk_need, method_jobs, run_jobs
+
+    config = smoke(tasks=("S", "D")).replace(optimizer=optimizer)
+    jobs = method_jobs(["stn"], config, [0])
+    need, kept = disk_need(jobs, tmp_path), disk_need(jobs, tmp_path, keep_checkpoints=True)
+    assert run_jobs(jobs, tmp_path, progress=False, keep_checkpoints=True)[0]["status"] == "ok"
+    run = tmp_path / "stn" / "seed0"
+    checkpoint, weights = (run / "checkpoint.pt").stat().st_size, (run / "model.pt").stat().st_size
+    assert checkpoint <= kept - need  # the kept checkpoint's share
+    assert 2 * checkpoint + weights <= need  # while a checkpoint is written beside the last
