@@ -69,18 +69,20 @@ def software() -> dict[str, Any]:
 
 
 def device_name(device: str) -> str:
-    """``device`` with its model: ``cuda: NVIDIA H100 80GB HBM3``, ``cpu: AMD EPYC`` (the model from
-    ``/proc/cpuinfo`` where there is one)."""
+    """``device``'s kind with its model: ``cuda: NVIDIA H100 80GB HBM3``, ``cpu: AMD EPYC`` (the model from
+    ``/proc/cpuinfo`` where there is one); not the GPU's index (``cuda:3``), which says which GPU of the machine,
+    not what it is."""
     device = str(device)
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{device}: {torch.cuda.get_device_name(torch.device(device))}"
+    kind = device.split(":", 1)[0]
+    if kind == "cuda" and torch.cuda.is_available():
+        return f"{kind}: {torch.cuda.get_device_name(torch.device(device))}"
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text(errors="replace").splitlines()
                  if line.startswith("model name") and ":" in line]
         model = names[0] if names else model
-    return f"{device}: {model}" if model else device
+    return f"{kind}: {model}" if model else kind
 
 
 def data_files(root: str | Path | None) -> str | None:

@@ -160,3 +160,13 @@ def test_runs_from_before_the_record_are_named_as_such(smoke):
     note = provenance_note(records(smoke, {"ltb": [entry()]}))
     assert "stn seed 0, mtsl seed 0: unrecorded (trained before runs recorded their software)" in note
     assert f"ltb seed 0: {describe(entry())}" in note
+
+
+def test_the_device_is_recorded_by_kind_and_model_not_by_index(monkeypatch):
+    """``--device cuda``, ``cuda:0`` or ``cuda:3`` on a machine of one GPU model train alike: a folder extended on
+    another GPU of the same box gets no note (the index named the GPU, not what it is)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    from mtsl_plugin.provenance import device_name
+
+    assert {device_name(d) for d in ("cuda", "cuda:0", "cuda:3")} == {"cuda: NVIDIA H100 80GB HBM3"}
