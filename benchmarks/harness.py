@@ -129,9 +129,6 @@ def check_run_folders(jobs: Sequence[Job], out: Path) -> None:
             saved_run(run_dir, run_fingerprint(job.method, job.config, spec, job.plan))
 
 
-#: A resume checkpoint holds the weights and Adam's two moments, three times the weights; while one is written (to
-#: a temporary file, then renamed) the previous one stays, so a run in training holds up to twice that.
-CHECKPOINT_PEAK = 2 * 3
 #: The margin on the single-task networks' size for what a method holds besides (cross-stitch's units, the
 #: searches' gates, MTAN's attention, Adam's step counts, RNG states and records in a checkpoint).
 SIZE_MARGIN = 1.1
@@ -150,9 +147,11 @@ def optimizer_copies(optimizer: dict[str, Any]) -> int:
 def disk_need(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) -> int:
     """Bytes the runs of ``jobs`` not yet finished in ``out`` may write there at most: each run's weights (bounded
     by the single-task networks' size, :func:`~mtsl_plugin.experiment.single_task_bytes`, times
-    :data:`SIZE_MARGIN`), its checkpoint when ``keep_checkpoints`` keeps it, and the checkpoints of the run in
-    training (:data:`CHECKPOINT_PEAK` times its weights with Adam, more with an optimizer that keeps more,
-    :func:`optimizer_copies`; removed when it finishes). JSON records and figures take kilobytes."""
+    :data:`SIZE_MARGIN`), its checkpoint when ``keep_checkpoints`` keeps it, and two checkpoints of the run in
+    training (the last one stays until the next, written to a temporary file, is renamed over it; removed when
+    the run finishes). A checkpoint holds the weights and the optimizer's copies of them
+    (:func:`optimizer_copies`: Adam's two moments make it three times the weights). JSON records and figures
+    take kilobytes."""
     bounds, sizes = [], {}
     for job in jobs:
         if (job.run_dir(out) / "result.json").exists():  # finished: reused
