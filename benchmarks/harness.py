@@ -27,8 +27,8 @@ from benchmarks.report import aggregate, delta_mtl, format_table, with_provenanc
 from mtsl_plugin import distributed
 from mtsl_plugin.architecture import check_arch_args
 from mtsl_plugin.config import RunConfig
-from mtsl_plugin.experiment import (method_spec, num_locations, run_fingerprint, run_method, single_task_bytes,
-                                    write_json)
+from mtsl_plugin.experiment import (CHECKPOINT, method_spec, num_locations, run_fingerprint, run_method,
+                                    single_task_bytes, write_json)
 from mtsl_plugin.methods import build_method
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
@@ -150,12 +150,15 @@ def disk_need(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) ->
     :data:`SIZE_MARGIN`), its checkpoint when ``keep_checkpoints`` keeps it, and two checkpoints of the run in
     training (the last one stays until the next, written to a temporary file, is renamed over it; removed when
     the run finishes). A checkpoint holds the weights and the optimizer's copies of them
-    (:func:`optimizer_copies`: Adam's two moments make it three times the weights). JSON records and figures
+    (:func:`optimizer_copies`: Adam's two moments make it three times the weights). The checkpoints unfinished
+    runs left in ``out`` take part of that already (free space does not count them). JSON records and figures
     take kilobytes."""
-    bounds, sizes = [], {}
+    bounds, sizes, written = [], {}, 0
     for job in jobs:
         if (job.run_dir(out) / "result.json").exists():  # finished: reused
             continue
+        checkpoint = job.run_dir(out) / CHECKPOINT
+        written += checkpoint.stat().st_size if checkpoint.is_file() else 0  # an unfinished run's: on disk already
         key = json.dumps({k: v for k, v in job.config.to_dict().items() if k not in ("seed", "mtsl")}, sort_keys=True)
         if key not in sizes:  # the seed and MTSL's options change no network's size
             weights = SIZE_MARGIN * single_task_bytes(job.config)
@@ -163,8 +166,9 @@ def disk_need(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) ->
         bounds.append(sizes[key])
     if not bounds:
         return 0
-    return int(sum(weights + keep_checkpoints * checkpoint for weights, checkpoint in bounds)
-               + 2 * max(checkpoint for _, checkpoint in bounds))  # the last checkpoint and the one written
+    need = (sum(weights + keep_checkpoints * checkpoint for weights, checkpoint in bounds)
+            + 2 * max(checkpoint for _, checkpoint in bounds))  # the last checkpoint and the one written
+    return max(0, int(need) - written)
 
 
 def check_disk(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) -> None:

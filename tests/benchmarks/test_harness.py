@@ -191,6 +191,18 @@ def test_the_disk_need_bounds_what_every_method_writes(tmp_path, smoke):
     assert disk_need(jobs, tmp_path, keep_checkpoints=True) == 0  # all finished: nothing more to write
 
 
+def test_the_checkpoint_an_unfinished_run_left_counts_as_written(tmp_path, smoke):
+    """Resuming on a tight disk: the last checkpoint of the run to continue is on the disk already (free space
+    does not count it), so it is not asked for twice."""
+    from benchmarks.harness import disk_need, method_jobs
+
+    jobs = method_jobs(["stn", "mtsl"], smoke(tasks=("S", "D")), [0])
+    fresh = disk_need(jobs, tmp_path)
+    (tmp_path / "mtsl" / "seed0").mkdir(parents=True)
+    (tmp_path / "mtsl" / "seed0" / "checkpoint.pt").write_bytes(bytes(12345))
+    assert disk_need(jobs, tmp_path) == fresh - 12345
+
+
 @pytest.mark.parametrize("optimizer", [{"optim": "adam", "lr": 1e-3, "amsgrad": True},
                                        {"optim": "rmsprop", "lr": 1e-3, "momentum": 0.9, "centered": True}])
 def test_the_disk_need_counts_the_state_of_optimizers_that_keep_three_copies_of_the_weights(tmp_path, smoke,
