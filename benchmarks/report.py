@@ -289,8 +289,8 @@ def provenance_note(results: Sequence[dict[str, Any]]) -> str | None:
                     labels.append(label)
     if len(rows) < 2:
         return None
-    return ("Note: these runs were not all trained by the same software on the same machine, so their numbers, and "
-            "more so their times, may not compare (each run's result.json: trained_by): "
+    return ("Note: these runs were not all trained by the same software on the same machine and data, so their "
+            "numbers, and more so their times, may not compare (each run's result.json: trained_by): "
             + "; ".join(f"{', '.join(labels)}: {what}" for what, labels in rows.items()))
 
 
