@@ -18,7 +18,7 @@ import sys
 from typing import Any, Sequence
 
 from benchmarks.cli import add_out_arg, add_run_args, config_from_args, out_folder, parse_seeds, run_main
-from benchmarks.harness import Job, check_jobs, exit_code, publish, train
+from benchmarks.harness import Job, check_jobs, dry_run, exit_code, publish, train
 from benchmarks.report import summary_table
 from mtsl_plugin import distributed
 from mtsl_plugin.config import RunConfig
@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = out_folder(args, "ablation", config)
         jobs = ablation_jobs(config, seeds)
         check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
+        if args.dry_run:
+            return dry_run(jobs, out, args.keep_checkpoints)
         results = train(jobs, out, args)
         if distributed.is_main():  # under torchrun every rank trains; rank 0 alone reports
             publish(results, out / "ablation", ablation_table(results), "ablation.md")

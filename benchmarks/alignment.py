@@ -36,7 +36,7 @@ import torch
 
 from benchmarks.cli import (UsageError, add_out_arg, add_run_args, config_from_args, out_folder, parse_list,
                             parse_seeds, run_main)
-from benchmarks.harness import Job, check_jobs
+from benchmarks.harness import Job, check_jobs, dry_run
 from benchmarks.report import earlier_report
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data.run_data import RunData
@@ -199,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the probe trains and groups as aligned MTSL does, on every task of the run: check that configuration
         aligned = config.replace(mtsl=dataclasses.replace(config.mtsl, align=True))
         check_jobs([Job("mtsl", "mtsl", aligned)], progress=not args.no_progress)
+        if args.dry_run:  # the probe keeps no runs
+            return dry_run([], None)
         folder = out_folder(args, "alignment", config) / "alignment"
         args.results_folder = None  # the probe writes at its end: an interrupted one has nothing to keep
         report = {"config": config.to_dict(), "epochs": args.epochs, "steps": args.steps}

@@ -116,6 +116,9 @@ def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
     p.add_argument("--threshold", type=float, default=None, help="grouping threshold γ (default 0.8)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import a plugin module")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every check (data read through, plugins, disk), print what would be reused, continued "
+                        "and trained, and stop: nothing is trained or written")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished run's resume checkpoint (optimizer and RNG state, about 3x the size of "
                         "its weights); by default a finished run keeps its weights (model.pt) only")

@@ -25,8 +25,8 @@ from benchmarks.figures import alignment_figure, search_figure
 from mtsl_plugin import distributed
 from benchmarks.cli import (MAX_SEED, UsageError, add_run_args, check_out, config_from_args, parse_list, parse_seeds,
                             run_main)
-from benchmarks.harness import (Job, check_jobs, exit_code, method_jobs, read_json, source_of, train, with_sources,
-                                write_results)
+from benchmarks.harness import (Job, check_jobs, dry_run, exit_code, method_jobs, read_json, source_of, train,
+                                with_sources, write_results)
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.experiment import num_locations, write_config, write_json
 from mtsl_plugin.methods import method_names
@@ -35,7 +35,7 @@ from mtsl_plugin.plan import BranchingPlan
 REFERENCES = ("stn", "onenet")
 #: The options --resume takes besides the folder: how the saved runs compute and report, not what they compute.
 RESUME_OPTIONS = ("resume", "device", "fused", "channels_last", "compile", "workers", "no_progress", "keep_checkpoints",
-                  "plugin")
+                  "plugin", "dry_run")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -204,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = build_jobs(methods, config, seeds, plan_from)
         # before any training and before the results folder is made
         check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
+        if args.dry_run:
+            return dry_run(jobs, out, args.keep_checkpoints)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"config": config.to_dict(), "methods": methods, "seeds": seeds,
                                          "plan_from": plan_from})

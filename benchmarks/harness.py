@@ -230,6 +230,20 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
         check_disk(jobs, out, keep_checkpoints)
 
 
+def dry_run(jobs: Sequence[Job], out: Path | None, keep_checkpoints: bool = False) -> int:
+    """``--dry-run``, after the command's checks passed: print what each job would do (reuse its finished run,
+    continue its checkpoint, or train) and the disk the runs may take, and write nothing; exit code 0."""
+    if distributed.is_main():
+        for job in jobs if out is not None else ():
+            run_dir = job.run_dir(out)
+            action = ("reuse the finished run" if (run_dir / "result.json").exists() else
+                      "continue from the checkpoint" if (run_dir / CHECKPOINT).exists() else "train")
+            print(f"[{job.label} seed {job.config.seed}] would {action} in {run_dir}")
+        disk = f"; the runs may write up to {size_text(disk_need(jobs, out, keep_checkpoints))}" if out else ""
+        print(f"dry run: every check passed{disk}; nothing was trained or written", flush=True)
+    return 0
+
+
 def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
             keep_checkpoints: bool = False) -> dict[str, Any]:
     """Train ``job`` (or reuse / continue its folder); raises on failure."""

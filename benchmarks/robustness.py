@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.cli import (RankFailure, UsageError, add_out_arg, add_run_args, config_from_args, out_folder,
                             parse_list, parse_seeds, run_main)
-from benchmarks.harness import check_jobs, exit_code, method_jobs, train, with_sources
+from benchmarks.harness import check_jobs, dry_run, exit_code, method_jobs, train, with_sources
 from benchmarks.perturbations import (CATEGORIES, CORRUPTIONS, ELASTIC_REFERENCE_SIZE, EPSILONS, MIN_SIZE,
                                       SEVERITIES, corrupt_images, corruptions_package, pgd_attack)
 from benchmarks.report import earlier_report
@@ -293,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  lambda e: settings_of(e) == settings_of(meta), "a robustness report")
         jobs = method_jobs(methods, config, seeds)
         check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
+        if args.dry_run:
+            return dry_run(jobs, out, args.keep_checkpoints)
         out.mkdir(parents=True, exist_ok=True)
         main = distributed.is_main()  # under torchrun every rank trains and evaluates its share; rank 0 reports
         results = train(jobs, out, args)

@@ -29,7 +29,7 @@ from baselines.bmtas import DEFAULT_RESOURCE_WEIGHT
 from benchmarks.figures import sweep_figure
 from benchmarks.cli import (UsageError, add_out_arg, add_run_args, config_from_args, distinct, out_folder, parse_list,
                             parse_seeds, run_main)
-from benchmarks.harness import Job, check_jobs, exit_code, publish, train
+from benchmarks.harness import Job, check_jobs, dry_run, exit_code, publish, train
 from benchmarks.report import aggregate, escape_cell, first_line_of, summary_table
 from mtsl_plugin import distributed
 from mtsl_plugin.config import RunConfig
@@ -247,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shown = {init_label(config, i): i if i in ("random", "pretrained") else Path(i).stem for i in inits}
             rows = []
         check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
+        if args.dry_run:
+            return dry_run(jobs, out, args.keep_checkpoints)
         results = train(jobs, out, args)
         if distributed.is_main():  # under torchrun every rank trains; rank 0 alone reports
             table = (seeds_report(results, shown, folder) if args.sweep == "seeds"

@@ -95,3 +95,27 @@ def test_commands_without_a_results_folder_end_a_ctrl_c_or_sigterm_in_one_line(t
     except KeyboardInterrupt:  # escaping, it would stop the test session instead of failing this test
         pytest.fail(f"{command} let {stop.__name__} through")
     assert capsys.readouterr().err == f"{line}\n"
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("ablation", []),
+    ("sensitivity", ["--sweep", "threshold", "--values", "0.5", "--seeds", "0"]),
+    ("robustness", ["--methods", "onenet", "--corruptions", "none", "--epsilons", "1"]),
+    ("alignment", ["--locations", "1"]),
+])
+def test_every_command_that_trains_stops_after_its_checks_on_a_dry_run(tmp_path, monkeypatch, capsys, command, argv):
+    import importlib
+
+    from benchmarks import harness
+
+    module = importlib.import_module(f"benchmarks.{command}")
+    monkeypatch.setattr(harness, "run_method", lambda *a, **k: pytest.fail("a run started"))
+    if command == "alignment":  # its probe trains no run: it must not get past its checks
+        monkeypatch.setattr(module, "earlier_report", lambda *a, **k: pytest.fail("the probe started"))
+    out = tmp_path / "out"
+    common = ["--preset", "smoke", "--tasks", "S,D", "--no-progress", "--out", str(out), "--dry-run"]
+    assert module.main([*argv, *common]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("dry run: every check passed") and lines[-1].endswith("nothing was trained or written")
+    assert all(" would train in " in line for line in lines[:-1]) and (len(lines) > 1) == (command != "alignment")
+    assert not out.exists()

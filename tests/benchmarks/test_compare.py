@@ -375,3 +375,37 @@ def test_an_extended_comparison_merges_methods_and_seeds_and_resume_takes_only_r
     rows = [{"method": "mtsl", "seed": 0, "status": "ok"}, {"method": "mtsl", "seed": 1, "status": "failed"},
             {"method": "mtsl_noalign", "seed": 1, "status": "ok"}]
     assert compare.first_similarities(tmp_path, "mtsl", rows) == [{"s": 0}]
+
+
+def test_a_dry_run_checks_everything_says_what_each_run_would_do_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """``--dry-run`` (e.g. on a login node before a long GPU job): the checks run as before training, then one
+    line per run (reuse, continue, train) and the disk they may take; no folder, file or run is touched."""
+    from benchmarks import harness
+
+    out = tmp_path / "cmp"
+    argv = ["--preset", "smoke", "--tasks", "S,D", "--no-progress", "--methods", "mtsl", "--out", str(out)]
+    assert compare.main([*argv, "--tasks", "S,S", "--dry-run"]) == 2  # bad input is refused as ever
+    assert capsys.readouterr().err.startswith("error: a task is requested twice")
+    assert compare.main([*argv, "--dry-run"]) == 0 and not out.exists()
+    assert [line.split(" in ")[0] for line in capsys.readouterr().out.splitlines()[:3]] == [
+        "[stn seed 0] would train", "[onenet seed 0] would train", "[mtsl seed 0] would train"]
+    phase = StructuralLearner.structural_phase
+
+    def interrupted_phase(self, *args, **kwargs):
+        if self.phases_done == 1:
+            raise KeyboardInterrupt
+        return phase(self, *args, **kwargs)
+
+    monkeypatch.setattr(StructuralLearner, "structural_phase", interrupted_phase)
+    assert compare.main(argv) == 130  # STN and One-Net finished, MTSL has a checkpoint
+    files = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")}
+    monkeypatch.setattr(harness, "run_method", lambda *a, **k: pytest.fail("a run started"))
+    capsys.readouterr()
+    assert compare.main(["--resume", str(out), "--dry-run", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [f"[stn seed 0] would reuse the finished run in {out / 'stn' / 'seed0'}",
+                         f"[onenet seed 0] would reuse the finished run in {out / 'onenet' / 'seed0'}",
+                         f"[mtsl seed 0] would continue from the checkpoint in {out / 'mtsl' / 'seed0'}"]
+    assert lines[3].startswith("dry run: every check passed; the runs may write up to ")
+    assert lines[3].endswith(" MiB; nothing was trained or written")
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")} == files
