@@ -279,19 +279,23 @@ def provenance_note(results: Sequence[dict[str, Any]]) -> str | None:
     data files (each run's ``trained_by`` entries as :func:`~mtsl_plugin.provenance.describe` words them): which
     runs each was, so that nobody reads a Δ against an STN of other code, or compares timings of two machines,
     unwarned. ``None`` when all agree."""
-    rows: dict[str, list[str]] = {}
+    rows: dict[str, dict[str, list[int]]] = {}  # what trained them -> row label -> seeds
     for r in results:
         if r["status"] == "ok":
             for entry in r.get("trained_by") or [None]:
-                labels = rows.setdefault(describe(entry), [])
-                label = f"{r.get('label') or r['method']} seed {r['seed']}"
-                if label not in labels:
-                    labels.append(label)
+                seeds = rows.setdefault(describe(entry), {}).setdefault(r.get("label") or r["method"], [])
+                if r["seed"] not in seeds:
+                    seeds.append(r["seed"])
     if len(rows) < 2:
         return None
+
+    def runs(labels: dict[str, list[int]]) -> str:
+        return ", ".join(f"{label} seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+                         for label, seeds in labels.items())
+
     return ("Note: these runs were not all trained by the same software on the same machine and data, so their "
             "numbers, and more so their times, may not compare (each run's result.json: trained_by): "
-            + "; ".join(f"{', '.join(labels)}: {what}" for what, labels in rows.items()))
+            + "; ".join(f"{runs(labels)}: {what}" for what, labels in rows.items()))
 
 
 def with_provenance_note(table: str, results: Sequence[dict[str, Any]]) -> str:

@@ -156,6 +156,15 @@ def test_a_table_of_runs_trained_by_other_software_or_machines_says_which(smoke,
     assert f"mtsl seed 0, ltb seed 0: {describe(entry(**change))}" in note
 
 
+def test_the_note_names_each_row_once_with_its_seeds(smoke):
+    old, new = entry(commit="old"), entry(commit="new")
+    runs = [{**record, "seed": seed, "trained_by": [old if record["method"] == "stn" or seed == 2 else new]}
+            for seed in (0, 1, 2) for record in records(smoke, {})]
+    note = provenance_note(runs)
+    assert f"stn seeds 0, 1, 2, mtsl seed 2, ltb seed 2: {describe(old)}" in note
+    assert f"mtsl seeds 0, 1, ltb seeds 0, 1: {describe(new)}" in note
+
+
 def test_runs_from_before_the_record_are_named_as_such(smoke):
     note = provenance_note(records(smoke, {"ltb": [entry()]}))
     assert "stn seed 0, mtsl seed 0: unrecorded (trained before runs recorded their software)" in note
