@@ -113,11 +113,9 @@ def test_a_failing_method_is_reported_and_the_others_still_run(tmp_path, capsys,
     assert (out / "broken_for_test" / "seed0" / "error.txt").exists()
 
 
-def test_resume_continues_an_interrupted_run_from_its_checkpoint(finished, tmp_path, capsys, monkeypatch):
-    """A run interrupted in its second structural phase: --resume continues it from the checkpoint written after
-    the first, and ends with the uninterrupted run's plan, metrics and losses, exactly."""
-    out = tmp_path / "interrupted"
-    shutil.copytree(finished[1], out, ignore=shutil.ignore_patterns("mtsl"))  # STN and One-Net are reused
+def interrupt_in_second_phase(monkeypatch):
+    """Ctrl-C at the start of MTSL's second structural phase (its checkpoint holds the first); returns the
+    unpatched phase."""
     phase = StructuralLearner.structural_phase
 
     def interrupted_phase(self, *args, **kwargs):
@@ -126,6 +124,15 @@ def test_resume_continues_an_interrupted_run_from_its_checkpoint(finished, tmp_p
         return phase(self, *args, **kwargs)
 
     monkeypatch.setattr(StructuralLearner, "structural_phase", interrupted_phase)
+    return phase
+
+
+def test_resume_continues_an_interrupted_run_from_its_checkpoint(finished, tmp_path, capsys, monkeypatch):
+    """A run interrupted in its second structural phase: --resume continues it from the checkpoint written after
+    the first, and ends with the uninterrupted run's plan, metrics and losses, exactly."""
+    out = tmp_path / "interrupted"
+    shutil.copytree(finished[1], out, ignore=shutil.ignore_patterns("mtsl"))  # STN and One-Net are reused
+    phase = interrupt_in_second_phase(monkeypatch)
     capsys.readouterr()
     assert compare.main(["--resume", str(out), "--no-progress"]) == 130  # Ctrl-C: one line on how to go on
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -389,14 +396,7 @@ def test_a_dry_run_checks_everything_says_what_each_run_would_do_and_writes_noth
     assert compare.main([*argv, "--dry-run"]) == 0 and not out.exists()
     assert [line.split(" in ")[0] for line in capsys.readouterr().out.splitlines()[:3]] == [
         "[stn seed 0] would train", "[onenet seed 0] would train", "[mtsl seed 0] would train"]
-    phase = StructuralLearner.structural_phase
-
-    def interrupted_phase(self, *args, **kwargs):
-        if self.phases_done == 1:
-            raise KeyboardInterrupt
-        return phase(self, *args, **kwargs)
-
-    monkeypatch.setattr(StructuralLearner, "structural_phase", interrupted_phase)
+    interrupt_in_second_phase(monkeypatch)
     assert compare.main(argv) == 130  # STN and One-Net finished, MTSL has a checkpoint
     files = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")}
     monkeypatch.setattr(harness, "run_method", lambda *a, **k: pytest.fail("a run started"))
