@@ -37,13 +37,14 @@ import torch
 from benchmarks.cli import (UsageError, add_out_arg, add_run_args, config_from_args, out_folder, parse_list,
                             parse_seeds, run_main)
 from benchmarks.harness import Job, check_jobs, dry_run
-from benchmarks.report import earlier_report
+from benchmarks.report import earlier_report, with_provenance_note
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.experiment import (build_data, build_run_tasks, build_stages, build_trainer, num_locations,
                                     seed_everything, write_json)
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.provenance import provenance
 from mtsl_plugin.trainer import MTLTrainer
 
 
@@ -212,11 +213,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--steps {args.steps}: the probed phase is at most one epoch, {epoch} steps here")
         for location in locations:
             rows = [r for r in rows if r["location"] != location]
-            rows.append(probe(config, data, getattr(full, "num_classes", 0), location, args.epochs, args.steps))
+            rows.append({**probe(config, data, getattr(full, "num_classes", 0), location, args.epochs, args.steps),
+                         "trained_by": [provenance(config.device, 1, config.data.root)]})
             print(f"location {location}: CKA {rows[-1]['plain']['mean']:.2f} plain, "
                   f"{rows[-1]['aligned']['mean']:.2f} aligned", flush=True)
         rows.sort(key=lambda r: r["location"])
-        text = table(rows, config.tasks)
+        # an extended report's earlier locations may come from other software or machines: the note says so
+        text = with_provenance_note(table(rows, config.tasks), [
+            {"status": "ok", "label": f"location {r['location']}", "seed": config.seed,
+             "trained_by": r.get("trained_by")} for r in rows])
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / "alignment.json", {**report, "rows": rows})
         (folder / "alignment.md").write_text(text)

@@ -129,6 +129,14 @@ def test_a_probe_is_extended_by_new_locations_and_never_replaced_by_other_settin
     assert alignment.main([*common, "--locations", "0,8"]) == 0  # 8 again (replaced by the new probe) and 0
     report = out / "alignment" / "alignment.json"
     assert [r["location"] for r in json.loads(report.read_text())["rows"]] == [0, 8]
+    assert "Note:" not in (out / "alignment" / "alignment.md").read_text()  # one process trained both
+    saved = json.loads(report.read_text())
+    saved["rows"][0]["trained_by"][0]["torch"] = "2.13.0"  # as if location 0 came from an earlier install
+    report.write_text(json.dumps(saved))
+    assert alignment.main([*common, "--locations", "8"]) == 0
+    note = (out / "alignment" / "alignment.md").read_text().rstrip().splitlines()[-1]
+    assert note.startswith("Note: these runs were not all trained by the same software")
+    assert "location 0 seed 0: " in note and "torch 2.13.0" in note and "location 8 seed 0: " in note
     before = report.read_bytes()
     capsys.readouterr()
     for other in (["--epochs", "2"], ["--tasks", "S,E"]):
