@@ -116,13 +116,15 @@ def data_files(root: str | Path | None) -> str | None:
     return f"{count} files, {size / 2**20:.1f} MiB, {digest.hexdigest()[:12]}"
 
 
-def provenance(device: str, processes: int = 1, data_root: str | Path | None = None) -> dict[str, Any]:
+def provenance(device: str, processes: int = 1, data_root: str | Path | None = None,
+               execution: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """This process's entry of a run's ``trained_by``: :func:`software`, the machine (device and model, torch's CPU
-    threads, the number of processes training together), the data files (:func:`data_files` of ``data_root``) and
-    when it started (UTC)."""
+    threads, the number of processes training together), the execution options it ran with (``execution``, those
+    set: fused, channels_last, compile, workers; not in a run's fingerprint, but they change its times and float
+    rounding), the data files (:func:`data_files` of ``data_root``) and when it started (UTC)."""
     return {**software(), "device": device_name(device), "threads": torch.get_num_threads(),
-            "processes": processes, "data_files": data_files(data_root),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "processes": processes, "execution": {k: v for k, v in (execution or {}).items() if v},
+            "data_files": data_files(data_root), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def describe(entry: Mapping[str, Any] | None) -> str:
@@ -133,6 +135,8 @@ def describe(entry: Mapping[str, Any] | None) -> str:
     commit = f" at {entry['commit']}" if entry.get("commit") else ""
     packages = ", ".join(f"{name} {entry.get(name.lower())}" for name in PACKAGES)
     processes = f" x{entry['processes']} processes" if entry.get("processes", 1) > 1 else ""
+    options = ", ".join(k if v is True else f"{k} {v}" for k, v in (entry.get("execution") or {}).items())
+    execution = f"; {options}" if options else ""
     data = f"; data files: {entry['data_files']}" if entry.get("data_files") else ""
     return (f"mtsl-plugin {entry.get('mtsl_plugin')}{commit}, Python {entry.get('python')}, {packages}; "
-            f"{entry.get('device')}, {entry.get('threads')} threads{processes}{data}")
+            f"{entry.get('device')}, {entry.get('threads')} threads{processes}{execution}{data}")

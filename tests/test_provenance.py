@@ -103,6 +103,10 @@ def test_a_run_records_who_trained_it(smoke, tmp_path):
     assert entry["libmtl"] == importlib.metadata.version("LibMTL")
     assert entry["device"].startswith("cpu") and entry["threads"] == torch.get_num_threads()
     assert entry["processes"] == 1 and entry["data_files"] is None  # synthetic scenes: no files
+    assert entry["execution"] == {}  # no execution option set
+    fused = run_method(config.replace(fused=True, channels_last=True), "onenet", tmp_path / "fused", progress=False)
+    assert fused["trained_by"][0]["execution"] == {"fused": True, "channels_last": True}
+    assert describe(fused["trained_by"][0]).endswith("threads; fused, channels_last")
     assert json.loads((tmp_path / "run" / "result.json").read_text())["trained_by"] == saved
 
 
@@ -145,7 +149,8 @@ def test_a_table_of_runs_trained_alike_has_no_note(smoke, tmp_path):
 
 
 @pytest.mark.parametrize("change", [{"commit": "def"}, {"torch": "2.13.0"}, {"device": "cuda: H100"},
-                                    {"threads": 16}, {"processes": 4}, {"data_files": "9 files, 1.0 MiB, 0a1b"}])
+                                    {"threads": 16}, {"processes": 4}, {"data_files": "9 files, 1.0 MiB, 0a1b"},
+                                    {"execution": {"compile": True, "workers": 4}}])
 def test_a_table_of_runs_trained_by_other_software_or_machines_says_which(smoke, tmp_path, change):
     trained_by = {"stn": [entry()], "mtsl": [entry(), entry(**change)], "ltb": [entry(**change)]}
     table = write_results(records(smoke, trained_by), tmp_path)
