@@ -10,6 +10,7 @@ largest difference is printed).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -40,7 +41,9 @@ def write_export(args: argparse.Namespace) -> int:
     if images is None:
         raise ValueError(f"the run in {args.run_dir} has no test images to check the export against")
     static = static_network(trainer.model, config.tasks)
-    difference = export(static, args.format, args.out, images[:2])
+    record = json.loads((Path(args.run_dir) / "result.json").read_text())
+    metadata = {f"mtsl_plugin.{key}": json.dumps(record.get(key)) for key in ("method", "plan_text", "trained_by")}
+    difference = export(static, args.format, args.out, images[:2], metadata)
     print(f"wrote {args.out} ({args.format}; tasks {', '.join(static.tasks)}); largest difference to the trained "
           f"model on two test images: {difference:.2e}")
     return 0

@@ -63,12 +63,15 @@ def static_network(model: nn.Module, tasks: Sequence[str]) -> StaticNetwork:
     return StaticNetwork(network, tasks)
 
 
-def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tensor) -> float:
+def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tensor,
+           metadata: dict[str, str] | None = None) -> float:
     """Write ``static`` as ``fmt`` (``onnx``: ONNX with a dynamic batch size, checked with onnxruntime;
     ``exported``: a ``torch.export`` program, ``torch.export.load``-able, for ``sample``'s shape) and return the
     largest absolute difference between the file's and the module's outputs on ``sample`` (N, 3, H, W). The file
     is written and checked under a temporary name beside ``path``, then renamed: a failed export leaves ``path``
-    as it was."""
+    as it was. ``metadata`` (key -> text, e.g. the run's method, plan and ``trained_by``) goes into the file: the
+    ONNX model's ``metadata_props``, the exported program's extra files (``torch.export.load(path,
+    extra_files={key: ""})`` reads them back)."""
     check_format(fmt)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,10 +88,17 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
             axes = {name: {0: "batch"} for name in ("image", *static.tasks)}
             torch.onnx.export(static, (sample,), scratch, input_names=["image"], output_names=list(static.tasks),
                               dynamic_axes=axes, dynamo=False)
+            if metadata:
+                import onnx
+
+                model = onnx.load(scratch)
+                for key, value in metadata.items():
+                    model.metadata_props.add(key=key, value=value)
+                onnx.save(model, scratch)
             session = onnxruntime.InferenceSession(scratch, providers=["CPUExecutionProvider"])
             got = [torch.from_numpy(a) for a in session.run(None, {"image": sample.numpy()})]
         else:
-            torch.export.save(torch.export.export(static, (sample,)), scratch)
+            torch.export.save(torch.export.export(static, (sample,)), scratch, extra_files=metadata)
             with torch.no_grad():
                 got = torch.export.load(scratch).module()(sample)
         difference = max(float((a - b).abs().max()) for a, b in zip(got, expected))

@@ -44,6 +44,27 @@ def test_the_command_writes_the_file_and_refuses_a_missing_run(runs, tmp_path, c
     assert "nowhere" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "exported"])
+def test_the_exported_file_carries_the_runs_method_plan_and_trained_by(runs, tmp_path, fmt):
+    """A file that leaves its results folder keeps what made it: the method, the plan and who trained it."""
+    import json
+
+    record = json.loads((runs / "mtsl" / "seed0" / "result.json").read_text())
+    target = tmp_path / f"net.{fmt}"
+    assert export_cli.main([str(runs / "mtsl" / "seed0"), "--format", fmt, "--out", str(target)]) == 0
+    keys = ("mtsl_plugin.method", "mtsl_plugin.plan_text", "mtsl_plugin.trained_by")
+    if fmt == "onnx":
+        import onnx
+
+        saved = {p.key: p.value for p in onnx.load(str(target)).metadata_props}
+    else:
+        saved = {key: "" for key in keys}
+        torch.export.load(target, extra_files=saved)
+    assert {key: json.loads(saved[key]) for key in keys} == {
+        "mtsl_plugin.method": "mtsl", "mtsl_plugin.plan_text": record["plan_text"],
+        "mtsl_plugin.trained_by": record["trained_by"]}
+
+
 @pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
 def test_onnx_without_the_export_extra_is_one_line_before_the_run_is_read(tmp_path, capsys, monkeypatch, missing):
     monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: find_spec gives None
@@ -77,7 +98,7 @@ def test_a_failed_export_keeps_the_previous_file_and_leaves_no_scratch(runs, tmp
     target = tmp_path / "net.pt2"
     target.write_bytes(b"the previous export")
 
-    def broken_save(program, f):
+    def broken_save(program, f, extra_files=None):
         Path(f).write_bytes(b"half a program")
         raise RuntimeError("disk trouble")
 
