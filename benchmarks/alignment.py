@@ -200,8 +200,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the probe trains and groups as aligned MTSL does, on every task of the run: check that configuration
         aligned = config.replace(mtsl=dataclasses.replace(config.mtsl, align=True))
         check_jobs([Job("mtsl", "mtsl", aligned)], progress=not args.no_progress)
-        if args.dry_run:  # the probe keeps no runs
-            return dry_run([], None)
         folder = out_folder(args, "alignment", config) / "alignment"
         args.results_folder = None  # the probe writes at its end: an interrupted one has nothing to keep
         report = {"config": config.to_dict(), "epochs": args.epochs, "steps": args.steps}
@@ -211,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         epoch = len(data.batches(data.train, key=(0, 0)))
         if args.steps is not None and args.steps > epoch:
             raise UsageError(f"--steps {args.steps}: the probed phase is at most one epoch, {epoch} steps here")
+        if args.dry_run:  # after every check (--out, an earlier report, --steps); the probe keeps no runs
+            return dry_run([], None)
         for location in locations:
             rows = [r for r in rows if r["location"] != location]
             rows.append({**probe(config, data, getattr(full, "num_classes", 0), location, args.epochs, args.steps),

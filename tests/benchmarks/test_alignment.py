@@ -149,6 +149,24 @@ def test_a_probe_is_extended_by_new_locations_and_never_replaced_by_other_settin
         assert culprit in capsys.readouterr().err
 
 
+def test_a_dry_run_is_refused_where_the_probe_would_be(tmp_path, capsys, monkeypatch):
+    """--dry-run passes only where the probe would start: --out, an earlier report and --steps are checked too."""
+    monkeypatch.setattr(alignment, "probe", lambda *a, **k: pytest.fail("the probe started"))
+    common = ["--preset", "smoke", "--tasks", "S,D", "--locations", "1", "--epochs", "1", "--no-progress", "--dry-run"]
+    kept = tmp_path / "kept" / "alignment"
+    kept.mkdir(parents=True)
+    (kept / "alignment.json").write_text("not a report")
+    (tmp_path / "file").write_text("")
+    fresh = tmp_path / "fresh"
+    for argv, culprit in ((["--out", str(kept.parent)], "cannot be read as an alignment probe"),
+                          (["--out", str(tmp_path / "file")], "is a file"),
+                          (["--steps", "4", "--out", str(fresh)], "3 steps here")):
+        assert alignment.main([*common, *argv]) == 2
+        assert culprit in capsys.readouterr().err
+    assert alignment.main([*common, "--out", str(fresh)]) == 0 and not fresh.exists()
+    assert capsys.readouterr().out.startswith("dry run: every check passed")
+
+
 def test_a_solver_that_refuses_the_runs_tasks_is_refused_before_any_probe(tmp_path, capsys, monkeypatch):
     """The probe groups the task nodes of all the run's tasks with the run's solver, so that solver is tried on
     them before any training: seventeen declared tasks and the exact default are one line, and no probe starts."""

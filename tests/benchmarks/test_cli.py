@@ -111,7 +111,7 @@ def test_every_command_that_trains_stops_after_its_checks_on_a_dry_run(tmp_path,
     module = importlib.import_module(f"benchmarks.{command}")
     monkeypatch.setattr(harness, "run_method", lambda *a, **k: pytest.fail("a run started"))
     if command == "alignment":  # its probe trains no run: it must not get past its checks
-        monkeypatch.setattr(module, "earlier_report", lambda *a, **k: pytest.fail("the probe started"))
+        monkeypatch.setattr(module, "probe", lambda *a, **k: pytest.fail("the probe started"))
     out = tmp_path / "out"
     common = ["--preset", "smoke", "--tasks", "S,D", "--no-progress", "--out", str(out), "--dry-run"]
     assert module.main([*argv, *common]) == 0
