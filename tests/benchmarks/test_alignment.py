@@ -137,6 +137,9 @@ def test_a_probe_is_extended_by_new_locations_and_never_replaced_by_other_settin
     note = (out / "alignment" / "alignment.md").read_text().rstrip().splitlines()[-1]
     assert note.startswith("Note: these runs were not all trained by the same software")
     assert "location 0 seed 0: " in note and "torch 2.13.0" in note and "location 8 seed 0: " in note
+    assert alignment.main([*common, "--locations", "0", "--channels-last"]) == 0  # as it changes float rounding
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["trained_by"][0]["execution"] for r in rows] == [{"channels_last": True}, {}]
     before = report.read_bytes()
     capsys.readouterr()
     for other in (["--epochs", "2"], ["--tasks", "S,E"]):
