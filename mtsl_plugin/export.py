@@ -91,7 +91,7 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
             if metadata:
                 import onnx
 
-                model = onnx.load(scratch)
+                model = onnx.load(scratch, load_external_data=False)  # weights of > 2 GiB stay where they are
                 for key, value in metadata.items():
                     model.metadata_props.add(key=key, value=value)
                 onnx.save(model, scratch)

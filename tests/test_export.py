@@ -65,6 +65,37 @@ def test_the_exported_file_carries_the_runs_method_plan_and_trained_by(runs, tmp
         "mtsl_plugin.trained_by": record["trained_by"]}
 
 
+def test_the_metadata_leaves_weights_written_as_external_data_where_they_are(tmp_path, monkeypatch):
+    """Above 2 GiB torch.onnx.export writes the weights beside the file (protobuf holds at most 2 GiB): adding the
+    metadata must not load them into the file, which then cannot be written. Modelled by a small network whose
+    weights the exporter is made to write outside."""
+    import onnx
+
+    class Tiny(torch.nn.Module):
+        tasks = ("S",)
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return (self.conv(x),)
+
+    real = torch.onnx.export
+
+    def outside(model, args, f, **kwargs):
+        real(model, args, f, **kwargs)
+        onnx.save_model(onnx.load(f), f, save_as_external_data=True, location=Path(f).name + ".data",
+                        size_threshold=0)
+
+    monkeypatch.setattr(torch.onnx, "export", outside)
+    target = tmp_path / "net.onnx"
+    assert export(Tiny(), "onnx", target, torch.rand(2, 3, 8, 8), {"mtsl_plugin.method": '"x"'}) < 1e-5
+    model = onnx.load(target, load_external_data=False)
+    assert [p.key for p in model.metadata_props] == ["mtsl_plugin.method"]
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 @pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
 def test_onnx_without_the_export_extra_is_one_line_before_the_run_is_read(tmp_path, capsys, monkeypatch, missing):
     monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: find_spec gives None
