@@ -38,7 +38,7 @@ from benchmarks.cli import (UsageError, add_out_arg, add_run_args, config_from_a
                             parse_seeds, run_main)
 from benchmarks.harness import Job, check_jobs, dry_run
 from benchmarks.report import earlier_report, with_provenance_note
-from mtsl_plugin.config import EXECUTION_OPTIONS, RunConfig
+from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.experiment import (build_data, build_run_tasks, build_stages, build_trainer, num_locations,
                                     seed_everything, write_json)
@@ -214,8 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for location in locations:
             rows = [r for r in rows if r["location"] != location]
             rows.append({**probe(config, data, getattr(full, "num_classes", 0), location, args.epochs, args.steps),
-                         "trained_by": [provenance(config.device, 1, config.data.root,
-                                                     {k: getattr(config, k) for k in EXECUTION_OPTIONS})]})
+                         "trained_by": [provenance(config)]})
             print(f"location {location}: CKA {rows[-1]['plain']['mean']:.2f} plain, "
                   f"{rows[-1]['aligned']['mean']:.2f} aligned", flush=True)
         rows.sort(key=lambda r: r["location"])

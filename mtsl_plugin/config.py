@@ -132,6 +132,11 @@ class RunConfig:
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def execution(self) -> dict[str, Any]:
+        """The execution options (:data:`EXECUTION_OPTIONS`) and their values: how the run computes, not what."""
+        return {key: getattr(self, key) for key in EXECUTION_OPTIONS}
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["backbone_args"] = json.loads(json.dumps(self.backbone_args))  # tuples as lists, as YAML gives

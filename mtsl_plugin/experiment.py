@@ -30,7 +30,7 @@ from torch.utils.data import Subset
 from mtsl_plugin import distributed
 from mtsl_plugin.architecture import MTSL, check_arch_args
 from mtsl_plugin.checkpoint import CheckpointError, atomic_write
-from mtsl_plugin.config import EXECUTION_OPTIONS, RunConfig
+from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data import TargetFiles, build_dataset
 from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.libmtl_compat import import_libmtl
@@ -265,8 +265,7 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     # on to collectives, or to the next run of a sweep, without the others
     meta = {"method": method, "config": config.to_dict(), "fingerprint": fingerprint,
             **({"arch_args": arch_args} if arch_args else {}),
-            "trained_by": [*earlier, provenance(config.device, distributed.world_size(), config.data.root,
-                                                {k: getattr(config, k) for k in EXECUTION_OPTIONS})]}
+            "trained_by": [*earlier, provenance(config, distributed.world_size())]}
     distributed.fail_together(lambda: write_json(saved, meta), CheckpointError)
 
     def on_phase(record: dict) -> None:

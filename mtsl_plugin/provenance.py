@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
+from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data.folder import SPLITS
 from mtsl_plugin.data.real import SPLIT_FOLDERS
 
@@ -116,15 +117,14 @@ def data_files(root: str | Path | None) -> str | None:
     return f"{count} files, {size / 2**20:.1f} MiB, {digest.hexdigest()[:12]}"
 
 
-def provenance(device: str, processes: int = 1, data_root: str | Path | None = None,
-               execution: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """This process's entry of a run's ``trained_by``: :func:`software`, the machine (device and model, torch's CPU
-    threads, the number of processes training together), the execution options it ran with (``execution``, those
-    set: fused, channels_last, compile, workers; not in a run's fingerprint, but they change its times and float
-    rounding), the data files (:func:`data_files` of ``data_root``) and when it started (UTC)."""
-    return {**software(), "device": device_name(device), "threads": torch.get_num_threads(),
-            "processes": processes, "execution": {k: v for k, v in (execution or {}).items() if v},
-            "data_files": data_files(data_root), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def provenance(config: RunConfig, processes: int = 1) -> dict[str, Any]:
+    """This process's entry of a run's ``trained_by`` under ``config``: :func:`software`, the machine (the device's
+    kind and model, torch's CPU threads, the number of processes training together), the execution options set
+    (:attr:`~mtsl_plugin.config.RunConfig.execution`: not in a run's fingerprint, but they change its times and
+    float rounding), the data files (:func:`data_files` of the data root) and when it started (UTC)."""
+    return {**software(), "device": device_name(config.device), "threads": torch.get_num_threads(),
+            "processes": processes, "execution": {k: v for k, v in config.execution.items() if v},
+            "data_files": data_files(config.data.root), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def describe(entry: Mapping[str, Any] | None) -> str:

@@ -15,7 +15,7 @@ from benchmarks.harness import write_results
 from benchmarks.report import provenance_note
 from conftest import fake_record, write_folder_data
 from mtsl_plugin.experiment import run_method
-from mtsl_plugin.provenance import data_files, describe, provenance, source_commit
+from mtsl_plugin.provenance import data_files, describe, software, source_commit
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 PROJECT = Path(mtsl_plugin.__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def test_this_process_records_the_commit_of_the_sources_it_imported():
     expected = None
     if inside.returncode == 0 and Path(inside.stdout.strip()).resolve() == PROJECT:
         expected = git(PROJECT, "rev-parse", "HEAD")[:12]
-    commit = provenance("cpu")["commit"]
+    commit = software()["commit"]
     assert (commit is None) if expected is None else commit.removesuffix("+dirty") == expected
 
 
