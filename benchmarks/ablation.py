@@ -69,9 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds)
         out = out_folder(args, "ablation", config)
         jobs = ablation_jobs(config, seeds)
-        check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
+        need = check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
         if args.dry_run:
-            return dry_run(jobs, out, args.keep_checkpoints)
+            return dry_run(jobs, out, need)
         results = train(jobs, out, args)
         if distributed.is_main():  # under torchrun every rank trains; rank 0 alone reports
             publish(results, out / "ablation", ablation_table(results), "ablation.md")

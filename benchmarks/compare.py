@@ -203,9 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.results_folder, args.continue_with = out, f"python benchmarks/compare.py --resume {out}"
         jobs = build_jobs(methods, config, seeds, plan_from)
         # before any training and before the results folder is made
-        check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
+        need = check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
         if args.dry_run:
-            return dry_run(jobs, out, args.keep_checkpoints)
+            return dry_run(jobs, out, need)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"config": config.to_dict(), "methods": methods, "seeds": seeds,
                                          "plan_from": plan_from})

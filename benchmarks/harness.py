@@ -159,8 +159,8 @@ def disk_need(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) ->
             continue
         checkpoint = job.run_dir(out) / CHECKPOINT
         written += checkpoint.stat().st_size if checkpoint.is_file() else 0  # an unfinished run's: on disk already
-        key = json.dumps({k: v for k, v in job.config.to_dict().items() if k not in ("seed", "mtsl")}, sort_keys=True)
-        if key not in sizes:  # the seed and MTSL's options change no network's size
+        key = job.config.fingerprint(exclude=("device", "seed", "mtsl"))
+        if key not in sizes:  # the device, seed, execution and MTSL's options change no network's size
             weights = SIZE_MARGIN * single_task_bytes(job.config)
             sizes[key] = weights, (1 + optimizer_copies(job.config.optimizer)) * weights
         bounds.append(sizes[key])
@@ -171,15 +171,16 @@ def disk_need(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) ->
     return max(0, int(need) - written)
 
 
-def check_disk(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) -> None:
+def check_disk(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) -> int:
     """Before any training: the disk holding ``out`` has room for :func:`disk_need` (a run that fills the disk
-    fails at its next checkpoint, keeping the one before, after hours on a large preset)."""
+    fails at its next checkpoint, keeping the one before, after hours on a large preset); returns that need."""
     need = disk_need(jobs, out, keep_checkpoints)
     free = shutil.disk_usage(nearest_existing(out)).free
     if need > free:
         raise UsageError(f"--out {out}: the runs to train may write up to {size_text(need)} (their weights, and "
                          f"{'their' if keep_checkpoints else 'the'} checkpoints with Adam's state), but the disk "
                          f"holding it has {size_text(free)} free; free some space or choose another --out")
+    return need
 
 
 def size_text(size: float) -> str:
@@ -188,7 +189,7 @@ def size_text(size: float) -> str:
 
 
 def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = None,
-               keep_checkpoints: bool = False) -> None:
+               keep_checkpoints: bool = False) -> int | None:
     """Check every configuration of ``jobs`` (:func:`~mtsl_plugin.preflight.check_config`) before any training;
     the seed only changes which synthetic scenes are drawn, so each configuration is checked once, and each real
     data set is read through once. No two jobs may share a folder, and with ``out`` no job's folder there may hold
@@ -196,7 +197,7 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
     architecture takes (:func:`~mtsl_plugin.architecture.check_arch_args`), and under torchrun every job must be one
     that DistributedDataParallel can train (:func:`~mtsl_plugin.preflight.check_distributed`). With ``out``, the
     disk holding it must have room for the runs (:func:`check_disk`; ``keep_checkpoints`` as the command keeps
-    them)."""
+    them), and the bytes they may write are returned (``None`` without ``out``)."""
     folders: dict[tuple[str, int], Job] = {}
     learners = []
     for job in jobs:
@@ -226,20 +227,20 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
         check_config(job.config, scan=job.config.data not in scanned, progress=progress, learner=mtsl)
         checked.add(key)
         scanned.add(job.config.data)
-    if out is not None:
-        check_disk(jobs, out, keep_checkpoints)
+    return check_disk(jobs, out, keep_checkpoints) if out is not None else None
 
 
-def dry_run(jobs: Sequence[Job], out: Path | None, keep_checkpoints: bool = False) -> int:
+def dry_run(jobs: Sequence[Job], out: Path | None, need: int | None = None) -> int:
     """``--dry-run``, after the command's checks passed: print what each job would do (reuse its finished run,
-    continue its checkpoint, or train) and the disk the runs may take, and write nothing; exit code 0."""
+    continue its checkpoint, or train) and ``need``, the bytes the runs may write (what :func:`check_jobs`
+    returned), and write nothing; exit code 0."""
     if distributed.is_main():
         for job in jobs if out is not None else ():
             run_dir = job.run_dir(out)
             action = ("reuse the finished run" if (run_dir / "result.json").exists() else
                       "continue from the checkpoint" if (run_dir / CHECKPOINT).exists() else "train")
             print(f"[{job.label} seed {job.config.seed}] would {action} in {run_dir}")
-        disk = f"; the runs may write up to {size_text(disk_need(jobs, out, keep_checkpoints))}" if out else ""
+        disk = f"; the runs may write up to {size_text(need)}" if need is not None else ""
         print(f"dry run: every check passed{disk}; nothing was trained or written", flush=True)
     return 0
 

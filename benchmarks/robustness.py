@@ -292,9 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         earlier = earlier_report(out / "robustness" / "robustness.json",
                                  lambda e: settings_of(e) == settings_of(meta), "a robustness report")
         jobs = method_jobs(methods, config, seeds)
-        check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
+        need = check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
         if args.dry_run:
-            return dry_run(jobs, out, args.keep_checkpoints)
+            return dry_run(jobs, out, need)
         out.mkdir(parents=True, exist_ok=True)
         main = distributed.is_main()  # under torchrun every rank trains and evaluates its share; rank 0 reports
         results = train(jobs, out, args)

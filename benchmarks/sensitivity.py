@@ -246,9 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs = seeds_jobs(config, seeds, inits)
             shown = {init_label(config, i): i if i in ("random", "pretrained") else Path(i).stem for i in inits}
             rows = []
-        check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
+        need = check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
         if args.dry_run:
-            return dry_run(jobs, out, args.keep_checkpoints)
+            return dry_run(jobs, out, need)
         results = train(jobs, out, args)
         if distributed.is_main():  # under torchrun every rank trains; rank 0 alone reports
             table = (seeds_report(results, shown, folder) if args.sweep == "seeds"
