@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from mtsl_plugin.checkpoint import scratch_file
 from mtsl_plugin.network.branched import BranchedNetwork
 
 NEEDS = {"onnx": ("onnx", "onnxruntime"), "exported": ()}  # each format and the packages it needs besides torch
@@ -68,10 +69,15 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
     """Write ``static`` as ``fmt`` (``onnx``: ONNX with a dynamic batch size, checked with onnxruntime;
     ``exported``: a ``torch.export`` program, ``torch.export.load``-able, for ``sample``'s shape) and return the
     largest absolute difference between the file's and the module's outputs on ``sample`` (N, 3, H, W). The file
-    is written and checked under a temporary name beside ``path``, then renamed: a failed export leaves ``path``
-    as it was. ``metadata`` (key -> text, e.g. the run's method, plan and ``trained_by``) goes into the file: the
-    ONNX model's ``metadata_props``, the exported program's extra files (``torch.export.load(path,
-    extra_files={key: ""})`` reads them back)."""
+    is written and checked in a scratch folder beside ``path``, then renamed: a failed export leaves ``path``'s
+    folder as it was. ``metadata`` (key -> text, e.g. the run's method, plan and ``trained_by``) goes into the
+    file: the ONNX model's ``metadata_props``, the exported program's extra files (``torch.export.load(path,
+    extra_files={key: ""})`` reads them back).
+
+    An ONNX model over protobuf's 2 GiB keeps its weights outside the file; torch's exporter writes one file per
+    weight, named after the weight, into the file's folder, where a second export would overwrite them. Here
+    they become one file, ``<path>.data`` (e.g. ``mtsl.onnx.data``), which the model names and which must stay
+    beside it."""
     check_format(fmt)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,30 +85,49 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
     static = static.to("cpu").eval()
     with torch.no_grad():
         expected = static(sample)
-    handle, scratch = scratch_file(path.parent, f".{path.name}.", path.suffix or ".tmp")
-    os.close(handle)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        written = scratch / path.name
         if fmt == "onnx":
             import onnxruntime
 
-            axes = {name: {0: "batch"} for name in ("image", *static.tasks)}
-            torch.onnx.export(static, (sample,), scratch, input_names=["image"], output_names=list(static.tasks),
-                              dynamic_axes=axes, dynamo=False)
-            if metadata:
-                import onnx
-
-                model = onnx.load(scratch, load_external_data=False)  # weights of > 2 GiB stay where they are
-                for key, value in metadata.items():
-                    model.metadata_props.add(key=key, value=value)
-                onnx.save(model, scratch)
-            session = onnxruntime.InferenceSession(scratch, providers=["CPUExecutionProvider"])
+            moved = write_onnx(static, sample, written, metadata)
+            session = onnxruntime.InferenceSession(str(written), providers=["CPUExecutionProvider"])
             got = [torch.from_numpy(a) for a in session.run(None, {"image": sample.numpy()})]
         else:
-            torch.export.save(torch.export.export(static, (sample,)), scratch, extra_files=metadata)
+            moved = [written]
+            torch.export.save(torch.export.export(static, (sample,)), written, extra_files=metadata)
             with torch.no_grad():
-                got = torch.export.load(scratch).module()(sample)
+                got = torch.export.load(written).module()(sample)
         difference = max(float((a - b).abs().max()) for a, b in zip(got, expected))
-        os.replace(scratch, path)
+        for file in moved:  # the weights first: the model file that names them arrives last
+            os.replace(file, path.parent / file.name)
     finally:
-        Path(scratch).unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return difference
+
+
+def write_onnx(static: StaticNetwork, sample: torch.Tensor, path: Path, metadata: dict[str, str] | None) -> list[Path]:
+    """Export ``static`` to ``path`` with ``metadata`` and return the files written, in the order to move them:
+    ``[path]``, or ``[<path>.data, path]`` where the weights are too large for one file (see :func:`export`).
+    ``path``'s folder must hold nothing else: the exporter writes weights there by their own names."""
+    import onnx
+
+    axes = {name: {0: "batch"} for name in ("image", *static.tasks)}
+    torch.onnx.export(static, (sample,), str(path), input_names=["image"], output_names=list(static.tasks),
+                      dynamic_axes=axes, dynamo=False)
+    model = onnx.load(str(path), load_external_data=False)  # weights of > 2 GiB stay where they are
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
+    if not any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer):
+        onnx.save(model, str(path))
+        return [path]
+    onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    for file in path.parent.iterdir():
+        if file != path:
+            file.unlink()  # the exporter's per-weight files, now in memory
+    data = path.with_name(path.name + ".data")
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                    size_threshold=0)
+    os.chmod(data, path.stat().st_mode & 0o777)  # onnx makes it private (0o600); as readable as the model file
+    return [data, path]

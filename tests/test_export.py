@@ -65,35 +65,67 @@ def test_the_exported_file_carries_the_runs_method_plan_and_trained_by(runs, tmp
         "mtsl_plugin.trained_by": record["trained_by"]}
 
 
-def test_the_metadata_leaves_weights_written_as_external_data_where_they_are(tmp_path, monkeypatch):
-    """Above 2 GiB torch.onnx.export writes the weights beside the file (protobuf holds at most 2 GiB): adding the
-    metadata must not load them into the file, which then cannot be written. Modelled by a small network whose
-    weights the exporter is made to write outside."""
+class Tiny(torch.nn.Module):
+    tasks = ("S",)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return (self.conv(x),)
+
+
+def weights_outside(monkeypatch, fail: bool = False) -> None:
+    """Make torch.onnx.export write the weights as it does above 2 GiB (protobuf's limit): one file per weight,
+    named after it, in the model file's folder; then fail if ``fail``."""
     import onnx
-
-    class Tiny(torch.nn.Module):
-        tasks = ("S",)
-
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 4, 3)
-
-        def forward(self, x):
-            return (self.conv(x),)
 
     real = torch.onnx.export
 
     def outside(model, args, f, **kwargs):
         real(model, args, f, **kwargs)
-        onnx.save_model(onnx.load(f), f, save_as_external_data=True, location=Path(f).name + ".data",
+        onnx.save_model(onnx.load(f), f, save_as_external_data=True, all_tensors_to_one_file=False,
                         size_threshold=0)
+        if fail:
+            raise RuntimeError("exporter trouble")
 
     monkeypatch.setattr(torch.onnx, "export", outside)
-    target = tmp_path / "net.onnx"
-    assert export(Tiny(), "onnx", target, torch.rand(2, 3, 8, 8), {"mtsl_plugin.method": '"x"'}) < 1e-5
-    model = onnx.load(target, load_external_data=False)
+
+
+def test_weights_outside_the_model_become_one_file_named_after_it(tmp_path, monkeypatch, umask):
+    """A model whose weights the exporter writes outside gets them as ``<name>.data`` beside it, with its
+    metadata; a second export into the same folder leaves the first one's weights alone (the exporter's per-weight
+    files, named after the weights, would be overwritten)."""
+    import onnx
+    import onnxruntime
+
+    weights_outside(monkeypatch)
+    first, second = Tiny(), Tiny()
+    sample = torch.rand(2, 3, 8, 8)
+    assert export(first, "onnx", tmp_path / "net.onnx", sample, {"mtsl_plugin.method": '"x"'}) < 1e-5
+    assert export(second, "onnx", tmp_path / "other.onnx", sample) < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.onnx.data", "other.onnx",
+                                                         "other.onnx.data"]
+    assert stat.S_IMODE((tmp_path / "net.onnx.data").stat().st_mode) == 0o666 & ~umask
+    model = onnx.load(tmp_path / "net.onnx", load_external_data=False)
     assert [p.key for p in model.metadata_props] == ["mtsl_plugin.method"]
-    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert {t.data_location for t in model.graph.initializer} == {onnx.TensorProto.EXTERNAL}
+    assert {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"} == {
+        "net.onnx.data"}
+    session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"image": sample.numpy()})[0])
+    with torch.no_grad():
+        assert torch.allclose(got, first(sample)[0], atol=1e-5)
+
+
+def test_a_failed_export_with_weights_outside_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    weights_outside(monkeypatch, fail=True)
+    (tmp_path / "net.onnx").write_bytes(b"the previous export")
+    with pytest.raises(RuntimeError, match="exporter trouble"):
+        export(Tiny(), "onnx", tmp_path / "net.onnx", torch.rand(2, 3, 8, 8))
+    assert [p.name for p in tmp_path.iterdir()] == ["net.onnx"]
+    assert (tmp_path / "net.onnx").read_bytes() == b"the previous export"
 
 
 @pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
