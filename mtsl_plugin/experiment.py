@@ -259,13 +259,17 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     trainer = build_trainer(config, tasks, start_plan, stages, spec.learner, spec.architecture, spec.arch_args)
     if resume and checkpoint.exists():
         trainer.load(checkpoint)
-    # who trained the run: one entry per process; a checkpoint from before runs recorded it: null (unrecorded)
-    earlier = json.loads(saved.read_text()).get("trained_by", [None]) if resume and checkpoint.exists() else []
+    # who trained the run: one entry per process whose training the checkpoint holds, then this one; a checkpoint
+    # from before checkpoints held them: the folder's record (a run from before that: null, unrecorded)
+    earlier = trainer.trained_by if resume and checkpoint.exists() else []
+    if earlier is None:
+        earlier = json.loads(saved.read_text()).get("trained_by", [None])
+    trainer.trained_by = [*earlier, provenance(config, distributed.world_size())]
     # rank 0 writes the run's files; a write that fails there stops every rank (fail_together), so no rank goes
     # on to collectives, or to the next run of a sweep, without the others
     meta = {"method": method, "config": config.to_dict(), "fingerprint": fingerprint,
             **({"arch_args": arch_args} if arch_args else {}),
-            "trained_by": [*earlier, provenance(config, distributed.world_size())]}
+            "trained_by": trainer.trained_by}
     distributed.fail_together(lambda: write_json(saved, meta), CheckpointError)
 
     def on_phase(record: dict) -> None:

@@ -1,9 +1,10 @@
 """Where a run's numbers come from: the software that trained it, the machine it ran on, the data files it read.
 
 Every run records, in its ``config.json`` and ``result.json`` (``trained_by``), one entry per process that trained
-it (a resumed run has one more for every resumption), so that a results folder extended after an upgrade, or on
-another machine, can say which of its runs were trained by what: a comparison whose STN was trained by other code
-than its MTSL compares more than the methods (:func:`describe` gives the line a table prints).
+it (a resumed run: the processes whose training its checkpoint holds, then itself), so that a results folder
+extended after an upgrade, or on another machine, can say which of its runs were trained by what: a comparison
+whose STN was trained by other code than its MTSL compares more than the methods (:func:`describe` gives the line
+a table prints).
 """
 from __future__ import annotations
 

@@ -29,6 +29,12 @@ class TrainerCheckpoints:
     ``model``, ``optimizer``, ``scheduler``, ``weighting``, ``learner``, ``epochs_done``, ``history`` and
     ``device``)."""
 
+    #: The processes whose training a checkpoint of this trainer holds (the run's ``trained_by`` entries, see
+    #: :mod:`mtsl_plugin.provenance`): saved and restored with it, so a process stopped before its first
+    #: checkpoint is not counted by the one that resumes after it. ``None``: not recorded (a trainer built outside
+    #: :func:`~mtsl_plugin.experiment.run_method`, or a checkpoint from before the record).
+    trained_by: list | None = None
+
     def save_weights(self, path: str | Path) -> Path:
         """Write the trained weights only (plan and model state; no optimizer, scheduler or RNG state): what a
         finished run keeps, about a third of a checkpoint's size with Adam."""
@@ -64,6 +70,7 @@ class TrainerCheckpoints:
             "epochs_done": self.epochs_done,
             "history": json.dumps(self.history),
             "learner": json.dumps(self.learner.state_dict()) if self.learner is not None else "",
+            "trained_by": json.dumps(self.trained_by),
         }, device=self.device)
 
     @staticmethod
@@ -99,6 +106,7 @@ class TrainerCheckpoints:
             setattr(self.model, name, value.to(self.device))
         self.epochs_done = int(state["epochs_done"])
         self.history = json.loads(state["history"])
+        self.trained_by = json.loads(state.get("trained_by", "null"))
         if self.learner is not None and state["learner"]:
             self.learner.load_state_dict(json.loads(state["learner"]))
         set_rng_state(state["rng"], self.device)

@@ -16,6 +16,7 @@ from benchmarks.report import provenance_note
 from conftest import fake_record, write_folder_data
 from mtsl_plugin.experiment import run_method
 from mtsl_plugin.provenance import data_files, describe, software, source_commit
+from mtsl_plugin.trainer import MTLTrainer
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 PROJECT = Path(mtsl_plugin.__file__).resolve().parent.parent
@@ -110,6 +111,10 @@ def test_a_run_records_who_trained_it(smoke, tmp_path):
     assert json.loads((tmp_path / "run" / "result.json").read_text())["trained_by"] == saved
 
 
+def stopped(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 def test_a_resumed_run_adds_an_entry_and_one_from_before_the_record_says_so(smoke, tmp_path):
     config = smoke(tasks=("S", "D"))
     run = tmp_path / "run"
@@ -117,8 +122,21 @@ def test_a_resumed_run_adds_an_entry_and_one_from_before_the_record_says_so(smok
     (run / "result.json").unlink()  # as if it had stopped after its last checkpoint
     again = run_method(config, "onenet", run, resume=True, progress=False, keep_checkpoint=True)["trained_by"]
     assert again[0] == first[0] and len(again) == 2 and describe(again[1]) == describe(first[0])
+    with pytest.MonkeyPatch.context() as patch:  # a process stopped before its first checkpoint added nothing
+        patch.setattr(MTLTrainer, "fit", stopped)
+        (run / "result.json").unlink()
+        with pytest.raises(KeyboardInterrupt):
+            run_method(config, "onenet", run, resume=True, progress=False, keep_checkpoint=True)
+    # the checkpoint holds the first process's training only (the second resumed it finished and wrote none), so
+    # the stopped process recorded [first, itself] and the next one records [first, itself], not four entries
+    assert len(json.loads((run / "config.json").read_text())["trained_by"]) == 2
+    again = run_method(config, "onenet", run, resume=True, progress=False, keep_checkpoint=True)["trained_by"]
+    assert len(again) == 2 and again[0] == first[0]
     meta = json.loads((run / "config.json").read_text())
     del meta["trained_by"]  # a run from before runs recorded who trained them
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    del checkpoint["trained_by"]  # ... and whose checkpoint did not hold them
+    torch.save(checkpoint, run / "checkpoint.pt")
     (run / "config.json").write_text(json.dumps(meta))
     (run / "result.json").unlink()
     assert run_method(config, "onenet", run, resume=True, progress=False)["trained_by"][0] is None

@@ -97,10 +97,10 @@ def assert_same_run(expected_dir, expected, got_dir, got):
     """Equal final checkpoints (every tensor, bit for bit) and results (but for wall-clock seconds)."""
     a, b = load_checkpoint(expected_dir / "checkpoint.pt"), load_checkpoint(got_dir / "checkpoint.pt")
     assert a.keys() == b.keys()
-    for state in (a, b):  # the structural phases' records, less their seconds (the history is in the result)
-        records = json.loads(state.pop("learner") or '{"records": []}')["records"]
+    for state in (a, b):  # the structural phases' records, less their seconds (the history and the processes
+        records = json.loads(state.pop("learner") or '{"records": []}')["records"]  # are in the result)
         state["phases"] = [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-        del state["history"]
+        del state["history"], state["trained_by"]
     for key in a:
         assert_equal(a[key], b[key], key)
     for record in (expected, got):
