@@ -142,11 +142,11 @@ class BranchingPlan:
 
     # ----------------------------------------------------------------- edits
     def merge(self, location: int, groups: Iterable[Iterable[str]]) -> "BranchingPlan":
-        """A new plan where each of ``groups`` shares one node at ``location`` (and, so that the plan stays a
-        refinement, wherever deeper the plan already kept all of them together is left alone).
+        """A new plan where each of ``groups`` shares one node at ``location``; deeper locations are unchanged,
+        so each merged task keeps its own nodes there, now hanging off the group node.
 
         Each group must consist of sibling task nodes at ``location``: tasks alone at ``location`` that hang
-        off the same parent. Tasks not named in any group are unchanged.
+        off the same parent. Tasks not named in any group are unchanged; a group of one task is ignored.
         """
         self._check_location(location)
         partition = [list(g) for g in self.partitions[location]]
