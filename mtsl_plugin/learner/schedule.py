@@ -46,8 +46,9 @@ def require(key: str, value: Any, kind: type, least: float | None = None, most: 
 class MTSLConfig:
     """Everything that defines one MTSL run's algorithm (not the data or the optimiser).
 
-    ``task_epochs[k]`` task-learning epochs precede structural phase ``k``; ``amalgamation_epochs[k]`` epochs of
-    amalgamation follow its group-node creation; after the last phase the network is fine-tuned until
+    ``task_epochs[k]`` task-learning epochs precede structural phase ``k``; the k-th phase that merges (not phase
+    ``k``: phases that merge nothing use none, as in the authors' code) amalgamates its group nodes for
+    ``amalgamation_epochs[k]`` epochs; after the last phase the network is fine-tuned until
     ``total_epochs`` task-learning epochs have been run (amalgamation epochs come on top, as in the paper: 48
     task-learning + 32 fine-tuning epochs = 80, plus 34 amalgamation epochs). A value of the wrong type or range
     is refused when the configuration is made, naming it (``mtsl.<field>``).
