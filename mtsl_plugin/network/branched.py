@@ -140,13 +140,18 @@ class BranchedNetwork(nn.Module):
         """Run the node for ``group`` at ``location`` (or ``module`` in its place) on the outputs of shallower
         locations, ``outputs[l][group]``; ``x`` is the network input."""
         module = self.node(location, group) if module is None else module
+        return module(*self._reads(location, group, outputs, x))
+
+    def _reads(self, location: int, group: Group, outputs: list[dict[Group, torch.Tensor]], x: torch.Tensor
+               ) -> tuple[torch.Tensor, ...]:
+        """What the node for ``group`` at ``location`` is called with: its parent's output (``x`` at location 0),
+        then, where the stage takes a skip connection, the output of ``group``'s node at ``skip_from``."""
         parent = self.plan.parent_of(location, group)
         inputs = x if parent is None else outputs[location - 1][parent]
-        spec = self.specs[location]
-        if spec.skip_from is None:
-            return module(inputs)
-        skip = outputs[spec.skip_from][self.plan.group_of(spec.skip_from, group[0])]
-        return module(inputs, skip)
+        skip_from = self.specs[location].skip_from
+        if skip_from is None:
+            return (inputs,)
+        return inputs, outputs[skip_from][self.plan.group_of(skip_from, group[0])]
 
     def run_locations(self, x: torch.Tensor, until: int | None = None) -> list[dict[Group, torch.Tensor]]:
         """Outputs of every node at locations ``0..until`` (all locations by default), per location and group;
@@ -180,11 +185,7 @@ class BranchedNetwork(nn.Module):
         momenta = _cumulative_momenta(modules) if modules[0].training else {}
         if momenta is None:  # one counter per node, different ones: no one momentum serves the stacked call
             return {g: self.run_node(location, g, outputs, x) for g in groups}
-        parents = [self.plan.parent_of(location, g) for g in groups]
-        reads = [[x if p is None else outputs[location - 1][p] for p in parents]]
-        spec = self.specs[location]
-        if spec.skip_from is not None:
-            reads.append([outputs[spec.skip_from][self.plan.group_of(spec.skip_from, g[0])] for g in groups])
+        reads = list(zip(*(self._reads(location, g, outputs, x) for g in groups)))  # per argument, one per node
         names = [n for n, _ in modules[0].named_parameters()]
         params = {n: torch.stack([m.get_parameter(n) for m in modules]) for n in names}
 
@@ -216,7 +217,7 @@ class BranchedNetwork(nn.Module):
         return {g: out[i] for i, g in enumerate(groups)}
 
     @staticmethod
-    def _stack_or_share(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    def _stack_or_share(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, bool]:
         """One tensor when every node reads the same one, else the stack ``(nodes, N, C, H, W)``."""
         if all(t is tensors[0] for t in tensors):
             return tensors[0], False
