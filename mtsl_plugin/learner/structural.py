@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -53,9 +53,7 @@ class PhaseRecord:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"phase": self.phase, "location": self.location, "similarities": self.similarities,
-                "merged": self.merged, "amalgamation_losses": self.amalgamation_losses, "plan": self.plan,
-                "seconds": self.seconds}
+        return asdict(self)
 
 
 def pooled(features: torch.Tensor) -> torch.Tensor:
