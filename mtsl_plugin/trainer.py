@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -320,11 +321,11 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
             if data.holdout is None:
                 raise ValueError("MTSL needs a held-out slice of the training data for grouping decisions")
             phase = self.learner.phases_done
-            counter = iter(range(1 << 30))
+            draws = itertools.count()  # each amalgamation epoch reads the training data in another order
             distributed.broadcast_module(self.model)  # batch-norm statistics drift apart between ranks
             record = self.learner.structural_phase(  # every rank decides alike on all the held-out data
                 self.network, self.model, self.optimizer,
-                lambda: data.batches(data.train, key=(1, phase, next(counter)), shard=False),
+                lambda: data.batches(data.train, key=(1, phase, next(draws)), shard=False),
                 lambda: data.batches(data.holdout), self.device, progress=progress)
             if on_phase is not None:  # e.g. rank 0 writes the record: a failed write stops every rank
                 distributed.fail_together(lambda: on_phase(record.to_dict()), CheckpointError)
