@@ -28,7 +28,7 @@ from torch import nn
 
 from mtsl_plugin.architecture import check_arch_args, check_architecture_args, one_of
 from mtsl_plugin.learner.schedule import require
-from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.libmtl_compat import import_libmtl, zero_shared_grads_in_place
 from mtsl_plugin.methods import MethodSpec, register_method
 from mtsl_plugin.network.stages import CANDIDATES, StageFactory, candidate_factories
 
@@ -170,11 +170,7 @@ class CrossStitch(AbsArchitecture):
     def get_share_params(self):
         return self.encoder.units.parameters()
 
-    def zero_grad_share_params(self) -> None:
-        # in place, not set to None: LibMTL's gradient-surgery methods write into ``param.grad.data``
-        for p in self.encoder.units.parameters():
-            if p.grad is not None:
-                p.grad.zero_()
+    zero_grad_share_params = zero_shared_grads_in_place
 
 
 @register_method("cross_stitch")

@@ -41,7 +41,7 @@ from torch import nn
 
 from mtsl_plugin.architecture import check_arch_args, check_architecture_args
 from mtsl_plugin.learner.schedule import require
-from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.libmtl_compat import import_libmtl, zero_shared_grads_in_place
 from mtsl_plugin.methods import MethodSpec, register_method
 from mtsl_plugin.network.stages import BottleneckDecoderStage, StageFactory
 
@@ -209,11 +209,7 @@ class MTAN(AbsArchitecture):
     def get_share_params(self):
         return (p for module in self.encoder.shared_modules() for p in module.parameters())
 
-    def zero_grad_share_params(self) -> None:
-        # in place, not set to None: LibMTL's gradient-surgery methods write into ``param.grad.data``
-        for p in self.get_share_params():
-            if p.grad is not None:
-                p.grad.zero_()
+    zero_grad_share_params = zero_shared_grads_in_place
 
 
 @register_method("mtan")

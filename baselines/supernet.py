@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from baselines import gates
 from mtsl_plugin.architecture import check_arch_args, check_architecture_args, one_of
 from mtsl_plugin.learner.schedule import require
-from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.libmtl_compat import import_libmtl, zero_shared_grads_in_place
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.cost import count_gmac
 from mtsl_plugin.network.stages import CANDIDATES, candidate_factories
@@ -133,11 +133,7 @@ class GatedSupernet(AbsArchitecture):
     def get_share_params(self):
         return iter([p for node in self.shared_nodes() for p in node.parameters()])
 
-    def zero_grad_share_params(self) -> None:
-        # zeroed in place, not set to None: LibMTL's gradient-surgery methods write into ``param.grad.data``
-        for p in self.get_share_params():
-            if p.grad is not None:
-                p.grad.zero_()
+    zero_grad_share_params = zero_shared_grads_in_place
 
     # ------------------------------------------------------------------ the searched plan
     def derived_nodes(self) -> dict[tuple[int, Group], int]:

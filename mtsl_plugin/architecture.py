@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from mtsl_plugin.libmtl_compat import import_libmtl
+from mtsl_plugin.libmtl_compat import import_libmtl, zero_shared_grads_in_place
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.plan import BranchingPlan
 
@@ -100,8 +100,4 @@ class MTSL(AbsArchitecture):
     def get_share_params(self):
         return iter(self.encoder.shared_parameters())
 
-    def zero_grad_share_params(self) -> None:
-        # zeroed in place, not set to None: LibMTL's gradient-surgery methods write into ``param.grad.data``
-        for p in self.encoder.shared_parameters():
-            if p.grad is not None:
-                p.grad.zero_()
+    zero_grad_share_params = zero_shared_grads_in_place

@@ -127,18 +127,22 @@ PARAMETER_WEIGHTINGS = ("PCGrad", "GradVac", "CAGrad")
 _ZEROING: dict[type, type] = {}  # LibMTL architecture -> its in-place-zeroing subclass
 
 
+def zero_shared_grads_in_place(self) -> None:
+    """An architecture's ``zero_grad_share_params``: the gradients of ``self.get_share_params()`` zeroed in place,
+    not set to None, since LibMTL's gradient-combining weightings write into ``param.grad.data`` (module doc, 5).
+    MTSL and the baselines take it as theirs; :func:`zero_grads_in_place` gives it to LibMTL's architectures."""
+    for param in self.get_share_params():
+        if param.grad is not None:
+            param.grad.zero_()
+
+
 def zero_grads_in_place(architecture: type) -> type:
     """A subclass of LibMTL architecture ``architecture`` (same name, so checkpoints and messages name it) whose
     ``zero_grad_share_params`` zeroes the gradients of ``get_share_params()`` in place (see the module doc, 5)."""
     cached = _ZEROING.get(architecture)
     if cached is None:
-        def zero_grad_share_params(self) -> None:
-            for param in self.get_share_params():
-                if param.grad is not None:
-                    param.grad.zero_()
-
         cached = type(architecture.__name__, (architecture,),
-                      {"zero_grad_share_params": zero_grad_share_params, "__module__": architecture.__module__,
+                      {"zero_grad_share_params": zero_shared_grads_in_place, "__module__": architecture.__module__,
                        "__qualname__": architecture.__qualname__, "__doc__": architecture.__doc__})
         _ZEROING[architecture] = cached
     return cached
