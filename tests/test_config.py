@@ -76,6 +76,9 @@ def test_round_trip_and_errors():
         config.replace(data=dataclasses.replace(config.data, holdout=3))
     with pytest.raises(ValueError, match="the phases need 3 task-learning epochs"):
         MTSLConfig(task_epochs=(1, 2), amalgamation_epochs=(1, 1), total_epochs=2)
+    with pytest.raises(ValueError, match="mtsl.task_epochs starts with 0"):  # it would run after epoch 1
+        MTSLConfig(task_epochs=(0, 2), amalgamation_epochs=(1, 1), total_epochs=2)
+    assert MTSLConfig(task_epochs=(1, 0), amalgamation_epochs=(1, 1), total_epochs=2).phase_ends() == [1, 1]
 
 
 def test_an_empty_backbone_args_keeps_the_fingerprint_of_runs_from_before_the_field():

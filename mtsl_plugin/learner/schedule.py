@@ -77,6 +77,9 @@ class MTSLConfig:
         if len(self.task_epochs) != len(self.amalgamation_epochs):
             raise ValueError(f"task_epochs has {len(self.task_epochs)} phases but amalgamation_epochs has "
                              f"{len(self.amalgamation_epochs)}")
+        if self.task_epochs[:1] == (0,):  # phases run after a task-learning epoch: this one would come after one
+            raise ValueError("mtsl.task_epochs starts with 0, but the first structural phase needs task-learning "
+                             "epochs before it (it measures what the tasks learnt)")
         if sum(self.task_epochs) > self.total_epochs:
             raise ValueError(f"the phases need {sum(self.task_epochs)} task-learning epochs but total_epochs is "
                              f"{self.total_epochs}")
