@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
+from mtsl_plugin.learner.schedule import require
 from mtsl_plugin.libmtl_compat import import_libmtl, zero_shared_grads_in_place
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.plan import BranchingPlan
@@ -69,6 +70,15 @@ class MTSL(AbsArchitecture):
     reads_stages = True  # encoder_class() gives a StageFactory, heads are called with the output size (Trainer)
     label = "MTSL"  # for messages (LibMTL subclasses the architecture, so the class name is not ours)
     known_args = frozenset({"plan", "fused"})
+
+    @classmethod
+    def check_args(cls, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
+        """The checks of :func:`check_arch_args`: ``plan`` a :class:`BranchingPlan` (or none: STN), ``fused`` a
+        bool (``"no"`` would otherwise fuse)."""
+        plan = arch_args.get("plan")
+        if plan is not None and not isinstance(plan, BranchingPlan):
+            raise ValueError(f"MTSL plan must be a BranchingPlan or None, got {type(plan).__name__}")
+        require("MTSL fused", arch_args.get("fused", False), bool)
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         decoders = dict(decoders)  # a plain dict: the heads are registered once, inside the branched network

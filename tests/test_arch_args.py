@@ -15,6 +15,7 @@ from benchmarks.cli import UsageError
 from conftest import smoke_config
 from mtsl_plugin.architecture import MTSL, check_arch_args
 from mtsl_plugin.experiment import run_method
+from mtsl_plugin.plan import BranchingPlan
 
 
 @pytest.mark.parametrize("architecture, label", [
@@ -27,6 +28,8 @@ def test_a_name_the_architecture_does_not_take_is_refused(architecture, label):
 
 
 @pytest.mark.parametrize("architecture, arch_args, culprit", [
+    (MTSL, {"fused": "no"}, "MTSL fused must be true or false, got 'no'"),
+    (MTSL, {"plan": "0-9: SD"}, "MTSL plan must be a BranchingPlan or None, got str"),
     (CrossStitch, {"unit_lr_multiplier": math.inf}, "cross-stitch unit_lr_multiplier must be a finite number > 0, got inf"),
     (CrossStitch, {"unit_lr_multiplier": "fast"}, "cross-stitch unit_lr_multiplier must be a finite number > 0"),
     (CrossStitch, {"self_weight": "high"}, "cross-stitch self_weight must be a finite number or null, got 'high'"),
@@ -53,6 +56,7 @@ def test_a_value_the_architecture_cannot_use_is_refused(architecture, arch_args,
 
 
 def test_good_values_pass():
+    check_arch_args(MTSL, 3, 10, {"fused": True, "plan": BranchingPlan.one_net("SDE", 10)})
     check_arch_args(CrossStitch, 3, 10, {"unit_lr_multiplier": 1, "self_weight": 0.9, "candidates": "identical"})
     check_arch_args(MTAN, 3, 10, {"attention_reduction": 1})
     check_arch_args(LTB, 3, 10, {"gate_lr_multiplier": 100, "search_space": "all", "warmup_epochs": 0})
