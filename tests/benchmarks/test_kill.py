@@ -64,6 +64,8 @@ def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_result(tmp_path
 
     assert without_times(out) == without_times(reference)  # the table has no note: one software, one machine
     trained_by = {r["method"]: r["trained_by"] for r in json.loads((out / "results.json").read_text())}
-    assert [len(trained_by[m]) for m in ("stn", "onenet", "mtsl")] == [1, 1, 5]  # mtsl: the first process, 4 resumes
+    # mtsl: the first process and the one that finished; the three stopped before their first checkpoint trained
+    # nothing the checkpoint keeps
+    assert [len(trained_by[m]) for m in ("stn", "onenet", "mtsl")] == [1, 1, 2]
     assert (run / "plan.json").read_text() == (reference / "mtsl" / "seed0" / "plan.json").read_text()
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (reference / "mtsl" / "seed0").iterdir())
