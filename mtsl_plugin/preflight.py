@@ -7,7 +7,8 @@ one line (``error: <sentence naming the culprit>``, exit code 2) instead of a fo
   has a target for each;
 * the data set: its name, its root, and for real data **every sample** of the training and test splits (each file
   readable, shapes consistent, images finite and in [0, 1]; non-finite labels, depths or normals are allowed and
-  mean "invalid pixel", see :mod:`mtsl_plugin.data`), and that the training split is larger than the held-out slice;
+  mean "invalid pixel", see :mod:`mtsl_plugin.data`, but a task none of whose targets in a split holds a valid
+  pixel is refused), and that the training split is larger than the held-out slice;
 * the backbone (built once, so a bad name or weights file is found here; one zero image of the data's size
   runs through it, so a size it cannot run on is named) and the device;
 * the LibMTL weighting method, and the optimizer (built once, by LibMTL's own code);
@@ -19,6 +20,7 @@ configuration is made (:mod:`mtsl_plugin.config`, :class:`~mtsl_plugin.learner.s
 """
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 from typing import Any, Mapping
 
@@ -32,6 +34,7 @@ from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.libmtl_compat import LIBMTL_OPTIMIZERS, SINGLE_BACKWARD_WEIGHTINGS, import_libmtl
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
 from mtsl_plugin.tasks import TASKS
+from mtsl_plugin.valid_pixels import has_normal, holds_value
 
 
 def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
@@ -163,13 +166,21 @@ def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bo
     would learn that class everywhere and score a perfect mIoU. The usual cause is a two-class mask stored as a
     0/255 PNG, whose 255 reads as "ignore". The rule is deliberately narrow: a split that lacks some of many
     classes (a small subset of a 40-class data set) is normal and passes, and so does the test split.
+
+    On folder, NYUv2 and Cityscapes data (either split) it refuses a task none of whose targets holds a valid pixel
+    at the data set's size (:func:`_value_rules`: every label ignore, every dense value NaN or, under the
+    ``positive`` rule, 0, every normal zero): its loss would be 0 at every step (training split) or its metric NaN
+    (test split), found only after training. A sample without a valid pixel is normal and passes.
     """
     classes = _label_classes(dataset)
+    rules = _value_rules(dataset)
+    empty = set(rules)  # the tasks no sample read so far holds a valid pixel of
     for index in tqdm(range(len(dataset)), desc=f"checking {what}", leave=False, disable=None if progress else True):
         _, targets = dataset[index]
         for task, seen in classes.items():
             labels = targets[task]
             seen |= torch.bincount(labels[labels >= 0].flatten(), minlength=len(seen))[:len(seen)] > 0
+        empty -= {task for task in empty if bool(rules[task][0](targets[task]).any())}
     for task, seen in classes.items():
         if int(seen.sum()) <= 1:
             found = f"only class {int(seen.nonzero()[0, 0])}" if seen.any() else "no class"
@@ -177,6 +188,11 @@ def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bo
             raise ValueError(f"task {task!r}: the training labels in {folder} hold {found} besides ignore, but a "
                              f"segmentation task of {len(seen)} classes needs at least two; in PNG labels 255 "
                              "means ignore, so store a mask's foreground as 1 (and further classes as 2, 3, ...)")
+    for task, (_, none, folder) in rules.items():
+        if task in empty:
+            outcome = "learn from no pixel" if dataset.split == "train" else "score NaN"
+            raise ValueError(f"task {task!r}: no target of the {what} in {folder} holds a valid pixel (at "
+                             f"{dataset.height}x{dataset.width} every pixel is {none}), so the task would {outcome}")
 
 
 def _label_classes(dataset: torch.utils.data.Dataset) -> dict[str, torch.Tensor]:
@@ -188,3 +204,34 @@ def _label_classes(dataset: torch.utils.data.Dataset) -> dict[str, torch.Tensor]
         return {}
     return {task: torch.zeros(spec.channels, dtype=torch.bool) for task, spec in dataset.targets.items()
             if spec.layout == "labels"}
+
+
+#: What a pixel without a value holds, by target layout (a dense one's by its rule), for the messages.
+_NO_VALUE = {"labels": "ignore (-1; 255 in a PNG)", "finite": "NaN or inf", "positive": "NaN, inf, 0 or negative",
+             "normals": "a zero or non-finite vector"}
+
+
+def _value_rules(dataset: torch.utils.data.Dataset) -> dict[str, tuple[Any, str, Any]]:
+    """Task -> (where a target of one sample holds a valid pixel: a function of the target, giving a bool tensor;
+    what an invalid pixel holds; the task's folder) for each target of folder, NYUv2 and Cityscapes data that can
+    lack a value (``labels``, ``dense`` and ``normals`` layouts; not ``binary`` or ``image`` ones, nor ``E`` and
+    ``A``, which are derived); empty for any other data set (synthetic scenes are valid by construction)."""
+    from mtsl_plugin.data import FolderDataset
+    from mtsl_plugin.data.real import LETTER_LAYOUTS, NpyLayoutDataset
+
+    if isinstance(dataset, FolderDataset):
+        stored = {task: (spec.layout, spec.valid, spec.folder) for task, spec in dataset.targets.items()}
+    elif isinstance(dataset, NpyLayoutDataset):  # D: 0 = no depth
+        stored = {task: (LETTER_LAYOUTS[task], "positive", folder) for task, folder in dataset.folders.items()
+                  if task in LETTER_LAYOUTS}
+    else:
+        return {}
+    rules = {}
+    for task, (layout, valid, folder) in stored.items():
+        if layout == "labels":
+            rules[task] = (lambda t: t >= 0, _NO_VALUE["labels"], dataset.split_dir / folder)
+        elif layout == "dense":
+            rules[task] = (partial(holds_value, rule=valid), _NO_VALUE[valid], dataset.split_dir / folder)
+        elif layout == "normals":
+            rules[task] = (lambda t: has_normal(t[None]), _NO_VALUE["normals"], dataset.split_dir / folder)
+    return rules

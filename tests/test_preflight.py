@@ -1,6 +1,7 @@
 """Preflight (mtsl_plugin.preflight): what only building things finds, refused in one line before any training."""
 import dataclasses
 
+import numpy as np
 import pytest
 
 from mtsl_plugin.preflight import LIBMTL_OPTIMIZERS, check_optimizer
@@ -79,6 +80,56 @@ def test_segmentation_labels_missing_some_classes_pass(tmp_path):
     root = _masks(tmp_path, (1, 3))  # classes 0, 1 and 3 of 5: a small subset of a data set may lack some
     data = build_dataset("folder", "train", root=str(root), targets={"fg": TargetFiles("labels", "fg", 5)})
     read_every_sample(data, "train split", False)
+
+
+def _dense(root, values):
+    """A folder data set of 3 samples in each split folder of ``values`` (folder -> value): images and ``v``
+    targets (.npy (8, 8)) holding that value in every pixel; ``None``: the first sample's hold 1, the others' NaN."""
+    import numpy as np
+    from PIL import Image
+
+    for split, value in values.items():
+        for folder in ("image", "v"):
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / split / "image" / f"{i}.png")
+            fill = (1.0 if i == 0 else np.nan) if value is None else value
+            np.save(root / split / "v" / f"{i}.npy", np.full((8, 8), fill))
+    return root
+
+
+@pytest.mark.parametrize("split, valid, value", [("train", "finite", np.nan), ("test", "finite", np.inf),
+                                                 ("train", "positive", 0.0), ("test", "positive", -2.0)])
+def test_a_task_whose_targets_in_a_split_hold_no_valid_pixel_is_refused(tmp_path, split, valid, value):
+    """All-NaN flow maps (or, under ``positive``, all-zero depth maps) trained on nothing and scored NaN, which the
+    table showed only after training; one sample holding a value is enough."""
+    from mtsl_plugin.data import TargetFiles, build_dataset
+    from mtsl_plugin.preflight import read_every_sample
+
+    folders = {"train": "train", "test": "val"}
+    root = _dense(tmp_path, {"train": None, "val": None, folders[split]: value})
+    targets = {"v": TargetFiles("dense", "v", 1, valid)}
+    other = "test" if split == "train" else "train"
+    read_every_sample(build_dataset("folder", other, root=str(root), targets=targets), f"{other} split", False)
+    with pytest.raises(ValueError) as caught:
+        read_every_sample(build_dataset("folder", split, root=str(root), targets=targets), f"{split} split", False)
+    message = str(caught.value)
+    assert message.startswith("task 'v': no target of the") and str(root / folders[split] / "v") in message
+    assert len(message.splitlines()) == 1
+
+
+def test_nyuv2_depth_without_a_valid_pixel_is_refused(tmp_path):
+    from mtsl_plugin.data import NYUv2
+    from mtsl_plugin.preflight import read_every_sample
+
+    from conftest import write_nyuv2
+
+    root = write_nyuv2(tmp_path / "nyu", n_train=4, n_val=2, size=(8, 8))
+    read_every_sample(NYUv2(root, "train"), "nyuv2 train split", False)
+    for path in (root / "train" / "depth").iterdir():
+        np.save(path, np.zeros((8, 8, 1), np.float32))  # 0 = no depth
+    with pytest.raises(ValueError, match=r"^task 'D': no target of the nyuv2 train split in .*train/depth holds"):
+        read_every_sample(NYUv2(root, "train"), "nyuv2 train split", False)
 
 
 @pytest.mark.parametrize("batch_size, train, smallest", [(3, 24, 3), (16, 18, 2), (16, 31, 15), (16, 20, 4)])
