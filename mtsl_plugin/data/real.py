@@ -163,12 +163,18 @@ def labels_from_array(array: np.ndarray, path: Path, classes: int, owner: str, i
 
 
 def read_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
-    """``np.load(path)``; a file that is not a readable ``.npy`` array raises ``ValueError`` naming it."""
+    """``np.load(path)``; a file that is not a readable ``.npy`` array (an ``.npz`` archive renamed too, which
+    ``np.load`` opens as an archive of arrays) raises ``ValueError`` naming it."""
     try:
-        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"File {path} cannot be read as a .npy array: {reason}") from None
+    if not isinstance(array, np.ndarray):  # an NpzFile: close it, it holds the file open
+        array.close()
+        raise ValueError(f"File {path} cannot be read as a .npy array: it is an .npz archive (np.savez) of "
+                         f"{len(array.files)} array(s); save each sample's array with np.save")
+    return array
 
 
 def check_read_options(owner: str, split: str, splits: Iterable[str], height: int | None, width: int | None,

@@ -218,6 +218,16 @@ def test_shape_mismatch_and_bad_values_name_the_file(nyu: tuple[Path, dict]) -> 
         ds[0]
 
 
+def test_an_npz_archive_named_npy_is_named(nyu: tuple[Path, dict]) -> None:
+    """np.load opens an .npz archive whatever its name: it went on as an array and failed with AttributeError."""
+    root, _ = nyu
+    path = root / "train" / "depth" / "7.npy"
+    with open(path, "wb") as file:  # np.savez would append .npz to the name
+        np.savez(file, depth=np.ones((H, W, 1), np.float32))
+    with pytest.raises(ValueError, match=r"depth[/\\]7\.npy cannot be read as a \.npy array: it is an \.npz archive"):
+        NYUv2(root, "train")[1]
+
+
 def test_augmentation_zooms_flips_and_keeps_targets_consistent(nyu: tuple[Path, dict]) -> None:
     root, _ = nyu
     plain = NYUv2(root, "train")
