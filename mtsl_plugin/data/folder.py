@@ -181,7 +181,8 @@ class FolderDataset(Dataset):
         naming the file); an image file as ``(H, W, 3)`` RGB (a 16-bit grey one scaled to [0, 1], as PIL's own
         conversion would clip it at 255). ``single_channel`` (label and mask files) reads a grey, 16-bit or palette
         file as its ``(H, W)`` values or palette indices instead, a 1-bit one as 0/1 and a grey+alpha one as its
-        grey channel; colour ones stay ``(H, W, 3)`` (and are refused by their shape)."""
+        grey channel; colour ones stay ``(H, W, 3)`` (and are refused by their shape). A file PIL cannot read, or
+        refuses as too large (``PIL.Image.MAX_IMAGE_PIXELS``), raises ``ValueError`` naming it."""
         if path.suffix.lower() == ".npy":
             array = read_npy(path)
             if array.dtype.kind not in "biuf":  # complex, strings, records, dates: no value to read
@@ -201,7 +202,7 @@ class FolderDataset(Dataset):
                 if image.mode in _WIDE_GREY:
                     return np.repeat(np.asarray(image).astype(np.float32)[..., None] / 65535, 3, axis=-1)
                 return np.asarray(image.convert("RGB"))
-        except OSError as exc:
+        except (OSError, Image.DecompressionBombError) as exc:  # the latter: over 2 x PIL's MAX_IMAGE_PIXELS
             raise ValueError(f"File {path} cannot be read as an image: {exc}") from None
 
     def _image(self, sample: str) -> torch.Tensor:

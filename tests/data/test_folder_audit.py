@@ -161,3 +161,12 @@ def test_hidden_files_such_as_macos_metadata_are_not_samples(tmp_path):
     (root / "train" / "image" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # not an image
     data = build_dataset("folder", "train", root=str(root), targets={"seg": TargetFiles("labels", "seg", 3)})
     assert data.ids == ["a"] and data[0][1]["seg"].shape == (8, 8)
+
+
+def test_an_image_file_pil_refuses_as_too_large_is_named(tmp_path, monkeypatch):
+    """PIL refuses an image of over twice ``MAX_IMAGE_PIXELS`` (178 million pixels by default, e.g. 15000 x 15000)
+    with DecompressionBombError, not an OSError: a traceback from the commands. Lowered here, an 8 x 8 one."""
+    root = _sample(tmp_path, "a.png", _rgb(), {"m/a.png": Image.fromarray(np.eye(8, dtype=np.uint8))})
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)
+    message = _one_line_error(root, {"m": TargetFiles("binary", "m", 1)}, "image/a.png")
+    assert "cannot be read as an image" in message
