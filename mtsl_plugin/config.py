@@ -266,12 +266,33 @@ def _scaled_schedule(epochs: Any, phases: Any, base_phases: int, mtsl_raw: Mappi
     return fields
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one without a word, so
+    a task declared twice lost its first declaration); keys a merge (``<<: *base``) brings in may be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    where = f"lines {lines[key]} and {line}" if lines[key] != line else f"both on line {line}"
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping ({where})", key_node.start_mark)
+            except TypeError:  # an unhashable key: the base class names it
+                continue
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     """The configuration of a YAML (or JSON) file, over ``base`` (see :func:`config_from_mapping`); a file that
-    cannot be read or holds no mapping is named in one line."""
+    cannot be read, holds a key twice in one mapping or holds no mapping is named in one line."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except (OSError, yaml.YAMLError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"config file {str(path)!r} could not be read: {reason}") from None

@@ -66,7 +66,13 @@ def test_the_presets_are_their_files_read_the_same_way():
                                            # values read well but refused by the checks before training:
                                            ("optimizer: {optim: sgdx}\n", "sgdx"),
                                            ("optimizer: {lr: -1}\n", "'optim'"),
-                                           ("tasks: SD\n", "'SD'")])
+                                           ("tasks: SD\n", "'SD'"),
+                                           # PyYAML keeps a repeated key's last value without a word:
+                                           ("epochs: 4\nepochs: 6\n", "key 'epochs' is given twice in one mapping "
+                                                                       "(lines 1 and 2)"),
+                                           ("tasks:\n  p: {kind: segmentation, classes: 3}\n  p: {kind: binary}\n",
+                                            "key 'p' is given twice"),
+                                           ("data: {height: 32, height: 64}\n", "(both on line 1)")])
 def test_bad_files_are_refused_in_one_line_before_training(tmp_path, capsys, text, culprit):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -76,6 +82,14 @@ def test_bad_files_are_refused_in_one_line_before_training(tmp_path, capsys, tex
     assert err.startswith("error: ") and culprit in err and len(err.splitlines()) == 1, err
     assert str(path) in err or culprit in ("sgdx", "'optim'", "'SD'")  # a file's own errors name it
     assert not (tmp_path / "out").exists()
+
+
+def test_a_key_a_merge_brings_in_may_be_overridden(tmp_path):
+    """Only a key written twice is refused (above), not one that overrides a merged mapping's (``<<``)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {<<: {height: 32, width: 48}, width: 64}\n")
+    data = load_config_file(path).data
+    assert (data.height, data.width) == (32, 64)
 
 
 def test_compare_runs_a_file_and_keeps_a_config_that_reads_back(tmp_path):
