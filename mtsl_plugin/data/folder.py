@@ -88,6 +88,8 @@ class TargetFiles:
             raise ValueError(f"TargetFiles folder {problem}.")
         if self.valid not in VALID_RULES:
             raise ValueError(f"TargetFiles valid must be one of {VALID_RULES}, got {self.valid!r}.")
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+            raise ValueError(f"TargetFiles channels must be an integer >= 1, got {self.channels!r}.")
 
 
 _NDIMS = {"labels": (2,), "binary": (2,), "dense": (2, 3), "normals": (3,)}
@@ -113,7 +115,11 @@ class FolderDataset(Dataset):
         check_read_options("folder data", split, SPLITS, height, width, n)
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"data folder {root} does not exist.")
+            raise FileNotFoundError(f"data folder {root} {'is a file' if root.exists() else 'does not exist'}.")
+        wrong = next((task for task, spec in dict(targets).items() if not isinstance(spec, TargetFiles)), None)
+        if wrong is not None:
+            raise TypeError(f"folder data: the targets of task {wrong!r} are {dict(targets)[wrong]!r}, not a "
+                            "TargetFiles(layout, folder, channels, valid).")
         folders = [root / name for name in SPLITS[split] if (root / name).is_dir()]
         if not folders:
             raise FileNotFoundError(f"data folder {root} has no {' or '.join(f'{s}/' for s in SPLITS[split])} folder "

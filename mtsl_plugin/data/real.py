@@ -179,10 +179,13 @@ def read_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
 
 def check_read_options(owner: str, split: str, splits: Iterable[str], height: int | None, width: int | None,
                        n: int | None) -> None:
-    """Refuse, in one sentence naming ``owner`` (the data set), a split outside ``splits``, a size given by one
-    side only or with a side below 1, and a negative sample count ``n``."""
+    """Refuse, in one sentence naming ``owner`` (the data set), a split outside ``splits``, a size or sample count
+    that is no integer, a size given by one side only or with a side below 1, and a negative sample count ``n``."""
     if split not in splits:
         raise ValueError(f"Unknown {owner} split {split!r}; choose from {tuple(splits)}.")
+    for what, value in (("height", height), ("width", width), ("n", n)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise ValueError(f"{owner} needs an integer {what} (or None), got {value!r}.")
     if (height is None) != (width is None):
         raise ValueError(f"{owner} needs both height and width to resize, or neither; got {height}x{width}.")
     if height is not None and (height < 1 or width < 1):
@@ -213,7 +216,7 @@ class NpyLayoutDataset(Dataset):
         check_read_options(name, split, SPLIT_FOLDERS, height, width, n)
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"{name} root folder {root} does not exist.")
+            raise FileNotFoundError(f"{name} root folder {root} {'is a file' if root.exists() else 'does not exist'}.")
         self.split, self.root = split, root
         self.split_dir = root / SPLIT_FOLDERS[split]
         if not self.split_dir.is_dir():

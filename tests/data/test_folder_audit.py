@@ -170,3 +170,27 @@ def test_an_image_file_pil_refuses_as_too_large_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)
     message = _one_line_error(root, {"m": TargetFiles("binary", "m", 1)}, "image/a.png")
     assert "cannot be read as an image" in message
+
+
+@pytest.mark.parametrize("kwargs, error, culprit", [
+    ({"height": 8.5, "width": 8}, ValueError, "integer height"),  # failed inside torch's resize, at the first sample
+    ({"n": 2.0}, ValueError, "integer n"),  # failed slicing the sample list
+    ({"targets": {"m": ("binary", "m")}}, TypeError, "task 'm'"),  # AttributeError: 'tuple' object has no 'layout'
+    ({"root": "file"}, FileNotFoundError, "is a file"),  # said "does not exist"
+])
+def test_python_callers_mistakes_are_named_in_one_line(tmp_path, kwargs, error, culprit):
+    root = _sample(tmp_path, "a.png", _rgb(), {"m/a.png": Image.fromarray(np.eye(8, dtype=np.uint8))})
+    (tmp_path / "file").write_text("not a folder")
+    args = {"root": root, "split": "train", "targets": {"m": TargetFiles("binary", "m", 1)}, **kwargs}
+    if "root" in kwargs:
+        args["root"] = tmp_path / kwargs["root"]
+    with pytest.raises(error) as caught:
+        FolderDataset(**args)[0]
+    assert culprit in str(caught.value) and len(str(caught.value).splitlines()) == 1, caught.value
+
+
+@pytest.mark.parametrize("channels", [0, "2", True, 1.0])
+def test_target_files_channels_that_are_no_count_are_refused(channels):
+    """``channels="2"`` read on, and a two-channel file was refused as having "2 channel(s), the task has 2"."""
+    with pytest.raises(ValueError, match="TargetFiles channels must be an integer >= 1"):
+        TargetFiles("dense", "flow", channels)

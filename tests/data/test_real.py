@@ -180,8 +180,11 @@ def test_default_collate_and_build_dataset(nyu: tuple[Path, dict], city: tuple[P
 
 def test_missing_root_split_and_empty_folder_name_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         NYUv2(missing, "train")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(FileNotFoundError, match="file is a file"):
+        NYUv2(tmp_path / "file", "train")
     (tmp_path / "empty" / "train" / "image").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="val"):
         NYUv2(tmp_path / "empty", "val")
