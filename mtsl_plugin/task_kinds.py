@@ -241,9 +241,9 @@ def probe_task(task: Task) -> None:
 
 def declare_task(name: str, declaration: Mapping[str, Any]) -> Task:
     """The :class:`Task` ``name`` of a declaration ``{kind: ..., <the kind's options>, folder: ...}``; the kind is
-    looked up among the plugins' task kinds. A mistake (no kind, unknown kind or option, bad value, a ``folder``
-    that is no folder inside each split's: :func:`~mtsl_plugin.data.folder.folder_problem`) raises ``ValueError``
-    naming the task. The task's loss and metric are tried once on a tiny random batch
+    looked up among the plugins' task kinds. A mistake (no kind, unknown kind or option, bad value, a ``folder``,
+    or without one the name, that is no folder inside each split's: :func:`~mtsl_plugin.data.folder.folder_problem`)
+    raises ``ValueError`` naming the task. The task's loss and metric are tried once on a tiny random batch
     (:func:`probe_task`), so a kind whose loss or metric does not work is refused here, naming the task, its kind
     and plugin (``PluginContractError``), not at the first step or after training."""
     from mtsl_plugin.plugins import UnknownNameError, task_kind  # deferred: the manager imports the built-in kinds
@@ -255,11 +255,12 @@ def declare_task(name: str, declaration: Mapping[str, Any]) -> Task:
     if not isinstance(declaration["kind"], str):  # a list would not even hash
         raise ValueError(f"task {name!r}: kind must be the name of a task kind (e.g. segmentation), got "
                          f"{declaration['kind']!r}")
-    if "folder" in declaration:
-        from mtsl_plugin.data.folder import folder_problem  # deferred: the data package is not needed otherwise
+    from mtsl_plugin.data.folder import folder_problem  # deferred: the data package is not needed otherwise
 
-        if problem := folder_problem(declaration["folder"]):
-            raise ValueError(f"task {name!r}: folder {problem}")
+    if "folder" in declaration and (problem := folder_problem(declaration["folder"])):
+        raise ValueError(f"task {name!r}: folder {problem}")
+    if "folder" not in declaration and isinstance(name, str) and name and (problem := folder_problem(name)):
+        raise ValueError(f"task {name!r}: its folder, by default its name, {problem}; give its folder (folder: ...)")
     options = {k: v for k, v in declaration.items() if k not in DECLARATION_KEYS}
     try:
         kind = task_kind(declaration["kind"])

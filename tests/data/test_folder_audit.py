@@ -119,6 +119,15 @@ def test_a_folder_that_is_no_relative_folder_name_is_refused_naming_the_task(fol
         TargetFiles("binary", folder, 1)
 
 
+@pytest.mark.parametrize("name", ["/abs/mask", "../mask"])
+def test_a_task_name_that_is_no_folder_name_is_refused_naming_the_task(name):
+    """Without ``folder:`` a task reads the folder of its name: the refusal named ``TargetFiles``, not the task."""
+    with pytest.raises(ValueError, match=f"^task '{name}': its folder, by default its name, must be") as caught:
+        declare_task(name, {"kind": "binary"})
+    assert len(str(caught.value).splitlines()) == 1
+    declare_task(name, {"kind": "binary", "folder": "mask"})
+
+
 def test_a_sub_folder_is_a_valid_folder(tmp_path):
     declare_task("mask", {"kind": "binary", "folder": "masks/v2"})
     root = _sample(tmp_path, "a.png", _rgb(), {"masks/v2/a.npy": np.eye(8)})
