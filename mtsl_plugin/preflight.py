@@ -10,7 +10,8 @@ one line (``error: <sentence naming the culprit>``, exit code 2) instead of a fo
   mean "invalid pixel", see :mod:`mtsl_plugin.data`, but a task none of whose targets in a split holds a valid
   pixel is refused), and that the training split is larger than the held-out slice;
 * the backbone (built once, so a bad name or weights file is found here; one zero image of the data's size
-  runs through it, so a size it cannot run on is named) and the device;
+  runs through it, so a size it cannot run on is named, and in training mode where a training batch holds one
+  image, so a BatchNorm that cannot train on it is named) and the device;
 * the LibMTL weighting method, and the optimizer (built once, by LibMTL's own code);
 * MTSL's plugins, each called once on a tiny random input (a plugin returning NaN or a mis-shaped value fails
   here).
@@ -67,8 +68,15 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
     missing = [t for t in config.tasks if t not in dataset.tasks]
     if missing:
         raise ValueError(f"dataset {d.name!r} has no target for task(s) {missing}; it has {list(dataset.tasks)}")
-    build_stages(config).check_input_size(dataset.height, dataset.width)  # some CNNs need a least size or multiple
+    stages = build_stages(config)
+    stages.check_input_size(dataset.height, dataset.width)  # some CNNs need a least size or multiple
     smallest = smallest_batch(trained, config.batch_size, drops_last_batch(trained, config.batch_size))
+    if smallest == 1:  # BatchNorm on a 1x1 feature map fails at the step that meets that batch
+        try:
+            stages.check_batch_of_one(dataset.height, dataset.width)
+        except ValueError as exc:
+            raise ValueError(f"batch_size {config.batch_size} over {trained} training samples gives a batch of 1 "
+                             f"image, and {exc}: use another batch_size or number of training samples") from None
     if learner is not None and learner.aligns and smallest < 4:
         raise ValueError(f"MTSL's alignment loss measures CKA on every training batch and needs at least 4 images, "
                          f"but batch_size {config.batch_size} over {trained} training samples gives a batch of "

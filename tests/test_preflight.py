@@ -161,3 +161,26 @@ def test_an_alignment_similarity_without_gradient_is_refused_before_training(smo
     check_mtsl(dataclasses.replace(smoke(tasks="SD", align_similarity="rsa").mtsl, align=False))
     with pytest.raises(ValueError, match="^similarity 'rsa' returns no gradient, so it cannot drive the alignment"):
         check_mtsl(smoke(tasks="SD", align_similarity="rsa").mtsl)
+
+
+@pytest.mark.parametrize("train, size, setting, refused", [(9, 32, "encoder-decoder", True),
+                                                           (10, 32, "encoder-decoder", False),
+                                                           (9, 64, "encoder-decoder", False),
+                                                           (9, 64, "encoder", True)])
+def test_a_training_batch_of_one_image_batchnorm_cannot_train_on_is_refused(smoke, train, size, setting, refused):
+    """9 training samples in batches of 8 leave a last batch of one image; on 32x32 images ResNet18's last stage
+    is 1x1 there and BatchNorm failed at that step, after the run had started ("Expected more than 1 value per
+    channel"); the DeepLab head's image pooling is 1x1 at any size. A larger image, or a batch of 2, trains."""
+    from mtsl_plugin.preflight import check_config
+
+    config = smoke(tasks=("S", "D"))
+    config = config.replace(setting=setting, data=dataclasses.replace(config.data, train=train, height=size,
+                                                                      width=size))
+    if not refused:
+        check_config(config)
+        return
+    with pytest.raises(ValueError, match=f"^batch_size 8 over {train} training samples gives a batch of 1 image, "
+                                         f"and backbone 'resnet18' cannot train on a batch of one {size}x{size} "
+                                         "image: .*Expected more than 1 value per channel") as caught:
+        check_config(config)
+    assert len(str(caught.value).splitlines()) == 1

@@ -229,16 +229,36 @@ class StageFactory:
         without gradients (no weights change)."""
         self._run_one_image(height, width, self.num_locations, f"cannot run on {height}x{width} images")
 
-    def _run_one_image(self, height: int, width: int, locations: int, failure: str) -> None:
-        """One zero image through fresh nodes of locations ``0 .. locations - 1`` (evaluation mode, no
-        gradients); ``ValueError`` ``"backbone <name> <failure>: ..."`` where a location raises or returns anything
-        but a ``(1, C, h, w)`` tensor of its width ``C``."""
+    def check_batch_of_one(self, height: int, width: int) -> None:
+        """Refuse a training batch of one image ``(1, 3, height, width)`` where the network cannot train on it:
+        BatchNorm needs more than one value per channel, so a node or head whose feature map is 1x1 there (a
+        ResNet's last stage on 32x32 images, the DeepLab head's image pooling at any size) fails, at the step that
+        meets such a batch. Runs one zero image through fresh nodes of every location and a fresh head in training
+        mode, without gradients and with the global random state restored (nothing of a run changes); a
+        ``ValueError`` names the backbone, the size and the location or head that fails."""
+        failure = f"cannot train on a batch of one {height}x{width} image"
+        with torch.random.fork_rng(devices=[]):
+            outputs = self._run_one_image(height, width, self.num_locations, failure, train=True)
+            head = self.build_head(1).train()
+            try:
+                with torch.no_grad():
+                    head([outputs[location] for location in self.head_locations], (height, width))
+            except Exception as exc:  # noqa: BLE001 - whatever the head raises, named in one line
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ValueError(f"backbone {self.backbone!r} {failure}: the task head fails ({reason})") from None
+
+    def _run_one_image(self, height: int, width: int, locations: int, failure: str,
+                       train: bool = False) -> list[torch.Tensor]:
+        """One zero image through fresh nodes of locations ``0 .. locations - 1`` (evaluation mode, or training
+        mode with ``train``; no gradients), returning each location's output; ``ValueError``
+        ``"backbone <name> <failure>: ..."`` where a location raises or returns anything but a ``(1, C, h, w)``
+        tensor of its width ``C``."""
         like = next(self._templates[0].parameters())
         outputs: list[torch.Tensor] = []
         with torch.no_grad():
             for location in range(locations):
                 spec = self.specs[location]
-                node = self.build(location).eval()
+                node = self.build(location).train(train)
                 x = torch.zeros(1, 3, height, width, dtype=like.dtype, device=like.device) if location == 0 \
                     else outputs[-1]
                 try:
@@ -252,6 +272,7 @@ class StageFactory:
                     raise ValueError(f"backbone {self.backbone!r} {failure}: location {location} ({spec.name}) "
                                      f"gives {got}, not an (N, {spec.out_channels}, H, W) tensor")
                 outputs.append(out)
+        return outputs
 
     def build_head(self, out_channels: int, task: str | None = None) -> nn.Module:
         """A task head reading the outputs of :attr:`head_locations` (:class:`MultiScaleHead` in the ``authors``
