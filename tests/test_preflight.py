@@ -85,7 +85,6 @@ def test_segmentation_labels_missing_some_classes_pass(tmp_path):
 def _dense(root, values):
     """A folder data set of 3 samples in each split folder of ``values`` (folder -> value): images and ``v``
     targets (.npy (8, 8)) holding that value in every pixel; ``None``: the first sample's hold 1, the others' NaN."""
-    import numpy as np
     from PIL import Image
 
     for split, value in values.items():
