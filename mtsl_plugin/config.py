@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,6 +26,12 @@ SETTINGS = ("encoder-decoder", "encoder")
 GROUPING_DATA = ("holdout", "train")
 #: How a run computes, not what it computes: not in fingerprints, and a resumed run may change them.
 EXECUTION_OPTIONS = ("fused", "channels_last", "compile", "workers")
+
+
+def home(path: Any) -> Any:
+    """``path`` with a leading ``~`` expanded to the user's home folder (a shell expands it on the command line, a
+    ``--config`` file or a Python caller does not); anything else unchanged."""
+    return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class DataConfig:
         return self.name != "synthetic" and self.augment is not False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "root", home(self.root))
         for key, least in (("height", 1), ("width", 1), ("train", 1), ("holdout", None), ("test", 1)):
             require(f"data.{key}", getattr(self, key), int, least, optional=key in ("train", "test"))
         require("data.augment", self.augment, bool, optional=True)
@@ -107,6 +115,7 @@ class RunConfig:
                                  ("task_weights", Mapping, None), ("weight_args", Mapping, None)):
             require(key, getattr(self, key), kind, least)
         require("workers", self.workers, int, 0, optional=True)
+        object.__setattr__(self, "weights", home(self.weights))
         if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
             raise ValueError(f"tasks must be a list of task names (or one string, comma-separated: S,D), got "
                              f"{self.tasks!r}")

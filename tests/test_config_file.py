@@ -92,6 +92,16 @@ def test_a_key_a_merge_brings_in_may_be_overridden(tmp_path):
     assert (data.height, data.width) == (32, 64)
 
 
+def test_a_leading_tilde_in_a_files_paths_is_the_home_folder(tmp_path, monkeypatch):
+    """A shell expands ``~`` in ``--data-root ~/nyuv2``; YAML does not, and ``root: ~/nyuv2`` said the folder
+    ``~/nyuv2`` does not exist."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {name: folder, root: ~/data}\nweights: ~/r18.pth\n")
+    config = load_config_file(path)
+    assert (config.data.root, config.weights) == (str(tmp_path / "data"), str(tmp_path / "r18.pth"))
+
+
 def test_compare_runs_a_file_and_keeps_a_config_that_reads_back(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("epochs: 4\nlr_steps: [3]\ndata: {height: 32, width: 48}\nbatch_size: 8\nmtsl: {phases: 2}\n")
