@@ -28,9 +28,10 @@ from typing import Any, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from mtsl_plugin import distributed
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data import build_dataset
-from mtsl_plugin.data.run_data import drops_last_batch, smallest_batch
+from mtsl_plugin.data.run_data import drops_last_batch, smallest_batch, smallest_rank_batch
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.libmtl_compat import LIBMTL_OPTIMIZERS, SINGLE_BACKWARD_WEIGHTINGS, import_libmtl
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
@@ -70,13 +71,20 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
         raise ValueError(f"dataset {d.name!r} has no target for task(s) {missing}; it has {list(dataset.tasks)}")
     stages = build_stages(config)
     stages.check_input_size(dataset.height, dataset.width)  # some CNNs need a least size or multiple
-    smallest = smallest_batch(trained, config.batch_size, drops_last_batch(trained, config.batch_size))
-    if smallest == 1:  # BatchNorm on a 1x1 feature map fails at the step that meets that batch
+    drop_last = drops_last_batch(trained, config.batch_size)
+    smallest = smallest_batch(trained, config.batch_size, drop_last)
+    # under torchrun each process trains on its share of a batch (a last one cut to a multiple of the processes);
+    # MTSL's amalgamation reads whole batches in every process
+    processes = distributed.world_size()
+    amalgamates = learner is not None and learner.amalgamate and any(learner.amalgamation_epochs)
+    share = smallest_rank_batch(trained, config.batch_size, drop_last, processes)
+    if share == 1 or (amalgamates and smallest == 1):  # BatchNorm on a 1x1 feature map fails at that step
+        gives = "a batch of 1 image" if processes == 1 or share != 1 else f"each of {processes} processes 1 image"
         try:
             stages.check_batch_of_one(dataset.height, dataset.width)
         except ValueError as exc:
-            raise ValueError(f"batch_size {config.batch_size} over {trained} training samples gives a batch of 1 "
-                             f"image, and {exc}: use another batch_size or number of training samples") from None
+            raise ValueError(f"batch_size {config.batch_size} over {trained} training samples gives {gives}, and "
+                             f"{exc}: use another batch_size or number of training samples") from None
     if learner is not None and learner.aligns and smallest < 4:
         raise ValueError(f"MTSL's alignment loss measures CKA on every training batch and needs at least 4 images, "
                          f"but batch_size {config.batch_size} over {trained} training samples gives a batch of "

@@ -183,3 +183,24 @@ def test_a_training_batch_of_one_image_batchnorm_cannot_train_on_is_refused(smok
                                          "image: .*Expected more than 1 value per channel") as caught:
         check_config(config)
     assert len(str(caught.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("train, learner, refused", [(9, False, False), (10, False, True), (9, True, True)])
+def test_the_batch_of_one_check_counts_each_process_share_under_torchrun(smoke, monkeypatch, train, learner, refused):
+    """Under torchrun a last batch of one image is cut away (to a multiple of the processes: 9 samples in batches
+    of 8 train 4 + 4), so only MTSL's amalgamation, which reads whole batches, meets it; 10 samples give each of 2
+    processes a last batch of 1 image, where BatchNorm on ResNet18's 1x1 last stage fails."""
+    from mtsl_plugin import distributed
+    from mtsl_plugin.preflight import check_config
+
+    config = smoke(tasks=("S", "D"))
+    config = config.replace(data=dataclasses.replace(config.data, train=train, height=32, width=32))
+    mtsl = dataclasses.replace(config.mtsl, align=False) if learner else None
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    if not refused:
+        check_config(config, learner=mtsl)
+        return
+    gives = "a batch of 1 image" if learner else "each of 2 processes 1 image"
+    with pytest.raises(ValueError, match=f"^batch_size 8 over {train} training samples gives {gives}, and backbone "
+                                         "'resnet18' cannot train on a batch of one 32x32 image"):
+        check_config(config, learner=mtsl)

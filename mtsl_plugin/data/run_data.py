@@ -26,6 +26,18 @@ def smallest_batch(samples: int, batch_size: int, drop_last: bool) -> int:
     return partial if partial and not drop_last else min(samples, batch_size)
 
 
+def smallest_rank_batch(samples: int, batch_size: int, drop_last: bool, processes: int) -> int:
+    """The fewest samples one of ``processes`` processes trains on in a step of a training epoch over ``samples``
+    (:meth:`RunData.batches` under ``torch.distributed``: each global batch split evenly, a last, partial one cut
+    to a multiple of ``processes`` and left out where that leaves none); :func:`smallest_batch` for one process."""
+    sizes = [batch_size] * (samples // batch_size)
+    partial = samples % batch_size
+    if partial and not drop_last:
+        sizes.append(partial - partial % processes)
+    sizes = [size // processes for size in sizes if size >= processes]
+    return min(sizes) if sizes else 0
+
+
 @dataclass
 class RunData:
     """The data of one run: training set, held-out slice of the training data (for grouping decisions),
