@@ -77,9 +77,11 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
     An ONNX model over protobuf's 2 GiB keeps its weights outside the file; torch's exporter writes one file per
     weight, named after the weight, into the file's folder, where a second export would overwrite them. Here
     they become one file, ``<path>.data`` (e.g. ``mtsl.onnx.data``), which the model names and which must stay
-    beside it."""
+    beside it; a smaller model written over such an export removes it."""
     check_format(fmt)
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     sample = sample.to("cpu")
     static = static.to("cpu").eval()
@@ -102,6 +104,8 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
         difference = max(float((a - b).abs().max()) for a, b in zip(got, expected))
         for file in moved:  # the weights first: the model file that names them arrives last
             os.replace(file, path.parent / file.name)
+        if fmt == "onnx" and len(moved) == 1:  # the weights of an earlier export to this name, which nothing names
+            path.with_name(path.name + ".data").unlink(missing_ok=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return difference

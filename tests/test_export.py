@@ -117,6 +117,11 @@ def test_weights_outside_the_model_become_one_file_named_after_it(tmp_path, monk
     got = torch.from_numpy(session.run(None, {"image": sample.numpy()})[0])
     with torch.no_grad():
         assert torch.allclose(got, first(sample)[0], atol=1e-5)
+    monkeypatch.undo()  # a model small enough for one file, written over the first: its weights file goes
+    assert export(second, "onnx", tmp_path / "net.onnx", sample) < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "other.onnx", "other.onnx.data"]
+    with pytest.raises(ValueError, match="is a folder; name the file to write"):
+        export(second, "onnx", tmp_path, sample)
 
 
 def test_a_failed_export_with_weights_outside_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
