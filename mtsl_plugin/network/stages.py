@@ -239,7 +239,7 @@ class StageFactory:
         failure = f"cannot train on a batch of one {height}x{width} image"
         with torch.random.fork_rng(devices=[]):
             outputs = self._run_one_image(height, width, self.num_locations, failure, train=True)
-            head = self.build_head(1).train()
+            head = self.build_head(1).to(outputs[-1].device, outputs[-1].dtype).train()  # where the nodes ran
             try:
                 with torch.no_grad():
                     head([outputs[location] for location in self.head_locations], (height, width))
