@@ -274,13 +274,13 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
                                  "align": align_sum / max(steps, 1),
                                  **{t: float(v) / max(steps, 1) for t, v in zip(self.task_name, sums)},
                                  **(self.model.search_record() if hasattr(self.model, "search_record") else {})})
-            changed = self._structural_phases(data, on_phase, progress)
-            if changed:
+            ran, edited = self._structural_phases(data, on_phase, progress)
+            if edited:  # a phase that merged nothing leaves the network, its compiled graphs and DDP wrapper alone
                 self.model.to(memory_format=self.memory_format)  # the new group nodes too
                 if self.compiled:
                     self.compile_model()
                 self.wrap_distributed()  # new nodes: identical on every rank (checked), a new DDP wrapper
-            due = changed or self.epochs_done == total_epochs or time.perf_counter() - last_save >= checkpoint_every
+            due = ran or self.epochs_done == total_epochs or time.perf_counter() - last_save >= checkpoint_every
             due = distributed.broadcast_object(due)  # rank 0's clock decides for every rank
             if checkpoint is not None and due:
                 self.save_on_every_rank(checkpoint)
@@ -314,9 +314,11 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
             sums, align_sum = sums + losses, align_sum + align
         return sums, align_sum, steps
 
-    def _structural_phases(self, data: RunData, on_phase: Callable[[dict], None] | None, progress: bool) -> bool:
-        """Run the structural phases due after the epochs done (usually none or one); whether any ran."""
-        changed = False
+    def _structural_phases(self, data: RunData, on_phase: Callable[[dict], None] | None,
+                           progress: bool) -> tuple[bool, bool]:
+        """Run the structural phases due after the epochs done (usually none or one); whether any ran, and whether
+        any merged (edited the network)."""
+        ran = edited = False
         while self.learner is not None and self.learner.phase_due(self.epochs_done):
             if data.holdout is None:
                 raise ValueError("MTSL needs a held-out slice of the training data for grouping decisions")
@@ -329,8 +331,8 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
                 lambda: data.batches(data.holdout), self.device, progress=progress)
             if on_phase is not None:  # e.g. rank 0 writes the record: a failed write stops every rank
                 distributed.fail_together(lambda: on_phase(record.to_dict()), CheckpointError)
-            changed = True
-        return changed
+            ran, edited = True, edited or bool(record.merged)
+        return ran, edited
 
     def loss_buffer(self, total_epochs: int) -> np.ndarray:
         """LibMTL's ``train_loss_buffer``: each task's mean loss of every epoch done (``(T, total_epochs)``, zeros

@@ -120,9 +120,10 @@ def test_libmtl_gradient_surgery_sees_shared_parameters(smoke):
 
 def test_checkpoints_are_written_after_each_phase_and_at_the_end(smoke, tmp_path, monkeypatch):
     """Phases end after epochs 1 and 2 (smoke); a 4-epoch run writes then and at the end, not after epoch 3,
-    unless a checkpoint is due by time (``checkpoint_every``)."""
-    for every, expected in ((1e9, [1, 2, 4]), (0.0, [1, 2, 3, 4])):
-        trainer, data = make(smoke(), learner=True)
+    unless a checkpoint is due by time (``checkpoint_every``); after a phase that merges nothing too (γ 1.5)."""
+    for changes, every, expected in (({}, 1e9, [1, 2, 4]), ({}, 0.0, [1, 2, 3, 4]),
+                                     ({"threshold": 1.5}, 1e9, [1, 2, 4])):
+        trainer, data = make(smoke(**changes), learner=True)
         written = []
         monkeypatch.setattr(trainer, "save", lambda path: written.append(trainer.epochs_done))
         trainer.fit(data, 4, checkpoint=tmp_path / "ckpt.pt", progress=False, checkpoint_every=every)
@@ -403,6 +404,10 @@ def test_compile_trains_like_eager_and_compiles_again_after_a_structural_edit(sm
     trainer, data = make(config.replace(compile=True), learner=True)
     trainer.fit(data, config.mtsl.phase_ends()[0], progress=False)  # through the first structural phase
     assert calls == [0, config.mtsl.phase_ends()[0]]
+    calls.clear()  # a phase that merges nothing leaves the compiled graphs alone
+    trainer, data = make(smoke(tasks=("S", "D"), threshold=1.5).replace(compile=True), learner=True)
+    trainer.fit(data, config.mtsl.phase_ends()[0], progress=False)
+    assert calls == [0] and trainer.learner.records[0].merged == []
     monkeypatch.setattr("mtsl_plugin.distributed.active", lambda: True)
     with pytest.raises(ValueError, match="--compile.*without torchrun"):
         trainer.wrap_distributed()
