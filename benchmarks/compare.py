@@ -47,7 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the comparison whose results are in DIR, as it was saved (with it only --device, "
                         "--fused, --channels-last, --compile, --workers, --no-progress, --keep-checkpoints, "
-                        "--plugin)")
+                        "--dry-run, --plugin)")
     p.add_argument("--plan-from", default=None, metavar="DIR",
                    help="retrain ('-R' methods) the final plans of the compare.py results in DIR, e.g. the plan "
                         "MTSL converged to on another data set (MTSL-R-Switch)")

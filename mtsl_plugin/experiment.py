@@ -10,7 +10,8 @@ Every run writes into its own folder::
       model.pt               the trained weights (plan and model state only), what :func:`load_run` reads
       phase_<k>.json         plan after structural phase k, with the similarity matrices it was decided on
       plan.json              the final plan
-      result.json            metrics, Δs filled in by the harness, params, GMac, timings, history, trained_by
+      result.json            metrics, params, GMac, timings, history, trained_by (the harness's results.json
+                             adds the Δs against STN)
 """
 from __future__ import annotations
 
