@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 from mtsl_plugin.data.common import RESIZE_BY_LAYOUT, normalize_normals, resize_image
 from mtsl_plugin.data.real import (augment_sample, check_read_options, image_from_array, labels_from_array,
                                    random_window, read_npy)
+from mtsl_plugin.learner.schedule import require
 from mtsl_plugin.tasks import TARGET_LAYOUTS, VALID_RULES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
@@ -88,8 +89,7 @@ class TargetFiles:
             raise ValueError(f"TargetFiles folder {problem}.")
         if self.valid not in VALID_RULES:
             raise ValueError(f"TargetFiles valid must be one of {VALID_RULES}, got {self.valid!r}.")
-        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
-            raise ValueError(f"TargetFiles channels must be an integer >= 1, got {self.channels!r}.")
+        require("TargetFiles channels", self.channels, int, 1)
 
 
 _NDIMS = {"labels": (2,), "binary": (2,), "dense": (2, 3), "normals": (3,)}
