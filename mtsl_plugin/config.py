@@ -31,7 +31,7 @@ EXECUTION_OPTIONS = ("fused", "channels_last", "compile", "workers")
 def home(path: Any) -> Any:
     """``path`` with a leading ``~`` expanded to the user's home folder (a shell expands it on the command line, a
     ``--config`` file or a Python caller does not); anything else unchanged."""
-    return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
+    return os.path.expanduser(path) if isinstance(path, str) else path
 
 
 @dataclass(frozen=True)
