@@ -105,10 +105,15 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
         for file in moved:  # the weights first: the model file that names them arrives last
             os.replace(file, path.parent / file.name)
         if fmt == "onnx" and len(moved) == 1:  # the weights of an earlier export to this name, which nothing names
-            path.with_name(path.name + ".data").unlink(missing_ok=True)
+            weights_file(path).unlink(missing_ok=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return difference
+
+
+def weights_file(path: Path) -> Path:
+    """Where the weights of the ONNX model ``path`` go when they do not fit in it: ``<path>.data`` beside it."""
+    return path.with_name(path.name + ".data")
 
 
 def write_onnx(static: StaticNetwork, sample: torch.Tensor, path: Path, metadata: dict[str, str] | None) -> list[Path]:
@@ -130,7 +135,7 @@ def write_onnx(static: StaticNetwork, sample: torch.Tensor, path: Path, metadata
     for file in path.parent.iterdir():
         if file != path:
             file.unlink()  # the exporter's per-weight files, now in memory
-    data = path.with_name(path.name + ".data")
+    data = weights_file(path)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
                     size_threshold=0)
     os.chmod(data, path.stat().st_mode & 0o777)  # onnx makes it private (0o600); as readable as the model file
