@@ -7,7 +7,8 @@ a variant (``ablation.py``'s ``mtsl_noalign_avg``, ``sensitivity.py``'s ``mtsl_t
 folder already holds a finished run of the same fingerprint (see :func:`~mtsl_plugin.experiment.run_fingerprint`)
 is reused, one with a checkpoint of the same fingerprint is continued, and a folder holding a *different* run is
 never overwritten: :func:`check_jobs` refuses the command before any training, naming the folder. So every command
-can point ``--out`` at the folder of an earlier ``compare.py`` run and train only what is missing.
+can point ``--out`` at the folder of an earlier ``compare.py`` run and train only what is missing, also while another
+command trains there: a job whose folder another process holds (:mod:`~mtsl_plugin.folder_lock`) waits for it.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 import baselines  # noqa: F401  (registers the baseline methods)
 from benchmarks.cli import RankFailure, UsageError, nearest_existing
 from benchmarks.report import aggregate, delta_mtl, format_table, with_provenance_note, write_csv, write_markdown
-from mtsl_plugin import distributed
+from mtsl_plugin import distributed, folder_lock
 from mtsl_plugin.architecture import check_arch_args
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.experiment import (CHECKPOINT, method_spec, num_locations, run_fingerprint, run_method,
@@ -232,12 +233,14 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
 
 def dry_run(jobs: Sequence[Job], out: Path | None, need: int | None = None) -> int:
     """``--dry-run``, after the command's checks passed: print what each job would do (reuse its finished run,
-    continue its checkpoint, or train) and ``need``, the bytes the runs may write (what :func:`check_jobs`
-    returned), and write nothing; exit code 0."""
+    continue its checkpoint, train, or wait for the process training in its folder) and ``need``, the bytes the
+    runs may write (what :func:`check_jobs` returned), and write nothing; exit code 0."""
     if distributed.is_main():
         for job in jobs if out is not None else ():
             run_dir = job.run_dir(out)
-            action = ("reuse the finished run" if (run_dir / "result.json").exists() else
+            who = folder_lock.busy(run_dir)
+            action = (f"wait for {who}, which trains it, then reuse or continue its run" if who else
+                      "reuse the finished run" if (run_dir / "result.json").exists() else
                       "continue from the checkpoint" if (run_dir / CHECKPOINT).exists() else "train")
             print(f"[{job.label} seed {job.config.seed}] would {action} in {run_dir}")
         disk = f"; the runs may write up to {size_text(need)}" if need is not None else ""
@@ -247,20 +250,26 @@ def dry_run(jobs: Sequence[Job], out: Path | None, need: int | None = None) -> i
 
 def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
             keep_checkpoints: bool = False) -> dict[str, Any]:
-    """Train ``job`` (or reuse / continue its folder); raises on failure."""
+    """Train ``job`` (or reuse / continue its folder); raises on failure. A folder another process trains in (a
+    second command on the same ``--out``) is waited for, then its finished run reused (or, if that process
+    stopped early, its checkpoint continued)."""
     run_dir = job.run_dir(out)
     plan = retrained_plan(job, results)
     spec = method_spec(job.method, job.config, dict(job.arch_args))
-    previous = saved_run(run_dir, run_fingerprint(job.method, job.config, spec, plan))
     tag = f"[{job.label} seed {job.config.seed}]"
-    if previous is not None and previous.get("status") == "ok":  # only result.json has a status
+
+    def say(text: str) -> None:
         if distributed.is_main():
-            print(f"{tag} reusing the finished run in {run_dir}", flush=True)
-        return {**previous, "label": job.label}
-    if distributed.is_main():
-        print(f"{tag} training", flush=True)
-    result = run_method(job.config, job.method, run_dir, resume=True, progress=progress, plan=plan,
-                        keep_checkpoint=keep_checkpoints, arch_args=dict(job.arch_args), check=False)  # check_jobs
+            print(f"{tag} {text}", flush=True)
+
+    with folder_lock.holding(run_dir, wait=True, on_wait=lambda who: say(f"waiting for {who}, which trains it")):
+        previous = saved_run(run_dir, run_fingerprint(job.method, job.config, spec, plan))
+        if previous is not None and previous.get("status") == "ok":  # only result.json has a status
+            say(f"reusing the finished run in {run_dir}")
+            return {**previous, "label": job.label}
+        say("training")
+        result = run_method(job.config, job.method, run_dir, resume=True, progress=progress, plan=plan,
+                            keep_checkpoint=keep_checkpoints, arch_args=dict(job.arch_args), check=False)  # check_jobs
     return {**result, "label": job.label}
 
 

@@ -3,6 +3,7 @@
 Every run writes into its own folder::
 
     run_dir/
+      .lock                  while a process trains the run: which one (one at a time: :mod:`~mtsl_plugin.folder_lock`)
       config.json            the RunConfig and method, who trained it (``trained_by``: software, machine, data)
       checkpoint.pt          while the run is unfinished: written after structural phases, at the first epoch
                              end a minute after the last write, and at the end (what resume continues); removed
@@ -28,7 +29,7 @@ import torch
 import yaml
 from torch.utils.data import Subset
 
-from mtsl_plugin import distributed
+from mtsl_plugin import distributed, folder_lock
 from mtsl_plugin.architecture import MTSL, check_arch_args
 from mtsl_plugin.checkpoint import CheckpointError, atomic_write
 from mtsl_plugin.config import RunConfig
@@ -230,7 +231,8 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
 
     With ``resume`` a checkpoint in ``run_dir`` is continued; ``plan`` is the plan a retraining ("-R") method
     retrains; ``arch_args`` override the method's architecture options. A ``run_dir`` that holds a run of another
-    fingerprint (:func:`run_fingerprint`) is never touched.
+    fingerprint (:func:`run_fingerprint`) is never touched, nor one another process trains in (it raises
+    :class:`~mtsl_plugin.folder_lock.FolderBusy` naming that process).
     A finished run keeps its trained weights (``model.pt``); its resume checkpoint is removed once
     ``result.json`` is written, unless ``keep_checkpoint``.
     With ``check`` the configuration (data included) is checked first (:func:`~mtsl_plugin.preflight.check_config`),
@@ -245,6 +247,15 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         from mtsl_plugin.preflight import check_config  # preflight imports this module
         check_config(config, progress=progress, learner=spec.learner.config if spec.learner else None)
     fingerprint = run_fingerprint(method, config, spec, plan)
+    with folder_lock.holding(run_dir):  # another process training in run_dir: FolderBusy, the folder untouched
+        return _train(config, method, run_dir, spec, fingerprint, resume=resume, progress=progress, plan=plan,
+                      keep_checkpoint=keep_checkpoint, arch_args=arch_args)
+
+
+def _train(config: RunConfig, method: str, run_dir: Path, spec: MethodSpec, fingerprint: str, *, resume: bool,
+           progress: bool, plan: BranchingPlan | None, keep_checkpoint: bool, arch_args: dict | None
+           ) -> dict[str, Any]:
+    """:func:`run_method` once its checks passed and it holds ``run_dir``."""
     saved = _claim_run_dir(run_dir, fingerprint, resume)
     seed_everything(config.seed)
     data, dataset = build_data(config)

@@ -24,10 +24,10 @@ architecture is MTSL, or our loop without a structural learner for any other arc
   ``arch_args["plan"]`` a starting plan (a :class:`~mtsl_plugin.plan.BranchingPlan` or its dict form),
   ``arch_args["network"]`` / ``arch_args["setting"]`` the stages built over a timm ResNet;
   ``save_path`` (a folder: the resume checkpoint ``checkpoint.pt``, continued by a new ``Trainer`` on the same
-  folder, and the final weights ``model.pt``), ``load_path`` (weights or a checkpoint to start from, its plan
-  used; a folder means its ``model.pt``, where LibMTL reads ``best.pt``; a bare state dict, LibMTL's
-  ``best.pt``, is loaded as LibMTL loads it, ``strict=False``, into architectures without a plan),
-  ``device`` (default CUDA when available);
+  folder, and the final weights ``model.pt``; one process trains in it at a time), ``load_path`` (weights or a
+  checkpoint to start from, its plan used; a folder means its ``model.pt``, where LibMTL reads ``best.pt``; a bare
+  state dict, LibMTL's ``best.pt``, is loaded as LibMTL loads it, ``strict=False``, into architectures without a
+  plan), ``device`` (default CUDA when available);
 * ``process_preds``: a subclass's override is applied to every batch's predictions before the losses (training)
   and the metrics (:meth:`Trainer.test`), as in LibMTL; overrides of ``_process_data``, ``_compute_loss`` and
   ``_prepare_dataloaders``, which this loop never calls, are refused;
@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
-from mtsl_plugin import distributed
+from mtsl_plugin import distributed, folder_lock
 from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.data.run_data import RunData, smallest_batch
@@ -309,13 +309,12 @@ class Trainer(MTLTrainer):
             dataset = train_dataloaders.dataset
             grouping = Subset(dataset, range(min(AUTHORS_SIMILARITY_SAMPLES, len(dataset))))
         data = LoaderData(train_dataloaders, grouping, test_dataloaders.dataset)
-        checkpoint = None
-        if self.save_path is not None:
-            self.save_path.mkdir(parents=True, exist_ok=True)
-            checkpoint = self.save_path / CHECKPOINT
-        self.fit(data, epochs, checkpoint=checkpoint, progress=progress)
-        if self.save_path is not None:
-            self.save_weights(self.save_path / WEIGHTS)
+        if self.save_path is None:
+            self.fit(data, epochs, progress=progress)
+        else:  # another process training into save_path: FolderBusy, before any step
+            with folder_lock.holding(self.save_path):
+                self.fit(data, epochs, checkpoint=self.save_path / CHECKPOINT, progress=progress)
+                self.save_weights(self.save_path / WEIGHTS)
         results = {"test": self.test(test_dataloaders)}
         if val_dataloaders is not None:
             results["val"] = self.test(val_dataloaders, mode="val")

@@ -1,8 +1,10 @@
 """Shared fixtures: the smoke preset, shrunk further where a test only needs the code path."""
+import contextlib
 import fcntl
 import getpass
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -207,3 +209,26 @@ def forget_modules():
     yield names
     for name in names:
         sys.modules.pop(name, None)
+
+
+#: a process holding the folder argv[1] (mtsl_plugin.folder_lock) until its stdin ends
+HOLD = """
+import sys
+from mtsl_plugin import folder_lock
+with folder_lock.holding(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def other_process(folder):
+    """A second process holding ``folder`` until the block ends (its stdin closed)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        yield proc
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)

@@ -314,3 +314,14 @@ def test_a_libmtl_linear_decoder_reads_the_last_location_average_pooled():
     last = torch.randn(2, 8, 3, 5)
     out = head([torch.randn(2, 4, 6, 6), last], (12, 20))
     torch.testing.assert_close(out, decoder(last.sum(dim=(2, 3)) / 15))
+
+
+def test_a_save_path_another_process_trains_in_is_refused_before_any_step(tiny_nyuv2, tmp_path):
+    from conftest import other_process
+    from mtsl_plugin.folder_lock import FolderBusy
+
+    trainer = tiny_trainer(tmp_path / "run")
+    with other_process(tmp_path / "run") as other:
+        with pytest.raises(FolderBusy, match=rf"run is in use by process {other.pid} on "):
+            trainer.train(*loaders(tiny_nyuv2), 10, progress=False)
+    assert trainer.epochs_done == 0 and sorted(p.name for p in (tmp_path / "run").iterdir()) == []

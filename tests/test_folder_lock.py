@@ -1,0 +1,136 @@
+"""One process at a time in a run folder: a second process is refused (run_method, the LibMTL-style Trainer) or
+waits (the benchmark commands), a killed holder never blocks the folder, and no lock file stays behind."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import baselines  # noqa: F401  (registers onenet)
+from conftest import HOLD, other_process
+from mtsl_plugin import folder_lock
+from mtsl_plugin.folder_lock import LOCK_FILE, FolderBusy
+
+
+def test_a_folder_another_process_trains_in_is_refused_untouched(tmp_path):
+    """run_method in a folder another process trains in raises before touching it: the other's half-written
+    checkpoint (a ``*.tmp``, which a run taking its folder removes as a kill's leftover) stays."""
+    from conftest import smoke_config
+    from mtsl_plugin.experiment import run_method
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt.tmp").write_bytes(b"half written")
+    with other_process(run) as other:
+        before = sorted(p.name for p in run.iterdir())
+        with pytest.raises(FolderBusy, match=rf"{run} is in use by process {other.pid} on .*, since .*; wait for it"):
+            run_method(smoke_config(), "onenet", run, resume=True, progress=False, check=False)
+        assert sorted(p.name for p in run.iterdir()) == before
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt.tmp"]  # the holder's lock file went with it
+
+
+def test_a_killed_holder_leaves_a_lock_file_that_blocks_nothing(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    assert folder_lock.busy(tmp_path).startswith(f"process {proc.pid} on ")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stdin.close()
+    assert (tmp_path / LOCK_FILE).exists()  # the system released the lock; the file stays
+    assert folder_lock.busy(tmp_path) is None
+    with folder_lock.holding(tmp_path):  # at once, no waiting
+        assert folder_lock.holder(tmp_path).startswith(f"process {os.getpid()} on ")
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_holding_is_reentrant_within_a_process(tmp_path):
+    with folder_lock.holding(tmp_path):
+        with folder_lock.holding(tmp_path):
+            pass
+        assert (tmp_path / LOCK_FILE).exists() and folder_lock.busy(tmp_path) is None  # ours
+        result = subprocess.run([sys.executable, "-c", HOLD, str(tmp_path)], input="", capture_output=True,
+                                text=True, timeout=60)  # another process is refused
+        assert result.returncode == 1
+        assert f"FolderBusy: {tmp_path} is in use by process {os.getpid()} on" in result.stderr
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_lock_file_removed_between_open_and_lock_is_locked_anew(tmp_path, monkeypatch):
+    """The holder releasing removes the file; a process that opened it just before locks a file no one else will
+    see: it must try again on the file now at the path (else two processes would both hold the folder)."""
+    flock = folder_lock.fcntl.flock
+    calls = []
+
+    def released_meanwhile(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:
+            (tmp_path / LOCK_FILE).unlink()
+        flock(fd, operation)
+
+    monkeypatch.setattr(folder_lock.fcntl, "flock", released_meanwhile)
+    got, fd = folder_lock._try_lock(tmp_path)
+    assert got and len(calls) == 2
+    assert os.fstat(fd).st_ino == os.stat(tmp_path / LOCK_FILE).st_ino
+    folder_lock._release(tmp_path, fd)
+
+
+def test_a_file_system_without_locks_is_used_unlocked_after_a_warning(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(folder_lock.fcntl, "flock", no_locks)
+    with folder_lock.holding(tmp_path):
+        pass
+    assert f"warning: {tmp_path} cannot be locked (No locks available)" in capsys.readouterr().err
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_the_harness_waits_for_the_other_process_then_reuses_its_run(tmp_path, monkeypatch, capsys):
+    """Two commands on one --out (a cluster's job array) train each shared run once: the second waits for the
+    first, says whom it waits for (its dry run too), then reuses the finished run."""
+    from benchmarks import harness
+    from conftest import smoke_config
+
+    job = harness.Job("onenet", "onenet", smoke_config())
+    harness.run_job(job, tmp_path, [], progress=False)
+    run = job.run_dir(tmp_path)
+    weights = (run / "model.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    monkeypatch.setattr(folder_lock, "POLL_SECONDS", 0.05)
+    with other_process(run) as other:
+        harness.dry_run([job], tmp_path)
+        assert f"[onenet seed 0] would wait for process {other.pid} on " in capsys.readouterr().out
+        threading.Timer(1.0, other.stdin.close).start()
+        started = time.perf_counter()
+        record = harness.run_job(job, tmp_path, [], progress=False)
+        assert time.perf_counter() - started >= 0.9
+    out = capsys.readouterr().out
+    assert out.count("waiting for") == 1 and f"[onenet seed 0] waiting for process {other.pid} on " in out
+    assert "[onenet seed 0] reusing the finished run" in out and record["status"] == "ok"
+    assert (run / "model.pt").stat().st_mtime_ns == weights
+    assert not (run / LOCK_FILE).exists()
+
+
+def test_under_torchrun_every_rank_follows_rank_0s_answer(tmp_path, monkeypatch):
+    """Rank 0 alone locks; another rank takes its answer (busy: refused alike, or waited for alike) and never
+    touches the folder, so every rank leaves the block's collectives together."""
+    from mtsl_plugin import distributed
+
+    answers = iter([(False, "process 7 on node1, since then"), (True, None), (False, "process 7 on node1, since then")])
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda value: next(answers))
+    monkeypatch.setattr(folder_lock, "POLL_SECONDS", 0.0)
+    waited = []
+    with folder_lock.holding(tmp_path / "run", wait=True, on_wait=waited.append):
+        assert not (tmp_path / "run").exists()
+    assert waited == ["process 7 on node1, since then"]
+    with pytest.raises(FolderBusy, match="is in use by process 7 on node1") as refused:
+        with folder_lock.holding(tmp_path / "run"):
+            pass
+    assert distributed.raised_on_every_rank(refused.value)
