@@ -31,6 +31,7 @@ from mtsl_plugin.learner.schedule import require
 from mtsl_plugin.libmtl_compat import import_libmtl, zero_shared_grads_in_place
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.cost import count_gmac
+from mtsl_plugin.network.modes import evaluating
 from mtsl_plugin.network.stages import CANDIDATES, candidate_factories
 from mtsl_plugin.plan import BranchingPlan, Group
 
@@ -175,10 +176,8 @@ class GatedSupernet(AbsArchitecture):
         if (height, width) in cache:
             return cache[(height, width)]
         device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
         costs, outputs = [], []
-        with torch.no_grad():
+        with evaluating(self), torch.no_grad():
             x = torch.zeros(1, 3, height, width, device=device)
             for location, spec in enumerate(self.specs):
                 node = self.node(location, 0)
@@ -186,6 +185,5 @@ class GatedSupernet(AbsArchitecture):
                 if spec.skip_from is not None:
                     args += (outputs[spec.skip_from],)
                 costs.append(count_gmac(lambda: outputs.append(node(*args))))
-        self.train(was_training)
         cache[(height, width)] = costs
         return costs

@@ -30,6 +30,7 @@ from mtsl_plugin import distributed
 from mtsl_plugin.learner.optim import average_module_state, average_parameter_state, sync_parameters
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.network.branched import BranchedNetwork
+from mtsl_plugin.network.modes import evaluating
 from mtsl_plugin.plan import BranchingPlan, Group
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
 from mtsl_plugin.plugins.builtin_grouping import group_value, reaches
@@ -109,15 +110,13 @@ class StructuralLearner:
         sets = network.plan.siblings()  # (location, tasks) per set of sibling task nodes, shallowest first
         if not sets:
             return {}
-        was_training = network.training
-        network.eval()
         collected: dict[str, list[torch.Tensor]] = {t: [] for _, tasks in sets for t in tasks}
-        for images, _ in holdout():
-            outputs = network.run_locations(images.to(device), until=max(location for location, _ in sets))
-            for location, tasks in sets:
-                for task in tasks:
-                    collected[task].append(pooled(outputs[location][(task,)]).float().cpu())
-        network.train(was_training)
+        with evaluating(network):
+            for images, _ in holdout():
+                outputs = network.run_locations(images.to(device), until=max(location for location, _ in sets))
+                for location, tasks in sets:
+                    for task in tasks:
+                        collected[task].append(pooled(outputs[location][(task,)]).float().cpu())
         return {t: torch.cat(v) for t, v in collected.items()}
 
     def similarity_matrix(self, features: dict[str, torch.Tensor], tasks: Group) -> np.ndarray:
@@ -231,28 +230,26 @@ class StructuralLearner:
                                 *(p for m in losses.values() for p in m.parameters())],
                                lr=settings.get("initial_lr", settings["lr"]),  # set by the LR scheduler
                                weight_decay=settings.get("weight_decay", 0.0))
-        was_training = network.training
-        network.eval()
         for key in losses:
             created[key].train()
         history = []
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            batches = train_batches()
-            for images, _ in each_batch(batches, f"amalgamate phase {phase} ep {epoch}", progress):
-                images = images.to(device)
-                with torch.no_grad():
-                    outputs = network.run_locations(images, until=max(location for location, _ in losses))
-                own.zero_grad(set_to_none=True)
-                loss = sum(losses[(loc, group)](network.run_node(loc, group, outputs, images,
-                                                                 module=created[(loc, group)]),
-                                                {t: outputs[loc][(t,)] for t in group})
-                           for loc, group in losses)
-                loss.backward()
-                own.step()
-                total, count = total + float(loss.detach()), count + 1
-            history.append(total / max(count, 1))
-        network.train(was_training)
+        with evaluating(network):
+            for epoch in range(epochs):
+                total, count = 0.0, 0
+                batches = train_batches()
+                for images, _ in each_batch(batches, f"amalgamate phase {phase} ep {epoch}", progress):
+                    images = images.to(device)
+                    with torch.no_grad():
+                        outputs = network.run_locations(images, until=max(location for location, _ in losses))
+                    own.zero_grad(set_to_none=True)
+                    loss = sum(losses[(loc, group)](network.run_node(loc, group, outputs, images,
+                                                                     module=created[(loc, group)]),
+                                                    {t: outputs[loc][(t,)] for t in group})
+                               for loc, group in losses)
+                    loss.backward()
+                    own.step()
+                    total, count = total + float(loss.detach()), count + 1
+                history.append(total / max(count, 1))
         own.zero_grad(set_to_none=True)
         return history
 

@@ -9,6 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mtsl_plugin.network.cost import count_gmac
+from mtsl_plugin.network.modes import evaluating
 from mtsl_plugin.network.stages import StageFactory
 from mtsl_plugin.plan import BranchingPlan, Group, PlanError, StageCost
 
@@ -264,9 +265,7 @@ class BranchedNetwork(nn.Module):
         like = next(self.parameters())
         x = torch.zeros(1, 3, height, width, device=like.device, dtype=like.dtype)
         stages: list[StageCost] = []
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
+        with evaluating(self), torch.no_grad():
             outputs: list[dict[Group, torch.Tensor]] = []
             for location in range(self.plan.num_locations):
                 group = self.plan.partitions[location][0]
@@ -280,7 +279,6 @@ class BranchedNetwork(nn.Module):
                 feats = self.head_inputs(outputs, task)
                 gmac = count_gmac(lambda: self.heads[task](feats, (height, width)))
                 heads[task] = StageCost(sum(p.numel() for p in self.heads[task].parameters()), gmac)
-        self.train(was_training)
         return stages, heads
 
     def cost(self, height: int, width: int) -> StageCost:

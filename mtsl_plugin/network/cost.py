@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mtsl_plugin.network.modes import evaluating
 from mtsl_plugin.plan import StageCost
 
 
@@ -26,9 +27,6 @@ def model_cost(model: nn.Module, height: int, width: int) -> StageCost:
     """
     params = {id(p): p.numel() for child in model.children() for p in child.parameters()}
     like = next(model.parameters())  # the image in the model's device and dtype
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with evaluating(model), torch.no_grad():
         gmac = count_gmac(lambda: model(torch.zeros(1, 3, height, width, device=like.device, dtype=like.dtype)))
-    model.train(was_training)
     return StageCost(sum(params.values()), gmac)

@@ -471,6 +471,23 @@ def test_node_costs_are_the_references_gflops_at_512x512(stages):
     assert model.stage_gmac(64, 64)[0] == pytest.approx(gmac[0] / 64, rel=1e-6)
 
 
+def test_counting_the_node_costs_leaves_the_supernet_in_its_mode_when_it_raises(stages, monkeypatch):
+    """The node costs are counted in evaluation mode; an error while counting (caught by the caller, who goes on
+    searching) leaves the supernet in the mode it was in."""
+    import baselines.supernet
+
+    def fails(run):
+        raise RuntimeError("cannot count")
+
+    model = make(BMTAS, stages)
+    monkeypatch.setattr(baselines.supernet, "count_gmac", fails)
+    for training in (True, False):
+        model.train(training)
+        with pytest.raises(RuntimeError, match="cannot count"):
+            model.stage_gmac(32, 32)
+        assert all(m.training == training for m in model.modules())
+
+
 def test_descending_the_resource_loss_shares_nodes(stages):
     model = make(BMTAS, stages, stage_gflops=[1.0] * stages.num_locations)
     torch.manual_seed(0)

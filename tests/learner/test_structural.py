@@ -313,3 +313,30 @@ def test_the_group_node_distils_in_training_mode_and_its_batch_norms_count_every
         prefix = f"{name}." if name else ""
         assert int(group[prefix + "num_batches_tracked"]) == int(average[prefix + "num_batches_tracked"]) + 2 * batches
         assert not torch.equal(group[prefix + "running_mean"], average[prefix + "running_mean"])
+
+
+def test_a_phase_that_raises_leaves_the_network_in_the_mode_it_had(smoke, monkeypatch):
+    """Measuring the held-out batches and amalgamating run the network in evaluation mode; an error inside either
+    (caught by the caller, who goes on training or evaluating at once) leaves it in the mode it was in, not in
+    evaluation mode."""
+    config = smoke(tasks=("S", "D"), amalgamation_epochs=(1, 1), grouping="fewest_groups")
+    trainer, data = trainer_for(config, BranchingPlan.single_task("SD", 10))
+    net, learner = trainer.network, trainer.learner
+    phase_args = (net, trainer.model, trainer.optimizer, lambda: data.batches(data.train, key=(1, 0)),
+                  lambda: data.batches(data.holdout), torch.device("cpu"))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(net, "run_locations", fails)
+    for training in (True, False):
+        net.train(training)
+        with pytest.raises(RuntimeError, match="out of memory"):  # measuring
+            learner.structural_phase(*phase_args)
+        assert all(m.training == training for m in net.modules())
+    learner.measure = lambda *args: [(0, ("S", "D"), np.array([[1.0, 0.9], [0.9, 1.0]]))]
+    for training in (True, False):
+        net.train(training)
+        with pytest.raises(RuntimeError, match="out of memory"):  # amalgamating
+            learner.structural_phase(*phase_args)
+        assert all(m.training == training for m in net.modules())

@@ -414,3 +414,22 @@ def test_cost_of_a_float64_network(stages):
     net = build(BranchingPlan.single_task("SD", 10), stages)
     assert net.double().cost(32, 32) == net.float().cost(32, 32)
     assert model_cost(net.double(), 32, 32) == model_cost(net.float(), 32, 32)
+
+
+def test_counting_the_cost_leaves_the_network_in_its_mode_when_it_raises(stages, monkeypatch):
+    """The cost is counted in evaluation mode; an error while counting (caught by the caller, who goes on
+    training) leaves the network, and a model counted whole, in the mode it was in."""
+    from mtsl_plugin.network import branched, cost
+
+    def fails(run):
+        raise RuntimeError("cannot count")
+
+    net = build(BranchingPlan.single_task("SD", 10), stages)
+    monkeypatch.setattr(branched, "count_gmac", fails)
+    monkeypatch.setattr(cost, "count_gmac", fails)
+    for training in (True, False):
+        for count in (net.cost, lambda h, w: model_cost(net, h, w)):
+            net.train(training)
+            with pytest.raises(RuntimeError, match="cannot count"):
+                count(32, 32)
+            assert all(m.training == training for m in net.modules())
