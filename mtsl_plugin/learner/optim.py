@@ -43,10 +43,12 @@ def _mean(stack: torch.Tensor) -> torch.Tensor:
 def average_parameter_state(optimizer: torch.optim.Optimizer, modules: Sequence[nn.Module]
                             ) -> list[dict[str, object]]:
     """Per parameter (in ``modules[0].parameters()`` order), the mean of the optimizer state the corresponding
-    parameters of ``modules`` carry (e.g. Adam's ``step``, ``exp_avg``, ``exp_avg_sq``).
+    parameters of ``modules`` carry (e.g. Adam's ``step``, ``exp_avg``, ``exp_avg_sq``), over the modules whose
+    parameter has state: one without state yet (a parameter that never had a gradient) is left out, not counted
+    as zeros.
 
-    Tensor entries are averaged element-wise; other entries are taken from the first module. A parameter for
-    which no module has state yet gets an empty state.
+    Tensor entries are averaged element-wise over those modules; other entries are taken from the first module
+    with optimizer state for that parameter. A parameter for which no module has state yet gets an empty state.
     """
     per_module = [list(m.parameters()) for m in modules]
     result = []
