@@ -59,7 +59,8 @@ class BMTAS(GatedSupernet):
     at, default 512x512), ``stage_gflops`` (``L`` per-node GFLOPs, instead of counting), ``warmup_epochs``
     (default ``epochs // 20``), ``plan`` (must be ``None``).
     The trainer's interface for the bilevel search: :meth:`architecture_parameters` and :attr:`arch_optimizer`
-    (the architecture's own optimizer), :meth:`search_split`, :meth:`architecture_epoch`.
+    (the architecture's own optimizer), :meth:`search_split` (and its sizes, :meth:`search_sizes`, which
+    preflight checks), :meth:`architecture_epoch`.
     """
 
     label = "BMTAS"
@@ -169,14 +170,22 @@ class BMTAS(GatedSupernet):
         return record
 
     # ------------------------------------------------------------------ the bilevel search (called by the trainer)
+    @classmethod
+    def search_sizes(cls, samples: int) -> tuple[int, int]:
+        """How many of ``samples`` training samples :meth:`search_split` gives the weights and the architecture
+        (each trains on its part in batches of its own, so preflight checks the batches of each part, not of the
+        whole set); a split that leaves either part empty raises ``ValueError``."""
+        cut = int(round(samples * (1 - cls.arch_fraction)))
+        if cut == 0 or cut == samples:
+            raise ValueError(f"{samples} training samples cannot be split {1 - cls.arch_fraction:.0%}/"
+                             f"{cls.arch_fraction:.0%} between weights and architecture")
+        return cut, samples - cut
+
     def search_split(self, train: Dataset, seed: int) -> tuple[Dataset, Dataset]:
         """The weights' and the architecture's training data: a fixed random :attr:`arch_fraction` of ``train``
-        (drawn from ``seed``) for the architecture, the rest for the weights."""
+        (drawn from ``seed``) for the architecture, the rest for the weights (sizes: :meth:`search_sizes`)."""
+        cut, _ = self.search_sizes(len(train))
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        cut = int(round(len(order) * (1 - self.arch_fraction)))
-        if cut == 0 or cut == len(order):
-            raise ValueError(f"{len(order)} training samples cannot be split {1 - self.arch_fraction:.0%}/"
-                             f"{self.arch_fraction:.0%} between weights and architecture")
         return Subset(train, sorted(order[:cut])), Subset(train, sorted(order[cut:]))
 
     def architecture_epoch(self, trainer, loader: Iterable, progress: bool = True) -> None:

@@ -200,7 +200,7 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
     disk holding it must have room for the runs (:func:`check_disk`; ``keep_checkpoints`` as the command keeps
     them), and the bytes they may write are returned (``None`` without ``out``)."""
     folders: dict[tuple[str, int], Job] = {}
-    learners = []
+    learners, architectures = [], []
     for job in jobs:
         if folders.setdefault((job.label, job.config.seed), job) is not job:
             raise UsageError(f"two of the requested runs would share the folder {job.label}/seed{job.config.seed}; "
@@ -209,8 +209,10 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
             spec = method_spec(job.method, job.config, dict(job.arch_args))
         except Exception:  # noqa: BLE001  a method that cannot be built fails in its own row (run_job)
             learners.append(None)
+            architectures.append(None)
             continue
         learners.append(spec.learner.config if spec.learner is not None else None)
+        architectures.append(spec.architecture)
         try:
             check_arch_args(spec.architecture, len(job.config.tasks), num_locations(job.config), spec.arch_args)
             if distributed.active():
@@ -221,11 +223,16 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
     if out is not None:
         check_run_folders(jobs, out)
     checked, scanned = set(), set()
-    for job, mtsl in zip(jobs, learners):
-        key = json.dumps([job.config.replace(seed=0).to_dict(), mtsl and mtsl.to_dict()], sort_keys=True)
+    for job, mtsl, architecture in zip(jobs, learners, architectures):
+        # an architecture matters to the check only where it splits the training set (training_sets: BMTAS)
+        splits = hasattr(architecture, "search_sizes")
+        key = json.dumps([job.config.replace(seed=0).to_dict(), mtsl and mtsl.to_dict(),
+                          f"{architecture.__module__}.{architecture.__qualname__}" if splits else None],
+                         sort_keys=True)
         if key in checked:
             continue
-        check_config(job.config, scan=job.config.data not in scanned, progress=progress, learner=mtsl)
+        check_config(job.config, scan=job.config.data not in scanned, progress=progress, learner=mtsl,
+                     architecture=architecture)
         checked.add(key)
         scanned.add(job.config.data)
     return check_disk(jobs, out, keep_checkpoints) if out is not None else None

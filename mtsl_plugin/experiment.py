@@ -245,7 +245,8 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
         raise ValueError(f"method {method!r} retrains the final plan of {spec.retrains!r}: pass that plan")
     if check:
         from mtsl_plugin.preflight import check_config  # preflight imports this module
-        check_config(config, progress=progress, learner=spec.learner.config if spec.learner else None)
+        check_config(config, progress=progress, learner=spec.learner.config if spec.learner else None,
+                     architecture=spec.architecture)
     fingerprint = run_fingerprint(method, config, spec, plan)
     with folder_lock.holding(run_dir):  # another process training in run_dir: FolderBusy, the folder untouched
         return _train(config, method, run_dir, spec, fingerprint, resume=resume, progress=progress, plan=plan,

@@ -11,7 +11,8 @@ one line (``error: <sentence naming the culprit>``, exit code 2) instead of a fo
   pixel is refused), and that the training split is larger than the held-out slice;
 * the backbone (built once, so a bad name or weights file is found here; one zero image of the data's size
   runs through it, so a size it cannot run on is named, and in training mode where a training batch holds one
-  image, so a BatchNorm that cannot train on it is named) and the device;
+  image, so a BatchNorm that cannot train on it is named; BMTAS's batches are those of each part of its search
+  split) and the device;
 * the LibMTL weighting method, and the optimizer (built once, by LibMTL's own code);
 * MTSL's plugins, each called once on a tiny random input (a plugin returning NaN or a mis-shaped value fails
   here).
@@ -40,11 +41,13 @@ from mtsl_plugin.valid_pixels import has_normal, holds_value
 
 
 def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
-                 learner: MTSLConfig | None = None) -> None:
+                 learner: MTSLConfig | None = None, architecture: type | None = None) -> None:
     """Raise ``ValueError`` (one sentence naming the culprit) if ``config`` cannot train; see the module doc.
     ``scan=False`` skips reading every sample of real data (when the same data was checked already); ``learner``:
     the MTSL configuration the method runs (``None`` for a method without structural phases), whose grouping
-    solver must accept the run's tasks and whose alignment loss (CKA) needs at least 4 images in every batch."""
+    solver must accept the run's tasks and whose alignment loss (CKA) needs at least 4 images in every batch;
+    ``architecture``: the method's LibMTL architecture class (``None``: MTSL's branched network), whose own
+    training sets are the ones whose batches are checked (:func:`training_sets`)."""
     from mtsl_plugin.experiment import build_data, build_run_tasks, build_split, build_stages  # experiment imports us
 
     check_device(config.device)
@@ -71,24 +74,38 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
         raise ValueError(f"dataset {d.name!r} has no target for task(s) {missing}; it has {list(dataset.tasks)}")
     stages = build_stages(config)
     stages.check_input_size(dataset.height, dataset.width)  # some CNNs need a least size or multiple
-    drop_last = drops_last_batch(trained, config.batch_size)
-    smallest = smallest_batch(trained, config.batch_size, drop_last)
-    # under torchrun each process trains on its share of a batch (a last one cut to a multiple of the processes);
-    # MTSL's amalgamation reads whole batches in every process
-    processes = distributed.world_size()
-    amalgamates = learner is not None and learner.amalgamate and any(learner.amalgamation_epochs)
-    share = smallest_rank_batch(trained, config.batch_size, drop_last, processes)
-    if share == 1 or (amalgamates and smallest == 1):  # BatchNorm on a 1x1 feature map fails at that step
-        gives = "a batch of 1 image" if processes == 1 or share != 1 else f"each of {processes} processes 1 image"
-        try:
-            stages.check_batch_of_one(dataset.height, dataset.width)
-        except ValueError as exc:
-            raise ValueError(f"batch_size {config.batch_size} over {trained} training samples gives {gives}, and "
-                             f"{exc}: use another batch_size or number of training samples") from None
-    if learner is not None and learner.aligns and smallest < 4:
-        raise ValueError(f"MTSL's alignment loss measures CKA on every training batch and needs at least 4 images, "
-                         f"but batch_size {config.batch_size} over {trained} training samples gives a batch of "
-                         f"{smallest}: use a batch_size of at least 4 (and at least 4 training samples)")
+    for samples, over in training_sets(architecture, trained):
+        drop_last = drops_last_batch(samples, config.batch_size)
+        smallest = smallest_batch(samples, config.batch_size, drop_last)
+        # under torchrun each process trains on its share of a batch (a last one cut to a multiple of the
+        # processes); MTSL's amalgamation reads whole batches in every process
+        processes = distributed.world_size()
+        amalgamates = learner is not None and learner.amalgamate and any(learner.amalgamation_epochs)
+        share = smallest_rank_batch(samples, config.batch_size, drop_last, processes)
+        if share == 1 or (amalgamates and smallest == 1):  # BatchNorm on a 1x1 feature map fails at that step
+            gives = "a batch of 1 image" if processes == 1 or share != 1 else f"each of {processes} processes 1 image"
+            try:
+                stages.check_batch_of_one(dataset.height, dataset.width)
+            except ValueError as exc:
+                raise ValueError(f"batch_size {config.batch_size} over {over} gives {gives}, and {exc}: use another "
+                                 "batch_size or number of training samples") from None
+        if learner is not None and learner.aligns and smallest < 4:
+            raise ValueError(f"MTSL's alignment loss measures CKA on every training batch and needs at least 4 "
+                             f"images, but batch_size {config.batch_size} over {over} gives a batch of {smallest}: "
+                             "use a batch_size of at least 4 (and at least 4 training samples)")
+
+
+def training_sets(architecture: type | None, trained: int) -> list[tuple[int, str]]:
+    """The sets of training samples a method draws its training batches from, each as (samples, the words that
+    name it in a message): the ``trained`` samples, or for an architecture searched by bilevel optimisation
+    (BMTAS) the two parts it splits them into (``architecture.search_sizes``), each batched on its own, so the
+    last batch of a part can hold one image where the whole set's does not."""
+    sizes = getattr(architecture, "search_sizes", None)
+    if sizes is None:
+        return [(trained, f"{trained} training samples")]
+    weights, searched = sizes(trained)
+    return [(n, f"the {n} of {trained} training samples {architecture.label} trains its {part} on")
+            for n, part in ((weights, "weights"), (searched, "architecture"))]
 
 
 def check_device(device: str) -> None:

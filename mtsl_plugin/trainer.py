@@ -108,7 +108,8 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
         run's learning rate), e.g. cross-stitch units at 100x. An architecture searched by bilevel optimisation
         (BMTAS) names its ``architecture_parameters()``: they get an optimizer of their own,
         ``self.arch_optimizer`` (Adam with ``model.arch_optimizer``'s arguments), and :meth:`fit` calls the model's
-        ``search_split`` once and its ``architecture_epoch`` before every search epoch."""
+        ``search_split`` once (whose part sizes, ``search_sizes``, preflight checks) and its ``architecture_epoch``
+        before every search epoch."""
         multistep = scheduler_param is not None and scheduler_param.get("scheduler") == "multistep"
         scheduler_args = {k: v for k, v in (scheduler_param or {}).items() if k != "scheduler"}
         super()._prepare_optimizer(optim_param, None if multistep else scheduler_param)

@@ -204,3 +204,34 @@ def test_the_batch_of_one_check_counts_each_process_share_under_torchrun(smoke, 
     with pytest.raises(ValueError, match=f"^batch_size 8 over {train} training samples gives {gives}, and backbone "
                                          "'resnet18' cannot train on a batch of one 32x32 image"):
         check_config(config, learner=mtsl)
+
+
+@pytest.mark.parametrize("train, part, refused", [(11, "weights", True), (5, "architecture", True),
+                                                  (12, None, False)])
+def test_the_batch_of_one_check_counts_the_batches_of_each_part_of_bmtas_search_split(smoke, tmp_path, train, part,
+                                                                                    refused):
+    """BMTAS trains its weights on 80 % of the training samples and its architecture on the rest, each part in
+    batches of its own: 11 samples in batches of 8 (8 + 3) split 9 (8 + 1) and 2, 5 samples split 4 and 1. The
+    whole set's batches passed the check and BatchNorm failed on ResNet18's 1x1 last stage during the search;
+    the run is refused before its folder is made, by run_method and by the benchmark commands' check."""
+    import baselines.bmtas  # noqa: F401  (registers bmtas)
+    from benchmarks import harness
+    from mtsl_plugin.experiment import run_method
+    from mtsl_plugin.preflight import check_config
+
+    config = smoke(tasks=("S", "D"))
+    config = config.replace(data=dataclasses.replace(config.data, train=train, height=32, width=32))
+    check_config(config)  # the whole set's batches hold 2 images or more
+    job = harness.Job("bmtas", "bmtas", config)
+    if not refused:
+        check_config(config, architecture=baselines.bmtas.BMTAS)
+        harness.check_jobs([job], progress=False)
+        return
+    n = 9 if part == "weights" else 1
+    message = (f"^batch_size 8 over the {n} of {train} training samples BMTAS trains its {part} on gives a batch "
+               "of 1 image, and backbone 'resnet18' cannot train on a batch of one 32x32 image")
+    with pytest.raises(ValueError, match=message) as caught:
+        run_method(config, "bmtas", tmp_path / "bmtas", progress=False)
+    assert len(str(caught.value).splitlines()) == 1 and not (tmp_path / "bmtas").exists()
+    with pytest.raises(ValueError, match=message):
+        harness.check_jobs([job], progress=False)
