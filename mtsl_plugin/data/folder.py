@@ -23,7 +23,8 @@ image      no file: the target is the input image (reconstruction)
 =========  ====================================================================================================
 
 Every task folder holds one file per image and none without one (a target file whose image is missing is
-refused, not skipped); a ``.npy`` file holds bool, integer or float values.
+refused, not skipped); a ``.npy`` file holds bool, integer or float values. An image (or PNG target) whose EXIF
+orientation is not 1, as phone photos store it, is refused: its pixels are read as stored, not as shown.
 
 Samples are returned as the other data sets return them (``(image (3, H, W), {task: target})``), resized to
 ``height`` x ``width`` when both are given (labels and binary maps nearest-neighbour, dense maps and normals
@@ -53,6 +54,12 @@ TARGET_SUFFIXES = {"labels": (".png", ".npy"), "binary": (".png", ".npy"), "dens
 SPLITS = {"train": ("train",), "val": ("val",), "test": ("test", "val")}
 #: 16-bit (and 32-bit integer) grey image modes of PIL, whose own conversion to RGB would clip every value at 255.
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I")
+#: The EXIF orientation tag, and how each of its values other than 1 (stored upright) turns the stored pixels for
+#: display.
+EXIF_ORIENTATION = 0x0112
+_ORIENTATIONS = {2: "mirrored left to right", 3: "rotated 180 degrees", 4: "mirrored top to bottom",
+                 5: "mirrored and rotated 90 degrees", 6: "rotated 90 degrees clockwise",
+                 7: "mirrored and rotated 90 degrees", 8: "rotated 90 degrees counter-clockwise"}
 
 
 def folder_problem(folder: Any) -> str | None:
@@ -188,7 +195,9 @@ class FolderDataset(Dataset):
         conversion would clip it at 255). ``single_channel`` (label and mask files) reads a grey, 16-bit or palette
         file as its ``(H, W)`` values or palette indices instead, a 1-bit one as 0/1 and a grey+alpha one as its
         grey channel; colour ones stay ``(H, W, 3)`` (and are refused by their shape). A file PIL cannot read, or
-        refuses as too large (``PIL.Image.MAX_IMAGE_PIXELS``), raises ``ValueError`` naming it."""
+        refuses as too large (``PIL.Image.MAX_IMAGE_PIXELS``), raises ``ValueError`` naming it, and so does one with
+        an EXIF orientation other than 1 (phone photos): PIL reads the stored pixels, while viewers, annotation
+        tools (LabelMe, CVAT) and OpenCV show, and label, the image turned as the tag says."""
         if path.suffix.lower() == ".npy":
             array = read_npy(path)
             if array.dtype.kind not in "biuf":  # complex, strings, records, dates: no value to read
@@ -199,6 +208,14 @@ class FolderDataset(Dataset):
 
         try:
             with Image.open(path) as image:
+                orientation = image.getexif().get(EXIF_ORIENTATION)
+                if orientation not in (None, 1):
+                    turned = _ORIENTATIONS.get(orientation, "turned in a way EXIF does not define")
+                    raise ValueError(f"File {path} carries EXIF orientation {orientation}: viewers, annotation tools "
+                                     f"and OpenCV show it {turned}, but its pixels are read as stored, so labels "
+                                     "made on what they show would not match; save it upright without the tag "
+                                     "(e.g. with PIL.ImageOps.exif_transpose) after checking that its labels match "
+                                     "the upright image.")
                 if single_channel and image.mode == "1":
                     return np.asarray(image).astype(np.uint8)
                 if single_channel and image.mode == "LA":

@@ -1,4 +1,6 @@
 """A user's own data in the folder layout: every target layout read, resized and mirrored; mistakes named."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,33 @@ def test_one_bit_and_alpha_png_masks_are_read_as_their_single_channel(tmp_path, 
     _, t = build_dataset("folder", "train", root=str(root), targets=targets)[0]
     assert torch.equal(t["m"], torch.from_numpy(mask).float()[None])
     assert torch.equal(t["seg"], torch.from_numpy(mask).long())
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_an_image_with_an_exif_orientation_is_refused_naming_it(root, suffix):
+    """A phone photo stored sideways with EXIF orientation 6 (shown rotated 90 degrees clockwise): PIL reads its
+    stored pixels, annotation tools and OpenCV show, and label, the rotated image. It read silently (a square one
+    misaligned with its labels, another failing the size check without saying why); now it is refused in one line
+    naming the file, before training. Orientation 1 (stored upright) reads."""
+    from mtsl_plugin.data.folder import EXIF_ORIENTATION
+    from mtsl_plugin.preflight import read_every_sample
+
+    stored = root / "train" / "image" / "s001.png"
+    pixels = np.asarray(Image.open(stored))
+    stored.unlink()
+    path = stored.with_suffix(suffix)
+    for orientation in (1, 6):
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = orientation
+        Image.fromarray(pixels).save(path, exif=exif)
+        assert Image.open(path).getexif()[EXIF_ORIENTATION] == orientation
+        data = build_dataset("folder", "train", root=str(root), targets=TARGETS)
+        if orientation == 1:
+            assert data[1][0].shape == (3, 16, 20)
+            continue
+        message = (rf"^File {re.escape(str(path))} carries EXIF orientation 6: viewers, annotation tools and "
+                   r"OpenCV show it rotated 90 degrees clockwise, .* save it upright without the tag \(e.g. with "
+                   r"PIL.ImageOps.exif_transpose\) after checking that its labels match the upright image.$")
+        with pytest.raises(ValueError, match=message) as caught:
+            read_every_sample(data, "folder train split", False)
+        assert len(str(caught.value).splitlines()) == 1
