@@ -8,7 +8,8 @@ one line (``error: <sentence naming the culprit>``, exit code 2) instead of a fo
 * the data set: its name, its root, and for real data **every sample** of the training and test splits (each file
   readable, shapes consistent, images finite and in [0, 1]; non-finite labels, depths or normals are allowed and
   mean "invalid pixel", see :mod:`mtsl_plugin.data`, but a task none of whose targets in a split holds a valid
-  pixel is refused), and that the training split is larger than the held-out slice;
+  pixel is refused, and so are normals stored as an image encoding in [0, 1]), and that the training split is
+  larger than the held-out slice;
 * the backbone (built once, so a bad name or weights file is found here; one zero image of the data's size
   runs through it, so a size it cannot run on is named, and in training mode where a training batch holds one
   image, so a BatchNorm that cannot train on it is named; BMTAS's batches are those of each part of its search
@@ -26,6 +27,7 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -204,16 +206,21 @@ def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bo
     at the data set's size (:func:`_value_rules`: every label ignore, every dense value NaN or, under the
     ``positive`` rule, 0, every normal zero): its loss would be 0 at every step (training split) or its metric NaN
     (test split), found only after training. A sample without a valid pixel is normal and passes.
+
+    It also refuses a normals task of those data sets whose split looks like a normal map's image encoding
+    (:func:`_check_not_encoded`).
     """
     classes = _label_classes(dataset)
     rules = _value_rules(dataset)
     empty = set(rules)  # the tasks no sample read so far holds a valid pixel of
+    unsigned = set(_stored_normals(dataset))  # the normals tasks no valid normal read so far has a negative x, y, z of
     for index in tqdm(range(len(dataset)), desc=f"checking {what}", leave=False, disable=None if progress else True):
         _, targets = dataset[index]
         for task, seen in classes.items():
             labels = targets[task]
             seen |= torch.bincount(labels[labels >= 0].flatten(), minlength=len(seen))[:len(seen)] > 0
         empty -= {task for task in empty if bool(rules[task][0](targets[task]).any())}
+        unsigned -= {task for task in unsigned if bool((targets[task] < 0).any())}  # invalid normals are 0
     for task, seen in classes.items():
         if int(seen.sum()) <= 1:
             found = f"only class {int(seen.nonzero()[0, 0])}" if seen.any() else "no class"
@@ -226,6 +233,48 @@ def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bo
             outcome = "learn from no pixel" if dataset.split == "train" else "score NaN"
             raise ValueError(f"task {task!r}: no target of the {what} in {folder} holds a valid pixel (at "
                              f"{dataset.height}x{dataset.width} every pixel is {none}), so the task would {outcome}")
+    for task, paths in _stored_normals(dataset).items():
+        if task in unsigned:
+            _check_not_encoded(task, what, rules[task][2], paths)
+
+
+def _stored_normals(dataset: torch.utils.data.Dataset) -> dict[str, list]:
+    """Normals task -> the paths of its ``.npy`` files, one per sample of ``dataset``, as stored (the data sets
+    re-normalise them on load), for folder data and NYUv2; empty for any other data set."""
+    from mtsl_plugin.data import FolderDataset
+    from mtsl_plugin.data.real import NpyLayoutDataset
+
+    if isinstance(dataset, FolderDataset):
+        return {task: [dataset.files[task][sample] for sample in dataset.ids]
+                for task, spec in dataset.targets.items() if spec.layout == "normals"}
+    if isinstance(dataset, NpyLayoutDataset) and "N" in dataset.folders:
+        return {"N": [dataset.split_dir / dataset.folders["N"] / dataset.names[i] for i in dataset.indices]}
+    return {}
+
+
+def _check_not_encoded(task: str, what: str, folder: Any, paths: list) -> None:
+    """Refuse normals stored as an image encoding ``(n + 1) / 2`` in [0, 1] (floats; unsigned integers are refused
+    when read), called for a split none of whose valid normals has a negative component: encoded normals are not
+    unit vectors (``|(n + 1) / 2| = sqrt(1 + (nx + ny + nz) / 2)``, from 0.37 to 1.37), so the split is refused
+    when over half of its stored float normals (finite, not all zero) differ from length 1 by more than 0.05 (a
+    median length alone would miss an encoded scene whose normals spread evenly over the sphere). A true split
+    that happens to hold no negative component (one plane facing the camera, (0, 0, 1)) is of unit length and
+    passes; so do signed-integer normals, which are directions of any length."""
+    from mtsl_plugin.data.real import read_npy
+
+    off = total = 0  # valid normals, and those whose length is not within 0.05 of 1
+    for path in paths:
+        normals = read_npy(path, mmap_mode="r")
+        if normals.dtype.kind != "f":
+            continue
+        normals = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
+        lengths = np.linalg.norm(normals[np.isfinite(normals).all(axis=1) & (normals != 0).any(axis=1)], axis=1)
+        off, total = off + int((np.abs(lengths - 1) > 0.05).sum()), total + len(lengths)
+    if 2 * off > total:
+        raise ValueError(f"task {task!r}: no normal of the {what} in {folder} has a negative component and "
+                         f"{off} of {total} are not unit vectors (length not within 0.05 of 1): they look like a "
+                         "normal map's image encoding (n + 1) / 2 in [0, 1], not normals; map them to normals with "
+                         "2 * value - 1")
 
 
 def _label_classes(dataset: torch.utils.data.Dataset) -> dict[str, torch.Tensor]:

@@ -117,6 +117,53 @@ def test_a_task_whose_targets_in_a_split_hold_no_valid_pixel_is_refused(tmp_path
     assert len(message.splitlines()) == 1
 
 
+def _normals(root, normals):
+    """A folder data set of one split (train) whose samples' ``nrm`` targets are ``normals`` ((H, W, 3) arrays)."""
+    from PIL import Image
+
+    for folder in ("image", "nrm"):
+        (root / "train" / folder).mkdir(parents=True, exist_ok=True)
+    for i, target in enumerate(normals):
+        Image.fromarray(np.full((*target.shape[:2], 3), 90, np.uint8)).save(root / "train" / "image" / f"{i}.png")
+        np.save(root / "train" / "nrm" / f"{i}.npy", target.astype(np.float32))
+    return root
+
+
+@pytest.mark.parametrize("scene, refused", [("encoded", True), ("encoded sphere", True), ("plane", False),
+                                            ("true", False)])
+def test_normals_stored_as_an_image_encoding_in_0_1_are_refused(tmp_path, scene, refused):
+    """Normals stored as an image encodes them, (n + 1) / 2 in [0, 1], were re-normalised and trained on silently
+    as normals that all point one way. A split none of whose valid normals has a negative component and most of
+    whose normals are not unit vectors (an encoded one's length is sqrt(1 + (nx + ny + nz) / 2)) is refused,
+    naming the folder: normals facing the camera, or spread over the whole sphere (whose median length is 1). A
+    true split passes, even one plane facing the camera, (0, 0, 1), which has no negative component."""
+    from mtsl_plugin.data import TargetFiles, build_dataset
+    from mtsl_plugin.preflight import read_every_sample
+
+    rng = np.random.default_rng(0)
+    normals = rng.normal(size=(3, 8, 8, 3)) * (1.0 if scene == "encoded sphere" else 0.5)
+    normals += 0.0 if scene == "encoded sphere" else np.array([0.0, 0.0, 1.0])
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    assert (normals < 0).any()
+    if scene.startswith("encoded"):
+        normals = (normals + 1) / 2
+    elif scene == "plane":
+        normals = np.broadcast_to(np.array([0.0, 0.0, 1.0]), normals.shape).copy()
+    normals[:, 0, 0] = 0.0  # a pixel without a normal: not counted
+    normals[:, 0, 1] = np.nan
+    root = _normals(tmp_path / "data", normals)
+    data = build_dataset("folder", "train", root=str(root), targets={"nrm": TargetFiles("normals", "nrm", 3)})
+    if not refused:
+        read_every_sample(data, "folder train split", False)
+        return
+    with pytest.raises(ValueError, match=r"^task 'nrm': no normal of the folder train split in .*nrm has a negative "
+                                         r"component and \d+ of 186 are not unit vectors \(length not within 0.05 "
+                                         r"of 1\): they look like a normal map's image encoding \(n \+ 1\) / 2 in "
+                                         r"\[0, 1\], not normals; map them to normals with 2 \* value - 1$") as caught:
+        read_every_sample(data, "folder train split", False)
+    assert str(root / "train" / "nrm") in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
 def test_nyuv2_depth_without_a_valid_pixel_is_refused(tmp_path):
     from mtsl_plugin.data import NYUv2
     from mtsl_plugin.preflight import read_every_sample

@@ -18,7 +18,8 @@ binary     ``(H, W)``: PNG (as labels; non-zero = 1) or .npy (> 0.5 = 1; NaN or 
 dense      .npy ``(H, W)`` or ``(H, W, C)`` float, C the task's channels; NaN or inf = no value at that pixel, and
            under the ``positive`` rule (:class:`TargetFiles`) 0 and negative values too
 normals    .npy ``(H, W, 3)`` float or signed integers; re-normalised on load, zero or non-finite = invalid
-           (unsigned integers are refused: an 8-bit normal map stores (n + 1) / 2 * 255, decode it first)
+           (unsigned integers are refused: an 8-bit normal map stores (n + 1) / 2 * 255, decode it first; and
+           preflight refuses a split of floats that looks like (n + 1) / 2: map it with 2 * value - 1)
 image      no file: the target is the input image (reconstruction)
 =========  ====================================================================================================
 
