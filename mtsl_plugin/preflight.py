@@ -9,7 +9,8 @@ one line (``error: <sentence naming the culprit>``, exit code 2) instead of a fo
   readable, shapes consistent, images finite and in [0, 1]; non-finite labels, depths or normals are allowed and
   mean "invalid pixel", see :mod:`mtsl_plugin.data`, but a task none of whose targets in a split holds a valid
   pixel is refused, and so are normals stored as an image encoding in [0, 1]), and that the training split is
-  larger than the held-out slice;
+  larger than the held-out slice (a sample count larger than its split is not refused: the run uses what there is,
+  and one line says so, :func:`report_short_splits`);
 * the backbone (built once, so a bad name or weights file is found here; one zero image of the data's size
   runs through it, so a size it cannot run on is named, and in training mode where a training batch holds one
   image, so a BatchNorm that cannot train on it is named; BMTAS's batches are those of each part of its search
@@ -23,6 +24,7 @@ configuration is made (:mod:`mtsl_plugin.config`, :class:`~mtsl_plugin.learner.s
 """
 from __future__ import annotations
 
+import sys
 from functools import partial
 from types import SimpleNamespace
 from typing import Any, Mapping
@@ -32,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mtsl_plugin import distributed
-from mtsl_plugin.config import RunConfig
+from mtsl_plugin.config import DataConfig, RunConfig
 from mtsl_plugin.data import build_dataset
 from mtsl_plugin.data.run_data import drops_last_batch, smallest_batch, smallest_rank_batch
 from mtsl_plugin.learner.schedule import MTSLConfig
@@ -64,8 +66,10 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
         data, dataset = build_data(config)
         trained = len(data.train)
         if scan:
+            test = build_split(config, "test", n=d.test)
+            report_short_splits(d, dataset, trained, len(data.holdout), test)
             read_every_sample(dataset, f"{d.name} train split", progress)
-            read_every_sample(build_split(config, "test", n=d.test), f"{d.name} test split", progress)
+            read_every_sample(test, f"{d.name} test split", progress)
     build_run_tasks(config, dataset.num_classes)  # unknown, undeclared or repeated tasks, bad declarations
     unknown = sorted(set(config.task_weights) - set(TASKS) - set(config.task_specs))
     if unknown:  # weights of known tasks that do not run (e.g. in a task sweep) are ignored
@@ -108,6 +112,28 @@ def training_sets(architecture: type | None, trained: int) -> list[tuple[int, st
     weights, searched = sizes(trained)
     return [(n, f"the {n} of {trained} training samples {architecture.label} trains its {part} on")
             for n, part in ((weights, "weights"), (searched, "architecture"))]
+
+
+def report_short_splits(d: DataConfig, train_split: Any, trained: int, held_out: int, test: Any) -> None:
+    """Print one line (on rank 0 under torchrun) for each of ``d``'s sample counts (data.train, data.holdout with
+    ``grouping_data: train``, data.test) larger than what its split of real or folder data holds: the run uses
+    what there is (``trained`` training and ``held_out`` grouping samples of ``train_split``, every sample of
+    ``test``), which the smoke preset's counts on a small data set rely on, but a user who asked for more should
+    know. ``train_split`` and ``test`` are the splits read with those counts."""
+    if not distributed.is_main():
+        return
+    cut = d.grouping_data == "holdout"
+    stored, where = len(train_split), train_split.split_dir
+    if d.train is not None and d.train + d.holdout * cut > stored:
+        besides = f" (besides {d.holdout} held out for grouping decisions)" if cut else ""
+        print(f"data: train asks for {d.train} samples{besides}, {where} holds {stored}: using {trained}",
+              file=sys.stderr, flush=True)
+    if not cut and d.holdout > stored:
+        print(f"data: holdout asks for {d.holdout} samples, {where} holds {stored}: using {held_out}",
+              file=sys.stderr, flush=True)
+    if d.test is not None and d.test > len(test):
+        print(f"data: test asks for {d.test} samples, {test.split_dir} holds {len(test)}: using {len(test)}",
+              file=sys.stderr, flush=True)
 
 
 def check_device(device: str) -> None:

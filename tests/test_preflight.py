@@ -282,3 +282,41 @@ def test_the_batch_of_one_check_counts_the_batches_of_each_part_of_bmtas_search_
     assert len(str(caught.value).splitlines()) == 1 and not (tmp_path / "bmtas").exists()
     with pytest.raises(ValueError, match=message):
         harness.check_jobs([job], progress=False)
+
+
+@pytest.mark.parametrize("grouping_data", ["holdout", "train"])
+def test_sample_counts_larger_than_a_split_are_used_as_they_are_and_said_once(tmp_path, capsys, monkeypatch,
+                                                                            grouping_data):
+    """``dataset: {train: 1000}`` on a folder of 12 training samples trained on what there is without a word (the
+    smoke preset's counts on a small data set rely on using what there is); now the check that scans the data
+    says so in one line per count, once (not again where the same data was scanned already, nor on another rank
+    than 0 under torchrun)."""
+    from benchmarks import harness
+    from conftest import FOLDER_TASKS, write_folder_data
+    from mtsl_plugin import distributed
+    from mtsl_plugin.config import config_from_mapping, load_preset
+    from mtsl_plugin.preflight import check_config
+
+    root = write_folder_data(tmp_path / "data", n_train=12, n_val=4)
+    holdout = 4 if grouping_data == "holdout" else 20
+    config = config_from_mapping({"dataset": {"name": "folder", "root": str(root), "height": 32, "width": 32,
+                                              "train": 1000, "holdout": holdout, "test": 8,
+                                              "grouping_data": grouping_data}, "tasks": FOLDER_TASKS},
+                                 load_preset("smoke"))
+    harness.check_jobs([harness.Job("stn", "stn", config), harness.Job("mtsl", "mtsl", config)], progress=False)
+    if grouping_data == "holdout":
+        said = [f"data: train asks for 1000 samples (besides 4 held out for grouping decisions), {root / 'train'} "
+                "holds 12: using 8"]
+    else:
+        said = [f"data: train asks for 1000 samples, {root / 'train'} holds 12: using 12",
+                f"data: holdout asks for 20 samples, {root / 'train'} holds 12: using 12"]
+    said.append(f"data: test asks for 8 samples, {root / 'val'} holds 4: using 4")
+    captured = capsys.readouterr()
+    assert [line for line in captured.err.splitlines() if line.startswith("data:")] == said
+    assert "data:" not in captured.out
+    within = config.replace(data=dataclasses.replace(config.data, train=12 - holdout * (grouping_data == "holdout"),
+                                                     holdout=4, test=4))
+    check_config(within, progress=False)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    check_config(config, progress=False)
+    assert "data:" not in capsys.readouterr().err
