@@ -10,7 +10,7 @@ one line (``error: <sentence naming the culprit>``, exit code 2) instead of a fo
   mean "invalid pixel", see :mod:`mtsl_plugin.data`, but a task none of whose targets in a split holds a valid
   pixel is refused, and so are normals stored as an image encoding in [0, 1]), and that the training split is
   larger than the held-out slice (a sample count larger than its split is not refused: the run uses what there is,
-  and one line says so, :func:`report_short_splits`);
+  and one line says so, :func:`short_splits`);
 * the backbone (built once, so a bad name or weights file is found here; one zero image of the data's size
   runs through it, so a size it cannot run on is named, and in training mode where a training batch holds one
   image, so a BatchNorm that cannot train on it is named; BMTAS's batches are those of each part of its search
@@ -59,6 +59,7 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
     check_optimizer(config.optimizer)
     check_mtsl(config.mtsl if learner is None else learner, None if learner is None else config.tasks)
     d = config.data
+    notes: list[str] = []  # printed once every check has passed (an error stays the one line printed)
     if d.name == "synthetic":  # generated scenes are valid by construction: render none of them here
         dataset = build_dataset(d.name, "train", height=d.height, width=d.width, n=0)
         trained = d.train
@@ -67,7 +68,7 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
         trained = len(data.train)
         if scan:
             test = build_split(config, "test", n=d.test)
-            report_short_splits(d, dataset, trained, len(data.holdout), test)
+            notes = short_splits(d, dataset, trained, len(data.holdout), test)
             read_every_sample(dataset, f"{d.name} train split", progress)
             read_every_sample(test, f"{d.name} test split", progress)
     build_run_tasks(config, dataset.num_classes)  # unknown, undeclared or repeated tasks, bad declarations
@@ -99,6 +100,8 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
             raise ValueError(f"MTSL's alignment loss measures CKA on every training batch and needs at least 4 "
                              f"images, but batch_size {config.batch_size} over {over} gives a batch of {smallest}: "
                              "use a batch_size of at least 4 (and at least 4 training samples)")
+    for note in notes if distributed.is_main() else ():
+        print(note, file=sys.stderr, flush=True)
 
 
 def training_sets(architecture: type | None, trained: int) -> list[tuple[int, str]]:
@@ -114,26 +117,23 @@ def training_sets(architecture: type | None, trained: int) -> list[tuple[int, st
             for n, part in ((weights, "weights"), (searched, "architecture"))]
 
 
-def report_short_splits(d: DataConfig, train_split: Any, trained: int, held_out: int, test: Any) -> None:
-    """Print one line (on rank 0 under torchrun) for each of ``d``'s sample counts (data.train, data.holdout with
-    ``grouping_data: train``, data.test) larger than what its split of real or folder data holds: the run uses
-    what there is (``trained`` training and ``held_out`` grouping samples of ``train_split``, every sample of
-    ``test``), which the smoke preset's counts on a small data set rely on, but a user who asked for more should
-    know. ``train_split`` and ``test`` are the splits read with those counts."""
-    if not distributed.is_main():
-        return
+def short_splits(d: DataConfig, train_split: Any, trained: int, held_out: int, test: Any) -> list[str]:
+    """One line for each of ``d``'s sample counts (data.train, data.holdout with ``grouping_data: train``,
+    data.test) larger than what its split of real or folder data holds: the run uses what there is (``trained``
+    training and ``held_out`` grouping samples of ``train_split``, every sample of ``test``), which the smoke
+    preset's counts on a small data set rely on, but a user who asked for more should know (:func:`check_config`
+    prints them). ``train_split`` and ``test`` are the splits read with those counts."""
+    lines = []
     cut = d.grouping_data == "holdout"
     stored, where = len(train_split), train_split.split_dir
     if d.train is not None and d.train + d.holdout * cut > stored:
         besides = f" (besides {d.holdout} held out for grouping decisions)" if cut else ""
-        print(f"data: train asks for {d.train} samples{besides}, {where} holds {stored}: using {trained}",
-              file=sys.stderr, flush=True)
+        lines.append(f"data: train asks for {d.train} samples{besides}, {where} holds {stored}: using {trained}")
     if not cut and d.holdout > stored:
-        print(f"data: holdout asks for {d.holdout} samples, {where} holds {stored}: using {held_out}",
-              file=sys.stderr, flush=True)
+        lines.append(f"data: holdout asks for {d.holdout} samples, {where} holds {stored}: using {held_out}")
     if d.test is not None and d.test > len(test):
-        print(f"data: test asks for {d.test} samples, {test.split_dir} holds {len(test)}: using {len(test)}",
-              file=sys.stderr, flush=True)
+        lines.append(f"data: test asks for {d.test} samples, {test.split_dir} holds {len(test)}: using {len(test)}")
+    return lines
 
 
 def check_device(device: str) -> None:
