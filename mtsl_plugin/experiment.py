@@ -3,7 +3,7 @@
 Every run writes into its own folder::
 
     run_dir/
-      .lock                  while a process trains the run: which one (one at a time: :mod:`~mtsl_plugin.folder_lock`)
+      .lock                  the run's lock: which process trains it (:mod:`~mtsl_plugin.folder_lock`), empty after
       config.json            the RunConfig and method, who trained it (``trained_by``: software, machine, data)
       checkpoint.pt          while the run is unfinished: written after structural phases, at the first epoch
                              end a minute after the last write, and at the end (what resume continues); removed

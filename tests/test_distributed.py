@@ -506,3 +506,26 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_message(tmp_
     assert outcomes[0] == outcomes[1], outcomes
     assert outcomes[0].startswith("CheckpointError: could not write") and "not-a-folder" in outcomes[0]
     assert outcomes[0].endswith(" [every rank]")
+
+
+def lock_failure_worker(rank, world, port, folder):
+    from mtsl_plugin import folder_lock
+
+    join_with_timeout(rank, world, port, seconds=20)
+
+    def hold():
+        with folder_lock.holding(os.path.join(folder, "not-a-folder", "run")):
+            pass
+
+    write_outcome(os.path.join(folder, f"lock{rank}.txt"), hold, "held")
+    leave_group()
+
+
+def test_a_run_folder_rank_0_cannot_lock_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 alone creates and locks a run folder; when that fails (a file where the folder should be, a lock
+    file it may not write) every rank raises its error, none waits for rank 0's answer."""
+    (tmp_path / "not-a-folder").write_text("")
+    mp.spawn(lock_failure_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"lock{r}.txt").read_text() for r in range(2)]
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0].startswith("NotADirectoryError: ") and outcomes[0].endswith(" [every rank]")

@@ -1,6 +1,7 @@
 """One process at a time in a run folder: a second process is refused (run_method, the LibMTL-style Trainer) or
-waits (the benchmark commands), a killed holder never blocks the folder, and no lock file stays behind."""
+waits (the benchmark commands), a killed holder never blocks the folder, and a dry run's probe takes nothing."""
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -30,10 +31,11 @@ def test_a_folder_another_process_trains_in_is_refused_untouched(tmp_path):
         with pytest.raises(FolderBusy, match=rf"{run} is in use by process {other.pid} on .*, since .*; wait for it"):
             run_method(smoke_config(), "onenet", run, resume=True, progress=False, check=False)
         assert sorted(p.name for p in run.iterdir()) == before
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt.tmp"]  # the holder's lock file went with it
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, "checkpoint.pt.tmp"]
+    assert (run / LOCK_FILE).read_text() == ""  # released: it names no holder
 
 
-def test_a_killed_holder_leaves_a_lock_file_that_blocks_nothing(tmp_path):
+def test_a_killed_holder_blocks_nothing(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "held\n"
@@ -41,11 +43,11 @@ def test_a_killed_holder_leaves_a_lock_file_that_blocks_nothing(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     proc.stdin.close()
-    assert (tmp_path / LOCK_FILE).exists()  # the system released the lock; the file stays
+    assert folder_lock.holder(tmp_path).startswith(f"process {proc.pid} on ")  # its record stays, its lock not
     assert folder_lock.busy(tmp_path) is None
     with folder_lock.holding(tmp_path):  # at once, no waiting
         assert folder_lock.holder(tmp_path).startswith(f"process {os.getpid()} on ")
-    assert not (tmp_path / LOCK_FILE).exists()
+    assert (tmp_path / LOCK_FILE).read_text() == ""
 
 
 def test_holding_is_reentrant_within_a_process(tmp_path):
@@ -57,26 +59,38 @@ def test_holding_is_reentrant_within_a_process(tmp_path):
                                 text=True, timeout=60)  # another process is refused
         assert result.returncode == 1
         assert f"FolderBusy: {tmp_path} is in use by process {os.getpid()} on" in result.stderr
-    assert not (tmp_path / LOCK_FILE).exists()
+    assert folder_lock.busy(tmp_path) is None and (tmp_path / LOCK_FILE).read_text() == ""
 
 
-def test_a_lock_file_removed_between_open_and_lock_is_locked_anew(tmp_path, monkeypatch):
-    """The holder releasing removes the file; a process that opened it just before locks a file no one else will
-    see: it must try again on the file now at the path (else two processes would both hold the folder)."""
-    flock = folder_lock.fcntl.flock
-    calls = []
+def test_a_dry_runs_probe_takes_nothing(tmp_path):
+    """busy() writes nothing, not even a lock file (a dry run writes nothing), and leaves no lock behind: another
+    process takes the folder right after it."""
+    assert folder_lock.busy(tmp_path) is None and not (tmp_path / LOCK_FILE).exists()
+    with other_process(tmp_path) as other:
+        record = (tmp_path / LOCK_FILE).read_text()
+        entry = json.loads(record)
+        assert entry["pid"] == other.pid
+        assert folder_lock.busy(tmp_path) == f"process {other.pid} on {entry['host']}, since {entry['since']}"
+        assert (tmp_path / LOCK_FILE).read_text() == record
+    assert folder_lock.busy(tmp_path) is None
+    with other_process(tmp_path):
+        pass
 
-    def released_meanwhile(fd, operation):
-        calls.append(fd)
-        if len(calls) == 1:
-            (tmp_path / LOCK_FILE).unlink()
-        flock(fd, operation)
 
-    monkeypatch.setattr(folder_lock.fcntl, "flock", released_meanwhile)
-    got, fd = folder_lock._try_lock(tmp_path)
-    assert got and len(calls) == 2
-    assert os.fstat(fd).st_ino == os.stat(tmp_path / LOCK_FILE).st_ino
-    folder_lock._release(tmp_path, fd)
+def test_a_holder_record_that_cannot_be_written_still_holds_and_releases(tmp_path, monkeypatch):
+    """A full disk or a quota failing the holder's record (a courtesy to the processes kept out) does not fail
+    the hold; the lock is held and given back as usual."""
+    def over_quota(fd, data):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(folder_lock.os, "write", over_quota)
+    with folder_lock.holding(tmp_path):
+        monkeypatch.undo()
+        result = subprocess.run([sys.executable, "-c", HOLD, str(tmp_path)], input="", capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 1 and "is in use by another process" in result.stderr
+    with other_process(tmp_path):
+        pass
 
 
 def test_a_file_system_without_locks_is_used_unlocked_after_a_warning(tmp_path, monkeypatch, capsys):
@@ -87,7 +101,6 @@ def test_a_file_system_without_locks_is_used_unlocked_after_a_warning(tmp_path, 
     with folder_lock.holding(tmp_path):
         pass
     assert f"warning: {tmp_path} cannot be locked (No locks available)" in capsys.readouterr().err
-    assert not (tmp_path / LOCK_FILE).exists()
 
 
 def test_the_harness_waits_for_the_other_process_then_reuses_its_run(tmp_path, monkeypatch, capsys):
@@ -113,7 +126,6 @@ def test_the_harness_waits_for_the_other_process_then_reuses_its_run(tmp_path, m
     assert out.count("waiting for") == 1 and f"[onenet seed 0] waiting for process {other.pid} on " in out
     assert "[onenet seed 0] reusing the finished run" in out and record["status"] == "ok"
     assert (run / "model.pt").stat().st_mtime_ns == weights
-    assert not (run / LOCK_FILE).exists()
 
 
 def test_under_torchrun_every_rank_follows_rank_0s_answer(tmp_path, monkeypatch):
@@ -125,6 +137,7 @@ def test_under_torchrun_every_rank_follows_rank_0s_answer(tmp_path, monkeypatch)
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "is_main", lambda: False)
     monkeypatch.setattr(distributed, "broadcast_object", lambda value: next(answers))
+    monkeypatch.setattr(distributed, "fail_together", lambda action, errors: action())
     monkeypatch.setattr(folder_lock, "POLL_SECONDS", 0.0)
     waited = []
     with folder_lock.holding(tmp_path / "run", wait=True, on_wait=waited.append):

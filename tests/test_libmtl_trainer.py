@@ -324,4 +324,4 @@ def test_a_save_path_another_process_trains_in_is_refused_before_any_step(tiny_n
     with other_process(tmp_path / "run") as other:
         with pytest.raises(FolderBusy, match=rf"run is in use by process {other.pid} on "):
             trainer.train(*loaders(tiny_nyuv2), 10, progress=False)
-    assert trainer.epochs_done == 0 and sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+    assert trainer.epochs_done == 0 and sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
