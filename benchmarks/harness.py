@@ -8,7 +8,8 @@ folder already holds a finished run of the same fingerprint (see :func:`~mtsl_pl
 is reused, one with a checkpoint of the same fingerprint is continued, and a folder holding a *different* run is
 never overwritten: :func:`check_jobs` refuses the command before any training, naming the folder. So every command
 can point ``--out`` at the folder of an earlier ``compare.py`` run and train only what is missing, also while another
-command trains there: a job whose folder another process holds (:mod:`~mtsl_plugin.folder_lock`) waits for it.
+command trains there: a job whose folder another process holds (:mod:`~mtsl_plugin.folder_lock`) is put off,
+then waited for (:func:`run_jobs`).
 """
 from __future__ import annotations
 
@@ -256,10 +257,11 @@ def dry_run(jobs: Sequence[Job], out: Path | None, need: int | None = None) -> i
 
 
 def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
-            keep_checkpoints: bool = False) -> dict[str, Any]:
+            keep_checkpoints: bool = False, wait: bool = True) -> dict[str, Any]:
     """Train ``job`` (or reuse / continue its folder); raises on failure. A folder another process trains in (a
     second command on the same ``--out``) is waited for, then its finished run reused (or, if that process
-    stopped early, its checkpoint continued)."""
+    stopped early, its checkpoint continued); without ``wait`` it raises
+    :class:`~mtsl_plugin.folder_lock.FolderBusy` instead."""
     run_dir = job.run_dir(out)
     plan = retrained_plan(job, results)
     spec = method_spec(job.method, job.config, dict(job.arch_args))
@@ -269,7 +271,7 @@ def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
         if distributed.is_main():
             print(f"{tag} {text}", flush=True)
 
-    with folder_lock.holding(run_dir, wait=True, on_wait=lambda who: say(f"waiting for {who}, which trains it")):
+    with folder_lock.holding(run_dir, wait=wait, on_wait=lambda who: say(f"waiting for {who}, which trains it")):
         previous = saved_run(run_dir, run_fingerprint(job.method, job.config, spec, plan))
         if previous is not None and previous.get("status") == "ok":  # only result.json has a status
             say(f"reusing the finished run in {run_dir}")
@@ -280,32 +282,58 @@ def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
     return {**result, "label": job.label}
 
 
+def retrains(job: Job, source: Job) -> bool:
+    """Whether ``job`` retrains the final plan of ``source``'s run (see :func:`retrained_plan`)."""
+    return (job.plan is None and source.method == source_of(job.method, job.config)
+            and source.config.fingerprint() == job.config.fingerprint())
+
+
 def run_jobs(jobs: Sequence[Job], out: Path, progress: bool, keep_checkpoints: bool = False) -> list[dict[str, Any]]:
     """Run every job in order; a failing job is recorded (``status: failed``, ``error.txt`` in its folder) and the
     others still run. Under torchrun that holds for failures every rank raised together (a NaN loss, a write that
     failed on rank 0, ranks whose networks differ); a failure of one rank alone (out of memory, a file it could not
     read) stops the command (:class:`~benchmarks.cli.RankFailure`, its traceback in ``error<rank>.txt``). Returns
-    one result record per job, ``label`` added. A finished run keeps its weights and records; its resume checkpoint
-    is removed unless ``keep_checkpoints``."""
-    results: list[dict[str, Any]] = []
-    for job in jobs:
-        try:
-            results.append(run_job(job, out, results, progress, keep_checkpoints))
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # keep going with the other jobs; the table shows the failure
-            alone = not distributed.raised_on_every_rank(exc)  # then the others may wait in this run's collectives
-            with contextlib.suppress(OSError):  # the traceback is a courtesy; a full disk must not lose the row
-                job.run_dir(out).mkdir(parents=True, exist_ok=True)
-                if distributed.is_main() or alone:
-                    (job.run_dir(out) / f"error{distributed.rank() or ''}.txt").write_text(traceback.format_exc())
-            if alone:
-                raise RankFailure(f"[{job.label} seed {job.config.seed}] failed on rank {distributed.rank()}: {exc} "
-                                  "(under torchrun a failure of one rank stops every rank)") from exc
-            print(f"[{job.label} seed {job.config.seed}] failed: {exc}", file=sys.stderr, flush=True)
-            results.append({"method": job.method, "label": job.label, "seed": job.config.seed, "status": "failed",
-                            "error": str(exc)})
-    return results
+    one result record per job, in the order of ``jobs``, ``label`` added. A finished run keeps its weights and
+    records; its resume checkpoint is removed unless ``keep_checkpoints``.
+
+    A job whose folder another process trains in (commands sharing an ``--out``) is put off until the jobs after
+    it have run, and then waited for (:func:`run_job`), so that commands on one folder share out its runs rather
+    than queue behind each other; a job retraining the plan of a job put off is put off with it."""
+    done: dict[int, dict[str, Any]] = {}
+    put_off: list[int] = []
+    for wait in (False, True):
+        for i in put_off if wait else range(len(jobs)):
+            job = jobs[i]
+            if not wait and any(retrains(job, jobs[k]) for k in put_off):
+                put_off.append(i)
+                continue
+            try:
+                done[i] = run_job(job, out, [done[k] for k in sorted(done)], progress, keep_checkpoints, wait)
+            except folder_lock.FolderBusy as busy:  # only without wait
+                if distributed.is_main():
+                    print(f"[{job.label} seed {job.config.seed}] {busy.holder}, trains it; back to it after the "
+                          "other runs", flush=True)
+                put_off.append(i)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # keep going with the other jobs; the table shows the failure
+                done[i] = failed_row(job, out, exc)
+    return [done[i] for i in range(len(jobs))]
+
+
+def failed_row(job: Job, out: Path, exc: Exception) -> dict[str, Any]:
+    """The result record of ``job``, which failed with ``exc`` (its traceback in the folder's ``error.txt``); a
+    failure of this rank alone under torchrun raises :class:`~benchmarks.cli.RankFailure` instead."""
+    alone = not distributed.raised_on_every_rank(exc)  # then the others may wait in this run's collectives
+    with contextlib.suppress(OSError):  # the traceback is a courtesy; a full disk must not lose the row
+        job.run_dir(out).mkdir(parents=True, exist_ok=True)
+        if distributed.is_main() or alone:
+            (job.run_dir(out) / f"error{distributed.rank() or ''}.txt").write_text(traceback.format_exc())
+    if alone:
+        raise RankFailure(f"[{job.label} seed {job.config.seed}] failed on rank {distributed.rank()}: {exc} "
+                          "(under torchrun a failure of one rank stops every rank)") from exc
+    print(f"[{job.label} seed {job.config.seed}] failed: {exc}", file=sys.stderr, flush=True)
+    return {"method": job.method, "label": job.label, "seed": job.config.seed, "status": "failed", "error": str(exc)}
 
 
 def train(jobs: Sequence[Job], out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:

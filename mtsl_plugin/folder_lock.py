@@ -53,7 +53,9 @@ _held: dict[Path, _Hold] = {}
 
 
 class FolderBusy(RuntimeError):
-    """Another process holds the run folder."""
+    """Another process holds the run folder (``holder``: which, in words, as :func:`holder` says)."""
+
+    holder = "another process"
 
 
 def holder(folder: Path) -> str:
@@ -138,9 +140,10 @@ def _acquire(folder: Path, wait: bool, on_wait: Callable[[str], None] | None) ->
         if got:
             return fd
         if not wait:
-            raise distributed.on_every_rank(FolderBusy(
-                f"{folder} is in use by {who}, which trains a run there; wait for it to finish or choose another "
-                "folder"))
+            busy = FolderBusy(f"{folder} is in use by {who}, which trains a run there; wait for it to finish or "
+                              "choose another folder")
+            busy.holder = who
+            raise distributed.on_every_rank(busy)
         if not told and on_wait is not None:
             on_wait(who)
             told = True

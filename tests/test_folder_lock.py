@@ -107,9 +107,9 @@ def test_a_file_system_without_locks_is_used_unlocked_after_a_warning(tmp_path, 
     assert f"warning: {tmp_path} cannot be locked (No locks available)" in capsys.readouterr().err
 
 
-def test_the_harness_waits_for_the_other_process_then_reuses_its_run(tmp_path, monkeypatch, capsys):
-    """Two commands on one --out (a cluster's job array) train each shared run once: the second waits for the
-    first, says whom it waits for (its dry run too), then reuses the finished run."""
+def test_the_harness_puts_off_a_run_another_process_trains_then_waits_and_reuses_it(tmp_path, monkeypatch, capsys):
+    """Two commands on one --out (a cluster's job array) train each shared run once: the second puts the run the
+    first trains off, then waits for it, says whom it waits for (its dry run too), and reuses the finished run."""
     from benchmarks import harness
     from conftest import smoke_config
 
@@ -124,12 +124,37 @@ def test_the_harness_waits_for_the_other_process_then_reuses_its_run(tmp_path, m
         assert f"[onenet seed 0] would wait for process {other.pid} on " in capsys.readouterr().out
         threading.Timer(1.0, other.stdin.close).start()
         started = time.perf_counter()
-        record = harness.run_job(job, tmp_path, [], progress=False)
+        (record,) = harness.run_jobs([job], tmp_path, progress=False)
         assert time.perf_counter() - started >= 0.9
-    out = capsys.readouterr().out
-    assert out.count("waiting for") == 1 and f"[onenet seed 0] waiting for process {other.pid} on " in out
-    assert "[onenet seed 0] reusing the finished run" in out and record["status"] == "ok"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"[onenet seed 0] process {other.pid} on ") and lines[0].endswith(
+        ", trains it; back to it after the other runs")
+    assert lines[1].startswith(f"[onenet seed 0] waiting for process {other.pid} on ") and len(lines) == 3
+    assert lines[2].startswith("[onenet seed 0] reusing the finished run") and record["status"] == "ok"
     assert (run / "model.pt").stat().st_mtime_ns == weights
+
+
+def test_runs_other_processes_train_are_put_off_with_the_runs_retraining_their_plans(tmp_path, monkeypatch):
+    """Commands sharing an --out share out its runs: a run another process holds waits until the command's other
+    runs are done (a "-R" run retraining its plan with it), and the records keep the jobs' order."""
+    from benchmarks import harness
+    from conftest import smoke_config
+
+    held, calls = {"stn", "mtsl"}, []
+
+    def run_job(job, out, results, progress, keep_checkpoints, wait=True):
+        if job.label in held and not wait:
+            raise FolderBusy("in use")
+        calls.append((job.label, wait, [r["label"] for r in results]))
+        return {"label": job.label, "status": "ok"}
+
+    monkeypatch.setattr(harness, "run_job", run_job)
+    jobs = [harness.Job(m, m, smoke_config()) for m in ("stn", "onenet", "mtsl", "mtsl_r", "mtsl_noalign")]
+    records = harness.run_jobs(jobs, tmp_path, progress=False)
+    assert [r["label"] for r in records] == ["stn", "onenet", "mtsl", "mtsl_r", "mtsl_noalign"]
+    assert calls == [("onenet", False, []), ("mtsl_noalign", False, ["onenet"]),
+                     ("stn", True, ["onenet", "mtsl_noalign"]), ("mtsl", True, ["stn", "onenet", "mtsl_noalign"]),
+                     ("mtsl_r", True, ["stn", "onenet", "mtsl", "mtsl_noalign"])]
 
 
 def test_under_torchrun_every_rank_follows_rank_0s_answer(tmp_path, monkeypatch):

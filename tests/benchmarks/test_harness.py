@@ -55,7 +55,7 @@ def test_under_torchrun_only_failures_of_every_rank_let_the_sweep_go_on(tmp_path
     outcomes = {"together": distributed.on_every_rank(ArithmeticError("loss is nan")), "fine": None,
                 "alone": OSError("cannot read image 7")}
 
-    def run_job(job, out, results, progress, keep_checkpoints):
+    def run_job(job, out, results, progress, keep_checkpoints, wait=True):
         if outcomes[job.label] is not None:
             raise outcomes[job.label]
         return {"method": job.method, "label": job.label, "status": "ok"}
