@@ -239,7 +239,8 @@ def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bo
     classes = _label_classes(dataset)
     rules = _value_rules(dataset)
     empty = set(rules)  # the tasks no sample read so far holds a valid pixel of
-    unsigned = set(_stored_normals(dataset))  # the normals tasks no valid normal read so far has a negative x, y, z of
+    stored = _stored_normals(dataset)
+    unsigned = set(stored)  # the normals tasks of which no valid normal read so far has a negative component
     for index in tqdm(range(len(dataset)), desc=f"checking {what}", leave=False, disable=None if progress else True):
         _, targets = dataset[index]
         for task, seen in classes.items():
@@ -259,7 +260,7 @@ def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bo
             outcome = "learn from no pixel" if dataset.split == "train" else "score NaN"
             raise ValueError(f"task {task!r}: no target of the {what} in {folder} holds a valid pixel (at "
                              f"{dataset.height}x{dataset.width} every pixel is {none}), so the task would {outcome}")
-    for task, paths in _stored_normals(dataset).items():
+    for task, paths in stored.items():
         if task in unsigned:
             _check_not_encoded(task, what, rules[task][2], paths)
 
