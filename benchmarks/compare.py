@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.figures import alignment_figure, search_figure
-from mtsl_plugin import distributed
+from mtsl_plugin import distributed, folder_lock
 from benchmarks.cli import (MAX_SEED, UsageError, add_run_args, check_out, config_from_args, parse_list, parse_seeds,
                             run_main)
 from benchmarks.harness import (Job, check_jobs, dry_run, exit_code, method_jobs, read_json, source_of, train,
@@ -156,6 +156,12 @@ def extend_comparison(out: Path, config: RunConfig, methods: list[str], seeds: l
     return list(dict.fromkeys([*meta["methods"], *methods])), sorted({*meta["seeds"], *seeds})
 
 
+def saved_text(out: Path) -> str | None:
+    """The text of ``out/config.json`` (the comparison saved there), ``None`` if there is none."""
+    path = out / "config.json"
+    return path.read_text() if path.is_file() else None
+
+
 def flag(dest: str) -> str:
     return f"--{dest.replace('_', '-')}"
 
@@ -198,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             methods, seeds, plan_from = list(dict.fromkeys([*REFERENCES, *requested])), parse_seeds(args.seeds), \
                 args.plan_from
             out = check_out(Path(args.out or f"results/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
-            if out.exists() and any(out.iterdir()):
+            seen = saved_text(out)
+            if out.exists() and any(p.name != folder_lock.LOCK_FILE for p in out.iterdir()):
                 methods, seeds = extend_comparison(out, config, methods, seeds, plan_from)
         args.results_folder, args.continue_with = out, f"python benchmarks/compare.py --resume {out}"
         jobs = build_jobs(methods, config, seeds, plan_from)
@@ -206,10 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         need = check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
         if args.dry_run:
             return dry_run(jobs, out, need)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"config": config.to_dict(), "methods": methods, "seeds": seeds,
-                                         "plan_from": plan_from})
-        write_config(out / "config.yaml", config)  # the effective configuration, itself a valid --config
+        # a command started on the same folder meanwhile (a job array) may have saved its comparison: both go in
+        with folder_lock.holding(out, wait=True):
+            listed = methods, seeds
+            if args.resume is None and saved_text(out) not in (None, seen):
+                listed = extend_comparison(out, config, methods, seeds, plan_from)
+            write_json(out / "config.json", {"config": config.to_dict(), "methods": listed[0], "seeds": listed[1],
+                                             "plan_from": plan_from})
+            write_config(out / "config.yaml", config)  # the effective configuration, itself a valid --config
         results = train(jobs, out, args)
         if distributed.is_main():  # under torchrun every rank trains; rank 0 alone reports
             print(report(results, out, config))

@@ -409,3 +409,31 @@ def test_a_dry_run_checks_everything_says_what_each_run_would_do_and_writes_noth
     assert lines[3].startswith("dry run: every check passed; the runs may write up to ")
     assert lines[3].endswith(" MiB; nothing was trained or written")
     assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")} == files
+
+
+@pytest.mark.parametrize("other", ["same settings", "other settings"])
+def test_commands_started_together_on_one_folder_keep_each_others_methods(tmp_path, monkeypatch, capsys, other):
+    """Two commands started together on an empty folder (a job array) both find it empty; the one saving its
+    comparison second keeps the first one's methods and seeds beside its own (it overwrote them), so that
+    ``--resume`` continues both. A comparison of other settings saved meanwhile is refused before any training."""
+    from mtsl_plugin.experiment import write_json
+
+    out, check_jobs = tmp_path / "out", compare.check_jobs
+
+    def meanwhile(jobs, *args, **kwargs):  # the other command saves its comparison while this one checks its own
+        config = jobs[0].config if other == "same settings" else jobs[0].config.replace(tasks=("S", "D"))
+        out.mkdir()
+        write_json(out / "config.json", {"config": config.to_dict(), "methods": ["stn", "onenet", "mtsl"],
+                                         "seeds": [1], "plan_from": None})
+        return check_jobs(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "check_jobs", meanwhile)
+    code = compare.main(["--methods", "onenet_l", "--seeds", "0", "--out", str(out), *ARGS])
+    printed = capsys.readouterr()
+    if other == "other settings":
+        assert code == 2 and "holds a comparison with other settings" in printed.err
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json"]  # nothing trained
+        return
+    assert code == 0 and "[mtsl seed" not in printed.out  # the other command's runs are its own
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["methods"] == ["stn", "onenet", "mtsl", "onenet_l"] and saved["seeds"] == [0, 1]
