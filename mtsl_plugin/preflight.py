@@ -81,13 +81,13 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
         raise ValueError(f"dataset {d.name!r} has no target for task(s) {missing}; it has {list(dataset.tasks)}")
     stages = build_stages(config)
     stages.check_input_size(dataset.height, dataset.width)  # some CNNs need a least size or multiple
+    # under torchrun each process trains on its share of a batch (a last one cut to a multiple of the processes);
+    # MTSL's amalgamation reads whole batches in every process
+    processes = distributed.world_size()
+    amalgamates = learner is not None and learner.amalgamate and any(learner.amalgamation_epochs)
     for samples, over in training_sets(architecture, trained):
         drop_last = drops_last_batch(samples, config.batch_size)
         smallest = smallest_batch(samples, config.batch_size, drop_last)
-        # under torchrun each process trains on its share of a batch (a last one cut to a multiple of the
-        # processes); MTSL's amalgamation reads whole batches in every process
-        processes = distributed.world_size()
-        amalgamates = learner is not None and learner.amalgamate and any(learner.amalgamation_epochs)
         share = smallest_rank_batch(samples, config.batch_size, drop_last, processes)
         if share == 1 or (amalgamates and smallest == 1):  # BatchNorm on a 1x1 feature map fails at that step
             gives = "a batch of 1 image" if processes == 1 or share != 1 else f"each of {processes} processes 1 image"
