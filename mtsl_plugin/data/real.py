@@ -268,14 +268,20 @@ class NpyLayoutDataset(Dataset):
 
     def _check_folder(self, folder: Path) -> None:
         """Raise if ``folder`` is missing, lacks the file of one of the indexed samples (named as in the image
-        folder) or holds two names of one number."""
+        folder), holds a sample the image folder lacks (it would be dropped without a word, as a half-copied image
+        folder drops its samples) or holds two names of one number."""
         if not folder.is_dir():
             raise FileNotFoundError(f"{type(self).__name__} sub-folder {folder} does not exist.")
-        present = set(self._numbered(folder).values())
-        missing = [self.names[i] for i in self.indices if self.names[i] not in present]
+        present = self._numbered(folder)
+        missing = [self.names[i] for i in self.indices if present.get(i) != self.names[i]]
         if missing:
             raise FileNotFoundError(f"{type(self).__name__} file {folder / missing[0]} does not exist "
                                     f"({len(missing)} sample(s) missing in that folder).")
+        orphans = [name for i, name in present.items() if i not in self.names]
+        if orphans:
+            raise FileNotFoundError(f"{type(self).__name__} file {folder / orphans[0]} has no image: "
+                                    f"{self.split_dir / self.folders['image']} holds no file of its number "
+                                    f"({len(orphans)} file(s) without an image in that folder).")
 
     def _path(self, key: str, index: int) -> Path:
         return self.split_dir / self.folders[key] / self.names[index]

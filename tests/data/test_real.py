@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,16 @@ def test_missing_subfolder_or_file_names_it(nyu: tuple[Path, dict]) -> None:
     (root / "val" / "normal").rmdir()
     with pytest.raises(FileNotFoundError, match=r"val[/\\]normal"):
         NYUv2(root, "val")
+
+
+def test_a_target_file_without_an_image_is_named(nyu: tuple[Path, dict]) -> None:
+    # a half-copied image folder: its samples' targets were dropped without a word (folder data refuses this too)
+    root, _ = nyu
+    (root / "train" / "image" / "7.npy").unlink()
+    with pytest.raises(FileNotFoundError) as caught:
+        NYUv2(root, "train")
+    message = str(caught.value)
+    assert re.search(r"label[/\\]7\.npy has no image", message) and len(message.splitlines()) == 1
 
 
 def test_shape_mismatch_and_bad_values_name_the_file(nyu: tuple[Path, dict]) -> None:
