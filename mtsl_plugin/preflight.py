@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from mtsl_plugin import distributed
 from mtsl_plugin.config import DataConfig, RunConfig
 from mtsl_plugin.data import build_dataset
-from mtsl_plugin.data.run_data import drops_last_batch, smallest_batch, smallest_rank_batch
+from mtsl_plugin.data.run_data import drops_last_batch, smallest_batch
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.libmtl_compat import LIBMTL_OPTIMIZERS, SINGLE_BACKWARD_WEIGHTINGS, import_libmtl
 from mtsl_plugin.plugins import amalgamator, grouping_solver, similarity
@@ -88,7 +88,7 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
     for samples, over in training_sets(architecture, trained):
         drop_last = drops_last_batch(samples, config.batch_size)
         smallest = smallest_batch(samples, config.batch_size, drop_last)
-        share = smallest_rank_batch(samples, config.batch_size, drop_last, processes)
+        share = smallest_batch(samples, config.batch_size, drop_last, processes)
         if share == 1 or (amalgamates and smallest == 1):  # BatchNorm on a 1x1 feature map fails at that step
             gives = "a batch of 1 image" if processes == 1 or share != 1 else f"each of {processes} processes 1 image"
             try:

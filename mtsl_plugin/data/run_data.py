@@ -19,17 +19,11 @@ def drops_last_batch(samples: int, batch_size: int) -> bool:
     return samples >= 2 * batch_size
 
 
-def smallest_batch(samples: int, batch_size: int, drop_last: bool) -> int:
-    """The fewest samples a batch of an epoch over ``samples`` holds (a training epoch of :meth:`RunData.batches`
-    drops its last, partial batch where :func:`drops_last_batch` says so)."""
-    partial = samples % batch_size
-    return partial if partial and not drop_last else min(samples, batch_size)
-
-
-def smallest_rank_batch(samples: int, batch_size: int, drop_last: bool, processes: int) -> int:
+def smallest_batch(samples: int, batch_size: int, drop_last: bool, processes: int = 1) -> int:
     """The fewest samples one of ``processes`` processes trains on in a step of a training epoch over ``samples``
-    (:meth:`RunData.batches` under ``torch.distributed``: each global batch split evenly, a last, partial one cut
-    to a multiple of ``processes`` and left out where that leaves none); :func:`smallest_batch` for one process."""
+    (:meth:`RunData.batches`, which drops the last, partial batch where :func:`drops_last_batch` says so; under
+    ``torch.distributed`` each global batch is split evenly, a last, partial one cut to a multiple of
+    ``processes`` and left out where that leaves none); 0 when the epoch has no step."""
     sizes = [batch_size] * (samples // batch_size)
     partial = samples % batch_size
     if partial and not drop_last:
