@@ -72,13 +72,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from mtsl_plugin import distributed, folder_lock
 from mtsl_plugin.architecture import MTSL
 from mtsl_plugin.checkpoint import CheckpointError
+from mtsl_plugin.data import FolderDataset
+from mtsl_plugin.data.real import NpyLayoutDataset
 from mtsl_plugin.data.run_data import RunData, smallest_batch
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.libmtl_adapters import as_head, as_plan, as_stages, check_encoder_class
 from mtsl_plugin.libmtl_compat import check_trainer_args, check_trainer_hooks, import_libmtl, read_bare_state_dict
 from mtsl_plugin.plan import BranchingPlan
-from mtsl_plugin.preflight import check_mtsl, check_weighting
+from mtsl_plugin.preflight import check_mtsl, check_weighting, read_every_sample
 from mtsl_plugin.trainer import MTLTrainer
 
 AUTHORS_SIMILARITY_SAMPLES = 800  # the authors measure similarity on the first 800 training images
@@ -100,6 +102,17 @@ def rng_untouched():
     finally:
         np.random.set_state(numpy_state)
         random.setstate(python_state)
+
+
+@contextmanager
+def augmentation_off(dataset: Dataset):
+    """Run the block with ``dataset``'s augmentation (its ``augment`` flag) off: checks read the stored samples."""
+    augment = dataset.augment
+    dataset.augment = False
+    try:
+        yield
+    finally:
+        dataset.augment = augment
 
 
 def _resolve(value: Any, namespace: Any, kind: str) -> type:
@@ -302,7 +315,7 @@ class Trainer(MTLTrainer):
         require("epochs", epochs, int, 1)
         if self.learner is not None:
             self.set_schedule(epochs)
-        self.check_loaders(train_dataloaders, test_dataloaders, val_dataloaders)
+        self.check_loaders(train_dataloaders, test_dataloaders, val_dataloaders, progress)
         if val_dataloaders is not None:
             grouping = val_dataloaders.dataset
         else:
@@ -345,11 +358,15 @@ class Trainer(MTLTrainer):
             raise ValueError(f"MTSL's phases end after {ends[-1]} task-learning epochs ({source}) but train() was "
                              f"given {epochs} epochs{advice}")
 
-    def check_loaders(self, train_dataloaders, test_dataloaders, val_dataloaders=None) -> None:
+    def check_loaders(self, train_dataloaders, test_dataloaders, val_dataloaders=None, progress: bool = True
+                      ) -> None:
         """Refuse, in one line naming the loader, what would fail later (at the first step, at a structural phase,
         or after all training): a loader without a ``dataset`` or with no samples; a dataset whose first sample
         (read without moving the global RNGs) lacks a target of the task dict; a training loader that yields no
-        batch. While MTSL has phases left and task nodes with siblings, also grouping data (``val_dataloaders``,
+        batch. A loader over this package's file data sets (:class:`~mtsl_plugin.data.FolderDataset`, NYUv2,
+        Cityscapes) has every sample read once, without augmentation, as the benchmark commands read theirs
+        (:func:`~mtsl_plugin.preflight.read_every_sample`): a file that cannot be read, a wrong shape or class,
+        a task without a valid pixel is named before training, not when an epoch reaches it. While MTSL has phases left and task nodes with siblings, also grouping data (``val_dataloaders``,
         else the training set) under 4 samples and a training batch under 4 samples: CKA needs 4."""
         loaders = {"train_dataloaders": train_dataloaders, "test_dataloaders": test_dataloaders}
         if val_dataloaders is not None:
@@ -373,6 +390,9 @@ class Trainer(MTLTrainer):
                 if missing:
                     raise ValueError(f"{name} has no target for task(s) {missing} of the task dict (its samples "
                                      f"hold {list(targets)})")
+            if isinstance(dataset, (FolderDataset, NpyLayoutDataset)):  # files: each read once, as compare.py does
+                with rng_untouched(), augmentation_off(dataset):
+                    read_every_sample(dataset, f"{name}' samples", progress)
         size, batch = sizes.get("train_dataloaders"), getattr(train_dataloaders, "batch_size", None)
         if size is None:
             return

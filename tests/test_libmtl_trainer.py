@@ -271,6 +271,23 @@ def test_loaders_that_do_not_fit_the_task_dict_or_mtsl_are_refused_before_traini
     assert trainer.epochs_done == 0 and torch.equal(torch.get_rng_state(), state)
 
 
+def test_a_bad_file_of_a_package_data_set_is_named_before_training(tiny_nyuv2):
+    """A loader over NYUv2 (as LibMTL's example builds it) has every file read before the first step, as
+    compare.py reads its data: the last training sample's label (class 20 of 13) is named before any training,
+    not when the epoch reaches it; the global RNGs and the data set's augmentation flag are as they were."""
+    import numpy as np
+
+    np.save(tiny_nyuv2 / "train" / "label" / "7.npy", np.full((16, 16), 20, dtype=np.float32))
+    train = NYUv2(tiny_nyuv2, "train", augment=True)
+    trainer = tiny_trainer(mtsl={"task_epochs": (1, 1), "amalgamation_epochs": (1, 1), "total_epochs": 2})
+    state, weights = torch.get_rng_state(), {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"label[/\\]7\.npy holds class 20"):
+        trainer.train(DataLoader(train, batch_size=4, shuffle=True, drop_last=True),
+                      DataLoader(NYUv2(tiny_nyuv2, "test"), batch_size=8), 2, progress=False)
+    assert torch.equal(torch.get_rng_state(), state) and train.augment
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())  # no step was taken
+
+
 def test_a_save_path_holding_another_run_is_named(tiny_nyuv2, tmp_path):
     """A stale save_path: its checkpoint (of other tasks, or of another encoder) is named, with the way out."""
     tiny_trainer(tasks=("S", "D", "N")).save(tmp_path / "old" / "checkpoint.pt")
