@@ -366,8 +366,9 @@ class Trainer(MTLTrainer):
         batch. A loader over this package's file data sets (:class:`~mtsl_plugin.data.FolderDataset`, NYUv2,
         Cityscapes) has every sample read once, without augmentation, as the benchmark commands read theirs
         (:func:`~mtsl_plugin.preflight.read_every_sample`): a file that cannot be read, a wrong shape or class,
-        a task without a valid pixel is named before training, not when an epoch reaches it. While MTSL has phases left and task nodes with siblings, also grouping data (``val_dataloaders``,
-        else the training set) under 4 samples and a training batch under 4 samples: CKA needs 4."""
+        a task without a valid pixel is named before training, not when an epoch reaches it. While MTSL has phases
+        left and task nodes with siblings, also grouping data (``val_dataloaders``, else the training set) under 4
+        samples and a training batch under 4 samples: CKA needs 4."""
         loaders = {"train_dataloaders": train_dataloaders, "test_dataloaders": test_dataloaders}
         if val_dataloaders is not None:
             loaders["val_dataloaders"] = val_dataloaders

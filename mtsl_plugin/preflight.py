@@ -25,9 +25,10 @@ configuration is made (:mod:`mtsl_plugin.config`, :class:`~mtsl_plugin.learner.s
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from functools import partial
 from types import SimpleNamespace
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -181,9 +182,9 @@ def check_distributed(weighting: str, bilevel: bool, compiled: bool) -> None:
 
 
 def check_optimizer(optimizer: Mapping[str, Any]) -> None:
-    """Build the optimizer once (:data:`~mtsl_plugin.libmtl_compat.LIBMTL_OPTIMIZERS` only names them in messages), with LibMTL's own code (as every run does) over a one-parameter stand-in model,
-    so a missing or unknown ``optim``, an argument it does not take or a value it refuses (a negative ``lr``) is
-    named here."""
+    """Build the optimizer once, with LibMTL's own code (as every run does) over a one-parameter stand-in model, so
+    a missing or unknown ``optim``, an argument it does not take or a value it refuses (a negative ``lr``) is named
+    here (:data:`~mtsl_plugin.libmtl_compat.LIBMTL_OPTIMIZERS` only names them in messages)."""
     if "optim" not in optimizer:
         raise ValueError(f"optimizer names no 'optim' (one of {', '.join(LIBMTL_OPTIMIZERS)}; a --config file's "
                          f"optimizer replaces the preset's whole), got {dict(optimizer)}")
@@ -237,10 +238,10 @@ def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bo
     (:func:`_check_not_encoded`).
     """
     classes = _label_classes(dataset)
-    rules = _value_rules(dataset)
+    files = _target_files(dataset)
+    rules = _value_rules(files)
     empty = set(rules)  # the tasks no sample read so far holds a valid pixel of
-    stored = _stored_normals(dataset)
-    unsigned = set(stored)  # the normals tasks of which no valid normal read so far has a negative component
+    unsigned = {task for task, stored in files.items() if stored.layout == "normals"}  # and none a negative normal
     for index in tqdm(range(len(dataset)), desc=f"checking {what}", leave=False, disable=None if progress else True):
         _, targets = dataset[index]
         for task, seen in classes.items():
@@ -251,31 +252,43 @@ def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bo
     for task, seen in classes.items():
         if int(seen.sum()) <= 1:
             found = f"only class {int(seen.nonzero()[0, 0])}" if seen.any() else "no class"
-            folder = dataset.split_dir / dataset.targets[task].folder
-            raise ValueError(f"task {task!r}: the training labels in {folder} hold {found} besides ignore, but a "
-                             f"segmentation task of {len(seen)} classes needs at least two; in PNG labels 255 "
-                             "means ignore, so store a mask's foreground as 1 (and further classes as 2, 3, ...)")
-    for task, (_, none, folder) in rules.items():
+            raise ValueError(f"task {task!r}: the training labels in {files[task].folder} hold {found} besides "
+                             f"ignore, but a segmentation task of {len(seen)} classes needs at least two; in PNG "
+                             "labels 255 means ignore, so store a mask's foreground as 1 (and further classes as 2, "
+                             "3, ...)")
+    for task, (_, none) in rules.items():
         if task in empty:
             outcome = "learn from no pixel" if dataset.split == "train" else "score NaN"
-            raise ValueError(f"task {task!r}: no target of the {what} in {folder} holds a valid pixel (at "
+            raise ValueError(f"task {task!r}: no target of the {what} in {files[task].folder} holds a valid pixel (at "
                              f"{dataset.height}x{dataset.width} every pixel is {none}), so the task would {outcome}")
-    for task, paths in stored.items():
-        if task in unsigned:
-            _check_not_encoded(task, what, rules[task][2], paths)
+    for task in unsigned:
+        _check_not_encoded(task, what, files[task].folder, files[task].paths)
 
 
-def _stored_normals(dataset: torch.utils.data.Dataset) -> dict[str, list]:
-    """Normals task -> the paths of its ``.npy`` files, one per sample of ``dataset``, as stored (the data sets
-    re-normalise them on load), for folder data and NYUv2; empty for any other data set."""
+class _TargetFiles(NamedTuple):
+    """How a task's targets are stored: their layout, which values hold a value (a dense layout's
+    :data:`~mtsl_plugin.tasks.VALID_RULES` rule), their folder and the file of each sample, in sample order."""
+    layout: str
+    valid: str
+    folder: Path
+    paths: list[Path]
+
+
+def _target_files(dataset: torch.utils.data.Dataset) -> dict[str, _TargetFiles]:
+    """Task -> how its targets are stored, for each target that folder data, NYUv2 and Cityscapes read from a file
+    of its own (not ``E`` and ``A``, which are derived, nor a folder task of the ``image`` layout); empty for any
+    other data set (synthetic scenes are drawn, valid by construction)."""
     from mtsl_plugin.data import FolderDataset
-    from mtsl_plugin.data.real import NpyLayoutDataset
+    from mtsl_plugin.data.real import LETTER_LAYOUTS, NpyLayoutDataset
 
     if isinstance(dataset, FolderDataset):
-        return {task: [dataset.files[task][sample] for sample in dataset.ids]
-                for task, spec in dataset.targets.items() if spec.layout == "normals"}
-    if isinstance(dataset, NpyLayoutDataset) and "N" in dataset.folders:
-        return {"N": [dataset.split_dir / dataset.folders["N"] / dataset.names[i] for i in dataset.indices]}
+        return {task: _TargetFiles(spec.layout, spec.valid, dataset.split_dir / spec.folder,
+                                   [dataset.files[task][sample] for sample in dataset.ids])
+                for task, spec in dataset.targets.items() if task in dataset.files}
+    if isinstance(dataset, NpyLayoutDataset):  # D: 0 = no depth
+        return {task: _TargetFiles(LETTER_LAYOUTS[task], "positive", dataset.split_dir / folder,
+                                   [dataset.split_dir / folder / dataset.names[i] for i in dataset.indices])
+                for task, folder in dataset.folders.items() if task in LETTER_LAYOUTS}
     return {}
 
 
@@ -320,27 +333,16 @@ _NO_VALUE = {"labels": "ignore (-1; 255 in a PNG)", "finite": "NaN or inf", "pos
              "normals": "a zero or non-finite vector"}
 
 
-def _value_rules(dataset: torch.utils.data.Dataset) -> dict[str, tuple[Any, str, Any]]:
+def _value_rules(files: Mapping[str, _TargetFiles]) -> dict[str, tuple[Any, str]]:
     """Task -> (where a target of one sample holds a valid pixel: a function of the target, giving a bool tensor;
-    what an invalid pixel holds; the task's folder) for each target of folder, NYUv2 and Cityscapes data that can
-    lack a value (``labels``, ``dense`` and ``normals`` layouts; not ``binary`` or ``image`` ones, nor ``E`` and
-    ``A``, which are derived); empty for any other data set (synthetic scenes are valid by construction)."""
-    from mtsl_plugin.data import FolderDataset
-    from mtsl_plugin.data.real import LETTER_LAYOUTS, NpyLayoutDataset
-
-    if isinstance(dataset, FolderDataset):
-        stored = {task: (spec.layout, spec.valid, spec.folder) for task, spec in dataset.targets.items()}
-    elif isinstance(dataset, NpyLayoutDataset):  # D: 0 = no depth
-        stored = {task: (LETTER_LAYOUTS[task], "positive", folder) for task, folder in dataset.folders.items()
-                  if task in LETTER_LAYOUTS}
-    else:
-        return {}
+    what an invalid pixel holds) for each task of ``files`` (:func:`_target_files`) whose targets can lack a value
+    (``labels``, ``dense`` and ``normals`` layouts; not ``binary`` ones)."""
     rules = {}
-    for task, (layout, valid, folder) in stored.items():
-        if layout == "labels":
-            rules[task] = (lambda t: t >= 0, _NO_VALUE["labels"], dataset.split_dir / folder)
-        elif layout == "dense":
-            rules[task] = (partial(holds_value, rule=valid), _NO_VALUE[valid], dataset.split_dir / folder)
-        elif layout == "normals":
-            rules[task] = (lambda t: has_normal(t[None]), _NO_VALUE["normals"], dataset.split_dir / folder)
+    for task, stored in files.items():
+        if stored.layout == "labels":
+            rules[task] = (lambda t: t >= 0, _NO_VALUE["labels"])
+        elif stored.layout == "dense":
+            rules[task] = (partial(holds_value, rule=stored.valid), _NO_VALUE[stored.valid])
+        elif stored.layout == "normals":
+            rules[task] = (lambda t: has_normal(t[None]), _NO_VALUE["normals"])
     return rules
