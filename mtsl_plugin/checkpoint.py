@@ -143,14 +143,16 @@ def save_weights(path: str | Path, plan: str, model: dict[str, torch.Tensor]) ->
                                                          "model": model}, handle))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+                    ) -> dict[str, Any]:
     """Read a file written by :func:`save_checkpoint` or :func:`save_weights` (``weights_only=True``); its
-    ``"kind"`` says which ("checkpoint" or "weights")."""
+    ``"kind"`` says which ("checkpoint" or "weights"). With ``mmap`` the tensors are mapped from the file, not
+    read: a caller that needs only the plain entries (the plan) reads kilobytes of a file of gigabytes."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # a truncated or foreign file
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); it is truncated or not a checkpoint "

@@ -76,8 +76,9 @@ class TrainerCheckpoints:
     @staticmethod
     def checkpoint_plan(path: str | Path) -> BranchingPlan | None:
         """The plan stored in a checkpoint or weights file (build the trainer with it, then :meth:`load`);
-        ``None`` for architectures that are not plan-based."""
-        text = load_checkpoint(path)["plan"]
+        ``None`` for architectures that are not plan-based. The weights are memory-mapped, not read: resuming
+        (and :func:`~mtsl_plugin.experiment.load_run`) reads the plan, then the whole file once, in :meth:`load`."""
+        text = load_checkpoint(path, mmap=True)["plan"]
         return BranchingPlan.from_json(text) if text else None
 
     def load(self, path: str | Path) -> None:

@@ -1,9 +1,13 @@
 """Files a run writes through ``atomic_write`` (configs, records, weights, checkpoints)."""
 import stat
+from pathlib import Path
 
+import pytest
 import torch
 
-from mtsl_plugin.checkpoint import atomic_write, load_checkpoint, save_weights
+from mtsl_plugin.checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_weights
+from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.trainer import MTLTrainer
 
 
 def test_written_files_get_the_mode_a_new_file_gets_not_a_private_one(tmp_path, umask):
@@ -16,3 +20,21 @@ def test_written_files_get_the_mode_a_new_file_gets_not_a_private_one(tmp_path, 
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
     assert record.read_bytes() == b"{}" and torch.equal(load_checkpoint(weights)["model"]["w"], torch.ones(2))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.pt", "result.json"]  # no scratch left
+
+
+def _bytes_read() -> int:
+    """What this process has read through system calls so far (Linux's ``/proc/self/io`` ``rchar``)."""
+    return int(next(line for line in Path("/proc/self/io").read_text().splitlines()
+                    if line.startswith("rchar")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts bytes read through Linux's /proc/self/io")
+def test_a_checkpoints_plan_is_read_without_reading_its_weights(tmp_path):
+    """Resuming a run (and ``load_run``, and a LibMTL ``Trainer`` given a file) reads the file's plan to build the
+    trainer, then the whole file in ``load``. The plan's read deserialised every tensor too: each checkpoint was
+    read twice (a 256 MiB one: 256 MiB read and 257 MiB more peak memory for a string of a few hundred bytes)."""
+    plan = BranchingPlan.single_task(["S", "D"], 10)
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"plan": plan.to_json(), "model": {"w": torch.zeros(8 << 20)}})
+    before = _bytes_read()
+    assert MTLTrainer.checkpoint_plan(path) == plan
+    assert _bytes_read() - before < path.stat().st_size / 8  # the archive's index and records: kilobytes of 32 MiB
