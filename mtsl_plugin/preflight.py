@@ -25,8 +25,8 @@ configuration is made (:mod:`mtsl_plugin.config`, :class:`~mtsl_plugin.learner.s
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, NamedTuple
 
