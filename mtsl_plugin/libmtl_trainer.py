@@ -372,7 +372,7 @@ class Trainer(MTLTrainer):
         loaders = {"train_dataloaders": train_dataloaders, "test_dataloaders": test_dataloaders}
         if val_dataloaders is not None:
             loaders["val_dataloaders"] = val_dataloaders
-        sizes = {}
+        sizes, read = {}, []  # read: the data sets read through (one given as test and val is read once)
         for name, loader in loaders.items():
             dataset = getattr(loader, "dataset", None)
             if dataset is None:
@@ -391,7 +391,8 @@ class Trainer(MTLTrainer):
                 if missing:
                     raise ValueError(f"{name} has no target for task(s) {missing} of the task dict (its samples "
                                      f"hold {list(targets)})")
-            if isinstance(dataset, (FolderDataset, NpyLayoutDataset)):  # files: each read once, as compare.py does
+            if isinstance(dataset, (FolderDataset, NpyLayoutDataset)) and all(dataset is not d for d in read):
+                read.append(dataset)  # files: each read once, as compare.py reads its data
                 with rng_untouched(), augmentation_off(dataset):
                     read_every_sample(dataset, f"{name}' samples", progress)
         size, batch = sizes.get("train_dataloaders"), getattr(train_dataloaders, "batch_size", None)

@@ -288,6 +288,21 @@ def test_a_bad_file_of_a_package_data_set_is_named_before_training(tiny_nyuv2):
     assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())  # no step was taken
 
 
+def test_a_data_set_given_as_test_and_val_loader_is_read_through_once(tiny_nyuv2):
+    """LibMTL scripts often pass the test loader as val_dataloaders too: its files are read once before training."""
+    class Counted(NYUv2):
+        reads = 0
+
+        def __getitem__(self, item):
+            Counted.reads += 1
+            return super().__getitem__(item)
+
+    test = DataLoader(Counted(tiny_nyuv2, "test"), batch_size=8)
+    trainer = tiny_trainer(mtsl={"task_epochs": (1, 1), "amalgamation_epochs": (1, 1), "total_epochs": 2})
+    trainer.check_loaders(loaders(tiny_nyuv2)[0], test, test, progress=False)
+    assert Counted.reads == 2 + len(test.dataset)  # each loader's first sample, then every sample once
+
+
 def test_a_save_path_holding_another_run_is_named(tiny_nyuv2, tmp_path):
     """A stale save_path: its checkpoint (of other tasks, or of another encoder) is named, with the way out."""
     tiny_trainer(tasks=("S", "D", "N")).save(tmp_path / "old" / "checkpoint.pt")
