@@ -531,6 +531,27 @@ def test_the_architecture_step_counts_the_resource_term_once_per_task(smoke, mon
         torch.testing.assert_close(param.grad, 3 * gradient)
 
 
+def test_the_architecture_step_computes_no_weight_gradient(smoke):
+    """An architecture step needs the gates' gradient only: no weight's gradient is computed (each would cost a
+    backward pass of its own over the batch and be discarded), and the gates still move."""
+    config = smoke(tasks="SDE")
+    seed_everything(0)
+    data, dataset = build_data(config)
+    trainer = build_trainer(config, build_tasks(config.tasks, dataset.num_classes), None, build_stages(config),
+                            architecture=BMTAS, arch_args={"warmup_epochs": 0})
+    model = trainer.model
+    model.epoch = 1
+    gates = model.architecture_parameters()
+    computed = []
+    for name, param in model.named_parameters():
+        if not any(param is gate for gate in gates):
+            param.register_hook(lambda grad, name=name: computed.append(name))
+    before = [gate.detach().clone() for gate in gates]
+    model.architecture_epoch(trainer, [next(iter(data.batches(data.train, key=(0, 0))))], progress=False)
+    assert computed == []
+    assert any(not torch.equal(old, gate) for old, gate in zip(before, gates))
+
+
 def search_smoke(smoke, resource_weight, epochs=3):
     """A BMTAS search on the smoke data (3 tasks, warm-up of one epoch)."""
     config = smoke(tasks="SDE").replace(epochs=epochs)
