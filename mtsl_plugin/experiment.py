@@ -39,6 +39,7 @@ from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.methods import MethodSpec, build_method
 from mtsl_plugin.network.cost import model_cost
 from mtsl_plugin.network.backbones import create_stages, location_count
+from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.stages import StageFactory
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.preflight import check_weighting
@@ -295,8 +296,10 @@ def _train(config: RunConfig, method: str, run_dir: Path, spec: MethodSpec, fing
     train_seconds = sum(h["seconds"] for h in history) + phase_seconds  # structural phases included
     metrics = trainer.evaluate(data.batches(distributed.shard_samples(data.test)))  # each rank its share
     final_plan = spec.final_plan(trainer.model) if spec.final_plan else getattr(trainer.model, "plan", None)
-    # a searched plan (LTB, BMTAS) costs what the branched network derived from it costs, not the supernet
-    costed = build_trainer(config, tasks, final_plan, stages).model if spec.final_plan is not None else trainer.model
+    # a searched plan (LTB, BMTAS) costs what the branched network derived from it costs, not the supernet: that
+    # network is built on the host for counting only (no second trainer, device copy or compilation)
+    costed = (BranchedNetwork(final_plan, stages, run_heads(config, tasks, stages)) if spec.final_plan is not None
+              else trainer.model)
     cost = model_cost(costed, config.data.height, config.data.width)
 
     def write_weights() -> None:
