@@ -80,10 +80,11 @@ def set_rng_state(state: dict[str, Any], device: str | torch.device | None = Non
 
 
 def write_failure(path: Path, exc: BaseException) -> str:
-    """One sentence on why writing ``path`` failed; a full disk is named as such (``torch.save`` reports it as
-    an "unexpected pos" enforce failure, not as ``ENOSPC``)."""
+    """One sentence on why writing ``path`` failed; a full disk and an exceeded disk quota are named as such."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         reason = "no space left on the device"
+    elif isinstance(exc, OSError) and exc.errno == getattr(errno, "EDQUOT", None):
+        reason = "the disk quota is exceeded"
     else:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         with contextlib.suppress(OSError):
@@ -101,6 +102,25 @@ def scratch_file(folder: str | Path, prefix: str, suffix: str) -> tuple[int, str
     return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), name
 
 
+class _KeepsWriteError:
+    """A binary file handle that keeps the ``OSError`` its last failed ``write`` raised: ``torch.save`` turns it
+    into an "unexpected pos" enforce failure (a ``RuntimeError``) that no longer says why, e.g. that the disk
+    quota, which the free space does not show, is exceeded."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync it and rename it
     over ``path``. On any failure the temporary file is removed, ``path`` keeps its previous content, and an
@@ -114,15 +134,18 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         fd, tmp = scratch_file(path.parent, path.name + ".", ".tmp")
     except OSError as exc:
         raise CheckpointError(write_failure(path, exc)) from None
+    handle = None
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with os.fdopen(fd, "wb") as opened:
+            handle = _KeepsWriteError(opened)
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError when the disk fills up
+    except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError when a write fails (a full disk)
         Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"{write_failure(path, exc)}; the previous file is kept") from None
+        cause = handle.error if handle is not None and handle.error is not None else exc
+        raise CheckpointError(f"{write_failure(path, cause)}; the previous file is kept") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

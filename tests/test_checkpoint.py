@@ -1,11 +1,14 @@
 """Files a run writes through ``atomic_write`` (configs, records, weights, checkpoints)."""
+import errno
+import io
+import os
 import stat
 from pathlib import Path
 
 import pytest
 import torch
 
-from mtsl_plugin.checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_weights
+from mtsl_plugin.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, save_weights
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.trainer import MTLTrainer
 
@@ -38,3 +41,28 @@ def test_a_checkpoints_plan_is_read_without_reading_its_weights(tmp_path):
     before = _bytes_read()
     assert MTLTrainer.checkpoint_plan(path) == plan
     assert _bytes_read() - before < path.stat().st_size / 8  # the archive's index and records: kilobytes of 32 MiB
+
+
+@pytest.mark.parametrize("code, named", [(errno.EDQUOT, "the disk quota is exceeded"),
+                                         (errno.ENOSPC, "no space left on the device")])
+def test_a_write_the_file_system_refuses_midway_is_named_by_its_cause(tmp_path, monkeypatch, code, named):
+    """``torch.save`` turns a write's ``OSError`` into an "unexpected pos" RuntimeError; the message names the
+    cause it lost (an exceeded quota leaves the device's free space untouched, so nothing else shows it), and the
+    previous file is kept."""
+    path = save_weights(tmp_path / "weights.pt", "", {"w": torch.zeros(4)})
+    before = path.read_bytes()
+
+    class RefusesAfterAKilobyte(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > 1024:
+                raise OSError(code, os.strerror(code))
+            return super().write(data)
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: RefusesAfterAKilobyte(fd, mode))
+    with pytest.raises(CheckpointError) as info:
+        save_weights(path, "", {"w": torch.zeros(100_000)})
+    message = str(info.value)
+    assert named in message and str(path) in message and "previous file is kept" in message
+    assert "unexpected pos" not in message and len(message.splitlines()) == 1
+    monkeypatch.undo()
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
