@@ -366,7 +366,7 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
     def _settle(self, losses: torch.Tensor, align: torch.Tensor, step: int, checkpoint: str | Path | None
                 ) -> tuple[torch.Tensor, float]:
         """A queued step's losses on the CPU (float32) and its alignment loss as a number, once the device has
-        computed them. :meth:`fit` calls it only after reading the next batch, so that reading overlaps the
+        computed them. :meth:`_train_epoch` calls it only after reading the next batch, so that reading overlaps the
         device's step, and before queueing the next step, so that no step runs on weights a non-finite loss has
         spoilt: then the run stops here, naming the step; nothing is saved and the last good checkpoint stays
         as it is."""
