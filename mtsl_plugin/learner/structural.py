@@ -47,7 +47,7 @@ class PhaseRecord:
 
     phase: int
     location: int | None
-    similarities: list[dict] = field(default_factory=list)  # per sibling set: location, tasks, matrix, partition
+    similarities: list[dict] = field(default_factory=list)  # per set: location, tasks, matrix, partition, merged
     merged: list[list[str]] = field(default_factory=list)
     amalgamation_losses: list[float] = field(default_factory=list)
     plan: dict | None = None
@@ -58,7 +58,8 @@ class PhaseRecord:
 
 
 def pooled(features: torch.Tensor) -> torch.Tensor:
-    """Spatially averaged features: (N, C, H, W) -> (N, C)."""
+    """Spatially averaged features: (N, C, H, W) -> (N, C); features already (N, C) are returned as they are
+    (the trainer pools before gathering them across ranks)."""
     return features.mean(dim=(-2, -1)) if features.dim() == 4 else features
 
 
