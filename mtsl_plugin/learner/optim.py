@@ -33,8 +33,9 @@ def average_module_state(modules: Sequence[nn.Module]) -> dict[str, torch.Tensor
 
 
 def _mean(stack: torch.Tensor) -> torch.Tensor:
-    """The mean over the first dimension of a floating ``stack``, accumulated in float32 or its own dtype if
-    wider (so float64 state is not rounded to float32, and bf16 state is summed in float32), in its own dtype."""
+    """The mean over the first dimension of ``stack``, in its own dtype. A floating stack is accumulated in
+    float32 or its own dtype if wider (so float64 state is not rounded to float32, and bf16 state is summed in
+    float32); an integer one (an optimizer's integer step count, say) in float32, truncated back to its dtype."""
     if not stack.is_floating_point():
         return stack.float().mean(0).to(stack.dtype)  # e.g. an integer step count
     return stack.to(torch.promote_types(stack.dtype, torch.float32)).mean(0).to(stack.dtype)
