@@ -65,7 +65,8 @@ def one_of(label: str, name: str, value: Any, options: tuple) -> None:
 
 
 class MTSL(AbsArchitecture):
-    """Multi-Task Structural Learning (Gurulingan et al., ICML 2023) on a branched timm ResNet."""
+    """Multi-Task Structural Learning (Gurulingan et al., ICML 2023) on the branched network of a stage factory
+    (a timm ResNet or any other timm CNN that :func:`~mtsl_plugin.network.backbones.create_stages` can cut)."""
 
     reads_stages = True  # encoder_class() gives a StageFactory, heads are called with the output size (Trainer)
     label = "MTSL"  # for messages (LibMTL subclasses the architecture, so the class name is not ours)
