@@ -206,7 +206,8 @@ def create_stages(backbone: str = "resnet18", *, pretrained: bool = False, weigh
     """The stage table of ``backbone`` (arguments as :class:`~mtsl_plugin.network.stages.ResNetStages`):
     :class:`ResNetStages` for a timm ResNet, :class:`TimmStages` (``compact`` only) for any other timm CNN.
     Every error a user can cause (unknown name, a model that cannot be cut, network ``authors`` on another
-    family, weights) is a ``ValueError`` of one sentence naming the backbone."""
+    family, weights) is a ``ValueError`` of one sentence naming the backbone, except a weights file that does not
+    exist: a ``FileNotFoundError`` naming the file."""
     if network not in NETWORKS:
         raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
     if not timm.is_model(backbone):

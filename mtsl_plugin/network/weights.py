@@ -42,8 +42,9 @@ def create_timm_model(backbone: str, *, pretrained: bool, weights: str | Path | 
                       **timm_kwargs) -> nn.Module:
     """``timm.create_model(backbone, ...)`` with the backbone's weights: timm's (``pretrained``), a local file
     (``weights``, through ``pretrained_cfg_overlay``) or none; ``backbone_args`` and ``timm_kwargs`` are passed on
-    (lists in ``backbone_args``, as YAML and JSON give them, as tuples). Every failure is a ``ValueError`` of one
-    sentence naming the backbone (or the weights file). The caller seeds the random initialisation."""
+    (lists in ``backbone_args``, as YAML and JSON give them, as tuples). A weights file that does not exist is a
+    ``FileNotFoundError``; every other failure a ``ValueError`` of one sentence naming the backbone (or the
+    weights file). The caller seeds the random initialisation."""
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"backbone weights file {str(weights)!r} does not exist")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (backbone_args or {}).items()}
