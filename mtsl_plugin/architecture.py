@@ -27,15 +27,15 @@ from mtsl_plugin.plan import BranchingPlan
 AbsArchitecture = import_libmtl().architecture.AbsArchitecture
 
 
-def check_architecture_args(name: str, task_name, decoders, rep_grad: bool, multi_input: bool,
-                            plan_based: bool = False, plan=None) -> None:
+def check_architecture_args(name: str, task_name, decoders, rep_grad: bool, multi_input: bool, plan=None) -> None:
     """The checks every architecture of this project makes on LibMTL's constructor arguments: one input shared
-    by all tasks, no representation gradients, a head per task, and a plan only for plan-based architectures."""
+    by all tasks, no representation gradients, a head per task, and (for an architecture that takes no starting
+    plan: the baselines pass theirs here) no ``plan``."""
     if rep_grad:
         raise ValueError(f"{name} does not support rep_grad=True: tasks do not share one representation")
     if multi_input:
         raise ValueError(f"{name} needs one input shared by all tasks (multi_input=False)")
-    if not plan_based and plan is not None:
+    if plan is not None:
         raise ValueError(f"{name} is not plan-based (it takes no starting plan): pass plan=None")
     missing = [t for t in task_name if t not in decoders]
     if missing:
@@ -84,7 +84,7 @@ class MTSL(AbsArchitecture):
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         decoders = dict(decoders)  # a plain dict: the heads are registered once, inside the branched network
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
-        check_architecture_args("MTSL", task_name, decoders, rep_grad, multi_input, plan_based=True)
+        check_architecture_args("MTSL", task_name, decoders, rep_grad, multi_input)
         stages = encoder_class()
         check_arch_args(type(self), len(task_name), stages.num_locations, kwargs)
         plan = kwargs.get("plan") or BranchingPlan.single_task(task_name, stages.num_locations)

@@ -124,9 +124,8 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
             self.optimizer.add_param_group({"params": list(params), "lr": base["lr"] * factor})
         self.arch_optimizer = (torch.optim.Adam(architecture, **self.model.arch_optimizer) if architecture
                                else None)
-        if groups:
-            if self.scheduler is not None:  # LibMTL's scheduler, built again (the same way) over every group
-                self.scheduler = type(self.scheduler)(self.optimizer, **scheduler_args)
+        if groups and self.scheduler is not None:  # LibMTL's scheduler, built again (the same way) over every group
+            self.scheduler = type(self.scheduler)(self.optimizer, **scheduler_args)
         if multistep:
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, **scheduler_args)
 
@@ -256,16 +255,17 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
         disable = None if progress else True
         bar = tqdm(total=total_epochs, initial=self.epochs_done, desc="epochs", disable=disable)
         self.model.total_epochs = total_epochs
-        train, architecture = (self.model.search_split(data.train, data.seed) if self.arch_optimizer is not None
-                               else (data.train, None))
+        train, arch_train = (self.model.search_split(data.train, data.seed) if self.arch_optimizer is not None
+                             else (data.train, None))
         self.wrap_distributed()
         last_save = time.perf_counter()
         while self.epochs_done < total_epochs:
             self.model.epoch = self.epochs_done  # LibMTL's convention: architectures may read the epoch
             self.model.train_loss_buffer = self.loss_buffer(total_epochs)  # and DWA and GradNorm these
             start = time.perf_counter()
-            if architecture is not None and self.model.train().searching:  # bilevel search: the model's own pass
-                self.model.architecture_epoch(self, data.batches(architecture, key=(2, self.epochs_done)), progress)
+            self.model.train()  # an architecture searches in training mode only
+            if arch_train is not None and self.model.searching:  # bilevel search: the model's own pass
+                self.model.architecture_epoch(self, data.batches(arch_train, key=(2, self.epochs_done)), progress)
             sums, align_sum, steps = self._train_epoch(data.batches(train, key=(0, self.epochs_done)), checkpoint,
                                                        progress)
             if self.scheduler is not None:

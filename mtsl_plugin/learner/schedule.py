@@ -131,7 +131,7 @@ def scale_schedule(config: MTSLConfig, total_epochs: int, num_phases: int | None
     while sum(task) < target:
         task[max(range(len(task)), key=lambda i: (quotas[i] - task[i], i))] += 1
     while sum(task) > target:
-        longest = max(e for e in task)
+        longest = max(task)
         task[task.index(longest)] -= 1
     amal = [max(1, round(e * ratio)) for e in config.amalgamation_epochs[:phases]]
     total = max(total_epochs, sum(task))

@@ -221,17 +221,17 @@ class StructuralLearner:
         merging_phases_before = sum(1 for r in self.records if r.merged)
         schedule = self.config.amalgamation_epochs
         epochs = schedule[min(merging_phases_before, len(schedule) - 1)] if schedule else 0
-        losses = {key: self.amalgamator(network.specs[key[0]].out_channels, list(key[1])) for key in created}
-        losses = {key: module.to(device=device, dtype=next(created[key].parameters()).dtype)
-                  for key, module in losses.items() if module is not None}
-        if not losses or epochs == 0:
+        amalgamators = {key: self.amalgamator(network.specs[key[0]].out_channels, list(key[1])) for key in created}
+        amalgamators = {key: module.to(device=device, dtype=next(created[key].parameters()).dtype)
+                        for key, module in amalgamators.items() if module is not None}
+        if not amalgamators or epochs == 0:
             return []
         settings = optimizer.param_groups[0]
-        own = torch.optim.Adam([*(p for key in losses for p in created[key].parameters()),
-                                *(p for m in losses.values() for p in m.parameters())],
+        own = torch.optim.Adam([*(p for key in amalgamators for p in created[key].parameters()),
+                                *(p for m in amalgamators.values() for p in m.parameters())],
                                lr=settings.get("initial_lr", settings["lr"]),  # set by the LR scheduler
                                weight_decay=settings.get("weight_decay", 0.0))
-        for key in losses:
+        for key in amalgamators:
             created[key].train()
         history = []
         with evaluating(network):
@@ -241,12 +241,12 @@ class StructuralLearner:
                 for images, _ in each_batch(batches, f"amalgamate phase {phase} ep {epoch}", progress):
                     images = images.to(device)
                     with torch.no_grad():
-                        outputs = network.run_locations(images, until=max(location for location, _ in losses))
+                        outputs = network.run_locations(images, until=max(location for location, _ in amalgamators))
                     own.zero_grad(set_to_none=True)
-                    loss = sum(losses[(loc, group)](network.run_node(loc, group, outputs, images,
-                                                                     module=created[(loc, group)]),
-                                                    {t: outputs[loc][(t,)] for t in group})
-                               for loc, group in losses)
+                    loss = sum(amalgamators[(loc, group)](network.run_node(loc, group, outputs, images,
+                                                                           module=created[(loc, group)]),
+                                                          {t: outputs[loc][(t,)] for t in group})
+                               for loc, group in amalgamators)
                     loss.backward()
                     own.step()
                     total, count = total + float(loss.detach()), count + 1
