@@ -9,12 +9,13 @@ from torch import nn
 
 @contextlib.contextmanager
 def evaluating(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` (and every submodule) in evaluation mode for the block, then back in the mode ``module`` was
-    in (``module.train(was_training)``, for every submodule), also when the block raises: a caller that catches
-    the error and evaluates or trains at once must find the mode it left."""
-    was_training = module.training
+    """Put ``module`` (and every submodule) in evaluation mode for the block, then give every submodule back the
+    mode it was in (a frozen batch norm in a training network stays frozen), also when the block raises: a caller
+    that catches the error and evaluates or trains at once must find the modes it left."""
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield module
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
