@@ -1,4 +1,5 @@
-"""Figures of the comparison beyond the architectures: the effect of alignment on similarity (paper Fig. 4)."""
+"""Figures beyond the architectures: the effect of alignment on similarity (paper Fig. 4, compare.py), a sweep's
+values (sensitivity.py) and the searches' curves of LTB and BMTAS (compare.py)."""
 from __future__ import annotations
 
 from pathlib import Path
