@@ -2,7 +2,7 @@
 
 A run's result is a plain dict (one per method and seed)::
 
-    {"method": "MTSL", "seed": 0, "metrics": {"S": 0.41, "D": 0.62, ...}, "delta_mtl": 1.3, "delta_sd": 2.0,
+    {"method": "mtsl", "seed": 0, "metrics": {"S": 0.41, "D": 0.62, ...}, "delta_mtl": 1.3, "delta_sd": 2.0,
      "params_m": 31.2, "gmac": 18.4, "train_seconds": 812.0, "status": "ok", "error": None}
 
 :func:`aggregate` groups runs by method into mean and sample standard deviation over seeds; :func:`format_table`

@@ -26,8 +26,9 @@ def eps_key(eps: float) -> str:
 
 
 def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per label (first-seen order): ``{"ok", "errors", "clean", "categories", "pgd"}`` with every number of the
-    runs' records replaced by ``[mean, std, n]`` over the label's successful seeds (sample std, 0 for one)."""
+    """Per label (first-seen order): ``{"ok", "runs", "errors", "clean", "categories", "pgd"}`` (the last three
+    only when a seed succeeded), every number of the runs' records replaced by ``[mean, std, n]`` over the
+    label's successful seeds (sample std, 0 for one)."""
     def stat(values: list[float]) -> list[float]:
         return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)]
 
