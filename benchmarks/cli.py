@@ -62,7 +62,8 @@ USER_ERRORS = (UsageError, PluginError, ValueError, OSError, CheckpointError)
 
 
 def add_run_args(p: argparse.ArgumentParser, default_seeds: str = "0") -> None:
-    """The options that define the runs (data, backbone, budget, MTSL's plugins); shared by every command."""
+    """The options that define the runs (data, backbone, budget, MTSL's plugins); shared by every command that
+    trains (compare, ablation, sensitivity, robustness, alignment)."""
     p.add_argument("--preset", default="quick", choices=PRESETS)
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML file of configuration fields over the preset (as the presets or a results folder's "
