@@ -173,9 +173,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     changes.update({key: True for key in _FLAG_OPTIONS if getattr(args, key)})
     if args.tasks is not None:
         changes["tasks"] = parse_tasks(args.tasks)
-    if getattr(args, "task_weights", None):
+    if args.task_weights:
         changes["task_weights"] = {**config.task_weights, **parse_task_weights(args.task_weights)}
-    if getattr(args, "weight_args", None):
+    if args.weight_args:
         changes["weight_args"] = {**config.weight_args, **parse_pairs(args.weight_args, "weight-args", "mgda_gn=l2")}
     if args.backbone is not None and architecture_family(args.backbone) is None:
         raise UsageError(f"--backbone {args.backbone!r} is not a timm model name (e.g. resnet18, convnext_atto, "
