@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(jobs, out, need)
         out.mkdir(parents=True, exist_ok=True)
-        main = distributed.is_main()  # under torchrun every rank trains and evaluates its share; rank 0 reports
+        is_main = distributed.is_main()  # under torchrun every rank trains and evaluates its share; rank 0 reports
         results = train(jobs, out, args)
 
         runs: list[dict[str, Any]] = []
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 def evaluate(labels: Sequence[str]) -> list[dict[str, Any]]:
                     return evaluate_runs([loaded[label][0] for label in labels],
                                          lambda: distributed.own_batches(data.batches(data.test), count),
-                                         categories, epsilons, attack_tasks, not args.no_progress and main)
+                                         categories, epsilons, attack_tasks, not args.no_progress and is_main)
 
                 outcome.update(evaluate_each(list(loaded), evaluate))
             for job, r in pairs:
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scores = outcome.get(job.label, {})
                 if isinstance(scores, Exception):
                     record.update(status="failed", error=f"evaluation failed: {scores}")
-                    if main:
+                    if is_main:
                         print(f"[{job.label} seed {seed}] evaluation failed: {scores}", file=sys.stderr, flush=True)
                     scores = {}
                 runs.append({**record, **scores})
@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = merge_runs(earlier["runs"] if earlier else [], runs)  # earlier runs stay in the report
         meta.update(methods=list(dict.fromkeys(r["label"] for r in runs)),
                     seeds=sorted({r["seed"] for r in runs}))
-        if main:
+        if is_main:
             text = write_report(out / "robustness", meta, runs, list(config.tasks), categories, epsilons,
                                 attack_tasks)
             print(text)
