@@ -156,19 +156,18 @@ def measure_plain(plan: BranchingPlan, device: str, batch: int, height: int, wid
 def timing_data(batch: int, height: int, width: int, steps: int, dataset: str = "synthetic",
                 root: str | None = None, workers: int | None = None, device: str = "cpu") -> tuple[RunData, int]:
     """``steps + 3`` training batches at this size, as a run reads them: the synthetic data, or a real data set's
-    folder (``dataset`` nyuv2, cityscapes or folder data declared in the preset: its first ``batch * (steps + 3)``
-    training samples, read and augmented), by the main process or by ``workers`` processes (default: as many as a
-    run on ``device`` takes, :func:`~mtsl_plugin.experiment.loader_workers`), and the data set's number of
-    classes."""
+    folder (``dataset`` nyuv2 or cityscapes in ``root``: its first ``batch * (steps + 3)`` training samples, read
+    and augmented), by the main process or by ``workers`` processes (default: as many as a run on ``device``
+    takes, :func:`~mtsl_plugin.experiment.loader_workers`), and the data set's number of classes."""
     config = load_preset("smoke")
     config = config.replace(batch_size=batch, workers=workers, device=device,
                             data=dataclasses.replace(config.data, name=dataset, root=root, height=height, width=width,
                                                      train=batch * (steps + 3), holdout=4, test=2))
-    data, dataset = build_data(config)
+    data, full = build_data(config)
     if len(data.train) < batch * (steps + 3):
         raise ValueError(f"--data-root {root}: {len(data.train)} training samples, fewer than the "
                          f"{batch * (steps + 3)} of {steps} timed batches, the first and 2 warm-up ones")
-    return data, dataset.num_classes
+    return data, full.num_classes
 
 
 def measure_data(data: RunData, steps: int) -> tuple[float, float]:
