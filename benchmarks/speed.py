@@ -251,7 +251,7 @@ def report(args: argparse.Namespace) -> int:
     if args.steps:
         one_net, stn = resolve_plan("onenet", locations), resolve_plan("stn", locations)
         trainer_step, stn_step = step("onenet", one_net), step("stn", stn)
-        plain_step = measure_plain(one_net, args.device, args.batch, args.height, args.width, args.steps, stages)
+        plain_onenet_step = measure_plain(one_net, args.device, args.batch, args.height, args.width, args.steps, stages)
         stn_fused = step("stn fused", stn, fused=True)
         stn_align = step(None, stn, align=True)
         data, classes = timing_data(args.batch, args.height, args.width, args.steps, args.dataset, args.data_root,
@@ -259,7 +259,7 @@ def report(args: argparse.Namespace) -> int:
         data_step, data_first = measure_data(data, args.steps)
         loop_step = measure_loop(one_net, data, classes, args.device, stages)
         onenet_nhwc, stn_nhwc = step(None, one_net, channels_last=True), step(None, stn, channels_last=True)
-        ratios = {"plain_over_trainer_onenet": plain_step / trainer_step,
+        ratios = {"plain_over_trainer_onenet": plain_onenet_step / trainer_step,
                   "stn_over_onenet": stn_step / trainer_step, "stn_fused_over_onenet": stn_fused / trainer_step,
                   "alignment_share_of_stn_step": max(stn_align - stn_step, 0.0) / stn_align,
                   "data_over_onenet_step": data_step / trainer_step,
