@@ -302,7 +302,7 @@ def _check_not_encoded(task: str, what: str, folder: Any, paths: list) -> None:
     passes; so do signed-integer normals, which are directions of any length."""
     from mtsl_plugin.data.real import read_npy
 
-    off = total = 0  # valid normals, and those whose length is not within 0.05 of 1
+    off = total = 0  # the valid normals whose length is not within 0.05 of 1, and all valid normals
     for path in paths:
         normals = read_npy(path, mmap_mode="r")
         if normals.dtype.kind != "f":
