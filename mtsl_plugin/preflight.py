@@ -214,10 +214,11 @@ def check_mtsl(config: MTSLConfig, tasks: tuple[str, ...] | None = None) -> None
     matrix = torch.rand(len(names), len(names), generator=generator, dtype=torch.float64).numpy()
     grouping_solver(config.grouping)((matrix + matrix.T) / 2, names, config.threshold)
     pair = names[:2] if len(names) > 1 else ["S", "D"]
-    loss = amalgamator(config.amalgamator)(4, pair)
-    if loss is not None:
+    module = amalgamator(config.amalgamator)(4, pair)  # None: no distillation
+    if module is not None:
         features = {t: torch.randn(2, 4, 3, 3, generator=generator) for t in pair}
-        loss(torch.randn(2, 4, 3, 3, generator=generator, requires_grad=True), features)  # a loss must train it
+        # a group output that requires grad: the contract check refuses a loss without a gradient
+        module(torch.randn(2, 4, 3, 3, generator=generator, requires_grad=True), features)
 
 
 def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bool = True) -> None:
