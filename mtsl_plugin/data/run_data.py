@@ -66,7 +66,7 @@ class RunData:
         if key is None or not shard or distributed.world_size() == 1:
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=key is not None, generator=generator,
                               drop_last=drop_last, **reading)
-        distributed.per_rank_batch(self.batch_size)
+        distributed.per_rank_batch(self.batch_size)  # only its check: a batch the ranks do not divide is refused
         order = torch.randperm(len(dataset), generator=generator).tolist()  # what shuffle=True draws
         steps = len(order) // self.batch_size if drop_last else -(-len(order) // self.batch_size)
         global_batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(steps)]
