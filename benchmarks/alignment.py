@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = {"config": config.to_dict(), "epochs": args.epochs, "steps": args.steps}
         earlier = earlier_report(folder / "alignment.json", lambda e: same_probe(e, report), "an alignment probe")
         rows = earlier["rows"] if earlier else []  # kept beside the new locations
-        data, full = build_data(config)
+        data, full = build_data(config, not args.no_progress)
         epoch = len(data.batches(data.train, key=(0, 0)))
         if args.steps is not None and args.steps > epoch:
             raise UsageError(f"--steps {args.steps}: the probed phase is at most one epoch, {epoch} steps here")

@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for job, r in pairs:
                 if r["status"] == "ok":
                     try:
-                        loaded[job.label] = load_run(job.run_dir(out), config.device)
+                        loaded[job.label] = load_run(job.run_dir(out), config.device, not args.no_progress)
                     except Exception as exc:  # this run's row says why; the others go on
                         outcome[job.label] = exc
             if loaded:

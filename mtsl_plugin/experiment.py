@@ -78,11 +78,12 @@ def build_run_tasks(config: RunConfig, num_classes: int) -> dict[str, Task]:
     return build_task_set(config.tasks, config.task_specs, num_classes, config.losses)
 
 
-def build_split(config: RunConfig, split: str, *, n: int | None = None, augment: bool = False) -> Any:
+def build_split(config: RunConfig, split: str, *, n: int | None = None, augment: bool = False,
+                progress: bool = True) -> Any:
     """One split of ``config``'s data set (the first ``n`` samples); folder data reads each task's files as its
     declaration says (:class:`~mtsl_plugin.data.folder.TargetFiles`, with each task's rule of which values hold one:
     the built-in ``D`` and a regression declared ``valid: positive`` count 0 as no value, as their losses and
-    metrics do)."""
+    metrics do). ``progress``: a bar while synthetic scenes are rendered."""
     d = config.data
     targets = None
     if d.name == "folder":
@@ -90,7 +91,7 @@ def build_split(config: RunConfig, split: str, *, n: int | None = None, augment:
                                      task.out_channels, task.valid)
                    for name, task in build_run_tasks(config, num_classes=0).items()}
     return build_dataset(d.name, split, root=d.root, height=d.height, width=d.width, n=n, seed=config.seed,
-                         augment=augment, targets=targets)
+                         augment=augment, targets=targets, progress=progress)
 
 
 def loader_workers(config: RunConfig) -> int:
@@ -109,8 +110,8 @@ def loader_workers(config: RunConfig) -> int:
     return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
-def build_data(config: RunConfig) -> tuple[RunData, Any]:
-    """The run's data and its whole (not augmented) training split. Grouping decisions measure
+def build_data(config: RunConfig, progress: bool = True) -> tuple[RunData, Any]:
+    """The run's data and its whole (not augmented) training split (``progress``: :func:`build_split`'s). Grouping decisions measure
     ``config.data.holdout`` images of the training split (never validation/test): a slice cut from its end and
     trained on by no method (``grouping_data: holdout``), or its first images, trained on too (``train``, the
     authors': all of them when the split holds fewer, as their ``max_images``, so ``holdout: 800`` measures all
@@ -119,9 +120,9 @@ def build_data(config: RunConfig) -> tuple[RunData, Any]:
     d = config.data
     cut = d.grouping_data == "holdout"
     n_train = None if d.train is None else d.train + d.holdout * cut
-    full = build_split(config, "train", n=n_train)
-    trained = full if not d.augments else build_split(config, "train", n=n_train, augment=True)
-    test = build_split(config, "test", n=d.test)
+    full = build_split(config, "train", n=n_train, progress=progress)
+    trained = full if not d.augments else build_split(config, "train", n=n_train, augment=True, progress=progress)
+    test = build_split(config, "test", n=d.test, progress=progress)
     if len(full) <= d.holdout * cut or len(full) < 4:
         raise ValueError(f"the training split of {d.name!r} has {len(full)} samples, too few for a grouping slice of "
                          f"{d.holdout} (data.holdout) besides training" if cut else f"the training split of "
@@ -162,7 +163,7 @@ def single_task_bytes(config: RunConfig) -> int:
     """Bytes of the weights and buffers of ``config``'s single-task networks, one per task (the largest network a
     method here holds, up to its own additions), counted on one node per location and the heads."""
     stages = build_stages(config)
-    tasks = build_run_tasks(config, build_split(config, "train", n=1).num_classes)
+    tasks = build_run_tasks(config, build_split(config, "train", n=1, progress=False).num_classes)
 
     def size(module: torch.nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
@@ -260,7 +261,7 @@ def _train(config: RunConfig, method: str, run_dir: Path, spec: MethodSpec, fing
     """:func:`run_method` once its checks passed and it holds ``run_dir``."""
     saved = _claim_run_dir(run_dir, fingerprint, resume)
     seed_everything(config.seed)
-    data, dataset = build_data(config)
+    data, dataset = build_data(config, progress)
     missing = [t for t in config.tasks if t not in dataset.tasks]
     if missing:
         raise ValueError(f"dataset {config.data.name!r} has no target for task(s) {missing}")
@@ -328,9 +329,11 @@ def _train(config: RunConfig, method: str, run_dir: Path, spec: MethodSpec, fing
     return result
 
 
-def load_run(run_dir: str | Path, device: str | None = None) -> tuple[MTLTrainer, RunData, RunConfig]:
+def load_run(run_dir: str | Path, device: str | None = None, progress: bool = True
+             ) -> tuple[MTLTrainer, RunData, RunConfig]:
     """The trained model of the finished run in ``run_dir`` (rebuilt from its ``config.json`` and ``model.pt``),
-    with the run's data, ready for evaluation (``trainer.evaluate``, ``trainer.model``, ``trainer.task_dict``)."""
+    with the run's data, ready for evaluation (``trainer.evaluate``, ``trainer.model``, ``trainer.task_dict``);
+    ``progress``: a bar while synthetic scenes are rendered."""
     run_dir = Path(run_dir)
     if not (run_dir / "result.json").is_file():
         raise FileNotFoundError(f"{run_dir} holds no finished run (no result.json)")
@@ -340,7 +343,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[MTLTrainer
         config = config.replace(device=device)
     spec = method_spec(meta["method"], config, meta.get("arch_args"))
     seed_everything(config.seed)
-    data, dataset = build_data(config)
+    data, dataset = build_data(config, progress)
     tasks = build_run_tasks(config, dataset.num_classes)
     weights = run_dir / WEIGHTS
     if not weights.is_file():  # a run finished before weights files existed keeps its checkpoint

@@ -62,7 +62,7 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
     d = config.data
     notes: list[str] = []  # printed once every check has passed (an error stays the one line printed)
     if d.name == "synthetic":  # generated scenes are valid by construction: render none of them here
-        dataset = build_dataset(d.name, "train", height=d.height, width=d.width, n=0)
+        dataset = build_dataset(d.name, "train", height=d.height, width=d.width, n=0, progress=False)
         trained = d.train
     else:
         data, dataset = build_data(config)

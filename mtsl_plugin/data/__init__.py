@@ -35,7 +35,7 @@ __all__ = ["DATASETS", "SPLITS", "TASK_ORDER", "Cityscapes", "FolderDataset", "N
 
 def build_dataset(name: str, split: str, *, root: str | None = None, height: int | None = None,
                   width: int | None = None, n: int | None = None, seed: int = 0, augment: bool = False,
-                  targets: Mapping[str, TargetFiles] | None = None) -> Dataset:
+                  targets: Mapping[str, TargetFiles] | None = None, progress: bool = True) -> Dataset:
     """Build dataset ``name`` (one of :data:`DATASETS`) for ``split`` (one of :data:`SPLITS`).
 
     Args:
@@ -50,6 +50,7 @@ def build_dataset(name: str, split: str, *, root: str | None = None, height: int
         augment: real datasets only: random zoom and flip of every sample (training data); the synthetic scenes
             are drawn anew for every sample and are not augmented.
         targets: "folder" only (required there): task name -> :class:`TargetFiles` (layout, sub-folder, channels).
+        progress: synthetic only: a bar while the scenes are rendered (on a terminal).
 
     Returns:
         A ``torch.utils.data.Dataset`` of ``(image, targets)`` samples.
@@ -61,7 +62,8 @@ def build_dataset(name: str, split: str, *, root: str | None = None, height: int
     if name == "synthetic":
         if n is None:
             raise ValueError("Dataset 'synthetic' needs n, the number of samples to generate.")
-        return SyntheticScenes(n, 64 if height is None else height, 64 if width is None else width, seed, split=split)
+        return SyntheticScenes(n, 64 if height is None else height, 64 if width is None else width, seed, split=split,
+                               progress=progress)
     if root is None:
         raise ValueError(f"Dataset {name!r} needs root, the folder holding its train/ and val/ folders.")
     if name == "folder":

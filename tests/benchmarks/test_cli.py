@@ -1,6 +1,9 @@
 """How a benchmark command ends: on SIGTERM and on a rank's own failure under torchrun, in one line; the
 configuration the shared run options give."""
 import argparse
+import io
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -119,3 +122,26 @@ def test_every_command_that_trains_stops_after_its_checks_on_a_dry_run(tmp_path,
     assert lines[-1].startswith("dry run: every check passed") and lines[-1].endswith("nothing was trained or written")
     assert all(" would train in " in line for line in lines[:-1]) and (len(lines) > 1) == (command != "alignment")
     assert not out.exists()
+
+
+class Terminal(io.StringIO):
+    """A standard error that says it is a terminal, where tqdm draws its bars."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_no_progress_draws_no_bar_on_a_terminal(tmp_path, monkeypatch, quiet):
+    """``--no-progress`` hides every bar of a comparison, the synthetic scenes' rendering included (it drew on a
+    terminal); without it, a terminal shows them."""
+    from benchmarks import compare
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    argv = ["--preset", "smoke", "--tasks", "S,D", "--methods", "mtsl", "--out", str(tmp_path)]
+    assert compare.main(argv + ["--no-progress"] * quiet) == 0
+    bars = [line for line in re.split(r"[\r\n]", sys.stderr.getvalue()) if "it/s]" in line or "s/it]" in line]
+    if quiet:
+        assert bars == []
+    else:
+        assert any(line.lstrip().startswith("rendering train scenes") for line in bars)

@@ -390,8 +390,8 @@ def test_a_run_whose_evaluation_fails_loses_no_other_number_and_no_earlier_one(t
     load_run_, attack = robustness.load_run, robustness.pgd_perturbation
     broken: set[str] = set()
 
-    def tagged_load_run(run_dir, device=None):
-        trainer, data, config = load_run_(run_dir, device)
+    def tagged_load_run(run_dir, device=None, progress=True):
+        trainer, data, config = load_run_(run_dir, device, progress)
         trainer.robustness_label = run_dir.parent.name  # <out>/<label>/seed<k>
         return trainer, data, config
 
