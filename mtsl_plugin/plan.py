@@ -29,7 +29,7 @@ class FrontierNode:
 
     ``location`` is ``None`` when the task shares every location (it has no task node left).
     ``parent`` is the group the task node hangs off (the task's group one location shallower),
-    or ``None`` for a task node at location 0 (it hangs off the input).
+    or ``None`` for a task node at location 0 (it hangs off the input) and for a task without a task node.
     """
 
     task: str
@@ -216,7 +216,8 @@ class BranchingPlan:
         return f"BranchingPlan({self.describe()})"
 
     def describe(self) -> str:
-        """One line per run of identical locations, e.g. ``0-5: SEDNA | 6-7: SE DNA``."""
+        """One line, one ``|``-separated part per run of identical locations, e.g. ``0-5: SEDNA | 6-7: SE DNA``
+        (a group's names run together when all are one letter long, else joined by ``+``)."""
         parts, start = [], 0
         for l in range(1, self.num_locations + 1):
             if l == self.num_locations or self.partitions[l] != self.partitions[start]:
