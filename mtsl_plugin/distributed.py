@@ -221,7 +221,8 @@ def broadcast_module(module: nn.Module) -> None:
 
 
 def checksum(module: nn.Module) -> str:
-    """A hash of the module's parameter names, shapes and values (to compare replicas)."""
+    """A hash of the names and shapes of the module's parameters and buffers, and of each one's sum of values
+    (in float64; to compare replicas)."""
     digest = hashlib.sha256()
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         digest.update(name.encode())
