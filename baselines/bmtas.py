@@ -200,7 +200,7 @@ class BMTAS(GatedSupernet):
         architecture optimizer's state starts afresh every epoch and the weights optimizer's state is cleared
         afterwards (the architecture changed), as ``train_search`` does."""
         trainer.arch_optimizer.state.clear()
-        gates = [p for group in trainer.arch_optimizer.param_groups for p in group["params"]]
+        arch_params = [p for group in trainer.arch_optimizer.param_groups for p in group["params"]]
         norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for m in norms:
             m.track_running_stats = False
@@ -213,7 +213,7 @@ class BMTAS(GatedSupernet):
                 task_losses = trainer.task_losses(preds, gts)
                 loss = task_losses.sum() + len(task_losses) * self.architecture_loss()
                 trainer.arch_optimizer.zero_grad(set_to_none=True)
-                loss.backward(inputs=gates)
+                loss.backward(inputs=arch_params)
                 trainer.arch_optimizer.step()
         finally:
             for m in norms:
