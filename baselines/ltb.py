@@ -12,7 +12,7 @@ location shallower and reads its sampled parent's output; ungated children read 
 * gates: logits initialised to ones, trained by the run's optimizer at the weights' learning rate (option
   ``gate_lr_multiplier``: a parameter group of their own at that multiple of it, a departure from LibMTL; measured
   in the README, "Baselines");
-* warm-up: while ``epoch < epochs / 100`` (the first epoch of any run shorter than 200 epochs), every gated
+* warm-up: while ``epoch < epochs / 100`` (the first epoch only of any run of up to 100 epochs), every gated
   child reads the **sum** of all its candidate parents' outputs (LibMTL's all-ones ``alpha``);
 * search: ``F.gumbel_softmax(logits, tau, hard=True)`` per row: a child picks parent ``k`` with probability
   ``softmax(logits)[k]`` at every temperature; the temperature ``tau = (epochs / 20) / sqrt(epoch + 1)`` only
