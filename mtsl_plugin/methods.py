@@ -1,8 +1,10 @@
 """One registry of methods: name -> builder. The CLI, the tests and the harness all build methods through it.
 
 A builder takes the run configuration and the number of merge locations and returns a :class:`MethodSpec`:
-the plan the network starts from, and the structural learner that edits it (``None`` for a fixed plan).
-``mtsl`` is registered here; ``baselines`` registers the others (``stn``, ``onenet``, ...) when imported.
+the plan the network starts from and the structural learner that edits it (``None`` for a fixed plan), or the
+architecture of a method that is not plan-based, or the method whose plan it retrains.
+``mtsl`` and its variants (``mtsl_r``, ``mtsl_noalign``, ``mtsl_rsa``) are registered here; ``baselines``
+registers the others (``stn``, ``onenet``, ...) when imported.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ class MethodSpec:
     Attributes:
         plan: the plan a branched network starts from (``None`` for architectures that are not plan-based).
         learner: the structural learner that edits the plan during training (MTSL), or ``None``.
-        architecture: the LibMTL architecture class (default :class:`~mtsl_plugin.architecture.MTSL`, the
+        architecture: the LibMTL architecture class (``None``: :class:`~mtsl_plugin.architecture.MTSL`, the
             branched network; baselines bring their own, e.g. cross-stitch).
         arch_args: extra keyword arguments for the architecture (LibMTL's ``arch_args``).
         extra_epochs: epochs added to the preset's budget (One-Net-L).
