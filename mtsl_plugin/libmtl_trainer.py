@@ -22,7 +22,8 @@ architecture is MTSL, or our loop without a structural learner for any other arc
   :class:`~mtsl_plugin.learner.schedule.MTSLConfig` or a dict of its fields; without ``task_epochs``, the
   paper's schedule scaled to the epochs of the ``train()`` call that starts the run, kept by a resumed run),
   ``arch_args["plan"]`` a starting plan (a :class:`~mtsl_plugin.plan.BranchingPlan` or its dict form),
-  ``arch_args["network"]`` / ``arch_args["setting"]`` the stages built over a timm ResNet;
+  ``arch_args["network"]`` / ``arch_args["setting"]`` the stages built over a timm model (``network`` other than
+  ``compact`` on a ResNet only: :func:`~mtsl_plugin.libmtl_adapters.as_stages`);
   ``save_path`` (a folder: the resume checkpoint ``checkpoint.pt``, continued by a new ``Trainer`` on the same
   folder, and the final weights ``model.pt``; one process trains in it at a time), ``load_path`` (weights or a
   checkpoint to start from, its plan used; a folder means its ``model.pt``, where LibMTL reads ``best.pt``; a bare
