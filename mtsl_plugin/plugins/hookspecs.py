@@ -20,7 +20,7 @@ The hooks are called whenever a name is looked up or listed (``similarity(name)`
 so an implementation must be cheap and free of side effects. The plugin manager wraps every object it hands
 out with a check of the contract stated here; a plugin that breaks it, or whose hook or object raises, fails with
 a one-line ``PluginContractError`` naming the plugin. ``load_plugin`` calls a module's hooks once and refuses
-(``PluginLoadError``) one that raises or returns no dict.
+(``PluginLoadError``) one that raises or returns neither a dict nor ``None`` (which offers nothing).
 
 This module imports no implementation.
 """

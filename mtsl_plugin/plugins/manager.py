@@ -14,11 +14,11 @@ object wrapped in a check of its contract (see :mod:`mtsl_plugin.plugins.hookspe
 Errors: an unknown name raises :class:`UnknownNameError` (a ``KeyError``) listing the available names; a name
 offered by two plugins raises :class:`DuplicateNameError` naming both; a plugin that breaks its contract, or
 whose hook or object raises, raises :class:`PluginContractError` naming the plugin (one line); a module that
-cannot be imported or registered, or whose hook raises or returns no dict when :func:`load_plugin` first calls
-it, raises :class:`PluginLoadError`. All four derive from :class:`PluginError`. A plugin whose hook fails does
-not stop the lookup of a name another plugin offers; listing the names (:func:`available`) or looking up a name
-no working plugin offers names the failing plugin. Mistakes of the *caller* (e.g. a 3-D feature tensor, a
-similarity matrix of the wrong size) raise ``ValueError``.
+cannot be imported or registered, or whose hook raises or returns neither a dict nor None when
+:func:`load_plugin` first calls it, raises :class:`PluginLoadError`. All four derive from :class:`PluginError`.
+A plugin whose hook fails does not stop the lookup of a name another plugin offers; listing the names
+(:func:`available`) or looking up a name no working plugin offers names the failing plugin. Mistakes of the
+*caller* (e.g. a 3-D feature tensor, a similarity matrix of the wrong size) raise ``ValueError``.
 """
 from __future__ import annotations
 
@@ -183,8 +183,8 @@ def load_plugin(module_name: str) -> ModuleType:
     """Import the module ``module_name`` (from the import path or, failing that, the working directory) and
     register it as a plugin; idempotent. Returns the module.
 
-    Each hook the module implements is called once on registration, so a hook that raises or returns no dict
-    is refused here, naming the module and the hook, rather than at a later lookup.
+    Each hook the module implements is called once on registration, so a hook that raises or returns neither a
+    dict nor None is refused here, naming the module and the hook, rather than at a later lookup.
 
     Raises :class:`PluginLoadError` if the module cannot be imported, implements no hook, or a hook fails.
     """
@@ -212,7 +212,7 @@ def load_plugin(module_name: str) -> ModuleType:
 
 def _check_hooks(pm: pluggy.PluginManager, module: ModuleType, module_name: str) -> None:
     """Call each hook of the newly registered ``module`` once; unregister it and raise :class:`PluginLoadError`
-    if one raises or returns something other than a dict of callables."""
+    if one raises or returns something other than a dict of callables or None (see :func:`_offers`)."""
     kind_of_hook = {hook: kind for kind, hook in _HOOK_OF_KIND.items()}
     for caller in pm.get_hookcallers(module) or []:
         for impl in caller.get_hookimpls():
