@@ -140,10 +140,10 @@ def _acquire(folder: Path, wait: bool, on_wait: Callable[[str], None] | None) ->
         if got:
             return fd
         if not wait:
-            busy = FolderBusy(f"{folder} is in use by {who}, which trains a run there; wait for it to finish or "
-                              "choose another folder")
-            busy.holder = who
-            raise distributed.on_every_rank(busy)
+            refusal = FolderBusy(f"{folder} is in use by {who}, which trains a run there; wait for it to finish or "
+                                 "choose another folder")
+            refusal.holder = who
+            raise distributed.on_every_rank(refusal)
         if not told and on_wait is not None:
             on_wait(who)
             told = True
