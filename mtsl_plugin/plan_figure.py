@@ -77,8 +77,8 @@ def draw_plan(
     """Draw ``plan`` on ``ax`` (a fresh Agg-backed figure when ``None``) and return the axes.
 
     ``location_labels`` names the locations on the x axis (default ``0 .. L-1``); it needs one entry per location.
-    ``colour_max`` is the group size drawn darkest (default: the plan's number of tasks); panels drawn side by
-    side share one so that a colour means the same group size in all of them.
+    ``colour_max`` is the group size drawn darkest (default, and at least: the plan's number of tasks); panels
+    drawn side by side share one so that a colour means the same group size in all of them.
     """
     if not isinstance(plan, BranchingPlan):
         raise TypeError(f"draw_plan needs a BranchingPlan, got {type(plan).__name__}")
