@@ -159,7 +159,8 @@ def _checkpoint_plan(start: Path, tasks: list[str], num_locations: int, origin: 
 class LoaderData(RunData):
     """:class:`RunData` over a user's loaders: training batches come from the user's loader (its own sampler,
     order and transforms, so a resumed run sees other batches than an uninterrupted one); everything else
-    (grouping data, amalgamation, BMTAS's split) is batched at the loader's batch size.
+    (grouping data, amalgamation, BMTAS's split) is batched at the loader's batch size, in an order drawn from
+    ``seed`` (:meth:`Trainer.train` passes torch's, which LibMTL's ``set_random_seed`` sets).
 
     Under ``torch.distributed`` each rank trains on its share of every batch the loader draws
     (:class:`~mtsl_plugin.distributed.RankShares`): the user's batch_size is the global batch, batch/N a rank's,
@@ -322,7 +323,8 @@ class Trainer(MTLTrainer):
         else:
             dataset = train_dataloaders.dataset
             grouping = Subset(dataset, range(min(AUTHORS_SIMILARITY_SAMPLES, len(dataset))))
-        data = LoaderData(train_dataloaders, grouping, test_dataloaders.dataset)
+        # the batches drawn here (amalgamation, BMTAS's split) follow the script's seed, as its own loaders do
+        data = LoaderData(train_dataloaders, grouping, test_dataloaders.dataset, seed=torch.initial_seed())
         if self.save_path is None:
             self.fit(data, epochs, progress=progress)
         else:  # another process training into save_path: FolderBusy, before any step

@@ -357,3 +357,23 @@ def test_a_save_path_another_process_trains_in_is_refused_before_any_step(tiny_n
         with pytest.raises(FolderBusy, match=rf"run is in use by process {other.pid} on "):
             trainer.train(*loaders(tiny_nyuv2), 10, progress=False)
     assert trainer.epochs_done == 0 and sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+
+
+def test_the_batches_the_trainer_draws_follow_the_scripts_seed(tiny_nyuv2, monkeypatch):
+    """Amalgamation batches (and BMTAS's split) are drawn by the Trainer, not by the script's loaders: their order
+    follows the seed the script gave torch (``set_random_seed``), as the loaders' own shuffling does, so runs of
+    two seeds differ there too (they were drawn from seed 0 in every run)."""
+    orders = {}
+
+    def recording_fit(self, data, *args, **kwargs):  # what the run would amalgamate on in its first phase
+        orders[seed] = [images for images, _ in data.batches(data.train, key=(1, 0))]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mtsl_plugin.Trainer, "fit", recording_fit)
+    for seed in (0, 1):
+        trainer = tiny_trainer()
+        torch.manual_seed(seed)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(*loaders(tiny_nyuv2, shuffle=False), 10, progress=False)
+    assert len(orders[0]) == len(orders[1]) == 2
+    assert not all(torch.equal(a, b) for a, b in zip(orders[0], orders[1]))
