@@ -36,6 +36,7 @@ from benchmarks.cli import run_main
 from benchmarks.speed import TASKS, build, check_step_options, plain_step, synthetic_batch, timed
 from mtsl_plugin import distributed
 from mtsl_plugin.network.backbones import create_stages
+from mtsl_plugin.network.stages import NETWORKS
 from mtsl_plugin.plan import BranchingPlan
 
 ROWS = ("plain DDP One-Net", "One-Net", "STN", "MTSL phase 1")
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=48)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--steps", type=int, default=5, help="timed steps per row (after two warm-up steps)")
-    p.add_argument("--network", default="compact", choices=("compact", "authors"))
+    p.add_argument("--network", default="compact", choices=NETWORKS)
     p.add_argument("--backbone", default="resnet18", help="timm CNN name (full width, random weights)")
     p.add_argument("--tasks", default="S,D,E,N,A", help="comma-separated tasks of S, D, E, N, A")
     p.add_argument("--fused", action="store_true", help="STN and MTSL run sibling nodes fused")

@@ -64,7 +64,7 @@ import inspect
 import random
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -187,7 +187,7 @@ class LoaderData(RunData):
             distributed.per_rank_batch(loader.batch_size)
         self.train_loader = distributed.RankShares(loader)
 
-    def batches(self, dataset: Dataset, key: Iterable[int] | None = None, shard: bool = True) -> DataLoader:
+    def batches(self, dataset: Dataset, key: Sequence[int] | None = None, shard: bool = True) -> DataLoader:
         if dataset is self.train and key is not None and key[0] == 0:  # the epochs' training batches
             if isinstance(self.loader.sampler, DistributedSampler):
                 self.loader.sampler.set_epoch(key[1])

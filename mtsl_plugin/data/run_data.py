@@ -3,7 +3,7 @@ and the structural phases draw their batches from."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class RunData:
     workers: int = 0
     pin_memory: bool = False
 
-    def batches(self, dataset: Dataset, key: Iterable[int] | None = None, shard: bool = True) -> DataLoader:
+    def batches(self, dataset: Dataset, key: Sequence[int] | None = None, shard: bool = True) -> DataLoader:
         """A loader over ``dataset``; shuffled with a generator seeded by (seed, *key) when ``key`` is given.
 
         Under ``torch.distributed`` a shuffled loader gives this rank its share of every global batch
