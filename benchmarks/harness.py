@@ -180,8 +180,8 @@ def check_disk(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) -
     free = shutil.disk_usage(nearest_existing(out)).free
     if need > free:
         raise UsageError(f"--out {out}: the runs to train may write up to {size_text(need)} (their weights, and "
-                         f"{'their' if keep_checkpoints else 'the'} checkpoints with Adam's state), but the disk "
-                         f"holding it has {size_text(free)} free; free some space or choose another --out")
+                         f"{'their' if keep_checkpoints else 'the'} checkpoints with the optimizer's state), but the "
+                         f"disk holding it has {size_text(free)} free; free some space or choose another --out")
     return need
 
 

@@ -163,8 +163,8 @@ def test_a_disk_without_room_for_the_runs_is_refused_before_training(tmp_path, m
     assert compare.main(argv) == 2
     line = capsys.readouterr().err
     assert re.fullmatch(rf"error: --out {re.escape(str(out))}: the runs to train may write up to [0-9.]+ MiB \(their "
-                        r"weights, and the checkpoints with Adam's state\), but the disk holding it has 1\.0 MiB free; "
-                        r"free some space or choose another --out\n", line)
+                        r"weights, and the checkpoints with the optimizer's state\), but the disk holding it has "
+                        r"1\.0 MiB free; free some space or choose another --out\n", line)
     assert not out.exists()
 
 
