@@ -111,12 +111,13 @@ def loader_workers(config: RunConfig) -> int:
 
 
 def build_data(config: RunConfig, progress: bool = True) -> tuple[RunData, Any]:
-    """The run's data and its whole (not augmented) training split (``progress``: :func:`build_split`'s). Grouping decisions measure
+    """The run's data and its whole (not augmented) training split. Grouping decisions measure
     ``config.data.holdout`` images of the training split (never validation/test): a slice cut from its end and
     trained on by no method (``grouping_data: holdout``), or its first images, trained on too (``train``, the
     authors': all of them when the split holds fewer, as their ``max_images``, so ``holdout: 800`` measures all
     795 NYUv2 training images as they do). Only the samples trained on are augmented (``config.data.augments``):
-    grouping decisions see their images as they are, like the authors' similarity data."""
+    grouping decisions see their images as they are, like the authors' similarity data. ``progress``: a bar while
+    synthetic scenes are rendered."""
     d = config.data
     cut = d.grouping_data == "holdout"
     n_train = None if d.train is None else d.train + d.holdout * cut
