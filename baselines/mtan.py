@@ -45,6 +45,9 @@ from mtsl_plugin.libmtl_compat import import_libmtl, zero_shared_grads_in_place
 from mtsl_plugin.methods import MethodSpec, register_method
 from mtsl_plugin.network.stages import BottleneckDecoderStage, StageFactory
 
+#: The attention layers' bottleneck divisor (hidden width ``C / 4``), as in the reference.
+ATTENTION_REDUCTION = 4
+
 AbsArchitecture = import_libmtl().architecture.AbsArchitecture
 # LibMTL builds MTAN's attention layers with this method of its ResNet wrapper; it does not use its instance.
 _libmtl_attention_layer = importlib.import_module("LibMTL.architecture.MTAN")._transform_resnet_MTAN._att_layer
@@ -98,7 +101,7 @@ class AttentionNetwork(nn.Module):
     Attributes: ``nodes[ℓ]`` (shared), ``attention[ℓ][task]``, ``refinements[ℓ - 1]`` (shared, ℓ ≥ 1).
     """
 
-    def __init__(self, stages: StageFactory, tasks: Sequence[str], attention_reduction: int = 4):
+    def __init__(self, stages: StageFactory, tasks: Sequence[str], attention_reduction: int = ATTENTION_REDUCTION):
         super().__init__()
         if attention_reduction < 1:
             raise ValueError(f"attention_reduction must be a positive integer, got {attention_reduction}")
@@ -190,14 +193,14 @@ class MTAN(AbsArchitecture):
     @classmethod
     def check_args(cls, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
         """The checks of :func:`~mtsl_plugin.architecture.check_arch_args`."""
-        require("MTAN attention_reduction", arch_args.get("attention_reduction", 4), int, least=1)
+        require("MTAN attention_reduction", arch_args.get("attention_reduction", ATTENTION_REDUCTION), int, least=1)
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__(task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs)
         check_architecture_args("MTAN", task_name, decoders, rep_grad, multi_input, plan=kwargs.get("plan"))
         stages = encoder_class()
         check_arch_args(type(self), len(task_name), stages.num_locations, kwargs)
-        self.encoder = AttentionNetwork(stages, task_name, kwargs.get("attention_reduction", 4))
+        self.encoder = AttentionNetwork(stages, task_name, kwargs.get("attention_reduction", ATTENTION_REDUCTION))
         self.decoders = nn.ModuleDict({t: decoders[t] for t in task_name})
 
     def forward(self, inputs: torch.Tensor, task_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -215,4 +218,4 @@ class MTAN(AbsArchitecture):
 @register_method("mtan")
 def mtan(config, num_locations: int) -> MethodSpec:
     """MTAN: one shared network, per-task soft attention at every location."""
-    return MethodSpec(architecture=MTAN, arch_args={"attention_reduction": 4})
+    return MethodSpec(architecture=MTAN, arch_args={"attention_reduction": ATTENTION_REDUCTION})
