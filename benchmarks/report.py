@@ -109,7 +109,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------- Markdown
-def _decimals(value: float, significant: int = 4) -> int:
+def significant_decimals(value: float, significant: int = 4) -> int:
     """Decimals showing ``significant`` significant figures of ``value`` (at most 6)."""
     if value == 0 or not math.isfinite(value):
         return significant
@@ -123,7 +123,7 @@ def _cell(stat: Mapping[str, float] | None, decimals: int | None = None, signed:
     ``"(n of seeds seeds)"``, so that it is not read as covering the same seeds as the rest of its row."""
     if stat is None:
         return _MISSING
-    places = _decimals(stat["mean"]) if decimals is None else decimals
+    places = significant_decimals(stat["mean"]) if decimals is None else decimals
     mean = f"{stat['mean']:{'+' if signed else ''}.{places}f}"
     text = mean if stat["n"] <= 1 else f"{mean} ± {stat['std']:.{places}f}"
     return text if seeds is None or stat["n"] >= seeds else f"{text} ({stat['n']} of {seeds} seeds)"

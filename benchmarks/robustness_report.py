@@ -9,11 +9,10 @@ import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from benchmarks.report import with_provenance_note
+from benchmarks.report import escape_cell, first_line_of, significant_decimals, with_provenance_note
 from mtsl_plugin.experiment import write_json
 from mtsl_plugin.tasks import HIGHER_IS_BETTER, METRIC_NAMES
 
@@ -53,7 +52,7 @@ def _cell(stat: Sequence[float] | None) -> str:
     if stat is None:
         return "—"
     mean, std, n = stat
-    places = 4 if mean == 0 or not np.isfinite(mean) else min(6, max(0, 3 - int(np.floor(np.log10(abs(mean))))))
+    places = significant_decimals(mean)  # 4 significant figures, as the comparison table's
     return f"{mean:.{places}f}" if n <= 1 else f"{mean:.{places}f} ± {std:.{places}f}"
 
 
@@ -80,8 +79,8 @@ def _row(cells: Sequence[str]) -> str:
 
 
 def _failed_row(label: str, entry: Mapping[str, Any], width: int) -> str:
-    first = " ".join(str(entry["errors"][0] if entry["errors"] else "unknown error").split()).replace("|", "\\|")
-    return _row([label, f"failed: {first[:60]}"] + ["—"] * (width - 2))
+    error = str(entry["errors"][0] if entry["errors"] else "unknown error")
+    return _row([label, f"failed: {escape_cell(first_line_of(error))}"] + ["—"] * (width - 2))
 
 
 def corruption_table(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[str],
