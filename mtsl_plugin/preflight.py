@@ -239,7 +239,7 @@ def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bo
     (:func:`_check_not_encoded`).
     """
     classes = _label_classes(dataset)
-    files = _target_files(dataset)
+    files = _stored_targets(dataset)
     rules = _value_rules(files)
     empty = set(rules)  # the tasks no sample read so far holds a valid pixel of
     unsigned = {task for task, stored in files.items() if stored.layout == "normals"}  # and none a negative normal
@@ -266,16 +266,17 @@ def read_every_sample(dataset: torch.utils.data.Dataset, what: str, progress: bo
         _check_not_encoded(task, what, files[task].folder, files[task].paths)
 
 
-class _TargetFiles(NamedTuple):
-    """How a task's targets are stored: their layout, which values hold a value (a dense layout's
-    :data:`~mtsl_plugin.tasks.VALID_RULES` rule), their folder and the file of each sample, in sample order."""
+class _StoredTargets(NamedTuple):
+    """How a task's targets are stored, as preflight reads them: their layout, which values hold a value (a dense
+    layout's :data:`~mtsl_plugin.tasks.VALID_RULES` rule), their folder and the file of each sample, in sample
+    order (not :class:`~mtsl_plugin.data.folder.TargetFiles`, a folder task's declaration)."""
     layout: str
     valid: str
     folder: Path
     paths: list[Path]
 
 
-def _target_files(dataset: torch.utils.data.Dataset) -> dict[str, _TargetFiles]:
+def _stored_targets(dataset: torch.utils.data.Dataset) -> dict[str, _StoredTargets]:
     """Task -> how its targets are stored, for each target that folder data, NYUv2 and Cityscapes read from a file
     of its own (not ``E`` and ``A``, which are derived, nor a folder task of the ``image`` layout); empty for any
     other data set (synthetic scenes are drawn, valid by construction)."""
@@ -283,11 +284,11 @@ def _target_files(dataset: torch.utils.data.Dataset) -> dict[str, _TargetFiles]:
     from mtsl_plugin.data.real import LETTER_LAYOUTS, NpyLayoutDataset
 
     if isinstance(dataset, FolderDataset):
-        return {task: _TargetFiles(spec.layout, spec.valid, dataset.split_dir / spec.folder,
+        return {task: _StoredTargets(spec.layout, spec.valid, dataset.split_dir / spec.folder,
                                    [dataset.files[task][sample] for sample in dataset.ids])
                 for task, spec in dataset.targets.items() if task in dataset.files}
     if isinstance(dataset, NpyLayoutDataset):  # D: 0 = no depth
-        return {task: _TargetFiles(LETTER_LAYOUTS[task], "positive", dataset.split_dir / folder,
+        return {task: _StoredTargets(LETTER_LAYOUTS[task], "positive", dataset.split_dir / folder,
                                    [dataset.split_dir / folder / dataset.names[i] for i in dataset.indices])
                 for task, folder in dataset.folders.items() if task in LETTER_LAYOUTS}
     return {}
@@ -334,9 +335,9 @@ _NO_VALUE = {"labels": "ignore (-1; 255 in a PNG)", "finite": "NaN or inf", "pos
              "normals": "a zero or non-finite vector"}
 
 
-def _value_rules(files: Mapping[str, _TargetFiles]) -> dict[str, tuple[Any, str]]:
+def _value_rules(files: Mapping[str, _StoredTargets]) -> dict[str, tuple[Any, str]]:
     """Task -> (where a target of one sample holds a valid pixel: a function of the target, giving a bool tensor;
-    what an invalid pixel holds) for each task of ``files`` (:func:`_target_files`) whose targets can lack a value
+    what an invalid pixel holds) for each task of ``files`` (:func:`_stored_targets`) whose targets can lack a value
     (``labels``, ``dense`` and ``normals`` layouts; not ``binary`` ones)."""
     rules = {}
     for task, stored in files.items():
