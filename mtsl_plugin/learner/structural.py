@@ -213,14 +213,12 @@ class StructuralLearner:
         command line's rate). The group nodes' state in ``optimizer`` (the averaged task-node state)
         is what task learning continues from; amalgamation does not touch it.
 
-        The k-th phase that merges amalgamates for ``amalgamation_epochs[k]`` epochs (the last entry once the list
-        is used up): the authors' code consumes the list by merging phases, not by phases.
+        The k-th phase that merges amalgamates for ``amalgamation_epochs[k]`` epochs (the list has an entry per
+        phase, so it is never used up): the authors' code consumes the list by merging phases, not by phases.
 
         Returns the mean amalgamation loss (summed over the group nodes) of every epoch.
         """
-        merging_phases_before = sum(1 for r in self.records if r.merged)
-        schedule = self.config.amalgamation_epochs
-        epochs = schedule[min(merging_phases_before, len(schedule) - 1)] if schedule else 0
+        epochs = self.config.amalgamation_epochs[sum(1 for r in self.records if r.merged)]  # merging phases before
         amalgamators = {key: self.amalgamator(network.specs[key[0]].out_channels, list(key[1])) for key in created}
         amalgamators = {key: module.to(device=device, dtype=next(created[key].parameters()).dtype)
                         for key, module in amalgamators.items() if module is not None}
