@@ -422,7 +422,8 @@ class Trainer(MTLTrainer):
 
     def test(self, test_dataloaders, epoch: int | None = None, mode: str = "test") -> dict[str, float]:
         """Evaluate ``test_dataloaders``: every metric of the task dict is printed with its name (one line, tasks
-        separated by ``|``, as LibMTL prints them), each task's first metric is returned (``{task: value}``)."""
+        separated by ``|``, as LibMTL prints them, ``mode`` first), each task's first metric is returned
+        (``{task: value}``). ``epoch`` is LibMTL's signature only: no epoch is picked or recorded here."""
         scores = self.scores(test_dataloaders)
         names = {t: list(self.task_dict[t].get("metrics", [])) for t in self.task_name}
         print(f"{mode}: " + " | ".join(
