@@ -165,10 +165,6 @@ def _segmentation(num_classes: int) -> Task:
                 segmentation_loss, make_metric, target="labels")
 
 
-def _reconstruction_metric() -> Metric:
-    return MeanSquaredError()  # sums squared errors and element counts across batches: pixel-weighted
-
-
 _FIXED: dict[str, Callable[[], Task]] = {
     "D": lambda: Task("D", "depth estimation", 1, METRIC_NAMES["D"], HIGHER_IS_BETTER["D"], depth_loss, MaskedRMSE,
                       valid="positive"),
@@ -176,8 +172,9 @@ _FIXED: dict[str, Callable[[], Task]] = {
                       target="binary"),
     "N": lambda: Task("N", "surface normal estimation", 3, METRIC_NAMES["N"], HIGHER_IS_BETTER["N"], normal_loss,
                       MeanCosine, normalise_normals, target="normals"),
+    # MeanSquaredError sums squared errors and element counts across batches: pixel-weighted
     "A": lambda: Task("A", "auto-encoding", 3, METRIC_NAMES["A"], HIGHER_IS_BETTER["A"], reconstruction_loss,
-                      _reconstruction_metric, target="image"),
+                      MeanSquaredError, target="image"),
 }
 
 

@@ -70,6 +70,8 @@ def pytest_sessionfinish(session, exitstatus):
     for folder, ours in ((COMPILE_CACHE, COMPILE_CACHE is not None), (INDUCTOR_HEADERS, INDUCTOR_HEADERS_MADE_HERE)):
         if ours:
             shutil.rmtree(folder, ignore_errors=True)
+    if COMPILE_CACHE is not None:  # its folder is gone: the lock is released (not left to the interpreter's exit)
+        SESSION_LOCK_FILE.close()
 
 
 def smoke_config(tasks=("S", "D", "E"), **mtsl_changes):
