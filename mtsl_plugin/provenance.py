@@ -71,9 +71,10 @@ def software() -> dict[str, Any]:
 
 
 def device_name(device: str) -> str:
-    """``device``'s kind with its model: ``cuda: NVIDIA H100 80GB HBM3``, ``cpu: AMD EPYC`` (the model from
-    ``/proc/cpuinfo`` where there is one); not the GPU's index (``cuda:3``), which says which GPU of the machine,
-    not what it is."""
+    """``device``'s kind with its model: ``cuda: NVIDIA H100 80GB HBM3``, ``cpu: AMD EPYC, AVX512 kernels`` (the
+    model from ``/proc/cpuinfo`` where there is one, and the instruction set torch's CPU kernels use: the same run
+    gives other digits with AVX2 kernels than with AVX512 ones); not the GPU's index (``cuda:3``), which says which
+    GPU of the machine, not what it is."""
     device = str(device)
     kind = device.split(":", 1)[0]
     if kind == "cuda" and torch.cuda.is_available():
@@ -84,7 +85,8 @@ def device_name(device: str) -> str:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text(errors="replace").splitlines()
                  if line.startswith("model name") and ":" in line]
         model = names[0] if names else model
-    return f"{kind}: {model}" if model else kind
+    kernels = f"{torch.backends.cpu.get_cpu_capability()} kernels" if kind == "cpu" else ""
+    return f"{kind}: {', '.join(part for part in (model, kernels) if part)}" if model or kernels else kind
 
 
 def data_files(root: str | Path | None) -> str | None:

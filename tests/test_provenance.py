@@ -202,3 +202,16 @@ def test_the_device_is_recorded_by_kind_and_model_not_by_index(monkeypatch):
     from mtsl_plugin.provenance import device_name
 
     assert {device_name(d) for d in ("cuda", "cuda:0", "cuda:3")} == {"cuda: NVIDIA H100 80GB HBM3"}
+
+
+def test_a_cpu_is_recorded_with_the_kernels_torch_runs_on_it(monkeypatch):
+    """The same run on one CPU gives other digits with AVX2 kernels than with AVX512 ones (ATEN_CPU_CAPABILITY),
+    so runs of the two differ in their record, and a table of both gets a note."""
+    from mtsl_plugin.provenance import device_name
+
+    names = set()
+    for capability in ("AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda capability=capability: capability)
+        names.add(device_name("cpu"))
+        assert device_name("cpu").endswith(f", {capability} kernels")
+    assert len(names) == 2
