@@ -44,17 +44,18 @@ def as_head(decoder: nn.Module) -> nn.Module:
     return LibMTLHead(decoder) if len(required) == 1 else decoder
 
 
-def as_stages(encoder_class: Callable[[], Any], network: str = "compact", setting: str = "encoder-decoder"
-              ) -> StageFactory:
+def as_stages(encoder_class: Callable[[], Any], network: str = "compact", setting: str = "encoder-decoder",
+              seed: int = 0) -> StageFactory:
     """The stages of LibMTL's ``encoder_class``: our stages as they are; a timm model split into locations (a
-    ResNet into the ``compact`` or ``authors`` table, any other timm CNN into its feature stages, ``compact``).
-    A timm model's stages build their :meth:`~StageFactory.redrawn` copies by calling ``encoder_class()`` again,
-    as LibMTL builds every task's encoder."""
+    ResNet into the ``compact`` or ``authors`` table, any other timm CNN into its feature stages, ``compact``),
+    the layers added to it (decoder, extra stage) drawn from ``seed``. A timm model's stages build their
+    :meth:`~StageFactory.redrawn` copies by calling ``encoder_class()`` again, as LibMTL builds every task's
+    encoder."""
     check_encoder_class(encoder_class)
     built = encoder_class()
     if isinstance(built, StageFactory):
         return built
-    stages = _model_stages(built, network, setting)
+    stages = _model_stages(built, network, setting, seed)
     stages._remake = functools.partial(_called_again, encoder_class, network, setting)
     return stages
 

@@ -212,7 +212,8 @@ class TrainerLearner(StructuralLearner):
         grouping solver checked on ``tasks`` before any training."""
         options = options.to_dict() if isinstance(options, MTSLConfig) else dict(options or {})
         learner = cls(MTSLConfig.from_dict(options), scaled="task_epochs" not in options)
-        check_mtsl(learner.config, tasks)
+        with rng_untouched():  # its probes build amalgamator modules: the script's seeded draws must not move
+            check_mtsl(learner.config, tasks)
         return learner
 
     def state_dict(self) -> dict:
@@ -244,8 +245,9 @@ class Trainer(MTLTrainer):
         arch_args = dict(kwargs.get("arch_args") or {})
         mtsl = arch_args.pop("mtsl", None)
         if ours:  # our architectures run on merge-location stages and call heads with the output size
+            # the layers added to a timm encoder (decoder, extra stage) draw from the script's seed, as it does
             stages = as_stages(encoder_class, arch_args.pop("network", "compact"),
-                               arch_args.pop("setting", "encoder-decoder"))
+                               arch_args.pop("setting", "encoder-decoder"), seed=torch.initial_seed() % (1 << 63))
             encoder_class, decoders = (lambda: stages), {t: as_head(d) for t, d in dict(decoders).items()}
         self.save_path = None if save_path is None else Path(save_path)
         start, resuming = _start_file(self.save_path, load_path)

@@ -1,5 +1,8 @@
 """MTSL through LibMTL's own calls: a script shaped like LibMTL's ``examples/nyu/main.py`` on the tiny NYUv2
 fixture, with a timm ResNet factory as ``encoder_class`` and LibMTL-style (one-tensor) decoders."""
+import random
+
+import numpy as np
 import pytest
 import timm
 import torch
@@ -140,9 +143,10 @@ def tiny_encoder():
     return timm.create_model("resnet18", channels=(4, 8, 8, 8), num_classes=0)
 
 
-def tiny_trainer(save_path=None, tasks=("S", "D"), mtsl=None, encoder_class=tiny_encoder, **kwargs):
-    """A LibMTL-script Trainer over a quarter-width-of-a-quarter ResNet18 (seconds for the paper's ten phases)."""
-    torch.manual_seed(0)
+def tiny_trainer(save_path=None, tasks=("S", "D"), mtsl=None, encoder_class=tiny_encoder, seed=0, **kwargs):
+    """A LibMTL-script Trainer over a quarter-width-of-a-quarter ResNet18 (seconds for the paper's ten phases),
+    built after the script's ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
     channels = {"S": 13, "D": 1, "N": 3}
     decoders = nn.ModuleDict({t: nn.Conv2d(64, channels[t], 1) for t in tasks})
     return mtsl_plugin.Trainer(task_dict=libmtl_task_dict(build_tasks(list(tasks), num_classes=13)), weighting="EW",
@@ -377,3 +381,30 @@ def test_the_batches_the_trainer_draws_follow_the_scripts_seed(tiny_nyuv2, monke
             trainer.train(*loaders(tiny_nyuv2, shuffle=False), 10, progress=False)
     assert len(orders[0]) == len(orders[1]) == 2
     assert not all(torch.equal(a, b) for a, b in zip(orders[0], orders[1]))
+
+
+def test_the_layers_a_trainer_adds_to_a_timm_encoder_follow_the_scripts_seed():
+    """The compact decoder added to a timm ResNet (locations 5-9) starts from the script's seed, as the encoder
+    does: two seeds, two starts (it was drawn from seed 0 whatever the script set); one seed, one start."""
+    def decoder(seed):
+        network = tiny_trainer(seed=seed).network
+        return [p.detach().clone() for location in range(5, 10) for p in network.node(location, ("S",)).parameters()]
+
+    first, again, other = decoder(1), decoder(1), decoder(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other) if a.dim() > 1)  # convolutions
+
+
+def test_the_trainers_checks_of_mtsl_leave_the_scripts_random_streams_alone():
+    """Building a Trainer checks MTSL's plugins (an amalgamator is built and run on a probe); the script's seeded
+    streams (torch, numpy, Python) stay where they were, so its loaders shuffle as they would without the check."""
+    from mtsl_plugin.libmtl_trainer import TrainerLearner
+
+    def draws_after(build):
+        torch.manual_seed(3), np.random.seed(3), random.seed(3)
+        build()
+        return torch.rand(4), np.random.rand(2), random.random()
+
+    expected = draws_after(lambda: None)
+    got = draws_after(lambda: TrainerLearner.from_options({"amalgamator": "att"}, ("S", "D")))
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
