@@ -102,6 +102,21 @@ def heldout_losses(trainer: MTLTrainer, data: RunData) -> dict[str, float]:
     return {t: float(v) / batches for t, v in zip(trainer.task_name, sums)}
 
 
+def measured_phase(trainer: MTLTrainer, learner: StructuralLearner, data: RunData) -> dict[str, Any]:
+    """What a phase leaves at the probed location: its sibling task nodes' similarity on the held-out slice (pairs,
+    matrix, partition, merges), each task's held-out loss, the nodes' effective dimension and their similarity
+    without each node's top direction."""
+    (_, names), = trainer.network.plan.siblings()
+    features = learner.node_features(trainer.network, lambda: data.batches(data.holdout), trainer.device)
+    matrix = learner.similarity_matrix(features, names)
+    partition, merged = learner.decide(matrix, names)
+    stripped = {t: without_top_direction(f) for t, f in features.items()}
+    return {**pair_summary(matrix), "matrix": matrix.tolist(), "partition": partition,
+            "merged": [list(g) for g in merged], "heldout_loss": heldout_losses(trainer, data),
+            "dimension": {t: effective_dimension(f) for t, f in features.items()},
+            "without_top_direction": pair_summary(learner.similarity_matrix(stripped, names))}
+
+
 def probe(config: RunConfig, data: RunData, num_classes: int, location: int, epochs: int, steps: int | None
           ) -> dict[str, Any]:
     """Train the prefix-shared network ``epochs`` epochs on ``data`` (:func:`build_data` of ``config``, built once
@@ -114,27 +129,24 @@ def probe(config: RunConfig, data: RunData, num_classes: int, location: int, epo
     start = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
     batches = list(data.batches(data.train, key=(0, epochs)))[:steps]
     row: dict[str, Any] = {"location": location, "steps": len(batches)}
+    devices = [trainer.device] if torch.device(trainer.device).type == "cuda" else []
+    # both phases start from the same weights, batch-norm statistics and random state: the gradient ratios' forward
+    # (training mode) is measured on that start and then undone, and each phase draws from a fork of one state
+    with torch.random.fork_rng(devices=devices):
+        images, gts = batches[0]
+        gts = {t: gts[t].to(trainer.device) for t in trainer.task_name}
+        aligned = StructuralLearner(dataclasses.replace(config.mtsl, align=True))
+        row["gradient_ratio"] = gradient_ratios(trainer, aligned, location, trainer.images_to_device(images), gts)
     for align in (False, True):
         trainer.model.load_state_dict(start[0])
         trainer.optimizer.load_state_dict(start[1])
         learner = StructuralLearner(dataclasses.replace(config.mtsl, align=align))
         trainer.learner = learner
-        for step, (images, gts) in enumerate(batches):
-            images = trainer.images_to_device(images)
-            gts = {t: gts[t].to(trainer.device) for t in trainer.task_name}
-            if align and step == 0:
-                row["gradient_ratio"] = gradient_ratios(trainer, learner, location, images, gts)
-            trainer.train_step(images, gts)
-        (_, names), = trainer.network.plan.siblings()
-        features = learner.node_features(trainer.network, lambda: data.batches(data.holdout), trainer.device)
-        matrix = learner.similarity_matrix(features, names)
-        partition, merged = learner.decide(matrix, names)
-        stripped = {t: without_top_direction(f) for t, f in features.items()}
-        row["aligned" if align else "plain"] = {
-            **pair_summary(matrix), "matrix": matrix.tolist(), "partition": partition,
-            "merged": [list(g) for g in merged], "heldout_loss": heldout_losses(trainer, data),
-            "dimension": {t: effective_dimension(f) for t, f in features.items()},
-            "without_top_direction": pair_summary(learner.similarity_matrix(stripped, names))}
+        with torch.random.fork_rng(devices=devices):  # its steps and measurements (loaders draw their seeds)
+            for images, gts in batches:
+                trainer.train_step(trainer.images_to_device(images),
+                                   {t: gts[t].to(trainer.device) for t in trainer.task_name})
+            row["aligned" if align else "plain"] = measured_phase(trainer, learner, data)
     row["loss_change"] = {t: 100.0 * (row["aligned"]["heldout_loss"][t] / row["plain"]["heldout_loss"][t] - 1.0)
                           for t in tasks}
     return row

@@ -1,4 +1,5 @@
 """benchmarks/alignment.py: how hard the alignment loss pulls the task nodes of one location together."""
+import copy
 import dataclasses
 import json
 from types import SimpleNamespace
@@ -105,6 +106,27 @@ def test_a_strong_alignment_raises_the_similarity_it_is_measured_by():
         assert sorted(t for g in row[key]["partition"] for t in g) == ["D", "E", "S"]
     assert row["loss_change"]["S"] == pytest.approx(
         100 * (row["aligned"]["heldout_loss"]["S"] / row["plain"]["heldout_loss"]["S"] - 1))
+
+
+def test_both_phases_start_from_one_state(monkeypatch):
+    """The plain and the aligned phase start from the same weights, batch-norm statistics and random state (the
+    encoder setting's head drops out): the gradient ratios' training-mode forward updated the aligned phase's
+    batch-norm statistics, and the plain phase's dropout moved the aligned phase's random state."""
+    from mtsl_plugin.trainer import MTLTrainer
+
+    config = smoke_config(("S", "D")).replace(setting="encoder")
+    data, full = build_data(config)
+    starts, step = {}, MTLTrainer.train_step
+
+    def recording_step(self, images, gts):  # each phase's state at its first step
+        starts.setdefault(self.learner.config.align, (torch.get_rng_state(), copy.deepcopy(self.model.state_dict())))
+        return step(self, images, gts)
+
+    monkeypatch.setattr(MTLTrainer, "train_step", recording_step)
+    alignment.probe(config, data, full.num_classes, 4, epochs=1, steps=2)
+    (plain_rng, plain_state), (aligned_rng, aligned_state) = starts[False], starts[True]
+    assert torch.equal(plain_rng, aligned_rng)
+    assert all(torch.equal(plain_state[k], aligned_state[k]) for k in plain_state)
 
 
 def test_alignment_command_writes_its_table_and_refuses_bad_locations(tmp_path, capsys):
