@@ -78,6 +78,13 @@ class SampleDraws(Dataset):
             _SAMPLE_KEY.reset(token)
 
 
+def sample_generator(key: tuple[int, ...]) -> torch.Generator:
+    """The generator a sample read through :class:`SampleDraws` draws its window from, ``key`` = ``(*key, index)``.
+    Its stream is set apart (``spawn_key``) from the loader's shuffle, seeded from the loader's key: ``SeedSequence``
+    pads short entropy with zeros, so ``(seed, 0, epoch)`` and sample 0's ``(seed, 0, epoch, 0)`` seeded alike."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(key, spawn_key=(1,)).generate_state(1)[0]))
+
+
 def random_window(hw: tuple[int, int]) -> tuple[float, int, int, bool]:
     """A random ``(zoom, top, left, flip)`` for :func:`augment_sample` on an image of size ``hw`` (one per sample).
 
@@ -91,7 +98,7 @@ def random_window(hw: tuple[int, int]) -> tuple[float, int, int, bool]:
     from a generator seeded with that number and the rank."""
     generator = None
     if (key := _SAMPLE_KEY.get()) is not None:
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+        generator = sample_generator(key)
     elif distributed.world_size() > 1:
         generator = distributed.rank_generator(torch.randint(1 << 62, ()))
     zoom = ZOOMS[int(torch.randint(len(ZOOMS), (), generator=generator))]

@@ -12,7 +12,7 @@ from benchmarks import compare, speed
 from conftest import smoke_config, write_nyuv2
 from mtsl_plugin.config import DataConfig, RunConfig
 from mtsl_plugin.data import real
-from mtsl_plugin.data.real import NYUv2, SampleDraws, random_window
+from mtsl_plugin.data.real import NYUv2, SampleDraws, random_window, sample_generator
 from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.experiment import build_data, loader_workers
 from mtsl_plugin.progress import each_batch
@@ -91,6 +91,17 @@ def test_a_runs_seed_draws_its_own_windows():
         return [keyed[i] for i in range(len(keyed))]
 
     assert windows(0) == windows(0) and windows(0) != windows(1)
+
+
+def test_a_samples_window_and_the_loaders_shuffle_draw_from_different_streams():
+    """The shuffle of epoch e is seeded from (seed, 0, e), sample i's window from (seed, 0, e, i): for sample 0
+    those seeded one generator alike (SeedSequence pads short keys with zeros), so its window was the shuffle's
+    stream."""
+    data = RunData(train=list(range(8)), holdout=None, test=None, batch_size=4, seed=5)
+    for epoch in range(3):
+        loader = data.batches(data.train, key=(0, epoch))
+        windows = {sample_generator((5, 0, epoch, i)).initial_seed() for i in range(8)}
+        assert loader.generator.initial_seed() not in windows and len(windows) == 8
 
 
 class Counted(DataLoader):
