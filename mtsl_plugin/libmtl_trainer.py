@@ -160,7 +160,8 @@ class LoaderData(RunData):
     """:class:`RunData` over a user's loaders: training batches come from the user's loader (its own sampler,
     order and transforms, so a resumed run sees other batches than an uninterrupted one); everything else
     (grouping data, amalgamation, BMTAS's split) is batched at the loader's batch size, in an order drawn from
-    ``seed`` (:meth:`Trainer.train` passes torch's, which LibMTL's ``set_random_seed`` sets).
+    ``seed`` (:meth:`Trainer.train` passes the seed torch had when the Trainer was built: LibMTL's
+    ``set_random_seed``).
 
     Under ``torch.distributed`` each rank trains on its share of every batch the loader draws
     (:class:`~mtsl_plugin.distributed.RankShares`): the user's batch_size is the global batch, batch/N a rank's,
@@ -233,6 +234,9 @@ class Trainer(MTLTrainer):
                  multi_input=False, optim_param=None, scheduler_param=None, save_path=None, load_path=None, *,
                  device: str | torch.device | None = None, **kwargs):
         libmtl = import_libmtl()
+        # what the Trainer draws itself (the layers it adds to a timm encoder, its own batches) follows the seed the
+        # script gave torch (LibMTL's set_random_seed), as the script's encoder and loaders do
+        seed = torch.initial_seed() % (1 << 63)
         check_trainer_hooks(type(self), MTLTrainer)  # a subclass's override that would be silently ignored
         weighting = _resolve(weighting, libmtl.weighting, "weighting method")
         architecture = _resolve(architecture, libmtl.architecture, "architecture")
@@ -245,9 +249,8 @@ class Trainer(MTLTrainer):
         arch_args = dict(kwargs.get("arch_args") or {})
         mtsl = arch_args.pop("mtsl", None)
         if ours:  # our architectures run on merge-location stages and call heads with the output size
-            # the layers added to a timm encoder (decoder, extra stage) draw from the script's seed, as it does
             stages = as_stages(encoder_class, arch_args.pop("network", "compact"),
-                               arch_args.pop("setting", "encoder-decoder"), seed=torch.initial_seed() % (1 << 63))
+                               arch_args.pop("setting", "encoder-decoder"), seed=seed)
             encoder_class, decoders = (lambda: stages), {t: as_head(d) for t, d in dict(decoders).items()}
         self.save_path = None if save_path is None else Path(save_path)
         start, resuming = _start_file(self.save_path, load_path)
@@ -273,6 +276,7 @@ class Trainer(MTLTrainer):
         super().__init__(task_dict, weighting, architecture, encoder_class, decoders, rep_grad, multi_input,
                          optim_param, scheduler_param, device=device, learner=learner,
                          **{**kwargs, "arch_args": arch_args})
+        self.seed = seed
         if bare is not None:  # as LibMTL loads its load_path: the weights only, keys of other modules left out
             self.load_bare(start, bare)
         elif start is not None:
@@ -325,8 +329,7 @@ class Trainer(MTLTrainer):
         else:
             dataset = train_dataloaders.dataset
             grouping = Subset(dataset, range(min(AUTHORS_SIMILARITY_SAMPLES, len(dataset))))
-        # the batches drawn here (amalgamation, BMTAS's split) follow the script's seed, as its own loaders do
-        data = LoaderData(train_dataloaders, grouping, test_dataloaders.dataset, seed=torch.initial_seed())
+        data = LoaderData(train_dataloaders, grouping, test_dataloaders.dataset, seed=self.seed)
         if self.save_path is None:
             self.fit(data, epochs, progress=progress)
         else:  # another process training into save_path: FolderBusy, before any step

@@ -375,8 +375,7 @@ def test_the_batches_the_trainer_draws_follow_the_scripts_seed(tiny_nyuv2, monke
 
     monkeypatch.setattr(mtsl_plugin.Trainer, "fit", recording_fit)
     for seed in (0, 1):
-        trainer = tiny_trainer()
-        torch.manual_seed(seed)
+        trainer = tiny_trainer(seed=seed)
         with pytest.raises(KeyboardInterrupt):
             trainer.train(*loaders(tiny_nyuv2, shuffle=False), 10, progress=False)
     assert len(orders[0]) == len(orders[1]) == 2
