@@ -61,12 +61,10 @@ test and validation loaders.
 from __future__ import annotations
 
 import inspect
-import random
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
@@ -81,7 +79,7 @@ from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.libmtl_adapters import as_head, as_plan, as_stages, check_encoder_class
 from mtsl_plugin.libmtl_compat import check_trainer_args, check_trainer_hooks, import_libmtl, read_bare_state_dict
 from mtsl_plugin.plan import BranchingPlan
-from mtsl_plugin.preflight import check_mtsl, check_weighting, read_every_sample
+from mtsl_plugin.preflight import check_mtsl, check_weighting, read_every_sample, rng_untouched
 from mtsl_plugin.trainer import MTLTrainer
 
 AUTHORS_SIMILARITY_SAMPLES = 800  # the authors measure similarity on the first 800 training images
@@ -90,19 +88,6 @@ CHECKPOINT, WEIGHTS = "checkpoint.pt", "model.pt"
 #: LibMTL's ``weight_args`` and ``arch_args``.
 _OWN_KEYWORDS = frozenset(name for name, p in inspect.signature(MTLTrainer.__init__).parameters.items()
                           if p.kind is inspect.Parameter.KEYWORD_ONLY)
-
-
-@contextmanager
-def rng_untouched():
-    """Run the block without moving the global RNGs (torch CPU, numpy, Python): reading a sample whose transform
-    draws random numbers must not change the run (nor a resumed run's batches)."""
-    numpy_state, python_state = np.random.get_state(), random.getstate()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
 
 
 @contextmanager
@@ -213,8 +198,7 @@ class TrainerLearner(StructuralLearner):
         grouping solver checked on ``tasks`` before any training."""
         options = options.to_dict() if isinstance(options, MTSLConfig) else dict(options or {})
         learner = cls(MTSLConfig.from_dict(options), scaled="task_epochs" not in options)
-        with rng_untouched():  # its probes build amalgamator modules: the script's seeded draws must not move
-            check_mtsl(learner.config, tasks)
+        check_mtsl(learner.config, tasks)
         return learner
 
     def state_dict(self) -> dict:

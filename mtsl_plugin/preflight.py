@@ -24,7 +24,9 @@ configuration is made (:mod:`mtsl_plugin.config`, :class:`~mtsl_plugin.learner.s
 """
 from __future__ import annotations
 
+import random
 import sys
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -198,10 +200,31 @@ def check_optimizer(optimizer: Mapping[str, Any]) -> None:
         raise ValueError(f"optimizer {dict(optimizer)} cannot be built: {exc}") from None
 
 
+@contextmanager
+def rng_untouched():
+    """Run the block without moving the global RNGs (torch CPU, numpy, Python): reading a sample whose transform
+    draws random numbers must not change the run (nor a resumed run's batches)."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
 def check_mtsl(config: MTSLConfig, tasks: tuple[str, ...] | None = None) -> None:
     """Every plugin the configuration names is called once on a tiny random input, so a plugin that returns NaN or
     a mis-shaped value is stopped here, naming the plugin (``PluginContractError``); the grouping solver on a
-    random similarity matrix of ``tasks`` when given (a solver may refuse their number), else of three tasks."""
+    random similarity matrix of ``tasks`` when given (a solver may refuse their number), else of three tasks.
+    The global RNGs are left where they were (an amalgamator's modules draw their initialisation): a caller that
+    has seeded them, as a LibMTL script has when it builds a ``Trainer``, draws afterwards what it would without
+    the check."""
+    with rng_untouched():
+        _call_plugins(config, tasks)
+
+
+def _call_plugins(config: MTSLConfig, tasks: tuple[str, ...] | None) -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(8, 4, generator=generator, requires_grad=True)
     y = torch.randn(8, 6, generator=generator)
