@@ -57,7 +57,7 @@ class BMTAS(GatedSupernet):
     refused when the supernet is built), ``candidates``
     (:class:`~baselines.supernet.GatedSupernet`), ``cost_size`` (``(H, W)`` the node costs are counted
     at, default 512x512), ``stage_gflops`` (``L`` per-node GFLOPs, instead of counting), ``warmup_epochs``
-    (default ``epochs // 20``), ``plan`` (must be ``None``).
+    (fewer than the epochs trained; default ``epochs // 20``), ``plan`` (must be ``None``).
     The trainer's interface for the bilevel search: :meth:`architecture_parameters` and :attr:`arch_optimizer`
     (the keyword arguments of the architecture's own Adam, which the trainer builds as its ``arch_optimizer``),
     :meth:`search_split` (and its sizes, :meth:`search_sizes`, which preflight checks), :meth:`architecture_epoch`.

@@ -46,9 +46,9 @@ class LTB(GatedSupernet):
     """The LTB supernet as a LibMTL architecture (arguments: :class:`~baselines.supernet.GatedSupernet`).
 
     ``arch_args``: ``search_space`` (``"reference"``, default, or ``"all"``; see the module docstring),
-    ``warmup_epochs`` (default: LibMTL's ``epoch < epochs / 100``), ``gate_lr_multiplier`` (the gates learn at
-    this multiple of the run's learning rate; default 1, LibMTL's), ``candidates``
-    (:class:`~baselines.supernet.GatedSupernet`), ``plan`` (must be ``None``).
+    ``warmup_epochs`` (fewer than the epochs trained; default: LibMTL's ``epoch < epochs / 100``),
+    ``gate_lr_multiplier`` (the gates learn at this multiple of the run's learning rate; default 1, LibMTL's),
+    ``candidates`` (:class:`~baselines.supernet.GatedSupernet`), ``plan`` (must be ``None``).
     """
 
     label = "LTB"

@@ -80,6 +80,15 @@ class GatedSupernet(AbsArchitecture):
         one_of(cls.label, "candidates", arch_args.get("candidates", "independent"), CANDIDATES)
         require(f"{cls.label} warmup_epochs", arch_args.get("warmup_epochs"), int, least=0, optional=True)
 
+    @classmethod
+    def check_epochs(cls, arch_args: Mapping[str, Any], epochs: int) -> None:
+        """Refuse a ``warmup_epochs`` that leaves none of the ``epochs`` trained to search: the plan would be read
+        off gates that never trained (a silent One-Net-or-STN tie break, not a search)."""
+        warmup = arch_args.get("warmup_epochs")
+        if warmup is not None and warmup >= epochs:
+            raise ValueError(f"{cls.label} warmup_epochs {warmup} leaves no search epoch of the {epochs} trained; "
+                             f"give fewer than {epochs}")
+
     def node(self, location: int, slot: int) -> nn.Module:
         return self.nodes[f"{location}-{self.tasks[slot]}"]
 

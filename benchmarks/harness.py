@@ -30,7 +30,7 @@ from mtsl_plugin import distributed, folder_lock
 from mtsl_plugin.architecture import check_arch_args
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.experiment import (CHECKPOINT, method_spec, num_locations, run_fingerprint, run_method,
-                                    single_task_bytes, write_json)
+                                    single_task_bytes, training_epochs, write_json)
 from mtsl_plugin.methods import build_method
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.plan_figure import draw_plans
@@ -215,7 +215,8 @@ def check_jobs(jobs: Sequence["Job"], progress: bool = True, out: Path | None = 
         learners.append(spec.learner.config if spec.learner is not None else None)
         architectures.append(spec.architecture)
         try:
-            check_arch_args(spec.architecture, len(job.config.tasks), num_locations(job.config), spec.arch_args)
+            check_arch_args(spec.architecture, len(job.config.tasks), num_locations(job.config), spec.arch_args,
+                            epochs=training_epochs(job.config, spec))
             if distributed.active():
                 check_distributed(job.config.weighting, getattr(spec.architecture, "arch_optimizer", None) is not None,
                                   job.config.compile)

@@ -42,12 +42,15 @@ def check_architecture_args(name: str, task_name, decoders, rep_grad: bool, mult
         raise ValueError(f"no head given for task(s) {missing}")
 
 
-def check_arch_args(architecture: type, task_count: int, num_locations: int, arch_args: Mapping[str, Any]) -> None:
+def check_arch_args(architecture: type, task_count: int, num_locations: int, arch_args: Mapping[str, Any],
+                    epochs: int | None = None) -> None:
     """Refuse, in one line and before anything is built, ``arch_args`` that an architecture of this project does
     not take: a name outside its ``known_args``, or a value its ``check_args(task_count, num_locations,
     arch_args)``, where it has one, refuses (with :func:`one_of` and
-    :func:`~mtsl_plugin.learner.schedule.require`). Its constructor makes the same check; the commands make it
-    before any training. Architectures without ``known_args`` (LibMTL's own, a user's) are not checked here."""
+    :func:`~mtsl_plugin.learner.schedule.require`), or, given the ``epochs`` it will train, its
+    ``check_epochs(arch_args, epochs)`` (a searching supernet's warm-up). Its constructor makes the same checks
+    but the last, which the trainer makes when it starts; the commands make them all before any training.
+    Architectures without ``known_args`` (LibMTL's own, a user's) are not checked here."""
     known = getattr(architecture, "known_args", None)
     if known is None:
         return
@@ -56,6 +59,8 @@ def check_arch_args(architecture: type, task_count: int, num_locations: int, arc
         raise ValueError(f"{architecture.label} got unknown arch_args {unknown}; known: {sorted(known)}")
     if hasattr(architecture, "check_args"):
         architecture.check_args(task_count, num_locations, arch_args)
+    if epochs is not None and hasattr(architecture, "check_epochs"):
+        architecture.check_epochs(arch_args, epochs)
 
 
 def one_of(label: str, name: str, value: Any, options: tuple) -> None:

@@ -226,6 +226,12 @@ def _claim_run_dir(run_dir: Path, fingerprint: str, resume: bool) -> Path:
     return saved
 
 
+def training_epochs(config: RunConfig, spec: MethodSpec) -> int:
+    """The epochs ``spec``'s method trains under ``config``: MTSL's scaled schedule, or the preset's epochs, plus
+    the method's ``extra_epochs``."""
+    return (config.mtsl.total_epochs if spec.learner is not None else config.epochs) + spec.extra_epochs
+
+
 def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: bool = False,
                progress: bool = True, plan: BranchingPlan | None = None,
                keep_checkpoint: bool = False, arch_args: dict | None = None, check: bool = True
@@ -243,7 +249,8 @@ def run_method(config: RunConfig, method: str, run_dir: str | Path, *, resume: b
     """
     run_dir = Path(run_dir)
     spec = method_spec(method, config, arch_args)
-    check_arch_args(spec.architecture, len(config.tasks), num_locations(config), spec.arch_args)
+    check_arch_args(spec.architecture, len(config.tasks), num_locations(config), spec.arch_args,
+                    epochs=training_epochs(config, spec))
     if spec.retrains is not None and plan is None:
         raise ValueError(f"method {method!r} retrains the final plan of {spec.retrains!r}: pass that plan")
     if check:
@@ -292,8 +299,8 @@ def _train(config: RunConfig, method: str, run_dir: Path, spec: MethodSpec, fing
         write_json(run_dir / f"phase_{record['phase']}.json", record)
 
     started = time.perf_counter()
-    total_epochs = (config.mtsl.total_epochs if spec.learner is not None else config.epochs) + spec.extra_epochs
-    history = trainer.fit(data, total_epochs, checkpoint=checkpoint, on_phase=on_phase, progress=progress)
+    history = trainer.fit(data, training_epochs(config, spec), checkpoint=checkpoint, on_phase=on_phase,
+                          progress=progress)
     phase_seconds = sum(r.seconds for r in spec.learner.records) if spec.learner is not None else 0.0
     train_seconds = sum(h["seconds"] for h in history) + phase_seconds  # structural phases included
     metrics = trainer.evaluate(data.batches(distributed.shard_samples(data.test)))  # each rank its share

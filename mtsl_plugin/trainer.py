@@ -252,6 +252,9 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
         training; writing a ResNet18 STN's weights and Adam state every epoch would cost seconds per epoch).
         Returns the per-epoch history (mean task losses, alignment loss, seconds).
         """
+        check_epochs = getattr(type(self.model), "check_epochs", None)  # a searching supernet's warm-up
+        if check_epochs is not None:
+            check_epochs(self.model.kwargs, total_epochs)
         disable = None if progress else True
         bar = tqdm(total=total_epochs, initial=self.epochs_done, desc="epochs", disable=disable)
         self.model.total_epochs = total_epochs

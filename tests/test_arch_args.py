@@ -87,3 +87,33 @@ def test_the_commands_refuse_before_the_first_run_trains(monkeypatch):
             harness.Job("cs", "cross_stitch", smoke_config(), arch_args=(("unit_lr_multiplier", -1.0),))]
     with pytest.raises(UsageError, match=r"^cs: cross-stitch unit_lr_multiplier must be a finite number > 0, got -1.0"):
         harness.check_jobs(jobs)
+
+
+@pytest.mark.parametrize("architecture", [LTB, BMTAS])
+def test_a_warmup_that_leaves_no_search_epoch_is_refused(architecture, tmp_path, monkeypatch):
+    """The plan would be read off gates that never trained: refused with the epochs known, by the check, by
+    ``run_method`` before any folder, by the commands before the first run, and by the trainer before training."""
+    label = architecture.label
+    culprit = rf"^{label} warmup_epochs 3 leaves no search epoch of the 3 trained; give fewer than 3$"
+    with pytest.raises(ValueError, match=culprit):
+        check_arch_args(architecture, 3, 10, {"warmup_epochs": 3}, epochs=3)
+    check_arch_args(architecture, 3, 10, {"warmup_epochs": 2}, epochs=3)
+    check_arch_args(architecture, 3, 10, {"warmup_epochs": 3})  # the epochs unknown: the trainer checks
+    config = smoke_config()  # 3 epochs
+    method = label.lower()
+    with pytest.raises(ValueError, match=culprit):
+        run_method(config, method, tmp_path / "run", arch_args={"warmup_epochs": 3})
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(harness, "check_config", lambda *a, **k: None)
+    with pytest.raises(UsageError, match=rf"^{method}: {culprit[1:]}"):
+        harness.check_jobs([harness.Job(method, method, config, arch_args=(("warmup_epochs", 3),))])
+
+    from mtsl_plugin.experiment import build_data, build_stages, build_trainer
+    from mtsl_plugin.tasks import build_tasks
+    data, dataset = build_data(config, progress=False)
+    stages = build_stages(config)
+    trainer = build_trainer(config, build_tasks(config.tasks, dataset.num_classes), None, stages,
+                            architecture=architecture, arch_args={"warmup_epochs": 3})
+    with pytest.raises(ValueError, match=culprit):
+        trainer.fit(data, 3, progress=False)
+    assert trainer.epochs_done == 0 and trainer.history == []
