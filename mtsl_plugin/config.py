@@ -15,7 +15,7 @@ import yaml
 
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.libmtl_compat import weight_args as libmtl_weight_args
-from mtsl_plugin.network.stages import NETWORKS
+from mtsl_plugin.network.stages import check_network
 from mtsl_plugin.tasks import LOSS_SETS
 
 PRESETS = ("smoke", "quick", "paper")
@@ -126,12 +126,9 @@ class RunConfig:
                              "mtsl.phases")
         if self.setting not in SETTINGS:
             raise ValueError(f"unknown setting {self.setting!r}; choose one of {', '.join(SETTINGS)}")
-        if self.network not in NETWORKS:
-            raise ValueError(f"unknown network {self.network!r}; choose one of {', '.join(NETWORKS)}")
+        check_network(self.network, decoder=self.setting == "encoder-decoder")
         if self.losses not in LOSS_SETS:
             raise ValueError(f"unknown losses {self.losses!r}; choose one of {', '.join(LOSS_SETS)}")
-        if self.network == "authors" and self.setting != "encoder-decoder":
-            raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
         typed = libmtl_weight_args(self.weighting, self.weight_args)  # refuses a key or value the method cannot take
         object.__setattr__(self, "weight_args", {key: typed[key] for key in self.weight_args})  # frozen: normalised once
         for task, weight in self.task_weights.items():

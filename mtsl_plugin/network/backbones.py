@@ -55,7 +55,7 @@ from timm.models.mobilenetv3 import MobileNetV3Features
 from timm.models.resnet import BasicBlock
 from torch import nn
 
-from mtsl_plugin.network.stages import NETWORKS, ResNetStages, StageFactory, StageSpec, add_compact_tail
+from mtsl_plugin.network.stages import ResNetStages, StageFactory, StageSpec, add_compact_tail, check_network
 from mtsl_plugin.network.weights import create_timm_model, normalised_stem
 
 
@@ -208,8 +208,7 @@ def create_stages(backbone: str = "resnet18", *, pretrained: bool = False, weigh
     Every error a user can cause (unknown name, a model that cannot be cut, network ``authors`` on another
     family, weights) is a ``ValueError`` of one sentence naming the backbone, except a weights file that does not
     exist: a ``FileNotFoundError`` naming the file."""
-    if network not in NETWORKS:
-        raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+    check_network(network, decoder)
     if not timm.is_model(backbone):
         raise ValueError(f"backbone {backbone!r} is not a timm model name (e.g. resnet18, convnext_atto, "
                          "efficientnet_b0, regnetx_002, mobilenetv3_small_100)")

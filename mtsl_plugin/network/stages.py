@@ -72,6 +72,14 @@ from mtsl_plugin.network.weights import create_timm_model, normalised_stem
 ENCODER_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4", "extra")
 DECODER_NAMES = ("dec1", "dec2", "dec3", "dec4")
 NETWORKS = ("compact", "authors")
+
+
+def check_network(network: str, decoder: bool) -> None:
+    """Refuse, in one line, a network outside :data:`NETWORKS` and ``authors`` without the decoder."""
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+    if network == "authors" and not decoder:
+        raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
 CANDIDATES = ("independent", "identical")
 
 
@@ -345,10 +353,7 @@ class ResNetStages(StageFactory):
 
     def __init__(self, backbone: str = "resnet18", *, pretrained: bool = False, weights: str | Path | None = None,
                  decoder: bool = True, seed: int = 0, backbone_args: dict | None = None, network: str = "compact"):
-        if network not in NETWORKS:
-            raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
-        if network == "authors" and not decoder:
-            raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
+        check_network(network, decoder)  # before the timm model is built
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # the CPU generator only: fork_rng restores no GPU one
             model = create_timm_model(backbone, pretrained=pretrained, weights=weights, backbone_args=backbone_args,
@@ -362,8 +367,7 @@ class ResNetStages(StageFactory):
                    ) -> "ResNetStages":
         """Stages over a timm ResNet the caller built (e.g. LibMTL's ``encoder_class()``), used as it is: its
         weights, and no input normalisation added (the caller's data feeds it as it expects)."""
-        if network not in NETWORKS:
-            raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+        check_network(network, decoder)
         stages = cls.__new__(cls)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
@@ -375,8 +379,6 @@ class ResNetStages(StageFactory):
                ) -> None:
         if not all(hasattr(model, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer4", "feature_info")):
             raise ValueError(f"backbone {backbone!r} is not a timm ResNet with conv1/bn1/act1/maxpool/layer1-4")
-        if network == "authors" and not decoder:
-            raise ValueError("network 'authors' is an encoder-decoder; the encoder setting uses network 'compact'")
         channels = [info["num_chs"] for info in model.feature_info]  # stem, layer1..4
         if network == "authors":
             templates, specs = self._authors_templates_and_specs(model, channels)

@@ -4,6 +4,7 @@ import timm
 import torch
 
 from conftest import differs
+from mtsl_plugin.network.backbones import create_stages
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.cost import model_cost
 from mtsl_plugin.network.stages import ResNetStages, candidate_factories, slot_seed
@@ -50,8 +51,13 @@ def test_authors_network_is_their_stage_table():
     # the decoder keeps PyTorch's initialisation (tests/network/test_authors_heads.py)
     conv3x3 = stages.build(5)[0].conv2
     assert float(conv3x3.weight.detach().std()) == pytest.approx((2 / (9 * 512)) ** 0.5, rel=0.05)
-    with pytest.raises(ValueError, match="encoder setting uses network 'compact'"):
-        ResNetStages("resnet18", network="authors", decoder=False)
+    for build_without_decoder in (lambda: ResNetStages("resnet18", network="authors", decoder=False),
+                                  lambda: ResNetStages.from_model(timm.create_model("resnet18", num_classes=0),
+                                                                  network="authors", decoder=False),
+                                  lambda: create_stages("convnext_atto", network="authors", decoder=False)):
+        with pytest.raises(ValueError, match="^network 'authors' is an encoder-decoder; the encoder setting uses "
+                                             "network 'compact'$"):
+            build_without_decoder()
 
 
 @pytest.mark.parametrize("in_channels", [8, 16])
