@@ -16,10 +16,11 @@ from typing import Any, Sequence
 
 from mtsl_plugin import distributed
 from mtsl_plugin.checkpoint import CheckpointError
-from mtsl_plugin.config import (GROUPING_DATA, NETWORKS, PRESETS, SETTINGS, DataConfig, RunConfig, load_config_file,
-                                load_preset, switch_data_set)
+from mtsl_plugin.config import (GROUPING_DATA, PRESETS, SETTINGS, DataConfig, RunConfig, load_config_file, load_preset,
+                                switch_data_set)
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.network.backbones import architecture_family
+from mtsl_plugin.network.stages import NETWORKS
 from mtsl_plugin.plugins import PluginError, load_plugin
 from mtsl_plugin.tasks import LOSS_SETS
 
