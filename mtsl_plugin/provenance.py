@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from mtsl_plugin.config import RunConfig
-from mtsl_plugin.data.folder import SPLITS
+from mtsl_plugin.data.folder import SPLIT_FOLDER_CHOICES
 from mtsl_plugin.data.real import SPLIT_FOLDERS
 
 #: The packages whose versions change a run's numbers (besides Python and mtsl-plugin itself).
@@ -100,7 +100,7 @@ def data_files(root: str | Path | None) -> str | None:
         return None
     root = Path(root)
     digest, count, size = hashlib.sha256(), 0, 0
-    splits = sorted({*SPLIT_FOLDERS.values(), *(name for names in SPLITS.values() for name in names)})
+    splits = sorted({*SPLIT_FOLDERS.values(), *(name for names in SPLIT_FOLDER_CHOICES.values() for name in names)})
     seen = set()  # the folders walked, as (device, inode): a link back up the tree is walked once
     for folder, subfolders, names in (step for split in splits for step in os.walk(root / split, followlinks=True)):
         here = os.stat(folder)

@@ -52,7 +52,8 @@ from mtsl_plugin.tasks import TARGET_LAYOUTS, VALID_RULES
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 TARGET_SUFFIXES = {"labels": (".png", ".npy"), "binary": (".png", ".npy"), "dense": (".npy",),
                    "normals": (".npy",)}
-SPLITS = {"train": ("train",), "val": ("val",), "test": ("test", "val")}
+#: the folders each split is read from, the first that exists (``test`` falls back to ``val``)
+SPLIT_FOLDER_CHOICES = {"train": ("train",), "val": ("val",), "test": ("test", "val")}
 #: 16-bit (and 32-bit integer) grey image modes of PIL, whose own conversion to RGB would clip every value at 255.
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I")
 #: The EXIF orientation tag, and how each of its values other than 1 (stored upright) turns the stored pixels for
@@ -120,7 +121,7 @@ class FolderDataset(Dataset):
 
     def __init__(self, root: str | Path, split: str, targets: Mapping[str, TargetFiles], height: int | None = None,
                  width: int | None = None, n: int | None = None, augment: bool = False) -> None:
-        check_read_options("folder data", split, SPLITS, height, width, n)
+        check_read_options("folder data", split, SPLIT_FOLDER_CHOICES, height, width, n)
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"data folder {root} {'is a file' if root.exists() else 'does not exist'}.")
@@ -128,9 +129,10 @@ class FolderDataset(Dataset):
         if wrong is not None:
             raise TypeError(f"folder data: the targets of task {wrong!r} are {dict(targets)[wrong]!r}, not a "
                             "TargetFiles(layout, folder, channels, valid).")
-        folders = [root / name for name in SPLITS[split] if (root / name).is_dir()]
+        choices = SPLIT_FOLDER_CHOICES[split]
+        folders = [root / name for name in choices if (root / name).is_dir()]
         if not folders:
-            raise FileNotFoundError(f"data folder {root} has no {' or '.join(f'{s}/' for s in SPLITS[split])} folder "
+            raise FileNotFoundError(f"data folder {root} has no {' or '.join(f'{s}/' for s in choices)} folder "
                                     f"for the {split} split.")
         self.split, self.split_dir = split, folders[0]
         self.targets = dict(targets)

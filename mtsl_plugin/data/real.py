@@ -28,6 +28,7 @@ from mtsl_plugin import distributed
 from mtsl_plugin.data.common import (IGNORE_INDEX, RESIZE_BY_LAYOUT, normalize_normals, ordered_tasks, resize_depth,
                                      resize_image, resize_labels, resize_normals, semantic_edges)
 
+#: the folder each split is read from (the ``.npy`` layouts keep their test images in ``val/``)
 SPLIT_FOLDERS: dict[str, str] = {"train": "train", "val": "val", "test": "val"}
 
 NYUV2_CLASSES: tuple[str, ...] = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture",
