@@ -131,11 +131,11 @@ def seeds_jobs(config: RunConfig, seeds: Sequence[int], inits: Sequence[str]) ->
 
 
 # ------------------------------------------------------------------------------------------------ tables
-def grouping_table(results: list[dict[str, Any]], inits: dict[str, str]) -> str:
+def grouping_table(results: list[dict[str, Any]], init_names: dict[str, str]) -> str:
     """The converged plan of every run, one column per location (paper Table 5): a cell lists the groups,
     e.g. ``SE DNA`` (``parts+flow heat`` for task names of several letters, as the plans' text writes them);
-    ``inits`` maps a run's label to the initialisation shown. A failed run's row shows the first line of its
-    error, escaped, so that the row stays one row of the table."""
+    ``init_names`` maps a run's label to its initialisation's name in the table. A failed run's row shows the
+    first line of its error, escaped, so that the row stays one row of the table."""
     ok = [r for r in results if r["status"] == "ok" and r.get("plan")]
     failed = [r for r in results if r["status"] != "ok"]
     if not ok:
@@ -147,8 +147,8 @@ def grouping_table(results: list[dict[str, Any]], inits: dict[str, str]) -> str:
         plan = BranchingPlan.from_dict(r["plan"])
         cells = [" ".join("".join(g) if all(len(t) == 1 for t in g) else "+".join(g) for g in partition)
                  for partition in plan.partitions]
-        lines.append(f"| {inits[r['label']]} | {r['seed']} | " + " | ".join(cells) + " |")
-    lines += [f"| {inits[r['label']]} | {r['seed']} | failed: {escape_cell(first_line_of(str(r['error'])))} |"
+        lines.append(f"| {init_names[r['label']]} | {r['seed']} | " + " | ".join(cells) + " |")
+    lines += [f"| {init_names[r['label']]} | {r['seed']} | failed: {escape_cell(first_line_of(str(r['error'])))} |"
               for r in failed]
     return "\n".join(lines) + "\n"
 
@@ -162,13 +162,13 @@ def _series(results: list[dict[str, Any]], labels: Sequence[str], field: str) ->
     return values
 
 
-def seeds_report(results: list[dict[str, Any]], shown: dict[str, str], folder: Path) -> str:
+def seeds_report(results: list[dict[str, Any]], init_names: dict[str, str], folder: Path) -> str:
     """The seeds sweep's table (converged plan per initialisation and seed) and its plan figure."""
-    plans = {f"{shown[r['label']]} seed {r['seed']}": BranchingPlan.from_dict(r["plan"])
+    plans = {f"{init_names[r['label']]} seed {r['seed']}": BranchingPlan.from_dict(r["plan"])
              for r in results if r["status"] == "ok" and r.get("plan")}
     if plans:
         draw_plans(plans, folder / "sensitivity.png")
-    return grouping_table(results, shown)
+    return grouping_table(results, init_names)
 
 
 def sweep_report(sweep: str, results: list[dict[str, Any]], rows: Sequence[tuple[str, str]],
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("BMTAS's bilevel search runs in one process; start the bmtas-lambda sweep without "
                              "torchrun")
         values: list[float] = []
-        shown: dict[str, str] = {}
+        init_names: dict[str, str] = {}  # the seeds sweep's: run label -> initialisation
         if args.sweep in ("threshold", "align-weight", "bmtas-lambda"):
             text = args.values or {"threshold": "0.5,0.6,0.7,0.8,0.9,0.95", "align-weight": "0,0.02,0.05,0.1,0.2",
                                    "bmtas-lambda": "0.01,0.05,0.2,1"}[args.sweep]
@@ -244,14 +244,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             inits = distinct(parse_list(args.inits, "inits"), "inits")
             jobs = seeds_jobs(config, seeds, inits)
-            shown = {init_label(config, i): i if i in ("random", "pretrained") else Path(i).stem for i in inits}
+            init_names = {init_label(config, i): i if i in ("random", "pretrained") else Path(i).stem for i in inits}
             rows = []
         need = check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
         if args.dry_run:
             return dry_run(jobs, out, need)
         results = train(jobs, out, args)
         if distributed.is_main():  # under torchrun every rank trains; rank 0 alone reports
-            table = (seeds_report(results, shown, folder) if args.sweep == "seeds"
+            table = (seeds_report(results, init_names, folder) if args.sweep == "seeds"
                      else sweep_report(args.sweep, results, rows, values, folder))
             publish(results, folder, table, "sensitivity.md")
         return exit_code(results)
