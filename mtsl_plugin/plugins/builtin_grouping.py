@@ -20,11 +20,14 @@ refused, naming ``authors_local``, ``fewest_groups_local`` and ``exhaustive_loca
 best partition for every ``k`` that local search finds (:mod:`.partition_search`), for any number of tasks and
 without a guarantee of optimality (``grouping_speed.py --gap-cases`` measures the gap). Among equal values the
 exact solvers take the first partition in restricted-growth order, as an enumeration of all partitions would find
-it. Group values are compared in integer units of 10^-12 (:func:`partition_dp.to_units`),
-so float noise never breaks a tie; the threshold is rounded to the same units.
+it. The similarities are rounded to integer units of 10^-12 (fewer decimals from 11 tasks on, so that sums fit
+in 64 bits: :func:`partition_dp.to_units`), so float noise never breaks a tie; values and scores are then exact
+rationals, so a real tie (of partitions with different group sizes or numbers of groups) is never broken by
+rounding either. A value or score is compared with the threshold γ after both are rounded to those units.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 
@@ -135,19 +138,27 @@ class _Best:
 
     def __init__(self, matrix: np.ndarray, score: str, search: str = "exact"):
         n = matrix.shape[0]
+        # A group of s tasks has the value P / (s (s - 1)), P the sum over its ordered pairs. With the entries
+        # rounded to integer units once and every value multiplied by the lcm of the s (s - 1), values, their
+        # weights and sums are exact integers: a tie (across group sizes, numbers of groups or with the
+        # threshold) is a tie whatever the decimals, not one the rounding of each value breaks.
         if search == "exact":
-            pairs = partition_dp.ordered_pair_sums(matrix)
-            size = partition_dp.subset_members(n).sum(axis=1)
+            self.multiple = math.lcm(*(s * (s - 1) for s in range(2, n + 1)))
+            (units,), self.scale = partition_dp.to_units(matrix, count=max(n * (n - 1), 1) * self.multiple)
+            members = partition_dp.subset_members(n).astype(np.int64)
+            pairs = ((members @ units) * members).sum(axis=1)  # the diagonal is 0
+            size = members.sum(axis=1)
             groups = None
-        else:
+        else:  # the groups of the partitions found, in Python integers (any number of tasks, any group sizes)
             found = partition_search.best_partitions(matrix, score)
             groups = sorted({group for _, partition in found for group in partition})
-            pairs = np.array([matrix[np.ix_(group, group)].sum() for group in groups])  # diagonal is 0
-            size = np.array([len(group) for group in groups])
-        value = partition_search.group_weights(pairs, size, "groups")  # a group's value: mean over its pairs
-        weight = value if score == "groups" else size * value  # "tasks": each task counts its own value
-        (self.weight, self.value), self.scale = partition_dp.to_units(
-            weight, value, count=max(n, partition_dp.MAX_ELEMENTS))
+            self.multiple = math.lcm(*{len(group) * (len(group) - 1) for group in groups if len(group) > 1})
+            (units,), self.scale = partition_dp.to_units(matrix, count=max(n * (n - 1), 1))
+            pairs = np.array([int(units[np.ix_(group, group)].sum()) for group in groups], dtype=object)
+            size = np.array([len(group) for group in groups], dtype=object)
+        # a group's value (mean over its pairs) in units of 1 / (scale * multiple); 0 for a task alone
+        self.value = np.where(size > 1, pairs * (self.multiple // np.maximum(size * (size - 1), 1)), 0)
+        self.weight = self.value if score == "groups" else size * self.value  # "tasks": each task its own value
         if groups is None:
             self.by_count = partition_dp.best_partitions(self.weight)  # index k - 1: (sum of weights, partition)
             self._index = _bits
@@ -158,11 +169,17 @@ class _Best:
             self._index = index.__getitem__
 
     def units(self, threshold: float) -> int:
+        """``threshold`` as an integer multiple of ``1 / scale`` (rounded as an entry of the matrix is)."""
         return round(float(threshold) * self.scale)
 
+    def mean_units(self, total: int, count: int) -> int:
+        """A sum of weights divided by ``count`` (groups or tasks), rounded to a multiple of ``1 / scale``, as a
+        threshold is: a mean equal to the threshold up to its rounding reaches it."""
+        return round(Fraction(int(total), count * self.multiple))
+
     def group_value(self, group: tuple[int, ...]) -> int:
-        """A group's value (mean similarity over its pairs), in units."""
-        return int(self.value[self._index(group)])
+        """A group's value (mean similarity over its pairs), as a multiple of ``1 / scale``."""
+        return self.mean_units(self.value[self._index(group)], 1)
 
     def highest_mean(self) -> Partition:
         """The highest mean over groups (sum / k) over all k; the RG-first among equal means."""
@@ -182,7 +199,7 @@ def best_partitions(similarity: torch.Tensor | np.ndarray, score: str, search: s
         raise ValueError(f"score must be one of {partition_search.SCORES} and search one of {SEARCHES}, got "
                          f"{score!r} and {search!r}")
     best = _Best(_validated(similarity, [str(i) for i in range(len(similarity))], 0.0, search), score, search)
-    return [(total / best.scale, partition) for total, partition in best.by_count]
+    return [(total / (best.scale * best.multiple), partition) for total, partition in best.by_count]
 
 
 def reaches(value: float, threshold: float) -> bool:
@@ -203,7 +220,7 @@ def _highest(best: _Best, n: int, bar: int) -> Partition:
 
 def _fewest(best: _Best, n: int, bar: int) -> Partition:
     for k, (total, partition) in enumerate(best.by_count, start=1):
-        if total >= bar * k:  # the best with k groups reaches the threshold: none with fewer did
+        if best.mean_units(total, k) >= bar:  # the best with k groups reaches the threshold: none with fewer did
             return partition
     return best.highest_mean()
 
@@ -215,7 +232,7 @@ def _authors(best: _Best, n: int, bar: int) -> Partition:
     for total, partition in best.by_count[: n - 1]:  # exactly k groups; "at most k" keeps the earlier on ties
         if chosen is None or total > chosen[0]:
             chosen = (total, partition)
-        if chosen[0] >= bar * n:  # the mean over the n tasks reaches the threshold
+        if best.mean_units(chosen[0], n) >= bar:  # the mean over the n tasks reaches the threshold
             break
     merged = [group for group in chosen[1] if len(group) > 1 and best.group_value(group) > bar]
     alone = [(index,) for index in range(n) if not any(index in group for group in merged)]

@@ -163,6 +163,34 @@ def test_authors_tie_between_k_and_more_groups_goes_to_fewer_groups() -> None:
     assert authors(similarity, list("abcd"), 0.5) == [["a", "b", "c"], ["d"]]
 
 
+def _symmetric(upper: dict[tuple[int, int], float], t: int) -> np.ndarray:
+    similarity = np.eye(t)
+    for (i, j), value in upper.items():
+        similarity[i, j] = similarity[j, i] = value
+    return similarity
+
+
+def test_ties_whose_values_have_no_finite_decimals_are_not_broken_by_rounding() -> None:
+    """Exact ties of values such as 7/24 (0.291666...): rounding each group's value to 10^-12 once made the
+    partitions' scores differ by a unit, so the exact solvers broke the tie by rounding, not as documented."""
+    # {a,b} {c,e} {d} (0.25, 0.625, 0) and {a,b,d} {c,e} (-1/24, 0.625) both average 7/24 over their groups:
+    # the first in restricted-growth order (a b c a c) wins; rounding made 3 groups score 7/24 + 1/3 unit.
+    pairs = {(0, 1): 0.25, (0, 2): -0.125, (0, 3): -0.25, (0, 4): -0.125, (1, 2): 0.25, (1, 3): -0.125,
+             (1, 4): -0.25, (2, 3): 0.0, (2, 4): 0.625, (3, 4): 0.375}
+    assert exhaustive(_symmetric(pairs, 5), list("abcde"), 0.0) == [["a", "b", "d"], ["c", "e"]]
+    # The one group {a,b,c} has value and mean over tasks 7/24 = γ: reached at k = 1, so the search stops there,
+    # and {a,b,c} does not exceed γ strictly, so nothing merges. Rounding γ up, then times T, missed the
+    # stop and merged {b,c} of k = 2.
+    similarity = _symmetric({(0, 1): 0.0, (0, 2): 0.375, (1, 2): 0.5}, 3)
+    assert authors(similarity, list("abc"), 7 / 24) == [["a"], ["b"], ["c"]]
+    # No partition reaches γ = 1 by the mean over groups: the best value is 19/24, tied between {a,c} {b,d,e,f}
+    # and {a,c} {b,d} {e,f}; the first in restricted-growth order has two groups.
+    pairs = {(0, 1): 0.625, (0, 2): 1.0, (0, 3): 0.0, (0, 4): 0.375, (0, 5): 1.0, (1, 2): 0.5, (1, 3): 0.75,
+             (1, 4): -0.125, (1, 5): 0.75, (2, 3): -0.125, (2, 4): 0.375, (2, 5): 0.5, (3, 4): 0.5, (3, 5): 1.0,
+             (4, 5): 0.625}
+    assert fewest_groups(_symmetric(pairs, 6), list("abcdef"), 1.0) == [["a", "c"], ["b", "d", "e", "f"]]
+
+
 def test_set_partitions_canonical_order() -> None:
     for n in range(7):
         partitions = list(set_partitions(n))
@@ -259,21 +287,22 @@ def test_input_validation(solver) -> None:
 # ------------------------------------------------------------------------------------ exact: DP vs enumeration
 def _enumerated(similarity: np.ndarray, solver: str, threshold: float) -> list[list[int]]:
     """Every rule by enumerating all partitions in restricted-growth order (``set_partitions``), group values
-    written with loops and counted, as the solvers do, in integer units of 1e-12; ties go to the first met."""
+    written with loops as exact fractions of the similarities rounded, as the solvers do, to units of 1e-12
+    (a score is compared with the threshold once both are rounded to those units); ties go to the first met."""
     n = len(similarity)
 
-    def units(x: float) -> int:
+    def units(x) -> int:
         return round(x * 10 ** 12)
 
     def value(group):  # mean over the group's ordered pairs
-        pairs = [similarity[a][b] for a in group for b in group if a != b]
-        return sum(pairs) / len(pairs) if pairs else 0.0
+        pairs = [Fraction(units(similarity[a][b]), 10 ** 12) for a in group for b in group if a != b]
+        return sum(pairs) / len(pairs) if pairs else Fraction(0)
 
     bar = units(threshold)
     scored = []
     for partition in set_partitions(n):
-        by_groups = sum(units(value(g)) for g in partition)
-        by_tasks = sum(units(len(g) * value(g)) for g in partition)
+        by_groups = sum(value(g) for g in partition)
+        by_tasks = sum(len(g) * value(g) for g in partition)
         scored.append((partition, by_groups, by_tasks))
 
     def first_best(candidates, key):
@@ -283,11 +312,11 @@ def _enumerated(similarity: np.ndarray, solver: str, threshold: float) -> list[l
                 best = c
         return best
 
-    highest = first_best(scored, lambda c: Fraction(c[1], len(c[0])))[0]
+    highest = first_best(scored, lambda c: c[1] / len(c[0]))[0]
     if solver == "exhaustive":
         return [list(g) for g in highest]
     if solver == "fewest_groups":
-        reaching = [c for c in scored if c[1] >= bar * len(c[0])]
+        reaching = [c for c in scored if units(c[1] / len(c[0])) >= bar]
         if not reaching:
             return [list(g) for g in highest]
         fewest = min(len(c[0]) for c in reaching)
@@ -299,7 +328,7 @@ def _enumerated(similarity: np.ndarray, solver: str, threshold: float) -> list[l
         best_k = first_best([c for c in scored if len(c[0]) == k], lambda c: c[2])
         if chosen is None or best_k[2] > chosen[2]:
             chosen = best_k
-        if chosen[2] >= bar * n:
+        if units(chosen[2] / n) >= bar:
             break
     merged = [g for g in chosen[0] if len(g) > 1 and units(value(g)) > bar]
     alone = [(i,) for i in range(n) if not any(i in g for g in merged)]
