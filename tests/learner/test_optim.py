@@ -1,8 +1,10 @@
 """Group-node creation averages weights and optimizer state; removal leaves no state behind."""
+import numpy as np
 import torch
+from torch import nn
 
 from mtsl_plugin.experiment import build_data, build_stages, build_trainer
-from mtsl_plugin.learner.optim import sync_parameters
+from mtsl_plugin.learner.optim import average_module_state, average_parameter_state, sync_parameters
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.tasks import build_tasks
@@ -79,3 +81,35 @@ def test_without_average_initialisation_a_group_node_starts_fresh(smoke):
     assert all(torch.equal(v, fresh[k]) for k, v in group.state_dict().items())
     assert all(p not in opt.state or not opt.state[p] for p in group.parameters())
     assert all(any(p is q for q in opt.param_groups[0]["params"]) for p in group.parameters())
+
+
+def test_averaging_weighs_the_nodes_with_state_alike_keeps_float64_and_takes_the_largest_batch_count():
+    """Three float64 nodes (conv, batch norm): one trained 3 Adam steps, one 5, one none (its batch norm counted
+    one batch). Weights and running statistics are the float64 means (not rounded through float32); Adam's
+    exp_avg, exp_avg_sq and step are the means over the two nodes with state (the third is left out, not counted
+    as zeros: step 4, not 8/3); num_batches_tracked is the largest (5), not a mean. Written with numpy."""
+    generator = torch.Generator().manual_seed(0)
+    nodes = [nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).double() for _ in range(3)]
+    optimizer = torch.optim.Adam([p for node in nodes for p in node.parameters()], lr=0.1)
+    steps = (3, 5, 0)
+    for step in range(5):
+        optimizer.zero_grad(set_to_none=True)
+        trained = [node for node, count in zip(nodes, steps) if step < count]
+        sum((node(torch.randn(2, 2, 5, 5, dtype=torch.float64, generator=generator)) ** 2).mean()
+            for node in trained).backward()
+        optimizer.step()
+    nodes[2](torch.randn(2, 2, 5, 5, dtype=torch.float64, generator=generator))  # a batch norm update, no step
+    average = average_module_state(nodes)
+    for name, value in average.items():
+        values = np.stack([node.state_dict()[name].numpy() for node in nodes])
+        if name.endswith("num_batches_tracked"):
+            assert values.tolist() == [3, 5, 1] and int(value) == 5
+        else:
+            assert value.dtype == torch.float64
+            np.testing.assert_allclose(value.numpy(), values.mean(axis=0), rtol=1e-14, atol=0)
+    for params, state in zip(zip(*(node.parameters() for node in nodes)), average_parameter_state(optimizer, nodes)):
+        assert params[2] not in optimizer.state
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            values = np.stack([optimizer.state[p][key].numpy() for p in params[:2]])
+            np.testing.assert_allclose(state[key].numpy(), values.mean(axis=0), rtol=1e-14, atol=0)
+        assert float(state["step"]) == 4.0
