@@ -311,7 +311,9 @@ def authors(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thresho
 
 def authors_local(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], threshold: float) -> list[list[str]]:
     """:func:`authors`'s rule on the best partitions that local search finds (:mod:`.partition_search`): any
-    number of tasks, no guarantee of optimality (its gap: ``python benchmarks/grouping_speed.py --gap-cases``)."""
+    number of tasks, no guarantee of optimality (its gap: ``python benchmarks/grouping_speed.py --gap-cases``).
+    Up to 12 tasks the scores are optimal, but among partitions of exactly equal score the search may keep
+    another than the exact solvers' first in restricted-growth order (so an exact tie may decide otherwise)."""
     return _solve("authors", "local", similarity, tasks, threshold)
 
 
