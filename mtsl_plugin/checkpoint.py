@@ -21,6 +21,8 @@ import os
 import random
 import secrets
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -121,10 +123,39 @@ class _KeepsWriteError:
         return getattr(self.handle, name)
 
 
+@contextlib.contextmanager
+def _noting_interruptions(noted: list[BaseException]):
+    """Within the block, the exception a SIGINT or SIGTERM handler raises (Ctrl-C's ``KeyboardInterrupt``, a
+    command's ``Terminated``) is also appended to ``noted``: raised inside a write that ``torch.save``'s C++ writer
+    calls, it comes out of ``torch.save`` as an "unexpected pos" RuntimeError, which would make a stopped command's
+    write look like a failed one. Only the main thread runs signal handlers, so only it wraps them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wrapped = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            def noting(number, frame, handler=handler):
+                try:
+                    handler(number, frame)
+                except BaseException as exc:
+                    noted.append(exc)
+                    raise
+            wrapped[signum] = handler
+            signal.signal(signum, noting)
+    try:
+        yield
+    finally:
+        for signum, handler in wrapped.items():
+            signal.signal(signum, handler)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync it and rename it
     over ``path``. On any failure the temporary file is removed, ``path`` keeps its previous content, and an
-    ``OSError`` (a full disk, a read-only folder...) becomes a :class:`CheckpointError` naming ``path``.
+    ``OSError`` (a full disk, a read-only folder...) becomes a :class:`CheckpointError` naming ``path``; Ctrl-C or
+    SIGTERM during the write comes out as the interruption it is (``torch.save`` alone would make it a failed write).
     Under ``torch.distributed`` only rank 0 writes (every rank holds the same state); the others return."""
     path = Path(path)
     if not distributed.is_main():
@@ -134,9 +165,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         fd, tmp = scratch_file(path.parent, path.name + ".", ".tmp")
     except OSError as exc:
         raise CheckpointError(write_failure(path, exc)) from None
-    handle = None
+    handle, interruptions = None, []
     try:
-        with os.fdopen(fd, "wb") as opened:
+        with _noting_interruptions(interruptions), os.fdopen(fd, "wb") as opened:
             handle = _KeepsWriteError(opened)
             write(handle)
             handle.flush()
@@ -144,6 +175,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError when a write fails (a full disk)
         Path(tmp).unlink(missing_ok=True)
+        if interruptions:  # Ctrl-C or SIGTERM inside torch.save's writes: the command stops, the write did not fail
+            raise interruptions[0] from None
         cause = handle.error if handle is not None and handle.error is not None else exc
         raise CheckpointError(f"{write_failure(path, cause)}; the previous file is kept") from None
     except BaseException:

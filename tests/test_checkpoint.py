@@ -2,12 +2,14 @@
 import errno
 import io
 import os
+import signal
 import stat
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import cli
 from mtsl_plugin.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, save_weights
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.trainer import MTLTrainer
@@ -64,5 +66,31 @@ def test_a_write_the_file_system_refuses_midway_is_named_by_its_cause(tmp_path, 
     message = str(info.value)
     assert named in message and str(path) in message and "previous file is kept" in message
     assert "unexpected pos" not in message and len(message.splitlines()) == 1
+    monkeypatch.undo()
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_write_stops_the_command_instead_of_failing_the_write(tmp_path, monkeypatch, signum):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM that arrives while ``torch.save`` writes: its handler raises inside
+    the write torch's C++ writer calls, which torch would turn into an "unexpected pos" RuntimeError, a failed write
+    (the run reported failed, the command going on with the next run). The interruption itself comes out; the
+    temporary file goes and the previous file stays."""
+    path = save_weights(tmp_path / "weights.pt", "", {"w": torch.zeros(4)})
+    before = path.read_bytes()
+
+    class SignalledAfterAKilobyte(io.FileIO):
+        sent = False
+
+        def write(self, data):
+            if self.tell() + len(data) > 1024 and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signum)  # the handler runs at the next Python instruction: inside the writes
+            return super().write(data)
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: SignalledAfterAKilobyte(fd, mode))
+    with cli.sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt) as info:
+        save_weights(path, "", {"w": torch.zeros(100_000), "v": torch.zeros(100_000)})
+    assert isinstance(info.value, cli.Terminated) == (signum == signal.SIGTERM)
     monkeypatch.undo()
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
