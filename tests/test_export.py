@@ -34,6 +34,20 @@ def test_exported_files_compute_what_the_trained_model_computes(runs, tmp_path, 
         torch.testing.assert_close(prediction, trained[task])
     difference = export(static, fmt, tmp_path / f"{method}.{fmt}", images[:2])
     assert difference < 1e-4
+    for batch in (images[:3], images[:1]):  # the batch size is dynamic in both formats, not the sample's two
+        with torch.no_grad():
+            expected = static(batch)
+        if fmt == "onnx":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(tmp_path / f"{method}.{fmt}"),
+                                                   providers=["CPUExecutionProvider"])
+            got = [torch.from_numpy(a) for a in session.run(None, {"image": batch.numpy()})]
+        else:
+            with torch.no_grad():
+                got = torch.export.load(tmp_path / f"{method}.{fmt}").module()(batch)
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_the_command_writes_the_file_and_refuses_a_missing_run(runs, tmp_path, capsys):
