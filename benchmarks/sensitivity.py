@@ -1,5 +1,5 @@
 """How MTSL's result depends on the grouping threshold, the alignment weight, the set of tasks, and the seed /
-initialisation (paper Tables 6, 7 and 5).
+initialisation (paper Tables 6, 7 and 5), and BMTAS's on its resource weight (paper Table 8).
 
     python benchmarks/sensitivity.py --sweep threshold --values 0.5,0.6,0.7,0.8,0.9,0.95
     python benchmarks/sensitivity.py --sweep align-weight --values 0,0.02,0.05,0.1,0.2   # λ of λ·(1 − CKA)
