@@ -134,7 +134,9 @@ def _validated(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thre
 
 class _Best:
     """The best partition for every number of groups under one score, in integer units (see the module): exact
-    (``search="exact"``, the dynamic programme) or the best that local search finds (``"local"``)."""
+    (``search="exact"``, the dynamic programme) or the best that local search finds (``"local"``; up to
+    :data:`~.partition_search.COARSE` tasks the dynamic programme, which local search starts from there, so that
+    ties go as the exact solvers take them)."""
 
     def __init__(self, matrix: np.ndarray, score: str, search: str = "exact"):
         n = matrix.shape[0]
@@ -142,7 +144,7 @@ class _Best:
         # rounded to integer units once and every value multiplied by the lcm of the s (s - 1), values, their
         # weights and sums are exact integers: a tie (across group sizes, numbers of groups or with the
         # threshold) is a tie whatever the decimals, not one the rounding of each value breaks.
-        if search == "exact":
+        if search == "exact" or n <= partition_search.COARSE:  # up to COARSE tasks local search's start is this
             self.multiple = math.lcm(*(s * (s - 1) for s in range(2, n + 1)))
             (units,), self.scale = partition_dp.to_units(matrix, count=max(n * (n - 1), 1) * self.multiple)
             members = partition_dp.subset_members(n).astype(np.int64)
@@ -312,8 +314,7 @@ def authors(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thresho
 def authors_local(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], threshold: float) -> list[list[str]]:
     """:func:`authors`'s rule on the best partitions that local search finds (:mod:`.partition_search`): any
     number of tasks, no guarantee of optimality (its gap: ``python benchmarks/grouping_speed.py --gap-cases``).
-    Up to 12 tasks the scores are optimal, but among partitions of exactly equal score the search may keep
-    another than the exact solvers' first in restricted-growth order (so an exact tie may decide otherwise)."""
+    Up to 12 tasks it is :func:`authors` (the dynamic programme is local search's start there; ties included)."""
     return _solve("authors", "local", similarity, tasks, threshold)
 
 

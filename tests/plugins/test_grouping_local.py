@@ -26,7 +26,7 @@ def test_local_search_reaches_the_exact_optimum_and_decides_as_the_exact_solvers
         similarity = random_similarity(generator, t, KINDS[trial % 2])
         for score in ("groups", "tasks"):
             exact = [v for v, _ in best_partitions(similarity, score, "exact")]
-            local = best_partitions(similarity, score, "local")
+            local = partition_search.best_partitions(similarity, score)  # the search itself, at any t
             assert [len(p) for _, p in local] == list(range(1, t + 1))
             found = [v for v, _ in local]
             if t <= partition_search.COARSE:
@@ -37,6 +37,21 @@ def test_local_search_reaches_the_exact_optimum_and_decides_as_the_exact_solvers
         for rule in RULES:
             assert (grouping_solver(f"{rule}_local")(similarity, tasks, threshold)
                     == grouping_solver(rule)(similarity, tasks, threshold)), (rule, threshold)
+
+
+def test_up_to_coarse_tasks_exact_ties_go_as_the_exact_solvers_take_them() -> None:
+    """Similarities on a 1/8 grid (exact ties of partitions' scores are common): up to ``COARSE`` tasks each local
+    rule decides as its exact solver, ties included (the search kept another of the tied partitions before)."""
+    generator = np.random.default_rng(11)
+    for trial in range(300):
+        t = int(generator.integers(2, 8))
+        upper = np.triu(generator.integers(-2, 9, size=(t, t)) / 8, 1)
+        similarity = upper + upper.T + np.eye(t)
+        threshold = float(generator.integers(-2, 9) / 8 if trial % 2 else generator.uniform(0, 1))
+        tasks = [f"t{i}" for i in range(t)]
+        for rule in RULES:
+            assert (grouping_solver(f"{rule}_local")(similarity, tasks, threshold)
+                    == grouping_solver(rule)(similarity, tasks, threshold)), (rule, similarity, threshold)
 
 
 def test_best_partitions_scores_are_the_sums_of_their_groups_values() -> None:
