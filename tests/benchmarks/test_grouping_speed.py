@@ -39,10 +39,11 @@ def test_bad_input_is_one_line_naming_it(capsys, argv, culprit):
 def test_a_gap_row_counts_the_ks_below_the_optimum_and_the_worst_relative_gap(monkeypatch):
     """Per matrix and score, each k whose local best scores below the exact best counts once; the worst gap is
     (optimum - found) / |optimum| (faked optima here: 1.5 found 1.0, -2.0 found -2.5)."""
-    from mtsl_plugin.plugins import builtin_grouping
+    from mtsl_plugin.plugins import builtin_grouping, partition_search
 
     optima = {"exact": [(2.0, None), (1.5, None), (-2.0, None)], "local": [(2.0, None), (1.0, None), (-2.5, None)]}
     monkeypatch.setattr(builtin_grouping, "best_partitions", lambda matrix, score, search: optima[search])
+    monkeypatch.setattr(partition_search, "best_partitions", lambda matrix, score: optima["local"])
     row = grouping_speed.gap_row(np.random.default_rng(0), 4, "uniform", 1).strip("|").split("|")
     worst = max((1.5 - 1.0) / 1.5, (-2.0 - -2.5) / 2.0)
     assert row[3].strip() == "4/6" and float(row[4]) == pytest.approx(100 * worst, abs=0.005)
