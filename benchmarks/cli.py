@@ -326,5 +326,7 @@ def how_to_go_on(args: argparse.Namespace) -> str:
     folder = getattr(args, "results_folder", None)
     if folder is None:
         return ""
+    if not Path(folder).is_dir():  # stopped in the checks, before the folder was made
+        return f"; nothing was written to {folder} yet: the same command again starts it"
     return (f"; finished runs and the last checkpoint are kept in {folder}: "
             f"{getattr(args, 'continue_with', 'the same command again')} continues")

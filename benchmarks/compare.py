@@ -207,7 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             seen = saved_text(out)
             if out.exists() and any(p.name != folder_lock.LOCK_FILE for p in out.iterdir()):
                 methods, seeds = extend_comparison(out, config, methods, seeds, plan_from)
-        args.results_folder, args.continue_with = out, f"python benchmarks/compare.py --resume {out}"
+        # --resume continues the comparison config.json saves: until this command has saved its own there (a new
+        # folder, or one it extends by methods or seeds), the same command again is what continues it
+        resume_command = f"python benchmarks/compare.py --resume {out}"
+        args.results_folder = out
+        args.continue_with = resume_command if args.resume is not None else \
+            "the same command again" if args.out else f"the same command with --out {out}"
         jobs = build_jobs(methods, config, seeds, plan_from)
         # before any training and before the results folder is made
         need = check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
@@ -221,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_json(out / "config.json", {"config": config.to_dict(), "methods": listed[0], "seeds": listed[1],
                                              "plan_from": plan_from})
             write_config(out / "config.yaml", config)  # the effective configuration, itself a valid --config
+        args.continue_with = resume_command
         results = train(jobs, out, args)
         if distributed.is_main():  # under torchrun every rank trains; rank 0 alone reports
             print(report(results, out, config))

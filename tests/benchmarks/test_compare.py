@@ -437,3 +437,28 @@ def test_commands_started_together_on_one_folder_keep_each_others_methods(tmp_pa
     assert code == 0 and "[mtsl seed" not in printed.out  # the other command's runs are its own
     saved = json.loads((out / "config.json").read_text())
     assert saved["methods"] == ["stn", "onenet", "mtsl", "onenet_l"] and saved["seeds"] == [0, 1]
+
+
+@pytest.mark.parametrize("extends", [False, True], ids=["new-folder", "extended-folder"])
+def test_a_stop_before_the_comparison_is_saved_names_no_resume_that_would_not_continue_it(finished, tmp_path, capsys,
+                                                                                        monkeypatch, extends):
+    """Ctrl-C in the checks (reading real data may take minutes), before this command saved its comparison in
+    config.json: the line named `--resume DIR`, which refused a new folder (no config.json) and continued an
+    extended one without the methods this command adds. Now: nothing written yet, or the same command again."""
+    out = tmp_path / "run"
+    if extends:
+        out.mkdir()
+        shutil.copy(finished[1] / "config.json", out / "config.json")  # a comparison of stn, onenet and mtsl
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "check_jobs", interrupted)
+    capsys.readouterr()
+    assert compare.main(["--methods", "ltb", "--out", str(out), *ARGS]) == 130
+    line = capsys.readouterr().err.strip()
+    assert "--resume" not in line and len(line.splitlines()) == 1
+    assert line == (f"interrupted; finished runs and the last checkpoint are kept in {out}: the same command again "
+                    "continues" if extends else
+                    f"interrupted; nothing was written to {out} yet: the same command again starts it")
+    assert out.exists() == extends
