@@ -280,6 +280,9 @@ def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
         say("training")
         result = run_method(job.config, job.method, run_dir, resume=True, progress=progress, plan=plan,
                             keep_checkpoint=keep_checkpoints, arch_args=dict(job.arch_args), check=False)  # check_jobs
+        if distributed.is_main():  # an earlier failure's traceback (error.txt, error<rank>.txt) no longer holds
+            for stale in run_dir.glob("error*.txt"):
+                stale.unlink(missing_ok=True)
     return {**result, "label": job.label}
 
 

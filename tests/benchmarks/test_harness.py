@@ -219,3 +219,25 @@ def test_the_disk_need_counts_the_state_of_optimizers_that_keep_three_copies_of_
     checkpoint, weights = (run / "checkpoint.pt").stat().st_size, (run / "model.pt").stat().st_size
     assert checkpoint <= kept - need  # the kept checkpoint's share
     assert 2 * checkpoint + weights <= need  # while a checkpoint is written beside the last
+
+
+def test_a_failed_run_that_later_finishes_keeps_no_error_file(tmp_path, smoke, monkeypatch, capsys):
+    """A run that failed (here a full disk at its first write) leaves error.txt, its traceback; once a later command
+    finishes it, error.txt went on saying the run had failed beside its result.json. Now it is removed."""
+    import errno
+
+    from benchmarks import harness
+
+    job = harness.Job("onenet", "onenet", smoke())
+    real = harness.run_method
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(harness, "run_method", full_disk)
+    assert harness.run_jobs([job], tmp_path, progress=False)[0]["status"] == "failed"
+    assert (job.run_dir(tmp_path) / "error.txt").is_file()
+    monkeypatch.setattr(harness, "run_method", real)
+    assert harness.run_jobs([job], tmp_path, progress=False)[0]["status"] == "ok"
+    assert (job.run_dir(tmp_path) / "result.json").is_file()
+    assert not (job.run_dir(tmp_path) / "error.txt").exists()
