@@ -11,12 +11,14 @@ renders them as the paper-style table; :func:`write_csv` keeps every number at f
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from mtsl_plugin.checkpoint import atomic_write
 from mtsl_plugin.provenance import describe
 
 #: Numeric fields of a run other than the per-task metrics, in table order.
@@ -238,23 +240,23 @@ def csv_rows(aggregated: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], li
 
 
 def write_csv(aggregated: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
-    """Write :func:`csv_rows` of ``aggregated`` to ``path`` (parent folders created) and return the path."""
+    """Write :func:`csv_rows` of ``aggregated`` to ``path`` (parent folders created; atomically, as
+    :func:`write_markdown`) and return the path."""
     columns, rows = csv_rows(aggregated)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    data = text.getvalue().encode("utf-8")
+    return atomic_write(path, lambda handle: handle.write(data))
 
 
 def write_markdown(text: str, path: str | Path) -> Path:
-    """Write ``text`` (ending in a newline) to ``path`` (parent folders created) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-    return path
+    """Write ``text`` (ending in a newline) to ``path`` (parent folders created) and return the path. The file is
+    written to a temporary one and renamed over ``path`` (:func:`~mtsl_plugin.checkpoint.atomic_write`): a
+    command stopped or failing meanwhile (Ctrl-C, a full disk) leaves the previous table whole."""
+    data = (text if text.endswith("\n") else text + "\n").encode("utf-8")
+    return atomic_write(path, lambda handle: handle.write(data))
 
 
 def earlier_report(path: Path, matches: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any] | None:

@@ -5,6 +5,7 @@ every run's clean, corrupted and attacked metrics, as ``robustness.json``, ``rob
 from __future__ import annotations
 
 import csv
+import io
 import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -13,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from benchmarks.report import escape_cell, first_line_of, significant_decimals, with_provenance_note
+from mtsl_plugin.checkpoint import atomic_write
 from mtsl_plugin.experiment import write_json
 from mtsl_plugin.tasks import HIGHER_IS_BETTER, METRIC_NAMES
 
@@ -192,11 +194,12 @@ def write_report(folder: Path, meta: Mapping[str, Any], runs: list[dict[str, Any
     labels = task_labels(runs)
     summary = summarise(runs)
     write_json(folder / "robustness.json", {**meta, "runs": runs, "summary": summary})
-    with (folder / "robustness.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["label", "method", "seed", "kind", "perturbation", "level",
-                                                    "task", "metric", "value"])
-        writer.writeheader()
-        writer.writerows(csv_rows(runs))
+    table = io.StringIO(newline="")  # written whole, then renamed (atomic_write): a stop keeps the previous file
+    writer = csv.DictWriter(table, fieldnames=["label", "method", "seed", "kind", "perturbation", "level", "task",
+                                               "metric", "value"])
+    writer.writeheader()
+    writer.writerows(csv_rows(runs))
+    atomic_write(folder / "robustness.csv", lambda handle: handle.write(table.getvalue().encode("utf-8")))
     parts = []
     if categories:
         parts.append(f"## Natural corruptions\n\nEach category: the mean over its corruptions and severities 1-5 "
@@ -209,5 +212,5 @@ def write_report(folder: Path, meta: Mapping[str, Any], runs: list[dict[str, Any
         pgd_figure(summary, attack_tasks, epsilons, folder / "pgd.png", labels)
     text = "\n".join(parts) or "Nothing to evaluate: no corruption category and no PGD attack was asked for.\n"
     text = with_provenance_note(text, runs)
-    (folder / "robustness.md").write_text(text, encoding="utf-8")
+    atomic_write(folder / "robustness.md", lambda handle: handle.write(text.encode("utf-8")))
     return text

@@ -151,3 +151,31 @@ def test_csv_round_trips_through_the_csv_module(tmp_path):
 def test_write_markdown_creates_folders_and_ends_with_newline(tmp_path):
     path = write_markdown("| a |", tmp_path / "deep" / "table.md")
     assert path.read_text(encoding="utf-8") == "| a |\n"
+
+
+@pytest.mark.parametrize("writer", ["markdown", "csv"])
+def test_a_table_write_cut_short_keeps_the_previous_table(tmp_path, writer):
+    """table.md and results.csv were written in place: a write that failed or was stopped midway (a full disk,
+    Ctrl-C) left a cut table instead of the previous one, of a folder a command extends. Now they are written to a
+    temporary file and renamed (checkpoint.atomic_write): the previous file stays whole, and no temporary one."""
+    import resource
+    import signal
+
+    from mtsl_plugin.checkpoint import CheckpointError
+
+    path = tmp_path / "table"
+    path.write_text("the previous table\n")
+    aggregated = aggregate(_table_runs())
+    write = (lambda: write_markdown("| a |\n" * 1000, path)) if writer == "markdown" else \
+        (lambda: write_csv(aggregated, path))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, limit[1]))
+    try:
+        with pytest.raises((CheckpointError, OSError)):
+            write()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, before)
+    assert path.read_text() == "the previous table\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["table"]
