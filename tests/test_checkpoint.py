@@ -89,8 +89,13 @@ def test_a_signal_during_a_write_stops_the_command_instead_of_failing_the_write(
             return super().write(data)
 
     monkeypatch.setattr(os, "fdopen", lambda fd, mode: SignalledAfterAKilobyte(fd, mode))
-    with cli.sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt) as info:
-        save_weights(path, "", {"w": torch.zeros(100_000), "v": torch.zeros(100_000)})
+    # Python's Ctrl-C handler, which a process started with SIGINT ignored (a script's background job) lacks
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with cli.sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt) as info:
+            save_weights(path, "", {"w": torch.zeros(100_000), "v": torch.zeros(100_000)})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert isinstance(info.value, cli.Terminated) == (signum == signal.SIGTERM)
     monkeypatch.undo()
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
