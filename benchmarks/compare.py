@@ -211,8 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # folder, or one it extends by methods or seeds), the same command again is what continues it
         resume_command = f"python benchmarks/compare.py --resume {out}"
         args.results_folder = out
-        args.continue_with = resume_command if args.resume is not None else \
-            "the same command again" if args.out else f"the same command with --out {out}"
+        if args.resume is not None:
+            args.continue_with = resume_command
+        else:  # a default --out is dated: the same command again would start another folder
+            args.continue_with = "the same command again" if args.out else f"the same command with --out {out}"
         jobs = build_jobs(methods, config, seeds, plan_from)
         # before any training and before the results folder is made
         need = check_jobs(jobs, not args.no_progress, out, args.keep_checkpoints)
