@@ -37,8 +37,7 @@ import torch
 from benchmarks.cli import (UsageError, add_out_arg, add_run_args, config_from_args, out_folder, parse_list,
                             parse_seeds, run_main)
 from benchmarks.harness import Job, check_jobs, dry_run
-from benchmarks.report import earlier_report, with_provenance_note
-from mtsl_plugin.checkpoint import atomic_write
+from benchmarks.report import earlier_report, with_provenance_note, write_markdown
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.experiment import (build_data, build_run_tasks, build_stages, build_trainer, num_locations,
@@ -237,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "trained_by": r.get("trained_by")} for r in rows])
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / "alignment.json", {**report, "rows": rows})
-        atomic_write(folder / "alignment.md", lambda handle: handle.write(text.encode()))  # a stop keeps the last
+        write_markdown(text, folder / "alignment.md")  # atomically: a stop keeps the last
         print(text)
         print(f"results in {folder}")
         return 0

@@ -240,9 +240,13 @@ def csv_rows(aggregated: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], li
 
 
 def write_csv(aggregated: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
-    """Write :func:`csv_rows` of ``aggregated`` to ``path`` (parent folders created; atomically, as
+    """Write :func:`csv_rows` of ``aggregated`` to ``path`` (:func:`write_rows_csv`) and return the path."""
+    return write_rows_csv(*csv_rows(aggregated), path)
+
+
+def write_rows_csv(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write ``rows`` under ``columns`` as CSV to ``path`` (parent folders created; atomically, as
     :func:`write_markdown`) and return the path."""
-    columns, rows = csv_rows(aggregated)
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()

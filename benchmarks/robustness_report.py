@@ -4,8 +4,6 @@ every run's clean, corrupted and attacked metrics, as ``robustness.json``, ``rob
 """
 from __future__ import annotations
 
-import csv
-import io
 import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -13,7 +11,8 @@ from typing import Any, Mapping, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from benchmarks.report import escape_cell, first_line_of, significant_decimals, with_provenance_note
+from benchmarks.report import (escape_cell, first_line_of, significant_decimals, with_provenance_note,
+                               write_rows_csv)
 from mtsl_plugin.checkpoint import atomic_write
 from mtsl_plugin.experiment import write_json
 from mtsl_plugin.tasks import HIGHER_IS_BETTER, METRIC_NAMES
@@ -194,12 +193,8 @@ def write_report(folder: Path, meta: Mapping[str, Any], runs: list[dict[str, Any
     labels = task_labels(runs)
     summary = summarise(runs)
     write_json(folder / "robustness.json", {**meta, "runs": runs, "summary": summary})
-    table = io.StringIO(newline="")  # written whole, then renamed (atomic_write): a stop keeps the previous file
-    writer = csv.DictWriter(table, fieldnames=["label", "method", "seed", "kind", "perturbation", "level", "task",
-                                               "metric", "value"])
-    writer.writeheader()
-    writer.writerows(csv_rows(runs))
-    atomic_write(folder / "robustness.csv", lambda handle: handle.write(table.getvalue().encode("utf-8")))
+    write_rows_csv(["label", "method", "seed", "kind", "perturbation", "level", "task", "metric", "value"],
+                   csv_rows(runs), folder / "robustness.csv")
     parts = []
     if categories:
         parts.append(f"## Natural corruptions\n\nEach category: the mean over its corruptions and severities 1-5 "
