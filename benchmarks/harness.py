@@ -276,6 +276,8 @@ def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
         previous = saved_run(run_dir, run_fingerprint(job.method, job.config, spec, plan))
         if previous is not None and previous.get("status") == "ok":  # only result.json has a status
             say(f"reusing the finished run in {run_dir}")
+            if previous.get("checkpoint_kept") is False and not keep_checkpoints and distributed.is_main():
+                (run_dir / CHECKPOINT).unlink(missing_ok=True)  # a stop between result.json and its removal left it
             return {**previous, "label": job.label}
         say("training")
         result = run_method(job.config, job.method, run_dir, resume=True, progress=progress, plan=plan,

@@ -329,6 +329,7 @@ def _train(config: RunConfig, method: str, run_dir: Path, spec: MethodSpec, fing
         "history": history, "fingerprint": fingerprint, "trained_by": meta["trained_by"],
         "config_fingerprint": config.fingerprint(),  # to find the source run of a "-R" method
         "reference_key": config.fingerprint(exclude=("device", "mtsl")),  # runs with one STN reference
+        "checkpoint_kept": keep_checkpoint,  # else a checkpoint.pt beside this file is one a stop left behind
     }
     distributed.fail_together(lambda: write_json(run_dir / "result.json", result), CheckpointError)
     if not keep_checkpoint and distributed.is_main():

@@ -62,6 +62,24 @@ def test_resume_reuses_finished_runs(finished, capsys):
     assert capsys.readouterr().out.count("reusing the finished run") == 3
 
 
+def test_reuse_removes_a_checkpoint_a_stop_left_beside_a_finished_run(finished, tmp_path, capsys):
+    """A stop between a run's result.json and its checkpoint's removal leaves checkpoint.pt: the next command that
+    reuses the run removes it (unless it keeps checkpoints), but never one the run kept on purpose."""
+    out = tmp_path / "copy"
+    shutil.copytree(finished[1], out)
+    left, kept = out / "stn" / "seed0", out / "onenet" / "seed0"
+    record = json.loads((kept / "result.json").read_text())
+    assert record["checkpoint_kept"] is False
+    (kept / "result.json").write_text(json.dumps({**record, "checkpoint_kept": True}))  # --keep-checkpoints
+    for run in (left, kept):
+        (run / "checkpoint.pt").write_bytes(b"weights")
+    assert compare.main(["--resume", str(out), "--no-progress", "--keep-checkpoints"]) == 0
+    assert (left / "checkpoint.pt").exists() and (kept / "checkpoint.pt").exists()
+    assert compare.main(["--resume", str(out), "--no-progress"]) == 0
+    assert not (left / "checkpoint.pt").exists() and (kept / "checkpoint.pt").exists()
+    assert capsys.readouterr().out.count("reusing the finished run") == 6
+
+
 def test_existing_results_are_never_overwritten(finished, capsys):
     _, out = finished
     before = (out / "results.json").read_text()
