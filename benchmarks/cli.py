@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mtsl_plugin import distributed
-from mtsl_plugin.checkpoint import CheckpointError
+from mtsl_plugin.checkpoint import CheckpointError, WriteError
 from mtsl_plugin.config import (GROUPING_DATA, PRESETS, SETTINGS, DataConfig, RunConfig, load_config_file, load_preset,
                                 switch_data_set)
 from mtsl_plugin.learner.schedule import MTSLConfig
@@ -296,7 +296,8 @@ def refuse_torchrun() -> bool:
 
 def run_main(main_body, args: argparse.Namespace, distributed_ok: bool = False) -> int:
     """Run a command's body; user errors become one line on stderr and exit code 2, Ctrl-C and SIGTERM one line
-    too (exit codes 130, 143; with a results folder, how to go on). Under torchrun a command that supports it
+    too (exit codes 130, 143); after a stop, or a file that could not be written, the line says how to go on where
+    the command has a results folder. Under torchrun a command that supports it
     (``distributed_ok``: compare, ablation, sensitivity, robustness) joins the process group; the others refuse to
     start."""
     if not distributed_ok and refuse_torchrun():
@@ -307,8 +308,9 @@ def run_main(main_body, args: argparse.Namespace, distributed_ok: bool = False) 
             if distributed.launched():
                 args.device = distributed.init_from_env(args.device or "cpu")
             return main_body()
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:  # a file not written (a table on a full disk): the runs are kept, say so
+        kept = isinstance(exc, WriteError) and not getattr(args, "dry_run", False)
+        print(f"error: {exc}{how_to_go_on(args) if kept else ''}", file=sys.stderr)
         return 2
     except RankFailure as exc:
         print(f"error: {exc}{how_to_go_on(args)}", file=sys.stderr)

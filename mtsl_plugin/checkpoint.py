@@ -38,6 +38,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not belong to this run."""
 
 
+class WriteError(CheckpointError):
+    """A file :func:`atomic_write` could not write (a full disk, a read-only folder); the previous file is kept."""
+
+
 def _cuda_device(device: str | torch.device | None) -> torch.device | None:
     """The CUDA device whose generator a run on ``device`` draws from (its current device when ``device`` names
     no index; the current device when ``device`` is None and CUDA is available); None for a run off CUDA."""
@@ -154,7 +158,7 @@ def _noting_interruptions(noted: list[BaseException]):
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync it and rename it
     over ``path``. On any failure the temporary file is removed, ``path`` keeps its previous content, and an
-    ``OSError`` (a full disk, a read-only folder...) becomes a :class:`CheckpointError` naming ``path``; Ctrl-C or
+    ``OSError`` (a full disk, a read-only folder...) becomes a :class:`WriteError` naming ``path``; Ctrl-C or
     SIGTERM during the write comes out as the interruption it is (``torch.save`` alone would make it a failed write).
     Under ``torch.distributed`` only rank 0 writes (every rank holds the same state); the others return."""
     path = Path(path)
@@ -164,7 +168,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = scratch_file(path.parent, path.name + ".", ".tmp")
     except OSError as exc:
-        raise CheckpointError(write_failure(path, exc)) from None
+        raise WriteError(write_failure(path, exc)) from None
     handle, interruptions = None, []
     try:
         with _noting_interruptions(interruptions), os.fdopen(fd, "wb") as opened:
@@ -178,7 +182,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         if interruptions:  # Ctrl-C or SIGTERM inside torch.save's writes: the command stops, the write did not fail
             raise interruptions[0] from None
         cause = handle.error if handle is not None and handle.error is not None else exc
-        raise CheckpointError(f"{write_failure(path, cause)}; the previous file is kept") from None
+        raise WriteError(f"{write_failure(path, cause)}; the previous file is kept") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import ablation, compare
-from conftest import hand_delta, table_row
+from conftest import fake_record, hand_delta, table_row
 from mtsl_plugin import methods
 from mtsl_plugin.checkpoint import load_checkpoint
 from mtsl_plugin.learner.structural import StructuralLearner
@@ -78,6 +78,24 @@ def test_reuse_removes_a_checkpoint_a_stop_left_beside_a_finished_run(finished, 
     assert compare.main(["--resume", str(out), "--no-progress"]) == 0
     assert not (left / "checkpoint.pt").exists() and (kept / "checkpoint.pt").exists()
     assert capsys.readouterr().out.count("reusing the finished run") == 6
+
+
+def test_a_table_that_cannot_be_written_says_the_runs_are_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """The runs finished but table.md could not be written (a directory stands in for a read-only or full disk):
+    the one error line names the file and the command that writes the tables from the kept runs."""
+    out = tmp_path / "cmp"
+
+    def run(config, method, run_dir, **kwargs):
+        (out / "table.md").mkdir(exist_ok=True)
+        return fake_record(config, method, 0.5)
+
+    monkeypatch.setattr("benchmarks.harness.run_method", run)
+    assert compare.main(["--methods", "mtsl", "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"could not write {out / 'table.md'}" in err, err
+    assert err.endswith(f"finished runs and the last checkpoint are kept in {out}: "
+                        f"python benchmarks/compare.py --resume {out} continues"), err
+    assert list((out / "table.md").iterdir()) == [] and not list(out.glob("*.tmp"))
 
 
 def test_existing_results_are_never_overwritten(finished, capsys):
