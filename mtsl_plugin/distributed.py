@@ -12,6 +12,7 @@ unconditionally.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
@@ -166,10 +167,12 @@ def own_batches(batches: Iterable[T], count: int) -> Iterator[tuple[int, T]]:
 
 def mean_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The mean over the ranks of every tensor (new tensors, same shapes and dtypes), in one all-reduce of their
-    flattened concatenation (all tensors on one device)."""
+    flattened concatenation (all tensors on one device), summed in float32 or the widest of their dtypes (float64
+    gradients keep their precision; bfloat16 ones are summed in float32)."""
     if not active() or not tensors:
         return list(tensors)
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    wide = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
+    flat = torch.cat([t.detach().reshape(-1).to(wide) for t in tensors])
     dist.all_reduce(flat)
     flat /= world_size()
     out, start = [], 0

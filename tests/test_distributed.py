@@ -258,6 +258,24 @@ def cka_gradient(rows, gather):
     return float(loss.detach()), [g.clone() for g in distributed.mean_all(torch.autograd.grad(loss, params))]
 
 
+def mean_all_worker(rank, world, port, folder):
+    join_group(rank, world, port)
+    tensors = [torch.tensor([1 + rank * 2.0 ** -40], dtype=torch.float64), torch.full((2, 2), 3.0 * rank),
+               torch.tensor([rank], dtype=torch.bfloat16)]
+    torch.save(distributed.mean_all(tensors), os.path.join(folder, f"mean{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_gradients_are_averaged_across_ranks_in_their_own_precision(tmp_path):
+    """float64 gradients are summed in float64 (float32 would round 1 + 2^-40 to 1), each tensor keeps its dtype."""
+    mp.spawn(mean_all_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        wide, full, half = torch.load(tmp_path / f"mean{rank}.pt")
+        assert wide.dtype == torch.float64 and wide.item() == 1 + 2.0 ** -41
+        assert full.dtype == torch.float32 and torch.equal(full, torch.full((2, 2), 1.5))
+        assert half.dtype == torch.bfloat16 and half.item() == 0.5
+
+
 def alignment_worker(rank, world, port, folder):
     join_group(rank, world, port)
     rows = torch.randn(9, 6, generator=torch.Generator().manual_seed(1))
