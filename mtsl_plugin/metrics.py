@@ -1,4 +1,4 @@
-"""The built-in tasks' own metrics (D, E, N; S and A use torchmetrics' as they are).
+"""The built-in tasks' own metrics (D, E, N, A and the declared kinds' errors; S uses torchmetrics' as it is).
 
 Each is a :class:`torchmetrics.Metric` that accumulates sums across batches, so a dataset score is exact
 (pixel-weighted), never a mean of batch scores.
@@ -48,18 +48,31 @@ class RatioMetric(Metric):
         return self.total / self.count
 
 
-class MaskedRMSE(RatioMetric):
-    """Root mean squared error over all valid pixels of the dataset: finite and ``> 0`` (the ``positive`` rule of
-    :data:`~mtsl_plugin.tasks.VALID_RULES`, the D task's own; NaN, inf and 0 are no depth). ``(N, 1, H, W)`` each."""
+class RegressionError(RatioMetric):
+    """Mean of ``|pred - target| ** power`` over every valid target value of the data set
+    (:func:`~mtsl_plugin.valid_pixels.holds_value` under rule ``valid``), its square root when ``root``
+    (``power=2, root=True``: RMSE; ``power=1``: MAE; ``power=2``: MSE, the A task's). ``(N, C, H, W)`` each."""
 
     higher_is_better = False
 
+    def __init__(self, power: int = 2, root: bool = True, valid: str = "finite", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.power, self.root, self.valid = power, root, valid
+
     def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        valid = holds_value(target, "positive")
-        return ((pred - target)[valid] ** 2).sum(), valid.sum()
+        mask = holds_value(target, self.valid)
+        return ((pred - target)[mask].abs() ** self.power).sum(), mask.sum()
 
     def compute(self) -> Tensor:
-        return self._ratio().sqrt()
+        return self._ratio().sqrt() if self.root else self._ratio()
+
+
+class MaskedRMSE(RegressionError):
+    """Root mean squared error over all valid pixels of the dataset: finite and ``> 0`` (the ``positive`` rule of
+    :data:`~mtsl_plugin.tasks.VALID_RULES`, the D task's own; NaN, inf and 0 are no depth). ``(N, 1, H, W)`` each."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(2, True, "positive", **kwargs)
 
 
 class MeanCosine(RatioMetric):

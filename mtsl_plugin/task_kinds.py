@@ -42,7 +42,7 @@ from torchmetrics.classification import BinaryJaccardIndex, MulticlassAccuracy, 
 
 from mtsl_plugin.learner.schedule import require
 from mtsl_plugin.losses import as_float, edge_loss, masked_mean, normal_loss, reconstruction_loss, segmentation_loss
-from mtsl_plugin.metrics import MeanBCE, MeanCosine, RatioMetric
+from mtsl_plugin.metrics import MeanBCE, MeanCosine, RegressionError
 from mtsl_plugin.tasks import TASKS, VALID_RULES, Task, build_tasks, normalise_normals
 from mtsl_plugin.valid_pixels import IGNORE_INDEX, holds_value
 
@@ -58,24 +58,6 @@ def regression_loss(pred: Tensor, target: Tensor, *, power: int, valid: str) -> 
     mask = holds_value(target, valid)
     error = (as_float(pred) - torch.where(mask, target, 0.0)).abs()
     return masked_mean(error if power == 1 else error ** power, mask)
-
-
-class RegressionError(RatioMetric):
-    """Mean of ``|pred - target| ** power`` over every valid target value of the data set, its square root when
-    ``root`` (``power=2, root=True``: RMSE; ``power=1``: MAE; ``power=2``: MSE). ``(N, C, H, W)`` each."""
-
-    higher_is_better = False
-
-    def __init__(self, power: int = 2, root: bool = True, valid: str = "finite", **kwargs: Any):
-        super().__init__(**kwargs)
-        self.power, self.root, self.valid = power, root, valid
-
-    def _batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        mask = holds_value(target, self.valid)
-        return ((pred - target)[mask].abs() ** self.power).sum(), mask.sum()
-
-    def compute(self) -> Tensor:
-        return self._ratio().sqrt() if self.root else self._ratio()
 
 
 # ----------------------------------------------------------------------------------------------- binary

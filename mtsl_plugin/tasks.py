@@ -25,12 +25,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MeanSquaredError, Metric
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from mtsl_plugin.losses import (AUTHORS_LOSSES, depth_loss, edge_loss, normal_loss, reconstruction_loss,
                                 segmentation_loss)
-from mtsl_plugin.metrics import MaskedRMSE, MeanBCE, MeanCosine
+from mtsl_plugin.metrics import MaskedRMSE, MeanBCE, MeanCosine, RegressionError
 from mtsl_plugin.valid_pixels import IGNORE_INDEX
 
 TASKS: tuple[str, ...] = ("S", "D", "E", "N", "A")
@@ -172,9 +172,9 @@ _FIXED: dict[str, Callable[[], Task]] = {
                       target="binary"),
     "N": lambda: Task("N", "surface normal estimation", 3, METRIC_NAMES["N"], HIGHER_IS_BETTER["N"], normal_loss,
                       MeanCosine, normalise_normals, target="normals"),
-    # MeanSquaredError sums squared errors and element counts across batches: pixel-weighted
+    # the sums of squared errors and element counts of all batches (float64): pixel-weighted, as every metric here
     "A": lambda: Task("A", "auto-encoding", 3, METRIC_NAMES["A"], HIGHER_IS_BETTER["A"], reconstruction_loss,
-                      MeanSquaredError, target="image"),
+                      partial(RegressionError, 2, False, "finite"), target="image"),
 }
 
 

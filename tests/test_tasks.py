@@ -251,6 +251,15 @@ def test_reconstruction_metric_is_pixel_weighted_mse(tasks):
     assert tasks["A"].loss(a_pred, a_tgt).item() == pytest.approx(1.0)
 
 
+def test_reconstruction_metric_accumulates_in_float64_as_the_other_metrics(tasks):
+    """A's MSE sums in float64 like D's, E's and N's (and the declared reconstruction kind's, the same metric):
+    in float32 the second batch's squared errors, 2^-30 each, would vanish beside the first's sum of 3."""
+    metric = tasks["A"].make_metric()
+    metric.update(torch.ones(1, 3, 1, 1), torch.zeros(1, 3, 1, 1))
+    metric.update(torch.full((1, 3, 1, 1), 2.0 ** -15), torch.zeros(1, 3, 1, 1))
+    assert metric.compute().item() == (3 + 3 * 2.0 ** -30) / 6
+
+
 # ------------------------------------------------------------------------------------------ LibMTL
 def test_libmtl_task_dict_wraps_losses_and_metrics(tasks):
     from mtsl_plugin.libmtl_compat import import_libmtl
