@@ -196,11 +196,11 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], device: str | tor
     return atomic_write(path, lambda handle: torch.save(data, handle))
 
 
-def save_weights(path: str | Path, plan: str, model: dict[str, torch.Tensor]) -> Path:
-    """Write a finished run's trained weights (its plan as JSON, "" when not plan-based, and the model's state
-    dict) to ``path`` atomically; :func:`load_checkpoint` reads it."""
+def save_weights(path: str | Path, plan: str, state: dict[str, torch.Tensor]) -> Path:
+    """Write a finished run's trained weights (its plan as JSON, "" when not plan-based, and the model's
+    ``state`` dict, read back as the entry ``"model"``) to ``path`` atomically; :func:`load_checkpoint` reads it."""
     return atomic_write(path, lambda handle: torch.save({"format": FORMAT, "kind": "weights", "plan": plan,
-                                                         "model": model}, handle))
+                                                         "model": state}, handle))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
