@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from mtsl_plugin import distributed
 from mtsl_plugin.data.common import (IGNORE_INDEX, RESIZE_BY_LAYOUT, normalize_normals, ordered_tasks, resize_depth,
                                      resize_image, resize_labels, resize_normals, semantic_edges)
+from mtsl_plugin.learner.schedule import require
 
 #: the folder each split is read from (the ``.npy`` layouts keep their test images in ``val/``)
 SPLIT_FOLDERS: dict[str, str] = {"train": "train", "val": "val", "test": "val"}
@@ -187,19 +188,14 @@ def read_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
 
 def check_read_options(owner: str, split: str, splits: Iterable[str], height: int | None, width: int | None,
                        n: int | None) -> None:
-    """Refuse, in one sentence naming ``owner`` (the data set), a split outside ``splits``, a size or sample count
-    that is no integer, a size given by one side only or with a side below 1, and a negative sample count ``n``."""
+    """Refuse, in one sentence naming ``owner`` (the data set), a split outside ``splits``, a side that is not an
+    integer >= 1, a sample count ``n`` that is not one >= 0 (each may be ``None``), and a size given by one side."""
     if split not in splits:
         raise ValueError(f"Unknown {owner} split {split!r}; choose from {tuple(splits)}.")
-    for what, value in (("height", height), ("width", width), ("n", n)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
-            raise ValueError(f"{owner} needs an integer {what} (or None), got {value!r}.")
+    for what, value, least in (("height", height, 1), ("width", width, 1), ("n", n, 0)):
+        require(f"{owner} {what}", value, int, least=least, optional=True)
     if (height is None) != (width is None):
         raise ValueError(f"{owner} needs both height and width to resize, or neither; got {height}x{width}.")
-    if height is not None and (height < 1 or width < 1):
-        raise ValueError(f"{owner} needs positive height and width, got {height}x{width}.")
-    if n is not None and n < 0:
-        raise ValueError(f"{owner} needs n >= 0, got {n}.")
 
 
 class NpyLayoutDataset(Dataset):

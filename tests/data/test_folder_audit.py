@@ -135,7 +135,8 @@ def test_a_sub_folder_is_a_valid_folder(tmp_path):
     assert torch.equal(t["m"][0], torch.eye(8))
 
 
-@pytest.mark.parametrize("kwargs, culprit", [({"n": 0}, None), ({"n": -1}, "n"), ({"height": 0, "width": 8}, "0x8")])
+@pytest.mark.parametrize("kwargs, culprit", [({"n": 0}, None), ({"n": -1}, "n must be an integer >= 0"),
+                                             ({"height": 0, "width": 8}, "height must be an integer >= 1")])
 def test_sample_count_and_size_are_checked_like_the_other_real_data_sets(tmp_path, kwargs, culprit):
     root = _sample(tmp_path, "a.png", _rgb((8, 10)), {"m/a.npy": np.ones((8, 10))})
     targets = {"m": TargetFiles("binary", "m", 1)}
@@ -182,8 +183,8 @@ def test_an_image_file_pil_refuses_as_too_large_is_named(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, error, culprit", [
-    ({"height": 8.5, "width": 8}, ValueError, "integer height"),  # failed inside torch's resize, at the first sample
-    ({"n": 2.0}, ValueError, "integer n"),  # failed slicing the sample list
+    ({"height": 8.5, "width": 8}, ValueError, "height must be an integer"),  # failed in torch's resize, at sample 1
+    ({"n": 2.0}, ValueError, "n must be an integer"),  # failed slicing the sample list
     ({"targets": {"m": ("binary", "m")}}, TypeError, "task 'm'"),  # AttributeError: 'tuple' object has no 'layout'
     ({"root": "file"}, FileNotFoundError, "is a file"),  # said "does not exist"
 ])
