@@ -44,6 +44,7 @@ from mtsl_plugin.experiment import (build_data, build_run_tasks, build_stages, b
                                     seed_everything, write_json)
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.preflight import rng_untouched
 from mtsl_plugin.provenance import provenance
 from mtsl_plugin.trainer import MTLTrainer
 
@@ -130,9 +131,10 @@ def probe(config: RunConfig, data: RunData, num_classes: int, location: int, epo
     batches = list(data.batches(data.train, key=(0, epochs)))[:steps]
     row: dict[str, Any] = {"location": location, "steps": len(batches)}
     devices = [trainer.device] if torch.device(trainer.device).type == "cuda" else []
-    # both phases start from the same weights, batch-norm statistics and random state: the gradient ratios' forward
-    # (training mode) is measured on that start and then undone, and each phase draws from a fork of one state
-    with torch.random.fork_rng(devices=devices):
+    # both phases start from the same weights, batch-norm statistics and random state (torch's, numpy's, Python's,
+    # which a plugin may draw from): the gradient ratios' forward (training mode) is measured on that start and
+    # then undone, and each phase draws from a fork of one state
+    with rng_untouched(devices):
         images, gts = batches[0]
         gts = {t: gts[t].to(trainer.device) for t in trainer.task_name}
         aligned = StructuralLearner(dataclasses.replace(config.mtsl, align=True))
@@ -142,7 +144,7 @@ def probe(config: RunConfig, data: RunData, num_classes: int, location: int, epo
         trainer.optimizer.load_state_dict(start[1])
         learner = StructuralLearner(dataclasses.replace(config.mtsl, align=align))
         trainer.learner = learner
-        with torch.random.fork_rng(devices=devices):  # its steps and measurements (loaders draw their seeds)
+        with rng_untouched(devices):  # its steps and measurements (loaders draw their seeds)
             for images, gts in batches:
                 trainer.train_step(trainer.images_to_device(images),
                                    {t: gts[t].to(trainer.device) for t in trainer.task_name})

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -201,12 +201,12 @@ def check_optimizer(optimizer: Mapping[str, Any]) -> None:
 
 
 @contextmanager
-def rng_untouched():
-    """Run the block without moving the global RNGs (torch CPU, numpy, Python): reading a sample whose transform
-    draws random numbers must not change the run (nor a resumed run's batches)."""
+def rng_untouched(devices: Sequence[int | str | torch.device] = ()):
+    """Run the block without moving the global RNGs (torch CPU and the CUDA ``devices``, numpy, Python): reading a
+    sample whose transform draws random numbers must not change the run (nor a resumed run's batches)."""
     numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=list(devices)):
             yield
     finally:
         np.random.set_state(numpy_state)

@@ -2,6 +2,7 @@
 import copy
 import dataclasses
 import json
+import random
 from types import SimpleNamespace
 
 import numpy as np
@@ -111,7 +112,8 @@ def test_a_strong_alignment_raises_the_similarity_it_is_measured_by():
 def test_both_phases_start_from_one_state(monkeypatch):
     """The plain and the aligned phase start from the same weights, batch-norm statistics and random state (the
     encoder setting's head drops out): the gradient ratios' training-mode forward updated the aligned phase's
-    batch-norm statistics, and the plain phase's dropout moved the aligned phase's random state."""
+    batch-norm statistics, and the plain phase's dropout moved the aligned phase's random state; numpy's and
+    Python's, which a plugin may draw from (drawn here at each step), are forked too."""
     from mtsl_plugin.trainer import MTLTrainer
 
     config = smoke_config(("S", "D")).replace(setting="encoder")
@@ -119,13 +121,16 @@ def test_both_phases_start_from_one_state(monkeypatch):
     starts, step = {}, MTLTrainer.train_step
 
     def recording_step(self, images, gts):  # each phase's state at its first step
-        starts.setdefault(self.learner.config.align, (torch.get_rng_state(), copy.deepcopy(self.model.state_dict())))
+        starts.setdefault(self.learner.config.align, (torch.get_rng_state(), np.random.get_state()[1].copy(),
+                                                      random.getstate(), copy.deepcopy(self.model.state_dict())))
+        np.random.random(), random.random()
         return step(self, images, gts)
 
     monkeypatch.setattr(MTLTrainer, "train_step", recording_step)
     alignment.probe(config, data, full.num_classes, 4, epochs=1, steps=2)
-    (plain_rng, plain_state), (aligned_rng, aligned_state) = starts[False], starts[True]
-    assert torch.equal(plain_rng, aligned_rng)
+    (*plain_rngs, plain_state), (*aligned_rngs, aligned_state) = starts[False], starts[True]
+    assert torch.equal(plain_rngs[0], aligned_rngs[0])
+    assert np.array_equal(plain_rngs[1], aligned_rngs[1]) and plain_rngs[2] == aligned_rngs[2]
     assert all(torch.equal(plain_state[k], aligned_state[k]) for k in plain_state)
 
 
