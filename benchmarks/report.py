@@ -50,6 +50,9 @@ def delta_mtl(
         for name, mapping in (("metrics", metrics), ("reference", reference), ("higher_is_better", higher_is_better)):
             if task not in mapping:
                 raise ValueError(f"task {task!r} is missing from {name} (it has {sorted(mapping)})")
+        for name, value in (("metric", metrics[task]), ("single-task reference", reference[task])):
+            if not math.isfinite(value):  # a metric that saw no valid pixel is NaN: no Δ rather than a NaN one
+                raise ValueError(f"task {task!r} has a {name} of {value}, so its relative change is undefined")
         if reference[task] == 0:
             raise ValueError(f"task {task!r} has a zero single-task reference, so its relative change is undefined")
         sign = 1.0 if higher_is_better[task] else -1.0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 
 import pytest
@@ -59,6 +60,10 @@ def test_delta_mtl_errors_name_the_task():
         delta_mtl({"X": 1.0}, {"X": 1.0}, HIGHER)
     with pytest.raises(ValueError, match="task 'A' has a zero single-task reference"):
         delta_mtl({"A": 0.1}, {"A": 0.0}, HIGHER)
+    with pytest.raises(ValueError, match="task 'D' has a metric of nan"):  # no valid pixel seen: NaN, not a Δ
+        delta_mtl({"S": 0.4, "D": math.nan}, {"S": 0.4, "D": 0.5}, HIGHER)
+    with pytest.raises(ValueError, match="task 'S' has a single-task reference of inf"):
+        delta_mtl({"S": 0.4}, {"S": math.inf}, HIGHER)
     with pytest.raises(ValueError, match="at least one task"):
         delta_mtl({}, {}, HIGHER)
 
