@@ -297,9 +297,8 @@ def refuse_torchrun() -> bool:
 def run_main(main_body, args: argparse.Namespace, distributed_ok: bool = False) -> int:
     """Run a command's body; user errors become one line on stderr and exit code 2, Ctrl-C and SIGTERM one line
     too (exit codes 130, 143); after a stop, or a file that could not be written, the line says how to go on where
-    the command has a results folder. Under torchrun a command that supports it
-    (``distributed_ok``: compare, ablation, sensitivity, robustness) joins the process group; the others refuse to
-    start."""
+    the command has a results folder. Under torchrun a command that supports it (``distributed_ok``: compare,
+    ablation, sensitivity, robustness) joins the process group; the others refuse to start."""
     if not distributed_ok and refuse_torchrun():
         return 2
     try:
