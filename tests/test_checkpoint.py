@@ -99,3 +99,40 @@ def test_a_signal_during_a_write_stops_the_command_instead_of_failing_the_write(
     assert isinstance(info.value, cli.Terminated) == (signum == signal.SIGTERM)
     monkeypatch.undo()
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_write_leaves_the_signal_handlers_as_it_found_them(tmp_path):
+    """A write notes interruptions through wrappers of the SIGINT and SIGTERM handlers and puts the handlers back
+    afterwards (left in place, every checkpoint of a long run would wrap them once more)."""
+    def on_sigterm(number, frame):
+        raise cli.Terminated()
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+    try:
+        for _ in range(2):
+            save_weights(tmp_path / "weights.pt", "", {"w": torch.zeros(4)})
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is on_sigterm
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_a_file_is_written_from_a_thread_other_than_the_main_one(tmp_path):
+    """Only the main thread may set signal handlers; a write from another thread (a script's background saver)
+    leaves them alone and writes its file."""
+    import threading
+
+    errors = []
+
+    def write():
+        try:
+            atomic_write(tmp_path / "result.json", lambda handle: handle.write(b"{}"))
+        except Exception as exc:  # noqa: BLE001  reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join()
+    assert errors == [] and (tmp_path / "result.json").read_bytes() == b"{}"
