@@ -176,3 +176,57 @@ def test_under_torchrun_every_rank_follows_rank_0s_answer(tmp_path, monkeypatch)
         with folder_lock.holding(tmp_path / "run"):
             pass
     assert distributed.raised_on_every_rank(refused.value)
+
+
+def test_a_lock_error_other_than_a_file_system_without_locks_is_raised_not_warned_about(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """Only the errnos of a file system that keeps no locks let the folder be used unlocked; another failure of
+    ``flock`` (an I/O error) is raised, so that no run trains unlocked on a folder it could not lock for another
+    reason, and no hold is left behind."""
+    def io_error(fd, operation):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(folder_lock.fcntl, "flock", io_error)
+    with pytest.raises(OSError, match="Input/output error"):
+        with folder_lock.holding(tmp_path):
+            pass
+    assert "warning" not in capsys.readouterr().err and tmp_path.resolve() not in folder_lock._held
+
+
+def test_two_dry_runs_probing_one_folder_at_once_see_it_free(tmp_path):
+    """A probe takes a shared lock, which another probe's shared lock does not refuse: two dry runs on one folder
+    do not report each other as a process training in it."""
+    (tmp_path / LOCK_FILE).touch()
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the other dry run's probe, held at this moment
+        assert folder_lock.busy(tmp_path) is None
+    finally:
+        os.close(fd)
+
+
+def test_a_process_waiting_for_a_folder_says_whom_it_waits_for_once(tmp_path, monkeypatch):
+    """A wait of many polls (every POLL_SECONDS, for hours behind a long run) says once whom it waits for, not at
+    every poll."""
+    monkeypatch.setattr(folder_lock, "POLL_SECONDS", 0.01)
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another holder: a lock of another open file
+    threading.Timer(0.3, os.close, (fd,)).start()
+    waited = []
+    with folder_lock.holding(tmp_path, wait=True, on_wait=waited.append):
+        assert locked(tmp_path)
+    assert waited == ["another process"]
+
+
+def test_an_interrupt_while_the_holder_record_is_written_leaves_no_lock(tmp_path, monkeypatch):
+    """Ctrl-C arriving while the holder writes its record leaves the folder free: the lock file is closed, not
+    left open (and locked) for as long as the process lives (a notebook, a script that catches the interrupt)."""
+    def interrupted(fd, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(folder_lock.os, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with folder_lock.holding(tmp_path):
+            pass
+    monkeypatch.undo()
+    assert not locked(tmp_path) and folder_lock.busy(tmp_path) is None
