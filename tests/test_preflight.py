@@ -280,8 +280,8 @@ def test_the_batch_of_one_check_counts_the_batches_of_each_part_of_bmtas_search_
     with pytest.raises(ValueError, match=message) as caught:
         run_method(config, "bmtas", tmp_path / "bmtas", progress=False)
     assert len(str(caught.value).splitlines()) == 1 and not (tmp_path / "bmtas").exists()
-    with pytest.raises(ValueError, match=message):
-        harness.check_jobs([job], progress=False)
+    with pytest.raises(ValueError, match=message):  # also after a job of its configuration whose batches pass
+        harness.check_jobs([harness.Job("stn", "stn", config), job], progress=False)
 
 
 @pytest.mark.parametrize("grouping_data", ["holdout", "train"])
@@ -320,3 +320,55 @@ def test_sample_counts_larger_than_a_split_are_used_as_they_are_and_said_once(tm
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     check_config(config, progress=False)
     assert "data:" not in capsys.readouterr().err
+
+
+def test_a_training_count_that_fits_the_split_only_without_the_held_out_slice_is_said(tmp_path, capsys):
+    """``train: 10`` besides a grouping slice of 4 on a split of 12 trains 8: the count plus the slice is what the
+    split must hold, so the line is said though 10 alone fits."""
+    from conftest import FOLDER_TASKS, write_folder_data
+    from mtsl_plugin.config import config_from_mapping, load_preset
+    from mtsl_plugin.preflight import check_config
+
+    root = write_folder_data(tmp_path / "data", n_train=12, n_val=4)
+    config = config_from_mapping({"dataset": {"name": "folder", "root": str(root), "height": 32, "width": 32,
+                                              "train": 10, "holdout": 4, "test": 4, "grouping_data": "holdout"},
+                                  "tasks": FOLDER_TASKS}, load_preset("smoke"))
+    check_config(config, progress=False)
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("data:")] == [
+        f"data: train asks for 10 samples (besides 4 held out for grouping decisions), {root / 'train'} holds 12: "
+        "using 8"]
+
+
+def test_reading_samples_for_a_check_leaves_every_global_random_stream_where_it_was():
+    """What runs inside ``rng_untouched`` (a transform or a plugin drawing from torch, numpy or Python's
+    ``random``) leaves the three global streams as it found them: a seeded run or script draws afterwards what it
+    would without the check."""
+    import random
+
+    import torch
+
+    from mtsl_plugin.preflight import rng_untouched
+
+    def draws() -> tuple:
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()
+
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    expected = draws()
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    with rng_untouched():
+        draws()
+    assert draws() == expected
+
+
+def test_signed_integer_normals_without_a_negative_component_pass(tmp_path):
+    """Normals stored as signed integers are directions of any length (re-normalised on load): a split of one plane
+    facing the camera, ``(0, 0, 127)`` as int8, has no negative component and no unit vector, and is no image
+    encoding; only float normals are measured for it."""
+    from mtsl_plugin.data import TargetFiles, build_dataset
+    from mtsl_plugin.preflight import read_every_sample
+
+    root = _normals(tmp_path / "data", np.zeros((2, 8, 8, 3)))
+    for i in range(2):
+        np.save(root / "train" / "nrm" / f"{i}.npy", np.broadcast_to(np.array([0, 0, 127], np.int8), (8, 8, 3)))
+    data = build_dataset("folder", "train", root=str(root), targets={"nrm": TargetFiles("normals", "nrm", 3)})
+    read_every_sample(data, "folder train split", False)
