@@ -241,3 +241,49 @@ def test_a_failed_run_that_later_finishes_keeps_no_error_file(tmp_path, smoke, m
     assert harness.run_jobs([job], tmp_path, progress=False)[0]["status"] == "ok"
     assert (job.run_dir(tmp_path) / "result.json").is_file()
     assert not (job.run_dir(tmp_path) / "error.txt").exists()
+
+
+@pytest.mark.parametrize("optimizer, copies", [({"optim": "adam"}, 2), ({"optim": "adam", "amsgrad": True}, 3),
+                                               ({"optim": "rmsprop"}, 2), ({"optim": "rmsprop", "momentum": 0.9}, 2),
+                                               ({"optim": "rmsprop", "momentum": 0.9, "centered": True}, 3),
+                                               ({"optim": "sgd", "momentum": 0.9}, 2)])
+def test_the_optimizer_copies_of_the_weights_are_at_least_adams_two(optimizer, copies):
+    """A checkpoint's optimizer state is bounded by Adam's two moments, or three tensors per parameter where the
+    optimizer keeps them (amsgrad; RMSprop with momentum and centred): never fewer than two, which a plain
+    RMSprop's one square average would give."""
+    from benchmarks.harness import optimizer_copies
+
+    assert optimizer_copies(optimizer) == copies
+
+
+def test_finished_runs_ask_no_room_and_a_new_out_folder_is_measured_on_its_nearest_parent(tmp_path, smoke):
+    """Each run to train asks for its weights (and with --keep-checkpoints its checkpoint, Adam: three times the
+    weights) and the command for two checkpoints of the run in training; a finished run is reused and asks for
+    nothing. The disk of an --out that does not exist yet is that of its nearest existing parent."""
+    from benchmarks.harness import SIZE_MARGIN, check_disk, disk_need, method_jobs
+    from mtsl_plugin.experiment import single_task_bytes
+
+    config = smoke(tasks=("S", "D"))
+    bound = SIZE_MARGIN * single_task_bytes(config)
+    jobs = method_jobs(["stn", "mtsl"], config, [0])
+    out = tmp_path / "new" / "out"
+    assert check_disk(jobs, out) == disk_need(jobs, out) == int(2 * bound + 2 * 3 * bound) and not out.exists()
+    assert disk_need(jobs, out, keep_checkpoints=True) == int(2 * 4 * bound + 2 * 3 * bound)
+    jobs[0].run_dir(out).mkdir(parents=True)
+    (jobs[0].run_dir(out) / "result.json").write_text("{}")
+    assert disk_need(jobs, out) == int(bound + 2 * 3 * bound)
+
+
+def test_the_single_task_size_is_that_of_the_stn_network_weights_and_buffers(smoke):
+    """The disk bound's unit is the size of the single-task networks, one per task: the STN network's weights and
+    buffers (BatchNorm statistics included), counted exactly."""
+    from mtsl_plugin.experiment import build_run_tasks, build_split, build_stages, run_heads, single_task_bytes
+    from mtsl_plugin.network.branched import BranchedNetwork
+    from mtsl_plugin.plan import BranchingPlan
+
+    config = smoke(tasks=("S", "D", "N"))
+    stages = build_stages(config)
+    tasks = build_run_tasks(config, build_split(config, "train", n=1, progress=False).num_classes)
+    stn = BranchedNetwork(BranchingPlan.single_task(list(tasks), stages.num_locations), stages,
+                          run_heads(config, tasks, stages))
+    assert single_task_bytes(config) == sum(t.numel() * t.element_size() for t in stn.state_dict().values())
