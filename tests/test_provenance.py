@@ -215,3 +215,49 @@ def test_a_cpu_is_recorded_with_the_kernels_torch_runs_on_it(monkeypatch):
         names.add(device_name("cpu"))
         assert device_name("cpu").endswith(f", {capability} kernels")
     assert len(names) == 2
+
+
+def test_a_dangling_link_in_the_data_is_no_data_and_fails_no_run(tmp_path):
+    """A symbolic link whose target is gone (a data set linked in from a moved folder) is skipped, not read: the
+    record of the data files never stops a run."""
+    root = write_folder_data(tmp_path / "data", n_train=4, n_val=2)
+    before = data_files(root)
+    (root / "train" / "heat" / "gone.npy").symlink_to(tmp_path / "moved" / "gone.npy")
+    assert data_files(root) == before
+
+
+def test_a_commands_own_table_carries_the_note_too(smoke, tmp_path, capsys):
+    """The commands that publish a table of their own (robustness, alignment) write and print it with the note under
+    it when its runs disagree, as the comparison table has it."""
+    from benchmarks.harness import publish
+
+    results = records(smoke, {"stn": [entry()], "mtsl": [entry(commit="def")]})
+    publish(results, tmp_path, "| own table |\n", "own.md")
+    written = (tmp_path / "own.md").read_text()
+    assert written == f"| own table |\n\n{provenance_note(results)}\n"
+    assert written in capsys.readouterr().out
+
+
+def test_the_note_names_finished_runs_only_each_seed_once_under_its_rows_label(smoke):
+    """A failed run (no ``trained_by``) is no run of other software; a resumed run trained twice alike is one seed;
+    a row is named by its label (``mtsl_t0.5`` of a sensitivity sweep), not by its method."""
+    runs = records(smoke, {"stn": [entry()], "mtsl": [entry(), entry()], "ltb": [entry(commit="def")]})
+    runs[1]["label"] = "mtsl_t0.5"
+    failed = {"method": "onenet", "label": "onenet", "seed": 0, "status": "failed", "error": "out of memory"}
+    assert provenance_note([*runs[:2], failed]) is None
+    assert provenance_note([*runs, failed]).endswith(
+        f"(each run's result.json: trained_by): stn seed 0, mtsl_t0.5 seed 0: {describe(entry())}; ltb seed 0: "
+        f"{describe(entry(commit='def'))}")
+
+
+def test_the_data_files_of_folder_data_include_its_test_folder(tmp_path):
+    """Folder data reads its test split from ``test/`` where there is one: a file edited there changes the record."""
+    import os
+
+    root = write_folder_data(tmp_path / "data", n_train=4, n_val=2)
+    shutil.copytree(root / "val", root / "test")
+    before = data_files(root)
+    image = next((root / "test" / "image").iterdir())
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert data_files(root) != before
