@@ -112,6 +112,21 @@ def test_build_task_set_mixes_declared_and_built_in_tasks_in_order():
         build_task_set(("S",), {}, num_classes=0)  # folder data: S's classes are unknown
 
 
+
+def test_a_declared_task_with_a_built_in_letter_gets_the_plain_head_on_the_authors_network():
+    """On the authors' network a built-in task's head takes its own form (D: a ReLU output); a task the user
+    declares under a built-in letter (D as a regression of their own) keeps the plain head, as every run's
+    network builds it."""
+    from conftest import smoke_config
+    from mtsl_plugin.experiment import build_stages, run_heads
+
+    config = smoke_config(tasks=("S", "D")).replace(network="authors",
+                                                    task_specs={"D": {"kind": "regression", "channels": 1}})
+    stages = build_stages(config)
+    heads = run_heads(config, build_task_set(config.tasks, config.task_specs, num_classes=13), stages)
+    assert repr(heads["D"]) == repr(stages.build_head(1)) != repr(stages.build_head(1, task="D"))
+    assert repr(heads["S"]) == repr(stages.build_head(13, task="S"))
+
 def test_declared_tasks_pickle_and_keep_their_behaviour():
     task = declare_task("flow", {"kind": "regression", "channels": 2, "metric": "mae"})
     again = pickle.loads(pickle.dumps(task))

@@ -340,3 +340,15 @@ def test_a_phase_that_raises_leaves_the_network_in_the_mode_it_had(smoke, monkey
         with pytest.raises(RuntimeError, match="out of memory"):  # amalgamating
             learner.structural_phase(*phase_args)
         assert all(m.training == training for m in net.modules())
+
+
+def test_measuring_the_held_out_batches_moves_no_batch_norm_statistic(smoke):
+    """Grouping decisions measure the held-out slice, which no method trains on: the network runs it in evaluation
+    mode, so its batch-norm statistics count none of its batches, and the network is left in training mode."""
+    trainer, data = trainer_for(smoke(tasks=("S", "D")), BranchingPlan.single_task("SD", 10))
+    net = trainer.network
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    features = trainer.learner.node_features(net, lambda: data.batches(data.holdout), torch.device("cpu"))
+    assert set(features) == {"S", "D"} and all(m.training for m in net.modules())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
