@@ -328,3 +328,20 @@ def test_a_non_integer_label_is_named(nyu: tuple[Path, dict]) -> None:
     ds[0]
     with pytest.raises(ValueError, match=r"label[/\\]7\.npy.*non-integer"):
         ds[1]
+
+
+def test_a_target_stored_under_another_name_of_its_number_is_named(nyu: tuple[Path, dict]) -> None:
+    """``depth/07.npy`` beside ``image/7.npy``: the sample's own file is missing (names are read as they are), named
+    when the data set is built, not when a read reaches it."""
+    root, _ = nyu
+    (root / "train" / "depth" / "7.npy").rename(root / "train" / "depth" / "07.npy")
+    with pytest.raises(FileNotFoundError, match=r"depth[/\\]7\.npy does not exist"):
+        NYUv2(root, "train")
+
+
+@pytest.mark.parametrize("kwargs, culprit", [({"height": True, "width": 8}, "an integer height"),
+                                             ({"height": 8}, "both height and width"),
+                                             ({"height": 8, "width": 0}, "positive height and width, got 8x0")])
+def test_a_size_given_wrongly_is_refused_naming_it(tmp_path: Path, kwargs: dict, culprit: str) -> None:
+    with pytest.raises(ValueError, match=f"^NYUv2 needs {culprit}"):
+        NYUv2(tmp_path, "train", **kwargs)
