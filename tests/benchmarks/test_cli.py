@@ -145,3 +145,26 @@ def test_no_progress_draws_no_bar_on_a_terminal(tmp_path, monkeypatch, quiet):
         assert bars == []
     else:
         assert any(line.lstrip().startswith("rendering train scenes") for line in bars)
+
+
+def test_a_backbone_of_another_family_drops_the_presets_backbone_args_and_one_of_the_same_keeps_them():
+    """The smoke preset's ``channels`` are a ResNet's: ``--backbone resnet34`` keeps them (a ResNet of the preset's
+    width), ``--backbone convnext_atto`` drops them (they are no argument of a ConvNeXt)."""
+    assert run_config("--preset", "smoke").backbone_args == {"channels": [16, 32, 64, 128]}
+    assert run_config("--preset", "smoke", "--backbone", "resnet34").backbone_args == {"channels": [16, 32, 64, 128]}
+    assert run_config("--preset", "smoke", "--backbone", "convnext_atto").backbone_args == {}
+
+
+def test_compares_ablation_flags_the_loss_set_and_the_switches_reach_the_configuration():
+    """compare.py's ``--no-align``, ``--no-average-init`` and ``--no-amalgamation`` switch MTSL's options off,
+    ``--losses`` picks the loss set and ``--pretrained``, ``--fused``, ``--channels-last``, ``--compile`` switch
+    their fields on, in the configuration every run trains under."""
+    from benchmarks import compare
+
+    args = compare.parse_args(["--preset", "smoke", "--no-align", "--no-average-init", "--no-amalgamation",
+                               "--losses", "authors"])
+    config = cli.config_from_args(args)
+    assert (config.mtsl.align, config.mtsl.average_init, config.mtsl.amalgamate) == (False, False, False)
+    assert config.losses == "authors" and run_config("--preset", "smoke").losses != "authors"
+    flags = run_config("--preset", "smoke", "--pretrained", "--fused", "--channels-last", "--compile")
+    assert (flags.pretrained, flags.fused, flags.channels_last, flags.compile) == (True, True, True, True)
