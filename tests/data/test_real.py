@@ -339,9 +339,10 @@ def test_a_target_stored_under_another_name_of_its_number_is_named(nyu: tuple[Pa
         NYUv2(root, "train")
 
 
-@pytest.mark.parametrize("kwargs, culprit", [({"height": True, "width": 8}, "an integer height"),
-                                             ({"height": 8}, "both height and width"),
-                                             ({"height": 8, "width": 0}, "positive height and width, got 8x0")])
+@pytest.mark.parametrize("kwargs, culprit", [({"height": True, "width": 8}, "height must be an integer >= 1"),
+                                             ({"height": 8}, "needs both height and width"),
+                                             ({"height": 8, "width": 0}, "width must be an integer >= 1 or null, "
+                                                                         "got 0")])
 def test_a_size_given_wrongly_is_refused_naming_it(tmp_path: Path, kwargs: dict, culprit: str) -> None:
-    with pytest.raises(ValueError, match=f"^NYUv2 needs {culprit}"):
+    with pytest.raises(ValueError, match=f"^NYUv2 {culprit}"):
         NYUv2(tmp_path, "train", **kwargs)
