@@ -516,13 +516,13 @@ def failed_write_worker(rank, world, port, folder):
 
 
 def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_message(tmp_path):
-    """Rank 0 alone writes checkpoints; when that fails every rank raises the same CheckpointError (a rank left
-    waiting, or going on to the next run of a sweep, would pair its collectives with unrelated ones)."""
+    """Rank 0 alone writes checkpoints; when that fails every rank raises the same WriteError, a CheckpointError (a
+    rank left waiting, or going on to the next run of a sweep, would pair its collectives with unrelated ones)."""
     (tmp_path / "not-a-folder").write_text("")
     mp.spawn(failed_write_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     outcomes = [(tmp_path / f"write{r}.txt").read_text() for r in range(2)]
     assert outcomes[0] == outcomes[1], outcomes
-    assert outcomes[0].startswith("CheckpointError: could not write") and "not-a-folder" in outcomes[0]
+    assert outcomes[0].startswith("WriteError: could not write") and "not-a-folder" in outcomes[0]
     assert outcomes[0].endswith(" [every rank]")
 
 
