@@ -12,8 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from benchmarks.report import (escape_cell, first_line_of, significant_decimals, with_provenance_note,
-                               write_rows_csv)
-from mtsl_plugin.checkpoint import atomic_write
+                               write_markdown, write_rows_csv)
 from mtsl_plugin.experiment import write_json
 from mtsl_plugin.tasks import HIGHER_IS_BETTER, METRIC_NAMES
 
@@ -207,5 +206,5 @@ def write_report(folder: Path, meta: Mapping[str, Any], runs: list[dict[str, Any
         pgd_figure(summary, attack_tasks, epsilons, folder / "pgd.png", labels)
     text = "\n".join(parts) or "Nothing to evaluate: no corruption category and no PGD attack was asked for.\n"
     text = with_provenance_note(text, runs)
-    atomic_write(folder / "robustness.md", lambda handle: handle.write(text.encode("utf-8")))
+    write_markdown(text, folder / "robustness.md")  # every part, and the note, ends in a newline: the same text
     return text
