@@ -308,8 +308,7 @@ def run_main(main_body, args: argparse.Namespace, distributed_ok: bool = False) 
                 args.device = distributed.init_from_env(args.device or "cpu")
             return main_body()
     except USER_ERRORS as exc:  # a file not written (a table on a full disk): the runs are kept, say so
-        kept = isinstance(exc, WriteError) and not getattr(args, "dry_run", False)
-        print(f"error: {exc}{how_to_go_on(args) if kept else ''}", file=sys.stderr)
+        print(f"error: {exc}{how_to_go_on(args) if isinstance(exc, WriteError) else ''}", file=sys.stderr)
         return 2
     except RankFailure as exc:
         print(f"error: {exc}{how_to_go_on(args)}", file=sys.stderr)
