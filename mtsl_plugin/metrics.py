@@ -75,6 +75,14 @@ class MaskedRMSE(RegressionError):
         super().__init__(2, True, "positive", **kwargs)
 
 
+class ImageMSE(RegressionError):
+    """Mean squared error over every finite target value of the dataset: the A task's and the ``reconstruction``
+    kind's metric (the image in [0, 1] as target). ``(N, C, H, W)`` each."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(2, False, "finite", **kwargs)
+
+
 class MeanCosine(RatioMetric):
     """Mean cosine similarity over all pixels with a finite, non-zero target normal. ``(N, 3, H, W)`` each."""
 

@@ -42,7 +42,7 @@ from torchmetrics.classification import BinaryJaccardIndex, MulticlassAccuracy, 
 
 from mtsl_plugin.learner.schedule import require
 from mtsl_plugin.losses import as_float, edge_loss, masked_mean, normal_loss, reconstruction_loss, segmentation_loss
-from mtsl_plugin.metrics import MeanBCE, MeanCosine, RegressionError
+from mtsl_plugin.metrics import ImageMSE, MeanBCE, MeanCosine, RegressionError
 from mtsl_plugin.tasks import TASKS, VALID_RULES, Task, build_tasks, normalise_normals
 from mtsl_plugin.valid_pixels import IGNORE_INDEX, holds_value
 
@@ -151,7 +151,7 @@ def reconstruction(name: str, *, loss: str = "mse", metric: str = "mse", higher_
                    title: str | None = None) -> Task:
     """Reconstruct the input image: ``(N, 3, H, W)``, target the image (``image``, no file of its own)."""
     loss_fn = _pick(name, "loss", loss, {"mse": reconstruction_loss})
-    metric_factory = _pick(name, "metric", metric, {"mse": partial(RegressionError, 2, False, "finite")})
+    metric_factory = _pick(name, "metric", metric, {"mse": ImageMSE})
     return _task(name, title, "reconstruction", 3, metric, higher_is_better, loss_fn, metric_factory, "image")
 
 

@@ -30,7 +30,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from mtsl_plugin.losses import (AUTHORS_LOSSES, depth_loss, edge_loss, normal_loss, reconstruction_loss,
                                 segmentation_loss)
-from mtsl_plugin.metrics import MaskedRMSE, MeanBCE, MeanCosine, RegressionError
+from mtsl_plugin.metrics import ImageMSE, MaskedRMSE, MeanBCE, MeanCosine
 from mtsl_plugin.valid_pixels import IGNORE_INDEX
 
 TASKS: tuple[str, ...] = ("S", "D", "E", "N", "A")
@@ -174,7 +174,7 @@ _FIXED: dict[str, Callable[[], Task]] = {
                       MeanCosine, normalise_normals, target="normals"),
     # the sums of squared errors and element counts of all batches (float64): pixel-weighted, as every metric here
     "A": lambda: Task("A", "auto-encoding", 3, METRIC_NAMES["A"], HIGHER_IS_BETTER["A"], reconstruction_loss,
-                      partial(RegressionError, 2, False, "finite"), target="image"),
+                      ImageMSE, target="image"),
 }
 
 
