@@ -13,9 +13,9 @@ of :mod:`baselines.supernet`.
   (two per multiply-add) of one node on one image of ``cost_size`` (default 512x512, the size of the
   reference's look-up table ``get_flops``), **not normalised**, weighted by λ = 0.05, the reference's value, tuned
   for its MobileNetV2 (4.76 GFLOPs a chain) and its fixed task weights, so it pulls differently on other
-  networks (README, BMTAS); the expectation is exact by default (:func:`baselines.gates.expected_group_counts`,
-  which also says how the reference's approximation differs); ``resource="brdav"`` takes the reference's
-  approximation instead (:func:`baselines.gates.brdav_group_counts`);
+  networks (docs/fidelity.md, "Baselines"); the expectation is exact by default
+  (:func:`baselines.gates.expected_group_counts`, which also says how the reference's approximation differs);
+  ``resource="brdav"`` takes the reference's approximation instead (:func:`baselines.gates.brdav_group_counts`);
 * bilevel search (:meth:`BMTAS.search_split`, :meth:`BMTAS.architecture_epoch`, called by the trainer): 20 %
   of the training data is held for the architecture. Every search epoch first runs an architecture pass over it
   (Adam lr 0.01, weight decay 5e-5, state reset every epoch; loss = task losses + T·λ·resource, the resource

@@ -11,7 +11,7 @@ location shallower and reads its sampled parent's output; ungated children read 
   ``search_space="all"``: every location's input and the heads (the derived plan may then share anything);
 * gates: logits initialised to ones, trained by the run's optimizer at the weights' learning rate (option
   ``gate_lr_multiplier``: a parameter group of their own at that multiple of it, a departure from LibMTL; measured
-  in the README, "Baselines");
+  in docs/results.md, "Baselines: LTB, BMTAS and cross-stitch");
 * warm-up: while ``epoch < epochs / 100`` (the first epoch only of any run of up to 100 epochs), every gated
   child reads the **sum** of all its candidate parents' outputs (LibMTL's all-ones ``alpha``);
 * search: ``F.gumbel_softmax(logits, tau, hard=True)`` per row: a child picks parent ``k`` with probability

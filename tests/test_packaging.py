@@ -88,12 +88,12 @@ def test_wheel_holds_every_module_and_the_presets(builds):
 
 
 def test_every_benchmark_command_has_an_installed_command(builds):
-    """Each ``python benchmarks/<name>.py`` of the README (and every runnable benchmarks/ file) has a console
-    script calling its ``main``, since an installed package has no ``benchmarks/`` folder to run."""
+    """Each ``python benchmarks/<name>.py`` of the README and docs/*.md (and every runnable benchmarks/ file) has a
+    console script calling its ``main``, since an installed package has no ``benchmarks/`` folder to run."""
     wheel = _read_wheel(builds["wheel"])
     targets = set(_console_scripts(wheel).values())
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    shown = set(re.findall(r"python benchmarks/(\w+)\.py", readme))
+    pages = "".join(page.read_text(encoding="utf-8") for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+    shown = set(re.findall(r"python benchmarks/(\w+)\.py", pages))
     runnable = {Path(f).stem for f in builds["source"] if re.fullmatch(r"benchmarks/\w+\.py", f)
                 and 'if __name__ == "__main__"' in (ROOT / f).read_text(encoding="utf-8")}
     assert {"compare", "export"} <= shown
@@ -112,7 +112,7 @@ def test_sdist_ships_the_test_suite_and_what_the_readme_names(builds):
     wanted |= {"README.md", "setup.py", "pytest.ini", "tox.ini", "benchmarks/gpu_checks.sh",
                "tests/conftest.py", "tests/plugins/fixture_plugin/pyproject.toml"}
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    wanted |= set(re.findall(r"\]\((docs/[^)\s]+)\)", readme))
+    wanted |= set(re.findall(r"\]\((docs/[^)\s#]+)", readme))
     assert sorted(wanted - sdist) == []
     assert not [f for f in sdist if "__pycache__" in f or f.endswith(".pyc")]
 

@@ -13,7 +13,8 @@ from conftest import write_folder_data, write_nyuv2
 from benchmarks import cli, compare, export as export_cli
 from mtsl_plugin.plugins import load_plugin, similarity
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"^```\w*\n(.*?)^```", README, re.S | re.M)
 
 
@@ -90,3 +91,30 @@ def test_the_yaml_examples_configure_what_their_text_says(tmp_path):
     assert (mine.data.name, mine.tasks) == ("folder", ("parts", "flow", "mask"))
     assert (mine.data.train, mine.data.test) == (None, None)  # the whole splits, not the quick preset's counts
     assert mine.task_specs["mask"] == {"kind": "binary", "loss": "balanced_bce", "metric": "iou", "folder": "masks"}
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of ``markdown``: lower case, punctuation but ``-`` and ``_`` dropped,
+    spaces as ``-`` (fenced blocks skipped: their ``#`` lines are comments)."""
+    prose = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+            for title in re.findall(r"^#+ (.+)$", prose, re.M)}
+
+
+def test_every_link_between_the_readme_and_docs_resolves():
+    """Each relative link of the README and of docs/*.md names a file that exists and, with ``#``, a heading of it:
+    the README's summaries point at the measurements in docs/, so a moved file or a renamed heading breaks here."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked, broken = 0, []
+    for page in pages:
+        for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            checked += 1
+            if not linked.is_file():
+                broken.append(f"{page.name}: {target} (no file)")
+            elif anchor and anchor not in heading_anchors(linked.read_text(encoding="utf-8")):
+                broken.append(f"{page.name}: {target} (no heading)")
+    assert checked >= 10 and broken == []

@@ -287,8 +287,8 @@ class StageFactory:
         network, :class:`Head` after the compact decoder, :class:`DeepLabHead` in the encoder-only setting); seeded
         so that every build with one width (and task) is identical, so a task's head starts alike in every method.
         Tasks whose heads have one width therefore also start from equal heads (N and A; D and E), where the
-        authors draw each task's head on its own (README, "Head initialisation": a known departure, kept until
-        the README's numbers can all be measured again).
+        authors draw each task's head on its own (docs/fidelity.md, "Head initialisation": a known departure,
+        kept until the numbers of the README and docs/results.md can all be measured again).
 
         ``task`` names the built-in task (S, D, E, N, A) the head is for; in the ``authors`` network it picks that
         task's head (:data:`~mtsl_plugin.network.heads.AUTHORS_HEADS`: its last conv's size and output
