@@ -40,8 +40,8 @@ from benchmarks.harness import Job, check_jobs, dry_run
 from benchmarks.report import earlier_report, with_provenance_note, write_markdown
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data.run_data import RunData
-from mtsl_plugin.experiment import (build_data, build_run_tasks, build_stages, build_trainer, num_locations,
-                                    seed_everything, write_json)
+from mtsl_plugin.experiment import (INITIALISATION, build_data, build_run_tasks, build_stages, build_trainer,
+                                    num_locations, seed_everything, write_json)
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.preflight import rng_untouched
@@ -177,9 +177,11 @@ def table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
 
 
 def same_probe(earlier: dict[str, Any], report: dict[str, Any]) -> bool:
-    """Whether an earlier probe's rows can stand beside new ones: same configuration, epochs and steps."""
+    """Whether an earlier probe's rows can stand beside new ones: same configuration, epochs, steps and
+    :data:`~mtsl_plugin.experiment.INITIALISATION` (a report from before it was recorded is another probe)."""
     return (RunConfig.from_dict(earlier["config"]).fingerprint() == RunConfig.from_dict(report["config"]).fingerprint()
-            and (earlier["epochs"], earlier.get("steps")) == (report["epochs"], report["steps"]))
+            and (earlier["epochs"], earlier.get("steps"), earlier.get("initialisation"))
+            == (report["epochs"], report["steps"], report["initialisation"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_jobs([Job("mtsl", "mtsl", aligned)], progress=not args.no_progress)
         folder = out_folder(args, "alignment", config) / "alignment"
         args.results_folder = None  # the probe writes at its end: an interrupted one has nothing to keep
-        report = {"config": config.to_dict(), "epochs": args.epochs, "steps": args.steps}
+        report = {"config": config.to_dict(), "epochs": args.epochs, "steps": args.steps,
+                  "initialisation": INITIALISATION}
         earlier = earlier_report(folder / "alignment.json", lambda e: same_probe(e, report), "an alignment probe")
         rows = earlier["rows"] if earlier else []  # kept beside the new locations
         data, full = build_data(config, not args.no_progress)

@@ -51,6 +51,9 @@ from mtsl_plugin.trainer import MTLTrainer
 
 CHECKPOINT = "checkpoint.pt"  # an unfinished run's resume state
 WEIGHTS = "model.pt"  # a finished run's trained weights
+# How a run's networks are first drawn, part of every run's fingerprint, so that a run drawn another way is never
+# reused beside this code's: until 2026-12-07 the heads were drawn per width (no entry), now per task's name.
+INITIALISATION = "heads per task"
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -154,9 +157,9 @@ def build_trainer(config: RunConfig, tasks: dict[str, Task], plan: BranchingPlan
 
 
 def run_heads(config: RunConfig, tasks: dict[str, Task], stages: StageFactory) -> dict[str, torch.nn.Module]:
-    """One head per task from ``stages``: a built-in task's takes its own form on the authors' network, a declared
-    task keeps the plain one."""
-    return {t: stages.build_head(task.out_channels, task=None if t in config.task_specs else t)
+    """One head per task from ``stages``, each drawn from the seed and the task's name: a built-in task's takes its
+    own form on the authors' network, a declared task keeps the plain one."""
+    return {t: stages.build_head(task.out_channels, task=None if t in config.task_specs else t, name=t)
             for t, task in tasks.items()}
 
 
@@ -198,11 +201,12 @@ def method_spec(method: str, config: RunConfig, arch_args: dict | None = None) -
 def run_fingerprint(method: str, config: RunConfig, spec: MethodSpec, plan: BranchingPlan | None = None) -> str:
     """A short hash of everything a run's results depend on: the method, the configuration (not the device),
     MTSL's options only for methods with a structural learner, the epochs a method adds, its architecture
-    options, and the plan a "-R" method retrains. Runs with equal fingerprints are interchangeable, so STN and
-    One-Net runs are shared by every MTSL variant of a sweep."""
+    options, the plan a "-R" method retrains, and :data:`INITIALISATION`. Runs with equal fingerprints are
+    interchangeable, so STN and One-Net runs are shared by every MTSL variant of a sweep."""
     exclude = ("device",) if spec.learner is not None else ("device", "mtsl")
     retrained = plan.to_json() if plan is not None and spec.retrains is not None else None
-    extra = {"method": method, "extra_epochs": spec.extra_epochs, "retrained_plan": retrained}
+    extra = {"method": method, "extra_epochs": spec.extra_epochs, "retrained_plan": retrained,
+             "initialisation": INITIALISATION}
     if spec.arch_args:  # a method's architecture options (e.g. cross-stitch's unit learning rate) change results
         extra["arch_args"] = spec.arch_args
     return config.fingerprint(exclude=exclude, extra=extra)

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -282,13 +283,14 @@ class StageFactory:
                 outputs.append(out)
         return outputs
 
-    def build_head(self, out_channels: int, task: str | None = None) -> nn.Module:
+    def build_head(self, out_channels: int, task: str | None = None, *, name: str | None = None) -> nn.Module:
         """A task head reading the outputs of :attr:`head_locations` (:class:`MultiScaleHead` in the ``authors``
-        network, :class:`Head` after the compact decoder, :class:`DeepLabHead` in the encoder-only setting); seeded
-        so that every build with one width (and task) is identical, so a task's head starts alike in every method.
-        Tasks whose heads have one width therefore also start from equal heads (N and A; D and E), where the
-        authors draw each task's head on its own (docs/fidelity.md, "Head initialisation": a known departure,
-        kept until the numbers of the README and docs/results.md can all be measured again).
+        network, :class:`Head` after the compact decoder, :class:`DeepLabHead` in the encoder-only setting), drawn
+        from :func:`head_seed` of this factory's seed and ``name``, the task's name in the run: every build for one
+        task is identical, so a task's head starts alike in every method of a comparison, and each task draws its
+        own, as the authors' code does (docs/fidelity.md, "Head initialisation"). Without ``name`` the draw
+        depends on the width alone (what every run did before 2026-12-07, when tasks of one width, N and A, D and
+        E, started from equal heads).
 
         ``task`` names the built-in task (S, D, E, N, A) the head is for; in the ``authors`` network it picks that
         task's head (:data:`~mtsl_plugin.network.heads.AUTHORS_HEADS`: its last conv's size and output
@@ -298,13 +300,20 @@ class StageFactory:
         ``forward([x_l (N, C_l, h_l, w_l) for l in head_locations], size (H, W)) -> (N, out_channels, H, W)``."""
         in_channels = [self.specs[l].out_channels for l in self.head_locations]
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self.seed + out_channels)
+            torch.default_generator.manual_seed(self.seed + out_channels if name is None
+                                                else head_seed(self.seed, name))
             if self.network == "authors":  # the authors' head width is their decoder's planes (64 on ResNet18)
                 return MultiScaleHead(in_channels, in_channels[0] // BottleneckDecoderStage.expansion, out_channels,
                                       AUTHORS_HEADS.get(task, PLAIN_HEAD))
             if self.decoder:
                 return Head(in_channels[0], out_channels)
             return DeepLabHead(in_channels[0], out_channels)
+
+
+def head_seed(seed: int, name: str) -> int:
+    """The seed of the head of the task called ``name`` in a network built from ``seed``: one that numpy's
+    ``SeedSequence`` derives from ``seed`` and the CRC-32 of the name, so that tasks draw apart."""
+    return int(np.random.SeedSequence([seed % (1 << 64), zlib.crc32(name.encode())]).generate_state(1)[0])
 
 
 def slot_seed(seed: int, slot: int) -> int:

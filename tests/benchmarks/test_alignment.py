@@ -174,6 +174,11 @@ def test_a_probe_is_extended_by_new_locations_and_never_replaced_by_other_settin
         err = capsys.readouterr().err.strip()
         assert "holds an alignment probe of other settings" in err and len(err.splitlines()) == 1
     assert report.read_bytes() == before
+    saved = json.loads(before)
+    del saved["initialisation"]  # a report from before the heads were drawn per task
+    report.write_text(json.dumps(saved))
+    assert alignment.main([*common, "--locations", "9"]) == 2
+    assert "holds an alignment probe of other settings" in capsys.readouterr().err
     for argv, culprit in ((["--locations", "5,5"], "twice"), (["--steps", "4"], "3 steps here")):
         assert alignment.main([*common, *argv, "--out", str(tmp_path / "fresh")]) == 2
         assert culprit in capsys.readouterr().err

@@ -277,6 +277,27 @@ def test_a_folder_holding_a_run_of_other_settings_is_refused_before_any_training
     assert sorted(p.name for p in out.iterdir()) == ["mtsl_avg"] and [p.name for p in run.iterdir()] == [record]
 
 
+def test_a_run_from_before_the_heads_were_drawn_per_task_is_not_reused(tmp_path):
+    """Every run's fingerprint names how its networks were first drawn: a finished run of the same configuration
+    whose heads were drawn per width (its fingerprint has no such entry) is another run, refused up front rather
+    than reused beside runs of this code."""
+    from mtsl_plugin.experiment import INITIALISATION, run_fingerprint
+    from mtsl_plugin.methods import build_method
+
+    config = load_preset("smoke").replace(tasks=("S", "D"))
+    spec = build_method("stn", config, 10)
+    before = config.fingerprint(exclude=("device", "mtsl"), extra={"method": "stn", "extra_epochs": spec.extra_epochs,
+                                                                     "retrained_plan": None})
+    assert before != run_fingerprint("stn", config, spec) == config.fingerprint(
+        exclude=("device", "mtsl"), extra={"method": "stn", "extra_epochs": spec.extra_epochs,
+                                           "retrained_plan": None, "initialisation": INITIALISATION})
+    run = tmp_path / "stn" / "seed0"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"fingerprint": before, "status": "ok"}))
+    with pytest.raises(ValueError, match="holds a run of another configuration"):
+        harness.check_run_folders([harness.Job("stn", "stn", config)], tmp_path)
+
+
 def test_a_retrained_plan_is_checked_up_front_only_when_known(tmp_path):
     """A "-R" job retraining a plan given to it is checked against its folder; one retraining the plan of a
     source run in the same job list cannot be (the plan is known once that run finishes) and is skipped."""

@@ -184,3 +184,28 @@ def test_heads_refuse_another_number_of_locations_and_unknown_activations():
         Head(4, 2)([x, x], (8, 8))
     with pytest.raises(ValueError, match="unknown head activation"):
         MultiScaleHead([4], width=3, out_channels=2, form=HeadForm(activation="sigmoid"))
+
+
+@pytest.mark.parametrize("network", ["compact", "authors"])
+def test_each_task_draws_its_own_head_and_every_build_of_it_is_the_same(network, request):
+    """Tasks of one width (D and E, N and A) start from heads of their own, as the authors draw each task's head;
+    a task's head is the same draw in every build, so it starts alike in every method of a comparison. A run
+    names each head by its task (``run_heads``)."""
+    from conftest import smoke_config
+    from mtsl_plugin.experiment import build_stages, run_heads
+    from mtsl_plugin.tasks import build_tasks
+
+    stages, compact = request.getfixturevalue(network), request.getfixturevalue("compact")
+    first = {t: stages.build_head(c, task=t, name=t) for t, c in OUT.items()}
+    again = {t: stages.build_head(c, task=t, name=t) for t, c in OUT.items()}
+    for task in OUT:
+        assert all(torch.equal(p, q) for p, q in zip(first[task].state_dict().values(),
+                                                      again[task].state_dict().values()))
+    for a, b in (("D", "E"), ("N", "A")):  # their convolutions' kernels (batch norms start at ones and zeros)
+        alike = [(p, q) for p, q in zip(first[a].parameters(), first[b].parameters()) if p.shape == q.shape
+                 and p.dim() > 1]
+        assert alike and not any(torch.equal(p, q) for p, q in alike), (a, b)
+    config = smoke_config(tasks=tuple(OUT))
+    heads = run_heads(config, build_tasks(list(config.tasks), num_classes=10), build_stages(config))
+    assert not torch.equal(heads["N"].body[0].weight, heads["A"].body[0].weight)
+    assert torch.equal(heads["N"].body[0].weight, compact.build_head(3, task="N", name="N").body[0].weight)
