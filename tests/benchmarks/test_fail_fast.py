@@ -286,11 +286,10 @@ def test_a_run_from_before_the_heads_were_drawn_per_task_is_not_reused(tmp_path)
 
     config = load_preset("smoke").replace(tasks=("S", "D"))
     spec = build_method("stn", config, 10)
-    before = config.fingerprint(exclude=("device", "mtsl"), extra={"method": "stn", "extra_epochs": spec.extra_epochs,
-                                                                     "retrained_plan": None})
+    extra = {"method": "stn", "extra_epochs": spec.extra_epochs, "retrained_plan": None}  # what it hashed before
+    before = config.fingerprint(exclude=("device", "mtsl"), extra=extra)
     assert before != run_fingerprint("stn", config, spec) == config.fingerprint(
-        exclude=("device", "mtsl"), extra={"method": "stn", "extra_epochs": spec.extra_epochs,
-                                           "retrained_plan": None, "initialisation": INITIALISATION})
+        exclude=("device", "mtsl"), extra={**extra, "initialisation": INITIALISATION})
     run = tmp_path / "stn" / "seed0"
     run.mkdir(parents=True)
     (run / "result.json").write_text(json.dumps({"fingerprint": before, "status": "ok"}))
