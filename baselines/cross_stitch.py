@@ -39,8 +39,8 @@ UNIT_LR_MULTIPLIER = 100.0
 """The units' learning rate as a multiple of the run's: the group the reference's ``get_optimizer`` builds (with
 SGD; Misra et al. train the units faster than the weights). The reference's ``main.py`` then calls
 ``adjust_learning_rate`` before its first epoch, which sets every group to the base rate, so its units in fact
-learn at 1×: a bug we do not copy. Measured on the quick preset, seed 0, under the run's Adam: Δ_MTL +0.75 % at
-100× and −4.15 % at 1× (``arch_args={"unit_lr_multiplier": 1.0}``; docs/fidelity.md, "Baselines")."""
+learn at 1×: a bug we do not copy. Measured on the quick preset, seed 0, under the run's Adam: Δ_MTL −2.84 % at
+100× and −5.05 % at 1× (``arch_args={"unit_lr_multiplier": 1.0}``; docs/fidelity.md, "Baselines")."""
 
 
 def default_self_weight(num_tasks: int) -> float:
