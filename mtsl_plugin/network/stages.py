@@ -289,8 +289,8 @@ class StageFactory:
         from :func:`head_seed` of this factory's seed and ``name``, the task's name in the run: every build for one
         task is identical, so a task's head starts alike in every method of a comparison, and each task draws its
         own, as the authors' code does (docs/fidelity.md, "Each task's head drawn on its own"). Without ``name``
-        the draw depends on the width alone (what every run did before 2026-12-07, when tasks of one width, N and
-        A, D and E, started from equal heads).
+        the draw depends on the width alone (what every run did before d5a490d of 2026-12-07, when tasks of one
+        width, N and A, D and E, started from equal heads).
 
         ``task`` names the built-in task (S, D, E, N, A) the head is for; in the ``authors`` network it picks that
         task's head (:data:`~mtsl_plugin.network.heads.AUTHORS_HEADS`: its last conv's size and output
