@@ -110,13 +110,15 @@ def random_window(hw: tuple[int, int]) -> tuple[float, int, int, bool]:
 
 
 def augment_sample(image: torch.Tensor, targets: dict[str, torch.Tensor], zoom: float, top: int, left: int,
-                   flip: bool, layouts: dict[str, str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   flip: bool, layouts: dict[str, str] | None = None,
+                   inverse_depth: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Zoom into the window of ``1/zoom`` of the height and width at (``top``, ``left``), resize it back to the
     full size, and mirror it left-right when ``flip``: image ``(3, H, W)`` and every target, resized by its layout
     (``layouts``: task -> ``labels`` ``(H, W)``, ``binary`` ``(1, H, W)``, ``dense`` ``(C, H, W)``, ``normals``
     ``(3, H, W)``; default :data:`LETTER_LAYOUTS`, the real data sets' S, D, N). Mirroring negates the normals' x
     component (a mirrored surface faces the other way; copying the mirrored map alone would not). With the default
-    layouts, zooming in brings the scene closer, so depth ``D`` is divided by ``zoom``; other values are kept."""
+    layouts, zooming in brings the scene closer, so depth ``D`` is divided by ``zoom``, or multiplied by it where
+    ``inverse_depth`` (``D`` stores inverse depth, as Cityscapes' layout does); other values are kept."""
     h, w = image.shape[-2:]
     ch, cw = int(h / zoom), int(w / zoom)
     window = (slice(top, top + ch), slice(left, left + cw))
@@ -125,7 +127,7 @@ def augment_sample(image: torch.Tensor, targets: dict[str, torch.Tensor], zoom: 
     resize = {**RESIZE_BY_LAYOUT, **({"dense": resize_depth} if layouts is None else {})}  # depth: 0 = invalid
     out = {t: resize[layout_of[t]](v[..., window[0], window[1]], h, w) for t, v in targets.items()}
     if layouts is None and "D" in out:
-        out["D"] = out["D"] / zoom
+        out["D"] = out["D"] * zoom if inverse_depth else out["D"] / zoom
     if flip:
         image = image.flip(-1)
         out = {t: v.flip(-1) for t, v in out.items()}
@@ -212,6 +214,9 @@ class NpyLayoutDataset(Dataset):
         augment: zoom and flip every sample at random (:func:`augment_sample`, with a window of
             :func:`random_window`: a run's own draws, alike in any process that reads the sample).
     """
+
+    #: Whether the layout's ``D`` is inverse depth (larger for nearer points), which a zoom multiplies.
+    inverse_depth = False
 
     def __init__(self, root: str | Path, split: str, folders: dict[str, str], class_names: tuple[str, ...],
                  height: int | None = None, width: int | None = None, n: int | None = None,
@@ -336,7 +341,7 @@ class NpyLayoutDataset(Dataset):
             normals = self._load("N", index, 3, hw).astype(np.float32)
             targets["N"] = normalize_normals(torch.from_numpy(normals).permute(2, 0, 1))
         if self.augment:
-            image, targets = augment_sample(image, targets, *random_window(hw))
+            image, targets = augment_sample(image, targets, *random_window(hw), inverse_depth=self.inverse_depth)
         resize = {"S": resize_labels, "D": resize_depth, "N": resize_normals}
         targets = {t: resize[t](v, h, w) for t, v in targets.items()}
         if "S" in targets:
@@ -363,8 +368,11 @@ class Cityscapes(NpyLayoutDataset):
 
     ``D`` is returned exactly as that layout stores it: an inverse-depth (disparity-derived) value,
     larger for nearer points, 0 where invalid. It is *not* converted to metres, because the layout
-    does not carry the camera constants; depth metrics on it are therefore in the layout's units.
+    does not carry the camera constants; depth metrics on it are therefore in the layout's units. The training
+    augmentation's zoom multiplies it (a nearer scene), where it divides NYUv2's metres.
     """
+
+    inverse_depth = True
 
     def __init__(self, root: str | Path, split: str = "train", height: int | None = None, width: int | None = None,
                  num_classes: int = 7, n: int | None = None, edge_radius: int = 1, augment: bool = False) -> None:

@@ -261,6 +261,18 @@ def test_augmentation_zooms_flips_and_keeps_targets_consistent(nyu: tuple[Path, 
     assert set(zoomed["S"].unique().tolist()) <= set(maps["S"][2:10, 3:13].unique().tolist())
 
 
+@pytest.mark.parametrize("dataset, depth_factor", [(NYUv2, 1 / 1.5), (Cityscapes, 1.5)])
+def test_a_zoom_brings_metric_depth_and_inverse_depth_nearer(dataset, depth_factor, nyu, city, monkeypatch) -> None:
+    """Zooming in by 1.5 brings the scene 1.5 times nearer: NYUv2's metres are divided by it, Cityscapes' inverse
+    depth is multiplied (it was divided too, which moved a zoomed scene 2.25 times farther than its image)."""
+    root = (nyu if dataset is NYUv2 else city)[0]
+    plain = dataset(root, "train")[0][1]["D"]
+    monkeypatch.setattr("mtsl_plugin.data.real.random_window", lambda hw: (1.5, 2, 3, False))
+    zoomed = dataset(root, "train", augment=True)[0][1]["D"]
+    window = plain[:, 2:2 + int(H / 1.5), 3:3 + int(W / 1.5)]
+    torch.testing.assert_close(zoomed, resize_depth(window, H, W) * depth_factor)
+
+
 def test_augmented_training_data_varies_while_held_out_and_test_data_do_not(nyuv2_root: Path, smoke) -> None:
     config = smoke(tasks=("S", "D", "N")).replace(
         data=dataclasses.replace(smoke().data, name="nyuv2", root=str(nyuv2_root), train=None, test=None))
