@@ -104,6 +104,10 @@ class BMTAS(GatedSupernet):
                 require("BMTAS stage_gflops", cost, float, least=0)
 
     # ------------------------------------------------------------------ schedule
+    @classmethod
+    def default_warmup_epochs(cls, epochs: int) -> int:
+        return gates.bmtas_warmup_epochs(epochs)
+
     @property
     def warmup(self) -> int:
         return gates.bmtas_warmup_epochs(self.total_epochs) if self.warmup_epochs is None else int(self.warmup_epochs)

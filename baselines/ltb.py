@@ -85,6 +85,10 @@ class LTB(GatedSupernet):
     def gate_keys(self) -> list[str]:
         return [self.gate_key(level) for level in self.gated_levels]
 
+    @classmethod
+    def default_warmup_epochs(cls, epochs: int) -> int:
+        return sum(gates.ltb_warmup(epoch, epochs) for epoch in range(epochs))  # the first, whatever ``epochs``
+
     def in_warmup(self) -> bool:
         if self.warmup_epochs is not None:
             return self.epoch < self.warmup_epochs

@@ -81,10 +81,19 @@ class GatedSupernet(AbsArchitecture):
         require(f"{cls.label} warmup_epochs", arch_args.get("warmup_epochs"), int, least=0, optional=True)
 
     @classmethod
+    def default_warmup_epochs(cls, epochs: int) -> int:
+        """How many of ``epochs`` the reference's warm-up takes when ``warmup_epochs`` is not given."""
+        raise NotImplementedError
+
+    @classmethod
     def check_epochs(cls, arch_args: Mapping[str, Any], epochs: int) -> None:
-        """Refuse a ``warmup_epochs`` that leaves none of the ``epochs`` trained to search: the plan would be read
-        off gates that never trained (a silent One-Net-or-STN tie break, not a search)."""
+        """Refuse a warm-up (``warmup_epochs``, or the reference's when not given) that leaves none of the
+        ``epochs`` trained to search: the plan would be read off gates that never trained (a silent One-Net-or-STN
+        tie break, not a search)."""
         warmup = arch_args.get("warmup_epochs")
+        if warmup is None and cls.default_warmup_epochs(epochs) >= epochs:
+            raise ValueError(f"{cls.label}'s warm-up takes all {epochs} epoch(s), leaving none to search; train "
+                             f"more epochs or give a shorter warmup_epochs")
         if warmup is not None and warmup >= epochs:
             raise ValueError(f"{cls.label} warmup_epochs {warmup} leaves no search epoch of the {epochs} trained; "
                              f"give fewer than {epochs}")

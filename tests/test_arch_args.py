@@ -117,3 +117,15 @@ def test_a_warmup_that_leaves_no_search_epoch_is_refused(architecture, tmp_path,
     with pytest.raises(ValueError, match=culprit):
         trainer.fit(data, 3, progress=False)
     assert trainer.epochs_done == 0 and trainer.history == []
+
+
+def test_ltb_with_one_epoch_is_refused_as_its_warm_up_takes_it():
+    """LTB's own warm-up (LibMTL's ``epoch < epochs / 100``) always takes the first epoch: with one epoch its gates
+    never trained and the plan was STN's tie break, unsaid. BMTAS's (``epochs // 20``) leaves epochs to search."""
+    with pytest.raises(ValueError, match=r"^LTB's warm-up takes all 1 epoch\(s\), leaving none to search; train more "
+                                         r"epochs or give a shorter warmup_epochs$"):
+        check_arch_args(LTB, 3, 10, {}, epochs=1)
+    check_arch_args(LTB, 3, 10, {"warmup_epochs": 0}, epochs=1)  # a search from the first epoch
+    check_arch_args(LTB, 3, 10, {}, epochs=2)
+    for epochs in (1, 19, 20, 80):
+        check_arch_args(BMTAS, 3, 10, {}, epochs=epochs)
