@@ -201,19 +201,21 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
                 features = {t: distributed.gather_rows(pooled(f)) for t, f in features.items()}
             align = self.learner.alignment_loss(self.network.plan, features)
         self.optimizer.zero_grad(set_to_none=True)
-        if align is not None and self.ddp is not None:  # DDP reduces gradients in one backward per forward: the
-            params = [p for p in self.model.parameters() if p.requires_grad]  # alignment's are averaged by hand
+        if align is not None:  # the alignment's own gradients, added after the weighting's: a gradient-combining
+            # method (MGDA, PCGrad, ...) reads the shared .grad after each task's backward, so gradients already
+            # there would count as the first task's; and DDP reduces gradients in one backward per forward
+            params = [p for p in self.model.parameters() if p.requires_grad]
             align_grads = torch.autograd.grad(align, params, retain_graph=True, allow_unused=True)
-        elif align is not None:
-            align.backward(retain_graph=True)  # before the weighting, which may free the graph
         if self.weighting in GRADIENT_WEIGHTINGS and next(iter(self.model.get_share_params()), None) is None:
             losses.sum().backward()  # nothing shared for the method to act on (an STN, MTSL before its first merge)
         else:
             self.model.backward(losses, **self.kwargs["weight_args"])
-        if align is not None and self.ddp is not None:
+        if align is not None:
             reached = [(p, g) for p, g in zip(params, align_grads) if g is not None]
-            averaged = distributed.mean_all([g for _, g in reached])  # one all-reduce for all of them
-            for (p, _), grad in zip(reached, averaged):
+            grads = [g for _, g in reached]
+            if self.ddp is not None:
+                grads = distributed.mean_all(grads)  # one all-reduce for all of them
+            for (p, _), grad in zip(reached, grads):
                 p.grad = grad if p.grad is None else p.grad + grad
         self.optimizer.step()
         return losses.detach(), losses.new_zeros(()) if align is None else align.detach()

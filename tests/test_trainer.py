@@ -118,6 +118,32 @@ def test_libmtl_gradient_surgery_sees_shared_parameters(smoke):
         torch.testing.assert_close(surgery[name], plain[name], rtol=1e-4, atol=1e-6)
 
 
+def test_the_alignment_gradient_is_added_to_what_a_gradient_weighting_combines(smoke):
+    """MGDA, as every gradient-combining method, reads the shared parameters' ``.grad`` after each task's backward:
+    the alignment's gradient, put there first, was counted as the first task's (MGDA weighed and then overwrote it:
+    1.3 % of it reached the shared node). With MGDA as with EW, the shared node's gradient with alignment is now the
+    one without it plus the alignment's own (EW adds the two exactly)."""
+    plan = BranchingPlan.single_task("SDE", 10).merge(0, ["SDE"])  # siblings S, D, E at location 1, below shared 0
+
+    def step(weighting, align_weight):
+        trainer, data = make(smoke(align_weight=align_weight).replace(weighting=weighting), learner=True, plan=plan)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # siblings that differ (identical ones have CKA 1: no alignment gradient)
+            for task in "SDE":
+                for p in trainer.network.node(1, (task,)).parameters():
+                    p.add_(0.1 * torch.randn(p.shape, generator=generator))
+        shared = {name for name, p in trainer.model.named_parameters()
+                  if any(p is q for q in trainer.model.get_share_params())}
+        grads = gradients_of_one_step(trainer, *next(iter(data.batches(data.train))))
+        return {name: grads[name] for name in shared}
+
+    alignment = {name: g - step("EW", 0.0)[name] for name, g in step("EW", 0.2).items()}
+    assert sum(g.norm() for g in alignment.values()) > 0.01
+    with_alignment, without = step("MGDA", 0.2), step("MGDA", 0.0)
+    for name, grad in alignment.items():
+        torch.testing.assert_close(with_alignment[name] - without[name], grad, rtol=1e-4, atol=1e-6)
+
+
 def test_checkpoints_are_written_after_each_phase_and_at_the_end(smoke, tmp_path, monkeypatch):
     """Phases end after epochs 1 and 2 (smoke); a 4-epoch run writes then and at the end, not after epoch 3,
     unless a checkpoint is due by time (``checkpoint_every``); after a phase that merges nothing too (γ 1.5)."""
