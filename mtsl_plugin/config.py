@@ -119,6 +119,10 @@ class RunConfig:
         if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
             raise ValueError(f"tasks must be a list of task names (or one string, comma-separated: S,D), got "
                              f"{self.tasks!r}")
+        for step in self.lr_steps:  # MultiStepLR would never reach a later step, and would start decayed at 0
+            if not 1 <= step < self.epochs:
+                raise ValueError(f"lr_steps {list(self.lr_steps)}: a step must lie in 1 to epochs - 1 "
+                                 f"({self.epochs - 1}), got {step}")
         if self.mtsl.total_epochs > self.epochs:
             raise ValueError(f"MTSL's schedule trains {self.mtsl.total_epochs} task-learning epochs "
                              f"(mtsl.total_epochs; each of its {self.mtsl.num_phases} phases takes at least one) but "
@@ -206,7 +210,9 @@ def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -
     :mod:`mtsl_plugin.task_kinds`; empty for a built-in task S D E N A), which sets ``tasks`` and ``task_specs``
     together. When ``raw`` gives the epochs or the number of phases (1 to 10, the paper schedule's), MTSL's schedule
     (the fields ``mtsl`` does not give) is the paper's scaled to them
-    (:func:`~mtsl_plugin.learner.schedule.scale_schedule`). Unknown keys are refused, naming them.
+    (:func:`~mtsl_plugin.learner.schedule.scale_schedule`); when it gives the epochs and not ``lr_steps``, ``base``'s
+    steps are scaled to them too (rounded; a step that falls on the last epoch or after it is dropped), so that the
+    learning rate still decays where the base's does. Unknown keys are refused, naming them.
     """
     raw = dict(raw)
     for key in ("dataset", "data", "mtsl"):
@@ -229,6 +235,9 @@ def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -
     mtsl_raw = dict(raw.pop("mtsl", None) or {})
     phases = mtsl_raw.pop("phases", None)
     fields = {**{k: v for k, v in base.to_dict().items() if k not in ("data", "mtsl")}, **raw}
+    if "epochs" in raw and "lr_steps" not in raw and isinstance(raw["epochs"], int):  # a wrong epochs is named later
+        scaled = (round(step * raw["epochs"] / base.epochs) for step in base.lr_steps)
+        fields["lr_steps"] = sorted({step for step in scaled if 1 <= step < raw["epochs"]})
     mtsl = base.mtsl.to_dict()
     if phases is not None or "epochs" in raw:  # the fields mtsl_raw gives stay as it gives them
         mtsl.update(_scaled_schedule(fields["epochs"], phases, base.mtsl.num_phases, mtsl_raw))

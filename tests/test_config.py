@@ -106,7 +106,8 @@ def test_only_the_real_data_sets_augment_by_default_and_folder_data_only_when_as
     ({"mtsl": {"align": "false"}}, "mtsl.align"), ({"mtsl": {"total_epochs": "x"}}, "mtsl.total_epochs"),
     ({"mtsl": 3}, "mtsl"), ({"data": 3}, "data"), ({"data": {"test": 0}}, "data.test"),
     ({"data": {"test": None}}, "data.test"), ({"data": {"height": "x"}}, "data.height"),
-    ({"data": {"augment": "no"}}, "data.augment"), ({"lr_steps": 5}, "lr_steps"), ({"batch_size": 0}, "batch_size"),
+    ({"data": {"augment": "no"}}, "data.augment"), ({"lr_steps": 5}, "lr_steps"), ({"lr_steps": [3]}, "lr_steps"),
+    ({"lr_steps": [0]}, "lr_steps"), ({"epochs": 4, "lr_steps": [1, 4]}, "lr_steps"), ({"batch_size": 0}, "batch_size"),
     ({"batch_size": -4}, "batch_size"), ({"tasks": 5}, "tasks"), ({"pretrained": "false"}, "pretrained"),
     ({"preset": "foo"}, "smoke, quick, paper"),
 ])
@@ -141,6 +142,19 @@ def test_a_mapping_that_gives_the_epochs_keeps_the_bases_number_of_phases():
     smoke = load_preset("smoke")
     config = config_from_mapping({"epochs": 20}, smoke)
     assert config.mtsl.num_phases == smoke.mtsl.num_phases == 2 and config.mtsl.total_epochs == 20
+
+
+def test_a_mapping_that_gives_the_epochs_and_not_lr_steps_scales_the_bases_steps():
+    """``epochs: 20`` over the quick preset (40 epochs, steps at 30 and 35) kept steps 30 and 35: the learning rate
+    never decayed. They are scaled as the MTSL schedule is; a step on the last epoch or after it is dropped."""
+    quick, smoke = load_preset("quick"), load_preset("smoke")
+    assert config_from_mapping({"epochs": 20}, quick).lr_steps == (15, 18)  # 15 and 17.5, rounded half to even
+    assert config_from_mapping({"epochs": 80}, quick).lr_steps == (60, 70)  # the paper's
+    assert config_from_mapping({"epochs": 10}, smoke).lr_steps == (7,)  # 2 of 3 epochs
+    assert config_from_mapping({"epochs": 2, "mtsl": {"phases": 1}}, smoke).lr_steps == (1,)  # round(4/3)
+    assert config_from_mapping({"epochs": 1, "mtsl": {"phases": 1}}, smoke).lr_steps == ()  # 1 of 1: dropped
+    assert config_from_mapping({"epochs": 20, "lr_steps": [5]}, quick).lr_steps == (5,)  # given: kept as given
+    assert config_from_mapping({"batch_size": 8}, quick).lr_steps == (30, 35)
 
 
 def test_every_shipped_preset_loads_with_its_schedule():
