@@ -319,7 +319,8 @@ class Trainer(MTLTrainer):
         else:  # another process training into save_path: FolderBusy, before any step
             with folder_lock.holding(self.save_path):
                 self.fit(data, epochs, checkpoint=self.save_path / CHECKPOINT, progress=progress)
-                self.save_weights(self.save_path / WEIGHTS)
+                # rank 0 writes; a failed write stops every rank (the others would wait in test()'s collectives)
+                distributed.fail_together(lambda: self.save_weights(self.save_path / WEIGHTS), CheckpointError)
         results = {"test": self.test(test_dataloaders)}
         if val_dataloaders is not None:
             results["val"] = self.test(val_dataloaders, mode="val")

@@ -18,7 +18,7 @@ from mtsl_plugin.experiment import build_data, build_stages, build_trainer, seed
 from mtsl_plugin.libmtl_trainer import LoaderData, Trainer
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.tasks import build_tasks, libmtl_task_dict
-from test_distributed import free_port, join_group
+from test_distributed import free_port, join_group, join_with_timeout, leave_group, write_outcome
 
 
 # ------------------------------------------------------------------------------ augmentation of real data sets
@@ -131,7 +131,7 @@ class Recorded(Dataset):
         return self.dataset[i]
 
 
-def libmtl_script(root, batch_size=4, epochs=2, sampler=None):
+def libmtl_script(root, batch_size=4, epochs=2, sampler=None, save_path=None):
     """A LibMTL script with LibMTL's HPS on a tiny NYUv2: the training samples read and the batch sizes trained on
     (the first read is the trainer's look at sample 0 before training)."""
     torch.manual_seed(0)
@@ -143,15 +143,16 @@ def libmtl_script(root, batch_size=4, epochs=2, sampler=None):
     trainer = Trainer(task_dict=libmtl_task_dict(build_tasks(["S", "D"], num_classes=13)), weighting="EW",
                       architecture="HPS", encoder_class=lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()),
                       decoders=decoders, optim_param={"optim": "adam", "lr": 1e-3, "weight_decay": 0}, device="cpu",
-                      weight_args={}, arch_args={})
+                      weight_args={}, arch_args={}, save_path=save_path)
     sizes, step = [], trainer.queue_step
     trainer.queue_step = lambda images, gts: sizes.append(images.shape[0]) or step(images, gts)
-    trainer.train(train_loader, test_loader, epochs, progress=False)
-    result = {"seen": train.seen[1:], "sizes": sizes, "ddp": trainer.ddp is not None,
-              "state": {k: v.clone() for k, v in trainer.model.state_dict().items()}}
-    trainer.ddp = None  # its reducer holds the process group: released before the group is destroyed (else the
-    gc.collect()  # process may abort at exit, "terminate called without an active exception")
-    return result
+    try:
+        trainer.train(train_loader, test_loader, epochs, progress=False)
+        return {"seen": train.seen[1:], "sizes": sizes, "ddp": trainer.ddp is not None,
+                "state": {k: v.clone() for k, v in trainer.model.state_dict().items()}}
+    finally:
+        trainer.ddp = None  # its reducer holds the process group: released before the group is destroyed (else
+        gc.collect()  # the process may abort at exit, "terminate called without an active exception")
 
 
 def libmtl_worker(rank, world, port, root, folder, joins, sampler):
@@ -190,6 +191,25 @@ def test_a_libmtl_loader_with_its_own_distributed_sampler_is_kept_and_told_the_e
     for epoch in range(2):
         assert sorted(ranks[0]["seen"][4 * epoch:4 * epoch + 4] + ranks[1]["seen"][4 * epoch:4 * epoch + 4]) \
             == list(range(8))
+
+
+def libmtl_failed_write_worker(rank, world, port, root, folder):
+    join_with_timeout(rank, world, port)
+    write_outcome(os.path.join(folder, f"libmtl_write{rank}.txt"),
+                  lambda: libmtl_script(root, epochs=1, save_path=os.path.join(folder, "save")), "finished")
+    leave_group()
+
+
+def test_a_libmtl_scripts_weights_rank_0_cannot_write_stop_every_rank_with_its_message(tmp_path):
+    """The Trainer's model.pt, as its checkpoints: when rank 0 cannot write it, every rank raises the WriteError
+    (the other rank went on into test(), whose metrics' sync waited for rank 0 until gloo gave up)."""
+    root = write_nyuv2(tmp_path / "nyuv2", n_train=8, n_val=8, size=(16, 16))
+    (tmp_path / "save" / "model.pt").mkdir(parents=True)  # a folder where the weights file should be
+    mp.spawn(libmtl_failed_write_worker, args=(2, free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"libmtl_write{r}.txt").read_text() for r in range(2)]
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0].startswith("WriteError: could not write") and "model.pt" in outcomes[0]
+    assert outcomes[0].endswith(" [every rank]")
 
 
 class Draws(Dataset):
