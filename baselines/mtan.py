@@ -31,6 +31,7 @@ Registered as ``mtan``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, Mapping, Sequence
 
@@ -129,9 +130,14 @@ class AttentionNetwork(nn.Module):
             if block is None:
                 channels.append(self.specs[location].out_channels)
                 continue
-            block.register_forward_pre_hook(lambda _, inputs, l=location: self._before.__setitem__(l, inputs[0]))
+            block.register_forward_pre_hook(functools.partial(self._keep_before, location))
             channels.append(next(m for m in block.modules() if isinstance(m, nn.Conv2d)).in_channels)
         return channels
+
+    def _keep_before(self, location: int, _block: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        """The hook of location ``location``'s last block. A bound method (a lambda over ``self._before`` would
+        stay the original's in a ``copy.deepcopy``, e.g. ``AveragedModel``'s, so the copy read no ``b_ℓ``)."""
+        self._before[location] = inputs[0]
 
     def _shared(self, x: torch.Tensor) -> list[torch.Tensor]:
         shared: list[torch.Tensor] = []

@@ -1,5 +1,6 @@
 """Cross-stitch and MTAN baselines: shapes, LibMTL training steps, cross-stitch units, attention masks, cost,
 and one harness run."""
+import copy
 import dataclasses
 
 import pytest
@@ -316,6 +317,22 @@ def test_mtan_masks_read_the_features_before_each_stage_last_block(setup, settin
         with torch.no_grad():
             expected = net.attention[location]["S"](torch.cat([before[location], carried], dim=1))
         torch.testing.assert_close(masks["S"][location], expected)
+
+
+@pytest.mark.parametrize("architecture", [CrossStitch, MTAN])
+def test_a_deep_copy_computes_what_the_original_does(setup, architecture):
+    """``copy.deepcopy`` (``torch.optim.swa_utils.AveragedModel``'s, EMA's): MTAN's hooks that keep each last
+    block's input were lambdas over the original's dict, so the copy read none and failed (or, where the channels
+    agree, gated the wrong features)."""
+    trainer, _, _, images, _ = trainer_for(setup, architecture)
+    model = trainer.model.eval()
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = model(images)
+        for p in model.parameters():  # the copy computes with its own weights, not the original's
+            p.zero_()
+        got = copied(images)
+    assert got.keys() == expected.keys() and all(torch.equal(got[t], expected[t]) for t in got)
 
 
 @pytest.mark.parametrize("architecture", [CrossStitch, MTAN])
