@@ -19,8 +19,9 @@ mean over groups: ``sum_G v(G) / k``), so the best partition for every ``k`` at 
 refused, naming ``authors_local``, ``fewest_groups_local`` and ``exhaustive_local``: the same three rules on the
 best partition for every ``k`` that local search finds (:mod:`.partition_search`), for any number of tasks and
 without a guarantee of optimality (``grouping_speed.py --gap-cases`` measures the gap). Among equal values the
-exact solvers take the first partition in restricted-growth order, as an enumeration of all partitions would find
-it. The similarities are rounded to integer units of 10^-12 (fewer decimals from 11 tasks on, so that sums fit
+exact solvers take the first partition in lowest-first order (:func:`.partition_dp.tie_key`: group by group in
+canonical order, the group that holds the lowest element of a difference comes first; not the order of an
+enumeration, nor the authors'). The similarities are rounded to integer units of 10^-12 (fewer decimals from 11 tasks on, so that sums fit
 in 64 bits: :func:`partition_dp.to_units`), so float noise never breaks a tie; values and scores are then exact
 rationals, so a real tie (of partitions with different group sizes or numbers of groups) is never broken by
 rounding either. A value or score is compared with the threshold γ after both are rounded to those units.
@@ -184,11 +185,11 @@ class _Best:
         return self.mean_units(self.value[self._index(group)], 1)
 
     def highest_mean(self) -> Partition:
-        """The highest mean over groups (sum / k) over all k; the RG-first among equal means."""
+        """The highest mean over groups (sum / k) over all k; the lowest-first among equal means."""
         candidates = [(total, k, part) for k, (total, part) in enumerate(self.by_count, start=1)]
         top_total, top_k, _ = max(candidates, key=lambda c: Fraction(c[0], c[1]))
         tied = [part for total, k, part in candidates if total * top_k == top_total * k]
-        return min(tied, key=partition_dp.rg_string)
+        return max(tied, key=partition_dp.tie_key)
 
 
 def best_partitions(similarity: torch.Tensor | np.ndarray, score: str, search: str = "exact") -> list[
@@ -261,8 +262,8 @@ def exhaustive(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thre
         threshold: unused, accepted for the common solver signature.
 
     Returns:
-        Groups of task names in canonical order; among equal values the first partition in restricted-growth
-        order wins.
+        Groups of task names in canonical order; among equal values the first partition in lowest-first order
+        (see the module) wins.
     """
     return _solve("exhaustive", "exact", similarity, tasks, threshold)
 
@@ -272,9 +273,9 @@ def fewest_groups(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], t
     reaches ``threshold``: the authors' search rule on the paper's score (:func:`authors` is the authors' code).
 
     Among partitions with value >= ``threshold``, take the fewest groups, then the highest value, then the first
-    in restricted-growth order. If no partition reaches the threshold, return the highest-value partition (as
-    :func:`exhaustive`). The all-singletons partition has value 0, so a threshold <= 0 always merges everything
-    into one group.
+    in lowest-first order (see the module). If no partition reaches the threshold, return the highest-value
+    partition (as :func:`exhaustive`). The all-singletons partition has value 0, so a threshold <= 0 is always
+    reached (never that fallback); where similarities are negative the fewest groups reaching it can be many.
 
     Args:
         similarity: (T, T) task similarities; diagonal ignored, treated as symmetric.
@@ -294,8 +295,8 @@ def authors(similarity: torch.Tensor | np.ndarray, tasks: Sequence[str], thresho
     then a group of that partition merges only if its own value exceeds ``threshold`` strictly.
 
     The partition returned holds the merging groups, and every other task alone, so that what the solver returns
-    is what merges. Among equal values the partition with fewer groups, then the first in restricted-growth
-    order, wins (the authors' order of enumeration is another; ties need equal similarities).
+    is what merges. Among equal values the partition with fewer groups, then the first in lowest-first order (see
+    the module), wins (the authors' order of enumeration is another; ties need equal similarities).
 
     The authors' enumeration has a flaw this solver does not copy: its check that a combination of groups covers
     every task exactly once clears its set of seen tasks on a repeat and goes on, so some *overlapping*

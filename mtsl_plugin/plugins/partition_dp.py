@@ -2,15 +2,16 @@
 
 Given an additive score (a partition scores the sum of its groups' weights ``w(G)``), :func:`best_partitions`
 returns, for every ``k = 1 .. n``, the best partition of ``range(n)`` into exactly ``k`` groups, and among equal
-scores the first one in restricted-growth (RG) order, the order in which an enumeration of all partitions meets
-them. It visits every (subset, sub-subset holding the subset's lowest element) pair once: ``3^n / 2`` pairs,
+scores the first in *lowest-first* order (:func:`tie_key`). It visits every (subset, sub-subset holding the subset's lowest element) pair once: ``3^n / 2`` pairs,
 vectorised with numpy one subset size at a time (16 elements: 21.5 million pairs).
 
-Why the RG-first tie-break decomposes: write a partition as ``G`` (the group of its lowest element) plus a
-partition ``R`` of the rest. Two partitions first differ, in RG order, at the lowest element of ``G Δ G'``: the
-one whose ``G`` holds it labels it 0 and comes first; if ``G = G'`` they compare as their ``R`` do. So among
-optimal choices a subset keeps the ``G`` with that property (the largest :func:`first_first_key`) and the
-RG-first optimum of its remainder, which the recursion already holds.
+Lowest-first order compares two partitions group by group, in canonical order (groups ordered by their lowest
+element): the first groups that differ decide, and of those the one holding the lowest element of their
+difference comes first. It decomposes: write a partition as ``G`` (the group of its lowest element) plus a
+partition ``R`` of the rest, whose canonical groups are the partition's next ones. So among optimal choices a
+subset keeps the ``G`` that comes first (the largest :func:`first_first_key`) and the lowest-first optimum of its
+remainder, which the recursion already holds. (It is not the restricted-growth order of an enumeration:
+``{0,4}{1,5}{2,3}`` comes before ``{0,5}{1,3}{2,4}`` here, after it there.)
 
 Scores are integers (:func:`to_units`: weights in units of ``10^-decimals``), so sums are exact and ties are
 real ties, never float noise.
@@ -60,7 +61,7 @@ def to_units(*weights: np.ndarray, decimals: int = 12, count: int = MAX_ELEMENTS
 def best_partitions(weights: np.ndarray) -> list[tuple[int, Partition] | None]:
     """For ``k = 1 .. n`` (index ``k - 1``): ``(score, partition)`` of the best partition of ``range(n)`` into
     exactly ``k`` groups, score = the sum of ``weights[G]`` over its groups (``weights``: ``(2^n,)`` int64 indexed
-    by bitmask; weights of singletons count too); the RG-first among equal scores. Groups are tuples of
+    by bitmask; weights of singletons count too); the first in lowest-first order among equal scores. Groups are tuples of
     increasing indices, ordered by their lowest one (canonical order)."""
     size = len(weights)
     n = size.bit_length() - 1
@@ -105,7 +106,8 @@ def best_partitions(weights: np.ndarray) -> list[tuple[int, Partition] | None]:
     return results
 
 
-def rg_string(partition: Partition) -> tuple[int, ...]:
-    """The restricted-growth string of a canonical partition: the group index of every element."""
-    labels = {element: label for label, group in enumerate(partition) for element in group}
-    return tuple(labels[i] for i in range(len(labels)))
+def tie_key(partition: Partition) -> tuple[int, ...]:
+    """The key of lowest-first order: of two partitions (canonical, of the same elements) with equal scores, the
+    one with the larger key comes first. Each group as :func:`first_first_key` writes it, in canonical order."""
+    n = sum(len(group) for group in partition)
+    return tuple(sum(1 << (n - 1 - i) for i in group) for group in partition)

@@ -174,7 +174,8 @@ def test_ties_whose_values_have_no_finite_decimals_are_not_broken_by_rounding() 
     """Exact ties of values such as 7/24 (0.291666...): rounding each group's value to 10^-12 once made the
     partitions' scores differ by a unit, so the exact solvers broke the tie by rounding, not as documented."""
     # {a,b} {c,e} {d} (0.25, 0.625, 0) and {a,b,d} {c,e} (-1/24, 0.625) both average 7/24 over their groups:
-    # the first in restricted-growth order (a b c a c) wins; rounding made 3 groups score 7/24 + 1/3 unit.
+    # the first in lowest-first order ({a,b,d} holds d, {a,b} not) wins; rounding made 3 groups score 7/24 + 1/3
+    # unit.
     pairs = {(0, 1): 0.25, (0, 2): -0.125, (0, 3): -0.25, (0, 4): -0.125, (1, 2): 0.25, (1, 3): -0.125,
              (1, 4): -0.25, (2, 3): 0.0, (2, 4): 0.625, (3, 4): 0.375}
     assert exhaustive(_symmetric(pairs, 5), list("abcde"), 0.0) == [["a", "b", "d"], ["c", "e"]]
@@ -184,7 +185,7 @@ def test_ties_whose_values_have_no_finite_decimals_are_not_broken_by_rounding() 
     similarity = _symmetric({(0, 1): 0.0, (0, 2): 0.375, (1, 2): 0.5}, 3)
     assert authors(similarity, list("abc"), 7 / 24) == [["a"], ["b"], ["c"]]
     # No partition reaches γ = 1 by the mean over groups: the best value is 19/24, tied between {a,c} {b,d,e,f}
-    # and {a,c} {b,d} {e,f}; the first in restricted-growth order has two groups.
+    # and {a,c} {b,d} {e,f}; the first in lowest-first order ({b,d,e,f} holds e) has two groups.
     pairs = {(0, 1): 0.625, (0, 2): 1.0, (0, 3): 0.0, (0, 4): 0.375, (0, 5): 1.0, (1, 2): 0.5, (1, 3): 0.75,
              (1, 4): -0.125, (1, 5): 0.75, (2, 3): -0.125, (2, 4): 0.375, (2, 5): 0.5, (3, 4): 0.5, (3, 5): 1.0,
              (4, 5): 0.625}
@@ -286,9 +287,10 @@ def test_input_validation(solver) -> None:
 
 # ------------------------------------------------------------------------------------ exact: DP vs enumeration
 def _enumerated(similarity: np.ndarray, solver: str, threshold: float) -> list[list[int]]:
-    """Every rule by enumerating all partitions in restricted-growth order (``set_partitions``), group values
-    written with loops as exact fractions of the similarities rounded, as the solvers do, to units of 1e-12
-    (a score is compared with the threshold once both are rounded to those units); ties go to the first met."""
+    """Every rule by enumerating all partitions (``set_partitions``), group values written with loops as exact
+    fractions of the similarities rounded, as the solvers do, to units of 1e-12 (a score is compared with the
+    threshold once both are rounded to those units); ties go to the first in lowest-first order: of the first
+    groups (in canonical order) that differ, the one holding the lowest element of their difference."""
     n = len(similarity)
 
     def units(x) -> int:
@@ -305,12 +307,11 @@ def _enumerated(similarity: np.ndarray, solver: str, threshold: float) -> list[l
         by_tasks = sum(len(g) * value(g) for g in partition)
         scored.append((partition, by_groups, by_tasks))
 
+    def lowest_first(partition):  # each group's membership, element 0 first: larger where it holds the lower
+        return [[i in group for i in range(n)] for group in partition]
+
     def first_best(candidates, key):
-        best = None
-        for c in candidates:  # strict improvement only: the first of equal keys stays
-            if best is None or key(c) > key(best):
-                best = c
-        return best
+        return max(candidates, key=lambda c: (key(c), lowest_first(c[0])))
 
     highest = first_best(scored, lambda c: c[1] / len(c[0]))[0]
     if solver == "exhaustive":
@@ -350,7 +351,7 @@ def test_ordered_pair_sums_ignore_the_diagonal() -> None:
 @pytest.mark.parametrize("solver", ["authors", "exhaustive", "fewest_groups"])
 def test_dynamic_programme_equals_enumeration_ties_included(t: int, solver: str) -> None:
     """Random matrices, random thresholds, and matrices of few distinct values (many exact ties, where the
-    restricted-growth tie-break decides): the solver returns exactly the enumeration's partition."""
+    lowest-first tie-break decides): the solver returns exactly the enumeration's partition."""
     generator = np.random.default_rng(3000 + t)
     tasks = [f"t{i}" for i in range(t)]
     for trial in range({8: 4, 9: 2}.get(t, 12)):
@@ -363,6 +364,27 @@ def test_dynamic_programme_equals_enumeration_ties_included(t: int, solver: str)
         expected = _enumerated(similarity, solver, threshold)
         chosen = grouping_solver(solver)(similarity, tasks, threshold)
         assert _indices(chosen, tasks) == expected, (solver, threshold, similarity.tolist())
+
+
+@pytest.mark.parametrize("solver, threshold, upper, expected", [
+    ("exhaustive", 0.3, [[.1, .5, -.05, .5, .65], [.35, .2, -.1, .45], [.55, .65, .3], [.4, .25], [.65]],
+     [[0, 4], [1, 5], [2, 3]]),
+    ("authors", 0.8, [[.75, .875, .875, .125, .75, .5], [.375, .75, 1, 0, .875], [.375, .625, .625, .125],
+                      [.5, .625, .625], [.75, .5], [.125]], [[0], [1, 4], [2], [3], [5], [6]]),
+    # a tie across numbers of groups: restricted-growth order took {0,5} {1,2,3,4}
+    ("exhaustive", 0.0, [[0, .5, 1, .5, 1], [.75, 1, 1, .25], [0, .5, .5], [.75, 0], [.5]], [[0, 3], [1, 4], [2, 5]]),
+])
+def test_ties_go_lowest_first_not_in_restricted_growth_order(solver, threshold, upper, expected) -> None:
+    """Exact ties where lowest-first order and an enumeration's (restricted-growth) order part (helper-59's
+    cases): {0,4}{1,5}{2,3} and {0,5}{1,3}{2,4} score alike and differ first at element 3 in restricted-growth
+    order, but lowest-first compares the groups of element 0 first, and {0,4} holds 4. The documentation said
+    restricted-growth order (and ``exhaustive`` broke a tie across numbers of groups in it); the seeds of the test
+    above never met such a tie."""
+    t = len(upper) + 1
+    similarity = _symmetric({(i, i + 1 + j): v for i, row in enumerate(upper) for j, v in enumerate(row)}, t)
+    tasks = [f"t{i}" for i in range(t)]
+    assert _enumerated(similarity, solver, threshold) == expected
+    assert _indices(grouping_solver(solver)(similarity, tasks, threshold), tasks) == expected
 
 
 def test_sixteen_tasks_are_solved_and_seventeen_refused() -> None:
