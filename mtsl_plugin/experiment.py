@@ -214,11 +214,15 @@ def run_fingerprint(method: str, config: RunConfig, spec: MethodSpec, plan: Bran
 
 def _claim_run_dir(run_dir: Path, fingerprint: str, resume: bool) -> Path:
     """Make ``run_dir`` this run's folder and return its ``config.json`` path. A folder holding a run of another
-    fingerprint, or (``resume``) a checkpoint without the ``config.json`` that says which run wrote it, is refused
+    fingerprint, a checkpoint without ``resume`` (an unfinished run, which starting afresh would overwrite at its
+    first save), or (``resume``) a checkpoint without the ``config.json`` that says which run wrote it, is refused
     and kept as it is; files a kill cut short (``*.tmp``, beside the intact files they were replacing) go."""
     saved = run_dir / "config.json"
     if saved.exists() and json.loads(saved.read_text()).get("fingerprint") != fingerprint:
         raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another folder")
+    if not resume and (run_dir / CHECKPOINT).exists():
+        raise ValueError(f"{run_dir / CHECKPOINT} holds an unfinished run, which starting afresh would overwrite; "
+                         "it is kept: continue it (resume=True) or choose another folder")
     if resume and (run_dir / CHECKPOINT).exists() and not saved.exists():  # it is written before any checkpoint
         raise ValueError(f"{run_dir / CHECKPOINT} has no config.json beside it to say which run wrote it; it is "
                          "kept: choose another folder")

@@ -95,3 +95,19 @@ def test_a_baseline_named_before_baselines_is_imported_says_how_to_register_it(t
     with pytest.raises(ValueError, match=r"^unknown method 'stm'; registered: .*stn$"):
         run_method(load_preset("smoke"), "stm", tmp_path / "stm")
     assert not (tmp_path / "stn").exists() and not (tmp_path / "stm").exists()
+
+
+def test_an_unfinished_run_is_continued_with_resume_and_never_started_afresh_over(tmp_path):
+    """A folder holding a checkpoint (an unfinished run; here the one a finished run kept) is refused without
+    ``resume``, which would have trained from scratch and overwritten it at its first save; ``resume`` continues
+    it."""
+    config = load_preset("smoke").replace(tasks=("S", "D"))
+    run_dir = tmp_path / "onenet"
+    first = run_method(config, "onenet", run_dir, progress=False, keep_checkpoint=True)
+    checkpoint = (run_dir / experiment.CHECKPOINT).read_bytes()
+    with pytest.raises(ValueError, match=r"checkpoint\.pt holds an unfinished run, which starting afresh would "
+                                         r"overwrite; it is kept: continue it \(resume=True\) or choose another"):
+        run_method(config, "onenet", run_dir, progress=False)
+    assert (run_dir / experiment.CHECKPOINT).read_bytes() == checkpoint
+    again = run_method(config, "onenet", run_dir, progress=False, resume=True)
+    assert again["metrics"] == first["metrics"]
