@@ -39,10 +39,10 @@ def ablation_jobs(config: RunConfig, seeds: Sequence[int]) -> list[Job]:
     """STN and the six variants for every seed (variants of ``config``'s MTSL options)."""
     jobs = [Job("stn", "stn", config.replace(seed=s)) for s in seeds]
     for label, method, align, avg, att in ROWS:
-        variant = config
+        fields = {**config.mtsl.to_dict(), "average_init": avg, "amalgamate": att}  # every row its switches
         if method == "mtsl":  # mtsl_noalign switches alignment off itself: its runs are compare.py's
-            variant = config.replace(mtsl=MTSLConfig.from_dict({**config.mtsl.to_dict(), "align": align,
-                                                                "average_init": avg, "amalgamate": att}))
+            fields["align"] = align
+        variant = config.replace(mtsl=MTSLConfig.from_dict(fields))
         jobs += [Job(label, method, variant.replace(seed=s)) for s in seeds]
     return jobs
 

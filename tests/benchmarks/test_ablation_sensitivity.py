@@ -9,6 +9,8 @@ from benchmarks import ablation, compare, sensitivity
 from benchmarks.cli import UsageError
 from conftest import fake_record, hand_delta, table_row
 from mtsl_plugin.config import load_preset
+from mtsl_plugin.learner.schedule import MTSLConfig
+from mtsl_plugin.methods import build_method
 from mtsl_plugin.plan import BranchingPlan
 
 ARGS = ["--preset", "smoke", "--tasks", "S,D", "--no-progress"]
@@ -65,6 +67,18 @@ def test_ablation_table_rows_carry_their_switches_and_their_own_runs_numbers():
     for index, (line, (label, _, align, avg, att)) in enumerate(zip(lines, ablation.ROWS)):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert cells[:3] == [mark[align], mark[avg], mark[att]] and cells[5] == f"{1.0 + index:.2f}", label
+
+
+def test_every_ablation_row_runs_the_switches_it_shows_whatever_the_configuration():
+    """A configuration with average_init and amalgamate off: the mtsl_noalign row (whose method switches alignment
+    off itself) ran with them off while its row showed avg ✓ and ATT ✓ (helper-64)."""
+    base = load_preset("smoke")
+    config = base.replace(mtsl=MTSLConfig.from_dict({**base.mtsl.to_dict(), "average_init": False,
+                                                     "amalgamate": False}))
+    jobs = {job.label: job for job in ablation.ablation_jobs(config, [0])}
+    for label, method, align, avg, att in ablation.ROWS:
+        learner = build_method(method, jobs[label].config, 10).learner.config
+        assert (learner.aligns, learner.average_init, learner.amalgamate) == (align, avg, att), label
 
 
 def test_threshold_sweep_extremes_give_the_single_task_and_shared_plans(tmp_path):
