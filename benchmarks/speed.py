@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from benchmarks.cli import run_main
+from benchmarks.cli import distinct, run_main
 from mtsl_plugin.config import load_preset
 from mtsl_plugin.data.run_data import RunData
 from mtsl_plugin.experiment import build_data, build_trainer
@@ -221,16 +221,18 @@ def report(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     stages = create_stages(args.backbone, network=args.network)
     locations = stages.num_locations
-    plans = {name: resolve_plan(name, locations) for name in args.plans.split(",")}
+    names = distinct(args.plans.split(","), "plans")
+    files = [Path(name).name for name in names]  # a row's label; the path as given where two files share a name
+    plans = {name if files.count(file) > 1 else file: resolve_plan(name, locations)
+             for name, file in zip(names, files)}
     rows, row_plans = {}, {}
-    for name, plan in plans.items():
-        rows[Path(name).name] = measure(plan, args.device, args.batch, args.height, args.width, args.steps,
-                                        stages)
-        row_plans[Path(name).name] = plan
+    for label, plan in plans.items():
+        rows[label] = measure(plan, args.device, args.batch, args.height, args.width, args.steps, stages)
+        row_plans[label] = plan
         if args.steps and max(len(p) for p in plan.partitions) > 1:
-            rows[f"{Path(name).name} fused"] = measure(plan, args.device, args.batch, args.height, args.width,
-                                                       args.steps, stages, fused=True)
-            row_plans[f"{Path(name).name} fused"] = plan
+            rows[f"{label} fused"] = measure(plan, args.device, args.batch, args.height, args.width, args.steps,
+                                             stages, fused=True)
+            row_plans[f"{label} fused"] = plan
 
     def step(label: str | None, plan: BranchingPlan, **options) -> float:
         """The row's step time when the table timed this plan so already, else a new measurement."""

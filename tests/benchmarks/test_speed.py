@@ -67,6 +67,21 @@ def test_speed_reports_each_plans_size_and_gmac_without_timing(capsys):
     assert rows["onenet"]["params"] < rows["stn"]["params"] / 4
 
 
+def test_plans_of_one_file_name_keep_a_row_each_and_a_plan_given_twice_is_refused(tmp_path, capsys):
+    """Every run's plan is a plan.json: two of them gave one row, the later plan's (helper-64)."""
+    for run, plan in (("a", BranchingPlan.one_net(speed.TASKS, 10)),
+                      ("b", BranchingPlan.single_task(speed.TASKS, 10))):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "plan.json").write_text(plan.to_json())
+    first, second = str(tmp_path / "a" / "plan.json"), str(tmp_path / "b" / "plan.json")
+    assert speed.main(["--plans", f"onenet,{first},{second}", "--steps", "0"]) == 0
+    rows = json.loads(capsys.readouterr().out.splitlines()[-1])["rows"]
+    assert list(rows) == ["onenet", first, second] and rows[first] == rows["onenet"]
+    assert rows[second]["params"] > rows[first]["params"]
+    assert speed.main(["--plans", "stn,onenet,stn", "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --plans: stn is given twice"
+
+
 def test_timed_is_the_median_of_the_steps_after_two_warm_up_steps(monkeypatch):
     durations = iter([50.0, 40.0, 3.0, 1.0, 8.0])  # two slow warm-up steps, then the timed ones (mean 4, median 3)
     clock = [0.0]
