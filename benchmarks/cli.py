@@ -22,6 +22,7 @@ from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.network.backbones import architecture_family
 from mtsl_plugin.network.stages import NETWORKS
 from mtsl_plugin.plugins import PluginError, load_plugin
+from mtsl_plugin.task_kinds import declare_task
 from mtsl_plugin.tasks import LOSS_SETS
 
 
@@ -169,6 +170,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     config = load_preset(args.preset)
     if args.config:
         config = load_config_file(args.config, base=config)
+        try:  # its declared tasks now, with the plugins loaded, so that a mistake names the file too
+            for name, declaration in config.task_specs.items():
+                declare_task(name, declaration)
+        except ValueError as exc:
+            raise ValueError(f"config file {args.config!r}: {exc}") from None
     changes: dict[str, Any] = {"data": _data_from_args(args, config), "mtsl": _mtsl_from_args(args, config.mtsl)}
     changes.update({key: getattr(args, key) for key in _VALUE_OPTIONS if getattr(args, key) is not None})
     changes.update({key: True for key in _FLAG_OPTIONS if getattr(args, key)})

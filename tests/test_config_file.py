@@ -67,6 +67,10 @@ def test_the_presets_are_their_files_read_the_same_way():
                                            ("optimizer: {optim: sgdx}\n", "sgdx"),
                                            ("optimizer: {lr: -1}\n", "'optim'"),
                                            ("tasks: SD\n", "'SD'"),
+                                           # a declared task's mistake names the file too (it did not):
+                                           ("tasks:\n  S: {}\n  flow: {kind: regression, colour: red}\n",
+                                            "unknown option 'colour'"),
+                                           ("tasks:\n  S: {}\n  flow: {kind: regresion}\n", "'regresion'"),
                                            # PyYAML keeps a repeated key's last value without a word:
                                            ("epochs: 4\nepochs: 6\n", "key 'epochs' is given twice in one mapping "
                                                                        "(lines 1 and 2)"),
