@@ -95,11 +95,17 @@ def task_subsets(tasks: Sequence[str], value: str) -> list[tuple[str, ...]]:
     return [tuple(t for t in tasks if t in subset)]  # in the run's task order
 
 
+def subset_name(subset: Sequence[str]) -> str:
+    """A task subset in its runs' labels: ``SEDN``; joined by ``+`` where a name is longer than a letter
+    (``parts+flow``), so that two subsets never share a label (``ab``, ``c`` and ``a``, ``bc``)."""
+    return ("" if all(len(t) == 1 for t in subset) else "+").join(subset)
+
+
 def tasks_jobs(config: RunConfig, seeds: Sequence[int], subsets: Sequence[tuple[str, ...]]) -> list[Job]:
     """STN and MTSL on every task subset, for every seed."""
     jobs = []
     for subset in subsets:
-        name = "".join(subset)
+        name = subset_name(subset)
         jobs += [Job(f"{method}_{name}", method, config.replace(seed=s, tasks=subset))
                  for method in ("stn", "mtsl") for s in seeds]
     return jobs
@@ -240,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.sweep == "tasks":
             subsets = task_subsets(config.tasks, args.values or "all")
             jobs = tasks_jobs(config, seeds, subsets)
-            rows = [(",".join(s), f"mtsl_{''.join(s)}") for s in subsets]
+            rows = [(",".join(s), f"mtsl_{subset_name(s)}") for s in subsets]
         else:
             inits = distinct(parse_list(args.inits, "inits"), "inits")
             jobs = seeds_jobs(config, seeds, inits)

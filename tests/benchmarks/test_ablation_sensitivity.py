@@ -81,6 +81,15 @@ def test_every_ablation_row_runs_the_switches_it_shows_whatever_the_configuratio
         assert (learner.aligns, learner.average_init, learner.amalgamate) == (align, avg, att), label
 
 
+def test_task_subsets_of_longer_names_keep_labels_apart():
+    """Subsets were labelled by their names run together: ``ab, c`` and ``a, bc`` shared ``mtsl_abc``, so the
+    second's runs met the first's folders (refused: runs of another configuration). Letters keep their old labels
+    (``mtsl_SD``)."""
+    config = load_preset("smoke")
+    labels = {job.label for job in sensitivity.tasks_jobs(config, [0], [("ab", "c"), ("a", "bc"), ("S", "D")])}
+    assert labels == {"stn_ab+c", "mtsl_ab+c", "stn_a+bc", "mtsl_a+bc", "stn_SD", "mtsl_SD"}
+
+
 def test_threshold_sweep_extremes_give_the_single_task_and_shared_plans(tmp_path):
     out = tmp_path / "sens"
     assert sensitivity.main(["--sweep", "threshold", "--values", "0,1.01", "--out", str(out), *ARGS]) == 0
