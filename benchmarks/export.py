@@ -43,9 +43,10 @@ def write_export(args: argparse.Namespace) -> int:
     static = static_network(trainer.model, config.tasks)
     record = json.loads((Path(args.run_dir) / "result.json").read_text())
     metadata = {f"mtsl_plugin.{key}": json.dumps(record.get(key)) for key in ("method", "plan_text", "trained_by")}
-    difference = export(static, args.format, args.out, images[:2], metadata)
+    sample = images[:2]
+    difference = export(static, args.format, args.out, sample, metadata)
     print(f"wrote {args.out} ({args.format}; tasks {', '.join(static.tasks)}); largest difference to the trained "
-          f"model on two test images: {difference:.2e}")
+          f"model on {'one test image' if len(sample) == 1 else 'two test images'}: {difference:.2e}")
     return 0
 
 

@@ -50,25 +50,26 @@ class StaticNetwork(nn.Module):
 
 
 def static_network(model: nn.Module, tasks: Sequence[str]) -> StaticNetwork:
-    """The inference network of a trained LibMTL model of this project (``trainer.model``); a network trained
-    with fused siblings (``--fused``) is exported unfused, the same function computed node by node."""
+    """The inference network of a trained LibMTL model of this project (``trainer.model``), on a copy of its
+    modules, so that the trainer keeps its mode, device and fused siblings; a network trained with fused siblings
+    (``--fused``) is exported unfused, the same function computed node by node."""
     if hasattr(model, "derived_network"):  # LTB, BMTAS: the branched network the gates derive
         network = model.derived_network()
     elif isinstance(getattr(model, "encoder", None), BranchedNetwork):  # MTSL and the fixed plans
         network = model.encoder
-        if network.fused:  # a training-speed option; the exported graph runs node by node (ONNX cannot trace
-            network = copy.deepcopy(network)  # torch.func's vmap), on a copy so the trainer stays fused
-            network.fused = False
     else:  # cross-stitch, MTAN: their own forward, LibMTL's dict of predictions
         network = model
+    network = copy.deepcopy(network)  # eval(), to("cpu") and unfusing below must not reach the trainer's modules
+    if isinstance(network, BranchedNetwork):  # a training-speed option; the exported graph runs node by node
+        network.fused = False  # (ONNX cannot trace torch.func's vmap)
     return StaticNetwork(network, tasks)
 
 
 def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tensor,
            metadata: dict[str, str] | None = None) -> float:
     """Write ``static`` as ``fmt`` (``onnx``: ONNX with a dynamic batch size, checked with onnxruntime;
-    ``exported``: a ``torch.export`` program, ``torch.export.load``-able, for ``sample``'s image size and, when
-    ``sample`` holds two images or more, any batch size) and return the largest absolute difference between the
+    ``exported``: a ``torch.export`` program, ``torch.export.load``-able, for ``sample``'s image size and any
+    batch size) and return the largest absolute difference between the
     file's and the module's outputs on ``sample`` (N, 3, H, W). The file is written and checked in a scratch
     folder beside ``path``, then renamed: a failed export leaves ``path``'s folder as it was. ``metadata`` (key ->
     text, e.g. the run's method, plan and ``trained_by``) goes into the file: the ONNX model's ``metadata_props``,
@@ -98,10 +99,10 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
             got = [torch.from_numpy(a) for a in session.run(None, {"image": sample.numpy()})]
         else:
             moved = [written]
-            # the batch dimension dynamic, as in ONNX (a sample of one image would specialise it: then static)
-            batch = ({0: torch.export.Dim("batch")},) if sample.shape[0] > 1 else None
-            torch.export.save(torch.export.export(static, (sample,), dynamic_shapes=batch), written,
-                              extra_files=metadata)
+            # the batch dimension dynamic, as in ONNX; traced on two images at least (one would specialise it to 1)
+            trace = sample if sample.shape[0] > 1 else torch.cat([sample, sample])
+            program = torch.export.export(static, (trace,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+            torch.export.save(program, written, extra_files=metadata)
             with torch.no_grad():
                 got = torch.export.load(written).module()(sample)
         difference = max(float((a - b).abs().max()) for a, b in zip(got, expected))

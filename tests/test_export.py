@@ -24,8 +24,10 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["onnx", "exported"])
 def test_exported_files_compute_what_the_trained_model_computes(runs, tmp_path, method, fmt):
     trainer, data, config = load_run(runs / method / "seed0", device="cpu")
-    static = static_network(trainer.model, config.tasks)
+    static = static_network(trainer.model.train(), config.tasks)
     assert isinstance(static, StaticNetwork) and not hasattr(static.network, "learner")
+    assert trainer.model.training  # the export's copy is in eval mode, the trainer's modules are as they were
+    trainer.model.eval()
     images, _ = next(iter(data.batches(data.test)))
     with torch.no_grad():
         trained = trainer.model(images)  # the trainer's own forward, in eval mode
@@ -34,20 +36,22 @@ def test_exported_files_compute_what_the_trained_model_computes(runs, tmp_path, 
         torch.testing.assert_close(prediction, trained[task])
     difference = export(static, fmt, tmp_path / f"{method}.{fmt}", images[:2])
     assert difference < 1e-4
+    assert export(static, fmt, tmp_path / f"one.{fmt}", images[:1]) < 1e-4  # a run with one test image
     for batch in (images[:3], images[:1]):  # the batch size is dynamic in both formats, not the sample's two
         with torch.no_grad():
             expected = static(batch)
-        if fmt == "onnx":
-            import onnxruntime
+        for name in (method, "one"):  # a program traced on one image took batches of one only
+            if fmt == "onnx":
+                import onnxruntime
 
-            session = onnxruntime.InferenceSession(str(tmp_path / f"{method}.{fmt}"),
-                                                   providers=["CPUExecutionProvider"])
-            got = [torch.from_numpy(a) for a in session.run(None, {"image": batch.numpy()})]
-        else:
-            with torch.no_grad():
-                got = torch.export.load(tmp_path / f"{method}.{fmt}").module()(batch)
-        for a, b in zip(got, expected, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+                session = onnxruntime.InferenceSession(str(tmp_path / f"{name}.{fmt}"),
+                                                       providers=["CPUExecutionProvider"])
+                got = [torch.from_numpy(a) for a in session.run(None, {"image": batch.numpy()})]
+            else:
+                with torch.no_grad():
+                    got = torch.export.load(tmp_path / f"{name}.{fmt}").module()(batch)
+            for a, b in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_the_command_writes_the_file_and_refuses_a_missing_run(runs, tmp_path, capsys):
