@@ -68,12 +68,12 @@ def static_network(model: nn.Module, tasks: Sequence[str]) -> StaticNetwork:
 def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tensor,
            metadata: dict[str, str] | None = None) -> float:
     """Write ``static`` as ``fmt`` (``onnx``: ONNX with a dynamic batch size, checked with onnxruntime;
-    ``exported``: a ``torch.export`` program, ``torch.export.load``-able, for ``sample``'s image size and any
-    batch size) and return the largest absolute difference between the
-    file's and the module's outputs on ``sample`` (N, 3, H, W). The file is written and checked in a scratch
-    folder beside ``path``, then renamed: a failed export leaves ``path``'s folder as it was. ``metadata`` (key ->
-    text, e.g. the run's method, plan and ``trained_by``) goes into the file: the ONNX model's ``metadata_props``,
-    the exported program's extra files (``torch.export.load(path, extra_files={key: ""})`` reads them back).
+    ``exported``: a ``torch.export`` program, ``torch.export.load``-able, for ``sample``'s image size and any batch
+    size) and return the largest absolute difference between the file's and the module's outputs on ``sample`` (N,
+    3, H, W). The file is written and checked in a scratch folder beside ``path``, then renamed: a failed export
+    leaves ``path``'s folder as it was. ``metadata`` (key -> text, e.g. the run's method, plan and ``trained_by``)
+    goes into the file: the ONNX model's ``metadata_props``, the exported program's extra files
+    (``torch.export.load(path, extra_files={key: ""})`` reads them back).
 
     An ONNX model over protobuf's 2 GiB keeps its weights outside the file; torch's exporter writes one file per
     weight, named after the weight, into the file's folder, where a second export would overwrite them. Here
