@@ -316,6 +316,22 @@ def test_ltb_warmup_feeds_every_gated_child_the_sum_of_its_parents(stages):
     assert not model.in_warmup() and model.temperature == pytest.approx(4 / 2 ** 0.5)
 
 
+@pytest.mark.parametrize("architecture, epoch, expected", [(LTB, 3, 2.0), (BMTAS, 4, 5.0), (BMTAS, 79, 0.1)])
+def test_the_search_samples_at_the_epochs_temperature(stages, monkeypatch, architecture, epoch, expected):
+    """Every Gumbel-softmax draw of a search step uses the schedule's temperature (LTB's (80 / 20) / sqrt(4) at
+    0-based epoch 3; BMTAS's 5 after its warm-up of 80 // 20 epochs, falling to 0.1 at the last): a draw at another
+    temperature left every other test of the search passing."""
+    model = make(architecture, stages).train()
+    model.epoch, model.total_epochs = epoch, 80
+    assert model.searching and model.temperature == pytest.approx(expected)
+    drawn, draw = [], torch.nn.functional.gumbel_softmax
+    monkeypatch.setattr(torch.nn.functional, "gumbel_softmax",
+                        lambda logits, tau, **kwargs: drawn.append(tau) or draw(logits, tau=tau, **kwargs))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert drawn and all(tau == pytest.approx(expected) for tau in drawn), drawn
+
+
 # ------------------------------------------------------------------------------------ BMTAS resource loss
 class TinyStages:
     """Two locations of 1x1 convolutions: enough to enumerate every choice."""
