@@ -21,10 +21,11 @@ best partition for every ``k`` that local search finds (:mod:`.partition_search`
 without a guarantee of optimality (``grouping_speed.py --gap-cases`` measures the gap). Among equal values the
 exact solvers take the first partition in lowest-first order (:func:`.partition_dp.tie_key`: group by group in
 canonical order, the group that holds the lowest element of a difference comes first; not the order of an
-enumeration, nor the authors'). The similarities are rounded to integer units of 10^-12 (fewer decimals from 11 tasks on, so that sums fit
-in 64 bits: :func:`partition_dp.to_units`), so float noise never breaks a tie; values and scores are then exact
-rationals, so a real tie (of partitions with different group sizes or numbers of groups) is never broken by
-rounding either. A value or score is compared with the threshold γ after both are rounded to those units.
+enumeration, nor the authors'). The similarities are rounded to integer units of 10^-12 (fewer decimals from 11
+tasks on, so that sums fit in 64 bits: :func:`partition_dp.to_units`), so float noise never breaks a tie; values
+and scores are then exact rationals, so a real tie (of partitions with different group sizes or numbers of
+groups) is never broken by rounding either. A value or score is compared with the threshold γ after both are
+rounded to those units.
 """
 from __future__ import annotations
 

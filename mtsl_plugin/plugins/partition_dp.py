@@ -2,8 +2,9 @@
 
 Given an additive score (a partition scores the sum of its groups' weights ``w(G)``), :func:`best_partitions`
 returns, for every ``k = 1 .. n``, the best partition of ``range(n)`` into exactly ``k`` groups, and among equal
-scores the first in *lowest-first* order (:func:`tie_key`). It visits every (subset, sub-subset holding the subset's lowest element) pair once: ``3^n / 2`` pairs,
-vectorised with numpy one subset size at a time (16 elements: 21.5 million pairs).
+scores the first in *lowest-first* order (:func:`tie_key`). It visits every (subset, sub-subset holding the
+subset's lowest element) pair once: ``3^n / 2`` pairs, vectorised with numpy one subset size at a time (16
+elements: 21.5 million pairs).
 
 Lowest-first order compares two partitions group by group, in canonical order (groups ordered by their lowest
 element): the first groups that differ decide, and of those the one holding the lowest element of their
@@ -61,8 +62,8 @@ def to_units(*weights: np.ndarray, decimals: int = 12, count: int = MAX_ELEMENTS
 def best_partitions(weights: np.ndarray) -> list[tuple[int, Partition] | None]:
     """For ``k = 1 .. n`` (index ``k - 1``): ``(score, partition)`` of the best partition of ``range(n)`` into
     exactly ``k`` groups, score = the sum of ``weights[G]`` over its groups (``weights``: ``(2^n,)`` int64 indexed
-    by bitmask; weights of singletons count too); the first in lowest-first order among equal scores. Groups are tuples of
-    increasing indices, ordered by their lowest one (canonical order)."""
+    by bitmask; weights of singletons count too); the first in lowest-first order among equal scores. Groups are
+    tuples of increasing indices, ordered by their lowest one (canonical order)."""
     size = len(weights)
     n = size.bit_length() - 1
     if size != 1 << n or n < 1:
