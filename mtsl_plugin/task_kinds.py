@@ -191,7 +191,7 @@ def probe_task(task: Task) -> None:
     Draws from its own generator (the global random state is untouched). Raises ``ValueError`` saying what
     failed, without the task's name (the caller names the task, its kind and plugin).
     """
-    from mtsl_plugin.plugins.manager import _failure  # deferred: the manager imports the built-in kinds
+    from mtsl_plugin.plugins.manager import _describe, _failure  # deferred: the manager imports the built-in kinds
 
     with torch.inference_mode(False):
         pred, target = _probe_batch(task, torch.Generator().manual_seed(0))
@@ -203,8 +203,7 @@ def probe_task(task: Task) -> None:
             raise ValueError(f"its loss on {shapes} raised {_failure(error)}") from error
         if not (isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point()
                 and bool(torch.isfinite(loss.detach()))):
-            described = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else repr(loss)[:200]
-            raise ValueError(f"its loss on {shapes} returned {described}, expected a finite 0-d float tensor")
+            raise ValueError(f"its loss on {shapes} returned {_describe(loss)}, expected a finite 0-d float tensor")
         if not loss.requires_grad or torch.autograd.grad(loss, pred, allow_unused=True)[0] is None:
             raise ValueError(f"its loss on {shapes} has no gradient with respect to the prediction (is it computed "
                              "from pred.detach(), numpy or .item()?)")
@@ -213,7 +212,7 @@ def probe_task(task: Task) -> None:
     except Exception as error:  # noqa: BLE001
         raise ValueError(f"its metric_factory raised {_failure(error)}") from error
     if not isinstance(metric, Metric):
-        raise ValueError(f"its metric_factory returned {metric!r:.200}, expected a torchmetrics Metric")
+        raise ValueError(f"its metric_factory returned {_describe(metric)}, expected a torchmetrics Metric")
     try:
         metric.update(task.postprocess(pred.detach()), target)
         float(metric.compute())

@@ -175,6 +175,10 @@ def _not_a_metric():
     return "not a metric"
 
 
+def _a_module():
+    return torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+
+
 class _FailingMetric(Metric):
     def __init__(self):
         super().__init__()
@@ -207,6 +211,7 @@ class _CheckedKinds:
             "vecloss": partial(_plugin_task, loss=_per_pixel_l1),
             "nograd": partial(_plugin_task, loss=_detached_l1),
             "badmetric": partial(_plugin_task, metric=_not_a_metric),
+            "modulemetric": partial(_plugin_task, metric=_a_module),  # not a Metric, and its repr spans lines
             "failingmetric": partial(_plugin_task, metric=_FailingMetric),
             "raising": _raising_kind,
             "renamed": _renamed_kind,
@@ -248,6 +253,7 @@ def test_a_plugin_task_breaking_its_layout_or_direction_is_refused_naming_task_k
     ("vecloss", r"loss .* returned a tensor of shape \(2, 1, 4, 4\).*expected a finite 0-d float tensor"),
     ("nograd", "loss .* has no gradient"),
     ("badmetric", "metric_factory returned 'not a metric', expected a torchmetrics Metric"),
+    ("modulemetric", r"metric_factory returned Sequential\( \(0\): Linear.*\), expected a torchmetrics Metric"),
     ("failingmetric", "metric .* raised RuntimeError: update needs a mask"),
     ("raising", "raised TypeError: size must be str, got 1"),
     ("renamed", r"returned Task\(name='heat_2'.*expected a mtsl_plugin.tasks.Task named 'heat'"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -43,20 +44,24 @@ class _Checked:
         return f"<{_NOUN_OF_KIND[self.kind]} {self.name!r} from plugin {self.plugin!r}>"
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the plugin's object; an exception a third-party plugin's object raises becomes a one-line
-        :class:`PluginContractError` naming the object and its plugin (the built-ins' own errors, errors of the
-        plugin system and out-of-memory pass unchanged)."""
-        try:
-            return self.__wrapped__(*args, **kwargs)
-        except (PluginError, torch.cuda.OutOfMemoryError):
+        """Call the plugin's object (:func:`_run_plugin_code`)."""
+        noun = _NOUN_OF_KIND[self.kind]
+        who = f"{noun[0].upper()}{noun[1:]} {self.name!r} of plugin {self.plugin!r}"
+        return _run_plugin_code(self.__wrapped__, who, self.plugin, *args, **kwargs)
+
+
+def _run_plugin_code(function: Callable[..., Any], who: str, plugin: str, *args: Any, **kwargs: Any) -> Any:
+    """Call ``function``, code of ``plugin``; an exception a third-party plugin's code raises becomes a one-line
+    :class:`PluginContractError` (``"<who> raised <Type: message>."``). The built-ins' own errors, errors of the
+    plugin system and out-of-memory pass unchanged."""
+    try:
+        return function(*args, **kwargs)
+    except (PluginError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as error:
+        if plugin in BUILTIN_PLUGINS:
             raise
-        except Exception as error:
-            if self.plugin in BUILTIN_PLUGINS:
-                raise
-            noun = _NOUN_OF_KIND[self.kind]
-            raise PluginContractError(
-                f"{noun[0].upper()}{noun[1:]} {self.name!r} of plugin {self.plugin!r} raised {_failure(error)}."
-            ) from error
+        raise PluginContractError(f"{who} raised {_failure(error)}.") from error
 
 
 class CheckedSimilarity(_Checked):
@@ -192,6 +197,9 @@ class CheckedAmalgamator(_Checked):
                 f"Amalgamator {self.name!r} of plugin {self.plugin!r} returned {_describe(module)}, "
                 "expected None or a torch.nn.Module."
             )
+        if self.plugin not in BUILTIN_PLUGINS:  # an exception in its forward is named too, not only the factory's
+            who = f"The module of amalgamator {self.name!r} of plugin {self.plugin!r}"
+            module.forward = partial(_run_plugin_code, module.forward, who, self.plugin)
         module.register_forward_hook(_LossContract(self.name, self.plugin))
         return module
 

@@ -83,12 +83,13 @@ class PluginContractError(PluginError):
 
 
 def _describe(value: Any) -> str:
-    """Return a short human-readable description of ``value`` for error messages."""
+    """Return a short one-line description of ``value`` for error messages (a multi-line ``repr``, such as a numpy
+    array's or a module's, is joined onto one line)."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             return f"a 0-d tensor of value {value.item()!r}"
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    text = repr(value)
+    text = " ".join(repr(value).split())
     return text if len(text) <= 200 else text[:197] + "..."
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from mtsl_plugin.learner.schedule import MTSLConfig
 from mtsl_plugin.learner.structural import StructuralLearner
+from mtsl_plugin.preflight import check_mtsl
 from mtsl_plugin.plugins import (
     PluginContractError,
     PluginLoadError,
@@ -164,6 +165,33 @@ def test_plugin_objects_that_raise_are_named_in_one_line() -> None:
         amalgamator("pairs")(4, ["a", "b", "c"])
     with pytest.raises(ValueError, match="Argument x"):  # the caller's mistakes stay ValueErrors, not the plugin's
         similarity("picky")(torch.randn(8, 2, 2), torch.randn(8, 3))
+
+
+class _BrokenForward(nn.Module):
+    def forward(self, group_out, task_outs):
+        raise RuntimeError("forward broke")
+
+
+def _rows(similarity, tasks, threshold):
+    return np.array([[t] for t in tasks])  # a partition, but as a numpy array: refused, its repr spans 3 lines
+
+
+def test_an_amalgamation_module_raising_in_forward_is_named_in_one_line() -> None:
+    plugin_manager().register(_plugin("breaking", mtsl_amalgamators=lambda: {"broken": lambda c, t: _BrokenForward()}))
+    module = amalgamator("broken")(4, ["a", "b"])
+    features = {t: torch.randn(2, 4, 3, 3) for t in "ab"}
+    with pytest.raises(PluginContractError, match="The module of amalgamator 'broken' of plugin 'breaking' raised "
+                                                  "RuntimeError: forward broke"):
+        module(torch.randn(2, 4, 3, 3, requires_grad=True), features)
+    with pytest.raises(PluginContractError, match="'broken' of plugin 'breaking' raised RuntimeError"):
+        check_mtsl(MTSLConfig.from_dict({"amalgamator": "broken"}))  # so the preflight stops it before training
+
+
+def test_a_bad_return_value_with_a_multi_line_repr_is_described_on_one_line() -> None:
+    plugin_manager().register(_plugin("rows_plugin", mtsl_grouping_solvers=lambda: {"rows": _rows}))
+    with pytest.raises(PluginContractError, match="'rows' of plugin 'rows_plugin' returned array") as caught:
+        grouping_solver("rows")(MATRIX, list(TASKS), 0.8)
+    assert "\n" not in str(caught.value)
 
 
 # ------------------------------------------------------------------------------ C2: the working directory
