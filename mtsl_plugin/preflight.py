@@ -230,7 +230,7 @@ def _call_plugins(config: MTSLConfig, tasks: tuple[str, ...] | None) -> None:
     y = torch.randn(8, 6, generator=generator)
     for name in dict.fromkeys((config.similarity, config.align_similarity)):
         value = similarity(name)(x, y)
-        if config.align and name == config.align_similarity and not value.requires_grad:
+        if config.aligns and name == config.align_similarity and not value.requires_grad:
             raise ValueError(f"similarity {name!r} returns no gradient, so it cannot drive the alignment loss "
                              "(align_similarity); use a differentiable one such as cka")
     names = list(tasks) if tasks else ["S", "D", "E"]

@@ -205,6 +205,7 @@ def test_an_alignment_similarity_without_gradient_is_refused_before_training(smo
 
     check_mtsl(smoke(tasks="SD", similarity="rsa").mtsl)
     check_mtsl(dataclasses.replace(smoke(tasks="SD", align_similarity="rsa").mtsl, align=False))
+    check_mtsl(dataclasses.replace(smoke(tasks="SD", align_similarity="rsa").mtsl, align_weight=0.0))  # off too
     with pytest.raises(ValueError, match="^similarity 'rsa' returns no gradient, so it cannot drive the alignment"):
         check_mtsl(smoke(tasks="SD", align_similarity="rsa").mtsl)
 
