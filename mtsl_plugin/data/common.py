@@ -133,12 +133,16 @@ def resize_binary(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def resize_dense(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear over the pixels where every channel is finite; pixels mostly off them become NaN."""
+    """Bilinear over each channel's finite values (a channel's value counts on its own, as in the losses and
+    metrics, so a NaN in one channel does not remove the others there); values mostly off them become NaN."""
     if values.shape[-2:] == (height, width):
         return values
-    valid = torch.isfinite(values).all(dim=0)
-    out, new_valid = _masked_resize(torch.where(valid, values, 0.0), valid, height, width)
-    return torch.where(new_valid, out, torch.full_like(out, float("nan")))
+    resized = []
+    for channel in values:
+        valid = torch.isfinite(channel)
+        out, new_valid = _masked_resize(torch.where(valid, channel, 0.0)[None], valid, height, width)
+        resized.append(torch.where(new_valid, out[0], float("nan")))
+    return torch.stack(resized)
 
 
 #: The resize of each target layout (:data:`mtsl_plugin.tasks.TARGET_LAYOUTS` but ``image``).

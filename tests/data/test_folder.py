@@ -114,6 +114,23 @@ def test_positive_targets_resize_and_augment_without_blending_in_their_zeros(tmp
         TargetFiles("dense", "D", 1, valid="sometimes")
 
 
+def test_each_dense_channel_keeps_its_own_values_when_resized_or_zoomed(tmp_path):
+    """Losses and metrics count each channel's value on its own, so a resize must not drop a channel's values
+    where another channel has none (the two channels here hold values on opposite halves)."""
+    two = np.full((32, 32, 2), np.nan, np.float32)
+    two[:16, :, 0], two[16:, :, 1] = 1.0, 2.0
+    root = _tiny(tmp_path, {"two/a.npy": two}, size=(32, 32))
+    targets = {"two": TargetFiles("dense", "two", 2)}
+    for size in ((32, 32), (16, 16), (64, 64)):  # as stored, shrunk, enlarged
+        t = build_dataset("folder", "train", root=str(root), targets=targets, height=size[0], width=size[1])[0][1]
+        valid = torch.isfinite(t["two"])
+        assert valid.float().mean(dim=(1, 2)).tolist() == [0.5, 0.5], size
+        assert set(t["two"][0][valid[0]].tolist()) == {1.0} and set(t["two"][1][valid[1]].tolist()) == {2.0}
+    _, zoomed = augment_sample(torch.rand(3, 32, 32), {"two": torch.from_numpy(two).permute(2, 0, 1)}, 1.5, 0, 0,
+                               False, layouts={"two": "dense"})
+    assert 0.4 < torch.isfinite(zoomed["two"][0]).float().mean() < 0.8 and torch.isfinite(zoomed["two"][1]).any()
+
+
 def test_build_split_marks_depth_and_positive_regressions(tmp_path):
     from mtsl_plugin.config import config_from_mapping, load_preset
     from mtsl_plugin.experiment import build_split
