@@ -30,7 +30,7 @@ from benchmarks.harness import (Job, check_jobs, dry_run, exit_code, method_jobs
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.experiment import num_locations, write_config, write_json
 from mtsl_plugin.methods import method_names
-from mtsl_plugin.plan import BranchingPlan
+from mtsl_plugin.plan import BranchingPlan, PlanError
 
 REFERENCES = ("stn", "onenet")
 #: The options --resume takes besides the folder: how the saved runs compute and report, not what they compute.
@@ -66,7 +66,10 @@ def plans_from(folder: Path, method: str, config: RunConfig, seeds: Sequence[int
         if not path.is_file():
             raise UsageError(f"--plan-from {folder}: no finished {source} run of seed {seed} ({path} is missing)")
         result = read_json(path)
-        plan = BranchingPlan.from_dict(result["plan"])
+        try:
+            plan = BranchingPlan.from_dict(result.get("plan"))
+        except PlanError as exc:
+            raise UsageError(f"--plan-from {folder}: {path}: {exc}") from None
         if plan.tasks != tuple(config.tasks):
             raise UsageError(f"--plan-from {folder}: the {source} plan has tasks {list(plan.tasks)}, this run has "
                              f"{list(config.tasks)}")

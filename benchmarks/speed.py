@@ -40,7 +40,7 @@ from mtsl_plugin.experiment import build_data, build_trainer
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.network.backbones import create_stages
 from mtsl_plugin.network.stages import NETWORKS, StageFactory
-from mtsl_plugin.plan import BranchingPlan, StageCost
+from mtsl_plugin.plan import BranchingPlan, PlanError, StageCost
 from mtsl_plugin.preflight import check_device
 from mtsl_plugin.tasks import build_tasks
 
@@ -55,7 +55,10 @@ def resolve_plan(name: str, num_locations: int) -> BranchingPlan:
     path = Path(name)
     if not path.is_file():
         raise ValueError(f"plan {name!r} is neither stn, onenet nor a plan JSON file")
-    plan = BranchingPlan.from_json(path.read_text())
+    try:
+        plan = BranchingPlan.from_json(path.read_text())
+    except PlanError as exc:
+        raise ValueError(f"plan {name!r}: {exc}") from None
     if plan.num_locations != num_locations:
         raise ValueError(f"plan {name!r} has {plan.num_locations} locations; this network has {num_locations}")
     return plan

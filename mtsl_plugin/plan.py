@@ -190,10 +190,23 @@ class BranchingPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "BranchingPlan":
-        try:
-            return cls(data["tasks"], data["partitions"])
-        except (KeyError, TypeError) as exc:
-            raise PlanError(f"a plan needs the keys 'tasks' and 'partitions' (got {exc!r})") from None
+        """The plan of :meth:`to_dict`'s form: ``tasks`` a list of names, ``partitions`` one list of groups (each a
+        list of names) per location. Anything else is a :class:`PlanError` naming where, not read another way (a
+        group written as the string ``"SD"`` is not the group of its letters here, as it is in Python)."""
+        if not isinstance(data, Mapping) or not {"tasks", "partitions"} <= data.keys():
+            got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+            raise PlanError(f"a plan needs the keys 'tasks' and 'partitions' (got {got})")
+        tasks, partitions = data["tasks"], data["partitions"]
+        if not _names(tasks):
+            raise PlanError(f"a plan's 'tasks' must be a list of task names, got {tasks!r:.200}")
+        if not isinstance(partitions, list):
+            raise PlanError(f"a plan's 'partitions' must be a list of one partition per location, got "
+                            f"{partitions!r:.200}")
+        for location, partition in enumerate(partitions):
+            if not (isinstance(partition, list) and all(_names(group) for group in partition)):
+                raise PlanError(f"location {location}: a partition must be a list of groups, each a list of task "
+                                f"names, got {partition!r:.200}")
+        return cls(tasks, partitions)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -231,3 +244,8 @@ class BranchingPlan:
     def _check_location(self, location: int) -> None:
         if not 0 <= location < self.num_locations:
             raise PlanError(f"location {location} is outside 0..{self.num_locations - 1}")
+
+
+def _names(value: object) -> bool:
+    """Whether ``value`` is a list of strings (a plan dict's list of task names)."""
+    return isinstance(value, list) and all(isinstance(name, str) for name in value)

@@ -129,6 +129,21 @@ def test_json_of_another_shape_is_a_plan_error():
             BranchingPlan.from_json(text)
 
 
+@pytest.mark.parametrize("data, culprit", [
+    ({"tasks": list("SD"), "partitions": [["SD"]]}, "location 0: a partition must be a list of groups"),  # not S|D
+    ({"tasks": list("SD"), "partitions": [[["S", "D"]], None]}, "location 1: a partition must be a list"),
+    ({"tasks": list("SD"), "partitions": [[["S", "D"], 3]]}, "location 0: a partition must be a list"),
+    ({"tasks": "S,D", "partitions": [[["S", "D"]]]}, "'tasks' must be a list of task names, got 'S,D'"),
+    ({"tasks": [1, 2], "partitions": [[[1, 2]]]}, "'tasks' must be a list of task names"),
+    ({"tasks": ["S"], "partitions": {"0": [["S"]]}}, "'partitions' must be a list of one partition per location"),
+    ({"tasks": ["S"]}, r"needs the keys 'tasks' and 'partitions' \(got \['tasks'\]\)"),
+])
+def test_a_plan_dict_of_another_shape_is_refused_naming_where(data, culprit):
+    """JSON carries only lists and strings: a string where a group should be is a mistake, not its letters."""
+    with pytest.raises(PlanError, match=culprit):
+        BranchingPlan.from_dict(data)
+
+
 def test_describe_joins_multi_letter_task_names_with_plus():
     """Multi-letter task names stay readable in ``describe``: a group's names are joined with ``+``."""
     plan = BranchingPlan(["seg", "depth", "E"], [[["seg", "depth", "E"]], [["seg", "depth"], ["E"]]])

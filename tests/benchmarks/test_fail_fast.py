@@ -328,6 +328,20 @@ def test_a_plan_from_another_network_is_refused_before_any_training(tmp_path, ca
     assert not out.exists()
 
 
+def test_a_plan_from_file_holding_no_plan_is_refused_naming_the_file(tmp_path, capsys, no_training):
+    source = tmp_path / "source"
+    (source / "mtsl" / "seed0").mkdir(parents=True)
+    remerging = {"tasks": ["S", "D"], "partitions": [[["S"], ["D"]], [["S", "D"]]] + [[["S", "D"]]] * 8}
+    result = source / "mtsl" / "seed0" / "result.json"
+    result.write_text(json.dumps({"plan": remerging}))
+    out = tmp_path / "out"
+    assert compare.main(["--methods", "mtsl_r", "--plan-from", str(source), "--out", str(out), *ARGS]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --plan-from {source}: {result}: location 1 groups ['S', "
+                                               "'D'] together although they are split at location 0; tasks never "
+                                               "re-merge deeper down")
+    assert not out.exists()
+
+
 def test_every_row_of_a_sweep_is_checked_before_the_first_trains(tmp_path, capsys, no_training):
     """A sweep value that cannot train (a NaN threshold) stops the command before its first, valid, row."""
     out = tmp_path / "out"

@@ -41,6 +41,14 @@ def test_speed_refuses_an_unknown_plan_in_one_line(capsys):
     assert "nowhere.json" in err and len(err.splitlines()) == 1
 
 
+def test_speed_refuses_a_plan_file_holding_no_plan_naming_it(tmp_path, capsys):
+    flat = tmp_path / "flat.json"  # one nesting level too few: not read as STN's single-letter groups
+    flat.write_text(json.dumps({"tasks": list("SDENA"), "partitions": [list("SDENA")] * 10}))
+    assert speed.main(["--plans", f"stn,{flat}", "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: plan '{flat}': location 0: a partition must be a list of "
+                                               "groups, each a list of task names, got ['S', 'D', 'E', 'N', 'A']")
+
+
 @pytest.mark.parametrize("argv, culprit", [
     (["--steps", "-1"], "--steps"), (["--batch", "2"], "--batch"), (["--height", "0"], "0x64"),
     (["--device", "cuda"], "no CUDA GPU"), (["--device", "tpux"], "tpux"), (["--plans", "six"], "6 locations"),
