@@ -15,6 +15,7 @@ import yaml
 
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.libmtl_compat import weight_args as libmtl_weight_args
+from mtsl_plugin.network.branched import check_task_names
 from mtsl_plugin.network.stages import check_network
 from mtsl_plugin.tasks import LOSS_SETS
 
@@ -119,6 +120,7 @@ class RunConfig:
         if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
             raise ValueError(f"tasks must be a list of task names (or one string, comma-separated: S,D), got "
                              f"{self.tasks!r}")
+        check_task_names(self.tasks)
         for step in self.lr_steps:  # MultiStepLR would never reach a later step, and would start decayed at 0
             if not 1 <= step < self.epochs:
                 raise ValueError(f"lr_steps {list(self.lr_steps)}: a step must lie in 1 to epochs - 1 "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,8 +18,18 @@ NodeKey = tuple[int, Group]
 
 def node_name(location: int, group: Group) -> str:
     """The module name of a node, e.g. ``"3-S+E"``; one name per node as long as no task name holds ``+`` (or a
-    dot, which module names may not contain): :class:`BranchedNetwork` refuses such names."""
+    dot, which module names may not contain): :func:`check_task_names` refuses such names."""
     return f"{location}-{'+'.join(group)}"
+
+
+def check_task_names(tasks: Sequence[str]) -> None:
+    """Refuse, in one ``ValueError``, task names that cannot name the network's modules: empty, holding ``+``
+    (which joins a group's tasks in node names, so two groups would share a node) or ``.`` (a module path), or
+    an attribute of ``nn.Module`` (``float``, ``train``, ...), which ``nn.ModuleDict`` of heads refuses."""
+    unnamable = [t for t in tasks if not t or "+" in t or "." in t or hasattr(nn.ModuleDict(), t)]
+    if unnamable:
+        raise ValueError(f"task name(s) {unnamable} cannot name network modules: a task name may not be empty, "
+                         "contain '+' or '.', or be an attribute of torch's nn.Module (such as float or train)")
 
 
 #: Layers whose inputs and weights autocast casts to its lower precision, and layers it runs in float32.
@@ -113,10 +123,7 @@ class BranchedNetwork(nn.Module):
         missing = [t for t in plan.tasks if t not in heads]
         if missing:
             raise ValueError(f"no head given for task(s) {missing}")
-        unnamable = [t for t in plan.tasks if "+" in t or "." in t]
-        if unnamable:  # "+" joins a group's tasks in node names (two groups would share one node), "." is a path
-            raise ValueError(f"task name(s) {unnamable} cannot name network nodes: a task name may not contain "
-                             "'+' or '.'")
+        check_task_names(plan.tasks)
         self.plan = plan
         self.stages = stages
         self.specs = stages.specs

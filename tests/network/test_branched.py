@@ -4,6 +4,7 @@ import timm
 import torch
 
 from conftest import differs
+from mtsl_plugin.config import RunConfig
 from mtsl_plugin.network.backbones import create_stages
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.network.cost import model_cost
@@ -398,11 +399,14 @@ def test_task_names_that_would_share_a_node_name_are_refused(stages):
     silently serving two groups. Such names (and dotted ones, which modules cannot take) are refused in a line."""
     tasks = ("a+b", "c", "a", "b+c")
     plan = BranchingPlan(tasks, [[["a+b", "c"], ["a", "b+c"]]] * 10)
-    with pytest.raises(ValueError, match=r"\['a\+b', 'b\+c'\] cannot name network nodes"):
+    with pytest.raises(ValueError, match=r"\['a\+b', 'b\+c'\] cannot name network modules"):
         BranchedNetwork(plan, stages, {t: stages.build_head(2) for t in tasks})
-    with pytest.raises(ValueError, match="may not contain"):
-        BranchedNetwork(BranchingPlan.single_task(("s.x", "d"), 10), stages,
-                        {t: stages.build_head(2) for t in ("s.x", "d")})
+    for bad in ("s.x", "", "float"):  # a dotted path; names nn.ModuleDict refuses (a raw KeyError before)
+        with pytest.raises(ValueError, match=f"\\[{bad!r}\\] cannot name network modules"):
+            BranchedNetwork(BranchingPlan.single_task((bad, "d"), 10), stages,
+                            {t: stages.build_head(2) for t in (bad, "d")})
+        with pytest.raises(ValueError, match=f"\\[{bad!r}\\] cannot name network modules"):
+            RunConfig(tasks=(bad, "d"))  # so a --config declaring it is refused before any training
 
 
 def test_created_nodes_take_the_networks_mode(stages):
