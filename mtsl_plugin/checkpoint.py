@@ -155,6 +155,24 @@ def _noting_interruptions(noted: list[BaseException]):
             signal.signal(signum, handler)
 
 
+def remove_partial_writes(folder: Path) -> None:
+    """Remove the ``*.tmp`` files that writes by :func:`atomic_write` cut short by a kill left in ``folder`` (the
+    intact files they were replacing stay); only for a process that holds the folder
+    (:mod:`mtsl_plugin.folder_lock`), so that no write of another process is under way."""
+    for partial in folder.glob("*.tmp"):
+        partial.unlink(missing_ok=True)
+
+
+def file_version(path: Path) -> tuple[int, int, int] | None:
+    """Which version of ``path`` is on disk (inode, modification time, size; an atomic write, which renames a new
+    file over it, gives another), or ``None`` when there is no file."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync it and rename it
     over ``path``. On any failure the temporary file is removed, ``path`` keeps its previous content, and an

@@ -31,7 +31,7 @@ from torch.utils.data import Subset
 
 from mtsl_plugin import distributed, folder_lock
 from mtsl_plugin.architecture import MTSL, check_arch_args
-from mtsl_plugin.checkpoint import CheckpointError, atomic_write
+from mtsl_plugin.checkpoint import CheckpointError, atomic_write, remove_partial_writes
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data import TargetFiles, build_dataset
 from mtsl_plugin.data.run_data import RunData
@@ -228,8 +228,7 @@ def _claim_run_dir(run_dir: Path, fingerprint: str, resume: bool) -> Path:
                          "kept: choose another folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():  # under torchrun rank 0 owns the folder
-        for partial in run_dir.glob("*.tmp"):
-            partial.unlink()
+        remove_partial_writes(run_dir)
     distributed.barrier()
     return saved
 

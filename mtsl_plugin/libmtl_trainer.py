@@ -70,7 +70,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from mtsl_plugin import distributed, folder_lock
 from mtsl_plugin.architecture import MTSL
-from mtsl_plugin.checkpoint import CheckpointError
+from mtsl_plugin.checkpoint import CheckpointError, file_version, remove_partial_writes
 from mtsl_plugin.data import FolderDataset
 from mtsl_plugin.data.real import NpyLayoutDataset
 from mtsl_plugin.data.run_data import RunData, smallest_batch
@@ -237,6 +237,8 @@ class Trainer(MTLTrainer):
                                arch_args.pop("setting", "encoder-decoder"), seed=seed)
             encoder_class, decoders = (lambda: stages), {t: as_head(d) for t, d in dict(decoders).items()}
         self.save_path = None if save_path is None else Path(save_path)
+        # the checkpoint this Trainer continues (or its absence): train() refuses one another process changed since
+        self._checkpoint_read = None if self.save_path is None else file_version(self.save_path / CHECKPOINT)
         start, resuming = _start_file(self.save_path, load_path)
         self._start = start  # named when a resumed run's schedule does not fit
         origin, advice = ((f"save_path's checkpoint {start} (an unfinished run, which a Trainer on that save_path "
@@ -317,10 +319,17 @@ class Trainer(MTLTrainer):
         if self.save_path is None:
             self.fit(data, epochs, progress=progress)
         else:  # another process training into save_path: FolderBusy, before any step
+            checkpoint = self.save_path / CHECKPOINT
             with folder_lock.holding(self.save_path):
-                self.fit(data, epochs, checkpoint=self.save_path / CHECKPOINT, progress=progress)
+                if distributed.broadcast_object(file_version(checkpoint) != self._checkpoint_read):
+                    raise ValueError(f"{checkpoint} changed after this Trainer was built (another process trained "
+                                     f"in {self.save_path}); it is kept: build a new Trainer to continue from it")
+                if distributed.is_main():
+                    remove_partial_writes(self.save_path)
+                self.fit(data, epochs, checkpoint=checkpoint, progress=progress)
                 # rank 0 writes; a failed write stops every rank (the others would wait in test()'s collectives)
                 distributed.fail_together(lambda: self.save_weights(self.save_path / WEIGHTS), CheckpointError)
+                self._checkpoint_read = file_version(checkpoint)
         results = {"test": self.test(test_dataloaders)}
         if val_dataloaders is not None:
             results["val"] = self.test(val_dataloaders, mode="val")

@@ -363,6 +363,24 @@ def test_a_save_path_another_process_trains_in_is_refused_before_any_step(tiny_n
     assert trainer.epochs_done == 0 and sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
 
 
+def test_a_trainer_built_before_another_finished_in_its_save_path_refuses_to_train_over_it(tiny_nyuv2, tmp_path):
+    """Whether a Trainer resumes is decided when it is built; one built before another Trainer trained in the same
+    save_path would train from its stale start over the other's checkpoint and model.pt, so it is refused. A
+    Trainer's own checkpoints do not count, and the ``*.tmp`` files a killed write left go when a Trainer trains."""
+    mtsl = {"task_epochs": (1,), "amalgamation_epochs": (1,), "total_epochs": 1}
+    first, second = (tiny_trainer(tmp_path / "run", mtsl=mtsl) for _ in range(2))  # neither sees a checkpoint
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt.deadbeef.tmp").write_bytes(b"cut short")
+    second.train(*loaders(tiny_nyuv2), 1, progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "checkpoint.pt", "model.pt"]
+    written = {name: (tmp_path / "run" / name).read_bytes() for name in ("checkpoint.pt", "model.pt")}
+    with pytest.raises(ValueError, match=r"checkpoint.pt changed after this Trainer was built \(another process "
+                                         r"trained in .*run\); it is kept: build a new Trainer to continue from it$"):
+        first.train(*loaders(tiny_nyuv2), 1, progress=False)
+    assert all((tmp_path / "run" / name).read_bytes() == data for name, data in written.items())
+    second.train(*loaders(tiny_nyuv2), 1, progress=False)  # the Trainer that wrote it goes on
+
+
 def test_the_batches_the_trainer_draws_follow_the_scripts_seed(tiny_nyuv2, monkeypatch):
     """Amalgamation batches (and BMTAS's split) are drawn by the Trainer, not by the script's loaders: their order
     follows the seed the script gave torch (``set_random_seed``), as the loaders' own shuffling does, so runs of
