@@ -72,7 +72,10 @@ def _try_lock(folder: Path) -> tuple[bool, int | None]:
     system keeps no locks (a warning is printed), ``(False, None)`` when another process holds it."""
     if fcntl is None:
         return True, None
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # readable and writable by whoever may write the results (0o666 less the umask, as the results are)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file in a shared folder: flock needs no write access
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

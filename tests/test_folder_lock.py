@@ -97,6 +97,30 @@ def test_a_holder_record_that_cannot_be_written_still_holds_and_releases(tmp_pat
     assert not locked(tmp_path)
 
 
+def test_the_lock_file_is_as_writable_as_the_results_and_anothers_read_only_one_still_locks(tmp_path, monkeypatch):
+    """In a group-shared folder (umask 002) a group member who may write the results may open the lock too; a
+    lock file this user cannot write (another user's, made before) is locked through a read-only descriptor."""
+    umask = os.umask(0o002)
+    try:
+        with folder_lock.holding(tmp_path / "shared"):
+            pass
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "shared" / LOCK_FILE).stat().st_mode & 0o777 == 0o664
+    opened = os.open
+
+    def not_writable(path, flags, *mode):  # as for a user other than the lock file's owner (root may write it)
+        if flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return opened(path, flags, *mode)
+
+    monkeypatch.setattr(folder_lock.os, "open", not_writable)
+    with folder_lock.holding(tmp_path / "shared"):
+        monkeypatch.undo()
+        assert locked(tmp_path / "shared")
+    assert not locked(tmp_path / "shared")
+
+
 def test_a_file_system_without_locks_is_used_unlocked_after_a_warning(tmp_path, monkeypatch, capsys):
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
