@@ -152,25 +152,28 @@ def disk_need(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) ->
     :data:`SIZE_MARGIN`), its checkpoint when ``keep_checkpoints`` keeps it, and two checkpoints of the run in
     training (the last one stays until the next, written to a temporary file, is renamed over it; removed when
     the run finishes). A checkpoint holds the weights and the optimizer's copies of them
-    (:func:`optimizer_copies`: Adam's two moments make it three times the weights). The checkpoints unfinished
-    runs left in ``out`` take part of that already (free space does not count them). JSON records and figures
-    take kilobytes."""
-    bounds, sizes, written = [], {}, 0
+    (:func:`optimizer_copies`: Adam's two moments make it three times the weights). The checkpoint an unfinished
+    run left in ``out`` is on the disk already (free space does not count it): it is that run's last checkpoint
+    when it continues, and a kept checkpoint replaces it. Another run's leftover stays until that run finishes,
+    so it frees nothing for the run in training. JSON records and figures take kilobytes."""
+    bounds, sizes = [], {}  # per unfinished run: its weights, its checkpoint, the checkpoint it left
     for job in jobs:
         if (job.run_dir(out) / "result.json").exists():  # finished: reused
             continue
         checkpoint = job.run_dir(out) / CHECKPOINT
-        written += checkpoint.stat().st_size if checkpoint.is_file() else 0  # an unfinished run's: on disk already
         key = job.config.fingerprint(exclude=("device", "seed", "mtsl"))
         if key not in sizes:  # the device, seed, execution and MTSL's options change no network's size
             weights = SIZE_MARGIN * single_task_bytes(job.config)
             sizes[key] = weights, (1 + optimizer_copies(job.config.optimizer)) * weights
-        bounds.append(sizes[key])
+        bounds.append((*sizes[key], checkpoint.stat().st_size if checkpoint.is_file() else 0))
     if not bounds:
         return 0
-    need = (sum(weights + keep_checkpoints * checkpoint for weights, checkpoint in bounds)
-            + 2 * max(checkpoint for _, checkpoint in bounds))  # the last checkpoint and the one written
-    return max(0, int(need) - written)
+    weights = sum(weights for weights, _, _ in bounds)
+    if keep_checkpoints:  # every run's checkpoint stays, and the run in training writes its next beside its last
+        need = weights + sum(checkpoint - left for _, checkpoint, left in bounds) + 2 * max(c for _, c, _ in bounds)
+    else:  # one run trains at a time: its last checkpoint (the one it left, when it continues) and the one written
+        need = weights + max(2 * checkpoint - left for _, checkpoint, left in bounds)
+    return max(0, int(need))
 
 
 def check_disk(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) -> int:

@@ -193,14 +193,25 @@ def test_the_disk_need_bounds_what_every_method_writes(tmp_path, smoke):
 
 def test_the_checkpoint_an_unfinished_run_left_counts_as_written(tmp_path, smoke):
     """Resuming on a tight disk: the last checkpoint of the run to continue is on the disk already (free space
-    does not count it), so it is not asked for twice."""
+    does not count it), so it is not asked for twice; but another run's leftover frees nothing for the run in
+    training (it stays until its own run finishes), so the leftovers of a killed job array are not added up."""
     from benchmarks.harness import disk_need, method_jobs
 
-    jobs = method_jobs(["stn", "mtsl"], smoke(tasks=("S", "D")), [0])
-    fresh = disk_need(jobs, tmp_path)
+    config = smoke(tasks=("S", "D"))
+    jobs = method_jobs(["stn", "mtsl"], config, [0])
+    fresh, fresh_mtsl = disk_need(jobs, tmp_path), disk_need(jobs[1:], tmp_path)
     (tmp_path / "mtsl" / "seed0").mkdir(parents=True)
     (tmp_path / "mtsl" / "seed0" / "checkpoint.pt").write_bytes(bytes(12345))
-    assert disk_need(jobs, tmp_path) == fresh - 12345
+    assert disk_need(jobs[1:], tmp_path) == fresh_mtsl - 12345
+    assert disk_need(jobs, tmp_path) == fresh  # STN trains first and writes two whole checkpoints
+    assert disk_need(jobs, tmp_path, keep_checkpoints=True) == disk_need(jobs, tmp_path / "empty", True) - 12345
+    seeds = method_jobs(["stn"], config, [0, 1, 2])
+    weights = disk_need(seeds[:1], tmp_path) // 3  # one run: its weights and two checkpoints, each 3x the weights
+    for job in seeds:  # a killed array left a whole checkpoint in each folder
+        job.run_dir(tmp_path).mkdir(parents=True)
+        with open(job.run_dir(tmp_path) / "checkpoint.pt", "wb") as handle:
+            handle.truncate(3 * weights)  # sparse: no disk used
+    assert disk_need(seeds, tmp_path) >= 3 * weights  # each continued run writes one more beside its own
 
 
 @pytest.mark.parametrize("optimizer", [{"optim": "adam", "lr": 1e-3, "amsgrad": True},
