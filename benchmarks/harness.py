@@ -29,7 +29,7 @@ from benchmarks.report import aggregate, delta_mtl, format_table, with_provenanc
 from mtsl_plugin import distributed, folder_lock
 from mtsl_plugin.architecture import check_arch_args
 from mtsl_plugin.config import RunConfig
-from mtsl_plugin.experiment import (CHECKPOINT, method_spec, num_locations, run_fingerprint, run_method,
+from mtsl_plugin.experiment import (CHECKPOINT, ForeignRun, method_spec, num_locations, run_fingerprint, run_method,
                                     single_task_bytes, training_epochs, write_json)
 from mtsl_plugin.methods import build_method
 from mtsl_plugin.plan import BranchingPlan
@@ -105,12 +105,12 @@ def read_json(path: Path) -> Any:
 def saved_run(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     """The record of the run in ``run_dir`` (``result.json`` once finished, else ``config.json``), ``None`` if it
     holds none; a run of another fingerprint is refused (``ValueError`` naming the folder), so it is never
-    overwritten."""
+    overwritten (:class:`~mtsl_plugin.experiment.ForeignRun`)."""
     for path in (run_dir / "result.json", run_dir / "config.json"):
         if path.exists():
             record = read_json(path)
             if record.get("fingerprint") != fingerprint:
-                raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another --out")
+                raise ForeignRun(f"{run_dir} holds a run of another configuration; it is kept: choose another --out")
             return record
     return None
 
@@ -267,24 +267,32 @@ def run_job(job: Job, out: Path, results: list[dict[str, Any]], progress: bool,
     stopped early, its checkpoint continued); without ``wait`` it raises
     :class:`~mtsl_plugin.folder_lock.FolderBusy` instead."""
     run_dir = job.run_dir(out)
-    plan = retrained_plan(job, results)
-    spec = method_spec(job.method, job.config, dict(job.arch_args))
     tag = f"[{job.label} seed {job.config.seed}]"
 
     def say(text: str) -> None:
         if distributed.is_main():
             print(f"{tag} {text}", flush=True)
 
+    try:  # every rank computes these alike from the same records, so a failure here is every rank's
+        plan = retrained_plan(job, results)
+        spec = method_spec(job.method, job.config, dict(job.arch_args))
+    except Exception as exc:
+        raise distributed.on_every_rank(exc)
     with folder_lock.holding(run_dir, wait=wait, on_wait=lambda who: say(f"waiting for {who}, which trains it")):
-        previous = saved_run(run_dir, run_fingerprint(job.method, job.config, spec, plan))
+        try:  # read under the lock, which no other process then writes: alike on every rank
+            previous = saved_run(run_dir, run_fingerprint(job.method, job.config, spec, plan))
+        except ValueError as exc:
+            raise distributed.on_every_rank(exc)
         if previous is not None and previous.get("status") == "ok":  # only result.json has a status
             say(f"reusing the finished run in {run_dir}")
             if previous.get("checkpoint_kept") is False and not keep_checkpoints and distributed.is_main():
                 (run_dir / CHECKPOINT).unlink(missing_ok=True)  # a stop between result.json and its removal left it
-            return {**previous, "label": job.label}
-        say("training")
-        result = run_method(job.config, job.method, run_dir, resume=True, progress=progress, plan=plan,
-                            keep_checkpoint=keep_checkpoints, arch_args=dict(job.arch_args), check=False)  # check_jobs
+            result = previous
+        else:
+            say("training")
+            result = run_method(job.config, job.method, run_dir, resume=True, progress=progress, plan=plan,
+                                keep_checkpoint=keep_checkpoints, arch_args=dict(job.arch_args),
+                                check=False)  # check_jobs checked
         if distributed.is_main():  # an earlier failure's traceback (error.txt, error<rank>.txt) no longer holds
             for stale in run_dir.glob("error*.txt"):
                 stale.unlink(missing_ok=True)
@@ -336,7 +344,7 @@ def failed_row(job: Job, out: Path, exc: Exception) -> dict[str, Any]:
     alone = not distributed.raised_on_every_rank(exc)  # then the others may wait in this run's collectives
     with contextlib.suppress(OSError):  # the traceback is a courtesy; a full disk must not lose the row
         job.run_dir(out).mkdir(parents=True, exist_ok=True)
-        if distributed.is_main() or alone:
+        if (distributed.is_main() or alone) and not isinstance(exc, ForeignRun):  # not into another's run
             (job.run_dir(out) / f"error{distributed.rank() or ''}.txt").write_text(traceback.format_exc())
     if alone:
         raise RankFailure(f"[{job.label} seed {job.config.seed}] failed on rank {distributed.rank()}: {exc} "

@@ -56,6 +56,11 @@ WEIGHTS = "model.pt"  # a finished run's trained weights
 INITIALISATION = "heads per task"
 
 
+class ForeignRun(ValueError):
+    """A run folder holds a run of another configuration: it is refused and kept as it is (nothing, not even a
+    failure's traceback, is written into it)."""
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temporary file, then rename); a failed write names ``path`` and keeps the old file."""
     text = json.dumps(data, indent=1).encode()
@@ -219,7 +224,7 @@ def _claim_run_dir(run_dir: Path, fingerprint: str, resume: bool) -> Path:
     and kept as it is; files a kill cut short (``*.tmp``, beside the intact files they were replacing) go."""
     saved = run_dir / "config.json"
     if saved.exists() and json.loads(saved.read_text()).get("fingerprint") != fingerprint:
-        raise ValueError(f"{run_dir} holds a run of another configuration; it is kept: choose another folder")
+        raise ForeignRun(f"{run_dir} holds a run of another configuration; it is kept: choose another folder")
     if not resume and (run_dir / CHECKPOINT).exists():
         raise ValueError(f"{run_dir / CHECKPOINT} holds an unfinished run, which starting afresh would overwrite; "
                          "it is kept: continue it (resume=True) or choose another folder")

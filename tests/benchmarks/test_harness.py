@@ -254,6 +254,32 @@ def test_a_failed_run_that_later_finishes_keeps_no_error_file(tmp_path, smoke, m
     assert not (job.run_dir(tmp_path) / "error.txt").exists()
 
 
+def test_a_folder_of_another_run_gets_no_error_file_and_failures_every_rank_computes_alike_are_rows(
+        tmp_path, smoke, monkeypatch, capsys):
+    """A folder holding another configuration's finished run is refused and kept as it is: no error.txt written
+    into it, which made that run look failed. Under torchrun, that refusal and a "-R" job whose source did not
+    finish are every rank's failure (each rank reads the same records), so they are failed rows and the sweep
+    goes on, as in one process, rather than stopping the command as a failure of one rank."""
+    import contextlib
+
+    from benchmarks import harness
+
+    config = smoke(tasks=("S", "D"))
+    foreign = harness.Job("onenet", "onenet", config)
+    foreign.run_dir(tmp_path).mkdir(parents=True)
+    (foreign.run_dir(tmp_path) / "result.json").write_text('{"fingerprint": "another", "status": "ok"}')
+    assert harness.run_jobs([foreign], tmp_path, progress=False)[0]["status"] == "failed"
+    assert sorted(p.name for p in foreign.run_dir(tmp_path).iterdir()) == [".lock", "result.json"]
+
+    as_rank_1_of_2(monkeypatch)
+    monkeypatch.setattr(harness.folder_lock, "holding", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(harness, "run_method", lambda config, method, run_dir, **kwargs: {
+        "method": method, "seed": config.seed, "status": "ok"})
+    jobs = [harness.Job("mtsl_r", "mtsl_r", config), foreign, harness.Job("stn", "stn", config)]
+    assert [r["status"] for r in harness.run_jobs(jobs, tmp_path, progress=False)] == ["failed", "failed", "ok"]
+    assert "[mtsl_r seed 0] failed: mtsl_r retrains the plan of mtsl" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("optimizer, copies", [({"optim": "adam"}, 2), ({"optim": "adam", "amsgrad": True}, 3),
                                                ({"optim": "rmsprop"}, 2), ({"optim": "rmsprop", "momentum": 0.9}, 2),
                                                ({"optim": "rmsprop", "momentum": 0.9, "centered": True}, 3),
