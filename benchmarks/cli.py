@@ -165,8 +165,18 @@ _VALUE_OPTIONS = ("device", "setting", "workers", "backbone", "network", "weight
 _FLAG_OPTIONS = ("fused", "channels_last", "compile", "pretrained")
 
 
+def join_ranks(config: RunConfig) -> RunConfig:
+    """Under torchrun: join the process group on ``config``'s device (``--device``, else a ``--config`` file's or a
+    resumed comparison's) and return ``config`` on this rank's device (``cuda:<local rank>``); in one process,
+    ``config`` as it is. Called once, when a command's configuration is known."""
+    if not distributed.launched():
+        return config
+    return config.replace(device=distributed.init_from_env(config.device))
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The :class:`RunConfig` of :func:`add_run_args`' options (plugins named there must be loaded already)."""
+    """The :class:`RunConfig` of :func:`add_run_args`' options (plugins named there must be loaded already), on
+    this rank's device under torchrun (:func:`join_ranks`)."""
     config = load_preset(args.preset)
     if args.config:
         config = load_config_file(args.config, base=config)
@@ -189,7 +199,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                          "efficientnet_b0, regnetx_002, mobilenetv3_small_100)")
     if args.backbone is not None and architecture_family(args.backbone) != architecture_family(config.backbone):
         changes["backbone_args"] = {}  # the preset's (e.g. a ResNet's channels) are another family's arguments
-    return config.replace(**changes)  # the rest is checked with every job's configuration: check_jobs
+    return join_ranks(config.replace(**changes))  # the rest is checked with every job's configuration: check_jobs
 
 
 def _data_from_args(args: argparse.Namespace, config: RunConfig) -> DataConfig:
@@ -304,14 +314,13 @@ def run_main(main_body, args: argparse.Namespace, distributed_ok: bool = False) 
     """Run a command's body; user errors become one line on stderr and exit code 2, Ctrl-C and SIGTERM one line
     too (exit codes 130, 143); after a stop, or a file that could not be written, the line says how to go on where
     the command has a results folder. Under torchrun a command that supports it (``distributed_ok``: compare,
-    ablation, sensitivity, robustness) joins the process group; the others refuse to start."""
+    ablation, sensitivity, robustness) joins the process group once its configuration is known
+    (:func:`join_ranks`); the others refuse to start."""
     if not distributed_ok and refuse_torchrun():
         return 2
     try:
         with sigterm_as_interrupt():
             load_plugins(args)
-            if distributed.launched():
-                args.device = distributed.init_from_env(args.device or "cpu")
             return main_body()
     except USER_ERRORS as exc:  # a file not written (a table on a full disk): the runs are kept, say so
         print(f"error: {exc}{how_to_go_on(args) if isinstance(exc, WriteError) else ''}", file=sys.stderr)

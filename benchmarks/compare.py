@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 from benchmarks.figures import alignment_figure, search_figure
 from mtsl_plugin import distributed, folder_lock
-from benchmarks.cli import (MAX_SEED, UsageError, add_run_args, check_out, config_from_args, parse_list, parse_seeds,
-                            run_main)
+from benchmarks.cli import (MAX_SEED, UsageError, add_run_args, check_out, config_from_args, join_ranks, parse_list,
+                            parse_seeds, run_main)
 from benchmarks.harness import (Job, check_jobs, dry_run, exit_code, method_jobs, read_json, source_of, train,
                                 with_sources, write_results)
 from mtsl_plugin.config import RunConfig
@@ -196,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     channels_last=args.channels_last or config.channels_last,
                                     compile=args.compile or config.compile,
                                     workers=config.workers if args.workers is None else args.workers)
+            config = join_ranks(config)
             plan_from = meta.get("plan_from")
         else:
             config = config_from_args(args)
@@ -206,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(method_names()))}")
             methods, seeds, plan_from = list(dict.fromkeys([*REFERENCES, *requested])), parse_seeds(args.seeds), \
                 args.plan_from
-            out = check_out(Path(args.out or f"results/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
+            started = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))  # one folder for every rank
+            out = check_out(Path(args.out or f"results/{config.preset}-{started}"))
             seen = saved_text(out)
             if out.exists() and any(p.name != folder_lock.LOCK_FILE for p in out.iterdir()):
                 methods, seeds = extend_comparison(out, config, methods, seeds, plan_from)

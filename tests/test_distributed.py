@@ -141,6 +141,21 @@ def test_commands_without_a_distributed_path_refuse_torchrun(monkeypatch, capsys
     assert "runs in one process" in err and "without torchrun" in err and len(err.splitlines()) == 1
 
 
+def test_under_torchrun_the_group_is_joined_on_the_device_the_configuration_names(tmp_path, monkeypatch, capsys):
+    """The device of a --config file reaches the process group (it was joined on --device, else cpu, before the
+    file was read, and the file's cuda was replaced by cpu: a GPU run trained on the CPU without a word)."""
+    from benchmarks import compare
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    joined = []
+    monkeypatch.setattr(distributed, "init_from_env", lambda device: joined.append(device) or device)
+    (tmp_path / "gpu.yaml").write_text("device: cuda\n")
+    argv = ["--preset", "smoke", "--methods", "stn", "--dry-run", "--no-progress", "--out", str(tmp_path / "out")]
+    compare.main([*argv, "--config", str(tmp_path / "gpu.yaml")])
+    compare.main(argv)
+    assert joined == ["cuda", "cpu"]
+
+
 def smoke_trainer():
     config = smoke_config(tasks=("S", "D"))
     seed_everything(0)
