@@ -87,11 +87,15 @@ def check_config(config: RunConfig, *, scan: bool = True, progress: bool = True,
     # under torchrun each process trains on its share of a batch (a last one cut to a multiple of the processes);
     # MTSL's amalgamation reads whole batches in every process
     processes = distributed.world_size()
+    distributed.per_rank_batch(config.batch_size)  # a batch the processes do not divide: refused here, not at step 1
     amalgamates = learner is not None and learner.amalgamate and any(learner.amalgamation_epochs)
     for samples, over in training_sets(architecture, trained):
         drop_last = drops_last_batch(samples, config.batch_size)
         smallest = smallest_batch(samples, config.batch_size, drop_last)
         share = smallest_batch(samples, config.batch_size, drop_last, processes)
+        if share == 0:  # fewer samples than processes: an epoch would train no step, saying nothing
+            raise ValueError(f"batch_size {config.batch_size} over {over} gives each of {processes} processes no "
+                             "image in a step: use more training samples or fewer processes")
         if share == 1 or (amalgamates and smallest == 1):  # BatchNorm on a 1x1 feature map fails at that step
             gives = "a batch of 1 image" if processes == 1 or share != 1 else f"each of {processes} processes 1 image"
             try:

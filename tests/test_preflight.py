@@ -254,6 +254,24 @@ def test_the_batch_of_one_check_counts_each_process_share_under_torchrun(smoke, 
         check_config(config, learner=mtsl)
 
 
+@pytest.mark.parametrize("changes, culprit", [
+    ({"batch_size": 5}, "the batch of 5 cannot be split evenly over 2 processes"),
+    ({"data": {"train": 1, "grouping_data": "train"}}, "batch_size 8 over 1 training samples gives each of 2 processes "
+                                                       "no image in a step"),
+])
+def test_a_batch_the_processes_cannot_share_is_refused_before_any_training(smoke, monkeypatch, changes, culprit):
+    """Under torchrun: a batch the processes do not divide, or too few samples for every process to get one, was
+    found at the first step (after the run's folder was made) or not at all (epochs without a step)."""
+    from mtsl_plugin import distributed
+    from mtsl_plugin.preflight import check_config
+
+    config = smoke(tasks=("S", "D"))
+    data = dataclasses.replace(config.data, **changes.pop("data", {}))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match=f"^{culprit}"):
+        check_config(config.replace(data=data, **changes))
+
+
 @pytest.mark.parametrize("train, part, refused", [(11, "weights", True), (5, "architecture", True),
                                                   (12, None, False)])
 def test_the_batch_of_one_check_counts_the_batches_of_each_part_of_bmtas_search_split(smoke, tmp_path, train, part,
