@@ -78,6 +78,12 @@ def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _label(label: str, entry: Mapping[str, Any]) -> str:
+    """A row's label; one whose cells cover only some of its seeds says how many failed, as the comparison's do."""
+    failed = entry["runs"] - entry["ok"]
+    return f"{label} ({failed} of {entry['runs']} runs failed)" if failed else label
+
+
 def _failed_row(label: str, entry: Mapping[str, Any], width: int) -> str:
     error = str(entry["errors"][0] if entry["errors"] else "unknown error")
     return _row([label, f"failed: {escape_cell(first_line_of(error))}"] + ["—"] * (width - 2))
@@ -95,7 +101,7 @@ def corruption_table(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[s
             continue
         cells = [_cell(entry["clean"].get(t) if c == "clean" else entry["categories"][c].get(t))
                  for t in tasks for c in columns]
-        lines.append(_row([label, *cells]))
+        lines.append(_row([_label(label, entry), *cells]))
     return "\n".join(lines) + "\n"
 
 
@@ -111,7 +117,7 @@ def pgd_table(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], at
             continue
         for attacked in attack_tasks:
             cells = [_cell(entry["pgd"][attacked][eps_key(e)].get(t)) for t in tasks for e in epsilons]
-            lines.append(_row([label, attacked, *cells]))
+            lines.append(_row([_label(label, entry), attacked, *cells]))
     return "\n".join(lines) + "\n"
 
 

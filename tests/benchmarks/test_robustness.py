@@ -215,6 +215,17 @@ def test_the_summary_is_the_mean_and_sample_std_over_a_labels_successful_seeds()
     assert summary["stn"]["categories"]["noise"]["D"] == pytest.approx([0.46, 0.0, 1])
 
 
+def test_a_row_covering_some_of_its_seeds_says_how_many_failed():
+    """As the comparison table does: a mean over 2 of 3 seeds is not read as one over all of them."""
+    runs = [robust_run("mtsl", 0, 0.0), robust_run("mtsl", 1, 0.1), robust_run("mtsl", 2, 0.0, "failed"),
+            robust_run("stn", 0, 0.02)]
+    summary = robustness_report.summarise(runs)
+    corruption = robustness_report.corruption_table(summary, ["S", "D"], ["noise"])
+    pgd = robustness_report.pgd_table(summary, ["S", "D"], ["S"], [1.0])
+    for table in (corruption, pgd):
+        assert [r["Method"] for r in table_rows(table)] == ["mtsl (1 of 3 runs failed)", "stn"]
+
+
 def test_every_number_of_the_tables_stands_under_its_own_column():
     runs = [robust_run("mtsl", 0, 0.0)]
     summary, labels = robustness_report.summarise(runs), robustness_report.task_labels(runs)
@@ -232,7 +243,7 @@ def test_table_cells_keep_four_significant_digits_at_every_scale():
     def stat(mean, std=0.0, n=1):
         return [mean, std, n]
 
-    summary = {"m": {"ok": 1, "clean": {"S": stat(61.234), "D": stat(0.012345)},
+    summary = {"m": {"ok": 1, "runs": 1, "clean": {"S": stat(61.234), "D": stat(0.012345)},
                      "categories": {"noise": {"S": stat(0.5), "D": stat(2.5, 0.25, 2)}}}}
     row = table_row(robustness_report.corruption_table(summary, ["S", "D"], ["noise"]), "m")
     assert [row["S mIoU ↑ clean"], row["D RMSE ↓ clean"], row["S noise"]] == [
