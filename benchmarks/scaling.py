@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -98,7 +99,10 @@ def launch(args: argparse.Namespace, nproc: int, json_path: Path) -> None:
                str(Path(__file__).resolve()), "--worker", "--json", str(json_path), *forwarded]
     done = subprocess.run(command, capture_output=True, text=True, env=launch_env(nproc))
     if done.returncode != 0 or not json_path.is_file():
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        # a worker's traceback, which torchrun's own summary (the output's last lines) leaves out
+        failures = sorted(json_path.parent.glob(f"{json_path.name}.rank*.err"))
+        output = failures[0].read_text() if failures else done.stdout + done.stderr
+        tail = "\n".join(output.strip().splitlines()[-15:])
         raise RuntimeError(f"the run with {nproc} process(es) failed (exit {done.returncode}):\n{tail}")
 
 
@@ -154,7 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(args)
+        try:
+            worker(args)
+        except BaseException:  # for the launching command to show (torchrun's output ends in its own summary)
+            Path(f"{args.json}.rank{os.environ.get('RANK', '0')}.err").write_text(traceback.format_exc())
+            raise
         return 0
     return run_main(lambda: time_counts(args), args)
 
@@ -166,9 +174,9 @@ def time_counts(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     check_step_options(args.device, args.batch, args.height, args.width, args.steps)
-    bad = [t for t in args.tasks.split(",") if t not in TASKS]
-    if bad or len(args.tasks.split(",")) < 2:
-        raise ValueError(f"--tasks must name two or more of S, D, E, N, A; got {args.tasks!r}")
+    tasks = args.tasks.split(",")
+    if any(t not in TASKS for t in tasks) or len(tasks) < 2 or len(set(tasks)) != len(tasks):
+        raise ValueError(f"--tasks must name two or more distinct tasks of S, D, E, N, A; got {args.tasks!r}")
     indivisible = [n for n in counts if args.batch % n]
     if args.batch < 1 or indivisible:
         raise ValueError(f"the global batch of {args.batch} cannot be split evenly over {indivisible or counts} "
@@ -176,7 +184,15 @@ def time_counts(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and max(counts) > torch.cuda.device_count():
         raise ValueError(f"--nproc {max(counts)} needs as many GPUs; this machine has "
                          f"{torch.cuda.device_count()}")
-    create_stages(args.backbone, network=args.network)  # a bad name fails here, before any launch
+    if args.json and not os.access(Path(args.json).absolute().parent, os.W_OK):  # not after all the timing
+        raise ValueError(f"--json {args.json}: its folder does not exist or cannot be written")
+    stages = create_stages(args.backbone, network=args.network)  # a bad name fails here, before any launch
+    if args.batch in counts:  # a process trains on one image: BatchNorm on a 1x1 feature map cannot
+        try:
+            stages.check_batch_of_one(args.height, args.width)
+        except ValueError as exc:
+            raise ValueError(f"--nproc {args.batch} gives each process one image of the batch of {args.batch}, "
+                             f"and {exc}") from None
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for n in counts:

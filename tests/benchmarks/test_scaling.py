@@ -40,14 +40,18 @@ def test_speedups_are_throughput_ratios_to_the_first_count_and_to_the_anchors():
     (["--nproc", "0"], "at least 1"),
     (["--nproc", "1,x"], "1,x"),
     (["--tasks", "S,Q"], "S,Q"),
+    (["--tasks", "S,S"], "S,S"),
     (["--steps", "0"], "--steps"),
     (["--backbone", "nope"], "nope"),
-    (["--device", "cuda", "--nproc", "1,64"], "cuda"),  # no GPU here; with GPUs: "needs as many GPUs"
+    (["--device", "cuda", "--nproc", "1,64", "--batch", "64"], "cuda"),  # no GPU, or fewer than 64 GPUs
+    (["--nproc", "1,4", "--batch", "4", "--height", "32", "--width", "32"], "--nproc 4 gives each process one image"),
+    (["--json", "/nowhere/x.json"], "--json /nowhere/x.json"),
 ])
-def test_bad_input_is_refused_in_one_line_before_any_launch(capsys, argv, culprit):
+def test_bad_input_is_refused_in_one_line_before_any_launch(capsys, launches, argv, culprit):
     assert scaling.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert culprit in err and len(err.splitlines()) == 1
+    assert not launches
 
 
 @pytest.fixture
@@ -82,6 +86,21 @@ def test_every_process_count_gets_all_the_cores(monkeypatch, tmp_path, launches)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
     scaling.launch(args, 1, tmp_path / "again.json")
     assert nproc(launches[-1][0]) == 1 and launches[-1][1].get("OMP_NUM_THREADS") == "3"
+
+
+def test_a_failed_launch_shows_the_workers_own_error(tmp_path, monkeypatch):
+    """torchrun's output ends in its own summary of the failure, which leaves out the worker's exception."""
+    def failing(command, env, **kwargs):
+        with pytest.raises(ValueError, match="nope"):
+            scaling.main([*command[command.index("--worker"):], "--backbone", "nope"])  # the worker fails
+        return subprocess.CompletedProcess(command, 1, "", "torchrun's summary\n" * 20)
+
+    monkeypatch.setattr(scaling.subprocess, "run", failing)
+    args = argparse.Namespace(device="cpu", batch=4, height=32, width=32, steps=1, network="compact",
+                              backbone="resnet10t", tasks="S,D", fused=False)
+    with pytest.raises(RuntimeError, match="(?s)failed \\(exit 1\\):.*nope") as caught:
+        scaling.launch(args, 1, tmp_path / "n1.json")
+    assert "torchrun's summary" not in str(caught.value)
 
 
 def test_the_launch_forwards_every_option_to_the_workers(tmp_path, launches):
