@@ -201,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config.replace(seed=seeds[0])
         if args.epochs < 1 or (args.steps is not None and args.steps < 1):
             raise UsageError("--epochs and --steps must be at least 1")
+        if not config.mtsl.aligns:  # its gradient is what is probed: found before any training
+            raise UsageError("the configuration's alignment is off (mtsl align: false or align_weight 0): there is "
+                             "no alignment loss to probe")
         total = num_locations(config)
         try:
             locations = (list(range(total)) if args.locations is None

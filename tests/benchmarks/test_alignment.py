@@ -195,7 +195,9 @@ def test_a_dry_run_is_refused_where_the_probe_would_be(tmp_path, capsys, monkeyp
     (kept / "alignment.json").write_text("not a report")
     (tmp_path / "file").write_text("")
     fresh = tmp_path / "fresh"
+    (tmp_path / "off.yaml").write_text("mtsl: {align_weight: 0.0}\n")
     for argv, culprit in ((["--out", str(kept.parent)], "cannot be read as an alignment probe"),
+                          (["--config", str(tmp_path / "off.yaml"), "--out", str(fresh)], "alignment is off"),
                           (["--out", str(tmp_path / "file")], "is a file"),
                           (["--steps", "4", "--out", str(fresh)], "3 steps here")):
         assert alignment.main([*common, *argv]) == 2
