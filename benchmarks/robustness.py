@@ -80,7 +80,7 @@ def parse_categories(text: str) -> list[str]:
 
 
 def parse_epsilons(text: str) -> list[float]:
-    """``none`` or comma-separated positive budgets on the 0-255 scale, no two with one
+    """``none`` or comma-separated positive budgets on the 0-255 scale (at most 255), no two with one
     :func:`~benchmarks.robustness_report.eps_key`."""
     if text.strip() == "none":
         return []
@@ -90,8 +90,8 @@ def parse_epsilons(text: str) -> list[float]:
             eps = float(item)
         except ValueError:
             raise UsageError(f"--epsilons must be comma-separated numbers, got {item!r}") from None
-        if not np.isfinite(eps) or eps <= 0:
-            raise UsageError(f"--epsilons must be positive numbers (0-255 scale), got {item!r}")
+        if not np.isfinite(eps) or not 0 < eps <= 255:  # 255 already lets PGD reach every image in [0, 1]
+            raise UsageError(f"--epsilons must be positive numbers of at most 255 (0-255 scale), got {item!r}")
         epsilons.append(eps)
     check_budgets(epsilons)
     return sorted(set(epsilons))

@@ -379,6 +379,7 @@ def test_the_attacked_tasks_in_another_order_extend_the_report(cli_run):
     (["--corruptions", "noise,rain"], "rain"),
     (["--epsilons", "1,abc"], "abc"),
     (["--epsilons", "-1"], "-1"),
+    (["--epsilons", "1000"], "at most 255"),  # 1004 PGD iterations a batch for nothing
     (["--epsilons", "0.1234561,0.1234564"], "0.1234561 and 0.1234564"),  # one key, 0.123456, for both
     (["--attack-tasks", "S,X"], "X"),
     (["--tasks", "D", "--attack-tasks", "S,D"], "no task S"),  # named explicitly, the default's tasks too
