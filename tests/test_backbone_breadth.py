@@ -142,6 +142,23 @@ def test_fused_locations_equal_the_unfused_network(family):
     assert_fused_matches(plain, torch.randn(4, 3, *SIZE, dtype=torch.float64))
 
 
+def test_a_fused_evaluation_leaves_no_tensor_of_the_vmapped_call_in_a_nodes_cache():
+    """timm's EfficientViT-M caches its attention biases in eval mode; computed inside the vmapped call, the cache
+    kept a tensor of that call, so a deep copy (what export's static_network makes) or an unfused forward
+    afterwards failed."""
+    stages = create_stages("efficientvit_m0")
+    net = network(BranchingPlan.single_task("SD", stages.num_locations), stages, noise=0.01).eval()
+    net.fused = True
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = net(x)[0]
+        copy.deepcopy(net)
+        net.fused = False
+        unfused = net(x)[0]
+    for task in fused:
+        assert relative(unfused[task], fused[task]) < 1e-5, task
+
+
 def test_merging_identical_task_nodes_keeps_the_predictions(family):
     """Two tasks with identical branches merged location by location into One-Net (weights averaged into each
     group node, as a structural phase does): the predictions stay exactly what they were."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Mapping, Sequence
 
 import torch
@@ -34,6 +35,27 @@ def check_task_names(tasks: Sequence[str]) -> None:
 
 #: Layers whose inputs and weights autocast casts to its lower precision, and layers it runs in float32.
 _LOWER, _NORMS = (nn.modules.conv._ConvNd, nn.Linear), (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+#: What every ``nn.Module`` keeps in its ``__dict__`` (parameters, buffers, children, hooks, the mode).
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+@contextlib.contextmanager
+def _python_state_kept(template: nn.Module):
+    """Restore the plain Python attributes of ``template``'s modules after the block (a dict attribute as it was,
+    its entries too). ``functional_call`` swaps parameters and buffers only: a module that caches a tensor
+    computed from them (timm's EfficientViT-M keeps its attention biases in eval mode) would keep a tensor of
+    the vmapped call, which fails anywhere else (a deep copy, an unfused forward)."""
+    saved = [(m, {k: copy.copy(v) if isinstance(v, dict) else v for k, v in vars(m).items()
+                  if k not in _MODULE_INTERNALS}) for m in template.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes in saved:
+            for key in [k for k in vars(module) if k not in _MODULE_INTERNALS and k not in attributes]:
+                del module.__dict__[key]
+            module.__dict__.update(attributes)
 
 
 @contextlib.contextmanager
@@ -203,7 +225,8 @@ class BranchedNetwork(nn.Module):
         def vmapped(args: list[tuple[torch.Tensor, bool]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             buffers = {n: torch.stack([m.get_buffer(n) for m in modules]) for n, _ in modules[0].named_buffers()}
             dims = [0 if stacked else None for _, stacked in args]
-            with _autocast_by_hand(modules[0], params, x.device.type) as cast, _momenta_set(momenta):
+            with (_autocast_by_hand(modules[0], params, x.device.type) as cast, _momenta_set(momenta),
+                  _python_state_kept(modules[0])):
                 out = torch.vmap(call, in_dims=(0, 0, *dims), randomness="different")(cast, buffers,
                                                                                       *[a for a, _ in args])
             return out, buffers
