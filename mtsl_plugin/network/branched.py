@@ -67,8 +67,11 @@ def _autocast_by_hand(template: nn.Module, params: dict[str, torch.Tensor], devi
     convolutions and linear layers get their weights and inputs in the autocast dtype (gradients reach the float32
     parameters through the casts, as with autocast); normalisation layers compute in float32 on float32 parameters
     and statistics (vmap's batch norm takes no mixed dtypes) and, as under autocast, batch norm returns its input's
-    dtype while layer and group norm return float32; every other operation sees what autocast would give it.
-    Without autocast, nothing changes."""
+    dtype while layer and group norm return float32; every other operation sees what autocast would give it, but
+    runs in that dtype: one that autocast runs in float32 and a block calls as a function (softmax, or the norm
+    in ``F.normalize``, in attention blocks such as EdgeNeXt's or MobileViT's) runs in bf16 here, so such nodes
+    may differ from autocast by more than rounding (blocks of convolutions, norm layers and activations are cast
+    exactly as autocast casts them). Without autocast, nothing changes."""
     if not torch.is_autocast_enabled(device_type):
         yield params
         return
