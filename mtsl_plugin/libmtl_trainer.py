@@ -56,7 +56,9 @@ epoch; a loader whose sampler is a ``DistributedSampler`` already splits the dat
 (:class:`~mtsl_plugin.distributed.RankShares`) and, with our data sets, in the main process too
 (:func:`~mtsl_plugin.data.real.random_window`); a dataset of yours that draws from the global RNG in the main
 process (``num_workers=0``) draws alike on every rank. Rank 0 writes ``save_path``; every rank evaluates the whole
-test and validation loaders.
+test and validation loaders (the metrics' states are summed over the ranks, so their ratios are the whole set's);
+a test loader whose sampler is a ``DistributedSampler`` is evaluated in the shares it draws, and the up to N - 1
+samples it repeats to even them out count twice.
 """
 from __future__ import annotations
 
