@@ -174,8 +174,8 @@ def file_version(path: Path) -> tuple[int, int, int] | None:
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync it and rename it
-    over ``path``. On any failure the temporary file is removed, ``path`` keeps its previous content, and an
+    """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync it, rename it over
+    ``path`` and fsync the folder. On any failure the temporary file is removed, ``path`` keeps its previous content, and an
     ``OSError`` (a full disk, a read-only folder...) becomes a :class:`WriteError` naming ``path``; Ctrl-C or
     SIGTERM during the write comes out as the interruption it is (``torch.save`` alone would make it a failed write).
     Under ``torch.distributed`` only rank 0 writes (every rank holds the same state); the others return."""
@@ -204,7 +204,19 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
     return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (fsync the folder), where the system allows it: without it a power cut
+    may lose the rename on some file systems, after a later step removed what the old file was replaced by."""
+    with contextlib.suppress(OSError):  # Windows opens no folder; some file systems refuse a folder's fsync
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any], device: str | torch.device | None = None) -> Path:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import cli
+from mtsl_plugin import checkpoint
 from mtsl_plugin.checkpoint import (CheckpointError, atomic_write, load_checkpoint, rng_state, save_checkpoint,
                                     save_weights, set_rng_state)
 from mtsl_plugin.plan import BranchingPlan
@@ -35,6 +36,16 @@ def _bytes_read() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts bytes read through Linux's /proc/self/io")
+def test_a_write_syncs_the_file_then_its_folder_after_the_rename(tmp_path, monkeypatch):
+    """The rename is durable only once the folder is synced (a power cut may lose it on some file systems)."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+                        or real(fd))
+    checkpoint.atomic_write(tmp_path / "a.json", lambda handle: handle.write(b"{}"))
+    assert synced == [False, True] and (tmp_path / "a.json").read_bytes() == b"{}"
+
+
 def test_a_checkpoints_plan_is_read_without_reading_its_weights(tmp_path):
     """Resuming a run (and ``load_run``, and a LibMTL ``Trainer`` given a file) reads the file's plan to build the
     trainer, then the whole file in ``load``. The plan's read deserialised every tensor too: each checkpoint was
