@@ -226,8 +226,10 @@ def _claim_run_dir(run_dir: Path, fingerprint: str, resume: bool) -> Path:
     if saved.exists() and json.loads(saved.read_text()).get("fingerprint") != fingerprint:
         raise ForeignRun(f"{run_dir} holds a run of another configuration; it is kept: choose another folder")
     if not resume and (run_dir / CHECKPOINT).exists():
-        raise ValueError(f"{run_dir / CHECKPOINT} holds an unfinished run, which starting afresh would overwrite; "
-                         "it is kept: continue it (resume=True) or choose another folder")
+        run = ("the finished run of its result.json (kept by keep_checkpoint)" if (run_dir / "result.json").exists()
+               else "an unfinished run")
+        raise ValueError(f"{run_dir / CHECKPOINT} holds {run}, which starting afresh would overwrite; it is kept: "
+                         "continue it (resume=True) or choose another folder")
     if resume and (run_dir / CHECKPOINT).exists() and not saved.exists():  # it is written before any checkpoint
         raise ValueError(f"{run_dir / CHECKPOINT} has no config.json beside it to say which run wrote it; it is "
                          "kept: choose another folder")

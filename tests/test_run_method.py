@@ -105,9 +105,14 @@ def test_an_unfinished_run_is_continued_with_resume_and_never_started_afresh_ove
     run_dir = tmp_path / "onenet"
     first = run_method(config, "onenet", run_dir, progress=False, keep_checkpoint=True)
     checkpoint = (run_dir / experiment.CHECKPOINT).read_bytes()
-    with pytest.raises(ValueError, match=r"checkpoint\.pt holds an unfinished run, which starting afresh would "
-                                         r"overwrite; it is kept: continue it \(resume=True\) or choose another"):
+    with pytest.raises(ValueError, match=r"checkpoint\.pt holds the finished run of its result\.json \(kept by "
+                                         r"keep_checkpoint\), which starting afresh would overwrite; it is kept: "
+                                         r"continue it \(resume=True\) or choose another"):
         run_method(config, "onenet", run_dir, progress=False)
+    (run_dir / "result.json").rename(run_dir / "result.json.bak")  # as if stopped before its result was written
+    with pytest.raises(ValueError, match=r"checkpoint\.pt holds an unfinished run, which starting afresh would "):
+        run_method(config, "onenet", run_dir, progress=False)
+    (run_dir / "result.json.bak").rename(run_dir / "result.json")
     assert (run_dir / experiment.CHECKPOINT).read_bytes() == checkpoint
     again = run_method(config, "onenet", run_dir, progress=False, resume=True)
     assert again["metrics"] == first["metrics"]
