@@ -168,11 +168,11 @@ def disk_need(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) ->
         bounds.append((*sizes[key], checkpoint.stat().st_size if checkpoint.is_file() else 0))
     if not bounds:
         return 0
-    weights = sum(weights for weights, _, _ in bounds)
+    weights = sum(w for w, _, _ in bounds)
     if keep_checkpoints:  # every run's checkpoint stays, and the run in training writes its next beside its last
-        need = weights + sum(checkpoint - left for _, checkpoint, left in bounds) + 2 * max(c for _, c, _ in bounds)
+        need = weights + sum(c - left for _, c, left in bounds) + 2 * max(c for _, c, _ in bounds)
     else:  # one run trains at a time: its last checkpoint (the one it left, when it continues) and the one written
-        need = weights + max(2 * checkpoint - left for _, checkpoint, left in bounds)
+        need = weights + max(2 * c - left for _, c, left in bounds)
     return max(0, int(need))
 
 

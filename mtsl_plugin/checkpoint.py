@@ -175,10 +175,11 @@ def file_version(path: Path) -> tuple[int, int, int] | None:
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync it, rename it over
-    ``path`` and fsync the folder. On any failure the temporary file is removed, ``path`` keeps its previous content, and an
-    ``OSError`` (a full disk, a read-only folder...) becomes a :class:`WriteError` naming ``path``; Ctrl-C or
-    SIGTERM during the write comes out as the interruption it is (``torch.save`` alone would make it a failed write).
-    Under ``torch.distributed`` only rank 0 writes (every rank holds the same state); the others return."""
+    ``path`` and fsync the folder. On any failure the temporary file is removed, ``path`` keeps its previous
+    content, and an ``OSError`` (a full disk, a read-only folder...) becomes a :class:`WriteError` naming ``path``;
+    Ctrl-C or SIGTERM during the write comes out as the interruption it is (``torch.save`` alone would make it a
+    failed write). Under ``torch.distributed`` only rank 0 writes (every rank holds the same state); the others
+    return."""
     path = Path(path)
     if not distributed.is_main():
         return path
