@@ -116,6 +116,8 @@ class RunConfig:
                                  ("task_weights", Mapping, None), ("weight_args", Mapping, None)):
             require(key, getattr(self, key), kind, least)
         require("workers", self.workers, int, 0, optional=True)
+        if self.seed >= 2**32:  # numpy's global seed takes 32 bits, and the synthetic scenes repeat 2**32 apart
+            raise ValueError(f"seed must be at most 2**32 - 1, got {self.seed}")
         object.__setattr__(self, "weights", home(self.weights))
         if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
             raise ValueError(f"tasks must be a list of task names (or one string, comma-separated: S,D), got "

@@ -109,7 +109,7 @@ def test_only_the_real_data_sets_augment_by_default_and_folder_data_only_when_as
     ({"data": {"augment": "no"}}, "data.augment"), ({"lr_steps": 5}, "lr_steps"), ({"lr_steps": [3]}, "lr_steps"),
     ({"lr_steps": [0]}, "lr_steps"), ({"epochs": 4, "lr_steps": [1, 4]}, "lr_steps"), ({"batch_size": 0}, "batch_size"),
     ({"batch_size": -4}, "batch_size"), ({"tasks": 5}, "tasks"), ({"pretrained": "false"}, "pretrained"),
-    ({"preset": "foo"}, "smoke, quick, paper"),
+    ({"preset": "foo"}, "smoke, quick, paper"), ({"seed": 2**33}, "seed must be at most 2**32 - 1"),
 ])
 def test_a_bad_value_is_refused_in_one_line_naming_its_key(raw, culprit):
     with pytest.raises(ValueError) as caught:

@@ -307,8 +307,8 @@ class SyntheticScenes(Dataset):
             raise ValueError(f"SyntheticScenes needs n >= 0 samples, got {n}.")
         if height < 2 or width < 2:
             raise ValueError(f"SyntheticScenes needs height and width >= 2, got {height}x{width}.")
-        if seed < 0:
-            raise ValueError(f"SyntheticScenes needs a non-negative seed, got {seed}.")
+        if not 0 <= seed < 2**32:  # numpy splits a larger seed into 32-bit words: seeds 2**32 apart share scenes
+            raise ValueError(f"SyntheticScenes needs a seed in 0..2**32 - 1, got {seed}.")
         if split not in SPLIT_STREAMS:
             raise ValueError(f"Unknown synthetic split {split!r}; choose from {tuple(SPLIT_STREAMS)}.")
         self.height, self.width, self.seed, self.split = height, width, seed, split

@@ -39,6 +39,8 @@ def test_same_seed_is_bit_identical_and_other_seed_differs() -> None:
     c = SyntheticScenes(3, 16, 24, seed=6)
     assert not torch.equal(a.images, c.images)
     assert not torch.equal(a.labels, c.labels)
+    with pytest.raises(ValueError, match=r"seed in 0\.\.2\*\*32 - 1"):  # seed 2**33's train scene 0 is seed 0's test 0
+        SyntheticScenes(1, 8, 8, seed=2**33)
 
 
 def test_rendering_in_worker_processes_gives_the_same_samples(monkeypatch) -> None:
