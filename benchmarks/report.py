@@ -62,10 +62,14 @@ def delta_mtl(
 
 # ----------------------------------------------------------------------------------------------- aggregation
 def _stat(values: Sequence[float]) -> dict[str, float] | None:
-    """``{"mean", "std", "n"}`` of ``values`` (sample std, 0 for a single value); ``None`` when empty."""
+    """``{"mean", "std", "n"}`` of ``values`` (sample std, 0 for a single value, NaN where a value is NaN or
+    infinite, e.g. a metric over no valid pixel: the mean is then NaN or infinite too); ``None`` when empty."""
     if not values:
         return None
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    if len(values) == 1:
+        std = 0.0
+    else:
+        std = statistics.stdev(values) if all(map(math.isfinite, values)) else math.nan
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
@@ -219,16 +223,17 @@ def summary_table(results: Sequence[Mapping[str, Any]], lead: Sequence[str],
 
 # ----------------------------------------------------------------------------------------------- files
 def csv_rows(aggregated: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[dict[str, str]]]:
-    """Column names and one flat row per method: counts, seeds, ``<task>_mean``/``<task>_std`` per task, then
-    ``<field>_mean``/``<field>_std`` per scalar field, and the failed runs' errors. Floats keep full precision
-    (``repr``); missing values are empty strings."""
+    """Column names and one flat row per method: counts, seeds, ``<task>_mean``/``<task>_std``/``<task>_n`` per
+    task, then ``<field>_mean``/``<field>_std``/``<field>_n`` per scalar field (``_n``: the seeds the value is over,
+    fewer than ``ok`` where the table says "(n of k seeds)"), and the failed runs' errors. Floats keep full
+    precision (``repr``); missing values are empty strings."""
     tasks: list[str] = []
     for entry in aggregated.values():
         tasks += [t for t in entry["metrics"] if t not in tasks]
     stats = [(t, lambda e, t=t: e["metrics"].get(t)) for t in tasks]
     stats += [(f, lambda e, f=f: e[f]) for f in SCALAR_FIELDS]
     columns = ["method", "runs", "ok", "failed", "seeds", "failed_seeds"]
-    columns += [f"{name}_{part}" for name, _ in stats for part in ("mean", "std")] + ["errors"]
+    columns += [f"{name}_{part}" for name, _ in stats for part in ("mean", "std", "n")] + ["errors"]
     rows = []
     for entry in aggregated.values():
         row = {"method": entry["method"], "runs": str(entry["runs"]), "ok": str(entry["ok"]),
@@ -238,6 +243,7 @@ def csv_rows(aggregated: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], li
             stat = get(entry)
             row[f"{name}_mean"] = "" if stat is None else repr(float(stat["mean"]))
             row[f"{name}_std"] = "" if stat is None else repr(float(stat["std"]))
+            row[f"{name}_n"] = "" if stat is None else str(stat["n"])
         rows.append(row)
     return columns, rows
 

@@ -104,6 +104,15 @@ def test_aggregate_skips_missing_values_and_rejects_malformed_runs():
         aggregate([_run("A", 0, status="done")])
 
 
+def test_a_nan_metric_of_one_seed_gives_a_nan_mean_not_a_lost_table():
+    """A metric over no valid pixel is NaN (RatioMetric): with two seeds statistics.stdev raised on it, and the
+    whole comparison's table, CSV and JSON were lost after the training."""
+    result = aggregate([_run("STN", 0, s=0.4), _run("STN", 1, s=math.nan), _run("STN", 2, s=math.inf)])
+    assert math.isnan(result["STN"]["metrics"]["S"]["mean"]) and math.isnan(result["STN"]["metrics"]["S"]["std"])
+    assert result["STN"]["metrics"]["D"]["std"] == 0.0  # the other task's stays
+    assert "| nan ± nan |" in format_table(result, ["S"], HIGHER)
+
+
 # ------------------------------------------------------------------------------------------ tables
 def _table_runs():
     return [_run("MTSL", 0, s=0.5), _run("MTSL", 1, s=0.6), _run("STN", 0, s=0.45, d=0.7),
@@ -146,11 +155,19 @@ def test_csv_round_trips_through_the_csv_module(tmp_path):
     mtsl = rows[0]
     assert float(mtsl["S_mean"]) == aggregated["MTSL"]["metrics"]["S"]["mean"]  # exact, not rounded
     assert float(mtsl["S_std"]) == aggregated["MTSL"]["metrics"]["S"]["std"]
-    assert float(mtsl["train_seconds_mean"]) == 150.0 and mtsl["seeds"] == "0;1"
+    assert float(mtsl["train_seconds_mean"]) == 150.0 and mtsl["seeds"] == "0;1" and mtsl["S_n"] == "2"
     failed = rows[2]
     assert (failed["ok"], failed["failed"], failed["S_mean"]) == ("0", "1", "")
     assert failed["errors"].startswith("RuntimeError: shapes do not match\ntraceback")  # newline survives quoting
     assert rows[3]["errors"] == "nan loss" and rows[3]["failed_seeds"] == "1"
+
+
+def test_the_csv_says_over_how_many_seeds_each_value_is(tmp_path):
+    """As the table's "(n of k seeds)": a Δ that one seed's failed STN left out is over 1 of the 2 seeds (the CSV
+    showed it with a std of 0 and seeds 0;1, as if over both)."""
+    runs = [_run("MTSL", 0, delta_mtl=5.0), _run("MTSL", 1, delta_mtl=None)]
+    rows = list(csv.DictReader(write_csv(aggregate(runs), tmp_path / "r.csv").open(newline="", encoding="utf-8")))
+    assert (rows[0]["ok"], rows[0]["S_n"], rows[0]["delta_mtl_n"], rows[0]["delta_mtl_mean"]) == ("2", "2", "1", "5.0")
 
 
 def test_write_markdown_creates_folders_and_ends_with_newline(tmp_path):
