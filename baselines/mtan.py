@@ -12,7 +12,9 @@ output of ℓ, and ``a_ℓ`` the task's attended features::
   block(s), of a decoder block: the upsampled input concatenated with the skip); a location without residual
   blocks (a stem) uses its output, ``b_0 = s_0``. The blocks are found by timm's marker: every timm residual
   block (ResNet's, ConvNeXt's, RegNet's, EfficientNet's and MobileNetV3's, ...) has a ``drop_path`` attribute
-  (its stochastic depth); the last of them in module order is the last block (:func:`last_block`);
+  (its stochastic depth); the last of them in module order is the last block (:func:`last_block`). Where that
+  block is its stage's only one and strided (RegNetX-200MF's and MobileNetV3's first stage, a ResNet of one
+  block per layer), its input is finer than ``s_ℓ``, and ``b_ℓ`` is that input average-pooled to ``s_ℓ``'s size;
 * ``att_ℓ`` (one per task): conv1x1-BN-ReLU-conv1x1-BN-sigmoid (the reference's and LibMTL's attention layer)
   from ``b_ℓ``'s channels (plus ``C_ℓ`` for ℓ ≥ 1) through ``C_ℓ / attention_reduction`` (default 4, as the
   reference) to ``C_ℓ``, so the mask lies in (0, 1);
@@ -157,6 +159,8 @@ class AttentionNetwork(nn.Module):
         self._before.clear()
         shared = self._shared(x)
         before = [self._before.get(location, s) for location, s in enumerate(shared)]
+        before = [b if b.shape[-2:] == s.shape[-2:] else F.adaptive_avg_pool2d(b, s.shape[-2:])  # one strided block
+                  for b, s in zip(before, shared)]
         self._before.clear()
         attended: dict[str, torch.Tensor] = {}
         masks: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}

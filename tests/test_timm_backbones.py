@@ -237,6 +237,18 @@ def test_mtan_reads_the_input_of_each_stages_last_timm_block(narrow):
     assert {t: tuple(p.shape) for t, p in preds.items()} == {t: (2, c, 32, 32) for t, c in OUT.items()}
 
 
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "regnetx_002", "resnet10t"])
+def test_mtan_runs_where_a_stage_is_one_strided_block(name):
+    """Such a block's input (b_ℓ) is twice as fine as the stage's output: the mask built from it could not gate
+    the output, and MTAN failed on these backbones of the README's list after STN and One-Net had trained."""
+    stages = create_stages(name)
+    network = MTAN(list("SD"), lambda: stages, heads(stages, "SD"), False, False, "cpu").encoder
+    with torch.no_grad():
+        _, masks = network(torch.rand(2, 3, 64, 64))
+    shared = network._shared(torch.rand(2, 3, 64, 64))
+    assert all(m.shape == s.shape for t in "SD" for m, s in zip(masks[t], shared))
+
+
 def test_ltb_gates_the_inputs_of_the_feature_stages_after_the_first(narrow):
     """The analogue of LibMTL's layer1-4: locations 1 .. k-1 (k = 4 on a ConvNeXt, 5 on a MobileNetV3)."""
     assert LTB(list("SDE"), lambda: narrow, heads(narrow), False, False, "cpu").gate_keys() == ["loc1", "loc2",
