@@ -207,11 +207,12 @@ class StructuralLearner:
                     created: dict[tuple[int, Group], nn.Module], train_batches: Batches,
                     device: torch.device, phase: int, progress: bool) -> list[float]:
         """Distil each group node (``created``, keyed by location and group) from its frozen task nodes, all in
-        one loop over the data; only group nodes and amalgamator modules learn, with an Adam of their own at the
-        run's learning rate (``optimizer``'s initial one: a phase after a learning-rate step still distils at the
-        run's rate) and weight decay, as in the authors' code (``KnowledgeAmalgamation.fuse`` builds it from the
-        command line's rate). The group nodes' state in ``optimizer`` (the averaged task-node state)
-        is what task learning continues from; amalgamation does not touch it.
+        one loop over the data; only group nodes and amalgamator modules learn, with a fresh optimizer of their
+        own: the run's (its class and settings: Adam, SGD with its momentum, AdamW...) at the run's learning rate
+        (``optimizer``'s initial one: a phase after a learning-rate step still distils at the run's rate), as in
+        the authors' code (``KnowledgeAmalgamation.fuse`` builds it with ``get_optimizer`` from the command line's
+        optimizer and rate). The group nodes' state in ``optimizer`` (the averaged task-node state) is what task
+        learning continues from; amalgamation does not touch it.
 
         The k-th phase that merges amalgamates for ``amalgamation_epochs[k]`` epochs (the list has an entry per
         phase, so it is never used up): the authors' code consumes the list by merging phases, not by phases.
@@ -225,10 +226,10 @@ class StructuralLearner:
         if not amalgamators or epochs == 0:
             return []
         settings = optimizer.param_groups[0]
-        own = torch.optim.Adam([*(p for key in amalgamators for p in created[key].parameters()),
-                                *(p for m in amalgamators.values() for p in m.parameters())],
-                               lr=settings.get("initial_lr", settings["lr"]),  # set by the LR scheduler
-                               weight_decay=settings.get("weight_decay", 0.0))
+        own = type(optimizer)([*(p for key in amalgamators for p in created[key].parameters()),
+                               *(p for m in amalgamators.values() for p in m.parameters())],
+                              **{**{key: settings[key] for key in optimizer.defaults if key in settings},
+                                 "lr": settings.get("initial_lr", settings["lr"])})  # set by the LR scheduler
         for key in amalgamators:
             created[key].train()
         history = []

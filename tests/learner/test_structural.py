@@ -255,9 +255,30 @@ def test_amalgamation_epochs_are_consumed_by_the_phases_that_merge(smoke):
     assert record.merged == [["S", "D"]] and len(record.amalgamation_losses) == 1
 
 
-def test_amalgamation_distils_at_the_runs_learning_rate_after_a_learning_rate_step(smoke, monkeypatch):
+def _recording(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Make ``optimizer`` an instance of a subclass of its class that records the keyword arguments of every new
+    instance (the amalgamation's own optimizer is built from the run's class); returns the record."""
+    calls = []
+
+    class Recording(type(optimizer)):
+        def __init__(self, params, **kwargs):
+            calls.append(kwargs)
+            super().__init__(params, **kwargs)
+
+    optimizer.__class__ = Recording
+    return calls
+
+
+def merging_phase(trainer, data):
+    trainer.learner.measure = lambda *args: [(0, ("S", "D"), np.array([[1.0, 0.9], [0.9, 1.0]]))]
+    return trainer.learner.structural_phase(trainer.network, trainer.model, trainer.optimizer,
+                                            lambda: data.batches(data.train, key=(1, 0)),
+                                            lambda: data.batches(data.holdout), torch.device("cpu"))
+
+
+def test_amalgamation_distils_at_the_runs_learning_rate_after_a_learning_rate_step(smoke):
     """A phase after a learning-rate step still amalgamates with the run's rate, as the authors' code builds its
-    amalgamation Adam from the command line's rate (it took the decayed rate of the moment)."""
+    amalgamation optimizer from the command line's rate (it took the decayed rate of the moment)."""
     config = smoke(tasks=("S", "D"), amalgamation_epochs=(1, 1), grouping="fewest_groups")
     trainer, data = trainer_for(config, BranchingPlan.single_task("SD", 10))
     run_rate = trainer.optimizer.param_groups[0]["lr"]
@@ -265,30 +286,26 @@ def test_amalgamation_distils_at_the_runs_learning_rate_after_a_learning_rate_st
     trainer.optimizer.step()  # (no gradients: changes nothing) the order the scheduler expects
     trainer.scheduler.step()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(run_rate * 0.1)
-    rates, adam = [], torch.optim.Adam
-    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr, **kw: rates.append(lr) or adam(params, lr=lr, **kw))
-    trainer.learner.measure = lambda *args: [(0, ("S", "D"), np.array([[1.0, 0.9], [0.9, 1.0]]))]
-    record = trainer.learner.structural_phase(trainer.network, trainer.model, trainer.optimizer,
-                                              lambda: data.batches(data.train, key=(1, 0)),
-                                              lambda: data.batches(data.holdout), torch.device("cpu"))
-    assert record.merged == [["S", "D"]] and rates == [run_rate]
+    calls = _recording(trainer.optimizer)
+    assert merging_phase(trainer, data).merged == [["S", "D"]] and [c["lr"] for c in calls] == [run_rate]
 
 
-def test_amalgamation_adam_takes_the_runs_weight_decay(smoke, monkeypatch):
-    """The amalgamation Adam has the run's weight decay as well as its rate (the authors' ``fuse`` builds it
-    from the command line's), not Adam's default of none."""
-    config = smoke(tasks=("S", "D"), amalgamation_epochs=(1, 1), grouping="fewest_groups")
+@pytest.mark.parametrize("optimizer, kind", [
+    ({"optim": "adam", "lr": 1e-3, "weight_decay": 5e-5, "betas": (0.8, 0.9)}, torch.optim.Adam),
+    ({"optim": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}, torch.optim.SGD),
+])
+def test_amalgamation_builds_the_runs_optimizer_with_its_settings(smoke, optimizer, kind):
+    """The authors' ``fuse`` builds its optimizer with ``get_optimizer``, from the command line's optimizer and
+    settings: an SGD run amalgamates with SGD and its momentum (it took Adam at SGD's rate, which tripled D's
+    held-out loss in one phase), an Adam run with its weight decay and betas."""
+    config = smoke(tasks=("S", "D"), amalgamation_epochs=(1, 1), grouping="fewest_groups").replace(
+        optimizer=optimizer)
     trainer, data = trainer_for(config, BranchingPlan.single_task("SD", 10))
-    decay = trainer.optimizer.param_groups[0]["weight_decay"]
-    assert decay == config.optimizer["weight_decay"] > 0
-    decays, adam = [], torch.optim.Adam
-    monkeypatch.setattr(torch.optim, "Adam", lambda params, **kw: decays.append(kw.get("weight_decay", 0.0))
-                        or adam(params, **kw))
-    trainer.learner.measure = lambda *args: [(0, ("S", "D"), np.array([[1.0, 0.9], [0.9, 1.0]]))]
-    record = trainer.learner.structural_phase(trainer.network, trainer.model, trainer.optimizer,
-                                              lambda: data.batches(data.train, key=(1, 0)),
-                                              lambda: data.batches(data.holdout), torch.device("cpu"))
-    assert record.merged == [["S", "D"]] and decays == [decay]
+    assert isinstance(trainer.optimizer, kind)
+    calls = _recording(trainer.optimizer)
+    assert merging_phase(trainer, data).merged == [["S", "D"]] and len(calls) == 1
+    assert {key: calls[0][key] for key in optimizer if key != "optim"} == {
+        key: tuple(value) if isinstance(value, tuple) else value for key, value in optimizer.items() if key != "optim"}
 
 
 def test_the_group_node_distils_in_training_mode_and_its_batch_norms_count_every_amalgamation_batch(smoke):
