@@ -187,19 +187,30 @@ class TrainerLearner(StructuralLearner):
     """The structural learner of a :class:`Trainer`. Without ``task_epochs`` in ``arch_args['mtsl']`` (``scaled``),
     the paper's schedule (``base``, the user's options) is scaled to the epochs of the ``train()`` call that starts
     the run; that epoch count, ``scaled_for``, is part of the checkpoint state, so a new Trainer on the same
-    ``save_path`` continues the schedule the run started with (not the unscaled one)."""
+    ``save_path`` continues the schedule the run started with (not the unscaled one). Amalgamation epochs the
+    options give (``given_amalgamation``) are kept as given, as a configuration file's are."""
 
-    def __init__(self, config: MTSLConfig, scaled: bool):
+    def __init__(self, config: MTSLConfig, scaled: bool, given_amalgamation: bool = False):
         super().__init__(config)
-        self.base, self.scaled = config, scaled
+        self.base, self.scaled, self.given_amalgamation = config, scaled, given_amalgamation
         self.scaled_for: int | None = None
+
+    def scaled_config(self, epochs: int) -> MTSLConfig:
+        """``base``'s schedule scaled to ``epochs`` (:func:`~mtsl_plugin.learner.schedule.scale_schedule`), the
+        amalgamation epochs the options gave kept."""
+        config = scale_schedule(self.base, epochs)
+        if not self.given_amalgamation:
+            return config
+        given = self.base.amalgamation_epochs[:config.num_phases]
+        return MTSLConfig.from_dict({**config.to_dict(), "amalgamation_epochs": given})
 
     @classmethod
     def from_options(cls, options: MTSLConfig | Mapping | None, tasks: tuple[str, ...]) -> "TrainerLearner":
         """The learner of ``arch_args['mtsl']`` (a config, a dict of its fields or ``None``), its plugins and
         grouping solver checked on ``tasks`` before any training."""
         options = options.to_dict() if isinstance(options, MTSLConfig) else dict(options or {})
-        learner = cls(MTSLConfig.from_dict(options), scaled="task_epochs" not in options)
+        learner = cls(MTSLConfig.from_dict(options), scaled="task_epochs" not in options,
+                      given_amalgamation="amalgamation_epochs" in options)
         check_mtsl(learner.config, tasks)
         return learner
 
@@ -210,7 +221,7 @@ class TrainerLearner(StructuralLearner):
         super().load_state_dict(state)
         self.scaled_for = state.get("scaled_for")  # absent from checkpoints written before it was stored
         if self.scaled and self.scaled_for is not None:
-            self.config = scale_schedule(self.base, self.scaled_for)
+            self.config = self.scaled_config(self.scaled_for)
 
 
 class Trainer(MTLTrainer):
@@ -351,7 +362,7 @@ class Trainer(MTLTrainer):
                                  f"and {learner.phases_done} of its {learner.config.num_phases} phases are done: "
                                  f"continue it with epochs={scaled_for}, or start afresh (a new Trainer on another "
                                  "save_path)")
-            learner.config, learner.scaled_for = scale_schedule(learner.base, scaled_for), scaled_for
+            learner.config, learner.scaled_for = learner.scaled_config(scaled_for), scaled_for
             source = f"the paper's schedule scaled to {scaled_for} epochs, at least one per phase"
             advice = (f"; train for at least {learner.config.num_phases} epochs or give arch_args['mtsl'] task_epochs"
                       if scaled_for == epochs else "")

@@ -46,6 +46,8 @@ def test_scale_schedule_keeps_every_phase_at_least_one_epoch():
     scaled = scale_schedule(MTSLConfig(), 40)
     assert scaled.task_epochs == (1, 1, 1, 1, 2, 2, 4, 4, 4, 4) and scaled.total_epochs == 40
     assert all(e >= 1 for e in scale_schedule(MTSLConfig(), 3, 2).task_epochs)
+    none = MTSLConfig(amalgamation_epochs=(0, 8) * 5)  # a phase that amalgamates for none keeps none
+    assert scale_schedule(none, 20).amalgamation_epochs == (0, 2) * 5
 
 
 def test_scale_schedule_keeps_the_papers_share_of_task_learning():

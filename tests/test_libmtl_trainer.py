@@ -224,6 +224,16 @@ def test_a_scaled_schedule_needs_an_epoch_per_phase(tiny_nyuv2):
         trainer.train(*loaders(tiny_nyuv2), 5, progress=False)
     trainer.set_schedule(20)  # a refused call fixes nothing: the next one scales the paper's schedule afresh
     assert trainer.learner.config.phase_ends()[-1] == 12 and trainer.learner.config.total_epochs == 20
+    assert trainer.learner.config.amalgamation_epochs == (1,) * 8 + (2, 2)  # 1,1,2,2,2,2,4,4,8,8 scaled
+
+
+def test_amalgamation_epochs_the_options_give_are_kept_when_the_schedule_is_scaled():
+    """As a configuration file's: only what the options leave out is scaled (they were scaled too: 8 became 2)."""
+    for given in ((0,) * 10, (8,) * 10):
+        trainer = tiny_trainer(mtsl={"amalgamation_epochs": given})
+        trainer.set_schedule(20)
+        assert trainer.learner.config.amalgamation_epochs == given
+        assert trainer.learner.config.task_epochs == (1,) * 8 + (2, 2)
 
 
 class Without(Dataset):

@@ -112,7 +112,7 @@ class MTSLConfig:
 def scale_schedule(config: MTSLConfig, total_epochs: int, num_phases: int | None = None) -> MTSLConfig:
     """The paper's schedule shrunk (or stretched) to ``total_epochs``, keeping its shape: the phases take the
     paper's share of the epochs (48/80 for all ten phases), each phase at least one epoch, amalgamation scaled
-    alike (at least one epoch each).
+    alike (at least one epoch each, none where the schedule amalgamates for none).
 
     Task-learning epochs are apportioned, not rounded one by one: rounding every short phase up to one epoch would
     push the last merges late and leave little fine-tuning (20 epochs, 10 phases: phases would end at epoch 14,
@@ -133,7 +133,7 @@ def scale_schedule(config: MTSLConfig, total_epochs: int, num_phases: int | None
     while sum(task) > target:
         longest = max(task)
         task[task.index(longest)] -= 1
-    amal = [max(1, round(e * ratio)) for e in config.amalgamation_epochs[:phases]]
+    amal = [max(1, round(e * ratio)) if e else 0 for e in config.amalgamation_epochs[:phases]]  # 0: none
     total = max(total_epochs, sum(task))
     return MTSLConfig.from_dict({**config.to_dict(), "task_epochs": tuple(task), "amalgamation_epochs": tuple(amal),
                                  "total_epochs": total})
