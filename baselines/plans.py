@@ -1,5 +1,6 @@
 """Fixed plans: STN (every task its own network), One-Net (everything shared) and One-Net-L (One-Net trained
-longer by as many epochs as MTSL spends on amalgamation in the same preset)."""
+longer by the amalgamation epochs of MTSL's schedule in the same preset, all of them: a run whose phases merge
+fewer times spends fewer)."""
 from __future__ import annotations
 
 from mtsl_plugin.methods import MethodSpec, register_method
