@@ -172,7 +172,7 @@ def disk_need(jobs: Sequence[Job], out: Path, keep_checkpoints: bool = False) ->
     if keep_checkpoints:  # every run's checkpoint stays, and the run in training writes its next beside its last
         need = weights + sum(c - left for _, c, left in bounds) + 2 * max(c for _, c, _ in bounds)
     else:  # one run trains at a time: its last checkpoint (the one it left, when it continues) and the one written
-        need = weights + max(2 * c - left for _, c, left in bounds)
+        need = weights + max(max(c, 2 * c - left) for _, c, left in bounds)
     return max(0, int(need))
 
 
