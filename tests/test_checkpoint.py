@@ -46,6 +46,27 @@ def test_a_write_syncs_the_file_then_its_folder_after_the_rename(tmp_path, monke
     assert synced == [False, True] and (tmp_path / "a.json").read_bytes() == b"{}"
 
 
+def test_a_file_of_another_format_is_refused_and_an_old_checkpoint_without_a_kind_reads_as_a_checkpoint(tmp_path):
+    """Another program's torch.save dict, or a later format, is one CheckpointError, not a KeyError when resuming;
+    a checkpoint written before the ``kind`` entry existed resumes as a checkpoint (optimizer and RNGs restored)."""
+    for data in ({"plan": "", "model": {}}, {"format": checkpoint.FORMAT + 1, "plan": "", "model": {}}):
+        torch.save(data, tmp_path / "other.pt")
+        with pytest.raises(CheckpointError, match="other.pt is not a mtsl-plugin checkpoint of format"):
+            load_checkpoint(tmp_path / "other.pt")
+    torch.save({"format": checkpoint.FORMAT, "plan": "", "model": {}}, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["kind"] == "checkpoint"
+
+
+def test_an_interruption_in_a_write_callback_leaves_no_partial_file(tmp_path):
+    def interrupted(handle):
+        handle.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "table.md", interrupted)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_checkpoints_plan_is_read_without_reading_its_weights(tmp_path):
     """Resuming a run (and ``load_run``, and a LibMTL ``Trainer`` given a file) reads the file's plan to build the
     trainer, then the whole file in ``load``. The plan's read deserialised every tensor too: each checkpoint was

@@ -144,6 +144,15 @@ def test_a_plan_dict_of_another_shape_is_refused_naming_where(data, culprit):
         BranchingPlan.from_dict(data)
 
 
+def test_plans_of_the_same_groups_over_tasks_in_another_order_differ():
+    """The task order is part of a plan (heads, tables, the canonical group order): equal plans hash alike."""
+    a = BranchingPlan(("A", "B", "C"), [[["A", "C"], ["B"]]])
+    b = BranchingPlan(("A", "C", "B"), [[["A", "C"], ["B"]]])
+    assert a.partitions == b.partitions and a != b
+    assert a == BranchingPlan(("A", "B", "C"), [[["B"], ["C", "A"]]]) and hash(a) == hash(
+        BranchingPlan(("A", "B", "C"), [[["B"], ["C", "A"]]]))
+
+
 def test_describe_joins_multi_letter_task_names_with_plus():
     """Multi-letter task names stay readable in ``describe``: a group's names are joined with ``+``."""
     plan = BranchingPlan(["seg", "depth", "E"], [[["seg", "depth", "E"]], [["seg", "depth"], ["E"]]])

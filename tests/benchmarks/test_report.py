@@ -170,6 +170,13 @@ def test_the_csv_says_over_how_many_seeds_each_value_is(tmp_path):
     assert (rows[0]["ok"], rows[0]["S_n"], rows[0]["delta_mtl_n"], rows[0]["delta_mtl_mean"]) == ("2", "2", "1", "5.0")
 
 
+def test_an_error_is_cut_to_its_first_line_of_at_most_sixty_characters():
+    from benchmarks.report import first_line_of
+
+    assert first_line_of("x" * 60 + "\nmore") == "x" * 60
+    assert first_line_of("x" * 61) == "x" * 59 + "…" and first_line_of("  \n") == "unknown error"
+
+
 def test_write_markdown_creates_folders_and_ends_with_newline(tmp_path):
     path = write_markdown("| a |", tmp_path / "deep" / "table.md")
     assert path.read_text(encoding="utf-8") == "| a |\n"
