@@ -106,7 +106,17 @@ def report(args: argparse.Namespace) -> int:
                f"--seed must be 0 or more, got {args.seed}" if args.seed < 0 else None)
     if problem:
         raise UsageError(problem)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core; given back after, as main() may run in a process that goes on (a test)
+    try:
+        print_tables(args, counts)
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+def print_tables(args: argparse.Namespace, counts: list[int]) -> None:
+    """The timing table of ``counts`` and, with ``--gap-cases``, the local search's gaps to the optimum."""
     generator = np.random.default_rng(args.seed)
     print("| tasks | " + " | ".join(f"{name} (s)" for name in SOLVERS) + " |")
     print("|---:|" + "---:|" * len(SOLVERS))
@@ -123,7 +133,6 @@ def report(args: argparse.Namespace) -> int:
         for count in gap_counts:
             for kind in KINDS:
                 print(gap_row(generator, count, kind, args.gap_cases), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

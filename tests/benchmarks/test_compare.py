@@ -53,7 +53,7 @@ def test_table_delta_equals_a_hand_computation_from_the_run_json(finished):
         assert reported[method]["delta_mtl"] == pytest.approx(hand)
         row = table_row(table, method)
         assert row["Δ_MTL (%)"] == f"{hand:+.2f}" and row["Δ_SD (%)"] == f"{hand_sd:+.2f}"
-        assert row["S mIoU ↑"] == f"{run['metrics']['S']:.4g}"
+        assert row["S mIoU ↑"] == f"{run['metrics']['S']:#.4g}"  # 4 significant digits, trailing zeros kept
 
 
 def test_resume_reuses_finished_runs(finished, capsys):

@@ -6,7 +6,15 @@ from benchmarks import grouping_speed
 
 
 def test_one_row_per_task_count_with_a_time_per_solver(capsys):
-    assert grouping_speed.main(["--tasks", "3,5,20", "--repeats", "1"]) == 0
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # timed on one core, then given back: every test after one calling main() ran on one thread
+        assert grouping_speed.main(["--tasks", "3,5,20", "--repeats", "1"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].count("(s)") == len(grouping_speed.SOLVERS) == 6
     rows = [line.strip("|").split("|") for line in lines[2:]]
