@@ -149,6 +149,11 @@ def first_line_of(error: str, limit: int = 60) -> str:
     return first_line if len(first_line) <= limit else first_line[: limit - 1] + "…"
 
 
+def with_failures(label: str, failed: int, runs: int) -> str:
+    """A row's label, saying how many of its runs failed when some did (its cells then cover fewer seeds)."""
+    return f"{label} ({failed} of {runs} runs failed)" if failed else label
+
+
 def format_table(
     aggregated: Mapping[str, Mapping[str, Any]],
     tasks: Sequence[str],
@@ -183,8 +188,7 @@ def format_table(
             first_error = entry["errors"][0] if entry["errors"] else "unknown error"
             cells = [f"failed: {escape_cell(first_line_of(first_error))}"] + [_MISSING] * (len(headers) - 2)
         else:
-            if entry["failed"]:
-                label += f" ({entry['failed']} of {entry['runs']} runs failed)"
+            label = with_failures(label, entry["failed"], entry["runs"])
             seeds = entry["ok"]
             cells = [_cell(entry["metrics"].get(task), seeds=seeds) for task in tasks]
             cells += [_cell(entry["delta_sd"], 2, signed=True, seeds=seeds),

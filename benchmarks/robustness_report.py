@@ -11,8 +11,8 @@ from typing import Any, Mapping, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from benchmarks.report import (escape_cell, first_line_of, significant_decimals, with_provenance_note,
-                               write_markdown, write_rows_csv)
+from benchmarks.report import (escape_cell, first_line_of, significant_decimals, with_failures,
+                               with_provenance_note, write_markdown, write_rows_csv)
 from mtsl_plugin.experiment import write_json
 from mtsl_plugin.tasks import HIGHER_IS_BETTER, METRIC_NAMES
 
@@ -78,12 +78,6 @@ def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _label(label: str, entry: Mapping[str, Any]) -> str:
-    """A row's label; one whose cells cover only some of its seeds says how many failed, as the comparison's do."""
-    failed = entry["runs"] - entry["ok"]
-    return f"{label} ({failed} of {entry['runs']} runs failed)" if failed else label
-
-
 def _failed_row(label: str, entry: Mapping[str, Any], width: int) -> str:
     error = str(entry["errors"][0] if entry["errors"] else "unknown error")
     return _row([label, f"failed: {escape_cell(first_line_of(error))}"] + ["—"] * (width - 2))
@@ -101,7 +95,7 @@ def corruption_table(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[s
             continue
         cells = [_cell(entry["clean"].get(t) if c == "clean" else entry["categories"][c].get(t))
                  for t in tasks for c in columns]
-        lines.append(_row([_label(label, entry), *cells]))
+        lines.append(_row([with_failures(label, entry["runs"] - entry["ok"], entry["runs"]), *cells]))
     return "\n".join(lines) + "\n"
 
 
@@ -115,9 +109,10 @@ def pgd_table(summary: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], at
         if not entry["ok"]:
             lines.append(_failed_row(label, entry, len(headers)))
             continue
+        name = with_failures(label, entry["runs"] - entry["ok"], entry["runs"])
         for attacked in attack_tasks:
             cells = [_cell(entry["pgd"][attacked][eps_key(e)].get(t)) for t in tasks for e in epsilons]
-            lines.append(_row([_label(label, entry), attacked, *cells]))
+            lines.append(_row([name, attacked, *cells]))
     return "\n".join(lines) + "\n"
 
 

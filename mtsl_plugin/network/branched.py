@@ -27,7 +27,8 @@ def check_task_names(tasks: Sequence[str]) -> None:
     """Refuse, in one ``ValueError``, task names that cannot name the network's modules: empty, holding ``+``
     (which joins a group's tasks in node names, so two groups would share a node) or ``.`` (a module path), or
     an attribute of ``nn.Module`` (``float``, ``train``, ...), which ``nn.ModuleDict`` of heads refuses."""
-    unnamable = [t for t in tasks if not t or "+" in t or "." in t or hasattr(nn.ModuleDict(), t)]
+    module = nn.ModuleDict()
+    unnamable = [t for t in tasks if not t or "+" in t or "." in t or hasattr(module, t)]
     if unnamable:
         raise ValueError(f"task name(s) {unnamable} cannot name network modules: a task name may not be empty, "
                          "contain '+' or '.', or be an attribute of torch's nn.Module (such as float or train)")
