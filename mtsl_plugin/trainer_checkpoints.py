@@ -20,8 +20,27 @@ def _describe_run(kind: dict) -> str:
     learner = "with" if kind["structural"] else "without"
     multiples = kind.get("lr_multipliers") or []
     rates = f", parameter groups at {', '.join(f'{m:g}x' for m in multiples)} the learning rate" if multiples else ""
+    schedule = kind.get("scheduler", "")  # absent in files from before it was recorded
+    schedule = "" if schedule == "" else f", {schedule or 'no'} learning-rate scheduler"
     return (f"{kind['architecture']} architecture, {kind['weighting']} weighting, tasks {' '.join(kind['tasks'])}, "
-            f"{learner} a structural learner{rates}")
+            f"{learner} a structural learner{schedule}{rates}")
+
+
+def describe_scheduler(scheduler) -> str | None:
+    """A learning-rate scheduler's class and settings (``MultiStepLR(gamma=0.1, milestones=[60, 70])``), ``None``
+    without one: what a checkpoint's scheduler state is continued under. Its position (``last_epoch``) and the base
+    rates are left out: they are what the checkpoint restores."""
+    if scheduler is None:
+        return None
+    settings = []
+    for key, value in sorted(scheduler.state_dict().items()):
+        if key.startswith("_") or key in ("last_epoch", "base_lrs", "verbose"):
+            continue
+        if isinstance(value, dict):  # MultiStepLR's milestones, a Counter of epochs
+            value = sorted(value.elements())
+        if isinstance(value, (int, float, list)) and not isinstance(value, bool):
+            settings.append(f"{key}={value}")
+    return f"{type(scheduler).__name__}({', '.join(settings)})"
 
 
 class TrainerCheckpoints:
@@ -49,13 +68,15 @@ class TrainerCheckpoints:
 
     def run_kind(self) -> dict:
         """What a checkpoint must have been written by for this trainer to continue it: the architecture, the
-        weighting method, the tasks, whether a structural learner edits the plan, and the multiples of the
-        learning rate of the architecture's own parameter groups (the optimizer state would otherwise restore the
-        saved rates, or fail on another number of groups)."""
+        weighting method, the tasks, whether a structural learner edits the plan, the multiples of the learning
+        rate of the architecture's own parameter groups (the optimizer state would otherwise restore the saved
+        rates, or fail on another number of groups) and the learning-rate scheduler (:func:`describe_scheduler`:
+        torch's ``load_state_dict`` of a scheduler takes the saved milestones over the new ones, and a checkpoint
+        written without one would restart the schedule at epoch 0)."""
         multiples = self.model.lr_multipliers() if hasattr(self.model, "lr_multipliers") else []
         return {"architecture": type(self.model).__bases__[0].__name__, "weighting": self.weighting,
                 "tasks": list(self.task_name), "structural": self.learner is not None,
-                "lr_multipliers": [float(m) for _, m in multiples]}
+                "lr_multipliers": [float(m) for _, m in multiples], "scheduler": describe_scheduler(self.scheduler)}
 
     def save(self, path: str | Path) -> Path:
         weighting_state = {name: getattr(self.model, name) for name in WEIGHTING_STATE.get(self.weighting, ())

@@ -201,6 +201,33 @@ def test_a_checkpoint_of_other_learning_rate_multiples_is_refused_in_one_line(sm
         assert len(message.splitlines()) == 1 and f"parameter groups at {saved:g}x the learning rate, not" in message
 
 
+def test_a_checkpoint_of_another_learning_rate_schedule_is_refused_in_one_line(smoke, tmp_path):
+    """A trainer refuses a checkpoint written under another scheduler, or none: torch's ``load_state_dict`` of a
+    MultiStepLR took the saved milestones over the new ones, and a checkpoint written without a scheduler (``{}``)
+    left a new one at epoch 0 after the epochs already done, so the rate decayed late. ``run_method`` refuses these
+    earlier, by the fingerprint; a LibMTL script's Trainer on its save_path met them."""
+    config = smoke(tasks=TASKS)
+    tasks = build_run_tasks(config, build_data(config)[1].num_classes)
+
+    def trainer(steps):
+        built = build_trainer(config, tasks, None, build_stages(config))
+        if steps is None:
+            built.scheduler = None
+        else:
+            built.scheduler = torch.optim.lr_scheduler.MultiStepLR(built.optimizer, steps)
+        return built
+
+    for saved, other, words in (([2], [1], "MultiStepLR(gamma=0.1, milestones=[2]) learning-rate scheduler, not"),
+                                (None, [2], "no learning-rate scheduler, not"),
+                                ([2], None, "milestones=[2]) learning-rate scheduler, not")):
+        trainer(saved).save(tmp_path / "checkpoint.pt")
+        trainer(saved).load(tmp_path / "checkpoint.pt")
+        with pytest.raises(CheckpointError) as info:
+            trainer(other).load(tmp_path / "checkpoint.pt")
+        message = str(info.value)
+        assert len(message.splitlines()) == 1 and words in message
+
+
 @pytest.mark.parametrize("option", ["fused", "channels_last"])
 @pytest.mark.parametrize("before", [False, True], ids=["turned-on", "turned-off"])
 def test_execution_options_may_change_on_resume(smoke, tmp_path, trainers, monkeypatch, option, before):
