@@ -40,7 +40,7 @@ from benchmarks.harness import Job, check_jobs, dry_run
 from benchmarks.report import earlier_report, with_provenance_note, write_markdown
 from mtsl_plugin.config import RunConfig
 from mtsl_plugin.data.run_data import RunData
-from mtsl_plugin.experiment import (INITIALISATION, build_data, build_run_tasks, build_stages, build_trainer,
+from mtsl_plugin.experiment import (build_data, build_run_tasks, build_stages, build_trainer, initialisation,
                                     num_locations, seed_everything, write_json)
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.plan import BranchingPlan
@@ -178,7 +178,7 @@ def table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
 
 def same_probe(earlier: dict[str, Any], report: dict[str, Any]) -> bool:
     """Whether an earlier probe's rows can stand beside new ones: same configuration, epochs, steps and
-    :data:`~mtsl_plugin.experiment.INITIALISATION` (a report from before it was recorded is another probe)."""
+    :func:`~mtsl_plugin.experiment.initialisation` (a report from before it was recorded is another probe)."""
     return (RunConfig.from_dict(earlier["config"]).fingerprint() == RunConfig.from_dict(report["config"]).fingerprint()
             and (earlier["epochs"], earlier.get("steps"), earlier.get("initialisation"))
             == (report["epochs"], report["steps"], report["initialisation"]))
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = out_folder(args, "alignment", config) / "alignment"
         args.results_folder = None  # the probe writes at its end: an interrupted one has nothing to keep
         report = {"config": config.to_dict(), "epochs": args.epochs, "steps": args.steps,
-                  "initialisation": INITIALISATION}
+                  "initialisation": initialisation(config)}
         earlier = earlier_report(folder / "alignment.json", lambda e: same_probe(e, report), "an alignment probe")
         rows = earlier["rows"] if earlier else []  # kept beside the new locations
         data, full = build_data(config, not args.no_progress)

@@ -52,8 +52,16 @@ from mtsl_plugin.trainer import MTLTrainer
 CHECKPOINT = "checkpoint.pt"  # an unfinished run's resume state
 WEIGHTS = "model.pt"  # a finished run's trained weights
 # How a run's networks are first drawn, part of every run's fingerprint, so that a run drawn another way is never
-# reused beside this code's: until 2026-12-07 the heads were drawn per width (no entry), now per task's name.
+# reused beside this code's: until 2026-12-07 the heads were drawn per width (no entry), now per task's name; until
+# 2026-12-08 the authors' network started each residual block's last BatchNorm scale at 0 (timm's zero_init_last)
+# and its first decoder block had no projection where the widths matched (only runs of that network changed).
 INITIALISATION = "heads per task"
+AUTHORS_INITIALISATION = "heads per task; residual BatchNorm scales at 1; dec1 projects"
+
+
+def initialisation(config: RunConfig) -> str:
+    """How ``config``'s networks are first drawn (:data:`INITIALISATION`), for fingerprints."""
+    return AUTHORS_INITIALISATION if config.network == "authors" else INITIALISATION
 
 
 class ForeignRun(ValueError):
@@ -206,12 +214,12 @@ def method_spec(method: str, config: RunConfig, arch_args: dict | None = None) -
 def run_fingerprint(method: str, config: RunConfig, spec: MethodSpec, plan: BranchingPlan | None = None) -> str:
     """A short hash of everything a run's results depend on: the method, the configuration (not the device),
     MTSL's options only for methods with a structural learner, the epochs a method adds, its architecture
-    options, the plan a "-R" method retrains, and :data:`INITIALISATION`. Runs with equal fingerprints are
+    options, the plan a "-R" method retrains, and :func:`initialisation`. Runs with equal fingerprints are
     interchangeable, so STN and One-Net runs are shared by every MTSL variant of a sweep."""
     exclude = ("device",) if spec.learner is not None else ("device", "mtsl")
     retrained = plan.to_json() if plan is not None and spec.retrains is not None else None
     extra = {"method": method, "extra_epochs": spec.extra_epochs, "retrained_plan": retrained,
-             "initialisation": INITIALISATION}
+             "initialisation": initialisation(config)}
     if spec.arch_args:  # a method's architecture options (e.g. cross-stitch's unit learning rate) change results
         extra["arch_args"] = spec.arch_args
     return config.fingerprint(exclude=exclude, extra=extra)

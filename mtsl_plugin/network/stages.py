@@ -36,9 +36,11 @@ loc   name       module (``authors``)                                           
 
 Its heads (:class:`MultiScaleHead`) read all four decoder locations and end as the authors' head of their task
 (:data:`~mtsl_plugin.network.heads.AUTHORS_HEADS`: S and E a 1x1 conv, D a 3x3 conv and ReLU, N a 3x3 conv and
-tanh, A a 3x3 conv; any other task the plain 1x1 form). Only location 5 starts from He initialisation (the authors'
-``initialize_weights``, which their ``uninet_encoder.py`` applies); the decoder and the heads keep PyTorch's default
-initialisation, as theirs do (their ``Decoder`` calls ``initialize_weights`` only under
+tanh, A a 3x3 conv; any other task the plain 1x1 form). Locations 0-5 start from He initialisation with every
+BatchNorm's scale at 1 (the authors' ``initialize_weights``, which their ResNet and ``uninet_encoder.py`` apply; timm
+would start each residual block's last BatchNorm at 0, so the ``authors`` network builds the backbone with
+``zero_init_last=False``), unless pretrained or file weights replace locations 0-4; the decoder and the heads keep
+PyTorch's default initialisation, as theirs do (their ``Decoder`` calls ``initialize_weights`` only under
 ``MODEL.DECODER.INIT_WEIGHTS``, which their configs leave False, and their heads call nothing). The encoder-only
 setting (6 locations, DeepLab heads) exists for ``compact`` only.
 
@@ -114,17 +116,19 @@ class DecoderStage(nn.Module):
 class BottleneckDecoderStage(nn.Module):
     """The authors' decoder block: upsample the input to the skip's size, concatenate the skip, then a Bottleneck
     (1x1 to ``planes``, 3x3, 1x1 to ``4 * planes``, BN after each) added to the upsampled input (through a 1x1
-    projection where its width differs from ``4 * planes``), then ReLU.
+    projection where its width differs from ``4 * planes``, or always with ``project``: the authors' first block,
+    ``dec1``, has one whatever the widths), then ReLU.
 
     ``forward(x (N, C_in, h, w), skip (N, C_skip, H, W)) -> (N, 4 * planes, H, W)``.
     """
 
     expansion = 4
 
-    def __init__(self, in_channels: int, skip_channels: int, planes: int):
+    def __init__(self, in_channels: int, skip_channels: int, planes: int, project: bool = False):
         super().__init__()
         out = planes * self.expansion
-        self.projection = nn.Conv2d(in_channels, out, 1, bias=False) if in_channels != out else nn.Identity()
+        project = project or in_channels != out
+        self.projection = nn.Conv2d(in_channels, out, 1, bias=False) if project else nn.Identity()
         self.body = nn.Sequential(
             nn.Conv2d(in_channels + skip_channels, planes, 1, bias=False), nn.BatchNorm2d(planes),
             nn.ReLU(inplace=True),
@@ -150,7 +154,8 @@ def _residual_block(block_type: type[nn.Module], in_channels: int, out_channels:
 
 def _he_init(module: nn.Module) -> nn.Module:
     """The authors' ``initialize_weights``: convolutions N(0, 2 / (k*k*C_out)), BN weight 1 and bias 0. The
-    ``authors`` network applies it to location 5 only, as they do (their decoder and heads keep PyTorch's)."""
+    ``authors`` network applies it to location 5 (timm's ResNet draws locations 0-4 the same way, given
+    ``zero_init_last=False``); their decoder and heads keep PyTorch's."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -365,8 +370,9 @@ class ResNetStages(StageFactory):
         check_network(network, decoder)  # before the timm model is built
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # the CPU generator only: fork_rng restores no GPU one
-            model = create_timm_model(backbone, pretrained=pretrained, weights=weights, backbone_args=backbone_args,
-                                      num_classes=0)
+            authors_init = {"zero_init_last": False} if network == "authors" else {}  # BN scales at 1, as theirs
+            model = create_timm_model(backbone, pretrained=pretrained, weights=weights,
+                                      backbone_args={**authors_init, **(backbone_args or {})}, num_classes=0)
             self._build(model, backbone, decoder, network, seed, normalise=pretrained or weights is not None)
         self._remake = functools.partial(ResNetStages, backbone, pretrained=pretrained, weights=weights,
                                          decoder=decoder, backbone_args=backbone_args, network=network)
@@ -439,7 +445,7 @@ class ResNetStages(StageFactory):
         c_in = extra_out
         for i, name in enumerate(DECODER_NAMES):
             skip = 4 - i
-            stage = BottleneckDecoderStage(c_in, channels[skip], planes)  # PyTorch's initialisation, as theirs
+            stage = BottleneckDecoderStage(c_in, channels[skip], planes, project=i == 0)  # PyTorch's init, as theirs
             templates.append(stage)
             c_out = planes * BottleneckDecoderStage.expansion
             specs.append(StageSpec(name, c_in, c_out, reductions[skip], skip_from=skip, skip_channels=channels[skip]))

@@ -297,6 +297,22 @@ def test_a_run_from_before_the_heads_were_drawn_per_task_is_not_reused(tmp_path)
         harness.check_run_folders([harness.Job("stn", "stn", config)], tmp_path)
 
 
+def test_a_run_of_the_authors_network_drawn_before_its_batchnorm_fix_is_not_reused():
+    """Until 2026-12-08 the authors' network started each residual block's last BatchNorm scale at 0 (timm's
+    default): its runs' fingerprints name the new drawing, while the compact network's, which did not change,
+    keep theirs (their finished runs are still reused)."""
+    from mtsl_plugin.experiment import AUTHORS_INITIALISATION, INITIALISATION, run_fingerprint
+    from mtsl_plugin.methods import build_method
+
+    compact = load_preset("smoke").replace(tasks=("S", "D"))
+    for config, drawn in ((compact, INITIALISATION), (compact.replace(network="authors"), AUTHORS_INITIALISATION)):
+        spec = build_method("stn", config, 10)
+        extra = {"method": "stn", "extra_epochs": spec.extra_epochs, "retrained_plan": None}
+        assert run_fingerprint("stn", config, spec) == config.fingerprint(
+            exclude=("device", "mtsl"), extra={**extra, "initialisation": drawn})
+    assert AUTHORS_INITIALISATION != INITIALISATION
+
+
 def test_a_retrained_plan_is_checked_up_front_only_when_known(tmp_path):
     """A "-R" job retraining a plan given to it is checked against its folder; one retraining the plan of a
     source run in the same job list cannot be (the plan is known once that run finishes) and is skipped."""

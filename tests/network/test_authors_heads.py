@@ -1,7 +1,8 @@
 """The ``authors`` network's task heads and initialisation, against the authors' code (NeurAI-Lab/MTSL):
 S and E end in a 1x1 conv (``SegHead``), D in a 3x3 conv and ReLU (``DepthHead``, their NYUv2 variant), N in a
 3x3 conv and tanh (``SurfaceNormalHead``), A in a 3x3 conv (``AutoEncoderHead``); other tasks and the
-``compact`` network keep the plain heads. Only location 5 is He-initialised; the decoder keeps PyTorch's."""
+``compact`` network keep the plain heads. Locations 0-5 are He-initialised with BatchNorm scales at 1 (their
+``initialize_weights``); the decoder keeps PyTorch's."""
 import math
 
 import pytest
@@ -141,7 +142,7 @@ def _std(conv: nn.Conv2d) -> tuple[float, float, float]:
 
 
 @pytest.mark.parametrize("backbone_args", [NARROW, None])
-def test_only_location_5_is_he_initialised(backbone_args):
+def test_location_5_is_he_initialised_and_the_decoder_is_not(backbone_args):
     """The decoder (locations 6-9) keeps PyTorch's initialisation (their Decoder initialises only under
     MODEL.DECODER.INIT_WEIGHTS, False in their configs); location 5 is He-initialised (uninet_encoder.py)."""
     stages = ResNetStages("resnet18", network="authors", backbone_args=backbone_args)
@@ -160,6 +161,29 @@ def test_only_location_5_is_he_initialised(backbone_args):
         std, default, he = _std(conv)
         assert std == pytest.approx(he, rel=0.1)
         assert abs(math.log(std / he)) < abs(math.log(std / default)) / 2
+
+
+@pytest.mark.parametrize("backbone_args", [NARROW, None])
+def test_a_random_backbone_starts_every_batchnorm_scale_at_one_as_the_authors(backbone_args):
+    """The authors' ResNet calls ``initialize_weights`` (every BatchNorm weight 1, bias 0); timm zeroes each
+    residual block's last BatchNorm scale (``zero_init_last``), which started the ``paper`` preset's locations 1-4
+    with every residual branch switched off. The ``compact`` network keeps timm's default."""
+    authors = ResNetStages("resnet18", network="authors", backbone_args=backbone_args)
+    compact = ResNetStages("resnet18", network="compact", backbone_args=backbone_args)
+    for location in range(6):
+        norms = [m for m in authors.build(location).modules() if isinstance(m, nn.BatchNorm2d)]
+        assert norms and all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in norms)
+    assert any(torch.all(m.weight == 0) for m in compact.build(1).modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_the_first_decoder_block_projects_its_input_whatever_the_widths():
+    """The authors' dec1 always has its 1x1 input projection (their DecoderBlock makes one for the list of
+    inputs dec1 gets), even where the backbone's widths make the extra stage's output as wide as the decoder;
+    dec2-dec4 have none."""
+    stages = ResNetStages("resnet18", network="authors", backbone_args={"channels": (32, 32, 32, 32)})
+    assert stages.specs[6].in_channels == stages.specs[6].out_channels
+    assert isinstance(stages.build(6).projection, nn.Conv2d)
+    assert all(isinstance(stages.build(location).projection, nn.Identity) for location in (7, 8, 9))
 
 
 def test_multiscale_head_works_at_a_quarter_of_each_side_of_a_non_square_input():
