@@ -137,6 +137,12 @@ def test_mtsl_never_trains_longer_than_the_references():
     with pytest.raises(ValueError, match="trains 4 task-learning epochs .* is 2;"):
         config_from_mapping({"epochs": 2, "mtsl": {"task_epochs": [2, 2], "amalgamation_epochs": [1, 1]}},
                             load_preset("paper"))
+    # an MTSL schedule shorter than the other methods' would never reach their learning-rate steps
+    with pytest.raises(ValueError, match=r"^lr_steps \[60, 70\]: MTSL trains 50 task-learning epochs "
+                                         r"\(mtsl.total_epochs\), so it would never reach the step at 60;"):
+        config_from_mapping({"epochs": 80, "mtsl": {"total_epochs": 50}}, load_preset("paper"))
+    assert config_from_mapping({"epochs": 80, "lr_steps": [40], "mtsl": {"total_epochs": 50}},
+                               load_preset("paper")).mtsl.total_epochs == 50
 
 
 def test_a_mapping_that_gives_the_epochs_keeps_the_bases_number_of_phases():
