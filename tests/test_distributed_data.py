@@ -116,6 +116,33 @@ def test_a_window_read_outside_a_runs_loaders_is_the_global_rngs_next_draws():
     assert random_window((32, 48)) == expected and torch.equal(torch.get_rng_state(), after)
 
 
+class Indices(Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        return index
+
+
+@pytest.mark.parametrize("key", [(0, 2), (1, 0), (5, 7)])
+def test_the_ranks_global_batches_are_one_process_batches_in_order(monkeypatch, key):
+    """Each step's global batch under torchrun (the ranks' shares together, as shard_batches interleaves them)
+    holds the samples of that step of one process, in its order, so a run may resume with another number of
+    processes. Before, the ranks' order skipped the seed DataLoader's iterator draws from the generator first,
+    and their batches held other samples than one process trains on together."""
+    from mtsl_plugin.data.run_data import RunData
+
+    data = RunData(Indices(), None, Indices(), batch_size=4, seed=3)
+    one = [batch.tolist() for batch in data.batches(data.train, key=key)]
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    shares = []
+    for me in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda: me)
+        shares.append([batch.tolist() for batch in data.batches(data.train, key=key)])
+    together = [[sample for pair in zip(first, second) for sample in pair] for first, second in zip(*shares)]
+    assert together == one and len(one) == 2  # the last, partial batch dropped in both
+
+
 # ------------------------------------------------------------------------------ a LibMTL script's own loader
 class Recorded(Dataset):
     """A dataset that records the index of every sample read."""

@@ -67,7 +67,10 @@ class RunData:
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=key is not None, generator=generator,
                               drop_last=drop_last, **reading)
         distributed.per_rank_batch(self.batch_size)  # only its check: a batch the ranks do not divide is refused
-        order = torch.randperm(len(dataset), generator=generator).tolist()  # what shuffle=True draws
+        # the order DataLoader(shuffle=True, generator=...) gives one process: its iterator first draws its workers'
+        # base seed from the generator, then RandomSampler the permutation (tested against a DataLoader's order)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        order = torch.randperm(len(dataset), generator=generator).tolist()
         steps = len(order) // self.batch_size if drop_last else -(-len(order) // self.batch_size)
         global_batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(steps)]
         # a last, partial batch (kept when the set holds under two batches) is cut to a multiple of the number
