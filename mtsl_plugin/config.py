@@ -127,15 +127,14 @@ class RunConfig:
             if not 1 <= step < self.epochs:
                 raise ValueError(f"lr_steps {list(self.lr_steps)}: a step must lie in 1 to epochs - 1 "
                                  f"({self.epochs - 1}), got {step}")
-            if step >= self.mtsl.total_epochs:  # an MTSL run of fewer epochs than the others would never decay
-                raise ValueError(f"lr_steps {list(self.lr_steps)}: MTSL trains {self.mtsl.total_epochs} "
-                                 f"task-learning epochs (mtsl.total_epochs), so it would never reach the step at "
-                                 f"{step}; raise mtsl.total_epochs to epochs ({self.epochs}) or use earlier steps")
         if self.mtsl.total_epochs > self.epochs:
             raise ValueError(f"MTSL's schedule trains {self.mtsl.total_epochs} task-learning epochs "
                              f"(mtsl.total_epochs; each of its {self.mtsl.num_phases} phases takes at least one) but "
                              f"epochs, the budget of STN and One-Net, is {self.epochs}; raise epochs or use fewer "
                              "mtsl.phases")
+        if self.mtsl.total_epochs < self.epochs:  # MTSL would train less than the others, and miss late lr_steps
+            raise ValueError(f"mtsl.total_epochs ({self.mtsl.total_epochs}) must equal epochs ({self.epochs}), the "
+                             "budget of STN and One-Net: set it to epochs, or leave it out to follow epochs")
         if self.setting not in SETTINGS:
             raise ValueError(f"unknown setting {self.setting!r}; choose one of {', '.join(SETTINGS)}")
         check_network(self.network, decoder=self.setting == "encoder-decoder")

@@ -36,8 +36,8 @@ def test_smoke_run_goes_through_every_phase(smoke, tmp_path):
 def frozen(smoke, **changes):
     """A run whose task branches never change (learning rate 0), so sibling task nodes stay identical."""
     config = smoke(task_epochs=(1,) + (0,) * 9, amalgamation_epochs=(1,) * 10, **changes)
-    config = config.replace(optimizer={"optim": "adam", "lr": 0.0, "weight_decay": 0.0}, lr_steps=())
-    return config.replace(mtsl=config.mtsl.__class__.from_dict({**config.mtsl.to_dict(), "total_epochs": 1}))
+    return config.replace(optimizer={"optim": "adam", "lr": 0.0, "weight_decay": 0.0}, lr_steps=(), epochs=1,
+                          mtsl=config.mtsl.__class__.from_dict({**config.mtsl.to_dict(), "total_epochs": 1}))
 
 
 def test_identical_tasks_merge_everywhere(smoke, tmp_path):
