@@ -141,13 +141,16 @@ class GatedSupernet(AbsArchitecture):
 
     # ------------------------------------------------------------------ LibMTL's shared parameters
     def shared_nodes(self) -> list[nn.Module]:
-        """Nodes that more than one task's loss reached in the last forward (LibMTL's "shared parameters")."""
+        """Nodes that every task's loss reached in the last forward (LibMTL's "shared parameters"; a node of
+        some tasks only gets the plain sum of their gradients, see
+        :meth:`~mtsl_plugin.network.branched.BranchedNetwork.shared_parameters`)."""
         if self._chains is None:
             return list(self.nodes.values())
         slots = {(l, chain[l]) for chain in self._chains for l in range(self.num_locations)}
         prefix = [self.node(l, j) for l in range(self._shared_prefix) for j in range(len(self.tasks))]
-        return prefix + [self.node(l, j) for l, j in sorted(slots)
-                         if l >= self._shared_prefix and sum(chain[l] == j for chain in self._chains) > 1]
+        every = len(self._chains)
+        return prefix + [self.node(l, j) for l, j in sorted(slots) if l >= self._shared_prefix
+                         and every > 1 and sum(chain[l] == j for chain in self._chains) == every]
 
     def get_share_params(self):
         return iter([p for node in self.shared_nodes() for p in node.parameters()])

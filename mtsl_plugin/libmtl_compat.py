@@ -67,10 +67,10 @@ WEIGHT_ARG_DEFAULTS: dict[str, dict[str, float | int | str]] = {
 #: LibMTL 1.1.5's weighting methods in two kinds. These backpropagate one weighted sum of the losses (so they run
 #: under DistributedDataParallel, which reduces one backward per forward):
 SINGLE_BACKWARD_WEIGHTINGS = ("EW", "UW", "DWA", "GLS", "RLW")
-#: and these combine the tasks' gradients of the shared parameters (``get_share_params``) or, under
-#: ``rep_grad=True`` (GradDrop's only setting: :data:`REPRESENTATION_WEIGHTINGS`), of the shared representation,
-#: one backward per task; with none shared they have nothing to act on (IMTL fails: its matrix is singular), so
-#: the losses are summed.
+#: and these combine the tasks' gradients of the shared parameters (``get_share_params``: those every task uses; a
+#: node of some tasks only gets their summed gradient) or, under ``rep_grad=True`` (GradDrop's only setting:
+#: :data:`REPRESENTATION_WEIGHTINGS`), of the shared representation, one backward per task; with none shared they
+#: have nothing to act on (IMTL fails: its matrix is singular), so the losses are summed.
 GRADIENT_WEIGHTINGS = ("MGDA", "IMTL", "PCGrad", "GradVac", "CAGrad", "GradNorm", "GradDrop")
 #: The values LibMTL accepts for the string-valued hyperparameters.
 WEIGHT_ARG_CHOICES: dict[str, tuple[str, ...]] = {

@@ -118,6 +118,30 @@ def test_libmtl_gradient_surgery_sees_shared_parameters(smoke):
         torch.testing.assert_close(surgery[name], plain[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("weighting", ["MGDA", "IMTL", "CAGrad"])
+def test_a_node_of_some_tasks_only_gets_their_summed_gradient_under_a_gradient_weighting(smoke, weighting):
+    """LibMTL's gradient weightings combine the tasks' gradients of the parameters every task uses. A node of
+    some tasks (S and D, after MTSL merged them but not E) counted as shared: E's gradient there is zero, so MGDA
+    and CAGrad put their weight on E (the node got 1e-5 of its gradient) and IMTL's gradients were NaN. The node
+    now gets its tasks' summed gradient, as under EW; with a node of every task below it, that node alone is
+    combined."""
+    below_all = BranchingPlan(("S", "D", "E"), [[["S", "D", "E"]], [["S", "D"], ["E"]]] + [[["S"], ["D"], ["E"]]] * 8)
+    for plan, combined in ((BranchingPlan.single_task("SDE", 10).merge(0, ["SD"]), None), (below_all, 0)):
+        trainer, data = make(smoke().replace(weighting=weighting), plan=plan)
+        images, gts = next(iter(data.batches(data.train)))
+        weighted = gradients_of_one_step(trainer, images, gts)
+        plain = gradients_of_one_step(make(smoke(), plan=plan)[0], images, gts)
+        shared = {name for name, p in trainer.model.named_parameters()
+                  if any(p is q for q in trainer.model.get_share_params())}
+        of_all = [] if combined is None else list(trainer.network.node(combined, ("S", "D", "E")).parameters())
+        assert shared == {name for name, p in trainer.model.named_parameters() if any(p is q for q in of_all)}
+        assert bool(shared) == (combined is not None)
+        assert all(torch.isfinite(g).all() for g in weighted.values())
+        assert plain.keys() <= weighted.keys()  # and IMTL's own loss_scale
+        for name in plain.keys() - shared:
+            torch.testing.assert_close(weighted[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
 def test_the_alignment_gradient_is_added_to_what_a_gradient_weighting_combines(smoke):
     """MGDA, as every gradient-combining method, reads the shared parameters' ``.grad`` after each task's backward:
     the alignment's gradient, put there first, was counted as the first task's (MGDA weighed and then overwrote it:

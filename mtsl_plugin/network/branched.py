@@ -165,8 +165,13 @@ class BranchedNetwork(nn.Module):
         return [(l, g) for l, p in enumerate(self.plan.partitions) for g in p]
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """Parameters of nodes used by more than one task (LibMTL's "shared parameters")."""
-        return [p for l, g in self.node_keys() if len(g) > 1 for p in self.node(l, g).parameters()]
+        """Parameters of nodes every task uses (LibMTL's "shared parameters", which its gradient weightings
+        combine the tasks' gradients of). A node of some tasks only is not one: every other task's gradient there
+        is zero, the minimum-norm combination MGDA and CAGrad find is then that zero (the node all but stopped
+        learning) and IMTL divides by its norm (NaN); such a node gets the plain sum of its tasks' gradients, as a
+        task's own nodes get their task's."""
+        return [p for l, g in self.node_keys() if len(g) == len(self.plan.tasks) > 1
+                for p in self.node(l, g).parameters()]
 
     # ------------------------------------------------------------------ forward
     def run_node(self, location: int, group: Group, outputs: list[dict[Group, torch.Tensor]], x: torch.Tensor,

@@ -685,7 +685,7 @@ def node_weights(state):
 def test_ltb_warmup_shares_every_node_below_its_last_gate_with_every_task(stages):
     """In the warm-up every gated child reads the sum of its parents, so every node below the last gated level
     feeds every task's loss: LibMTL's gradient weightings (PCGrad, MGDA, ...) must see them as shared (they saw
-    none, so those methods fell back to the summed loss for the warm-up). After it, only nodes on more than one
+    none, so those methods fell back to the summed loss for the warm-up). After it, only nodes on every task's
     sampled chain are."""
     model = make(LTB, stages)
     model.train()
@@ -698,6 +698,9 @@ def test_ltb_warmup_shares_every_node_below_its_last_gate_with_every_task(stages
     set_gates(model, [[0, 1, 2]] * len(model.gated_levels), scale=50.0)  # every task keeps its own chain
     model(torch.randn(4, 3, 32, 32))
     assert list(model.get_share_params()) == []
+    set_gates(model, [[0, 0, 2]] * len(model.gated_levels), scale=50.0)  # two tasks of three share a chain
+    model(torch.randn(4, 3, 32, 32))
+    assert list(model.get_share_params()) == []  # (MGDA's minimum-norm point was the third's zero gradient)
 
 
 def test_gate_entropy_is_log_t_when_uniform_and_falls_as_the_gates_decide(stages):
