@@ -192,8 +192,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         changes["tasks"] = parse_tasks(args.tasks)
     if args.task_weights:
         changes["task_weights"] = {**config.task_weights, **parse_task_weights(args.task_weights)}
-    if args.weight_args:
-        changes["weight_args"] = {**config.weight_args, **parse_pairs(args.weight_args, "weight-args", "mgda_gn=l2")}
+    kept = config.weight_args if args.weighting in (None, config.weighting) else {}  # another method's otherwise
+    given = parse_pairs(args.weight_args, "weight-args", "mgda_gn=l2") if args.weight_args else {}
+    if given or kept != config.weight_args:
+        changes["weight_args"] = {**kept, **given}
     if args.backbone is not None and architecture_family(args.backbone) is None:
         raise UsageError(f"--backbone {args.backbone!r} is not a timm model name (e.g. resnet18, convnext_atto, "
                          "efficientnet_b0, regnetx_002, mobilenetv3_small_100)")

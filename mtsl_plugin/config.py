@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.libmtl_compat import weight_args as libmtl_weight_args
+from mtsl_plugin.network.backbones import architecture_family
 from mtsl_plugin.network.branched import check_task_names
 from mtsl_plugin.network.stages import check_network
 from mtsl_plugin.tasks import LOSS_SETS
@@ -30,8 +32,10 @@ EXECUTION_OPTIONS = ("fused", "channels_last", "compile", "workers")
 
 
 def home(path: Any) -> Any:
-    """``path`` with a leading ``~`` expanded to the user's home folder (a shell expands it on the command line, a
-    ``--config`` file or a Python caller does not); anything else unchanged."""
+    """``path`` (a string or a ``pathlib.Path``) as a string with a leading ``~`` expanded to the user's home folder
+    (a shell expands it on the command line, a ``--config`` file or a Python caller does not); anything else
+    unchanged."""
+    path = os.fspath(path) if isinstance(path, os.PathLike) else path
     return os.path.expanduser(path) if isinstance(path, str) else path
 
 
@@ -62,6 +66,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", home(self.root))
+        require("data.name", self.name, str)
+        require("data.root", self.root, str, optional=True)
+        if self.name == "synthetic" and self.root is not None:  # a forgotten name would train on generated scenes
+            raise ValueError(f"data.root {self.root!r}: the data set is synthetic (generated, no folder); set "
+                             "data.name to nyuv2, cityscapes or folder too")
         for key, least in (("height", 1), ("width", 1), ("train", 1), ("holdout", None), ("test", 1)):
             require(f"data.{key}", getattr(self, key), int, least, optional=key in ("train", "test"))
         require("data.augment", self.augment, bool, optional=True)
@@ -116,13 +125,18 @@ class RunConfig:
                                  ("task_weights", Mapping, None), ("weight_args", Mapping, None)):
             require(key, getattr(self, key), kind, least)
         require("workers", self.workers, int, 0, optional=True)
+        for key in ("backbone", "device", "weighting", "network", "setting", "losses"):
+            require(key, getattr(self, key), str)
+        object.__setattr__(self, "weights", home(self.weights))
+        require("weights", self.weights, str, optional=True)
         if self.seed >= 2**32:  # numpy's global seed takes 32 bits, and the synthetic scenes repeat 2**32 apart
             raise ValueError(f"seed must be at most 2**32 - 1, got {self.seed}")
-        object.__setattr__(self, "weights", home(self.weights))
         if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
             raise ValueError(f"tasks must be a list of task names (or one string, comma-separated: S,D), got "
                              f"{self.tasks!r}")
         check_task_names(self.tasks)
+        if list(self.lr_steps) != sorted(set(self.lr_steps)):  # a step given twice divides the rate by 100 there
+            raise ValueError(f"lr_steps must be strictly increasing, got {list(self.lr_steps)}")
         for step in self.lr_steps:  # MultiStepLR would never reach a later step, and would start decayed at 0
             if not 1 <= step < self.epochs:
                 raise ValueError(f"lr_steps {list(self.lr_steps)}: a step must lie in 1 to epochs - 1 "
@@ -241,6 +255,12 @@ def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -
         raise ValueError(f"task_specs must map task names to declarations, got {raw['task_specs']!r}")
     mtsl_raw = dict(raw.pop("mtsl", None) or {})
     phases = mtsl_raw.pop("phases", None)
+    given = mtsl_raw.get("task_epochs")
+    if phases is not None and isinstance(given, (list, tuple)) and phases != len(given):
+        raise ValueError(f"mtsl.phases ({phases}) and mtsl.task_epochs ({len(given)} phases) disagree; give one")
+    if ("backbone" in raw and "backbone_args" not in raw and isinstance(raw["backbone"], str)
+            and architecture_family(raw["backbone"]) != architecture_family(base.backbone)):
+        raw["backbone_args"] = {}  # the base's (e.g. a ResNet's channels) are another family's arguments
     fields = {**{k: v for k, v in base.to_dict().items() if k not in ("data", "mtsl")}, **raw}
     if "epochs" in raw and "lr_steps" not in raw and isinstance(raw["epochs"], int):  # a wrong epochs is named later
         scaled = (round(step * raw["epochs"] / base.epochs) for step in base.lr_steps)
@@ -257,11 +277,14 @@ def switch_data_set(data: DataConfig, name: Any, preset: str) -> DataConfig:
     """``data`` for the data set ``name``: unchanged when it is ``data``'s own; else without ``data``'s root (a
     folder of the other data set) and, for a real data set, without its sample counts (a preset's numbers of
     synthetic scenes), so that the whole splits are read, except on the smoke preset, whose small counts serve
-    its quick checks on any data. ``--dataset`` and a configuration file's ``dataset: {name: ...}`` both switch
-    through it."""
+    its quick checks on any data; synthetic data keeps the counts ``data`` has and takes the preset's for the
+    others. ``--dataset`` and a configuration file's ``dataset: {name: ...}`` both switch through it."""
     if name == data.name:
         return data
-    counts = {} if name == "synthetic" or preset == "smoke" else {"train": None, "test": None}
+    counts = {} if preset == "smoke" else {"train": None, "test": None}
+    if name == "synthetic":  # the scenes to generate: the counts given, else the preset's
+        scenes = load_preset(preset).data if preset in PRESETS else DataConfig()
+        counts = {key: getattr(data, key) or getattr(scenes, key) for key in ("train", "test")}
     return dataclasses.replace(data, name=name, root=None, **counts)
 
 
@@ -307,6 +330,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             lines[key] = line
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1, which PyYAML follows, reads 1e-4 (no dot) as a string, which the optimizer then failed to compare with
+# a number; the configuration files read it as YAML 1.2 and JSON do, a float.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConfig:

@@ -76,7 +76,21 @@ def test_the_presets_are_their_files_read_the_same_way():
                                                                        "(lines 1 and 2)"),
                                            ("tasks:\n  p: {kind: segmentation, classes: 3}\n  p: {kind: binary}\n",
                                             "key 'p' is given twice"),
-                                           ("data: {height: 32, height: 64}\n", "(both on line 1)")])
+                                           ("data: {height: 32, height: 64}\n", "(both on line 1)"),
+                                           # values of the wrong type failed in a traceback (AttributeError or
+                                           # TypeError, in timm or in the data set's reader):
+                                           ("backbone: null\n", "backbone must be a string"),
+                                           ("backbone: 18\n", "backbone must be a string"),
+                                           ("weights: 5\n", "weights must be a string or null"),
+                                           ("data: {name: nyuv2, root: 5}\n", "data.root must be a string"),
+                                           ("data: {name: folder, root: [a]}\n", "data.root must be a string"),
+                                           # a root for generated scenes was ignored: it trained on them
+                                           ("data: {root: /nonexistent/nyuv2}\n", "data.root '/nonexistent/nyuv2': "
+                                                                                 "the data set is synthetic"),
+                                           ("lr_steps: [2, 2]\n", "lr_steps must be strictly increasing"),
+                                           ("lr_steps: [2, 1]\n", "lr_steps must be strictly increasing"),
+                                           ("mtsl: {phases: 3, task_epochs: [1, 1], amalgamation_epochs: [1, 1]}\n",
+                                            "mtsl.phases (3) and mtsl.task_epochs (2 phases) disagree")])
 def test_bad_files_are_refused_in_one_line_before_training(tmp_path, capsys, text, culprit):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -86,6 +100,37 @@ def test_bad_files_are_refused_in_one_line_before_training(tmp_path, capsys, tex
     assert err.startswith("error: ") and culprit in err and len(err.splitlines()) == 1, err
     assert str(path) in err or culprit in ("sgdx", "'optim'", "'SD'")  # a file's own errors name it
     assert not (tmp_path / "out").exists()
+
+
+def test_a_number_in_exponent_notation_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string: the optimizer then failed comparing it with a number, and the
+    alignment weight was "not a finite number, got '2e-1'"; the files read it as YAML 1.2 and JSON do."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optimizer: {optim: adam, lr: 1e-4, weight_decay: 5E-5}\nmtsl: {align_weight: 2e-1}\n")
+    config = load_config_file(path, load_preset("smoke"))
+    assert config.optimizer == {"optim": "adam", "lr": 1e-4, "weight_decay": 5e-5}
+    assert config.mtsl.align_weight == 0.2
+
+
+def test_options_on_top_of_a_file_replace_what_belongs_to_the_files_choice(tmp_path):
+    """``--dataset synthetic`` over a file of a real data set generates the preset's numbers of scenes (it said
+    "synthetic data needs data.train and data.test"); ``--weighting`` over a file's weighting drops the file's
+    ``weight_args`` (another method's: "EW has no hyperparameter 'T'"); a file's ``backbone`` of another family
+    than the preset's drops the preset's ``backbone_args`` (a ResNet's ``channels`` failed ConvNeXt), as
+    ``--backbone`` does."""
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset: {name: nyuv2, root: /tmp/x}\nweighting: DWA\nweight_args: {T: 3.0}\n")
+    config = cli_config("quick", "--config", str(path), "--dataset", "synthetic", "--weighting", "EW")
+    quick = load_preset("quick")
+    assert (config.data.name, config.data.root, config.data.train, config.data.test) == (
+        "synthetic", None, quick.data.train, quick.data.test)
+    assert (config.weighting, config.weight_args) == ("EW", {})
+    assert cli_config("quick", "--config", str(path)).weight_args == {"T": 3.0}
+    assert cli_config("quick", "--config", str(path), "--weight-args", "T=4").weight_args == {"T": 4.0}
+    path.write_text("backbone: convnext_atto\n")
+    assert load_config_file(path, quick).backbone_args == {} and quick.backbone_args
+    path.write_text("backbone: resnet34\n")
+    assert load_config_file(path, quick).backbone_args == quick.backbone_args  # the same family keeps them
 
 
 def test_a_key_a_merge_brings_in_may_be_overridden(tmp_path):

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a finite number", list: "a list of integers",
-          Mapping: "a mapping"}
+          Mapping: "a mapping", str: "a string"}
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -26,7 +26,7 @@ def require(key: str, value: Any, kind: type, least: float | None = None, most: 
     """Refuse, with a one-sentence ``ValueError`` naming ``key``, a configuration value that is not of ``kind`` or
     lies outside [``least``, ``most``] or not strictly above ``above``; ``None`` passes where ``optional``.
     ``kind`` is ``bool``, ``int`` (a bool is not one), ``float`` (any finite real number), ``list`` (a list or
-    tuple of integers, each within the bounds) or ``Mapping``."""
+    tuple of integers, each within the bounds), ``Mapping`` or ``str``."""
     if optional and value is None:
         return
     items = list(value) if kind is list and isinstance(value, (list, tuple)) else [value]
