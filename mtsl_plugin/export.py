@@ -96,7 +96,7 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
 
             moved = write_onnx(static, sample, written, metadata)
             session = onnxruntime.InferenceSession(str(written), providers=["CPUExecutionProvider"])
-            got = [torch.from_numpy(a) for a in session.run(None, {"image": sample.numpy()})]
+            got = [torch.from_numpy(a) for a in session.run(None, {onnx_input(static.tasks): sample.numpy()})]
         else:
             moved = [written]
             # the batch dimension dynamic, as in ONNX; traced on two images at least (one would specialise it to 1)
@@ -105,7 +105,8 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
             torch.export.save(program, written, extra_files=metadata)
             with torch.no_grad():
                 got = torch.export.load(written).module()(sample)
-        difference = max(float((a - b).abs().max()) for a, b in zip(got, expected))
+        # torch's max, not Python's: a NaN output is the difference wherever its task stands in the order
+        difference = float(torch.stack([(a - b).abs().max() for a, b in zip(got, expected, strict=True)]).max())
         for file in moved:  # the weights first: the model file that names them arrives last
             os.replace(file, path.parent / file.name)
         if fmt == "onnx" and len(moved) == 1:  # the weights of an earlier export to this name, which nothing names
@@ -113,6 +114,11 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return difference
+
+
+def onnx_input(tasks: Sequence[str]) -> str:
+    """The ONNX model's input name: ``image``, or ``input`` where a task (an output name) is called ``image``."""
+    return "input" if "image" in tasks else "image"
 
 
 def weights_file(path: Path) -> Path:
@@ -126,8 +132,9 @@ def write_onnx(static: StaticNetwork, sample: torch.Tensor, path: Path, metadata
     ``path``'s folder must hold nothing else: the exporter writes weights there by their own names."""
     import onnx
 
-    axes = {name: {0: "batch"} for name in ("image", *static.tasks)}
-    torch.onnx.export(static, (sample,), str(path), input_names=["image"], output_names=list(static.tasks),
+    axes = {name: {0: "batch"} for name in (onnx_input(static.tasks), *static.tasks)}
+    torch.onnx.export(static, (sample,), str(path), input_names=[onnx_input(static.tasks)],
+                      output_names=list(static.tasks),
                       dynamic_axes=axes, dynamo=False)
     model = onnx.load(str(path), load_external_data=False)  # weights of > 2 GiB stay where they are
     for key, value in (metadata or {}).items():

@@ -1,4 +1,5 @@
 """Export of a finished run's network: ONNX (checked with onnxruntime) and torch.export, equal to the model."""
+import math
 import shutil
 import stat
 import sys
@@ -92,6 +93,41 @@ class Tiny(torch.nn.Module):
 
     def forward(self, x):
         return (self.conv(x),)
+
+
+class TwoHeads(torch.nn.Module):
+    """Two tasks of the given names; the head of output ``nan`` (0 or 1), if given, computes NaN."""
+
+    def __init__(self, tasks, nan=None):
+        super().__init__()
+        self.tasks = tasks
+        self.a, self.b = torch.nn.Conv2d(3, 2, 1), torch.nn.Conv2d(3, 1, 1)
+        if nan is not None:
+            torch.nn.init.constant_((self.a, self.b)[nan].weight, float("nan"))
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+def test_a_task_called_image_exports_to_onnx_with_the_input_called_input(tmp_path):
+    """The ONNX input was called ``image`` whatever the tasks: with a task (an output) of that name the exporter
+    renamed the input ``image.1`` and onnxruntime refused the check's feed."""
+    import onnx
+
+    pytest.importorskip("onnxruntime")
+    model = TwoHeads(("image", "b"))
+    assert export(model, "onnx", tmp_path / "net.onnx", torch.rand(2, 3, 8, 8)) < 1e-5
+    graph = onnx.load(tmp_path / "net.onnx").graph
+    assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["image", "b"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "exported"])
+@pytest.mark.parametrize("nan", [0, 1])
+def test_a_nan_output_is_the_difference_whichever_task_it_is(tmp_path, fmt, nan):
+    """Python's ``max`` over floats keeps the first of 1e-7 and NaN: a NaN head after the first task was hidden
+    behind a tiny difference."""
+    pytest.importorskip("onnxruntime")
+    assert math.isnan(export(TwoHeads(("a", "b"), nan), fmt, tmp_path / f"net.{fmt}", torch.rand(2, 3, 8, 8)))
 
 
 def weights_outside(monkeypatch, fail: bool = False) -> None:
