@@ -373,12 +373,15 @@ def load_run(run_dir: str | Path, device: str | None = None, progress: bool = Tr
     if device is not None:
         config = config.replace(device=device)
     spec = method_spec(meta["method"], config, meta.get("arch_args"))
-    seed_everything(config.seed)
-    data, dataset = build_data(config, progress)
-    tasks = build_run_tasks(config, dataset.num_classes)
     weights = run_dir / WEIGHTS
     if not weights.is_file():  # a run finished before weights files existed keeps its checkpoint
         weights = run_dir / CHECKPOINT
+    if not weights.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no trained weights ({WEIGHTS}, or the {CHECKPOINT} of a run "
+                                "finished before weights files existed)")
+    seed_everything(config.seed)
+    data, dataset = build_data(config, progress)
+    tasks = build_run_tasks(config, dataset.num_classes)
     trainer = build_trainer(config, tasks, MTLTrainer.checkpoint_plan(weights), build_stages(config),
                             spec.learner, spec.architecture, spec.arch_args)
     trainer.load(weights)

@@ -211,6 +211,11 @@ def test_the_command_never_writes_into_the_run_folder_nor_reads_a_damaged_run(ru
     assert export_cli.main([str(damaged), "--format", "onnx", "--out", str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert "model.pt" in err and len(err.splitlines()) == 1
+    (damaged / "model.pt").unlink()  # the message named checkpoint.pt, which a finished run never keeps
+    assert export_cli.main([str(damaged), "--format", "onnx", "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{damaged} holds no trained weights (model.pt, or the checkpoint.pt of a run finished "
+                        "before weights files existed)") and len(err.splitlines()) == 1
 
 
 def test_a_failed_export_keeps_the_previous_file_and_leaves_no_scratch(runs, tmp_path, monkeypatch):
