@@ -104,9 +104,14 @@ def random_window(hw: tuple[int, int]) -> tuple[float, int, int, bool]:
     elif distributed.world_size() > 1:
         generator = distributed.rank_generator(torch.randint(1 << 62, ()))
     zoom = ZOOMS[int(torch.randint(len(ZOOMS), (), generator=generator))]
-    top = int(torch.randint(hw[0] - int(hw[0] / zoom) + 1, (), generator=generator))
-    left = int(torch.randint(hw[1] - int(hw[1] / zoom) + 1, (), generator=generator))
+    top = int(torch.randint(hw[0] - window_side(hw[0], zoom) + 1, (), generator=generator))
+    left = int(torch.randint(hw[1] - window_side(hw[1], zoom) + 1, (), generator=generator))
     return zoom, top, left, bool(torch.rand((), generator=generator) < 0.5)
+
+
+def window_side(side: int, zoom: float) -> int:
+    """The side of the window a zoom of ``zoom`` crops from an image side of ``side`` pixels (at least one)."""
+    return max(1, int(side / zoom))
 
 
 def augment_sample(image: torch.Tensor, targets: dict[str, torch.Tensor], zoom: float, top: int, left: int,
@@ -120,7 +125,7 @@ def augment_sample(image: torch.Tensor, targets: dict[str, torch.Tensor], zoom: 
     layouts, zooming in brings the scene closer, so depth ``D`` is divided by ``zoom``, or multiplied by it where
     ``inverse_depth`` (``D`` stores inverse depth, as Cityscapes' layout does); other values are kept."""
     h, w = image.shape[-2:]
-    ch, cw = int(h / zoom), int(w / zoom)
+    ch, cw = window_side(h, zoom), window_side(w, zoom)
     window = (slice(top, top + ch), slice(left, left + cw))
     image = resize_image(image[:, window[0], window[1]], h, w)
     layout_of = LETTER_LAYOUTS if layouts is None else layouts
@@ -237,6 +242,7 @@ class NpyLayoutDataset(Dataset):
             self._check_folder(self.split_dir / folder)
         self.class_names = class_names
         self.num_classes = len(class_names)
+        require(f"{name} edge_radius", edge_radius, int, 1)  # checked here, not at the first sample read
         self.edge_radius = edge_radius
         self.augment = augment
         has = set(folders) | {"A"} | ({"E"} if "S" in folders else set())

@@ -99,6 +99,20 @@ def test_the_edge_target_has_the_asked_radius(nyu: tuple[Path, dict]) -> None:
     assert torch.equal(t["E"], semantic_edges(t["S"], 2)) and not torch.equal(t["E"], semantic_edges(t["S"], 1))
 
 
+@pytest.mark.parametrize("radius", [0, 1.5, True])
+def test_a_bad_edge_radius_is_refused_when_the_data_set_is_made(nyu: tuple[Path, dict], radius) -> None:
+    """It was checked at the first sample read (0), or failed there in max_pool2d (1.5, True)."""
+    with pytest.raises(ValueError, match=r"^NYUv2 edge_radius must be an integer >= 1, got"):
+        NYUv2(nyu[0], edge_radius=radius)
+
+
+def test_a_zoom_of_an_image_one_pixel_high_keeps_one_row() -> None:
+    """``int(1 / 1.2)`` is 0: the window was empty and the resize failed."""
+    image, labels = torch.rand(3, 1, 16), torch.zeros(1, 16, dtype=torch.long)
+    zoomed, targets = augment_sample(image, {"S": labels}, 1.5, 0, 2, False)
+    assert zoomed.shape == (3, 1, 16) and targets["S"].shape == (1, 16)
+
+
 def test_test_split_reads_the_val_folder(nyu: tuple[Path, dict]) -> None:
     root, data = nyu
     image, _ = NYUv2(root, "test")[0]
