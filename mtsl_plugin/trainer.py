@@ -271,14 +271,14 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
             self.model.train()  # an architecture searches in training mode only
             if arch_train is not None and self.model.searching:  # bilevel search: the model's own pass
                 self.model.architecture_epoch(self, data.batches(arch_train, key=(2, self.epochs_done)), progress)
-            sums, align_sum, steps = self._train_epoch(data.batches(train, key=(0, self.epochs_done)), checkpoint,
-                                                       progress)
+            sums, align_sum, samples = self._train_epoch(data.batches(train, key=(0, self.epochs_done)), checkpoint,
+                                                         progress)
             if self.scheduler is not None:
                 self.scheduler.step()
             self.epochs_done += 1
             self.history.append({"epoch": self.epochs_done, "seconds": time.perf_counter() - start,
-                                 "align": align_sum / max(steps, 1),
-                                 **{t: float(v) / max(steps, 1) for t, v in zip(self.task_name, sums)},
+                                 "align": align_sum / max(samples, 1),
+                                 **{t: float(v) / max(samples, 1) for t, v in zip(self.task_name, sums)},
                                  **(self.model.search_record() if hasattr(self.model, "search_record") else {})})
             ran, edited = self._structural_phases(data, on_phase, progress)
             if edited:  # a phase that merged nothing leaves the network, its compiled graphs and DDP wrapper alone
@@ -298,18 +298,20 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
 
     def _train_epoch(self, loader: Iterable, checkpoint: str | Path | None,
                      progress: bool) -> tuple[torch.Tensor, float, int]:
-        """One epoch's training steps over ``loader``: the sums of the (T,) task losses and of the alignment loss,
-        and the number of steps. Each batch is read while the device runs the step before; only then does the loop
-        wait for that step's losses (:meth:`_settle`: logged, and a NaN stops the run)."""
-        sums, align_sum, steps = torch.zeros(self.task_num), 0.0, 0
-        queued = None  # the last step's losses, still on the device
+        """One epoch's training steps over ``loader``: the sums over its samples of the (T,) task losses and of the
+        alignment loss (each step's mean times its batch size: the epoch's means weigh every sample alike, as
+        LibMTL's ``train_loss_buffer``, which DWA and GradNorm read, does), and the number of samples. Each batch
+        is read while the device runs the step before; only then does the loop wait for that step's losses
+        (:meth:`_settle`: logged, and a NaN stops the run)."""
+        sums, align_sum, steps, samples = torch.zeros(self.task_num), 0.0, 0, 0
+        queued, size = None, 0  # the last step's losses, still on the device, and its (global) batch size
         for images, gts in each_batch(loader, f"epoch {self.epochs_done + 1}", progress):
             images = self.images_to_device(images)
             gts = {t: gts[t].to(self.device, non_blocking=True) for t in self.task_name}
             if queued is not None:
                 losses, align = self._settle(*queued, steps - 1, checkpoint)
-                sums, align_sum = sums + losses, align_sum + align
-            queued = self.queue_step(images, gts)
+                sums, align_sum, samples = sums + losses * size, align_sum + align * size, samples + size
+            queued, size = self.queue_step(images, gts), images.shape[0] * distributed.world_size()
             if self.ddp is not None:  # the global batch's losses on every rank: logged alike, and a NaN on one
                 # rank stops every rank at the same step (a rank left alone would wait in DDP's all-reduce)
                 losses, align = distributed.mean_all([queued[0].float(), queued[1].reshape(1).float()])
@@ -317,8 +319,8 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
             steps += 1
         if queued is not None:
             losses, align = self._settle(*queued, steps - 1, checkpoint)
-            sums, align_sum = sums + losses, align_sum + align
-        return sums, align_sum, steps
+            sums, align_sum, samples = sums + losses * size, align_sum + align * size, samples + size
+        return sums, align_sum, samples
 
     def _structural_phases(self, data: RunData, on_phase: Callable[[dict], None] | None,
                            progress: bool) -> tuple[bool, bool]:

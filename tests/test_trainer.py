@@ -88,6 +88,27 @@ def test_every_libmtl_weighting_trains_mtsl_from_its_single_task_start(smoke, we
     assert trainer.model.train_loss_buffer[:, 0].tolist() == [history[0][t] for t in config.tasks]
 
 
+def test_an_epochs_mean_losses_weigh_every_sample_alike(smoke):
+    """The history's (and so DWA's and GradNorm's ``train_loss_buffer``'s) mean loss of an epoch is LibMTL's, over
+    samples: a last, shorter batch (24 samples in batches of 16 and 8) weighed as much as a full one before."""
+    config = smoke(tasks=("S", "D")).replace(batch_size=16)
+    trainer, data = make(config, plan=BranchingPlan.one_net("SD", 10))
+    steps, queue_step = [], trainer.queue_step
+
+    def recording(images, gts):
+        losses, align = queue_step(images, gts)
+        steps.append((losses.clone(), images.shape[0]))
+        return losses, align
+
+    trainer.queue_step = recording
+    history = trainer.fit(data, 1, progress=False)
+    assert [n for _, n in steps] == [16, 8]
+    by_sample = sum(losses * n for losses, n in steps) / 24
+    by_step = sum(losses for losses, _ in steps) / 2
+    for t, expected, other in zip(config.tasks, by_sample.tolist(), by_step.tolist()):
+        assert history[0][t] == pytest.approx(expected, rel=1e-6) and history[0][t] != pytest.approx(other, rel=1e-4)
+
+
 def test_weight_args_reach_the_weighting_method(smoke):
     trainer, _ = make(smoke().replace(weighting="CAGrad", weight_args={"calpha": 0.25}))
     assert trainer.kwargs["weight_args"] == {"calpha": 0.25, "rescale": 1}  # LibMTL's default for the other
