@@ -6,8 +6,9 @@ LibMTL 1.1.5 has these problems on today's stack; everything that touches LibMTL
    lives in ``torch.hub``; we register a tiny alias module under the old name before importing LibMTL.
 2. ``LibMTL.weighting.CAGrad`` imports scipy without LibMTL declaring it; our ``setup.py`` depends on scipy.
 3. ``LibMTL.Trainer`` hard-codes ``torch.device('cuda:0')`` and draws batches with ``iterator.next()``, which
-   Python 3 iterators do not have (its bare ``except`` then restarts the loader, so every step sees the first
-   batch). ``mtsl_plugin.trainer.MTLTrainer`` subclasses it with a device argument and a correct batch loop.
+   Python 3 iterators do not have (its bare ``except`` restarts the loader and calls ``.next()`` again, so the first
+   step raises AttributeError). ``mtsl_plugin.trainer.MTLTrainer`` subclasses it with a device argument and a
+   correct batch loop.
 4. Its weighting methods read their hyperparameters from ``weight_args``, which only LibMTL's own command line
    fills in (``LibMTL.config.prepare_args``): built any other way, DWA, GradNorm, MGDA, GradVac, GradDrop, CAGrad
    and RLW raise a KeyError at their first step. :func:`weight_args` gives them LibMTL's command-line defaults.
@@ -91,6 +92,20 @@ def _typed(value: object, kind: type) -> float | int | str:
             raise ValueError
         return int(number)
     return number
+
+
+def libmtl_method(weighting: type | str) -> str | None:
+    """The LibMTL weighting method ``weighting`` is: its name for one of LibMTL's classes (or a name), the nearest
+    LibMTL class's for a subclass of one (a user's ``MyMGDA(MGDA)`` takes MGDA's hyperparameters and rules), and
+    ``None`` for a user's own method (a subclass of ``AbsWeighting`` only), whose ``weight_args`` are passed on
+    unchecked, as LibMTL's Trainer passes them."""
+    if isinstance(weighting, str):
+        return weighting
+    namespace = import_libmtl().weighting
+    for cls in getattr(weighting, "__mro__", ()):
+        if cls.__name__ != "AbsWeighting" and getattr(namespace, cls.__name__, None) is cls:
+            return cls.__name__
+    return None
 
 
 def weight_args(weighting: str, given: dict | None = None) -> dict[str, float | int | str]:

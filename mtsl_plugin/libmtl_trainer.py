@@ -79,7 +79,8 @@ from mtsl_plugin.data.run_data import RunData, smallest_batch
 from mtsl_plugin.learner.schedule import MTSLConfig, require, scale_schedule
 from mtsl_plugin.learner.structural import StructuralLearner
 from mtsl_plugin.libmtl_adapters import as_head, as_plan, as_stages, check_encoder_class
-from mtsl_plugin.libmtl_compat import check_trainer_args, check_trainer_hooks, import_libmtl, read_bare_state_dict
+from mtsl_plugin.libmtl_compat import (check_trainer_args, check_trainer_hooks, import_libmtl, libmtl_method,
+                                       read_bare_state_dict)
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.preflight import check_mtsl, check_weighting, read_every_sample, rng_untouched
 from mtsl_plugin.trainer import MTLTrainer
@@ -89,7 +90,7 @@ CHECKPOINT, WEIGHTS = "checkpoint.pt", "model.pt"
 #: MTLTrainer's own keyword arguments (``device``, ``channels_last``, ...), taken by :class:`Trainer` besides
 #: LibMTL's ``weight_args`` and ``arch_args``.
 _OWN_KEYWORDS = frozenset(name for name, p in inspect.signature(MTLTrainer.__init__).parameters.items()
-                          if p.kind is inspect.Parameter.KEYWORD_ONLY)
+                          if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "learner")  # the Trainer's own
 
 
 @contextmanager
@@ -238,9 +239,13 @@ class Trainer(MTLTrainer):
         weighting = _resolve(weighting, libmtl.weighting, "weighting method")
         architecture = _resolve(architecture, libmtl.architecture, "architecture")
         ours = getattr(architecture, "reads_stages", False)  # MTSL, the baselines, and subclasses of theirs
-        if ours or weighting.__name__ != "GradDrop":  # GradDrop works on LibMTL's architectures' representation
-            check_weighting(weighting.__name__, len(task_dict))  # before training: CAGrad on other than 3 tasks
-        check_trainer_args(weighting.__name__, rep_grad, multi_input, optim_param, scheduler_param,
+        method = libmtl_method(weighting)  # LibMTL's, one derived from it, or (None) a user's own
+        if method is None and not issubclass(weighting, libmtl.weighting.AbsWeighting):
+            raise ValueError(f"weighting {weighting!r} is neither a LibMTL weighting method nor a subclass of "
+                             "LibMTL's AbsWeighting")
+        if method is not None and (ours or method != "GradDrop"):  # GradDrop works on LibMTL's architectures'
+            check_weighting(method, len(task_dict))  # representation; before training: CAGrad on other than 3 tasks
+        check_trainer_args(method or weighting.__name__, rep_grad, multi_input, optim_param, scheduler_param,
                            {k: v for k, v in kwargs.items() if k not in _OWN_KEYWORDS})
         check_encoder_class(encoder_class)
         arch_args = dict(kwargs.get("arch_args") or {})

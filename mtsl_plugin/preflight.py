@@ -178,9 +178,10 @@ def check_distributed(weighting: str, bilevel: bool, compiled: bool) -> None:
     """Under torchrun: refuse, in one line, what DistributedDataParallel cannot train (weighting methods that
     backpropagate each task separately, a bilevel architecture search, a compiled forward)."""
     if weighting not in SINGLE_BACKWARD_WEIGHTINGS:
-        raise ValueError(f"weighting {weighting} backpropagates each task separately, which "
-                         "DistributedDataParallel does not support; use one of "
-                         f"{', '.join(SINGLE_BACKWARD_WEIGHTINGS)} with several processes")
+        how = ("backpropagates each task separately" if hasattr(import_libmtl().weighting, weighting) else
+               "is not LibMTL's, so not known to backpropagate once per step")  # a user's own method
+        raise ValueError(f"weighting {weighting} {how}, which DistributedDataParallel does not support; use one "
+                         f"of {', '.join(SINGLE_BACKWARD_WEIGHTINGS)} with several processes")
     if bilevel:
         raise ValueError("bilevel architecture search (BMTAS) runs in one process; start it without torchrun")
     if compiled:

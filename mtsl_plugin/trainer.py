@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from mtsl_plugin import distributed
 from mtsl_plugin.checkpoint import CheckpointError
 from mtsl_plugin.data.run_data import RunData
-from mtsl_plugin.libmtl_compat import GRADIENT_WEIGHTINGS, import_libmtl, weight_args, zero_grads_in_place
+from mtsl_plugin.libmtl_compat import (GRADIENT_WEIGHTINGS, import_libmtl, libmtl_method, weight_args,
+                                       zero_grads_in_place)
 from mtsl_plugin.learner.structural import StructuralLearner, pooled
 from mtsl_plugin.network.branched import BranchedNetwork
 from mtsl_plugin.preflight import check_distributed
@@ -66,7 +67,9 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
         self.device = torch.device(device)
         self.kwargs = {"arch_args": {}, **kwargs}
         self.weighting = getattr(weighting, "__name__", str(weighting))
-        self.kwargs["weight_args"] = weight_args(self.weighting, kwargs.get("weight_args"))  # LibMTL's defaults
+        self.method = libmtl_method(weighting)  # the LibMTL method it is or derives from; None: a user's own
+        given = kwargs.get("weight_args")  # over LibMTL's defaults; a user's own method's as they are
+        self.kwargs["weight_args"] = weight_args(self.method, given) if self.method else dict(given or {})
         self.task_dict = task_dict
         self.task_num = len(task_dict)
         self.task_name = list(task_dict.keys())
@@ -130,8 +133,8 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, **scheduler_args)
 
     def _process_data(self, loader):
-        # LibMTL calls ``iterator.next()``, which Python 3 iterators lack; its bare ``except`` then restarts the
-        # loader on every call. Same contract, working iteration.
+        # LibMTL calls ``iterator.next()``, which Python 3 iterators lack; its bare ``except`` restarts the loader
+        # and calls it again, raising AttributeError at the first step. Same contract, working iteration.
         try:
             data, label = next(loader[1])
         except StopIteration:
@@ -206,7 +209,7 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
             # there would count as the first task's; and DDP reduces gradients in one backward per forward
             params = [p for p in self.model.parameters() if p.requires_grad]
             align_grads = torch.autograd.grad(align, params, retain_graph=True, allow_unused=True)
-        if self.weighting in GRADIENT_WEIGHTINGS and next(iter(self.model.get_share_params()), None) is None:
+        if self.method in GRADIENT_WEIGHTINGS and next(iter(self.model.get_share_params()), None) is None:
             losses.sum().backward()  # nothing shared for the method to act on (an STN, MTSL before its first merge)
         else:
             self.model.backward(losses, **self.kwargs["weight_args"])
@@ -360,7 +363,7 @@ class MTLTrainer(TrainerCheckpoints, LibMTL.Trainer):
         bilevel searches are refused in one line."""
         if not distributed.active():
             return
-        check_distributed(self.weighting, self.arch_optimizer is not None, self.compiled)
+        check_distributed(self.method or self.weighting, self.arch_optimizer is not None, self.compiled)
         self.ddp = None
         when = "before training" if not self.epochs_done else f"after epoch {self.epochs_done}"
         distributed.check_structure(self.model, when)  # a broadcast over other shapes would hang or mix tensors

@@ -79,7 +79,7 @@ class TrainerCheckpoints:
                 "lr_multipliers": [float(m) for _, m in multiples], "scheduler": describe_scheduler(self.scheduler)}
 
     def save(self, path: str | Path) -> Path:
-        weighting_state = {name: getattr(self.model, name) for name in WEIGHTING_STATE.get(self.weighting, ())
+        weighting_state = {name: getattr(self.model, name) for name in WEIGHTING_STATE.get(self.method, ())
                            if hasattr(self.model, name)}
         return save_checkpoint(path, {
             "run_kind": self.run_kind(),

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import mtsl_plugin
 from mtsl_plugin.data.real import NYUv2
+from mtsl_plugin.libmtl_compat import import_libmtl
 from mtsl_plugin.libmtl_adapters import as_head, as_stages
 from mtsl_plugin.plan import BranchingPlan
 from mtsl_plugin.tasks import build_tasks, libmtl_task_dict
@@ -138,22 +139,53 @@ def test_libmtl_own_architectures_run_as_libmtl_builds_them(nyuv2_root):
                             decoders=decoders, device="cpu", weight_args={}, arch_args={"mtsl": {}})
 
 
+def test_a_users_own_weighting_method_and_a_subclass_of_libmtls_train(tiny_nyuv2):
+    """LibMTL's Trainer takes any subclass of AbsWeighting and passes weight_args on: a user's own method was
+    refused as an "unknown LibMTL weighting", its hyperparameters as ones LibMTL's method of its name lacks, and a
+    subclass of MGDA failed at its first step without MGDA's defaults (KeyError 'mgda_gn'). A learner argument,
+    which the Trainer makes itself, is one line, not a TypeError."""
+    libmtl = import_libmtl()
+    seen = []
+
+    class Scaled(libmtl.weighting.AbsWeighting):
+        def backward(self, losses, **kwargs):
+            seen.append(kwargs["scale"])
+            (kwargs["scale"] * losses).sum().backward()
+            return np.ones(len(losses))
+
+    class MyMGDA(libmtl.weighting.MGDA):
+        pass
+
+    for weighting, weight_args in ((Scaled, {"scale": 2.0}), (MyMGDA, {})):
+        trainer = tiny_trainer(weight_args=weight_args, weighting=weighting, architecture="HPS",
+                               encoder_class=lambda: nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU()))
+        trainer.train(*loaders(tiny_nyuv2), 1, progress=False)
+        assert trainer.epochs_done == 1
+    assert seen == [2.0, 2.0] and trainer.kwargs["weight_args"] == {"mgda_gn": "none"}  # MGDA's default
+    with pytest.raises(ValueError, match="neither a LibMTL weighting method nor a subclass of LibMTL's AbsWeighting"):
+        tiny_trainer(weighting=object, architecture="HPS")
+    with pytest.raises(ValueError, match=r"^Trainer got unexpected keyword argument\(s\) \['learner'\]"):
+        tiny_trainer(learner=None)
+
+
 # ---------------------------------------------------------------- resume, loaders and arguments of a LibMTL script
 def tiny_encoder():
     return timm.create_model("resnet18", channels=(4, 8, 8, 8), num_classes=0)
 
 
-def tiny_trainer(save_path=None, tasks=("S", "D"), mtsl=None, encoder_class=tiny_encoder, seed=0, **kwargs):
+def tiny_trainer(save_path=None, tasks=("S", "D"), mtsl=None, encoder_class=tiny_encoder, seed=0, weighting="EW",
+                 architecture="MTSL", weight_args=None, learner=..., **kwargs):
     """A LibMTL-script Trainer over a quarter-width-of-a-quarter ResNet18 (seconds for the paper's ten phases),
-    built after the script's ``torch.manual_seed(seed)``."""
+    built after the script's ``torch.manual_seed(seed)``; ``kwargs`` are MTSL's ``arch_args``."""
     torch.manual_seed(seed)
     channels = {"S": 13, "D": 1, "N": 3}
     decoders = nn.ModuleDict({t: nn.Conv2d(64, channels[t], 1) for t in tasks})
-    return mtsl_plugin.Trainer(task_dict=libmtl_task_dict(build_tasks(list(tasks), num_classes=13)), weighting="EW",
-                               architecture="MTSL", encoder_class=encoder_class, decoders=decoders,
-                               optim_param={"optim": "adam", "lr": 1e-3, "weight_decay": 0}, save_path=save_path,
-                               device="cpu", weight_args={},
-                               arch_args={"mtsl": {"threshold": 0.5} if mtsl is None else mtsl, **kwargs})
+    mtsl_args = {"mtsl": {"threshold": 0.5} if mtsl is None else mtsl, **kwargs} if architecture == "MTSL" else {}
+    return mtsl_plugin.Trainer(task_dict=libmtl_task_dict(build_tasks(list(tasks), num_classes=13)),
+                               weighting=weighting, architecture=architecture, encoder_class=encoder_class,
+                               decoders=decoders, optim_param={"optim": "adam", "lr": 1e-3, "weight_decay": 0},
+                               save_path=save_path, device="cpu", weight_args=weight_args or {}, arch_args=mtsl_args,
+                               **({} if learner is ... else {"learner": learner}))
 
 
 def test_an_exact_grouping_solver_is_refused_for_seventeen_tasks_when_the_trainer_is_built():
