@@ -18,7 +18,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.patches import FancyBboxPatch, Patch
+from matplotlib.textpath import TextPath
 
 from mtsl_plugin.plan import BranchingPlan
 
@@ -56,14 +58,23 @@ def _text_colour(fill: tuple[float, float, float]) -> str:
 
 
 def _font_size(names: Sequence[str]) -> float:
-    """A font size (points) at which the longest name fits a box."""
+    """A font size (points): smaller for longer names, down to 5 points (:func:`column_inches` widens the boxes
+    where the longest name would still overflow one)."""
     longest = max(len(n) for n in names)
     return max(5.0, min(9.0, 44.0 / max(longest, 1)))
 
 
+def column_inches(names: Sequence[str]) -> float:
+    """Inches per location: :data:`COLUMN_INCHES`, or wider where the widest name, in bold at :func:`_font_size`
+    (as the heads write it), would overflow a box (it spilled out, white on white beside a dark node)."""
+    font = FontProperties(weight="bold", size=_font_size(names))
+    widest = max(TextPath((0, 0), name, prop=font).get_extents().width for name in names) / 72  # points to inches
+    return max(COLUMN_INCHES, 1.5 * widest / BOX_WIDTH)  # the axes take about 3/4 of the width (the margins)
+
+
 def figure_size(plan: BranchingPlan) -> tuple[float, float]:
     """Inches (width, height) of one panel: a column per location plus input and heads, a row per task."""
-    return COLUMN_INCHES * (plan.num_locations + 2) + 0.5, ROW_INCHES * len(plan.tasks) + 1.9
+    return column_inches(plan.tasks) * (plan.num_locations + 2) + 0.5, ROW_INCHES * len(plan.tasks) + 1.9
 
 
 def draw_plan(
@@ -137,7 +148,7 @@ def draw_plan(
 
     ax.set_xlim(-1.6, head_x + 0.6)
     ax.set_ylim(num_tasks - 1 + 0.7, -0.7)
-    ax.set_aspect(ROW_INCHES / COLUMN_INCHES, adjustable="box")  # a row and a column keep their proportions
+    ax.set_aspect(ROW_INCHES / column_inches(plan.tasks), adjustable="box")  # rows and columns keep their size
     ax.set_xticks(range(-1, head_x + 1), ["in", *location_labels, "heads"], fontsize=max(font - 1, 5))
     ax.set_yticks([])
     for side in ("top", "right", "left"):

@@ -5,11 +5,12 @@ import sys
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 from mtsl_plugin.plan import BranchingPlan
-from mtsl_plugin.plan_figure import draw_plan, draw_plans, task_rows
+from mtsl_plugin.plan_figure import draw_plan, draw_plans, figure_size, task_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TASKS = ("S", "E", "D", "N", "A")
@@ -82,6 +83,24 @@ def test_draw_plan_draws_one_box_per_node_plus_input_and_heads():
     assert len(ax.lines) == edges
     assert ax.get_title() == "MTSL"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["in", *map(str, range(10)), "heads"]
+
+
+@pytest.mark.parametrize("tasks", [("S", "D", "E"), ("segmentation", "depth", "surface_normal"),
+                                   ("a_very_long_task_name_indeed", "b")])
+def test_every_name_fits_inside_its_box(tasks):
+    """At the 5-point floor of the font a name of 8 letters or more overflowed its box, and on a dark node the
+    white text beyond it vanished; the columns now widen for long names."""
+    plan = BranchingPlan(tasks, [[list(tasks)]] * 2 + [[[t] for t in tasks]] * 2)
+    figure = Figure(figsize=figure_size(plan))
+    FigureCanvasAgg(figure)
+    ax = draw_plan(plan, ax=figure.add_subplot())
+    renderer = figure.canvas.get_renderer()
+    boxes = [patch.get_window_extent(renderer) for patch in ax.patches[1:]]  # the nodes and heads
+    for text in ax.texts[1:]:  # after the input's
+        extent = text.get_window_extent(renderer)
+        centre = ((extent.x0 + extent.x1) / 2, (extent.y0 + extent.y1) / 2)
+        box = next(b for b in boxes if b.contains(*centre))
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1, text.get_text()
 
 
 def test_shared_nodes_look_different_from_task_nodes():
