@@ -1,4 +1,5 @@
 """LTB and BMTAS: gated supernet training, plan extraction, the exact resource loss, and runs through the harness."""
+import dataclasses
 import itertools
 import json
 import math
@@ -570,7 +571,8 @@ def test_the_architecture_step_computes_no_weight_gradient(smoke):
 
 def search_smoke(smoke, resource_weight, epochs=3):
     """A BMTAS search on the smoke data (3 tasks, warm-up of one epoch)."""
-    config = smoke(tasks="SDE").replace(epochs=epochs)
+    config = smoke(tasks="SDE")
+    config = config.replace(epochs=epochs, mtsl=dataclasses.replace(config.mtsl, total_epochs=epochs))  # one budget
     seed_everything(0)
     data, dataset = build_data(config)
     tasks = build_tasks(config.tasks, dataset.num_classes)
