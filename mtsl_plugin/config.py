@@ -338,6 +338,20 @@ _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """An integer as YAML 1.1 reads it, refusing the forms it reads otherwise than a reader expects: ``010`` is
+    octal (8) and ``1:20`` base 60 (80), so ``seed: 010`` ran seed 8 without a word."""
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    if re.fullmatch(r"[-+]?0[0-9]+", text) or ":" in text:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is read as an octal or base-60 number by YAML 1.1; write it in decimal, "
+            "without a leading 0", node.start_mark)
+    return loader.construct_yaml_int(node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     """The configuration of a YAML (or JSON) file, over ``base`` (see :func:`config_from_mapping`); a file that
     cannot be read, holds a key twice in one mapping or holds no mapping is named in one line."""

@@ -90,7 +90,10 @@ def test_the_presets_are_their_files_read_the_same_way():
                                            ("lr_steps: [2, 2]\n", "lr_steps must be strictly increasing"),
                                            ("lr_steps: [2, 1]\n", "lr_steps must be strictly increasing"),
                                            ("mtsl: {phases: 3, task_epochs: [1, 1], amalgamation_epochs: [1, 1]}\n",
-                                            "mtsl.phases (3) and mtsl.task_epochs (2 phases) disagree")])
+                                            "mtsl.phases (3) and mtsl.task_epochs (2 phases) disagree"),
+                                           # YAML 1.1 read these as 8 and 80 without a word
+                                           ("seed: 010\n", "'010' is read as an octal or base-60 number"),
+                                           ("epochs: 1:20\n", "'1:20' is read as an octal or base-60 number")])
 def test_bad_files_are_refused_in_one_line_before_training(tmp_path, capsys, text, culprit):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
