@@ -146,9 +146,6 @@ class RunConfig:
                              f"(mtsl.total_epochs; each of its {self.mtsl.num_phases} phases takes at least one) but "
                              f"epochs, the budget of STN and One-Net, is {self.epochs}; raise epochs or use fewer "
                              "mtsl.phases")
-        if self.mtsl.total_epochs < self.epochs:  # MTSL would train less than the others, and miss late lr_steps
-            raise ValueError(f"mtsl.total_epochs ({self.mtsl.total_epochs}) must equal epochs ({self.epochs}), the "
-                             "budget of STN and One-Net: set it to epochs, or leave it out to follow epochs")
         if self.setting not in SETTINGS:
             raise ValueError(f"unknown setting {self.setting!r}; choose one of {', '.join(SETTINGS)}")
         check_network(self.network, decoder=self.setting == "encoder-decoder")
@@ -269,8 +266,15 @@ def config_from_mapping(raw: Mapping[str, Any], base: RunConfig | None = None) -
     if phases is not None or "epochs" in raw:  # the fields mtsl_raw gives stay as it gives them
         mtsl.update(_scaled_schedule(fields["epochs"], phases, base.mtsl.num_phases, mtsl_raw))
     data = switch_data_set(base.data, data_raw["name"], base.preset) if "name" in data_raw else base.data
-    return RunConfig.from_dict({**fields, "data": {**dataclasses.asdict(data), **data_raw},
-                                "mtsl": {**mtsl, **mtsl_raw}})
+    config = RunConfig.from_dict({**fields, "data": {**dataclasses.asdict(data), **data_raw},
+                                  "mtsl": {**mtsl, **mtsl_raw}})
+    # a shorter MTSL schedule (a results folder's config.yaml with only its epochs raised kept the old one) would
+    # train MTSL less than the others and miss their late lr_steps; a stored run's config (RunConfig.from_dict,
+    # as load_run reads it) is not refused, so runs finished before this rule stay readable
+    if config.mtsl.total_epochs < config.epochs:
+        raise ValueError(f"mtsl.total_epochs ({config.mtsl.total_epochs}) must equal epochs ({config.epochs}), the "
+                         "budget of STN and One-Net: set it to epochs, or leave it out to follow epochs")
+    return config
 
 
 def switch_data_set(data: DataConfig, name: Any, preset: str) -> DataConfig:
@@ -335,7 +339,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 # YAML 1.1, which PyYAML follows, reads 1e-4 (no dot) as a string, which the optimizer then failed to compare with
 # a number; the configuration files read it as YAML 1.2 and JSON do, a float.
 _UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:

@@ -9,6 +9,7 @@ the module on a sample batch.
 from __future__ import annotations
 
 import copy
+import itertools
 import importlib.util
 import os
 import shutil
@@ -117,8 +118,10 @@ def export(static: StaticNetwork, fmt: str, path: str | Path, sample: torch.Tens
 
 
 def onnx_input(tasks: Sequence[str]) -> str:
-    """The ONNX model's input name: ``image``, or ``input`` where a task (an output name) is called ``image``."""
-    return "input" if "image" in tasks else "image"
+    """The ONNX model's input name: ``image``, or the first of ``input``, ``input_0``, ``input_1``, ... that no
+    task (an output name) is called."""
+    names = itertools.chain(("image", "input"), (f"input_{i}" for i in itertools.count()))
+    return next(name for name in names if name not in tasks)
 
 
 def weights_file(path: Path) -> Path:

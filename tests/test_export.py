@@ -115,10 +115,10 @@ def test_a_task_called_image_exports_to_onnx_with_the_input_called_input(tmp_pat
     import onnx
 
     pytest.importorskip("onnxruntime")
-    model = TwoHeads(("image", "b"))
-    assert export(model, "onnx", tmp_path / "net.onnx", torch.rand(2, 3, 8, 8)) < 1e-5
-    graph = onnx.load(tmp_path / "net.onnx").graph
-    assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["image", "b"]
+    for tasks, called in ((("image", "b"), "input"), (("image", "input"), "input_0")):
+        assert export(TwoHeads(tasks), "onnx", tmp_path / "net.onnx", torch.rand(2, 3, 8, 8)) < 1e-5
+        graph = onnx.load(tmp_path / "net.onnx").graph
+        assert [i.name for i in graph.input] == [called] and [o.name for o in graph.output] == list(tasks)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "exported"])
@@ -195,6 +195,21 @@ def test_onnx_without_the_export_extra_is_one_line_before_the_run_is_read(tmp_pa
     err = capsys.readouterr().err.strip()
     assert f"needs {missing} (not installed)" in err and "[export]" in err and len(err.splitlines()) == 1
     assert not target.exists()
+
+
+def test_a_run_whose_stored_schedule_is_shorter_than_its_epochs_stays_readable(smoke, tmp_path):
+    """Configuration files and options refuse an ``mtsl.total_epochs`` below ``epochs`` (since 2026-12-08); a run
+    trained before with one (its STN does not read it) is still loaded and exported, not refused."""
+    from mtsl_plugin.config import RunConfig, config_from_mapping
+    from mtsl_plugin.experiment import run_method
+
+    stored = smoke(tasks=("S", "D")).to_dict()
+    stored["epochs"] = 4  # with mtsl.total_epochs still the smoke preset's 3
+    config = RunConfig.from_dict(stored)
+    with pytest.raises(ValueError, match=r"mtsl.total_epochs \(3\) must equal epochs \(4\)"):
+        config_from_mapping(stored)
+    run_method(config, "stn", tmp_path / "run", progress=False)
+    assert export_cli.main([str(tmp_path / "run"), "--format", "exported", "--out", str(tmp_path / "x.pt2")]) == 0
 
 
 def test_the_command_never_writes_into_the_run_folder_nor_reads_a_damaged_run(runs, tmp_path, capsys):
