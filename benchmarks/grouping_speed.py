@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from benchmarks.cli import UsageError, run_main
+from benchmarks.cli import UsageError, distinct, run_main
 from mtsl_plugin.plugins import builtin_grouping, partition_search
 from mtsl_plugin.plugins.builtin_grouping import MAX_TASKS
 
@@ -99,6 +99,7 @@ def report(args: argparse.Namespace) -> int:
         counts = [int(t) for t in args.tasks.split(",")]
     except ValueError:
         counts = []
+    distinct(counts, "tasks")  # a count timed twice, on two random matrices, would read as one row repeated
     problem = (f"--tasks must be comma-separated task counts in 1..{MAX_COUNT}, got {args.tasks!r}"
                if not counts or any(not 1 <= t <= MAX_COUNT for t in counts) else
                f"--repeats must be at least 1, got {args.repeats}" if args.repeats < 1 else

@@ -205,8 +205,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="threshold: comma-separated γ (default 0.5,0.6,0.7,0.8,0.9,0.95); align-weight: "
                         "comma-separated λ (default 0,0.02,0.05,0.1,0.2); tasks: 'all' (default) or one subset, e.g. "
                         "S,E,D,N; bmtas-lambda: comma-separated λ (default 0.01,0.05,0.2,1)")
-    p.add_argument("--inits", default="random",
-                   help="seeds sweep: comma-separated initialisations: random, pretrained, or weights files")
+    p.add_argument("--inits", default=None,
+                   help="seeds sweep: comma-separated initialisations: random (default), pretrained, or weights "
+                        "files")
     add_run_args(p, default_seeds=None)
     add_out_arg(p, "sensitivity")
     return p.parse_args(argv)
@@ -217,7 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         config = config_from_args(args)
-        seeds = parse_seeds(args.seeds or ("0,1,2" if args.sweep == "seeds" else "0"))
+        if args.values is not None and args.sweep == "seeds":  # an option another sweep reads, silently unused
+            raise UsageError("--values does not apply to --sweep seeds (its seeds are --seeds, its "
+                             "initialisations --inits)")
+        if args.inits is not None and args.sweep != "seeds":
+            raise UsageError(f"--inits applies to --sweep seeds only, not to --sweep {args.sweep}")
+        # given empty ('') they are refused by parse_list, not taken for the defaults
+        seeds = parse_seeds(args.seeds if args.seeds is not None else "0,1,2" if args.sweep == "seeds" else "0")
         out = out_folder(args, "sensitivity", config)
         folder = out / f"sensitivity-{args.sweep}"
         if args.sweep == "bmtas-lambda" and distributed.launched():
@@ -226,8 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         values: list[float] = []
         init_names: dict[str, str] = {}  # the seeds sweep's: run label -> initialisation
         if args.sweep in ("threshold", "align-weight", "bmtas-lambda"):
-            text = args.values or {"threshold": "0.5,0.6,0.7,0.8,0.9,0.95", "align-weight": "0,0.02,0.05,0.1,0.2",
-                                   "bmtas-lambda": "0.01,0.05,0.2,1"}[args.sweep]
+            text = args.values if args.values is not None else {
+                "threshold": "0.5,0.6,0.7,0.8,0.9,0.95", "align-weight": "0,0.02,0.05,0.1,0.2",
+                "bmtas-lambda": "0.01,0.05,0.2,1"}[args.sweep]
             try:
                 values = distinct([float(v) for v in parse_list(text, "values")], "values")
             except ValueError:
@@ -244,11 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 jobs = bmtas_lambda_jobs(config, seeds, values)
                 rows = [(number_text(v), bmtas_label(v)) for v in values]
         elif args.sweep == "tasks":
-            subsets = task_subsets(config.tasks, args.values or "all")
+            subsets = task_subsets(config.tasks, "all" if args.values is None else args.values)
             jobs = tasks_jobs(config, seeds, subsets)
             rows = [(",".join(s), f"mtsl_{subset_name(s)}") for s in subsets]
         else:
-            inits = distinct(parse_list(args.inits, "inits"), "inits")
+            inits = distinct(parse_list("random" if args.inits is None else args.inits, "inits"), "inits")
             jobs = seeds_jobs(config, seeds, inits)
             init_names = {init_label(config, i): i if i in ("random", "pretrained") else Path(i).stem for i in inits}
             rows = []

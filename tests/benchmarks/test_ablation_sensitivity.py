@@ -248,6 +248,13 @@ def test_seed_sweep_prints_the_grouping_table_per_init(tmp_path, capsys):
     (["--sweep", "tasks", "--values", "S,Q"], "S,Q"),
     (["--sweep", "seeds", "--inits", "nowhere.pth"], "nowhere.pth"),
     (["--sweep", "bmtas-lambda", "--values", "0,-1"], "λ must be a finite number ≥ 0, got -1"),  # 0: no λ loss
+    # empty or unused options ran the defaults (all six γ; seed 0) or were ignored without a word (a dry run:
+    # before, each was one):
+    (["--sweep", "threshold", "--values", "0.5", "--seeds", "", "--dry-run"], "--seeds is empty"),
+    (["--sweep", "threshold", "--values", "", "--dry-run"], "--values is empty"),
+    (["--sweep", "tasks", "--values", "", "--dry-run"], "--values is empty"),
+    (["--sweep", "seeds", "--values", "0.5", "--dry-run"], "--values does not apply to --sweep seeds"),
+    (["--sweep", "threshold", "--inits", "foo", "--dry-run"], "--inits applies to --sweep seeds only"),
 ])
 def test_sensitivity_bad_input_is_one_line(tmp_path, capsys, argv, culprit):
     assert sensitivity.main([*argv, "--out", str(tmp_path / "x"), *ARGS]) == 2

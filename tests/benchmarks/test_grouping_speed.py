@@ -37,6 +37,7 @@ def test_gap_table_compares_local_search_with_the_exact_optimum(capsys):
 @pytest.mark.parametrize("argv, culprit", [
     (["--tasks", "4,x"], "'4,x'"), (["--tasks", ""], "''"), (["--tasks", "257"], "'257'"),
     (["--repeats", "0"], "--repeats"), (["--gap-cases", "-1"], "--gap-cases"), (["--seed", "-1"], "--seed"),
+    (["--tasks", "4,4"], "--tasks: 4 is given twice"),
 ])
 def test_bad_input_is_one_line_naming_it(capsys, argv, culprit):
     assert grouping_speed.main(argv) == 2
