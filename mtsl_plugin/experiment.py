@@ -17,6 +17,8 @@ Every run writes into its own folder::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import random
@@ -214,15 +216,38 @@ def method_spec(method: str, config: RunConfig, arch_args: dict | None = None) -
 def run_fingerprint(method: str, config: RunConfig, spec: MethodSpec, plan: BranchingPlan | None = None) -> str:
     """A short hash of everything a run's results depend on: the method, the configuration (not the device),
     MTSL's options only for methods with a structural learner, the epochs a method adds, its architecture
-    options, the plan a "-R" method retrains, and :func:`initialisation`. Runs with equal fingerprints are
-    interchangeable, so STN and One-Net runs are shared by every MTSL variant of a sweep."""
+    options, the plan a "-R" method retrains, and :func:`initialisation`; a weights file counts by its contents
+    (:func:`weights_digest`), not by its path. Runs with equal fingerprints are interchangeable, so STN and
+    One-Net runs are shared by every MTSL variant of a sweep."""
     exclude = ("device",) if spec.learner is not None else ("device", "mtsl")
     retrained = plan.to_json() if plan is not None and spec.retrains is not None else None
     extra = {"method": method, "extra_epochs": spec.extra_epochs, "retrained_plan": retrained,
              "initialisation": initialisation(config)}
+    digest = weights_digest(config.weights)
+    if digest is not None:  # a weights file is its contents, not how its path is written: other weights at the
+        exclude += ("weights",)  # same path were reused, and ./w.pth was refused beside w.pth
+        extra["weights_sha256"] = digest
     if spec.arch_args:  # a method's architecture options (e.g. cross-stitch's unit learning rate) change results
         extra["arch_args"] = spec.arch_args
     return config.fingerprint(exclude=exclude, extra=extra)
+
+
+def weights_digest(path: str | None) -> str | None:
+    """The SHA-256 of a weights file's contents (read once per path, size and modification time), ``None``
+    without a file there (a missing one is named by the checks before training)."""
+    if path is None or not os.path.isfile(path):
+        return None
+    stat = os.stat(path)
+    return _file_digest(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, modified: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _claim_run_dir(run_dir: Path, fingerprint: str, resume: bool) -> Path:

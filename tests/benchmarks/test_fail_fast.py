@@ -313,6 +313,26 @@ def test_a_run_of_the_authors_network_drawn_before_its_batchnorm_fix_is_not_reus
     assert AUTHORS_INITIALISATION != INITIALISATION
 
 
+def test_a_weights_file_counts_by_its_contents_not_its_path(tmp_path, monkeypatch):
+    """A run's fingerprint held the weights file's path as written: other weights saved to the same path reused
+    the runs of the old ones, and ``./w.pth`` was refused as another configuration beside ``w.pth``."""
+    from mtsl_plugin.experiment import run_fingerprint
+    from mtsl_plugin.methods import build_method
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": torch.zeros(3)}, "w.pth")
+    config = load_preset("smoke").replace(tasks=("S", "D"))
+    spec = build_method("stn", config, 10)
+
+    def fingerprint(weights):
+        return run_fingerprint("stn", config.replace(weights=weights), spec)
+
+    first = fingerprint("w.pth")
+    assert fingerprint("./w.pth") == fingerprint(str(tmp_path / "w.pth")) == first != fingerprint(None)
+    torch.save({"w": torch.ones(3)}, "w.pth")
+    assert fingerprint("w.pth") != first
+
+
 def test_a_retrained_plan_is_checked_up_front_only_when_known(tmp_path):
     """A "-R" job retraining a plan given to it is checked against its folder; one retraining the plan of a
     source run in the same job list cannot be (the plan is known once that run finishes) and is skipped."""
