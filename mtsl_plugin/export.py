@@ -9,8 +9,8 @@ the module on a sample batch.
 from __future__ import annotations
 
 import copy
-import itertools
 import importlib.util
+import itertools
 import os
 import shutil
 import tempfile
