@@ -20,8 +20,8 @@ def _describe_run(kind: dict) -> str:
     learner = "with" if kind["structural"] else "without"
     multiples = kind.get("lr_multipliers") or []
     rates = f", parameter groups at {', '.join(f'{m:g}x' for m in multiples)} the learning rate" if multiples else ""
-    schedule = kind.get("scheduler", "")  # absent in files from before it was recorded
-    schedule = "" if schedule == "" else f", {schedule or 'no'} learning-rate scheduler"
+    # (absent in files from before it was recorded)
+    schedule = f", {kind['scheduler'] or 'no'} learning-rate scheduler" if "scheduler" in kind else ""
     return (f"{kind['architecture']} architecture, {kind['weighting']} weighting, tasks {' '.join(kind['tasks'])}, "
             f"{learner} a structural learner{schedule}{rates}")
 
